@@ -1,0 +1,111 @@
+"""Command line: ``python -m idc_helpers <command>`` (or the ``idc`` console script).
+
+Each command's arguments are defined here; the work is done by ``run_<command>(args)`` in the module that owns
+the concern, imported only when the command runs so that ``--help`` stays fast and TensorFlow loads only when needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from idc_helpers import __version__
+
+# command -> (module, function)
+_HANDLERS = {
+    "download": ("idc_helpers.kaggle_download", "run_download"),
+    "index": ("idc_helpers.health", "run_index"),
+    "demo-data": ("idc_helpers.demo_data", "run_demo_data"),
+    "train": ("idc_helpers.training", "run_train"),
+    "predict": ("idc_helpers.prediction", "run_predict"),
+    "evaluate": ("idc_helpers.metrics", "run_evaluate"),
+    "slide": ("idc_helpers.slides", "run_slide"),
+    "run-notebooks": ("idc_helpers.notebook_runner", "run_notebooks_cli"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every command."""
+    parser = argparse.ArgumentParser(
+        prog="python -m idc_helpers",
+        description="IDC detection in breast histopathology patches: data, training, evaluation, slides, notebooks.",
+    )
+    parser.add_argument("--version", action="version", version=f"idc_helpers {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("download", help="download the Kaggle dataset (needs a Kaggle API token)")
+    p.add_argument("--dest", default="data", help="folder that will hold the patient folders (default: ./data)")
+    p.add_argument("--force", action="store_true", help="download again even when a complete copy is there")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("index", help="health check of a dataset folder: counts, sizes and every problem found")
+    p.add_argument("data_dir", help="folder in the Kaggle layout (<patient>/<0|1>/*.png)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--cache-dir", default=None, help="decoded-patch cache (default: $IDC_CACHE_DIR or ~/.cache/idc_helpers)")
+    p.add_argument("--no-decode", action="store_true", help="check names and headers only, do not decode the patches")
+
+    p = sub.add_parser("demo-data", help="write a small SYNTHETIC dataset in the Kaggle layout")
+    p.add_argument("dest", help="output folder (must not exist or be empty)")
+    p.add_argument("--patients", type=int, default=8, help="number of synthetic patients (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+
+    p = sub.add_parser("train", help="train a model with a patient-level split; writes a run folder")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: see README, 'Where data comes from')")
+    p.add_argument("--out", required=True, help="run folder to create (refuses to overwrite an existing one)")
+    p.add_argument("--model", default=None, help="model name (default: the best measured configuration)")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping on validation patients)")
+    p.add_argument("--split", choices=["janowczyk2016", "patients"], default="patients",
+                   help="patient split: the published one or a seeded stratified one (default: patients)")
+    p.add_argument("--max-patches", type=int, default=None, help="use at most this many patches (for quick runs)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size")
+    p.add_argument("--seed", type=int, default=0, help="random seed for split, initialisation and shuffling")
+    p.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
+    p.add_argument("--test-patients", default=None,
+                   help="comma-separated patient ids held out as test (overrides the split's test subset)")
+
+    p = sub.add_parser("predict", help="predict every patch of a dataset folder with a trained run")
+    p.add_argument("--model", required=True, help="run folder written by `train` (or a .keras file)")
+    p.add_argument("--data-dir", required=True, help="dataset folder in the Kaggle layout")
+    p.add_argument("--out", required=True, help="predictions CSV to write")
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of each patch")
+    p.add_argument("--subset", default=None, choices=["train", "val", "test"],
+                   help="predict only this subset of the run's patient split")
+    p.add_argument("--patients", default=None, help="comma-separated patient ids to predict")
+    p.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing predictions file")
+
+    p = sub.add_parser("evaluate", help="metrics of a predictions table, with 95%% intervals over patients")
+    p.add_argument("--predictions", required=True, help="predictions CSV written by `predict`")
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over patients (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+
+    p = sub.add_parser("slide", help="rebuild a patient's slide from patch coordinates, with IDC overlays")
+    p.add_argument("--predictions", required=True, help="predictions CSV (or any table with path, patient_id, x, y, label)")
+    p.add_argument("--patient", required=True, help="patient id")
+    p.add_argument("--out", required=True, help="PNG file to write")
+
+    p = sub.add_parser("run-notebooks", help="run the notebook series end to end with papermill")
+    p.add_argument("--smoke", action="store_true", help="tiny parameters: a few minutes on a CPU")
+    p.add_argument("--params", default=None, help="YAML or JSON file of parameters for every notebook")
+    p.add_argument("--out", default="outputs", help="folder for executed notebooks, figures and metrics (default ./outputs)")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: see README, 'Where data comes from')")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    module_name, function_name = _HANDLERS[args.command]
+    handler = getattr(importlib.import_module(module_name), function_name)
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

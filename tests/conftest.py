@@ -1,0 +1,62 @@
+"""Shared fixtures: the real shared sample (skipped when absent), an isolated cache, a tiny generated dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_SAMPLE = Path(os.environ.get("IDC_SAMPLE_DIR", REPO_ROOT.parent / "shared" / "data" / "idc_sample"))
+
+
+@pytest.fixture(scope="session")
+def real_sample_dir() -> Path:
+    """The shared real sample (29 patients, 25,899 patches); tests using it skip when it is absent."""
+    if not REAL_SAMPLE.is_dir():
+        pytest.skip(f"real sample not found at {REAL_SAMPLE}")
+    return REAL_SAMPLE
+
+
+@pytest.fixture()
+def tmp_cache(tmp_path, monkeypatch) -> Path:
+    """An empty decoded-patch cache for this test only (``IDC_CACHE_DIR``)."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("IDC_CACHE_DIR", str(cache))
+    return cache
+
+
+def write_patch(path: Path, rgb: np.ndarray) -> Path:
+    """Write an RGB uint8 array as a PNG (OpenCV wants BGR)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), np.ascontiguousarray(rgb[..., ::-1])):
+        raise OSError(f"could not write {path}")
+    return path
+
+
+def patch_name(patient: str, x: int, y: int, label: int) -> str:
+    return f"{patient}_idx5_x{x}_y{y}_class{label}.png"
+
+
+@pytest.fixture()
+def tiny_dataset(tmp_path) -> Path:
+    """A 3-patient Kaggle-layout tree of small generated patches (one 50x30 border patch per patient).
+
+    Patient ids 101, 102, 103; each has a 4x3 grid of patches, the right column IDC (class 1).
+    Pixel values encode (patient, x, y) so tests can check which file a row came from.
+    """
+    root = tmp_path / "tiny"
+    rng = np.random.default_rng(0)
+    for p_i, patient in enumerate(["101", "102", "103"]):
+        for gx in range(4):
+            for gy in range(3):
+                x, y = 1 + 50 * gx, 1 + 50 * gy
+                label = int(gx == 3)
+                height = 30 if gy == 2 and gx == 0 else 50
+                img = rng.integers(0, 256, size=(height, 50, 3), dtype=np.uint8)
+                img[0, 0] = (p_i, gx, gy)
+                write_patch(root / patient / str(label) / patch_name(patient, x, y, label), img)
+    return root
