@@ -1,0 +1,123 @@
+"""Which dataset folder a run uses, decided in one place so that every notebook and command agrees.
+
+Order: an explicit argument; the ``IDC_DATA_DIR`` environment variable; a complete copy of the Kaggle dataset in
+``./data``; a Kaggle download into ``./data`` when Kaggle credentials exist; otherwise the synthetic demo dataset,
+announced with a loud notice so that nobody mistakes its numbers for real ones.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from idc_helpers.kaggle_download import (
+    EXPECTED_PATCHES,
+    EXPECTED_PATIENTS,
+    count_copy,
+    download_dataset,
+    find_credentials,
+    is_complete_copy,
+)
+
+ORIGINS = ("argument", "IDC_DATA_DIR", "./data", "kaggle", "demo")
+DATA_DIR_ENV = "IDC_DATA_DIR"
+
+
+class DataSourceError(FileNotFoundError):
+    """The folder named by the argument or by ``IDC_DATA_DIR`` does not exist or is not a folder."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """The dataset folder a run uses: ``origin`` is one of :data:`ORIGINS`; ``synthetic`` is True for demo data."""
+
+    path: Path
+    origin: str
+    synthetic: bool
+    description: str
+
+    def __str__(self) -> str:
+        return self.description
+
+
+def resolve_data_dir(
+    explicit: str | os.PathLike[str] | None = None,
+    *,
+    download: bool = True,
+    demo_dir: str | os.PathLike[str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    demo_patients: int = 8,
+    progress: bool = True,
+    expected_patients: int = EXPECTED_PATIENTS,
+    expected_patches: int = EXPECTED_PATCHES,
+) -> DataSource:
+    """Decide which dataset folder to use (see the module docstring for the order) and return it.
+
+    ``explicit`` and ``IDC_DATA_DIR`` must name an existing folder (else :class:`DataSourceError`); relative paths
+    are taken from ``cwd`` (default: the current directory), as is ``./data``. ``download=False`` skips the Kaggle
+    step. The demo dataset (``demo_patients`` patients, seed 0) is written once into ``demo_dir`` (default: a
+    folder under the decoded-patch cache, ``$IDC_CACHE_DIR`` or ``~/.cache/idc_helpers``) and reused afterwards;
+    it is kept out of ``./data`` so that it never blocks a later download there. Download failures are raised
+    (:class:`idc_helpers.kaggle_download.DownloadError`), not replaced by demo data: with credentials present, the
+    user asked for the real data. ``expected_*`` define a complete copy (tests use tiny ones).
+    """
+    base = Path(cwd) if cwd is not None else Path.cwd()
+    if explicit is not None and str(explicit) != "":
+        return _given_folder(base / Path(explicit).expanduser(), "argument", f"the folder given ({explicit})")
+    env_value = os.environ.get(DATA_DIR_ENV)
+    if env_value:
+        return _given_folder(base / Path(env_value).expanduser(), DATA_DIR_ENV, f"{DATA_DIR_ENV}={env_value}")
+
+    local = (base / "data").absolute()
+    counts = {"expected_patients": expected_patients, "expected_patches": expected_patches}
+    if is_complete_copy(local, **counts):
+        return DataSource(local, "./data", False, f"the complete Kaggle dataset in {local}")
+
+    reasons = [f"no folder given (argument or {DATA_DIR_ENV})"]
+    patients, patches = count_copy(local)
+    reasons.append(f"{local} holds {patients} patients and {patches:,} patches, not a complete copy"
+                   if local.exists() else f"no dataset in {local}")
+    if download:
+        credentials = find_credentials()
+        if credentials is not None:
+            path = download_dataset(local, progress=progress, **counts)
+            return DataSource(path, "kaggle", False, f"the Kaggle dataset, downloaded into {path} ({credentials})")
+        reasons.append("no Kaggle credentials (see `python -m idc_helpers download`)")
+    else:
+        reasons.append("downloading was switched off")
+    return _demo(demo_dir, demo_patients, reasons)
+
+
+def _given_folder(path: Path, origin: str, named: str) -> DataSource:
+    from idc_helpers.demo_data import is_synthetic
+
+    path = path.absolute()
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise DataSourceError(
+            f"The data folder {path}, from {named}, {what}. Give a folder in the Kaggle layout "
+            "(<patient>/<0|1>/*.png): download one with `python -m idc_helpers download --dest DIR`, write a "
+            "synthetic one with `python -m idc_helpers demo-data DIR`, or leave it unset to use ./data."
+        )
+    synthetic = is_synthetic(path)
+    return DataSource(path, origin, synthetic, f"{'SYNTHETIC demo data' if synthetic else 'data'} in {path}, "
+                                                f"from {named}")
+
+
+def _demo(demo_dir: str | os.PathLike[str] | None, n_patients: int, reasons: list[str]) -> DataSource:
+    from idc_helpers.demo_data import SYNTHETIC_NOTICE, is_synthetic, write_demo_dataset
+
+    if demo_dir is None:
+        from idc_helpers.loader import default_cache_dir
+
+        demo_dir = default_cache_dir() / "demo-data" / f"{n_patients}-patients-seed0"
+    path = Path(demo_dir).expanduser().absolute()
+    if is_synthetic(path):
+        action = "reusing the SYNTHETIC demo dataset"
+    else:
+        write_demo_dataset(path, n_patients=n_patients, seed=0)
+        action = "wrote a SYNTHETIC demo dataset"
+    print(SYNTHETIC_NOTICE)
+    print(f"Data: {action} in {path}, because: {'; '.join(reasons)}.", flush=True)
+    return DataSource(path, "demo", True, f"SYNTHETIC demo data in {path} ({'; '.join(reasons)})")

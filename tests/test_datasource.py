@@ -1,0 +1,110 @@
+"""Where data comes from: argument, IDC_DATA_DIR, ./data, a Kaggle download (local fake server), the demo dataset."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import pytest
+
+from idc_helpers.datasource import DataSourceError, resolve_data_dir
+from idc_helpers.demo_data import DEMO_MARKER, SYNTHETIC_NOTICE
+from idc_helpers.kaggle_download import DestinationError
+from idc_helpers.patch_index import build_index
+from kaggle_server import FakeKaggle, build_archive, isolate_kaggle_env, make_patches
+
+TINY = {"expected_patients": 3, "expected_patches": 36}  # what the tiny_dataset fixture holds
+ARCHIVE = {"expected_patients": 3, "expected_patches": 12}  # what the fake Kaggle archive holds
+
+
+@pytest.fixture()
+def no_kaggle(tmp_path, monkeypatch):
+    """No IDC_DATA_DIR, no Kaggle credentials, the client pointed at the local test server."""
+    monkeypatch.delenv("IDC_DATA_DIR", raising=False)
+    isolate_kaggle_env(monkeypatch, tmp_path / "home")
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+
+
+@pytest.fixture()
+def work(tmp_path, no_kaggle):
+    """An empty working directory standing for the notebook's current directory."""
+    (tmp_path / "work").mkdir()
+    return tmp_path / "work"
+
+
+def test_explicit_argument(work, tiny_dataset, monkeypatch):
+    monkeypatch.setenv("IDC_DATA_DIR", str(work))  # the argument wins over the environment
+    source = resolve_data_dir(tiny_dataset, cwd=work)
+    assert (source.path, source.origin, source.synthetic) == (tiny_dataset, "argument", False)
+    (work / "mine").mkdir()
+    assert resolve_data_dir("mine", cwd=work).path == work / "mine"  # relative to cwd
+
+
+def test_explicit_missing_folder_is_an_error(work):
+    with pytest.raises(DataSourceError, match="does not exist") as info:
+        resolve_data_dir(work / "nowhere", cwd=work)
+    assert str(work / "nowhere") in str(info.value) and "demo-data" in str(info.value)
+
+
+def test_environment_variable(work, tiny_dataset, monkeypatch):
+    monkeypatch.setenv("IDC_DATA_DIR", str(tiny_dataset))
+    source = resolve_data_dir(cwd=work)
+    assert (source.path, source.origin, source.synthetic) == (tiny_dataset, "IDC_DATA_DIR", False)
+    monkeypatch.setenv("IDC_DATA_DIR", str(work / "gone"))
+    with pytest.raises(DataSourceError, match="IDC_DATA_DIR"):
+        resolve_data_dir(cwd=work)
+
+
+def test_demo_folder_given_explicitly_is_synthetic(work, tiny_dataset):
+    (tiny_dataset / DEMO_MARKER).write_text("synthetic")
+    source = resolve_data_dir(tiny_dataset, cwd=work)
+    assert source.origin == "argument" and source.synthetic and "SYNTHETIC" in source.description
+
+
+def test_complete_copy_in_data(work, tiny_dataset, tmp_path):
+    shutil.copytree(tiny_dataset, work / "data")
+    source = resolve_data_dir(cwd=work, **TINY)
+    assert (source.path, source.origin, source.synthetic) == (work / "data", "./data", False)
+    # Against the real counts (279 patients) the same folder is not complete: the demo is used instead.
+    source = resolve_data_dir(cwd=work, download=False, demo_dir=tmp_path / "demo", demo_patients=1)
+    assert source.origin == "demo"
+
+
+def test_download_when_credentials_exist(work, monkeypatch, capsys):
+    patches = make_patches()
+    monkeypatch.setenv("KAGGLE_USERNAME", "ada")
+    monkeypatch.setenv("KAGGLE_KEY", "right-key")
+    with FakeKaggle(build_archive(patches), username="ada", key="right-key") as server:
+        source = resolve_data_dir(cwd=work, progress=False, **ARCHIVE)
+        assert (source.path, source.origin, source.synthetic) == (work / "data", "kaggle", False)
+        assert len(build_index(source.path).frame) == len(patches)
+        # Next time the complete copy in ./data is found and nothing is requested.
+        assert resolve_data_dir(cwd=work, **ARCHIVE).origin == "./data"
+        assert len(server.requests) == 2
+        # With downloading switched off the credentials are not used.
+        source = resolve_data_dir(cwd=work / "elsewhere", download=False, demo_dir=work / "demo", demo_patients=1)
+        assert source.origin == "demo" and len(server.requests) == 2
+    assert SYNTHETIC_NOTICE in capsys.readouterr().out
+
+
+def test_incomplete_data_folder_is_not_overwritten_by_download(work, monkeypatch):
+    (work / "data" / "8863" / "0").mkdir(parents=True)
+    monkeypatch.setenv("KAGGLE_USERNAME", "ada")
+    monkeypatch.setenv("KAGGLE_KEY", "right-key")
+    with pytest.raises(DestinationError, match="left untouched"):
+        resolve_data_dir(cwd=work, **ARCHIVE)
+    assert (work / "data" / "8863" / "0").is_dir()
+
+
+def test_demo_fallback_is_written_once_and_announced(work, tmp_cache, capsys):
+    source = resolve_data_dir(cwd=work, demo_patients=1)
+    assert source.origin == "demo" and source.synthetic
+    assert source.path == tmp_cache / "demo-data" / "1-patients-seed0"
+    out = capsys.readouterr().out
+    assert SYNTHETIC_NOTICE in out and "no Kaggle credentials" in out
+    assert len(build_index(source.path).frame) > 0
+    marker = (source.path / DEMO_MARKER).stat().st_mtime_ns
+    again = resolve_data_dir(cwd=work, demo_patients=1)
+    assert again == source and (source.path / DEMO_MARKER).stat().st_mtime_ns == marker  # reused, not rewritten
+    assert SYNTHETIC_NOTICE in capsys.readouterr().out  # announced every time
+    assert not (work / "data").exists()  # the demo never lands where a download would go

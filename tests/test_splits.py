@@ -1,0 +1,108 @@
+"""Patient-level splits: disjoint, complete, stratified, deterministic; the published split's facts."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from idc_helpers import splits
+from idc_helpers.patch_index import build_index
+
+PUBLISHED_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "janowczyk2016_patient_split.csv"
+
+
+def synthetic_frame(n_patients: int = 40, seed: int = 1) -> pd.DataFrame:
+    """An index-like frame: patients with 20-200 patches and IDC shares between 0 and 0.6."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_patients):
+        n = int(rng.integers(20, 200))
+        share = rng.uniform(0, 0.6)
+        labels = (rng.random(n) < share).astype(int)
+        rows += [(f"/d/{1000 + p}/{i}.png", str(1000 + p), 1 + 50 * i, 1, lab) for i, lab in enumerate(labels)]
+    return pd.DataFrame(rows, columns=["path", "patient_id", "x", "y", "label"])
+
+
+def test_published_split_sizes_and_disjoint():
+    sizes = {name: len(ids) for name, ids in splits.JANOWCZYK2016.items()}
+    assert sizes == {"train": 84, "val": 29, "test": 49}
+    all_ids = [p for ids in splits.JANOWCZYK2016.values() for p in ids]
+    assert len(all_ids) == len(set(all_ids)) == 162
+
+
+@pytest.mark.skipif(not PUBLISHED_CSV.exists(), reason="published split CSV not present")
+def test_published_split_matches_shared_csv():
+    with open(PUBLISHED_CSV, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for name in splits.SUBSETS:
+        expected = {r["patient_id"] for r in rows if r["subset"] == name}
+        assert set(splits.JANOWCZYK2016[name]) == expected
+
+
+def test_janowczyk_split_sends_unlisted_patients_to_train():
+    frame = pd.DataFrame({"patient_id": ["8863", "12909", "13688", "99999"], "label": [0, 1, 0, 1]})
+    split = splits.janowczyk2016_split(frame)
+    assert split == {"train": ["8863", "99999"], "val": ["13688"], "test": ["12909"]}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_patient_split_is_disjoint_complete_and_sized(seed):
+    frame = synthetic_frame()
+    split = splits.patient_split(frame, seed=seed)
+    splits.check_disjoint(split)
+    assert sorted(sum(split.values(), []), key=int) == sorted(frame["patient_id"].unique(), key=int)
+    assert [len(split[k]) for k in splits.SUBSETS] == [28, 6, 6]
+    # No patch of a test patient is in train: the point of a patient split.
+    subset = splits.subset_of(frame, split)
+    for pid, group in subset.groupby(frame["patient_id"]):
+        assert group.nunique() == 1, pid
+
+
+def test_patient_split_is_stratified():
+    frame = synthetic_frame()
+    overall = frame["label"].mean()
+    summary = splits.split_summary(frame, splits.patient_split(frame, seed=0))
+    assert (summary["idc_fraction"] - overall).abs().max() < 0.03
+
+
+def test_patient_split_is_deterministic_and_seed_dependent():
+    frame = synthetic_frame()
+    assert splits.patient_split(frame, seed=3) == splits.patient_split(frame.sample(frac=1, random_state=0), seed=3)
+    assert splits.patient_split(frame, seed=3) != splits.patient_split(frame, seed=4)
+
+
+def test_patient_folds_cover_each_patient_once():
+    frame = synthetic_frame(23)
+    folds = splits.patient_folds(frame, n_folds=5, seed=0)
+    flat = [p for fold in folds for p in fold]
+    assert len(flat) == len(set(flat)) == 23
+    assert sorted(len(f) for f in folds) == [4, 4, 5, 5, 5]
+    with pytest.raises(ValueError, match="n_folds"):
+        splits.patient_folds(frame, n_folds=30)
+
+
+def test_check_disjoint_names_the_patient():
+    with pytest.raises(ValueError, match="patient 5 is in both 'train' and 'test'"):
+        splits.check_disjoint({"train": ["5", "6"], "test": ["5"]})
+
+
+def test_make_split_rejects_unknown_name():
+    with pytest.raises(ValueError, match="unknown split"):
+        splits.make_split(synthetic_frame(), "random_patches")
+
+
+@pytest.mark.realdata
+def test_real_sample_splits(real_sample_dir):
+    frame = build_index(real_sample_dir).frame
+    published = splits.janowczyk2016_split(frame)
+    # 27 of the sample's 29 patients are in the published lists (17 train, 10 val, none test); 2 are not.
+    assert [len(published[k]) for k in splits.SUBSETS] == [19, 10, 0]
+    split = splits.patient_split(frame, seed=0)
+    assert [len(split[k]) for k in splits.SUBSETS] == [20, 5, 4]
+    summary = splits.split_summary(frame, split)
+    assert summary["patches"].sum() == 25_899
+    assert (summary["idc_fraction"] - frame["label"].mean()).abs().max() < 0.02
