@@ -1,0 +1,326 @@
+"""Patient-aware evaluation of a predictions table, with scikit-learn's metrics.
+
+The input is the predictions table written by ``predict`` (columns ``path, patient_id, x, y, label, prob_idc,
+pred``; one row per patch). Every metric comes from :mod:`sklearn.metrics`. Confidence intervals are bootstrapped
+over *patients*, not patches: patches of one patient are strongly correlated, so resampling patches would give
+intervals that are far too narrow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import sklearn
+from sklearn import metrics as skm
+
+#: Columns :func:`evaluate` needs (``pred`` is optional when a threshold is given).
+REQUIRED_COLUMNS = ("patient_id", "label", "prob_idc")
+
+#: Metric names in report order, with the words :func:`format_report` prints.
+METRIC_LABELS: dict[str, str] = {
+    "f1": "F1 (IDC positive)",
+    "balanced_accuracy": "Balanced accuracy",
+    "accuracy": "Accuracy",
+    "precision": "Precision (PPV)",
+    "recall": "Recall (sensitivity)",
+    "specificity": "Specificity",
+    "roc_auc": "ROC AUC",
+    "pr_auc": "PR AUC (average precision)",
+}
+
+# The four (label, pred) cells of a binary confusion matrix in sklearn's ravel() order: tn, fp, fn, tp.
+_CELL_LABELS = np.array([0, 0, 1, 1])
+_CELL_PREDS = np.array([0, 1, 0, 1])
+
+
+def _check_columns(preds: pd.DataFrame, required: Sequence[str], source: str = "predictions table") -> None:
+    """Raise ``ValueError`` naming ``source`` and every missing column."""
+    missing = [c for c in required if c not in preds.columns]
+    if missing:
+        raise ValueError(
+            f"{source}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, preds.columns))}. "
+            "Write the table with `python -m idc_helpers predict` (columns path, patient_id, x, y, label, "
+            "prob_idc, pred)."
+        )
+
+
+def _labels_probs_preds(preds: pd.DataFrame, threshold: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels (int), probabilities (float) and 0/1 predictions, after checking values."""
+    _check_columns(preds, REQUIRED_COLUMNS)
+    if len(preds) == 0:
+        raise ValueError("predictions table is empty")
+    labels = preds["label"].to_numpy()
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("column 'label' must hold only 0 (non-IDC) and 1 (IDC)")
+    probs = preds["prob_idc"].to_numpy(dtype=np.float64)
+    if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1:
+        raise ValueError("column 'prob_idc' must hold probabilities in [0, 1] (no NaN)")
+    if threshold is not None:
+        predicted = (probs >= threshold).astype(np.int64)
+    elif "pred" in preds.columns:
+        predicted = preds["pred"].to_numpy()
+        if not np.isin(predicted, (0, 1)).all():
+            raise ValueError("column 'pred' must hold only 0 and 1")
+    else:
+        raise ValueError("the table has no 'pred' column: pass threshold= to turn prob_idc into predictions")
+    return labels.astype(np.int64), probs, predicted.astype(np.int64)
+
+
+def _metric_values(
+    cells: np.ndarray, labels: np.ndarray, probs: np.ndarray, weights: np.ndarray | None
+) -> dict[str, float | None]:
+    """All metrics for one (possibly reweighted) set of patches.
+
+    ``cells`` is the confusion matrix (tn, fp, fn, tp) of the same patches: the threshold metrics are computed by
+    sklearn on the four cells weighted by their counts, which is exact and much faster than on every patch.
+    Ranking metrics need every patch and take ``weights`` (a patient drawn k times counts k times).
+    """
+    # One call gives precision, recall and F1 of both classes; the recall of non-IDC is the specificity.
+    precision, recall, f1, _ = skm.precision_recall_fscore_support(
+        _CELL_LABELS, _CELL_PREDS, labels=[0, 1], sample_weight=cells, zero_division=0)
+    has_negatives, has_positives = cells[0] + cells[1] > 0, cells[2] + cells[3] > 0
+    both = has_negatives and has_positives
+    values: dict[str, float | None] = {
+        "f1": float(f1[1]),
+        "balanced_accuracy": (float(skm.balanced_accuracy_score(_CELL_LABELS, _CELL_PREDS, sample_weight=cells))
+                              if both else None),
+        "accuracy": float(skm.accuracy_score(_CELL_LABELS, _CELL_PREDS, sample_weight=cells)),
+        "precision": float(precision[1]),
+        # sklearn would give 0 (or a warning) for metrics of an absent class; they are undefined, not 0.
+        "recall": float(recall[1]) if has_positives else None,
+        "specificity": float(recall[0]) if has_negatives else None,
+        "roc_auc": None,
+        "pr_auc": None,
+    }
+    if both:
+        values["roc_auc"] = float(skm.roc_auc_score(labels, probs, sample_weight=weights))
+        values["pr_auc"] = float(skm.average_precision_score(labels, probs, pos_label=1, sample_weight=weights))
+    return values
+
+
+def _patient_cells(patient_codes: np.ndarray, n_patients: int, labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+    """Per-patient confusion-matrix counts, shape (n_patients, 4) in tn, fp, fn, tp order."""
+    cell = 2 * labels + predicted  # 0=tn, 1=fp, 2=fn, 3=tp
+    return np.bincount(patient_codes * 4 + cell, minlength=n_patients * 4).reshape(n_patients, 4)
+
+
+def _bootstrap(per_patient: np.ndarray, codes: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+               n_bootstrap: int, rng: np.random.Generator, samples: dict[str, list[float]]) -> int:
+    """Append each metric of ``n_bootstrap`` patient resamples to ``samples``; returns how many were usable."""
+    n_patients = len(per_patient)
+    used = 0
+    for _ in range(n_bootstrap):
+        counts = np.bincount(rng.integers(0, n_patients, size=n_patients), minlength=n_patients)
+        cells = counts @ per_patient
+        if cells[0] + cells[1] == 0 or cells[2] + cells[3] == 0:
+            continue  # one class only: AUCs, recall or specificity are undefined
+        weights = counts[codes]
+        keep = weights > 0
+        for name, value in _metric_values(cells, labels[keep], probs[keep], weights[keep]).items():
+            samples[name].append(value)  # type: ignore[arg-type]
+        used += 1
+    return used
+
+
+def evaluate(
+    preds: pd.DataFrame,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    threshold: float | None = None,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """Metrics of a predictions table with bootstrap intervals over patients.
+
+    Args:
+        preds: one row per patch with ``patient_id``, ``label`` (0/1), ``prob_idc`` (in [0, 1]) and ``pred`` (0/1).
+        n_bootstrap: patient resamples for the intervals (0 = no intervals).
+        seed: seed of the resampling.
+        threshold: if given, predictions are ``prob_idc >= threshold`` instead of the ``pred`` column.
+        level: coverage of the percentile intervals.
+
+    Returns:
+        A JSON-ready dict: ``counts`` (patches, patients, idc, non_idc, idc_fraction), ``threshold``,
+        ``confusion_matrix`` (tn, fp, fn, tp), ``metrics`` (name -> {value, ci_low, ci_high}; ``None`` where a
+        metric is undefined, e.g. ROC AUC with one class) and ``bootstrap`` (requested, used, skipped, seed, level).
+        A resample is skipped when its pooled patches hold only one class.
+
+    A patient drawn k times counts k times (sample weights, exactly the same as repeating its patches). Cost: about
+    30 ms per resample for 80,000 patches on one CPU core, so 1000 resamples of a large test set take ~30 s.
+    Precision and F1 follow sklearn's ``zero_division=0`` (0 when nothing is predicted IDC).
+    """
+    labels, probs, predicted = _labels_probs_preds(preds, threshold)
+    patient_ids = preds["patient_id"].astype(str).to_numpy()
+    codes, uniques = pd.factorize(patient_ids)
+    n_patients = len(uniques)
+
+    per_patient = _patient_cells(codes, n_patients, labels, predicted)
+    cells = per_patient.sum(axis=0)
+    point = _metric_values(cells, labels, probs, None)
+
+    # sklearn sorts scores with a stable sort on every call; on already sorted input that is a linear pass,
+    # which makes the ranking metrics of each resample about twice as fast.
+    order = np.argsort(probs, kind="stable")
+    sorted_labels, sorted_probs, sorted_codes = labels[order], probs[order], codes[order]
+
+    samples: dict[str, list[float]] = {name: [] for name in METRIC_LABELS}
+    rng = np.random.default_rng(seed)
+    # The inputs were checked above; sklearn's own checks would otherwise cost more than the metrics here.
+    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
+        used = _bootstrap(per_patient, sorted_codes, sorted_labels, sorted_probs, n_bootstrap, rng, samples)
+
+    tail = (1.0 - level) / 2.0 * 100.0
+    metric_report: dict[str, dict[str, float | None]] = {}
+    for name in METRIC_LABELS:
+        low = high = None
+        if used and point[name] is not None:
+            low, high = (float(v) for v in np.percentile(samples[name], [tail, 100.0 - tail]))
+        metric_report[name] = {"value": point[name], "ci_low": low, "ci_high": high}
+
+    n_idc = int(labels.sum())
+    tn, fp, fn, tp = (int(v) for v in cells)
+    return {
+        "counts": {
+            "patches": int(len(labels)),
+            "patients": int(n_patients),
+            "idc": n_idc,
+            "non_idc": int(len(labels) - n_idc),
+            "idc_fraction": n_idc / len(labels),
+        },
+        "threshold": None if threshold is None else float(threshold),
+        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+        "metrics": metric_report,
+        "bootstrap": {
+            "unit": "patient",
+            "requested": int(n_bootstrap),
+            "used": used,
+            "skipped_one_class": int(n_bootstrap - used),
+            "seed": int(seed),
+            "level": float(level),
+        },
+    }
+
+
+def per_patient_metrics(preds: pd.DataFrame, *, threshold: float | None = None) -> pd.DataFrame:
+    """One row per patient: patient_id, n_patches, n_idc, predicted_idc, accuracy, f1, roc_auc, mean_prob_idc.
+
+    ``f1`` is NaN for a patient with no IDC patch and no IDC prediction (undefined); ``roc_auc`` is NaN unless the
+    patient has both classes. Sorted by patient id.
+    """
+    labels, probs, predicted = _labels_probs_preds(preds, threshold)
+    frame = pd.DataFrame({
+        "patient_id": preds["patient_id"].astype(str).to_numpy(),
+        "label": labels, "prob": probs, "pred": predicted,
+    })
+    rows = []
+    for patient, group in frame.groupby("patient_id", sort=True):
+        y, s, p = group["label"].to_numpy(), group["prob"].to_numpy(), group["pred"].to_numpy()
+        has_both = 0 < y.sum() < len(y)
+        rows.append({
+            "patient_id": patient,
+            "n_patches": len(y),
+            "n_idc": int(y.sum()),
+            "predicted_idc": int(p.sum()),
+            "accuracy": skm.accuracy_score(y, p),
+            "f1": skm.f1_score(y, p, zero_division=0) if (y.any() or p.any()) else math.nan,
+            "roc_auc": skm.roc_auc_score(y, s) if has_both else math.nan,
+            "mean_prob_idc": float(s.mean()),
+        })
+    return pd.DataFrame(rows, columns=[
+        "patient_id", "n_patches", "n_idc", "predicted_idc", "accuracy", "f1", "roc_auc", "mean_prob_idc"])
+
+
+def pick_threshold(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray,
+                   criterion: str = "f1") -> float:
+    """The decision threshold (predict IDC when ``prob >= threshold``) that maximises ``criterion`` on this data.
+
+    Meant for the *validation* patients; never pick it on test. ``criterion`` is ``"f1"`` (F1 of the IDC class,
+    from sklearn's precision-recall curve) or ``"youden"`` (max TPR - FPR from the ROC curve, which is the same as
+    maximising balanced accuracy). Ties go to the lowest threshold.
+    """
+    y = np.asarray(labels).astype(np.int64)
+    s = np.asarray(probs, dtype=np.float64)
+    if y.shape != s.shape or y.ndim != 1 or len(y) == 0:
+        raise ValueError("labels and probs must be 1-D and of the same non-zero length")
+    if not (0 < y.sum() < len(y)):
+        raise ValueError("picking a threshold needs both classes in labels")
+    if criterion == "f1":
+        precision, recall, thresholds = skm.precision_recall_curve(y, s, pos_label=1)
+        # The last (precision, recall) = (1, 0) point has no threshold.
+        precision, recall = precision[:-1], recall[:-1]
+        # F1 at every candidate threshold in one pass (f1_score per threshold would be quadratic in the patches).
+        denom = precision + recall
+        f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+        return float(thresholds[int(np.argmax(f1))])
+    if criterion == "youden":
+        fpr, tpr, thresholds = skm.roc_curve(y, s, pos_label=1, drop_intermediate=False)
+        # roc_curve's thresholds decrease; the first one is +inf (nothing predicted positive).
+        j = tpr[1:] - fpr[1:]
+        best = np.flatnonzero(j == j.max())[-1] + 1  # lowest threshold among ties
+        return float(thresholds[best])
+    raise ValueError(f"unknown criterion {criterion!r}: use 'f1' or 'youden'")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The report of :func:`evaluate` as a plain-text table (metric, value, 95% CI) with counts and confusion matrix."""
+    counts, cm, boot = report["counts"], report["confusion_matrix"], report["bootstrap"]
+    level = round(boot["level"] * 100)
+    lines = [
+        f"{counts['patches']:,} patches from {counts['patients']} patients; "
+        f"IDC {counts['idc']:,} ({counts['idc_fraction']:.1%}), non-IDC {counts['non_idc']:,}",
+        "Threshold: " + ("'pred' column" if report.get("threshold") is None else f"{report['threshold']:.4f}"),
+        "",
+    ]
+    width = max(len(label) for label in METRIC_LABELS.values())
+    lines.append(f"{'Metric':<{width}}  {'Value':>6}  {level}% CI (patients)")
+    lines.append("-" * (width + 28))
+    for name, label in METRIC_LABELS.items():
+        entry = report["metrics"][name]
+        ci = "" if entry["ci_low"] is None else f"[{_fmt(entry['ci_low'])}, {_fmt(entry['ci_high'])}]"
+        lines.append(f"{label:<{width}}  {_fmt(entry['value']):>6}  {ci}")
+    lines += [
+        "",
+        f"Bootstrap: {boot['used']} of {boot['requested']} patient resamples used"
+        + (f" ({boot['skipped_one_class']} had one class only)" if boot["skipped_one_class"] else ""),
+        "",
+        "Confusion matrix (rows: true, columns: predicted)",
+        f"{'':>10}{'non-IDC':>10}{'IDC':>10}",
+        f"{'non-IDC':>10}{cm['tn']:>10,}{cm['fp']:>10,}",
+        f"{'IDC':>10}{cm['fn']:>10,}{cm['tp']:>10,}",
+    ]
+    return "\n".join(lines)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``python -m idc_helpers evaluate``: print the report and the per-patient table; JSON with ``--out``."""
+    from idc_helpers.atomic import write_json
+    from idc_helpers.prediction import read_predictions
+
+    try:
+        table = read_predictions(args.predictions)  # checks columns, types and one row per patch
+        report = evaluate(table, n_bootstrap=args.bootstrap, seed=args.seed)
+        patients = per_patient_metrics(table)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    print("\nPer patient")
+    print(patients.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a"))
+    if args.out:
+        data = dict(report)
+        data["predictions"] = str(Path(args.predictions).resolve())
+        # NaN is not valid JSON: undefined per-patient metrics become null.
+        data["per_patient"] = patients.astype(object).where(patients.notna(), None).to_dict(orient="records")
+        write_json(args.out, data)
+        print(f"\nReport written to {args.out}")
+    return 0
