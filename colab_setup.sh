@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a Google Colab runtime for the IDC notebooks.
 #
-# - installs idc_helpers (editable, from this checkout) and only those requirements that Colab lacks or has in a
+# - installs idc_helpers (from this checkout) and only those requirements that Colab lacks or has in a
 #   version below our lower bound: what Colab already ships (TensorFlow, Keras, OpenCV, pandas, ...) is never
 #   downgraded or replaced;
 # - tells whether Kaggle credentials are available (Colab secrets KAGGLE_USERNAME and KAGGLE_KEY, or a
@@ -45,7 +45,9 @@ if to_install:
     subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *to_install])
 else:
     print("Every requirement is already met by this runtime.")
-subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "-e", "."])
+# A regular (not editable) install: an editable one is only seen by interpreters started after it, and the
+# notebook's kernel is already running.
+subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "."])
 PY
 
 python - <<'PY'

@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=None, help="YAML or JSON file of parameters for every notebook")
     p.add_argument("--out", default="outputs", help="folder for executed notebooks, figures and metrics (default ./outputs)")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: see README, 'Where data comes from')")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="write the parameterised notebooks without running them (CI runs them with pytest --nbval-lax)")
     return parser
 
 

@@ -1,0 +1,302 @@
+"""Run the notebook series end to end with papermill: ``python -m idc_helpers run-notebooks``.
+
+Every call writes a new folder ``<out>/<YYYYmmdd-HHMMSS>/`` and never touches an earlier one, so a trained model is
+never overwritten and two runs can be compared side by side::
+
+    <out>/20250101-120000/
+        notebooks/01_data_exploration.ipynb ...   the executed notebooks, with their outputs
+        figures/*.png                             the key figures, saved by the notebooks
+        run/                                      the training run of 02 (model.keras, history.json, config.json, ...)
+        predictions.csv, metrics.json             written by 03 and read by 04
+        parameters.json                           the data source and the parameters each notebook received
+
+The data folder is resolved once (:func:`idc_helpers.datasource.resolve_data_dir`) and handed to every notebook;
+02 trains into ``run/``, 03 evaluates that run and writes ``predictions.csv``, 04 draws slides from it.
+
+Parameters: each notebook's ``parameters`` cell holds defaults meant for users (the full dataset, real training).
+``--smoke`` applies ``notebooks/params/smoke.yaml`` (a run of a few minutes); ``--params FILE`` (YAML or JSON)
+applies a file on top. Such a file maps parameter names to values for every notebook that has the parameter,
+and may hold a section per notebook (``02_training: {EPOCHS: 3}``). A name that no notebook defines is an error,
+so a typo cannot silently do nothing.
+
+How CI runs the notebooks (nbval, with papermill's parameters): nbval cannot pass parameters, and the
+notebooks' defaults are for users, not for a 2-core CI machine. So CI asks this runner to *prepare* the series
+(``prepare_only=True``, CLI ``--prepare-only``): papermill writes each notebook with a cell of injected CI
+parameters (``notebooks/params/ci.yaml``) and the chained paths, without running it, and
+``pytest --nbval-lax --nbval-current-env <out>/*/notebooks/`` then executes them in order, once: a failing cell
+fails CI and the ``# NBVAL_CHECK_OUTPUT`` cells are compared with their committed outputs. The notebooks are
+never edited by text substitution, and users and CI run the very same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO_ROOT / "notebooks"
+SMOKE_PARAMS = NOTEBOOK_DIR / "params" / "smoke.yaml"
+NOTEBOOKS = (
+    "01_data_exploration",
+    "02_training",
+    "03_evaluation_and_gradcam",
+    "04_whole_slide_heatmaps",
+)
+# The parameters the runner itself sets in each notebook (a test checks each parameters cell defines them).
+RUNNER_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "01_data_exploration": ("DATA_DIR", "OUT_DIR"),
+    "02_training": ("DATA_DIR", "OUT_DIR", "RUN_DIR"),
+    "03_evaluation_and_gradcam": ("DATA_DIR", "OUT_DIR", "RUN_DIR", "PREDICTIONS"),
+    "04_whole_slide_heatmaps": ("OUT_DIR", "RUN_DIR", "PREDICTIONS"),
+}
+# Set only by the runner: a parameters file may not move the outputs (use --out).
+_RESERVED = {"OUT_DIR", "RUN_DIR", "PREDICTIONS"}
+
+
+class NotebookFailed(RuntimeError):
+    """A cell of a notebook raised; the message names the notebook, the cell and the executed copy."""
+
+    def __init__(self, message: str, executed: Path):
+        super().__init__(message)
+        self.executed = executed
+
+
+def load_params_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML or JSON parameters file into a dict (empty file: ``{}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"parameters file {path} not found; pass an existing YAML or JSON file to --params")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        data = json.loads(text) if text.strip() else {}
+    else:
+        import yaml  # papermill depends on PyYAML
+
+        data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of parameter names to values, got {type(data).__name__}")
+    return data
+
+
+def notebook_parameters(notebook: str | os.PathLike[str]) -> dict[str, Any]:
+    """The names and default values (as source text) of a notebook's ``parameters`` cell."""
+    import papermill
+
+    return {name: info["default"] for name, info in papermill.inspect_notebook(str(notebook)).items()}
+
+
+def plan_parameters(
+    overrides: Mapping[str, Any],
+    defined: Mapping[str, Sequence[str]],
+    runner: Mapping[str, Mapping[str, Any]],
+    source: str = "parameters",
+) -> dict[str, dict[str, Any]]:
+    """The parameters to inject into each notebook.
+
+    ``overrides``: a parameters file's content (global names, and per-notebook sections keyed by notebook name);
+    ``defined``: the parameter names each notebook's parameters cell defines; ``runner``: the values the runner
+    sets per notebook (data and output paths). Raises ``ValueError`` for a name no notebook defines or one
+    reserved for the runner; ``source`` names the file in the message.
+    """
+    global_values = {k: v for k, v in overrides.items() if k not in defined}
+    sections = {k: v for k, v in overrides.items() if k in defined}
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise ValueError(f"{source}: the section {name!r} must be a mapping of parameter names to values")
+    known = set().union(*map(set, defined.values()))
+    problems = []
+    for where, values, names in [("", global_values, known)] + [
+        (f" in section {nb!r}", sec, set(defined[nb])) for nb, sec in sections.items()
+    ]:
+        for key in values:
+            if key in _RESERVED:
+                problems.append(f"{key}{where} is set by the runner; use --out to choose where outputs go")
+            elif key not in names:
+                problems.append(f"{key}{where} is not a parameter of {'any notebook' if not where else 'that notebook'}")
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems) + f". Known parameters: {', '.join(sorted(known))}")
+
+    plan = {}
+    for nb, names in defined.items():
+        values = {k: v for k, v in global_values.items() if k in names}
+        values.update(sections.get(nb, {}))
+        values.update(runner.get(nb, {}))
+        plan[nb] = values
+    return plan
+
+
+def fresh_output_dir(out_dir: str | os.PathLike[str], now: datetime | None = None) -> Path:
+    """Create and return a new, empty ``out_dir/<YYYYmmdd-HHMMSS>`` (suffixed ``-2``, ``-3``... if taken)."""
+    out_dir = Path(out_dir)
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = out_dir / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate.resolve()
+    raise RuntimeError(f"could not create a fresh folder in {out_dir}; remove old runs there")
+
+
+def _current_env_kernel_manager():
+    """A KernelManager class that always starts ipykernel with *this* interpreter.
+
+    The notebooks name the kernel ``python3``; a user-level kernelspec of that name may point at another Python
+    without the package, so the runner does not look kernelspecs up at all.
+    """
+    import ipykernel.kernelspec
+    from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+    from jupyter_client.manager import KernelManager
+    from traitlets import default
+
+    class CurrentEnvKernelSpecManager(KernelSpecManager):
+        def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+            return KernelSpec(resource_dir=ipykernel.kernelspec.RESOURCES, **ipykernel.kernelspec.get_kernel_dict())
+
+    class CurrentEnvKernelManager(KernelManager):
+        @default("kernel_spec_manager")
+        def _default_ksm(self):
+            return CurrentEnvKernelSpecManager(data_dir=self.data_dir)
+
+        @default("transport")
+        def _default_transport(self):
+            # Local sockets where there are any: nothing listens on the network (and ipykernel does not warn).
+            return "ipc" if os.name == "posix" else "tcp"
+
+    return CurrentEnvKernelManager
+
+
+def run_notebooks(
+    out_dir: str | os.PathLike[str] = "outputs",
+    *,
+    smoke: bool = False,
+    params_file: str | os.PathLike[str] | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    notebooks: Sequence[str] | None = None,
+    prepare_only: bool = False,
+    notebook_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], object] = print,
+) -> list[Path]:
+    """Run the notebooks in order into a fresh ``out_dir/<timestamp>/``; return the executed notebooks' paths.
+
+    ``notebooks``: names (``"02_training"`` or ``"02_training.ipynb"``) to run, default all four; a later
+    notebook needs the outputs of the earlier ones in the same folder, so subsets are for debugging.
+    ``prepare_only``: write the parameterised notebooks without executing them (for nbval).
+    ``notebook_dir``: where the source notebooks are (default: this checkout's ``notebooks/``); ``log``: where
+    progress messages go.
+    Raises :class:`NotebookFailed` when a cell fails (the executed copy up to the failure is kept).
+    """
+    import papermill
+
+    from idc_helpers.datasource import resolve_data_dir
+
+    notebook_dir = Path(notebook_dir) if notebook_dir is not None else NOTEBOOK_DIR
+    names = [Path(n).stem for n in (notebooks or NOTEBOOKS)]
+    sources = {name: notebook_dir / f"{name}.ipynb" for name in names}
+    missing = [str(p) for p in sources.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"notebooks not found: {', '.join(missing)}; run from a checkout of the repository")
+
+    files = ([SMOKE_PARAMS] if smoke else []) + ([Path(params_file)] if params_file else [])
+    overrides: dict[str, Any] = {}
+    for path in files:
+        for key, value in load_params_file(path).items():
+            if isinstance(value, dict) and isinstance(overrides.get(key), dict):
+                overrides[key] = {**overrides[key], **value}
+            else:
+                overrides[key] = value
+    file_data_dir = overrides.pop("DATA_DIR", None)
+    defined = {name: list(notebook_parameters(src)) for name, src in sources.items()}
+    # Check the names before anything is downloaded or created: a typo must not cost a run.
+    label = " + ".join(str(f) for f in files) or "parameters"
+    plan_parameters(overrides, defined, {}, source=label)
+
+    source = resolve_data_dir(data_dir if data_dir is not None else file_data_dir)
+    if source.synthetic and source.origin != "demo":  # resolve_data_dir announced the demo fallback itself
+        from idc_helpers.demo_data import SYNTHETIC_NOTICE
+
+        log(SYNTHETIC_NOTICE)
+    log(f"Data: {source}")
+
+    run_root = fresh_output_dir(out_dir)
+    paths = {
+        "DATA_DIR": str(Path(source.path).resolve()),
+        "OUT_DIR": str(run_root),
+        "RUN_DIR": str(run_root / "run"),
+        "PREDICTIONS": str(run_root / "predictions.csv"),
+    }
+    # Each notebook gets the paths its parameters cell defines.
+    runner = {name: {k: v for k, v in paths.items() if k in defined[name]} for name in names}
+    plan = plan_parameters(overrides, defined, runner, source=label)
+    from idc_helpers.atomic import write_json
+
+    write_json(run_root / "parameters.json", {
+        "data": {"path": paths["DATA_DIR"], "origin": source.origin, "synthetic": bool(source.synthetic)},
+        "parameter_files": [str(f) for f in files], "notebooks": plan,
+    })
+    log(f"Output folder: {run_root}")
+
+    executed_dir = run_root / "notebooks"
+    executed_dir.mkdir()
+    kernel_manager_class = _current_env_kernel_manager()
+    show_progress = sys.stderr.isatty()
+    results = []
+    for name in names:
+        target = executed_dir / f"{name}.ipynb"
+        started = time.perf_counter()
+        if not prepare_only:
+            log(f"Running {name} ...")
+        try:
+            papermill.execute_notebook(
+                str(sources[name]), str(target), parameters=plan[name], prepare_only=prepare_only,
+                # Relative paths in a notebook mean the same as when a user opens it from notebooks/.
+                cwd=str(notebook_dir), progress_bar=show_progress, request_save_on_cell_execute=True,
+                kernel_manager_class=kernel_manager_class,
+            )
+        except papermill.PapermillExecutionError as err:
+            first_line = next((ln for ln in err.source.splitlines() if ln.strip()), "")
+            raise NotebookFailed(
+                f"{name}.ipynb failed in cell [{err.exec_count}] ({first_line.strip()!r}): {err.ename}: {err.evalue}\n"
+                f"The executed notebook, with the traceback, is {target}", target,
+            ) from None
+        except Exception as err:  # the kernel died (e.g. out of memory), a timeout, an unreadable notebook...
+            raise NotebookFailed(f"{name}.ipynb stopped: {type(err).__name__}: {err}\n"
+                                 f"What ran is saved in {target}", target) from err
+        results.append(target)
+        if not prepare_only:
+            log(f"  {name} done in {time.perf_counter() - started:.0f} s")
+
+    figures = sorted((run_root / "figures").glob("*.png"))
+    log(("Prepared notebooks (not executed): " if prepare_only else "Executed notebooks: ") + str(executed_dir))
+    if not prepare_only:
+        log(f"Figures ({len(figures)}): {run_root / 'figures'}")
+        for item in ("run", "predictions.csv", "metrics.json"):
+            if (run_root / item).exists():
+                log(f"{item}: {run_root / item}")
+    return results
+
+
+def run_notebooks_cli(args) -> int:
+    """``python -m idc_helpers run-notebooks``: see :func:`run_notebooks`; returns the exit status."""
+    try:
+        run_notebooks(
+            args.out, smoke=args.smoke, params_file=args.params, data_dir=args.data_dir,
+            prepare_only=getattr(args, "prepare_only", False),
+        )
+    except NotebookFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, ValueError) as err:  # a missing notebook or data folder, a bad parameters file
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # the Kaggle download failed (idc_helpers.kaggle_download.DownloadError)
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
