@@ -1,0 +1,27 @@
+"""``python -m idc_helpers.bench <name> [options]``: run one benchmark (``--help`` after the name for its options)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+from idc_helpers.bench import BENCHMARKS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch ``argv[0]`` to the benchmark module of that name; returns its exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
+        names = ", ".join(sorted(BENCHMARKS))
+        print(f"usage: python -m idc_helpers.bench {{{names}}} [options]", file=sys.stderr)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"unknown benchmark {argv[0]!r}; choose one of: {names}", file=sys.stderr)
+            return 2
+        return 0 if argv else 2
+    module = importlib.import_module(BENCHMARKS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
