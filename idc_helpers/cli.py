@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="download again even when a complete copy is there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("index", help="health check of a dataset folder: counts, sizes and every problem found")
+    p = sub.add_parser(
+        "index", help="health check of a dataset folder: counts, sizes and every problem found",
+        description="Decode every patch (warming the cache) and report the dataset's counts and every problem, "
+                    "each with the file's name. Exit status: 0 no problems, 1 problems found, 2 the folder is "
+                    "missing, holds no patient folders, or the cache cannot be written.",
+    )
     p.add_argument("data_dir", help="folder in the Kaggle layout (<patient>/<0|1>/*.png)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--cache-dir", default=None, help="decoded-patch cache (default: $IDC_CACHE_DIR or ~/.cache/idc_helpers)")

@@ -34,12 +34,10 @@ import pandas as pd
 
 from idc_helpers import PATCH_SIZE, __version__
 from idc_helpers.atomic import atomic_path, write_json
-from idc_helpers.patch_index import TRUNCATED, UNREADABLE, Problem
+from idc_helpers.patch_index import TRUNCATED, UNREADABLE, WRONG_SIZE, Problem
 
 # Bump when decoding (padding, colour handling) or the cache layout changes: old cache files then stop matching.
 CACHE_FORMAT = 1
-# Problem kind for a file larger than a patch (the patch-index kinds cover the rest).
-WRONG_SIZE = "wrong size"
 PATCH_SHAPE = (PATCH_SIZE, PATCH_SIZE, 3)
 # Glass background in a bright-field H&E scan: the value used for padding and for transparent pixels.
 BACKGROUND = 255

@@ -33,6 +33,8 @@ TRUNCATED = "truncated or corrupt"
 WRONG_PATIENT = "wrong patient folder"
 UNEXPECTED = "unexpected entry"
 UNREADABLE = "unreadable"
+# Found when decoding (idc_helpers.loader): a patch larger than 50x50 in either dimension.
+WRONG_SIZE = "wrong size"
 
 
 @dataclass(frozen=True)
