@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="write a small SYNTHETIC dataset in the Kaggle layout")
     p.add_argument("dest", help="output folder (must not exist or be empty)")
-    p.add_argument("--patients", type=int, default=8, help="number of synthetic patients (default 8)")
+    p.add_argument("--patients", type=int, default=12, help="number of synthetic patients (default 12)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
 
     p = sub.add_parser("train", help="train a model with a patient-level split; writes a run folder")

@@ -47,7 +47,7 @@ def resolve_data_dir(
     download: bool = True,
     demo_dir: str | os.PathLike[str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
-    demo_patients: int = 8,
+    demo_patients: int | None = None,
     progress: bool = True,
     expected_patients: int = EXPECTED_PATIENTS,
     expected_patches: int = EXPECTED_PATCHES,
@@ -86,6 +86,8 @@ def resolve_data_dir(
         reasons.append("no Kaggle credentials (see `python -m idc_helpers download`)")
     else:
         reasons.append("downloading was switched off")
+    if demo_patients is None:
+        from idc_helpers.demo_data import DEFAULT_PATIENTS as demo_patients
     return _demo(demo_dir, demo_patients, reasons)
 
 

@@ -34,6 +34,9 @@ from idc_helpers import KAGGLE_DATASET, PATCH_SIZE, __version__
 from idc_helpers.patch_index import build_index, dataset_summary
 
 DEMO_MARKER = "SYNTHETIC_DEMO_DATA.txt"
+# 12 patients: the default 70/15/15 patient split then holds out 2 validation and 2 test patients, so intervals
+# over patients are not a single value.
+DEFAULT_PATIENTS = 12
 FIRST_PATIENT_ID = 90001  # real Kaggle patient ids are 4-5 digits below 17000: these can never be mistaken for them
 
 _NOTICE_LINES = [
@@ -90,7 +93,7 @@ def is_synthetic(data_dir: str | os.PathLike[str]) -> bool:
 def write_demo_dataset(
     dest: str | os.PathLike[str],
     *,
-    n_patients: int = 8,
+    n_patients: int = DEFAULT_PATIENTS,
     seed: int = 0,
     overwrite: bool = False,
     grid: tuple[int, int] | None = None,

@@ -13,6 +13,7 @@ import pytest
 from idc_helpers import demo_data
 from idc_helpers.cli import main
 from idc_helpers.demo_data import (
+    DEFAULT_PATIENTS,
     DEMO_MARKER,
     FIRST_PATIENT_ID,
     SYNTHETIC_NOTICE,
@@ -26,7 +27,7 @@ SMALL_GRID = (8, 6)  # columns, rows: a few dozen patches per patient, enough to
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
-    """The default demo dataset (8 patients, seed 0), written once for this module."""
+    """The default demo dataset (DEFAULT_PATIENTS patients, seed 0), written once for this module."""
     return write_demo_dataset(tmp_path_factory.mktemp("demo") / "data")
 
 
@@ -62,7 +63,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def test_default_dataset_has_the_kaggle_layout_and_no_problems(demo_dir, demo_frame):
-    expected = {str(FIRST_PATIENT_ID + k) for k in range(8)}
+    expected = {str(FIRST_PATIENT_ID + k) for k in range(DEFAULT_PATIENTS)}
     assert {p.name for p in demo_dir.iterdir() if p.is_dir()} == expected
     assert set(demo_frame["patient_id"]) == expected
     assert ((demo_frame["x"] - 1) % 50 == 0).all() and ((demo_frame["y"] - 1) % 50 == 0).all()
@@ -72,14 +73,14 @@ def test_default_dataset_has_the_kaggle_layout_and_no_problems(demo_dir, demo_fr
         assert path.name.startswith(f"{path.parents[1].name}_idx5_x")
         assert path.name.endswith(f"_class{path.parent.name}.png")
     summary = dataset_summary(demo_frame)
-    assert 1500 <= summary["patches"] <= 3000
+    assert 2000 <= summary["patches"] <= 4500
     assert 0.18 <= summary["idc_fraction"] <= 0.32
 
 
 def test_most_patients_have_both_classes(demo_frame):
     table = patient_table(demo_frame)
     both = (table["n_idc"] > 0) & (table["n_non_idc"] > 0)
-    assert both.sum() >= 7
+    assert both.sum() >= DEFAULT_PATIENTS - 1
     assert (table["idc_fraction"] < 0.7).all()
     assert (table["n_patches"] >= 100).all()
 
