@@ -223,7 +223,8 @@ def run_notebooks(
         from idc_helpers.demo_data import SYNTHETIC_NOTICE
 
         log(SYNTHETIC_NOTICE)
-    log(f"Data: {source}")
+    if source.origin != "demo":  # the demo fallback has just said where it wrote the data and why
+        log(f"Data: {source}")
 
     run_root = fresh_output_dir(out_dir)
     paths = {
