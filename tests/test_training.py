@@ -54,7 +54,7 @@ def test_run_folder_contents(run):
     files = sorted(p.name for p in run.run_dir.iterdir())
     assert files == sorted(RUN_FILES)
     history = json.loads((run.run_dir / "history.json").read_text())
-    for key in ("loss", "accuracy", "val_loss", "val_auc", "val_f1", "val_balanced_accuracy", "lr", "epoch"):
+    for key in ("loss", "accuracy", "val_loss", "val_auc", "val_selection", "val_f1", "val_balanced_accuracy", "lr", "epoch"):
         assert len(history[key]) == 1, key
     config = json.loads((run.run_dir / "config.json").read_text())
     for key in ("model", "data", "split", "seed", "epochs", "batch_size", "versions", "started", "class_weight"):
@@ -147,3 +147,14 @@ def test_verbose_auto(monkeypatch):
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)
     assert training._resolve_verbose("auto") == 2
     assert training._resolve_verbose(0) == 0
+
+
+def test_selection_breaks_auc_ties_with_the_validation_loss():
+    labels = np.array([0, 0, 1, 1])
+    confident = training._validation_scores(labels, np.array([0.01, 0.02, 0.98, 0.99]))
+    timid = training._validation_scores(labels, np.array([0.40, 0.41, 0.42, 0.43]))
+    assert confident["val_auc"] == timid["val_auc"] == 1.0
+    assert confident["val_selection"] > timid["val_selection"]
+    # A real AUC difference outweighs the loss.
+    worse = training._validation_scores(labels, np.array([0.01, 0.98, 0.02, 0.99]))
+    assert worse["val_selection"] < timid["val_selection"]

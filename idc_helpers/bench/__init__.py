@@ -7,4 +7,6 @@ name to the module. Results are printed as Markdown tables that name the machine
 # name -> module with main(argv: list[str] | None) -> int; add new benchmarks here.
 BENCHMARKS: dict[str, str] = {
     "load": "idc_helpers.bench.load",
+    "quality": "idc_helpers.bench.quality",
+    "speed": "idc_helpers.bench.speed",
 }
