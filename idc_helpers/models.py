@@ -90,12 +90,14 @@ def build_seed_cnn() -> keras.Model:
     return keras.Model(inputs, _head(x), name="seed_cnn")
 
 
-def build_idc_net(*, width: int = 1, dropout: float = 0.3, bn_momentum: float = 0.99) -> keras.Model:
+def build_idc_net(*, width: int = 1, dropout: float = 0.3, bn_momentum: float = 0.9) -> keras.Model:
     """Our CPU-sized CNN: ``(N, 50, 50, 3)`` 0..255 -> ``(N, 2)`` class probabilities; 272,482 parameters.
 
     ``width`` multiplies every filter count (1 is the measured default); ``bn_momentum`` is the batch-norm
-    moving-average momentum (Keras' 0.99 by default; lower values follow the weights faster). Stages: conv1 32 @50x50 -> pool 25 ->
-    conv2, conv3 48 @25 -> pool 12 -> conv4, conv5 96 @12 -> pool 6 -> conv6 128 @6 -> global average pool.
+    moving-average momentum. 0.9 rather than Keras' 0.99: on a small set (the demo data, ~13 steps an epoch) the
+    0.99 moving statistics had not settled after 5 epochs and the validation ROC AUC fell to 0.01, while 0.9 reached
+    0.998; on two folds of the real sample the change moved F1 by +0.022 and -0.020.
+    Stages: conv1 32 @50x50 -> pool 25 -> conv2, conv3 48 @25 -> pool 12 -> conv4, conv5 96 @12 -> pool 6 -> conv6 128 @6 -> global average pool.
     """
     inputs, x = _inputs()
     plan = [(32, True), (48, False), (48, True), (96, False), (96, True), (128, False)]
