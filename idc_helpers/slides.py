@@ -63,13 +63,25 @@ class SlideMosaic:
 
 
 def _read_rgb(path: str) -> np.ndarray:
-    """A patch at its real size, (h, w, 3) uint8 RGB; :class:`SlideError` naming the file when it cannot be read."""
+    """A patch at its real size, (h, w, 3) uint8 RGB; :class:`SlideError` naming the file when it cannot be read.
+
+    Decoded by the loader, so colour handling (grayscale, alpha, 16-bit) is the same as for training; the white
+    padding of border patches is cut off again, since a mosaic places them at their real size.
+    """
+    from idc_helpers.loader import PatchReadError, read_patch
+    from idc_helpers.patch_index import read_png_size
+
     if not Path(path).is_file():
         raise SlideError(f"{path}: patch file not found; the table's 'path' column must point at the dataset's files")
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise SlideError(f"{path}: cannot decode this PNG (truncated or corrupt?)")
-    return image[..., ::-1]
+    try:
+        patch = read_patch(path)
+    except PatchReadError as exc:
+        raise SlideError(str(exc)) from exc
+    try:
+        width, height = read_png_size(path)
+    except ValueError as exc:
+        raise SlideError(f"{path}: {exc}") from exc
+    return patch[:height, :width]
 
 
 def _patient_rows(table: pd.DataFrame, patient_id: str, source: str) -> pd.DataFrame:
