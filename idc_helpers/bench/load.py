@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not data_dir.is_dir():
         print(f"error: dataset folder not found: {data_dir}; pass --data-dir or set IDC_DATA_DIR", file=sys.stderr)
         return 2
-    machine = _machine()
+    machine = machine_info()
     results = []
     index_start = time.perf_counter()
     frame = build_index(data_dir).frame
@@ -225,7 +225,8 @@ def effective_cores(trials: int = 3) -> float:
     return statistics.median(2 * run(1) / run(2) for _ in range(trials))
 
 
-def _machine() -> dict:
+def machine_info() -> dict:
+    """CPU model, core count, memory and library versions of this machine, for the heads of benchmark tables."""
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

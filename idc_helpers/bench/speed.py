@@ -223,9 +223,9 @@ def _machine() -> dict[str, Any]:
 
     import tensorflow as tf
 
-    from idc_helpers.bench.load import _machine as load_machine
+    from idc_helpers.bench.load import machine_info
 
-    info = load_machine()
+    info = machine_info()
     info.update({"tensorflow": tf.__version__, "gpus": len(tf.config.list_physical_devices("GPU")),
                  "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "platform": platform.platform()})
     return info
