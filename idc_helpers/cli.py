@@ -1,17 +1,41 @@
 """Command line: ``python -m idc_helpers <command>`` (or the ``idc`` console script).
 
-Each command's arguments are defined here; the work is done by ``run_<command>(args)`` in the module that owns
-the concern, imported only when the command runs so that ``--help`` stays fast and TensorFlow loads only when needed.
+Argument parsing and the ``run_<command>(args)`` handlers live here, and only here; the handlers call the domain
+modules, imported when the command runs so that ``--help`` stays fast and TensorFlow loads only when needed.
+Errors the user can fix (:class:`idc_helpers.errors.UserError`) and outside failures
+(:class:`idc_helpers.errors.ExternalError`) become one ``error:`` line on stderr and the exit status of
+:data:`EXIT_CODES`; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
 from idc_helpers import __version__
+from idc_helpers.errors import IdcError
+
+EXIT_CODES = {
+    0: "success",
+    1: "the command ran and found problems (index: files that are not usable patches)",
+    2: "a mistake the message names and says how to fix: an argument, a missing or unusable file or folder, "
+       "an output that already exists, missing credentials",
+    3: "an outside failure: the server refused or broke off a download, the disk is full",
+    130: "interrupted (Ctrl-C); nothing half-written is left looking complete",
+}
+
+
+def _exit_code_help() -> str:
+    return "exit status:\n" + "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())
+
+
+def quiet_tensorflow() -> None:
+    """Hide TensorFlow's C++ start-up lines (CUDA probing on a CPU machine, oneDNN notices) unless the user set
+    ``TF_CPP_MIN_LOG_LEVEL``; an entry point calls this before TensorFlow is imported."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # command -> (module, function)
 _HANDLERS = {
@@ -31,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m idc_helpers",
         description="IDC detection in breast histopathology patches: data, training, evaluation, slides, notebooks.",
+        epilog=_exit_code_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"idc_helpers {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -105,10 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    quiet_tensorflow()
     module_name, function_name = _HANDLERS[args.command]
     handler = getattr(importlib.import_module(module_name), function_name)
     try:
         return int(handler(args) or 0)
+    except IdcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
