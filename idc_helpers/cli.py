@@ -10,7 +10,6 @@ Errors the user can fix (:class:`idc_helpers.errors.UserError`) and outside fail
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from typing import Sequence
@@ -37,35 +36,29 @@ def quiet_tensorflow() -> None:
     ``TF_CPP_MIN_LOG_LEVEL``; an entry point calls this before TensorFlow is imported."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-# command -> (module, function)
-_HANDLERS = {
-    "download": ("idc_helpers.kaggle_download", "run_download"),
-    "index": ("idc_helpers.health", "run_index"),
-    "demo-data": ("idc_helpers.demo_data", "run_demo_data"),
-    "train": ("idc_helpers.training", "run_train"),
-    "predict": ("idc_helpers.prediction", "run_predict"),
-    "evaluate": ("idc_helpers.metrics", "run_evaluate"),
-    "slide": ("idc_helpers.slides", "run_slide"),
-    "run-notebooks": ("idc_helpers.notebook_runner", "run_notebooks_cli"),
-}
+# --------------------------------------------------------------------------------------------------------------
+# download
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every command."""
-    parser = argparse.ArgumentParser(
-        prog="python -m idc_helpers",
-        description="IDC detection in breast histopathology patches: data, training, evaluation, slides, notebooks.",
-        epilog=_exit_code_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"idc_helpers {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_download(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("download", help="download the Kaggle dataset (needs a Kaggle API token)")
     p.add_argument("--dest", default="data", help="folder that will hold the patient folders (default: ./data)")
     p.add_argument("--force", action="store_true", help="download again even when a complete copy is there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def run_download(args: argparse.Namespace) -> int:
+    """``python -m idc_helpers download``."""
+    from idc_helpers.kaggle_download import run_download
+
+    return run_download(args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# index
+
+
+def _add_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "index", help="health check of a dataset folder: counts, sizes and every problem found",
         description="Decode every patch (warming the cache) and report the dataset's counts and every problem, "
@@ -77,11 +70,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="decoded-patch cache (default: $IDC_CACHE_DIR or ~/.cache/idc_helpers)")
     p.add_argument("--no-decode", action="store_true", help="check names and headers only, do not decode the patches")
 
+
+def run_index(args: argparse.Namespace) -> int:
+    """``python -m idc_helpers index``."""
+    from idc_helpers.health import run_index
+
+    return run_index(args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# demo-data
+
+
+def _add_demo_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-data", help="write a small SYNTHETIC dataset in the Kaggle layout")
     p.add_argument("dest", help="output folder (must not exist or be empty)")
     p.add_argument("--patients", type=int, default=12, help="number of synthetic patients (default 12)")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
 
+
+def run_demo_data(args: argparse.Namespace) -> int:
+    """``python -m idc_helpers demo-data``."""
+    from idc_helpers.demo_data import run_demo_data
+
+    return run_demo_data(args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model with a patient-level split; writes a run folder")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: see README, 'Where data comes from')")
     p.add_argument("--out", required=True, help="run folder to create (refuses to overwrite an existing one)")
@@ -96,6 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-patients", default=None,
                    help="comma-separated patient ids held out as test (overrides the split's test subset)")
 
+
+def run_train(args: argparse.Namespace) -> int:
+    """``python -m idc_helpers train``."""
+    from idc_helpers.training import run_train
+
+    return run_train(args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# predict
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predict every patch of a dataset folder with a trained run")
     p.add_argument("--model", required=True, help="run folder written by `train` (or a .keras file)")
     p.add_argument("--data-dir", required=True, help="dataset folder in the Kaggle layout")
@@ -107,17 +139,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing predictions file")
 
+
+def run_predict(args: argparse.Namespace) -> int:
+    """``python -m idc_helpers predict``."""
+    from idc_helpers.prediction import run_predict
+
+    return run_predict(args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="metrics of a predictions table, with 95%% intervals over patients")
     p.add_argument("--predictions", required=True, help="predictions CSV written by `predict`")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over patients (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``python -m idc_helpers evaluate``."""
+    from idc_helpers.metrics import run_evaluate
+
+    return run_evaluate(args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# slide
+
+
+def _add_slide(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("slide", help="rebuild a patient's slide from patch coordinates, with IDC overlays")
     p.add_argument("--predictions", required=True, help="predictions CSV (or any table with path, patient_id, x, y, label)")
     p.add_argument("--patient", required=True, help="patient id")
     p.add_argument("--out", required=True, help="PNG file to write")
 
+
+def run_slide(args: argparse.Namespace) -> int:
+    """``python -m idc_helpers slide``."""
+    from idc_helpers.slides import run_slide
+
+    return run_slide(args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# run-notebooks
+
+
+def _add_run_notebooks(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run-notebooks", help="run the notebook series end to end with papermill")
     p.add_argument("--smoke", action="store_true", help="tiny parameters: a few minutes on a CPU")
     p.add_argument("--params", default=None, help="YAML or JSON file of parameters for every notebook")
@@ -125,17 +196,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="dataset folder (default: see README, 'Where data comes from')")
     p.add_argument("--prepare-only", action="store_true",
                    help="write the parameterised notebooks without running them (CI runs them with pytest --nbval-lax)")
+
+
+def run_run_notebooks(args: argparse.Namespace) -> int:
+    """``python -m idc_helpers run-notebooks``."""
+    from idc_helpers.notebook_runner import run_notebooks_cli
+
+    return run_notebooks_cli(args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every command."""
+    parser = argparse.ArgumentParser(
+        prog="python -m idc_helpers",
+        description="IDC detection in breast histopathology patches: data, training, evaluation, slides, notebooks.",
+        epilog=_exit_code_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"idc_helpers {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_download(sub)
+    _add_index(sub)
+    _add_demo_data(sub)
+    _add_train(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
+    _add_slide(sub)
+    _add_run_notebooks(sub)
     return parser
 
 
+_HANDLERS = {
+    "download": run_download,
+    "index": run_index,
+    "demo-data": run_demo_data,
+    "train": run_train,
+    "predict": run_predict,
+    "evaluate": run_evaluate,
+    "slide": run_slide,
+    "run-notebooks": run_run_notebooks,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the command; returns the exit status."""
+    """Parse ``argv`` and run the command; returns the exit status (see :data:`EXIT_CODES`)."""
     args = build_parser().parse_args(argv)
     quiet_tensorflow()
-    module_name, function_name = _HANDLERS[args.command]
-    handler = getattr(importlib.import_module(module_name), function_name)
     try:
-        return int(handler(args) or 0)
+        return int(_HANDLERS[args.command](args) or 0)
     except IdcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
