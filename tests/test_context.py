@@ -1,0 +1,111 @@
+"""Slide-context smoothing on generated slides: a known IDC region plus noise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
+
+from idc_helpers import context
+from idc_helpers.context import ContextError, apply_context, fit_context, neighbour_counts, smooth_probs
+
+
+def _slide(patient: str, rng: np.random.Generator, size: int = 30, keep: float = 1.0, noise: float = 0.25,
+           blob_radius: float = 7.0) -> pd.DataFrame:
+    """A ``size`` x ``size`` patch grid with a round IDC region; probabilities = label + Gaussian noise, clipped."""
+    gx, gy = np.meshgrid(np.arange(size), np.arange(size))
+    gx, gy = gx.ravel(), gy.ravel()
+    label = ((gx - size / 2) ** 2 + (gy - size / 2) ** 2 <= blob_radius ** 2).astype(np.int8)
+    prob = np.clip(0.3 + 0.4 * label + rng.normal(0, noise, len(label)), 0, 1)
+    table = pd.DataFrame({"patient_id": patient, "x": gx * 50 + 1, "y": gy * 50 + 1, "label": label,
+                          "prob_idc": prob})
+    return table[rng.random(len(table)) < keep].reset_index(drop=True)
+
+
+def test_smoothing_raises_auc_on_a_slide_with_a_connected_idc_region():
+    table = _slide("p1", np.random.default_rng(0))
+    raw = skm.roc_auc_score(table["label"], table["prob_idc"])
+    smooth = skm.roc_auc_score(table["label"], smooth_probs(table, sigma=1.5))
+    assert smooth > raw + 0.05
+
+
+def test_absent_neighbours_carry_no_weight_and_patients_do_not_mix():
+    # Two patients at the same coordinates: smoothing one must not see the other.
+    a = pd.DataFrame({"patient_id": "a", "x": [1, 51, 1001], "y": [1, 1, 1001], "prob_idc": [0.2, 0.6, 0.9]})
+    b = a.assign(patient_id="b", prob_idc=[1.0, 1.0, 1.0])
+    out = smooth_probs(pd.concat([a, b], ignore_index=True), sigma=1.0, window=3)
+    # Each of the two neighbours weighs exp(-1/2) against its own 1; the isolated patch keeps its own value.
+    w = np.exp(-0.5)
+    assert out[0] == pytest.approx((0.2 + w * 0.6) / (1 + w))
+    assert out[1] == pytest.approx((0.6 + w * 0.2) / (1 + w))
+    assert out[2] == pytest.approx(0.9)
+    assert np.allclose(out[3:], 1.0)
+
+
+def test_sigma_zero_returns_the_probabilities_unchanged():
+    table = _slide("p1", np.random.default_rng(1), size=8)
+    assert np.array_equal(smooth_probs(table, 0.0), table["prob_idc"].to_numpy())
+
+
+def test_smoothing_follows_the_table_row_order():
+    table = _slide("p1", np.random.default_rng(2), size=12)
+    shuffled = table.sample(frac=1.0, random_state=0)
+    assert np.allclose(smooth_probs(shuffled, 1.0), pd.Series(smooth_probs(table, 1.0)).loc[shuffled.index])
+
+
+def test_neighbour_counts_on_a_full_grid():
+    table = _slide("p1", np.random.default_rng(3), size=5)
+    counts = neighbour_counts(table).reshape(5, 5)
+    assert counts[0, 0] == 3 and counts[0, 2] == 5 and counts[2, 2] == 8
+
+
+def test_sparse_patient_is_excluded_from_whole_slides():
+    rng = np.random.default_rng(4)
+    table = pd.concat([_slide("slide", rng), _slide("sparse", rng, keep=0.09)], ignore_index=True)
+    assert context.whole_slide_patients(table) == ["slide"]
+    params = fit_context(table)
+    assert params["patients"] == ["slide"]
+    assert params["n_patches"] == int((table["patient_id"] == "slide").sum())
+
+
+def test_fit_chooses_smoothing_on_noisy_slides_and_none_on_noise_free_ones():
+    rng = np.random.default_rng(5)
+    noisy = pd.concat([_slide(f"p{i}", rng) for i in range(2)], ignore_index=True)
+    assert fit_context(noisy)["sigma"] > 0
+    # Exact probabilities: smoothing can only blur the region's border, so "no smoothing" must win.
+    clean = noisy.assign(prob_idc=noisy["label"].astype(float) * 0.8 + 0.1)
+    assert fit_context(clean)["sigma"] == 0.0
+
+
+def test_params_round_trip_through_json_and_give_the_same_columns():
+    rng = np.random.default_rng(6)
+    val, test = _slide("val", rng), _slide("test", rng)
+    params = fit_context(val)
+    again = json.loads(json.dumps(params))
+    first, second = apply_context(test, params), apply_context(test, again)
+    assert np.array_equal(first["prob_idc_context"], second["prob_idc_context"])
+    assert np.array_equal(first["pred_context"], second["pred_context"])
+    assert set(first["pred_context"]) <= {0, 1}
+    assert (first["pred_context"] == (first["prob_idc_context"] >= params["threshold"])).all()
+    # Tuned on another slide, the context prediction still beats the raw one on this slide.
+    raw_f1 = skm.f1_score(test["label"], test["prob_idc"] >= fit_context(val, sigmas=[0.0])["threshold"])
+    assert skm.f1_score(test["label"], first["pred_context"]) > raw_f1
+
+
+def test_fit_without_whole_slide_patients_says_what_to_do():
+    sparse = _slide("sparse", np.random.default_rng(7), keep=0.09)
+    with pytest.raises(ContextError, match="whole slide"):
+        fit_context(sparse)
+
+
+def test_bad_params_and_missing_columns_are_clear_errors():
+    table = _slide("p", np.random.default_rng(8), size=6)
+    with pytest.raises(ContextError, match="lack threshold"):
+        apply_context(table, {"method": "gaussian_grid", "version": 1, "grid_px": 50, "sigma": 1.0, "window": 3})
+    with pytest.raises(ContextError, match="missing column"):
+        smooth_probs(table.drop(columns="x"), 1.0)
+    with pytest.raises(ContextError, match="odd"):
+        smooth_probs(table, 1.0, window=4)
