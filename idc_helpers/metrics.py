@@ -1,17 +1,18 @@
 """Patient-aware evaluation of a predictions table, with scikit-learn's metrics.
 
-The input is the predictions table written by ``predict`` (columns ``path, patient_id, x, y, label, prob_idc,
-pred``; one row per patch). Every metric comes from :mod:`sklearn.metrics`. Confidence intervals are bootstrapped
-over *patients*, not patches: patches of one patient are strongly correlated, so resampling patches would give
-intervals that are far too narrow.
+The input is a predictions table as ``predict`` writes it (a DataFrame with ``path, patient_id, x, y, label,
+prob_idc, pred``; one row per patch); reading files is the caller's job, and this module imports nothing of the
+package. Every metric comes from :mod:`sklearn.metrics`. Confidence intervals are bootstrapped over *patients*, not
+patches: patches of one patient are strongly correlated, so resampling patches would give intervals that are far too
+narrow. With fewer than :data:`MIN_PATIENTS_FOR_INTERVAL` patients no interval is given: a resample of 2 or 3
+patients can only recombine the same few slides, and its spread says nothing about a new patient.
+
+:data:`PUBLISHED` holds the published figures this series compares with (the one place they are written).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -33,6 +34,22 @@ METRIC_LABELS: dict[str, str] = {
     "roc_auc": "ROC AUC",
     "pr_auc": "PR AUC (average precision)",
 }
+
+#: Fewest patients for which :func:`evaluate` gives a bootstrap interval "over patients".
+MIN_PATIENTS_FOR_INTERVAL = 5
+
+#: Published results on this dataset (fractions, ``None`` where the paper gives no figure), and on what test set.
+#: ``patient_level`` says whether the test patients were unseen in training.
+PUBLISHED: tuple[dict[str, Any], ...] = (
+    {"model": "seed CNN (published, leaky patch split)", "test set": "random patches", "f1": 0.7533,
+     "balanced_accuracy": 0.8314, "patient_level": False},
+    {"model": "Cruz-Roa et al. 2014", "test set": "49 patients", "f1": 0.718, "balanced_accuracy": 0.8423,
+     "patient_level": True},
+    {"model": "Janowczyk & Madabhushi 2016", "test set": "49 patients", "f1": 0.7648, "balanced_accuracy": None,
+     "patient_level": True},
+    {"model": "Romero et al. 2019", "test set": "49 patients", "f1": None, "balanced_accuracy": 0.89,
+     "patient_level": True},
+)
 
 # The four (label, pred) cells of a binary confusion matrix in sklearn's ravel() order: tn, fp, fn, tp.
 _CELL_LABELS = np.array([0, 0, 1, 1])
@@ -135,6 +152,8 @@ def evaluate(
     seed: int = 0,
     threshold: float | None = None,
     level: float = 0.95,
+    synthetic: bool | None = None,
+    min_patients: int = MIN_PATIENTS_FOR_INTERVAL,
 ) -> dict[str, Any]:
     """Metrics of a predictions table with bootstrap intervals over patients.
 
@@ -142,14 +161,19 @@ def evaluate(
         preds: one row per patch with ``patient_id``, ``label`` (0/1), ``prob_idc`` (in [0, 1]) and ``pred`` (0/1).
         n_bootstrap: patient resamples for the intervals (0 = no intervals).
         seed: seed of the resampling.
-        threshold: if given, predictions are ``prob_idc >= threshold`` instead of the ``pred`` column.
+        threshold: the decision threshold; predictions are ``prob_idc >= threshold`` (give the run's threshold, so
+            that the report records it). ``None``: the table's ``pred`` column decides.
         level: coverage of the percentile intervals.
+        synthetic: whether the patches are synthetic demo data; written into the report as ``"synthetic"``.
+        min_patients: fewer patients than this and the intervals are withheld (see the module docstring).
 
     Returns:
-        A JSON-ready dict: ``counts`` (patches, patients, idc, non_idc, idc_fraction), ``threshold``,
-        ``confusion_matrix`` (tn, fp, fn, tp), ``metrics`` (name -> {value, ci_low, ci_high}; ``None`` where a
-        metric is undefined, e.g. ROC AUC with one class) and ``bootstrap`` (requested, used, skipped, seed, level).
-        A resample is skipped when its pooled patches hold only one class.
+        A JSON-ready dict: ``synthetic``, ``counts`` (patches, patients, idc, non_idc, idc_fraction), ``threshold``
+        (``None`` when the ``pred`` column decided), ``confusion_matrix`` (tn, fp, fn, tp), ``metrics`` (name ->
+        {value, ci_low, ci_high}; ``None`` where a metric is undefined, e.g. ROC AUC with one class, and where the
+        interval is withheld) and ``bootstrap`` (unit, requested, used, skipped_one_class, seed, level, and
+        ``withheld``: ``None`` or the reason no interval is given). A resample is skipped when its pooled patches
+        hold only one class.
 
     A patient drawn k times counts k times (sample weights, exactly the same as repeating its patches). Cost: about
     30 ms per resample for 80,000 patches on one CPU core, so 1000 resamples of a large test set take ~30 s.
@@ -164,16 +188,14 @@ def evaluate(
     cells = per_patient.sum(axis=0)
     point = _metric_values(cells, labels, probs, None)
 
-    # sklearn sorts scores with a stable sort on every call; on already sorted input that is a linear pass,
-    # which makes the ranking metrics of each resample about twice as fast.
-    order = np.argsort(probs, kind="stable")
-    sorted_labels, sorted_probs, sorted_codes = labels[order], probs[order], codes[order]
-
+    withheld = None
+    if n_bootstrap > 0 and n_patients < min_patients:
+        withheld = (f"only {n_patients} patient{'s' if n_patients != 1 else ''}: an interval over patients needs at "
+                    f"least {min_patients}, so none can be estimated")
+    used = 0
     samples: dict[str, list[float]] = {name: [] for name in METRIC_LABELS}
-    rng = np.random.default_rng(seed)
-    # The inputs were checked above; sklearn's own checks would otherwise cost more than the metrics here.
-    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
-        used = _bootstrap(per_patient, sorted_codes, sorted_labels, sorted_probs, n_bootstrap, rng, samples)
+    if withheld is None:
+        used = _bootstrap_sorted(per_patient, codes, labels, probs, n_bootstrap, seed, samples)
 
     tail = (1.0 - level) / 2.0 * 100.0
     metric_report: dict[str, dict[str, float | None]] = {}
@@ -186,6 +208,7 @@ def evaluate(
     n_idc = int(labels.sum())
     tn, fp, fn, tp = (int(v) for v in cells)
     return {
+        "synthetic": None if synthetic is None else bool(synthetic),
         "counts": {
             "patches": int(len(labels)),
             "patients": int(n_patients),
@@ -200,18 +223,33 @@ def evaluate(
             "unit": "patient",
             "requested": int(n_bootstrap),
             "used": used,
-            "skipped_one_class": int(n_bootstrap - used),
+            "skipped_one_class": int(n_bootstrap - used) if withheld is None else 0,
             "seed": int(seed),
             "level": float(level),
+            "withheld": withheld,
         },
     }
 
 
-def per_patient_metrics(preds: pd.DataFrame, *, threshold: float | None = None) -> pd.DataFrame:
-    """One row per patient: patient_id, n_patches, n_idc, predicted_idc, accuracy, f1, roc_auc, mean_prob_idc.
+def _bootstrap_sorted(per_patient: np.ndarray, codes: np.ndarray, labels: np.ndarray, probs: np.ndarray,
+                      n_bootstrap: int, seed: int, samples: dict[str, list[float]]) -> int:
+    """:func:`_bootstrap` on the patches sorted by probability (same results, faster); returns the resamples used."""
+    # sklearn sorts scores with a stable sort on every call; on already sorted input that is a linear pass,
+    # which makes the ranking metrics of each resample about twice as fast.
+    order = np.argsort(probs, kind="stable")
+    rng = np.random.default_rng(seed)
+    # The inputs were checked by the caller; sklearn's own checks would otherwise cost more than the metrics here.
+    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
+        return _bootstrap(per_patient, codes[order], labels[order], probs[order], n_bootstrap, rng, samples)
 
-    ``f1`` is NaN for a patient with no IDC patch and no IDC prediction (undefined); ``roc_auc`` is NaN unless the
-    patient has both classes. Sorted by patient id.
+
+def per_patient_metrics(preds: pd.DataFrame, *, threshold: float | None = None) -> pd.DataFrame:
+    """One row per patient: patient_id, n_patches, n_idc, predicted_idc, accuracy, specificity, f1, roc_auc,
+    mean_prob_idc.
+
+    ``f1`` is NaN for a patient with no IDC patch (nothing to find: its specificity, the share of its patches called
+    non-IDC, is what is defined); ``specificity`` is NaN for a patient with no non-IDC patch; ``roc_auc`` is NaN
+    unless the patient has both classes. Sorted by patient id.
     """
     labels, probs, predicted = _labels_probs_preds(preds, threshold)
     frame = pd.DataFrame({
@@ -228,12 +266,14 @@ def per_patient_metrics(preds: pd.DataFrame, *, threshold: float | None = None) 
             "n_idc": int(y.sum()),
             "predicted_idc": int(p.sum()),
             "accuracy": skm.accuracy_score(y, p),
-            "f1": skm.f1_score(y, p, zero_division=0) if (y.any() or p.any()) else math.nan,
+            "specificity": float(np.mean(p[y == 0] == 0)) if (y == 0).any() else math.nan,
+            "f1": skm.f1_score(y, p, zero_division=0) if y.any() else math.nan,
             "roc_auc": skm.roc_auc_score(y, s) if has_both else math.nan,
             "mean_prob_idc": float(s.mean()),
         })
     return pd.DataFrame(rows, columns=[
-        "patient_id", "n_patches", "n_idc", "predicted_idc", "accuracy", "f1", "roc_auc", "mean_prob_idc"])
+        "patient_id", "n_patches", "n_idc", "predicted_idc", "accuracy", "specificity", "f1", "roc_auc",
+        "mean_prob_idc"])
 
 
 def pick_threshold(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray,
@@ -275,23 +315,27 @@ def format_report(report: Mapping[str, Any]) -> str:
     """The report of :func:`evaluate` as a plain-text table (metric, value, 95% CI) with counts and confusion matrix."""
     counts, cm, boot = report["counts"], report["confusion_matrix"], report["bootstrap"]
     level = round(boot["level"] * 100)
-    lines = [
+    lines = ["SYNTHETIC demo data: these numbers say nothing about real tissue", ""] if report.get("synthetic") else []
+    lines += [
         f"{counts['patches']:,} patches from {counts['patients']} patients; "
         f"IDC {counts['idc']:,} ({counts['idc_fraction']:.1%}), non-IDC {counts['non_idc']:,}",
         "Threshold: " + ("'pred' column" if report.get("threshold") is None else f"{report['threshold']:.4f}"),
         "",
     ]
     width = max(len(label) for label in METRIC_LABELS.values())
-    lines.append(f"{'Metric':<{width}}  {'Value':>6}  {level}% CI (patients)")
+    ci_header = f"{level}% CI (patients)" + (": none, too few patients" if boot.get("withheld") else "")
+    lines.append(f"{'Metric':<{width}}  {'Value':>6}  {ci_header}")
     lines.append("-" * (width + 28))
     for name, label in METRIC_LABELS.items():
         entry = report["metrics"][name]
         ci = "" if entry["ci_low"] is None else f"[{_fmt(entry['ci_low'])}, {_fmt(entry['ci_high'])}]"
         lines.append(f"{label:<{width}}  {_fmt(entry['value']):>6}  {ci}")
+    if boot.get("withheld"):
+        lines += ["", f"No {level}% interval: {boot['withheld']}."]
+    elif boot["requested"]:
+        lines += ["", f"Bootstrap: {boot['used']} of {boot['requested']} patient resamples used"
+                  + (f" ({boot['skipped_one_class']} had one class only)" if boot["skipped_one_class"] else "")]
     lines += [
-        "",
-        f"Bootstrap: {boot['used']} of {boot['requested']} patient resamples used"
-        + (f" ({boot['skipped_one_class']} had one class only)" if boot["skipped_one_class"] else ""),
         "",
         "Confusion matrix (rows: true, columns: predicted)",
         f"{'':>10}{'non-IDC':>10}{'IDC':>10}",
@@ -301,26 +345,25 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    """``python -m idc_helpers evaluate``: print the report and the per-patient table; JSON with ``--out``."""
-    from idc_helpers.atomic import write_json
-    from idc_helpers.prediction import read_predictions
+def comparison_table(report: Mapping[str, Any], *, model: str, test_set: str) -> pd.DataFrame:
+    """The :data:`PUBLISHED` figures and this report's F1 and balanced accuracy, in percent, one row each.
 
-    try:
-        table = read_predictions(args.predictions)  # checks columns, types and one row per patch
-        report = evaluate(table, n_bootstrap=args.bootstrap, seed=args.seed)
-        patients = per_patient_metrics(table)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    print("\nPer patient")
-    print(patients.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a"))
-    if args.out:
-        data = dict(report)
-        data["predictions"] = str(Path(args.predictions).resolve())
-        # NaN is not valid JSON: undefined per-patient metrics become null.
-        data["per_patient"] = patients.astype(object).where(patients.notna(), None).to_dict(orient="records")
-        write_json(args.out, data)
-        print(f"\nReport written to {args.out}")
-    return 0
+    ``model`` and ``test_set`` describe this run (e.g. ``"idc_net"``, ``"4 test patients, patients split"``); a
+    report of synthetic data says so in both cells, at the start, so that a narrow column cannot cut it off.
+    """
+    def percent(value: float | None) -> float:
+        return math.nan if value is None else round(100.0 * value, 2)
+
+    rows = [{"model": r["model"], "test set": r["test set"], "F1 (%)": percent(r["f1"]),
+             "balanced accuracy (%)": percent(r["balanced_accuracy"]),
+             "unseen patients": "yes" if r["patient_level"] else "no"} for r in PUBLISHED]
+    ours = report["metrics"]
+    synthetic = bool(report.get("synthetic"))
+    rows.append({
+        "model": ("SYNTHETIC data: " if synthetic else "this run: ") + model,
+        "test set": ("SYNTHETIC, " if synthetic else "") + test_set,
+        "F1 (%)": percent(ours["f1"]["value"]),
+        "balanced accuracy (%)": percent(ours["balanced_accuracy"]["value"]),
+        "unseen patients": "yes",
+    })
+    return pd.DataFrame(rows)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from argparse import Namespace
+from pathlib import Path
 
 import matplotlib
 
@@ -16,10 +18,12 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
-from idc_helpers import plots  # noqa: E402
-from idc_helpers.cli import main  # noqa: E402
+from idc_helpers.cli import main, run_evaluate  # noqa: E402
+from idc_helpers.demo_data import DEMO_MARKER  # noqa: E402
+from idc_helpers.errors import UserError  # noqa: E402
 from idc_helpers.metrics import (  # noqa: E402
-    METRIC_LABELS, _metric_values, evaluate, format_report, per_patient_metrics, pick_threshold, run_evaluate)
+    METRIC_LABELS, MIN_PATIENTS_FOR_INTERVAL, PUBLISHED, _metric_values, comparison_table, evaluate, format_report,
+    per_patient_metrics, pick_threshold)
 
 COLUMNS = ["path", "patient_id", "x", "y", "label", "prob_idc", "pred"]
 
@@ -89,7 +93,7 @@ def test_bootstrap_intervals_over_patients():
 def test_one_class_resamples_are_skipped():
     preds = make_predictions(n_patients=3, per_patient=20, seed=2)
     preds["label"] = (preds["patient_id"] == "9000").astype(int)  # every IDC patch belongs to one patient
-    report = evaluate(preds, n_bootstrap=100, seed=0)
+    report = evaluate(preds, n_bootstrap=100, seed=0, min_patients=1)
     boot = report["bootstrap"]
     # That patient is missing from (2/3)^3 of the resamples and is the only one in (1/3)^3 of them.
     assert 0 < boot["used"] < 100 and boot["used"] + boot["skipped_one_class"] == 100
@@ -99,7 +103,7 @@ def test_one_class_resamples_are_skipped():
 def test_single_class_table_has_undefined_metrics_not_crashes():
     preds = make_predictions(n_patients=3, per_patient=10)
     preds["label"] = 0
-    report = evaluate(preds, n_bootstrap=20)
+    report = evaluate(preds, n_bootstrap=20, min_patients=1)
     for name in ("roc_auc", "pr_auc", "recall", "balanced_accuracy"):
         assert report["metrics"][name]["value"] is None, name
     assert report["metrics"]["specificity"]["value"] == pytest.approx(1 - preds["pred"].mean())
@@ -132,8 +136,8 @@ def test_per_patient_metrics():
     preds = make_predictions(n_patients=3, per_patient=40)
     preds.loc[preds.patient_id == "9002", ["label", "pred"]] = 0  # no IDC at all: f1 and AUC undefined
     table = per_patient_metrics(preds)
-    assert list(table.columns) == ["patient_id", "n_patches", "n_idc", "predicted_idc", "accuracy", "f1", "roc_auc",
-                                   "mean_prob_idc"]
+    assert list(table.columns) == ["patient_id", "n_patches", "n_idc", "predicted_idc", "accuracy", "specificity",
+                                   "f1", "roc_auc", "mean_prob_idc"]
     assert list(table.patient_id) == ["9000", "9001", "9002"]
     one = preds[preds.patient_id == "9000"]
     row = table.iloc[0]
@@ -141,6 +145,11 @@ def test_per_patient_metrics():
     assert row.f1 == pytest.approx(skm.f1_score(one.label, one.pred))
     assert row.roc_auc == pytest.approx(skm.roc_auc_score(one.label, one.prob_idc))
     assert np.isnan(table.iloc[2].f1) and np.isnan(table.iloc[2].roc_auc)
+    # A patient with no IDC has no F1, even when the model called some of its patches IDC; its specificity is defined.
+    preds.loc[(preds.patient_id == "9002") & (preds.x == 1), "pred"] = 1
+    row = per_patient_metrics(preds).iloc[2]
+    assert np.isnan(row.f1) and row.specificity == pytest.approx(1 - row.predicted_idc / row.n_patches)
+    assert row.specificity < 1
 
 
 def test_pick_threshold_maximises_f1_and_youden():
@@ -184,13 +193,35 @@ def test_run_evaluate_writes_strict_json(tmp_path, capsys):
 def test_run_evaluate_errors_name_the_file_and_columns(tmp_path, capsys):
     csv = tmp_path / "bad.csv"
     make_predictions(n_patients=2, per_patient=3).drop(columns=["prob_idc", "pred"]).to_csv(csv, index=False)
-    args = Namespace(predictions=str(csv), out=None, bootstrap=10, seed=0)
-    assert run_evaluate(args) == 2
+    assert main(["evaluate", "--predictions", str(csv)]) == 2
     err = capsys.readouterr().err
-    assert str(csv) in err and "prob_idc" in err and "pred" in err
-    args.predictions = str(tmp_path / "missing.csv")
-    assert run_evaluate(args) == 2
+    assert err.count("\n") == 1 and str(csv) in err and "prob_idc" in err and "pred" in err
+    assert main(["evaluate", "--predictions", str(tmp_path / "missing.csv")]) == 2
     assert "missing.csv" in capsys.readouterr().err
+    csv.write_text("patient_id,label,prob_idc,pred\n1,0,high,0\n")  # not numbers
+    with pytest.raises(UserError, match="bad.csv"):
+        run_evaluate(Namespace(predictions=str(csv), out=None, bootstrap=0, seed=0, threshold=None))
+
+
+def test_evaluate_out_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys):
+    csv = tmp_path / "preds.csv"
+    make_predictions(n_patients=2, per_patient=5).to_csv(csv, index=False)
+    assert main(["evaluate", "--predictions", str(csv), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr()
+    assert err.err.count("\n") == 1 and "is a folder" in err.err and err.out == ""
+    assert main(["evaluate", "--predictions", str(csv), "--out", str(csv / "sub" / "r.json")]) == 2
+    err = capsys.readouterr()
+    assert err.err.count("\n") == 1 and "is a file, not a folder" in err.err and err.out == ""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root may write anywhere: then only the cases above apply
+            assert main(["evaluate", "--predictions", str(csv), "--out", str(locked / "sub" / "r.json")]) == 2
+            err = capsys.readouterr()
+            assert err.err.count("\n") == 1 and str(locked) in err.err and err.out == ""
+    finally:
+        locked.chmod(0o700)
 
 
 def test_patient_ids_stay_text(tmp_path):
@@ -199,53 +230,72 @@ def test_patient_ids_stay_text(tmp_path):
     preds["patient_id"] = ["00" + p for p in preds["patient_id"]]
     preds.to_csv(csv, index=False)
     out = tmp_path / "r.json"
-    assert run_evaluate(Namespace(predictions=str(csv), out=str(out), bootstrap=0, seed=0)) == 0
+    assert run_evaluate(Namespace(predictions=str(csv), out=str(out), bootstrap=0, seed=0, threshold=None)) == 0
     assert json.loads(out.read_text())["per_patient"][0]["patient_id"] == "009000"
 
 
-# Figures -----------------------------------------------------------------------------------------------------------
-
-def _legend_texts(fig) -> str:
-    return " ".join(t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts())
-
-
-def test_curves_accept_tables_pairs_and_dicts():
-    import matplotlib.pyplot as plt
-
-    preds = make_predictions()
-    auc = skm.roc_auc_score(preds.label, preds.prob_idc)
-    fig = plots.plot_roc(preds)
-    assert f"AUC = {auc:.3f}" in _legend_texts(fig) and "threshold" in _legend_texts(fig)
-    assert fig.axes[0].get_xlabel() and fig.axes[0].get_title()
-    fig = plots.plot_pr((preds.label, preds.prob_idc))
-    assert "AP = " in _legend_texts(fig) and "chance" in _legend_texts(fig)
-    fig = plots.plot_roc({"a": preds, "b": (preds.label, 1 - preds.prob_idc)})
-    assert "a: AUC" in _legend_texts(fig) and "b: AUC" in _legend_texts(fig)
-    _, ax = plt.subplots()
-    assert plots.plot_pr(preds, ax=ax) is ax.figure
-    plt.close("all")
+def test_few_patients_get_no_interval_and_say_so(tmp_path, capsys):
+    """With 2 test patients (the demo split) an interval "over patients" is meaningless: none is given."""
+    preds = make_predictions(n_patients=MIN_PATIENTS_FOR_INTERVAL - 1)
+    report = evaluate(preds, n_bootstrap=200)
+    assert report["bootstrap"]["used"] == 0 and "4 patients" in report["bootstrap"]["withheld"]
+    assert all(m["ci_low"] is None and m["ci_high"] is None for m in report["metrics"].values())
+    assert report["metrics"]["f1"]["value"] is not None
+    text = format_report(report)
+    assert "none can be estimated" in text and "[" not in text
+    enough = evaluate(make_predictions(n_patients=MIN_PATIENTS_FOR_INTERVAL), n_bootstrap=50)
+    assert enough["bootstrap"]["withheld"] is None and enough["metrics"]["f1"]["ci_low"] is not None
+    csv, out = tmp_path / "preds.csv", tmp_path / "m.json"
+    make_predictions(n_patients=2).to_csv(csv, index=False)
+    assert main(["evaluate", "--predictions", str(csv), "--out", str(out), "--bootstrap", "50"]) == 0
+    assert "none can be estimated" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["metrics"]["f1"]["ci_low"] is None and "2 patients" in data["bootstrap"]["withheld"]
 
 
-def test_confusion_history_per_patient_figures():
-    import matplotlib.pyplot as plt
+def test_report_json_says_synthetic_and_the_threshold_used(tmp_path, capsys):
+    data_dir = tmp_path / "demo"
+    data_dir.mkdir()
+    (data_dir / DEMO_MARKER).write_text("synthetic")
+    preds = make_predictions(n_patients=6)
+    preds["path"] = [str(data_dir / Path(p).relative_to("/data")) for p in preds["path"]]
+    csv, out = tmp_path / "preds.csv", tmp_path / "m.json"
+    preds.to_csv(csv, index=False)
+    assert main(["evaluate", "--predictions", str(csv), "--out", str(out), "--bootstrap", "0",
+                 "--threshold", "0.6"]) == 0
+    assert "SYNTHETIC" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["synthetic"] is True and data["threshold"] == 0.6
+    assert data["metrics"]["f1"]["value"] == pytest.approx(skm.f1_score(preds.label, preds.prob_idc >= 0.6))
+    assert evaluate(preds, n_bootstrap=0, synthetic=False)["synthetic"] is False
+    (data_dir / DEMO_MARKER).unlink()
+    assert main(["evaluate", "--predictions", str(csv), "--out", str(out), "--bootstrap", "0"]) == 0
+    data = json.loads(out.read_text())
+    assert data["synthetic"] is False and data["threshold"] is None
 
-    preds = make_predictions()
-    report = evaluate(preds, n_bootstrap=0)
-    for fig in (plots.plot_confusion(report), plots.plot_confusion(preds)):
-        texts = [t.get_text() for t in fig.axes[0].texts]
-        assert f"{report['confusion_matrix']['tp']:,}" in " ".join(texts)
-    history = {"loss": [0.6, 0.5, 0.45], "val_loss": [0.62, 0.5, 0.55], "accuracy": [0.7, 0.8, 0.85],
-               "val_accuracy": [0.7, 0.78, 0.77], "learning_rate": [1e-3] * 3}
-    fig = plots.plot_history(history)
-    visible = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in visible] == ["loss", "accuracy"]
-    assert "best epoch (2, val_loss)" in _legend_texts(fig)
-    fig = plots.plot_per_patient(per_patient_metrics(preds))
-    assert len(fig.axes) >= 2
-    images = np.zeros((3, 50, 50, 3), dtype=np.uint8)
-    fig = plots.plot_gradcam(images, np.zeros((3, 50, 50)), titles=["a", "b", "c"])
-    assert fig.axes[0].get_title() == "a"
-    plt.close("all")
+
+def test_comparison_table_keeps_the_synthetic_label_whole():
+    report = evaluate(make_predictions(n_patients=2), n_bootstrap=0, synthetic=True)
+    table = comparison_table(report, model="idc_net", test_set="2 test patients (patients split)")
+    assert len(table) == len(PUBLISHED) + 1
+    ours = table.iloc[-1]
+    assert ours["model"].startswith("SYNTHETIC") and ours["test set"].startswith("SYNTHETIC")
+    assert ours["F1 (%)"] == pytest.approx(100 * report["metrics"]["f1"]["value"], abs=0.01)
+    # What the notebook shows: pandas cuts cells at display.max_colwidth; nothing here is that long.
+    width = pd.get_option("display.max_colwidth")
+    assert all(len(str(v)) < width for v in table.to_numpy().ravel())
+    assert "SYNTHETIC, 2 test patients" in table._repr_html_()
+    cruz = table[table["model"] == "Cruz-Roa et al. 2014"].iloc[0]
+    assert cruz["F1 (%)"] == 71.8 and cruz["balanced accuracy (%)"] == 84.23
+    real = comparison_table(evaluate(make_predictions(), n_bootstrap=0, synthetic=False), model="m", test_set="t")
+    assert not real.astype(str).apply(lambda c: c.str.contains("SYNTHETIC")).any().any()
+
+
+def test_metrics_imports_nothing_of_the_package():
+    code = ("import sys, idc_helpers.metrics;"
+            "bad = sorted(m for m in sys.modules if m.startswith('idc_helpers.') and m != 'idc_helpers.metrics');"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_importing_has_no_side_effects():
