@@ -15,7 +15,7 @@ import sys
 from typing import Sequence
 
 from idc_helpers import __version__
-from idc_helpers.errors import IdcError
+from idc_helpers.errors import IdcError, UserError
 
 EXIT_CODES = {
     0: "success",
@@ -157,13 +157,79 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over patients (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decide IDC when prob_idc >= THRESHOLD (default: the table's pred column, i.e. the run's "
+                        "threshold)")
+
+
+class OutputPathError(UserError, OSError):
+    """``--out`` names something that cannot be written (a folder, a read-only place)."""
+
+
+def _check_out_file(out: str, option: str = "--out") -> os.PathLike[str]:
+    """``out`` as a Path after checking, before any work, that a file can be written there."""
+    from pathlib import Path
+
+    path = Path(out)
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path}: is a folder; give a file name inside it, e.g. {path / 'out.json'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the nearest folder that exists: missing ones are created on writing
+    if not parent.is_dir():
+        raise OutputPathError(f"{option} {path}: {parent} is a file, not a folder; choose another place")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {path}: cannot write into {parent} (read-only or not yours); "
+                              "choose a folder you can write to")
+    return path
+
+
+def _table_is_synthetic(table) -> bool:  # table: a predictions DataFrame
+    """Whether the patches of a predictions table come from a synthetic demo dataset (its marker file)."""
+    from pathlib import Path
+
+    from idc_helpers.demo_data import is_synthetic
+
+    # <dataset>/<patient>/<0|1>/<file>.png: the dataset folder is three levels up.
+    roots = {Path(p).parent.parent.parent for p in table["path"].astype(str).unique()} if "path" in table else set()
+    return any(is_synthetic(root) for root in roots)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """``python -m idc_helpers evaluate``."""
-    from idc_helpers.metrics import run_evaluate
+    """``python -m idc_helpers evaluate``: the report and the per-patient table; JSON with ``--out``."""
+    from pathlib import Path
 
-    return run_evaluate(args)
+    import pandas as pd
+
+    from idc_helpers.atomic import write_json
+    from idc_helpers.metrics import evaluate, format_report, per_patient_metrics
+    from idc_helpers.prediction import read_predictions
+
+    source = Path(args.predictions)
+    out = _check_out_file(args.out) if args.out else None
+    try:
+        table = read_predictions(source)  # checks columns, types and one row per patch
+        report = evaluate(table, n_bootstrap=args.bootstrap, seed=args.seed, threshold=args.threshold,
+                          synthetic=_table_is_synthetic(table))
+        patients = per_patient_metrics(table, threshold=args.threshold)
+    except IdcError:
+        raise
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        message = str(exc) if str(source) in str(exc) else f"{source}: {exc}"
+        raise UserError(message) from exc
+    print(format_report(report))
+    print("\nPer patient")
+    print(patients.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a"))
+    if out is not None:
+        data = {"predictions": str(source.resolve()), **report}
+        # NaN is not valid JSON: undefined per-patient metrics become null.
+        data["per_patient"] = patients.astype(object).where(patients.notna(), None).to_dict(orient="records")
+        try:
+            write_json(out, data)
+        except OSError as exc:
+            raise OutputPathError(f"--out {out}: {exc.strerror or exc}") from exc
+        print(f"\nReport on {source} written to {out}")
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------
