@@ -1,30 +1,98 @@
 """``tf.data`` input pipelines that read batches straight from the decoded ``(N, 50, 50, 3) uint8`` patch array.
 
 The array is usually the loader's read-only ``np.memmap`` (2.1 GB for the full dataset). Building a dataset with
-``from_tensor_slices`` would copy all of it into the graph (it peaked at 6.5 GB); here only batches of row positions
-go through ``tf.data``, and each batch of pixels is gathered from the array on demand (positions sorted within the
-batch, so a memmap is read in file order), converted to float32 per batch, optionally augmented, and prefetched.
+``from_tensor_slices`` would copy all of it into the graph; here only row positions go through ``tf.data``, and
+each batch of pixels is gathered from the array on demand (positions sorted within the batch, so a memmap is read
+in file order), converted to float32 per batch, optionally augmented, and prefetched.
+
+Every epoch is a pure function of ``(seed, epoch)``: its order is ``np.random.default_rng([seed, epoch])``'s
+permutation of the rows, and batch ``b`` of it is augmented with stateless random ops seeded by
+``(seed, epoch * batches_per_epoch + b)``. So a training run resumed at epoch ``e`` (``initial_epoch=e``) draws
+exactly the batches an uninterrupted run draws there.
+
+The 8 symmetries of a square patch are defined once, in :func:`dihedral_views`; the augmentation's pixel
+permutations are built from it, and test-time augmentation uses it directly.
+
+TensorFlow is imported by the functions that build tensors, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
-import itertools
-import threading
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import tensorflow as tf
 
 from idc_helpers import PATCH_SIZE
+from idc_helpers.errors import UserError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+
+class PipelineArgumentError(UserError, ValueError):
+    """An argument of :func:`make_dataset` or :func:`augment_batch` that cannot work (the message says which)."""
+
+
+def dihedral_views(images: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips/rotations of ``(N, H, W, C)`` images: rotation by ``k`` quarter turns (k = 0..3), each without
+    and with a left-right mirror; identity first. Histology has no preferred orientation."""
+    views = []
+    for k in range(4):
+        rotated = np.rot90(images, k, axes=(1, 2))
+        views += [rotated, rotated[:, :, ::-1]]
+    return views
+
+
+# Output pixel p of view k is input pixel _DIHEDRAL_SOURCE[k, p] (row-major over 50x50), derived from
+# dihedral_views so that augmentation and TTA cannot disagree about what the 8 views are.
+_GRID = np.arange(PATCH_SIZE * PATCH_SIZE, dtype=np.int32).reshape(1, PATCH_SIZE, PATCH_SIZE, 1)
+_DIHEDRAL_SOURCE = np.stack([view.reshape(-1) for view in dihedral_views(_GRID)])
 
 # Ruifrok & Johnston (2001) optical-density vectors of haematoxylin, eosin and DAB (rows), as used for
 # HED colour augmentation (Tellez et al. 2018/2019).
 _RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
 _HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
-# The 8 symmetries of a square patch (4 rotations, with and without a mirror) as source-pixel permutations:
-# output pixel p of symmetry k is input pixel _DIHEDRAL_SOURCE[k, p] (row-major over 50x50).
-_GRID = np.arange(PATCH_SIZE * PATCH_SIZE, dtype=np.int32).reshape(PATCH_SIZE, PATCH_SIZE)
-_DIHEDRAL_SOURCE = np.stack([np.rot90(g, k).reshape(-1) for g in (_GRID, _GRID[:, ::-1]) for k in range(4)])
+
+
+@dataclass(frozen=True)
+class StainJitter:
+    """How strongly :func:`augment_batch` varies colour, per image, each factor drawn uniformly.
+
+    ``stain_scale``: each of the haematoxylin, eosin and DAB optical densities is multiplied by
+    U(1 - stain_scale, 1 + stain_scale); ``stain_shift``: and shifted by U(-stain_shift, stain_shift) (optical
+    density, natural log; 0 is white glass, a typical nucleus is 0.5-1.5). ``brightness``: a shift of
+    U(-brightness, brightness) * 255; ``contrast``: a factor U(1 - contrast, 1 + contrast) about the image mean.
+    """
+
+    stain_scale: float
+    stain_shift: float
+    brightness: float
+    contrast: float
+
+
+# ``True`` means "mild": the settings the project trained with before strengths were selectable. "light" and
+# "strong" follow Tellez et al. 2019 (Medical Image Analysis 58, 101544), whose HED-light and HED-strong draw
+# the stain factors from +-0.05 and +-0.2 for both the scale and the shift.
+AUGMENT_STRENGTHS: dict[str, StainJitter] = {
+    "mild": StainJitter(stain_scale=0.05, stain_shift=0.02, brightness=0.04, contrast=0.08),
+    "light": StainJitter(stain_scale=0.05, stain_shift=0.05, brightness=0.04, contrast=0.08),
+    "strong": StainJitter(stain_scale=0.2, stain_shift=0.2, brightness=0.04, contrast=0.08),
+}
+AUGMENT_CHOICES: tuple[str, ...] = ("none", "geometry", *AUGMENT_STRENGTHS)
+
+
+def augment_setting(augment: bool | str | None) -> str:
+    """The canonical name of an ``augment`` argument: ``False``/``None``/``"none"`` -> ``"none"``, ``True`` ->
+    ``"mild"``, ``"geometry"`` (flips/rotations only), ``"mild"``, ``"light"``, ``"strong"``."""
+    if augment is None or augment is False:
+        return "none"
+    if augment is True:
+        return "mild"
+    if isinstance(augment, str) and augment.lower() in AUGMENT_CHOICES:
+        return augment.lower()
+    raise PipelineArgumentError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENT_CHOICES)} "
+                                "(or True / False)")
 
 
 def make_dataset(
@@ -34,46 +102,72 @@ def make_dataset(
     *,
     batch_size: int = 128,
     shuffle: bool = True,
-    augment: bool = False,
+    augment: bool | str = False,
     seed: int = 0,
     repeat: bool = False,
     drop_remainder: bool = False,
+    initial_epoch: int = 0,
+    steps_per_epoch: int | None = None,
 ) -> tf.data.Dataset:
     """Batches ``(float32 (B, 50, 50, 3) in [0, 255], int32 (B,))`` of ``images[indices]`` and their labels.
 
     ``images``: ``(N, 50, 50, 3) uint8`` (an ``np.memmap`` is read batch by batch, never copied whole).
     ``labels``: ``(N,)`` 0/1, aligned with ``images``. ``indices``: the rows to use (integer positions or a boolean
     mask of length N; default all), e.g. the training patients' rows.
-    With ``shuffle``, each pass over the dataset (each Keras epoch) gets a new order; the sequence of orders is
-    the same for the same ``seed``. ``augment`` applies :func:`augment_batch` with per-batch seeds derived from
-    ``seed``, so augmented batches are reproducible too. ``repeat`` makes one endless dataset (give Keras
-    ``steps_per_epoch``); otherwise the dataset is one epoch and its cardinality is known.
+
+    Epoch ``e`` is a pure function of ``(seed, e)``: with ``shuffle`` its order is :func:`epoch_order`, and
+    ``augment`` (``True``/``"mild"``, ``"light"``, ``"strong"``, ``"geometry"``; see :data:`AUGMENT_STRENGTHS`)
+    applies :func:`augment_batch` seeded by ``(seed, e * batches_per_epoch + b)`` to batch ``b``.
+    ``steps_per_epoch``: use only the first that many batches of each epoch's order (a subsample that differs from
+    epoch to epoch); default the whole pass.
+
+    ``repeat=True``: one endless stream, epoch ``initial_epoch``, then the next, ...: give Keras the same
+    ``steps_per_epoch`` and ``initial_epoch``. This is the form to train with, since resuming depends on nothing
+    but these arguments. ``repeat=False``: one epoch, with known cardinality; each pass over the dataset (each Keras
+    epoch) is the next epoch, starting at ``initial_epoch`` (the dataset counts its own passes).
     """
+    import tensorflow as tf
+
     images, labels_arr, positions = _check_inputs(images, labels, indices)
-    batch_size = int(batch_size)
+    setting = augment_setting(augment)
+    batch_size, initial_epoch = int(batch_size), int(initial_epoch)
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise PipelineArgumentError(f"batch_size must be >= 1, got {batch_size}")
+    if initial_epoch < 0:
+        raise PipelineArgumentError(f"initial_epoch must be >= 0, got {initial_epoch}")
+    if int(seed) < 0:
+        raise PipelineArgumentError(f"seed must be >= 0, got {seed}")
     n_batches = _n_batches(len(positions), batch_size, drop_remainder)
-    iterations = itertools.count()
-    lock = threading.Lock()
+    steps = n_batches if steps_per_epoch is None else int(steps_per_epoch)
+    if not 1 <= steps <= n_batches:
+        raise PipelineArgumentError(f"steps_per_epoch must lie in [1, {n_batches}] (batches in one pass over "
+                                    f"{len(positions)} rows), got {steps_per_epoch}")
 
-    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        # One call per pass over the dataset: the pass number picks the epoch's permutation.
-        with lock:
-            first_epoch = next(iterations)
-        epochs = itertools.count(first_epoch) if repeat else (first_epoch,)
-        for epoch in epochs:
-            order = np.random.default_rng([seed, epoch]).permutation(positions) if shuffle else positions
-            for b in range(n_batches):
-                rows = order[b * batch_size:(b + 1) * batch_size]
-                yield (np.sort(rows) if shuffle else rows), np.array([seed, epoch * n_batches + b], np.int64)
+    if repeat:
+        epochs = tf.data.Dataset.counter(initial_epoch, dtype=tf.int64)
+    else:
+        # The only state: how many passes this dataset has started (tf.data re-runs this map on every pass).
+        passes = tf.Variable(initial_epoch, dtype=tf.int64, trainable=False, name="epochs_started")
+        epochs = tf.data.Dataset.range(1).map(lambda _: passes.assign_add(1) - 1)
 
-    ds = tf.data.Dataset.from_generator(
-        batches,
-        output_signature=(tf.TensorSpec([None], tf.int64), tf.TensorSpec([2], tf.int64)),
-    )
+    def rows_of_epoch(epoch: np.ndarray) -> np.ndarray:
+        return epoch_order(positions, int(seed), int(epoch), shuffle=shuffle)
+
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.numpy_function(rows_of_epoch, [epoch], tf.int64, stateful=False, name="epoch_order")
+        order.set_shape([len(positions)])
+
+        def batch(b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            rows = order[b * batch_size:(b + 1) * batch_size]
+            # Sorted within the batch: a memmap is then read in file order.
+            return (tf.sort(rows) if shuffle else rows), tf.stack([tf.constant(int(seed), tf.int64),
+                                                                    epoch * n_batches + b])
+
+        return tf.data.Dataset.range(steps).map(batch)
+
+    ds = epochs.flat_map(one_epoch)
     if not repeat:
-        ds = ds.apply(tf.data.experimental.assert_cardinality(n_batches))
+        ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
     gather = _gatherer(images, labels_arr)
     static_batch = batch_size if drop_remainder or len(positions) == batch_size * n_batches else None
 
@@ -82,38 +176,18 @@ def make_dataset(
         x.set_shape([static_batch, PATCH_SIZE, PATCH_SIZE, 3])
         y.set_shape([static_batch])
         x = tf.cast(x, tf.float32)
-        if augment:
-            x = augment_batch(x, batch_seed)
+        if setting != "none":
+            x = augment_batch(x, batch_seed, strength=setting)
         return x, y
 
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
-def make_eval_dataset(
-    images: np.ndarray,
-    batch_size: int = 256,
-    indices: np.ndarray | Sequence[int] | None = None,
-) -> tf.data.Dataset:
-    """Batches ``float32 (B, 50, 50, 3)`` in [0, 255] of ``images[indices]`` in order, for prediction.
-
-    No labels, no shuffling, no augmentation: output row ``i`` is ``images[indices[i]]``.
-    """
-    images, _, positions = _check_inputs(images, None, indices)
-    batch_size = int(batch_size)
-    n_batches = _n_batches(len(positions), batch_size, drop_remainder=False)
-    pixels = _gatherer(images, None)
-    starts = np.arange(n_batches, dtype=np.int64) * batch_size
-
-    def rows_of(start: np.int64) -> np.ndarray:
-        return positions[int(start):int(start) + batch_size]
-
-    def load(start: tf.Tensor) -> tf.Tensor:
-        x = tf.numpy_function(lambda s: pixels(rows_of(s)), [start], tf.uint8, name="gather_patches")
-        x.set_shape([None, PATCH_SIZE, PATCH_SIZE, 3])
-        return tf.cast(x, tf.float32)
-
-    ds = tf.data.Dataset.from_tensor_slices(starts)  # only the batch starts go into the graph
-    return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+def epoch_order(positions: np.ndarray, seed: int, epoch: int, *, shuffle: bool = True) -> np.ndarray:
+    """The rows of epoch ``epoch`` in the order :func:`make_dataset` draws them: ``positions`` ``(M,)`` int64
+    permuted by ``np.random.default_rng([seed, epoch])`` (unchanged without ``shuffle``)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    return np.random.default_rng([seed, epoch]).permutation(positions) if shuffle else positions
 
 
 def augment_batch(
@@ -121,21 +195,26 @@ def augment_batch(
     seed: tf.Tensor | Sequence[int] | int,
     *,
     jitter: bool = True,
-    stain_sigma: float = 0.05,
-    stain_shift: float = 0.02,
-    brightness: float = 0.04,
-    contrast: float = 0.08,
+    strength: str | StainJitter = "mild",
 ) -> tf.Tensor:
-    """Random dihedral transform and mild stain/colour jitter of a batch, per image; values stay in [0, 255].
+    """Random dihedral transform and stain/colour jitter of a batch, per image; values stay in [0, 255].
 
     ``images``: ``(B, 50, 50, 3)`` float32 RGB in [0, 255]. ``seed``: an int or a shape-[2] integer tensor; the same
     seed gives the same output (stateless random ops).
-    Geometry: one of the 8 flips/rotations of the square, uniformly (a patch's label does not depend on them).
-    With ``jitter``: HED stain augmentation (convert to haematoxylin/eosin/DAB optical densities, scale each by
-    U(1 - stain_sigma, 1 + stain_sigma) and shift by U(-stain_shift, stain_shift), convert back), then a brightness
-    shift U(-brightness, brightness) * 255 and a contrast factor U(1 - contrast, 1 + contrast) about the image mean:
-    mild differences in staining and scanning, as between labs.
+    Geometry: one of the 8 :func:`dihedral_views`, uniformly (a patch's label does not depend on them).
+    With ``jitter``: HED stain augmentation (convert to haematoxylin/eosin/DAB optical densities, scale and shift
+    each, convert back), then brightness and contrast, with the ranges of ``strength`` (a name in
+    :data:`AUGMENT_STRENGTHS` or a :class:`StainJitter`): differences in staining and scanning, as between labs.
     """
+    import tensorflow as tf
+
+    if isinstance(strength, str):
+        name = augment_setting(strength)
+        if name == "geometry":
+            jitter = False
+        elif name == "none":
+            raise PipelineArgumentError("augment_batch needs a strength other than 'none'")
+        strength = AUGMENT_STRENGTHS.get(name, AUGMENT_STRENGTHS["mild"])
     x = tf.convert_to_tensor(images, dtype=tf.float32)
     seed = tf.convert_to_tensor(seed)
     if seed.shape.rank == 0:
@@ -155,8 +234,9 @@ def augment_batch(
 
     # HED jitter, folded into one 3x3 matrix and offset per image: od' = od @ (HED_FROM_RGB diag(scale) RGB_FROM_HED)
     # + shift @ RGB_FROM_HED, with od = -log((x + 1) / 256) the optical density (0 for white glass).
-    scale = tf.random.stateless_uniform([n, 3], stain_seed, 1.0 - stain_sigma, 1.0 + stain_sigma)
-    shift = tf.random.stateless_uniform([n, 1, 3], shift_seed, -stain_shift, stain_shift)
+    s = strength
+    scale = tf.random.stateless_uniform([n, 3], stain_seed, 1.0 - s.stain_scale, 1.0 + s.stain_scale)
+    shift = tf.random.stateless_uniform([n, 1, 3], shift_seed, -s.stain_shift, s.stain_shift)
     to_rgb = tf.constant(_RGB_FROM_HED)
     mix = tf.matmul(tf.constant(_HED_FROM_RGB)[None] * scale[:, None, :], tf.broadcast_to(to_rgb, [n, 3, 3]))
     od = tf.math.log(256.0) - tf.math.log1p(tf.reshape(x, [n, -1, 3]))
@@ -165,46 +245,44 @@ def augment_batch(
 
     # Contrast about the image mean and a brightness shift, as one multiply-add per image.
     factors = tf.random.stateless_uniform([n, 1, 1, 2], colour_seed, -1.0, 1.0)
-    gain = 1.0 + contrast * factors[..., 0:1]
+    gain = 1.0 + s.contrast * factors[..., 0:1]
     mean = tf.reduce_mean(x, axis=[1, 2, 3], keepdims=True)
-    x = x * gain + (mean * (1.0 - gain) + 255.0 * brightness * factors[..., 1:2])
+    x = x * gain + (mean * (1.0 - gain) + 255.0 * s.brightness * factors[..., 1:2])
     return tf.clip_by_value(x, 0.0, 255.0)
 
 
 def _check_inputs(images, labels, indices) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     if images.ndim != 4 or tuple(images.shape[1:]) != (PATCH_SIZE, PATCH_SIZE, 3):
-        raise ValueError(f"images must have shape (N, {PATCH_SIZE}, {PATCH_SIZE}, 3), got {images.shape}")
+        raise PipelineArgumentError(f"images must have shape (N, {PATCH_SIZE}, {PATCH_SIZE}, 3), got {images.shape}")
     n = len(images)
     labels_arr = None
     if labels is not None:
         labels_arr = np.asarray(labels).astype(np.int32, copy=False).reshape(-1)
         if len(labels_arr) != n:
-            raise ValueError(f"labels has {len(labels_arr)} entries but images has {n} rows")
+            raise PipelineArgumentError(f"labels has {len(labels_arr)} entries but images has {n} rows")
     if indices is None:
         positions = np.arange(n, dtype=np.int64)
     else:
         positions = np.asarray(indices)
         if positions.dtype == bool:
             if positions.shape != (n,):
-                raise ValueError(f"boolean indices have shape {positions.shape}; expected ({n},)")
+                raise PipelineArgumentError(f"boolean indices have shape {positions.shape}; expected ({n},)")
             positions = np.flatnonzero(positions)
         positions = positions.astype(np.int64, copy=False).reshape(-1)
         if positions.size and (positions.min() < 0 or positions.max() >= n):
             raise IndexError(f"indices must lie in [0, {n}), got {positions.min()}..{positions.max()}")
     if positions.size == 0:
-        raise ValueError("no rows to iterate over (indices is empty)")
+        raise PipelineArgumentError("no rows to iterate over (indices is empty)")
     return images, labels_arr, positions
 
 
 def _n_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
     n_batches = n // batch_size if drop_remainder else -(-n // batch_size)
     if n_batches == 0:
-        raise ValueError(f"{n} rows make no full batch of {batch_size} with drop_remainder=True")
+        raise PipelineArgumentError(f"{n} rows make no full batch of {batch_size} with drop_remainder=True")
     return n_batches
 
 
-def _gatherer(images: np.ndarray, labels: np.ndarray | None):
-    """A function ``rows -> images[rows]`` (and labels) that returns plain contiguous arrays for TensorFlow."""
-    if labels is None:
-        return lambda rows: np.ascontiguousarray(images[rows])
+def _gatherer(images: np.ndarray, labels: np.ndarray):
+    """A function ``rows -> (images[rows], labels[rows])`` returning plain contiguous arrays for TensorFlow."""
     return lambda rows: (np.ascontiguousarray(images[rows]), labels[rows])

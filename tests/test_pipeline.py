@@ -131,18 +131,62 @@ def test_never_copies_the_whole_array():
     ds = pipeline.make_dataset(images, _labels(), batch_size=32, seed=0)
     assert sorted(_epoch(ds)) == list(range(N))
     assert max(images.reads) <= 32 and sum(images.reads) == N
-    ev = pipeline.make_eval_dataset(_BatchOnlyArray(_encoded()), batch_size=64)
-    assert np.concatenate([_rows(x) for x in ev]).tolist() == list(range(N))
 
 
-def test_eval_dataset_keeps_order():
-    images = _encoded()
-    ds = pipeline.make_eval_dataset(images, batch_size=128)
-    out = np.concatenate([x.numpy() for x in ds])
-    assert out.dtype == np.float32 and np.array_equal(out, images.astype(np.float32))
-    subset = [5, 2, 9]
-    rows = np.concatenate([_rows(x) for x in pipeline.make_eval_dataset(images, 2, indices=subset)])
-    assert rows.tolist() == subset
+# --- resumable epochs ---------------------------------------------------------------------------------------------
+
+
+def _stream(ds, batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x.numpy(), y.numpy()) for x, y in ds.take(batches)]
+
+
+def _same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(np.array_equal(xa, xb) and np.array_equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+@pytest.mark.parametrize("augment", [False, True, "strong"])
+def test_resumed_stream_draws_what_an_uninterrupted_one_draws(augment):
+    """Epochs 0..2 in one go, then epoch 2 alone with initial_epoch=2: the same images, labels and augmentation."""
+    subset = np.arange(0, N, 2)  # 150 rows: 5 batches of 32, the last one short
+    kwargs = dict(batch_size=32, shuffle=True, augment=augment, seed=11, repeat=True)
+    whole = _stream(pipeline.make_dataset(_encoded(), _labels(), subset, **kwargs), 15)
+    resumed = _stream(pipeline.make_dataset(_encoded(), _labels(), subset, initial_epoch=2, **kwargs), 5)
+    assert _same_batches(whole[10:], resumed)
+    assert not _same_batches(whole[5:10], resumed)  # epochs differ
+    # A one-epoch dataset started at epoch 2 is that same epoch.
+    single = pipeline.make_dataset(_encoded(), _labels(), subset, initial_epoch=2,
+                                   **{**kwargs, "repeat": False})
+    assert _same_batches(_stream(single, 5), resumed)
+
+
+def test_epoch_order_is_what_the_dataset_draws():
+    subset = np.arange(N)[::-3]
+    ds = pipeline.make_dataset(_encoded(), _labels(), subset, batch_size=N, seed=4, initial_epoch=7)
+    drawn = _epoch(ds)
+    assert sorted(drawn) == sorted(pipeline.epoch_order(subset, seed=4, epoch=7).tolist())
+    order = pipeline.epoch_order(subset, seed=4, epoch=7)
+    assert not np.array_equal(order, pipeline.epoch_order(subset, seed=4, epoch=8))
+    ds = pipeline.make_dataset(_encoded(), _labels(), subset, batch_size=10, seed=4, initial_epoch=7)
+    # Batches hold consecutive slices of the epoch's order (sorted within the batch for file-order reads).
+    batches = [sorted(_rows(x).tolist()) for x, _ in ds]
+    assert batches == [sorted(order[i:i + 10].tolist()) for i in range(0, len(order), 10)]
+
+
+def test_steps_per_epoch_takes_the_start_of_each_epochs_order():
+    ds = pipeline.make_dataset(_encoded(), _labels(), batch_size=30, seed=2, repeat=True, steps_per_epoch=3)
+    rows = _epoch(ds.take(6))
+    assert sorted(rows[:90]) == sorted(pipeline.epoch_order(np.arange(N), 2, 0)[:90].tolist())
+    assert sorted(rows[90:]) == sorted(pipeline.epoch_order(np.arange(N), 2, 1)[:90].tolist())
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        pipeline.make_dataset(_encoded(), _labels(), batch_size=30, steps_per_epoch=11)
+
+
+def test_bad_arguments_are_user_errors():
+    from idc_helpers.errors import UserError
+
+    for kwargs in (dict(augment="strongest"), dict(initial_epoch=-1), dict(batch_size=0), dict(seed=-3)):
+        with pytest.raises(UserError):
+            pipeline.make_dataset(_encoded(), _labels(), **kwargs)
 
 
 # --- augmentation -------------------------------------------------------------------------------------------------
