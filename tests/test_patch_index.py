@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import csv
+import os
 import shutil
+import signal
+import socket
+import struct
+import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import patch_name, write_patch
 from idc_helpers import patch_index as pi
+from idc_helpers.errors import UserError
 
 
 # --- names ------------------------------------------------------------------------------------------------------
@@ -188,7 +196,7 @@ def test_missing_folder_names_the_folder(tmp_path):
     missing = tmp_path / "no_such_dataset"
     with pytest.raises(pi.DatasetFolderError, match="no_such_dataset") as info:
         pi.build_index(missing)
-    assert isinstance(info.value, FileNotFoundError)
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, UserError)
 
 
 def test_empty_folder(tmp_path):
@@ -211,6 +219,193 @@ def test_read_png_size(tmp_path):
     (tmp_path / "b.png").write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
         pi.read_png_size(tmp_path / "b.png")
+
+
+# --- PNG headers: what the first 33 bytes tell, before anything is decoded -----------------------------------------
+
+
+def _chunk(kind: bytes, data: bytes, crc_ok: bool = True) -> bytes:
+    crc = zlib.crc32(kind + data) ^ (0 if crc_ok else 1)
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def make_png(width: int, height: int, *, colour: int = 2, depth: int = 8, rows: int | None = None,
+             header_crc_ok: bool = True, idat_crc_ok: bool = True, cut: int | None = None) -> bytes:
+    """A hand-made PNG whose IHDR says ``width x height`` and whose image data holds ``rows`` rows of zeros
+    (default ``height``; more rows than the header says makes a PNG that lies about its data). ``cut`` truncates."""
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
+    row_bytes = 1 + (width * channels * depth + 7) // 8
+    compressor = zlib.compressobj(9)
+    block = b"\0" * row_bytes * 64
+    parts, left = [], height if rows is None else rows
+    while left > 0:
+        take = min(left, 64)
+        parts.append(compressor.compress(block[:take * row_bytes]))
+        left -= take
+    parts.append(compressor.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    chunks = [_chunk(b"IHDR", ihdr, header_crc_ok)]
+    if colour == 3:
+        chunks.append(_chunk(b"PLTE", bytes(range(3 * 16))))
+    chunks += [_chunk(b"IDAT", b"".join(parts), idat_crc_ok), _chunk(b"IEND", b"")]
+    data = pi.PNG_SIGNATURE + b"".join(chunks)
+    return data[:cut] if cut is not None else data
+
+
+@pytest.mark.parametrize(
+    "data, kind, words",
+    [
+        (make_png(20000, 20000, rows=1), pi.WRONG_SIZE, "20000x20000"),  # the decompression bomb's header
+        (make_png(50, 51), pi.WRONG_SIZE, "50x51"),
+        (make_png(50, 50, header_crc_ok=False), pi.TRUNCATED, "damaged"),
+        (make_png(50, 50, cut=20), pi.TRUNCATED, "ends inside"),
+        (make_png(50, 50, depth=3), pi.NOT_PNG, "bit depth 3"),
+        (make_png(0, 50), pi.TRUNCATED, "impossible size"),
+        (b"GIF89a" + bytes(100), pi.NOT_PNG, "PNG header"),
+        (b"", pi.EMPTY, "0 bytes"),
+    ],
+)
+def test_png_header_is_checked_before_decoding(tiny_dataset, data, kind, words):
+    bad = tiny_dataset / "101" / "0" / patch_name("101", 501, 1, 0)
+    bad.write_bytes(data)
+    index = pi.build_index(tiny_dataset)
+    problem = _only_problem(index, kind)
+    assert problem.path == str(bad) and words in problem.message
+    assert len(index.frame) == 36 and str(bad) not in set(index.frame["path"])
+
+
+def test_png_headers_of_every_real_colour_type_pass():
+    for colour, depth in [(0, 1), (0, 16), (2, 8), (2, 16), (3, 4), (4, 8), (6, 16)]:
+        assert pi.check_png_header(make_png(50, 42, colour=colour, depth=depth)) == (50, 42)
+
+
+def test_file_too_large_for_a_patch_is_not_read(tiny_dataset):
+    bad = tiny_dataset / "102" / "1" / patch_name("102", 501, 1, 1)
+    bad.write_bytes(make_png(50, 50) + b"\0" * (pi.MAX_PATCH_FILE_BYTES + 1))
+    problem = _only_problem(pi.build_index(tiny_dataset), pi.WRONG_SIZE)
+    assert problem.path == str(bad) and "MB" in problem.message
+
+
+# --- the shared rules: grid, conflicting labels, non-regular entries --------------------------------------------------
+
+
+@pytest.mark.parametrize("x, y, words", [(75, 20, "not on the 50-pixel patch grid"), (51, 26, "not on the"),
+                                         (100_001, 100_001, "outside any slide")])
+def test_off_grid_coordinates_are_reported(tiny_dataset, x, y, words):
+    bad = write_patch(tiny_dataset / "101" / "0" / patch_name("101", x, y, 0), _good_patch())
+    index = pi.build_index(tiny_dataset)
+    problem = _only_problem(index, pi.OFF_GRID)
+    assert problem.path == str(bad) and words in problem.message and f"x={x}" in problem.message
+    assert len(index.frame) == 36
+
+
+def test_real_grid_rule():
+    frame = pd.DataFrame({"path": ["a", "b", "c", "d"], "patient_id": ["1"] * 4, "x": [1, 51, 2, 3951],
+                          "y": [1, 2901, 1, 26], "label": [0] * 4})
+    kept, problems = pi.check_index(frame)
+    assert list(kept["path"]) == ["a", "b"]
+    assert sorted(p.path for p in problems) == ["c", "d"]
+
+
+def test_same_position_in_both_class_folders_is_left_out(tiny_dataset):
+    # tiny_dataset has 101 at x=1, y=1 in 0/; put the same position in 1/ too.
+    twin = write_patch(tiny_dataset / "101" / "1" / patch_name("101", 1, 1, 1), _good_patch())
+    original = tiny_dataset / "101" / "0" / patch_name("101", 1, 1, 0)
+    index = pi.build_index(tiny_dataset)
+    found = [p for p in index.problems if p.kind == pi.CONFLICTING_LABELS]
+    assert sorted(p.path for p in found) == sorted([str(original), str(twin)])
+    assert str(twin) in next(p.message for p in found if p.path == str(original))
+    assert len(index.frame) == 35
+    assert not ((index.frame["patient_id"] == "101") & (index.frame["x"] == 1) & (index.frame["y"] == 1)).any()
+
+
+def _run_with_alarm(function, seconds=20):
+    def hang(signum, frame):
+        raise TimeoutError("the scan hung")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        return function()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_entries_that_are_not_regular_files_are_named_and_never_opened(tiny_dataset, tmp_path):
+    folder = tiny_dataset / "101" / "0"
+    expected = {}
+    (folder / patch_name("101", 501, 1, 0)).mkdir()
+    expected[patch_name("101", 501, 1, 0)] = "a folder"
+    os.symlink(tmp_path / "nowhere.png", folder / patch_name("101", 551, 1, 0))
+    expected[patch_name("101", 551, 1, 0)] = "a symbolic link to nothing"
+    os.mkfifo(folder / patch_name("101", 601, 1, 0))  # opening it for reading would block forever
+    expected[patch_name("101", 601, 1, 0)] = "a named pipe"
+    sock = socket.socket(socket.AF_UNIX)
+    sock_path = folder / patch_name("101", 651, 1, 0)
+    try:
+        sock.bind(str(sock_path))
+        expected[sock_path.name] = "a socket"
+        index = _run_with_alarm(lambda: pi.build_index(tiny_dataset))
+    finally:
+        sock.close()
+    found = {Path(p.path).name: p for p in index.problems}
+    assert set(found) == set(expected)
+    for name, what in expected.items():
+        assert found[name].kind == pi.NOT_A_FILE and what in found[name].message
+    assert len(index.frame) == 36
+
+
+def test_symlink_to_a_patch_is_indexed(tiny_dataset, tmp_path):
+    real = write_patch(tmp_path / "elsewhere.png", _good_patch())
+    link = tiny_dataset / "101" / "0" / patch_name("101", 501, 1, 0)
+    os.symlink(real, link)
+    index = pi.build_index(tiny_dataset)
+    assert index.problems == [] and str(link) in set(index.frame["path"])
+
+
+def test_names_that_are_not_utf8_or_use_other_digits(tiny_dataset):
+    folder = os.fsencode(tiny_dataset / "101" / "0")
+    with open(folder + b"/101_idx5_x501_y1_class0\xff.png", "wb") as handle:
+        handle.write(make_png(50, 50))
+    write_patch(tiny_dataset / "101" / "0" / "101_idx5_x\u0665\u0660\u0661_y1_class0.png", _good_patch())
+    (tiny_dataset / "\u0668\u0668\u0666\u0663" / "0").mkdir(parents=True)  # Arabic-Indic digits: not a patient id
+    index = pi.build_index(tiny_dataset)
+    kinds = sorted(p.kind for p in index.problems)
+    assert kinds == [pi.MISNAMED, pi.MISNAMED, pi.UNEXPECTED]
+    assert any("not valid UTF-8" in p.message and "\\xff" in p.message for p in index.problems)
+    assert len(index.frame) == 36
+
+
+# --- several folders ----------------------------------------------------------------------------------------------
+
+
+def test_several_folders_make_one_index(tiny_dataset, tmp_path):
+    other = tmp_path / "other"
+    # Patient 101 continues in the second folder (new positions), patient 201 is only there.
+    extra = write_patch(other / "101" / "1" / patch_name("101", 501, 1, 1), _good_patch())
+    write_patch(other / "201" / "0" / patch_name("201", 1, 1, 0), _good_patch())
+    # The same file as in the first folder: a duplicate, the first folder's copy is kept.
+    dup = write_patch(other / "102" / "0" / patch_name("102", 1, 1, 0), _good_patch())
+    # The same position with the other label: both copies left out.
+    conflict = write_patch(other / "103" / "1" / patch_name("103", 51, 1, 1), _good_patch())
+    for index in (pi.build_index(tiny_dataset, other), pi.build_index([tiny_dataset, other])):
+        assert index.roots == [tiny_dataset, other] and index.root == tiny_dataset
+        frame = index.frame
+        assert sorted(frame["patient_id"].unique()) == ["101", "102", "103", "201"]
+        assert (frame["patient_id"] == "101").sum() == 13 and str(extra) in set(frame["path"])
+        kinds = {Path(p.path).parent.parent.parent.name + ":" + p.kind for p in index.problems}
+        assert kinds == {"other:" + pi.DUPLICATE, "other:" + pi.CONFLICTING_LABELS, "tiny:" + pi.CONFLICTING_LABELS}
+        assert str(dup) not in set(frame["path"]) and str(conflict) not in set(frame["path"])
+        assert str(tiny_dataset / "102" / "0" / patch_name("102", 1, 1, 0)) in set(frame["path"])
+        assert len(frame) == 36 + 2 - 1
+        keys = list(zip(frame["patient_id"].astype(int), frame["y"], frame["x"]))
+        assert keys == sorted(keys)
+
+
+def test_one_missing_folder_of_several_is_named(tiny_dataset, tmp_path):
+    with pytest.raises(pi.DatasetFolderError, match="missing_one"):
+        pi.build_index(tiny_dataset, tmp_path / "missing_one")
 
 
 # --- the real sample ----------------------------------------------------------------------------------------------
