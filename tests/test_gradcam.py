@@ -1,5 +1,5 @@
-"""Grad-CAM: correct localisation on a task whose evidence sits in a known place, and the same maps whatever the model
-kind (Sequential, Functional, loaded from .keras)."""
+"""Grad-CAM: correct localisation on a task whose evidence sits in a known place, the same maps whatever the model
+kind (Sequential, Functional, loaded from .keras), and maps on one scale (no per-patch rescaling)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ keras = pytest.importorskip("keras")
 layers = keras.layers
 
 from idc_helpers.gradcam import (  # noqa: E402
-    _geometry, _chain_layers, _spatial_shapes, conv_layer_names, default_gradcam_layer, gradcam, overlay)
+    conv_layer_names, default_gradcam_layer, gradcam, overlay, receptive_field_centres)
 
 SIZE = 50
 SQUARE = 10  # side of the class-deciding white square, px
@@ -98,7 +98,7 @@ def test_heatmap_peaks_on_the_deciding_square(trained):
     positives = np.flatnonzero(labels == 1)
     heat = gradcam(trained["sequential"], images[positives])
     assert heat.shape == (len(positives), SIZE, SIZE) and heat.dtype == np.float32
-    assert heat.min() >= 0 and heat.max() <= 1 and not np.isnan(heat).any()
+    assert heat.min() >= 0 and heat.max() > 0 and not np.isnan(heat).any()
     good = 0
     for h, (r, c) in zip(heat, corners[positives]):
         inside = np.zeros((SIZE, SIZE), dtype=bool)
@@ -157,14 +157,9 @@ def seed_like() -> keras.Model:
 def test_seed_cnn_geometry_and_default():
     model = seed_like()
     assert default_gradcam_layer(model) == "conv4"  # conv5 (7x7) and conv6 (5x5) are too coarse
-    chain = _chain_layers(model)
-    shapes = _spatial_shapes(model, (SIZE, SIZE, 3))
-    names = [layer.name for layer in chain]
     # conv4 cell i looks at input pixels centred on 6.5 + 2 i; conv6 cells only cover the patch centre.
-    conv4 = _geometry(chain, shapes, names.index("conv4"), (SIZE, SIZE))
-    conv6 = _geometry(chain, shapes, names.index("conv6"), (SIZE, SIZE))
-    assert conv4.start == (6.5, 6.5) and conv4.step == (2.0, 2.0)
-    assert conv6.start == (15.5, 15.5) and conv6.step == (4.0, 4.0)
+    assert receptive_field_centres(model, "conv4", (SIZE, SIZE)) == ((6.5, 6.5), (2.0, 2.0))
+    assert receptive_field_centres(model, "conv6", (SIZE, SIZE)) == ((15.5, 15.5), (4.0, 4.0))
 
 
 def test_default_layer_is_the_block_output_after_batch_norm():
@@ -177,7 +172,8 @@ def test_default_layer_is_the_block_output_after_batch_norm():
     assert default_gradcam_layer(model) == "act1"
     images, _, _ = make_task(2, seed=7)
     heat = gradcam(model, images)  # one sigmoid unit: its pre-activation is the IDC logit
-    assert heat.shape == (2, SIZE, SIZE) and 0 <= heat.min() and heat.max() <= 1
+    assert heat.shape == (2, SIZE, SIZE) and 0 <= heat.min()
+    assert receptive_field_centres(model, "act1", (SIZE, SIZE)) == ((0.0, 0.0), (1.0, 1.0))  # "same" 3x3
 
 
 def test_no_evidence_gives_zero_maps_not_nan():
@@ -188,16 +184,29 @@ def test_no_evidence_gives_zero_maps_not_nan():
     assert not np.isnan(heat).any() and (heat == 0).all()
 
 
-def test_branching_model_is_refused():
+def test_branching_model_works_and_is_stretched():
+    """A skip connection: the two-output model handles it; the cells are spread evenly (no chain to follow)."""
     inputs = keras.Input((SIZE, SIZE, 3))
-    a = layers.Conv2D(4, 3, padding="same", name="a")(inputs)
+    a = layers.Conv2D(4, 3, strides=2, padding="same", name="a")(inputs)
     b = layers.Conv2D(4, 3, padding="same", name="b")(a)
-    x = layers.Add()([a, b])
+    x = layers.Add(name="add")([a, b])
     x = layers.GlobalAveragePooling2D()(x)
     model = keras.Model(inputs, layers.Dense(2, activation="softmax")(x))
     images, _, _ = make_task(2, seed=9)
-    with pytest.raises(ValueError, match="not a plain chain"):
-        gradcam(model, images, layer_name="b")
+    assert gradcam(model, images, layer_name="add").shape == (2, SIZE, SIZE)
+    assert receptive_field_centres(model, "b", (SIZE, SIZE)) is not None  # a -> b is still a chain
+    assert receptive_field_centres(model, "add", (SIZE, SIZE)) is None
+
+
+def test_maps_share_one_scale_across_patches(trained):
+    """Maps are in logit units, not each divided by its own maximum: a patch without the deciding square (a true
+    negative) gets a much fainter map than one with it, instead of its own "red hot" spots."""
+    images, labels, _ = make_task(100, seed=11)
+    heat = gradcam(trained["functional"], images)
+    peaks = heat.max(axis=(1, 2))
+    assert np.median(peaks[labels == 0]) < 0.5 * np.median(peaks[labels == 1])
+    doubled = gradcam(trained["functional"], np.concatenate([images[:4], images[:4]]))
+    np.testing.assert_allclose(doubled[:4], heat[:4], rtol=1e-4, atol=1e-6)  # a batch does not rescale its maps
 
 
 def test_overlay():
@@ -208,6 +217,8 @@ def test_overlay():
     assert out.shape == image.shape and out.dtype == np.uint8
     assert not np.array_equal(out[0, 0], out[-1, -1])  # hot and cold corners differ
     np.testing.assert_array_equal(overlay(image, heat, alpha=0.0), image)
+    # On a scale up to 4, a value of 1 is a quarter of the way up the colour map: not the same colour as at scale 1.
+    assert not np.array_equal(overlay(image, heat, vmax=4.0)[0, 0], out[0, 0])
     batch = overlay(np.stack([image, image]), np.stack([heat, heat]))
     assert batch.shape == (2, SIZE, SIZE, 3)
     with pytest.raises(ValueError):
@@ -216,8 +227,9 @@ def test_overlay():
 
 @pytest.mark.parametrize("name, expected_layer", [("seed_cnn", "conv4"), ("idc_net", None)])
 def test_project_models_saved_and_loaded(name, expected_layer, tmp_path):
-    """The package's own models (when models.py is there): default layer, and identical maps after a reload."""
-    models = pytest.importorskip("idc_helpers.models")
+    """The package's own (Functional) models: default layer, and identical maps after a reload."""
+    from idc_helpers import models
+
     model = models.build_model(name)
     if expected_layer is not None:
         assert default_gradcam_layer(model) == expected_layer
