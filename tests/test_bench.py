@@ -18,27 +18,74 @@ def demo_dir(tmp_path_factory) -> Path:
     return write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", n_patients=6, seed=0, grid=(8, 6))
 
 
+def _split_into_two_folders(demo_dir: Path, root: Path) -> list[Path]:
+    """The demo patients shared out over two dataset folders (links, as two downloads would be)."""
+    patients = sorted(p for p in demo_dir.iterdir() if p.is_dir())
+    folders = [root / "a", root / "b"]
+    for i, patient in enumerate(patients):
+        folders[i % 2].mkdir(parents=True, exist_ok=True)
+        (folders[i % 2] / patient.name).symlink_to(patient, target_is_directory=True)
+    return folders
+
+
 def test_quality_cross_validation_tests_every_patient_once_and_resumes(demo_dir, tmp_path, capsys):
     out = tmp_path / "cv"
-    args = dict(n_folds=2, models=["seed_cnn"], epochs=1, cache_dir=tmp_path / "cache", n_bootstrap=20, verbose=0)
-    result = quality.run_quality(demo_dir, out, **args)
+    folders = _split_into_two_folders(demo_dir, tmp_path / "data")
+    args = dict(n_folds=2, models=["seed_cnn"], epochs=1, cache_dir=tmp_path / "cache", n_bootstrap=20,
+                fold_bootstrap=10, tta=True, verbose=0)
+    result = quality.run_quality(folders, out, **args)
     records = result["records"]
     assert [r["fold"] for r in records] == [0, 1]
     tested = [p for r in records for p in r["test_patients"]]
     assert sorted(tested) == sorted({p.name for p in demo_dir.iterdir() if p.is_dir()})  # each patient once
     for r in records:
         assert not set(r["test_patients"]) & set(r["val_patients"])
-        assert 0.0 <= r["test"]["f1"] <= 1.0 and r["train_seconds"] is not None
-    assert "seed_cnn" in result["pooled"] and result["pooled"]["seed_cnn"]["counts"]["patients"] == 6
-    assert (out / "oof_seed_cnn.csv").is_file() and "| seed_cnn | 0 |" in (out / "results.md").read_text()
+        f1 = r["test"]["groups"]["all"]["f1"]
+        assert 0.0 <= f1["value"] <= 1.0 and r["train_seconds"] is not None
+        assert f1["ci_low"] is None or f1["ci_low"] <= f1["value"] <= f1["ci_high"]
+        # The demo patients are whole slides: the context step is fitted on the validation slides.
+        assert r["test"]["groups"]["whole slide"]["patches"] == r["test"]["groups"]["all"]["patches"]
+        assert r["context"]["params"]["patients"] == sorted(r["val_patients"], key=str)
+    pooled = result["pooled"]
+    assert pooled["seed_cnn | patch | all"]["counts"]["patients"] == 6
+    assert pooled["seed_cnn | context + TTA | whole slide"]["counts"]["patients"] == 6
+    text = (out / "results.md").read_text()
+    assert (out / "oof_seed_cnn.csv").is_file() and "| seed_cnn | 0 | all |" in text
+    assert text.index("patch only") < text.index("WITH SLIDE CONTEXT")
 
     # A rerun with the same settings resumes from the log (nothing retrained) ...
-    again = quality.run_quality(demo_dir, out, **args)
+    again = quality.run_quality(folders, out, **args)
     assert len(again["records"]) == 2 and "already in" in capsys.readouterr().out
     assert len((out / quality.LOG_FILE).read_text().splitlines()) == 2
     # ... and other settings are refused instead of mixed into the same log.
-    with pytest.raises(FileExistsError, match="other settings"):
-        quality.run_quality(demo_dir, out, **{**args, "epochs": 2})
+    with pytest.raises(quality.QualityBenchError, match="other settings"):
+        quality.run_quality(folders, out, **{**args, "epochs": 2})
+
+
+def test_merged_view_links_every_patient_and_refuses_one_patient_in_two_folders(tmp_path):
+    for folder, patients in (("a", ["1", "2"]), ("b", ["3"]), ("c", ["2"])):
+        for p in patients:
+            (tmp_path / folder / p / "0").mkdir(parents=True)
+    view = quality.merged_view([tmp_path / "a", tmp_path / "b"])
+    assert sorted(p.name for p in view.iterdir()) == ["1", "2", "3"]
+    assert (view / "3").resolve() == (tmp_path / "b" / "3").resolve()
+    assert quality.merged_view([tmp_path / "a"]) == (tmp_path / "a").absolute()  # one folder: used as it is
+    with pytest.raises(quality.QualityBenchError, match="patient 2 is in both"):
+        quality.merged_view([tmp_path / "a", tmp_path / "c"])
+
+
+def test_score_groups_reports_whole_slide_and_sparse_patients_apart():
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    preds = pd.DataFrame({"patient_id": np.repeat(["1", "2", "3", "4"], 50), "label": np.tile([0, 1], 100),
+                          "prob_idc": rng.random(200)})
+    preds.loc[preds["patient_id"].isin(["1", "2"]), "prob_idc"] = preds["label"] * 0.8 + 0.1  # perfect slides
+    groups = quality.score_groups(preds, {"1", "2"}, 0.5, n_bootstrap=10)
+    assert groups["all"]["patches"] == 200 and groups["whole slide"]["patients"] == 2
+    assert groups["whole slide"]["f1"]["value"] == 1.0 and groups["sparse"]["f1"]["value"] < 0.8
+    assert groups["sparse"]["f1_best"] >= groups["sparse"]["f1"]["value"]
 
 
 def test_read_log_ignores_a_torn_last_line(tmp_path):

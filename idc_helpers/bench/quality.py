@@ -1,45 +1,104 @@
-"""Patient-grouped cross-validation: ``python -m idc_helpers.bench quality [options]``.
+"""Patient-grouped cross-validation: ``python -m idc_helpers.bench quality --data-dir A [--data-dir B] [options]``.
 
-Every patient of the dataset is tested exactly once, by a model that never saw it:
+Every patient of the dataset folders is tested exactly once, by a model that never saw it:
 
-1. the patients are cut into ``--folds`` folds (:func:`idc_helpers.splits.patient_folds`, stratified by IDC share);
-   every model gets the same folds;
+1. the patients of all ``--data-dir`` folders together are cut into ``--folds`` folds
+   (:func:`idc_helpers.splits.patient_folds`, stratified by IDC share); every model gets the same folds;
 2. for each fold and model, :func:`idc_helpers.training.train` runs with ``test_patients`` = the fold: the other
    patients are split (by patient) into training and validation, and the validation patients alone choose the
-   best epoch and the decision threshold;
-3. the fold's test patients are predicted (and, with ``--tta``, predicted again averaging the 8 flips/rotations)
-   and scored: F1, balanced accuracy, ROC AUC, PR AUC at the validation threshold (and at the Youden threshold
-   stored beside it), plus the training time.
+   best epoch, the decision threshold and the slide-context parameters (:func:`idc_helpers.context.fit_context`,
+   on the validation patients that have whole slides);
+3. the fold's test patients are predicted (and, with ``--tta``, again averaging the 8 flips/rotations) and
+   scored: F1, balanced accuracy, ROC AUC, PR AUC at the validation threshold (and at the Youden threshold), the
+   best F1 any threshold reaches on the test patients (an upper bound, not a result), with bootstrap intervals
+   over the fold's patients, for all test patients and for whole-slide and sparse patients apart.
 
-Each finished (model, fold) is appended as one JSON line to ``OUT/folds.jsonl`` and its predictions are written
-to ``OUT/predictions/``, so a run that is killed keeps its finished folds and the same command resumes it.
-At the end the out-of-fold predictions of each model are pooled (``OUT/oof_<model>.csv``) and scored with
-bootstrap 95% intervals over patients (:func:`idc_helpers.metrics.evaluate`); the per-fold and pooled tables are
+Patch-only figures (each patch judged alone, as in the published work) are the headline; the figures of the
+context columns use the patch's neighbours on the slide and are always labelled so.
+
+Each finished (model, fold) is appended as one JSON line to ``OUT/folds.jsonl`` and its predictions (test and
+validation) are written to ``OUT/predictions/``, so a run that is killed keeps its finished folds and the same
+command resumes it. At the end the out-of-fold predictions of each model are pooled (``OUT/oof_<model>.csv``)
+and scored with bootstrap 95% intervals over patients (:func:`idc_helpers.metrics.evaluate`); the tables are
 printed as Markdown and written to ``OUT/results.md`` (``OUT/summary.json`` holds the same numbers).
+
+Several ``--data-dir`` folders are read through one merged view: a temporary folder of links to their patient
+folders (outside the repository; no patch is copied). A patient id found in two folders is refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn import metrics as skm
 
-from idc_helpers.atomic import write_json, write_text
+from idc_helpers.atomic import atomic_path, write_json, write_text
+from idc_helpers.context import ContextError, apply_context, fit_context, whole_slide_patients
+from idc_helpers.errors import UserError
+from idc_helpers.metrics import evaluate, pick_threshold
 
 LOG_FILE = "folds.jsonl"
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 RESULTS_FILE = "results.md"
 # What must match for a rerun to resume from the log instead of refusing the folder.
-_RESUME_KEYS = ("data_dir", "folds", "seed", "epochs", "max_patches", "patients")
+_RESUME_KEYS = ("data_dirs", "folds", "seed", "epochs", "max_patches", "patients", "train_options")
+#: Patient groups reported apart: whole slides (neighbours known) and thin samples.
+GROUPS = ("all", "whole slide", "sparse")
+#: Prediction variants: (label, predictions file suffix, probability column, decision column).
+VARIANTS = (("patch", "", "prob_idc", "pred"), ("patch + TTA", "-tta", "prob_idc", "pred"),
+            ("context", "", "prob_idc_context", "pred_context"),
+            ("context + TTA", "-tta", "prob_idc_context", "pred_context"))
+
+
+class QualityBenchError(UserError, ValueError):
+    """The cross-validation cannot run as asked (folders, settings of an earlier run in the same --out)."""
+
+
+def merged_view(data_dirs: Sequence[str | os.PathLike[str]]) -> Path:
+    """One dataset folder holding the patients of all ``data_dirs``: the folder itself when there is one, else a
+    folder of symbolic links to every patient folder, under the system's temporary folder (its name is a hash
+    of the folders, so the same folders give the same view and the decoded-patch cache is reused).
+
+    Raises:
+        QualityBenchError: a folder does not exist, or a patient id is in two of them.
+    """
+    dirs = [Path(d).expanduser().absolute() for d in data_dirs]
+    for d in dirs:
+        if not d.is_dir():
+            raise QualityBenchError(f"dataset folder not found: {d}; pass folders in the Kaggle layout "
+                                    "(<patient>/<0|1>/*.png) with --data-dir")
+    if len(dirs) == 1:
+        return dirs[0]
+    owner: dict[str, Path] = {}
+    for d in dirs:
+        for entry in sorted(d.iterdir()):
+            if entry.is_dir() and entry.name.isdigit():
+                if entry.name in owner:
+                    raise QualityBenchError(f"patient {entry.name} is in both {owner[entry.name]} and {d}: a patient "
+                                            "in two folders could be trained on and tested at once; remove one copy")
+                owner[entry.name] = d
+    digest = hashlib.sha256("\n".join(map(str, dirs)).encode()).hexdigest()[:12]
+    view = Path(tempfile.gettempdir()) / f"idc-merged-{digest}"
+    view.mkdir(exist_ok=True)
+    for patient, d in owner.items():
+        link = view / patient
+        if not link.is_symlink():
+            link.symlink_to(d / patient, target_is_directory=True)
+        elif Path(os.readlink(link)) != d / patient:
+            raise QualityBenchError(f"{link} points to {os.readlink(link)}, not {d / patient}; delete {view}")
+    return view
 
 
 def plan_folds(frame: pd.DataFrame, n_folds: int, seed: int = 0) -> list[list[str]]:
@@ -71,28 +130,63 @@ def _append_log(out_dir: Path, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
-def _scores(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
-    from sklearn import metrics as skm
+def _best_f1(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """The highest F1 any threshold gives on these patches (an upper bound for every threshold rule)."""
+    if not 0 < labels.sum() < len(labels):
+        return None
+    threshold = pick_threshold(labels, probs, "f1")
+    return float(skm.f1_score(labels, probs >= threshold))
 
-    pred = probs >= threshold
-    return {"f1": float(skm.f1_score(labels, pred, zero_division=0)),
-            "balanced_accuracy": float(skm.balanced_accuracy_score(labels, pred))}
 
+def score_table(preds: pd.DataFrame, threshold: float, *, column: str = "prob_idc",
+                threshold_youden: float | None = None, n_bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Patch-level scores of a predictions table, probabilities in ``column`` decided at ``threshold``.
 
-def score_fold(preds: pd.DataFrame, threshold: float, threshold_youden: float | None = None) -> dict[str, Any]:
-    """Patch-level scores of one fold's predictions table: F1 and balanced accuracy at ``threshold`` (and at the
-    Youden threshold when given), ROC AUC and PR AUC."""
-    from sklearn import metrics as skm
-
-    y = preds["label"].to_numpy(dtype=np.int64)
-    p = preds["prob_idc"].to_numpy(dtype=np.float64)
-    both = 0 < y.sum() < len(y)
-    out: dict[str, Any] = {"patches": int(len(y)), "idc_patches": int(y.sum()), **_scores(y, p, threshold),
-                           "roc_auc": float(skm.roc_auc_score(y, p)) if both else None,
-                           "pr_auc": float(skm.average_precision_score(y, p)) if both else None}
+    Returns ``patches``, ``patients``, ``idc_patches``, ``f1``, ``balanced_accuracy``, ``roc_auc``, ``pr_auc``
+    (each ``{value, ci_low, ci_high}``, bootstrap over patients), ``f1_best`` (best F1 of any threshold on these
+    patches: a bound, not a result) and, with ``threshold_youden``, F1 and balanced accuracy at that threshold.
+    """
+    table = pd.DataFrame({"patient_id": preds["patient_id"].to_numpy(), "label": preds["label"].to_numpy(),
+                          "prob_idc": preds[column].to_numpy(np.float64)})
+    report = evaluate(table, threshold=threshold, n_bootstrap=n_bootstrap, seed=seed)
+    labels, probs = table["label"].to_numpy(np.int64), table["prob_idc"].to_numpy()
+    out: dict[str, Any] = {
+        "patches": int(len(table)), "patients": int(table["patient_id"].nunique()), "idc_patches": int(labels.sum()),
+        **{k: report["metrics"][k] for k in ("f1", "balanced_accuracy", "roc_auc", "pr_auc")},
+        "f1_best": _best_f1(labels, probs), "threshold": float(threshold),
+    }
     if threshold_youden is not None:
-        out["youden"] = _scores(y, p, threshold_youden)
+        pred = probs >= threshold_youden
+        out["youden"] = {"f1": float(skm.f1_score(labels, pred, zero_division=0)),
+                         "balanced_accuracy": float(skm.balanced_accuracy_score(labels, pred))}
     return out
+
+
+def _groups(preds: pd.DataFrame, slides: set[str]) -> dict[str, pd.DataFrame]:
+    """The table split into :data:`GROUPS` (empty groups left out)."""
+    is_slide = preds["patient_id"].astype(str).isin(slides)
+    parts = {"all": preds, "whole slide": preds[is_slide], "sparse": preds[~is_slide]}
+    return {name: part for name, part in parts.items() if len(part)}
+
+
+def score_groups(preds: pd.DataFrame, slides: set[str], threshold: float, **kwargs: Any) -> dict[str, Any]:
+    """:func:`score_table` for every patient group of :data:`GROUPS` (whole-slide patients = ``slides``)."""
+    return {name: score_table(part, threshold, **kwargs) for name, part in _groups(preds, slides).items()}
+
+
+def _load_or_train(data_dir: Path, run_dir: Path, model_name: str, test_patients: Sequence[str], *, epochs: int,
+                   seed: int, max_patches: int | None, cache_dir: Any, verbose: int,
+                   train_options: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, list[str]]]:
+    """The fold's (model, metrics, split): trained now, or read back from a run folder an earlier call finished."""
+    from idc_helpers.run import load_run
+    from idc_helpers.training import train
+
+    if (run_dir / "model.keras").is_file() and (run_dir / "metrics.json").is_file():
+        run = load_run(run_dir)
+        return run.model, run.metrics, run.split
+    result = train(data_dir, run_dir, model_name=model_name, epochs=epochs, seed=seed, max_patches=max_patches,
+                   test_patients=list(test_patients), cache_dir=cache_dir, verbose=verbose, **train_options)
+    return result.model, result.metrics, result.split
 
 
 def run_fold(
@@ -108,29 +202,29 @@ def run_fold(
     max_patches: int | None = None,
     tta: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
+    n_bootstrap: int = 200,
+    train_options: dict[str, Any] | None = None,
     verbose: int = 2,
 ) -> dict[str, Any]:
-    """Train ``model_name`` without the fold's test patients, predict them, write the predictions and return the
-    fold's record (scores, thresholds, seconds). A finished run folder from an interrupted earlier call is reused
-    instead of trained again."""
-    from idc_helpers.prediction import predict_frame, write_predictions
-    from idc_helpers.training import load_run, train
+    """Train ``model_name`` without the fold's test patients, predict its validation and test patients, fit the
+    slide context on the validation patients, write the predictions and return the fold's record (scores per
+    patient group, thresholds, context parameters, seconds). A finished run folder from an interrupted earlier
+    call is reused instead of trained again."""
+    from idc_helpers.prediction import predict_frame
 
     run_dir = out_dir / "runs" / f"{model_name}-fold{fold}"
-    if (run_dir / "model.keras").is_file() and (run_dir / "metrics.json").is_file():
-        run = load_run(run_dir)
-        model, metrics, split = run.model, run.metrics, run.split
-    else:
-        result = train(data_dir, run_dir, model_name=model_name, epochs=epochs, seed=seed,
-                       max_patches=max_patches, test_patients=list(test_patients), cache_dir=cache_dir,
-                       verbose=verbose)
-        model, metrics, split = result.model, result.metrics, result.split
+    model, metrics, split = _load_or_train(data_dir, run_dir, model_name, test_patients, epochs=epochs, seed=seed,
+                                           max_patches=max_patches, cache_dir=cache_dir, verbose=verbose,
+                                           train_options=dict(train_options or {}))
     threshold = float(metrics["threshold"])
     youden = metrics.get("threshold_youden")
-    test_frame = frame[frame["patient_id"].isin(list(test_patients))]
+    slides = set(whole_slide_patients(frame))
+    val_patients = [str(p) for p in split.get("val", [])]
     record: dict[str, Any] = {
         "model": model_name, "fold": fold, "test_patients": sorted(test_patients, key=int),
-        "val_patients": split.get("val", []), "train_patients": len(split.get("train", [])),
+        "test_whole_slide_patients": sorted(set(test_patients) & slides, key=int),
+        "val_patients": val_patients, "val_whole_slide_patients": sorted(set(val_patients) & slides, key=int),
+        "train_patients": len(split.get("train", [])),
         "threshold": threshold, "threshold_youden": youden,
         "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
         "train_seconds": metrics.get("train_seconds"), "validation": metrics.get("validation", {}),
@@ -138,75 +232,121 @@ def run_fold(
     pred_dir = out_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     for use_tta in ([False, True] if tta else [False]):
+        suffix = "-tta" if use_tta else ""
         start = time.perf_counter()
-        preds = predict_frame(model, test_frame, tta=use_tta, threshold=threshold, cache_dir=cache_dir)
+        preds = predict_frame(model, frame[frame["patient_id"].isin(list(test_patients))], tta=use_tta,
+                              threshold=threshold, cache_dir=cache_dir)
         seconds = time.perf_counter() - start
+        val_preds = predict_frame(model, frame[frame["patient_id"].isin(val_patients)], tta=use_tta,
+                                  threshold=threshold, cache_dir=cache_dir)
         key = "test_tta" if use_tta else "test"
-        write_predictions(preds, pred_dir / f"{model_name}-fold{fold}{'-tta' if use_tta else ''}.csv",
-                          overwrite=True)
-        record[key] = {**score_fold(preds, threshold, youden), "predict_seconds": round(seconds, 2)}
+        record[key] = {"groups": score_groups(preds, slides, threshold, threshold_youden=youden,
+                                              n_bootstrap=n_bootstrap, seed=seed),
+                       "predict_seconds": round(seconds, 2)}
+        try:
+            params = fit_context(val_preds)
+        except ContextError as exc:
+            record[f"context{suffix}"] = {"params": None, "reason": str(exc)}
+        else:
+            preds = apply_context(preds, params)
+            val_preds = apply_context(val_preds, params)
+            record[f"context{suffix}"] = {"params": params, "groups": score_groups(
+                preds, slides, params["threshold"], column="prob_idc_context", n_bootstrap=n_bootstrap, seed=seed)}
+        write_table(preds, pred_dir / f"{model_name}-fold{fold}{suffix}.csv")
+        write_table(val_preds, pred_dir / f"val-{model_name}-fold{fold}{suffix}.csv")
     return record
 
 
-def pooled_table(out_dir: Path, records: list[dict[str, Any]], *, n_bootstrap: int = 1000,
+def pooled_table(out_dir: Path, records: list[dict[str, Any]], slides: set[str], *, n_bootstrap: int = 1000,
                  seed: int = 0) -> dict[str, dict[str, Any]]:
     """Pool each model's out-of-fold predictions (``OUT/oof_<model>[_tta].csv``) and evaluate them with bootstrap
-    intervals over patients. Returns ``{"<model>" or "<model> + TTA": evaluate-report plus "folds"}``."""
-    from idc_helpers.metrics import evaluate
-    from idc_helpers.prediction import read_predictions, write_predictions
+    intervals over patients, per variant of :data:`VARIANTS` and patient group of :data:`GROUPS`.
 
+    Returns ``{"<model> | <variant> | <group>": evaluate-report plus "folds"}``; each fold's decisions use that
+    fold's own validation threshold (the context ones its own context threshold). Context variants are pooled
+    over the folds whose validation patients held a whole slide (``folds`` says which).
+    """
     pooled: dict[str, dict[str, Any]] = {}
-    models = list(dict.fromkeys(r["model"] for r in records))
-    for model in models:
-        for suffix, label in (("", model), ("-tta", f"{model} + TTA")):
-            folds = sorted(r["fold"] for r in records if r["model"] == model)
-            files = [out_dir / "predictions" / f"{model}-fold{f}{suffix}.csv" for f in folds]
+    for model in dict.fromkeys(r["model"] for r in records):
+        for variant, suffix, prob, pred in VARIANTS:
+            mine = sorted((r for r in records if r["model"] == model), key=lambda r: r["fold"])
+            if prob == "prob_idc_context":
+                mine = [r for r in mine if (r.get(f"context{suffix}") or {}).get("params")]
+            files = [out_dir / "predictions" / f"{model}-fold{r['fold']}{suffix}.csv" for r in mine]
             if not files or not all(p.is_file() for p in files):
                 continue
-            # Each fold's ``pred`` uses that fold's own validation threshold.
-            oof = pd.concat([read_predictions(p) for p in files], ignore_index=True)
-            write_predictions(oof, out_dir / f"oof_{model}{suffix.replace('-', '_')}.csv", overwrite=True)
-            report = evaluate(oof, n_bootstrap=n_bootstrap, seed=seed)
-            report["folds"] = folds
-            pooled[label] = report
+            oof = pd.concat([read_table(p) for p in files], ignore_index=True)
+            if prob == "prob_idc":
+                write_table(oof, out_dir / f"oof_{model}{suffix.replace('-', '_')}.csv")
+            table = oof[["patient_id", "label"]].assign(prob_idc=oof[prob].to_numpy(np.float64),
+                                                        pred=oof[pred].to_numpy())
+            for group, part in _groups(table, slides).items():
+                report = evaluate(part, n_bootstrap=n_bootstrap, seed=seed)
+                report["folds"] = [r["fold"] for r in mine]
+                pooled[f"{model} | {variant} | {group}"] = report
     return pooled
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    """Write a predictions table with every column it has (the context ones too) as CSV, atomically."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """A predictions table written by :func:`write_table`, with or without the context columns."""
+    return pd.read_csv(path, dtype={"path": str, "patient_id": str})
 
 
 def _f(value: Any, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _ci(metric: dict[str, Any]) -> str:
+    return f"{_f(metric['value'])} [{_f(metric['ci_low'])}, {_f(metric['ci_high'])}]"
+
+
 def markdown(records: list[dict[str, Any]], pooled: dict[str, dict[str, Any]], n_folds: int) -> str:
-    """Per-fold and pooled Markdown tables."""
-    lines = ["### Per fold (test patients never seen in training; threshold chosen on validation patients)", "",
-             "| model | fold | test patients | patches (IDC) | F1 | BAC | ROC AUC | PR AUC | F1 TTA | BAC TTA "
-             "| threshold | F1 / BAC at Youden thr. | best / run epochs | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["model"], r["fold"])):
-        t, tt = r["test"], r.get("test_tta", {})
-        yd = t.get("youden", {})
-        lines.append(
-            f"| {r['model']} | {r['fold']} | {', '.join(r['test_patients'])} | {t['patches']:,} ({t['idc_patches']:,}) "
-            f"| {_f(t['f1'])} | {_f(t['balanced_accuracy'])} | {_f(t['roc_auc'])} | {_f(t['pr_auc'])} "
-            f"| {_f(tt.get('f1'))} | {_f(tt.get('balanced_accuracy'))} | {_f(r['threshold'])} "
-            f"| {_f(yd.get('f1'))} / {_f(yd.get('balanced_accuracy'))} | {r['best_epoch']} / {r['epochs_run']} "
-            f"| {_f(r['train_seconds'], 0)} |")
-    lines += ["", "### Pooled out-of-fold predictions (95% bootstrap intervals over patients)", "",
-              "| model | folds | patients | patches | F1 | balanced accuracy | ROC AUC | PR AUC | mean train s / fold |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    """Pooled (patch-only first, then context) and per-fold Markdown tables."""
+    head = ("| model | predictions | patients | folds | patients | patches | F1 | balanced accuracy | ROC AUC "
+            "| PR AUC |", "|---|---|---|---|---|---|---|---|---|---|")
+    lines = ["### Pooled out-of-fold predictions, patch only (95% bootstrap intervals over patients)", "",
+             "Each patch judged alone, as in the published work; thresholds chosen on each fold's validation "
+             "patients.", "", *head]
+    context_lines = ["", "### Pooled out-of-fold predictions WITH SLIDE CONTEXT (uses each patch's neighbours; "
+                     "not comparable with patch-level papers)", "",
+                     "Smoothing width and threshold chosen on each fold's whole-slide validation patients.", "",
+                     *head]
     for label, rep in pooled.items():
+        model, variant, group = label.split(" | ")
         m = rep["metrics"]
-        cell = lambda k: f"{_f(m[k]['value'])} [{_f(m[k]['ci_low'])}, {_f(m[k]['ci_high'])}]"  # noqa: E731
-        model = label.split(" ")[0]
-        secs = [r["train_seconds"] for r in records if r["model"] == model and r.get("train_seconds") is not None]
-        lines.append(f"| {label} | {len(rep['folds'])} of {n_folds} | {rep['counts']['patients']} "
-                     f"| {rep['counts']['patches']:,} | {cell('f1')} | {cell('balanced_accuracy')} "
-                     f"| {cell('roc_auc')} | {cell('pr_auc')} | {_f(np.mean(secs) if secs else None, 0)} |")
+        row = (f"| {model} | {variant} | {group} | {len(rep['folds'])} of {n_folds} | {rep['counts']['patients']} "
+               f"| {rep['counts']['patches']:,} | {_ci(m['f1'])} | {_ci(m['balanced_accuracy'])} "
+               f"| {_ci(m['roc_auc'])} | {_ci(m['pr_auc'])} |")
+        (context_lines if variant.startswith("context") else lines).append(row)
+    lines += context_lines
+    lines += ["", "### Per fold (test patients never seen in training; intervals over the fold's patients)", "",
+              "| model | fold | patients | patients (IDC patches / patches) | F1 | BAC | ROC AUC | best-threshold F1 "
+              "(bound) | F1 / BAC Youden | F1 TTA | F1 context (sigma) | threshold | best / run epochs | train s |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["model"], r["fold"])):
+        for group, t in r["test"]["groups"].items():
+            tt = r.get("test_tta", {}).get("groups", {}).get(group, {})
+            ctx = r.get("context") or {}
+            cg = (ctx.get("groups") or {}).get(group, {})
+            sigma = f" ({_f(ctx['params']['sigma'], 1)})" if ctx.get("params") else ""
+            yd = t.get("youden", {})
+            lines.append(
+                f"| {r['model']} | {r['fold']} | {group} | {t['patients']} ({t['idc_patches']:,} / {t['patches']:,}) "
+                f"| {_ci(t['f1'])} | {_f(t['balanced_accuracy']['value'])} | {_f(t['roc_auc']['value'])} "
+                f"| {_f(t['f1_best'])} | {_f(yd.get('f1'))} / {_f(yd.get('balanced_accuracy'))} "
+                f"| {_f((tt.get('f1') or {}).get('value'))} | {_f((cg.get('f1') or {}).get('value'))}{sigma} "
+                f"| {_f(r['threshold'])} | {r['best_epoch']} / {r['epochs_run']} | {_f(r['train_seconds'], 0)} |")
     return "\n".join(lines) + "\n"
 
 
 def run_quality(
-    data_dir: str | os.PathLike[str] | None,
+    data_dirs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     out_dir: str | os.PathLike[str],
     *,
     n_folds: int = 4,
@@ -217,33 +357,46 @@ def run_quality(
     tta: bool = False,
     cache_dir: str | os.PathLike[str] | None = None,
     n_bootstrap: int = 1000,
+    fold_bootstrap: int = 200,
+    only_folds: Sequence[int] | None = None,
+    train_options: dict[str, Any] | None = None,
     verbose: int = 2,
 ) -> dict[str, Any]:
     """Run (or resume) the cross-validation and write the tables; returns ``{"records", "pooled", "markdown"}``.
 
-    Folds run in order, each model in turn within a fold, so an interrupted run has both models on the same
-    folds. Raises ``FileExistsError`` when ``out_dir`` holds a run with other settings.
+    ``data_dirs``: one folder, several (merged, see :func:`merged_view`), or ``None`` (resolved as for
+    ``train``). Folds run in order, each model in turn within a fold, so an interrupted run has all models on the
+    same folds; ``only_folds`` runs a subset of them (the pooled tables then say how many folds they hold).
+    ``train_options``: extra keyword arguments of :func:`idc_helpers.training.train` (for example
+    ``{"augment": False}``), recorded in the config.
+
+    Raises:
+        QualityBenchError: ``out_dir`` holds a run with other settings, or the folders cannot be merged.
     """
     from idc_helpers.datasource import resolve_data_dir
     from idc_helpers.patch_index import build_index
-    from idc_helpers.training import DEFAULT_EPOCHS, enable_onednn
+    from idc_helpers.training import DEFAULT_EPOCHS
 
-    enable_onednn()
-    source = resolve_data_dir(data_dir)
+    if data_dirs is None or isinstance(data_dirs, (str, os.PathLike)):
+        data_dirs = [data_dirs] if data_dirs is not None else []
+    source = resolve_data_dir(merged_view(data_dirs) if data_dirs else None)
     frame = build_index(source.path).frame
     folds = plan_folds(frame, n_folds, seed)
+    slides = set(whole_slide_patients(frame))
     epochs = int(epochs or DEFAULT_EPOCHS)
     out = Path(out_dir).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
-    config = {"data_dir": str(source.path), "synthetic": bool(source.synthetic), "folds": n_folds, "seed": seed,
-              "epochs": epochs, "max_patches": max_patches, "patients": int(frame["patient_id"].nunique()),
-              "fold_patients": folds}
+    config = {"data_dirs": [str(Path(d).expanduser().absolute()) for d in data_dirs] or [str(source.path)],
+              "synthetic": bool(source.synthetic), "folds": n_folds, "seed": seed, "epochs": epochs,
+              "max_patches": max_patches, "patients": int(frame["patient_id"].nunique()),
+              "train_options": dict(train_options or {}),
+              "whole_slide_patients": sorted(slides, key=int), "fold_patients": folds}
     config_path = out / CONFIG_FILE
     if config_path.is_file():
         old = json.loads(config_path.read_text(encoding="utf-8"))
         changed = [k for k in _RESUME_KEYS if old.get(k) != config.get(k)]
         if changed:
-            raise FileExistsError(
+            raise QualityBenchError(
                 f"{out} holds a cross-validation run with other settings ({', '.join(changed)}); "
                 "resume it with the same options or choose a new --out folder.")
     else:
@@ -251,41 +404,47 @@ def run_quality(
 
     done = {(r["model"], r["fold"]) for r in read_log(out)}
     for fold, test_patients in enumerate(folds):
+        if only_folds is not None and fold not in only_folds:
+            continue
         for model in models:
             if (model, fold) in done:
                 print(f"[quality] {model} fold {fold}: already in {out / LOG_FILE}, skipped", flush=True)
                 continue
-            print(f"[quality] {model} fold {fold}: test patients {', '.join(test_patients)}", flush=True)
+            print(f"[quality] {model} fold {fold}: {len(test_patients)} test patients "
+                  f"({len(set(test_patients) & slides)} whole slides)", flush=True)
             record = run_fold(source.path, frame, model, fold, test_patients, out, epochs=epochs, seed=seed,
-                              max_patches=max_patches, tta=tta, cache_dir=cache_dir, verbose=verbose)
+                              max_patches=max_patches, tta=tta, cache_dir=cache_dir, n_bootstrap=fold_bootstrap,
+                              train_options=train_options, verbose=verbose)
             record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             _append_log(out, record)
-            t = record["test"]
-            print(f"[quality] {model} fold {fold}: F1 {t['f1']:.3f} BAC {t['balanced_accuracy']:.3f} "
-                  f"ROC AUC {_f(t['roc_auc'])} ({record['train_seconds']} s training)", flush=True)
+            t = record["test"]["groups"]["all"]
+            print(f"[quality] {model} fold {fold}: F1 {_f(t['f1']['value'])} BAC "
+                  f"{_f(t['balanced_accuracy']['value'])} ROC AUC {_f(t['roc_auc']['value'])} "
+                  f"({record['train_seconds']} s training)", flush=True)
 
     records = [r for r in read_log(out) if r["model"] in models]
-    pooled = pooled_table(out, records, n_bootstrap=n_bootstrap, seed=seed)
+    pooled = pooled_table(out, records, slides, n_bootstrap=n_bootstrap, seed=seed)
     text = markdown(records, pooled, n_folds)
     write_text(out / RESULTS_FILE, text)
-    summary = {"config": config, "pooled": pooled, "folds": records}
-    write_json(out / SUMMARY_FILE, summary)
+    write_json(out / SUMMARY_FILE, {"config": config, "pooled": pooled, "folds": records})
     return {"records": records, "pooled": pooled, "markdown": text}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``python -m idc_helpers.bench quality``."""
     parser = argparse.ArgumentParser(prog="python -m idc_helpers.bench quality", description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default=None, help="dataset folder (Kaggle layout); default: resolved as "
-                        "for `train` (IDC_DATA_DIR, ./data, Kaggle, demo)")
+    parser.add_argument("--data-dir", action="append", default=None, help="dataset folder (Kaggle layout); "
+                        "repeat for several (e.g. idc_sample and idc_sparse); default: resolved as for `train`")
     parser.add_argument("--folds", type=int, default=4, help="number of patient folds (default 4)")
+    parser.add_argument("--only-folds", default=None, help="comma-separated fold numbers to run (default: all)")
     parser.add_argument("--models", default="seed_cnn,idc_net", help="comma-separated model names")
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs per fold (default: train's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-patches", type=int, default=None, help="subsample the dataset (quick runs)")
+    parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
     parser.add_argument("--tta", action="store_true", help="also score test-time augmentation (8 flips/rotations)")
     parser.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the intervals")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the pooled intervals")
     parser.add_argument("--out", default="bench-quality", help="results folder (resumed when it exists)")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -295,11 +454,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODEL_NAMES)}", file=sys.stderr)
         return 2
+    only = [int(f) for f in args.only_folds.split(",")] if args.only_folds else None
+    options = {"augment": False} if args.no_augment else {}
     try:
         result = run_quality(args.data_dir, args.out, n_folds=args.folds, models=models, epochs=args.epochs,
                              seed=args.seed, max_patches=args.max_patches, tta=args.tta, cache_dir=args.cache_dir,
-                             n_bootstrap=args.bootstrap)
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+                             n_bootstrap=args.bootstrap, only_folds=only, train_options=options)
+    except (UserError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result["markdown"])
