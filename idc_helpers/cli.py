@@ -41,17 +41,28 @@ def quiet_tensorflow() -> None:
 
 
 def _add_download(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("download", help="download the Kaggle dataset (needs a Kaggle API token)")
-    p.add_argument("--dest", default="data", help="folder that will hold the patient folders (default: ./data)")
+    p = sub.add_parser(
+        "download", help="download the Kaggle dataset (public: a Kaggle API token helps where Kaggle asks for one)",
+        description="Download and verify the Kaggle dataset into a folder of patient folders. Credentials, in this "
+                    "order: KAGGLE_API_TOKEN, ~/.kaggle/access_token, KAGGLE_USERNAME + KAGGLE_KEY, kaggle.json, "
+                    "the Colab secrets; without any, the request is sent anonymously.")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder that will hold the patient folders (default: ./data)")
+    p.add_argument("--dest", default=None, help=argparse.SUPPRESS)  # old spelling of --out
     p.add_argument("--force", action="store_true", help="download again even when a complete copy is there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_download(args: argparse.Namespace) -> int:
-    """``python -m idc_helpers download``."""
-    from idc_helpers.kaggle_download import run_download
+    """``python -m idc_helpers download [--out DIR] [--force]``: a verified copy of the dataset in ``DIR``."""
+    from idc_helpers.kaggle_download import download_dataset
 
-    return run_download(args)
+    out = args.out
+    if args.dest is not None:
+        print("download --dest DIR is deprecated: use --out DIR.", file=sys.stderr)
+        out = out or args.dest
+    download_dataset(out or "data", force=args.force, progress=not args.no_progress)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------

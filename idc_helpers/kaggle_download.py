@@ -5,9 +5,15 @@ The archive (``breast-histopathology-images.zip``, about 3.1 GB) holds every pat
 once, in the Kaggle layout that :mod:`idc_helpers.patch_index` reads.
 
 Nothing half-made ever sits at the destination: the archive is downloaded into a hidden folder next to it
-(``.<dest name>.partial``), checked (zip integrity, layout, patient and patch counts, every member's CRC while
-extracting) and only then renamed into place, which is atomic on one file system. A leftover hidden folder from
-an interrupted run is removed by the next run.
+(``.<dest name>.partial``), checked (zip integrity, layout, patient and patch counts; before a member is written:
+no absolute or ``..`` names, no links, no encryption, stored or deflated only, at most :data:`MAX_PATCH_BYTES`, a
+PNG signature and a header of at most 50x50 pixels; every member's CRC while extracting) and only then renamed
+into place, which is atomic on one file system (:func:`idc_helpers.atomic.install_dir`; ``--force`` swaps the old
+copy out so that a kill at any moment leaves the old or the new copy). A leftover hidden folder from an
+interrupted run is removed, and an old copy left aside is put back, by the next run.
+
+Credentials are optional: the dataset is public, and without credentials the request is sent anonymously; when
+Kaggle refuses that (401/403) the message says how to add a token.
 
 The HTTP requests go through ``kagglesdk``, the client library of the official ``kaggle`` package (2.x). It is used
 directly rather than through ``kaggle.KaggleApi`` for two reasons: importing ``kaggle`` authenticates at import time
@@ -24,18 +30,19 @@ import os
 import re
 import shutil
 import socket
+import stat
+import struct
 import sys
 import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from idc_helpers import KAGGLE_DATASET
-
-if TYPE_CHECKING:
-    import argparse
+from idc_helpers import KAGGLE_DATASET, PATCH_SIZE
+from idc_helpers.atomic import install_dir, recover_dir
+from idc_helpers.errors import ExternalError, UserError
 
 EXPECTED_PATIENTS = 279
 EXPECTED_PATCHES = 277_524
@@ -55,6 +62,12 @@ _MEMBER_RE = re.compile(rf"^(?:{NESTED_COPY}/)?(?P<rel>(?P<patient>\d+)/(?P<labe
 _REASON_RE = re.compile(r"\[Errno -?\d+\] [^'\")]+|IncompleteRead\([^)]*\)|Read timed out|timed out|Connection refused")
 _OWNER_FILE = "OWNER.json"
 _BLOCK = 4096
+# The largest member accepted as a patch. Real patches are 1-8 KB; even an uncompressed 16-bit RGBA 50x50 PNG is
+# under 21 KB, so anything larger is not a patch of this dataset (a decompression bomb, or not an image at all).
+MAX_PATCH_BYTES = 65_536
+# A PNG hardly deflates further; a member that inflates more than this is hostile, whatever its size.
+MAX_COMPRESSION_RATIO = 50
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _CREDENTIALS_HELP = (
     "To fix this: sign in at https://www.kaggle.com, open " + SETTINGS_URL + " and, under 'API', click "
@@ -65,12 +78,12 @@ _CREDENTIALS_HELP = (
 )
 
 
-class DownloadError(RuntimeError):
+class DownloadError(ExternalError, RuntimeError):
     """The dataset could not be downloaded; the message says why and what to do. Nothing was left at ``dest``."""
 
 
-class KaggleCredentialsError(DownloadError):
-    """No Kaggle credentials were found, a credentials file is malformed, or Kaggle rejected them (401/403)."""
+class KaggleCredentialsError(UserError, DownloadError):
+    """A credentials file is malformed, or Kaggle refused the credentials or the anonymous request (401/403)."""
 
 
 class NetworkError(DownloadError):
@@ -89,7 +102,7 @@ class ArchiveError(DownloadError):
     """The downloaded archive is corrupt or does not hold the expected layout and counts."""
 
 
-class DestinationError(DownloadError):
+class DestinationError(UserError, DownloadError):
     """The destination holds something other than a complete copy, or another download is using it."""
 
 
@@ -126,7 +139,7 @@ def find_credentials() -> Credentials | None:
     """Find Kaggle credentials without contacting Kaggle; ``None`` when there are none.
 
     Order (the ``kaggle`` client's own, so that the credentials reported are the ones sent): an API token
-    (``KAGGLE_API_TOKEN``, a token or a path to one, or ``~/.kaggle/access_token``); ``KAGGLE_USERNAME`` +
+    (``KAGGLE_API_TOKEN``, a token or a path to one, or ``~/.kaggle/access_token``); the legacy ``KAGGLE_USERNAME`` +
     ``KAGGLE_KEY``; ``kaggle.json`` (see :func:`kaggle_json_paths`); Colab secrets ``KAGGLE_API_TOKEN`` or
     ``KAGGLE_USERNAME`` + ``KAGGLE_KEY`` when running in Colab.
     Raises :class:`KaggleCredentialsError` for a ``kaggle.json`` that exists but cannot be used.
@@ -232,6 +245,7 @@ def download_dataset(
     expected_patches: int = EXPECTED_PATCHES,
     required_bytes: int = REQUIRED_FREE_BYTES,
     timeout: float = 60.0,
+    anonymous: bool = True,
 ) -> Path:
     """Make ``dest`` a complete copy of the Kaggle dataset (``<patient>/<0|1>/*.png``, each patch once); return it.
 
@@ -239,11 +253,14 @@ def download_dataset(
     copy replaces that folder (with anything else in it) once the new one is ready. An existing ``dest`` holding
     anything other than a complete copy is never touched: :class:`DestinationError`. ``required_bytes`` of free
     disk are demanded before downloading; ``timeout`` (seconds) bounds connecting and each read. ``expected_*``
-    exist so tests can serve a tiny archive. Raises a :class:`DownloadError` subclass with a message saying what
-    to do; on any failure ``dest`` is as it was and the temporary folder is removed.
+    exist so tests can serve a tiny archive. Without credentials the request is anonymous (the dataset is public)
+    unless ``anonymous=False``. Raises a :class:`DownloadError` subclass with a message saying what to do; on any
+    failure ``dest`` is as it was and the temporary folder is removed.
     """
     dest = Path(dest).expanduser().resolve()
     counts = {"expected_patients": expected_patients, "expected_patches": expected_patches}
+    if recover_dir(dest) == "restored":  # a --force swap was killed between its two renames
+        print(f"Restored the previous copy in {dest}, left aside by an interrupted download.")
     replacing = False
     if dest.exists():
         if is_complete_copy(dest, **counts):
@@ -259,7 +276,7 @@ def download_dataset(
 
     notes: list[str] = []
     credentials = _find_credentials(notes)
-    if credentials is None:
+    if credentials is None and not anonymous:
         raise KaggleCredentialsError(_missing_credentials_message(notes))
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -267,28 +284,20 @@ def download_dataset(
     work = _claim_work_dir(dest)
     try:
         archive = work / "archive.zip"
-        print(f"Downloading {dataset} from Kaggle ({credentials}) into {dest} ...")
-        _fetch_archive(dataset, credentials, archive, dest, progress=progress, timeout=timeout)
+        who = credentials or "anonymously: no credentials found; the dataset is public"
+        print(f"Downloading {dataset} from Kaggle ({who}) into {dest} ...")
+        _fetch_archive(dataset, credentials, archive, dest, progress=progress, timeout=timeout, notes=notes)
         extracted = work / "dataset"
         _extract_verified(archive, extracted, dest, progress=progress, **counts)
         archive.unlink()
-        _move_into_place(extracted, dest, work, replacing=replacing)
+        install_dir(extracted, dest, replace=replacing)
+        if replacing:
+            print(f"Replaced the previous copy in {dest}.")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     patients, patches = count_copy(dest)
     print(f"Dataset ready: {dest} ({patients} patients, {patches:,} patches).")
     return dest
-
-
-def run_download(args: argparse.Namespace) -> int:
-    """CLI ``download``: ``args.dest``, ``args.force``, ``args.no_progress``. Prints the reason and returns 1 on a
-    known failure (no traceback), 0 on success."""
-    try:
-        download_dataset(args.dest, force=args.force, progress=not args.no_progress)
-    except DownloadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 # --- messages -------------------------------------------------------------------------------------------------
@@ -303,6 +312,11 @@ def _missing_credentials_message(notes: list[str]) -> str:
         + " ".join(notes) + (" " if notes else "") + _CREDENTIALS_HELP
         + " Without credentials, use a copy you already have (IDC_DATA_DIR=/path/to/it) or the synthetic demo data."
     )
+
+
+def _anonymous_refused_message(status: int | None, notes: list[str], dest: Path) -> str:
+    return (f"Kaggle refused an anonymous download (HTTP {status}); nothing was written to {dest}. "
+            + _missing_credentials_message(notes))
 
 
 def _not_empty_message(dest: Path, expected_patients: int, expected_patches: int) -> str:
@@ -382,9 +396,10 @@ def _pid_alive(pid: Any) -> bool:
 # --- download -------------------------------------------------------------------------------------------------
 
 
-def _fetch_archive(dataset: str, credentials: Credentials, archive: Path, dest: Path, *, progress: bool,
-                   timeout: float) -> None:
-    """Stream the dataset archive into ``archive`` through kagglesdk, mapping failures to our exceptions."""
+def _fetch_archive(dataset: str, credentials: Credentials | None, archive: Path, dest: Path, *, progress: bool,
+                   timeout: float, notes: list[str]) -> None:
+    """Stream the dataset archive into ``archive`` through kagglesdk (anonymously when ``credentials`` is None),
+    mapping failures to our exceptions."""
     import requests
     from kagglesdk import KaggleClient
     from kagglesdk.datasets.types.dataset_api_service import ApiDownloadDatasetRequest
@@ -401,8 +416,11 @@ def _fetch_archive(dataset: str, credentials: Credentials, archive: Path, dest: 
     done = total = 0
     response = None
     try:
-        with KaggleClient(username=credentials.username, password=credentials.key,
-                          api_token=credentials.token) as client:
+        # With no credentials kagglesdk sends the request without an Authorization header (it would look for a
+        # token and ~/.kaggle/kaggle.json itself, which _find_credentials has already found absent).
+        given = {"username": credentials.username, "password": credentials.key, "api_token": credentials.token} \
+            if credentials is not None else {}
+        with KaggleClient(**given) as client:
             _set_default_timeout(client, timeout)
             # The server answers with a redirect to the archive, which requests follows; the body is streamed.
             response = client.datasets.dataset_api_client.download_dataset(request)
@@ -416,7 +434,7 @@ def _fetch_archive(dataset: str, credentials: Credentials, archive: Path, dest: 
                     done += len(chunk)
                     bar.update(len(chunk))
     except requests.HTTPError as exc:
-        raise _http_error(exc, credentials, dataset, dest) from None
+        raise _http_error(exc, credentials, dataset, dest, notes) from None
     except (requests.exceptions.ChunkedEncodingError, requests.exceptions.ContentDecodingError) as exc:
         raise DownloadInterruptedError(_interrupted_message(done, total, exc, dest)) from None
     except (requests.ConnectionError, requests.Timeout) as exc:
@@ -466,12 +484,15 @@ def _interrupted_message(done: int, total: int, exc: object, dest: Path) -> str:
     )
 
 
-def _http_error(exc: Any, credentials: Credentials, dataset: str, dest: Path) -> DownloadError:
+def _http_error(exc: Any, credentials: Credentials | None, dataset: str, dest: Path,
+                notes: list[str]) -> DownloadError:
     status = exc.response.status_code if exc.response is not None else None
     if exc.response is not None and exc.response.history:
         # The API accepted us and redirected; the storage link itself failed (it expires after a while).
         return DownloadError(f"Kaggle's download link for {dataset} failed (HTTP {status}). Nothing was written to "
                              f"{dest}; run again to get a fresh link.")
+    if status in (401, 403) and credentials is None:
+        return KaggleCredentialsError(_anonymous_refused_message(status, notes, dest))
     if status in (401, 403):
         extra = (f" HTTP 403 can also mean your account may not download this dataset yet: open {DATASET_URL} "
                  "while signed in, accept any terms shown, and verify your phone number if Kaggle asks."
@@ -492,15 +513,36 @@ def _http_error(exc: Any, credentials: Credentials, dataset: str, dest: Path) ->
 # --- verify and extract ---------------------------------------------------------------------------------------
 
 
+def _hostile_member(info: zipfile.ZipInfo) -> str | None:
+    """Why this member must not be extracted (an unsafe name, a link, encryption, an unknown compression), or None."""
+    name = info.filename
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return f"{name!r} has an absolute path"
+    if ".." in parts:
+        return f"{name!r} points outside the dataset folder ('..')"
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return f"{name!r} is a symbolic link"
+    if info.flag_bits & 0x1:
+        return f"{name!r} is encrypted"
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) and not info.is_dir():
+        return f"{name!r} uses compression method {info.compress_type} (Kaggle's archives are stored or deflated)"
+    return None
+
+
 def _plan_members(zf: zipfile.ZipFile) -> tuple[dict[str, zipfile.ZipInfo], int, list[str]]:
     """Map each patch's relative path to one archive member, preferring the top-level copy over the nested one.
 
-    Returns ``(kept, duplicates skipped, other file names)``; directory entries are ignored.
+    Returns ``(kept, duplicates skipped, other file names)``; directory entries are ignored. Raises
+    :class:`_Refused` for any member that is unsafe to extract, kept or not (see :func:`_hostile_member`).
     """
     kept: dict[str, zipfile.ZipInfo] = {}
     duplicates = 0
     other: list[str] = []
     for info in zf.infolist():
+        reason = _hostile_member(info)
+        if reason is not None:
+            raise _Refused(reason)
         if info.is_dir():
             continue
         match = _MEMBER_RE.match(info.filename)
@@ -517,15 +559,41 @@ def _plan_members(zf: zipfile.ZipFile) -> tuple[dict[str, zipfile.ZipInfo], int,
     return kept, duplicates, other
 
 
+class _Refused(Exception):
+    """An archive member that is not a patch; becomes the "damaged archive" :class:`ArchiveError`."""
+
+
+def _check_declared_size(info: zipfile.ZipInfo) -> None:
+    if info.file_size > MAX_PATCH_BYTES:
+        raise _Refused(f"{info.filename!r} would be {info.file_size:,} bytes; a patch is at most "
+                       f"{MAX_PATCH_BYTES:,}")
+    if info.compress_size and info.file_size > MAX_COMPRESSION_RATIO * info.compress_size:
+        raise _Refused(f"{info.filename!r} inflates {info.file_size / info.compress_size:.0f}-fold; a PNG hardly "
+                       "compresses")
+
+
+def _check_patch_bytes(name: str, data: bytes) -> None:
+    """A patch is a PNG whose header says at most 50x50 pixels; read nothing else from it."""
+    if len(data) > MAX_PATCH_BYTES:
+        raise _Refused(f"{name!r} holds more than {MAX_PATCH_BYTES:,} bytes")
+    if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 24:
+        raise _Refused(f"{name!r} is named like a patch but is not a PNG image")
+    width, height = struct.unpack(">II", data[16:24])
+    if not (1 <= width <= PATCH_SIZE and 1 <= height <= PATCH_SIZE):
+        raise _Refused(f"{name!r} is a {width}x{height} image; a patch is at most {PATCH_SIZE}x{PATCH_SIZE}")
+
+
 def _extract_verified(archive: Path, out: Path, dest: Path, *, progress: bool, expected_patients: int,
                       expected_patches: int) -> None:
-    """Check the archive's layout and counts, extract each patch once into ``out`` (CRC-checked), recount."""
+    """Check the archive's members, layout and counts, extract each patch once into ``out`` (each checked by
+    :func:`_check_declared_size` before and :func:`_check_patch_bytes` after reading, CRC-checked), recount."""
     from tqdm import tqdm
 
     def corrupt(reason: object) -> ArchiveError:
         return ArchiveError(
-            f"The downloaded archive is damaged ({reason}). It was deleted and {dest} was not created. This "
-            "usually means a transfer cut short or altered on the way (a proxy, a full disk): run again."
+            f"The downloaded archive is damaged or is not the dataset ({reason}). It was deleted and {dest} was not "
+            "created. This usually means a transfer cut short or altered on the way (a proxy, a full disk): run "
+            f"again; if it happens again, the file served is not Kaggle's dataset ({DATASET_URL})."
         )
 
     try:
@@ -533,7 +601,12 @@ def _extract_verified(archive: Path, out: Path, dest: Path, *, progress: bool, e
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
         raise corrupt(exc) from None
     with zf:
-        kept, duplicates, other = _plan_members(zf)
+        try:
+            kept, duplicates, other = _plan_members(zf)
+            for info in kept.values():
+                _check_declared_size(info)
+        except _Refused as exc:
+            raise corrupt(exc) from None
         patients = len({rel.split("/", 1)[0] for rel in kept})
         if (patients, len(kept)) != (expected_patients, expected_patches):
             raise ArchiveError(
@@ -557,30 +630,17 @@ def _extract_verified(archive: Path, out: Path, dest: Path, *, progress: bool, e
                 if target.parent not in made:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     made.add(target.parent)
-                # zipfile checks each member's CRC-32 as it is read and raises BadZipFile on a mismatch.
-                with zf.open(info) as src, open(target, "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 16)
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+                # zipfile checks each member's CRC-32 as it is read and raises BadZipFile on a mismatch; reading
+                # one byte more than allowed catches a member whose data outgrows its declared size.
+                with zf.open(info) as src:
+                    data = src.read(MAX_PATCH_BYTES + 1)
+                _check_patch_bytes(name, data)
+                target.write_bytes(data)
+        except _Refused as exc:
+            raise corrupt(exc) from None
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
             raise corrupt(f"{name}: {exc}") from None
     if not is_complete_copy(out, expected_patients=expected_patients, expected_patches=expected_patches):
         found = count_copy(out)
         raise ArchiveError(f"After extraction {out} holds {found[0]} patients and {found[1]:,} patches instead of "
                            f"{expected_patients} and {expected_patches:,}; nothing was written to {dest}. Run again.")
-
-
-def _move_into_place(extracted: Path, dest: Path, work: Path, *, replacing: bool) -> None:
-    """Rename the verified copy onto ``dest`` (atomic on one file system); an old complete copy goes into ``work``,
-    which the caller deletes."""
-    previous = work / "previous"
-    if replacing:
-        os.rename(dest, previous)
-    elif dest.exists():
-        dest.rmdir()  # checked empty before downloading; rmdir refuses if something appeared since
-    try:
-        os.rename(extracted, dest)
-    except OSError:
-        if replacing:
-            os.rename(previous, dest)
-        raise
-    if replacing:
-        print(f"Replaced the previous copy in {dest}.")

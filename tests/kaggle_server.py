@@ -4,8 +4,10 @@ kagglesdk's ``KAGGLE_API_ENVIRONMENT=TEST`` sends requests to http://localhost:7
 A dataset download is two requests, as on kaggle.com:
 
 1. ``POST /api/v1/datasets.DatasetApiService/DownloadDataset`` with the JSON body ``{"ownerSlug", "datasetSlug"}``
-   and HTTP basic auth (username, API key) or ``Authorization: Bearer <token>``. Bad credentials get 401 with a JSON
-   error body; good ones a 302 redirect to the archive (Kaggle redirects to a signed storage URL).
+   and HTTP basic auth (username, API key) or ``Authorization: Bearer <token>``, or no credentials at all. Bad
+   credentials get 401 with a JSON error body; good ones a 302 redirect to the archive (Kaggle redirects to a
+   signed storage URL). A request without credentials is served like a good one when ``anonymous`` is True (the
+   dataset is public), and refused with ``refuse_status`` (401 or 403) otherwise.
 2. ``GET`` of the redirect target, answered with the zip and its ``Content-Length``.
 
 ``mode`` makes the archive transfer fail the ways real networks do: ``"cut"`` closes the connection halfway,
@@ -23,6 +25,7 @@ import socket
 import threading
 import time
 import zipfile
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import cv2
@@ -73,6 +76,65 @@ def build_archive(patches: dict[str, bytes], *, nested: bool = True) -> bytes:
     return buffer.getvalue()
 
 
+def png_header(width: int, height: int) -> bytes:
+    """The first bytes of a PNG that claims ``width`` x ``height`` pixels (signature and IHDR chunk only)."""
+    import struct
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+
+
+def hostile_archive(patches: dict[str, bytes], kind: str) -> bytes:
+    """:func:`build_archive` (no nested copy) with one member replaced or added the way a hostile or broken archive
+    would have it. ``kind``: ``zeros`` (a patch name holding 5 MB of zeros), ``inflates`` (a patch name holding
+    60 kB of zeros deflated: under the size limit, but a thousandfold compression), ``bomb`` (a small PNG whose header says 20000x20000), ``not_png``, ``bzip2``,
+    ``encrypted`` (the encryption flag set), ``dotdot``, ``absolute``, ``symlink``."""
+    first = sorted(patches)[0]
+    members = dict(patches)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as zf:
+        special: zipfile.ZipInfo | None = None
+        data = b""
+        if kind == "zeros":
+            members[first] = bytes(5_000_000)
+        elif kind == "inflates":
+            special, data = zipfile.ZipInfo(first), bytes(60_000)
+            special.compress_type = zipfile.ZIP_DEFLATED
+        elif kind == "bomb":
+            members[first] = png_header(20000, 20000) + bytes(100)
+        elif kind == "not_png":
+            members[first] = b"GIF89a" + bytes(2000)
+        elif kind == "bzip2":
+            special, data = zipfile.ZipInfo(first), patches[first]
+            special.compress_type = zipfile.ZIP_BZIP2
+        elif kind == "encrypted":
+            special, data = zipfile.ZipInfo(first), patches[first]  # the flag is set below: writestr clears it
+        elif kind == "dotdot":
+            special, data = zipfile.ZipInfo("8863/0/../../../escaped.png"), patches[first]
+        elif kind == "absolute":
+            special, data = zipfile.ZipInfo("/tmp/absolute_idx5_x1_y1_class0.png"), patches[first]
+        elif kind == "symlink":
+            special, data = zipfile.ZipInfo(first), b"/etc/passwd"
+            special.external_attr = (0o120777 << 16)
+        else:
+            raise ValueError(kind)
+        if special is not None and special.filename == first:
+            del members[first]
+        for rel, content in sorted(members.items()):
+            zf.writestr(rel, content)
+        if special is not None:
+            zf.writestr(special, data)
+    raw = bytearray(buffer.getvalue())
+    if kind == "encrypted":  # set bit 0 of the flags in the member's local header and its central directory entry
+        local = raw.rindex(b"PK\x03\x04")  # the special member was written last
+        central = raw.rindex(first.encode()) - 46  # its name's last occurrence: in the central directory entry
+        assert raw[central:central + 4] == b"PK\x01\x02"
+        raw[local + 6] |= 0x1
+        raw[central + 8] |= 0x1
+    return bytes(raw)
+
+
 def isolate_kaggle_env(monkeypatch, home: os.PathLike[str] | str) -> None:
     """Point the kaggle client at the local server and hide every real credential: HOME becomes ``home``,
     every ``KAGGLE_*`` variable and ``XDG_CONFIG_HOME`` are removed, and localhost bypasses any proxy."""
@@ -97,8 +159,10 @@ class FakeKaggle:
     """The fake Kaggle server. Use as a context manager; ``requests`` lists ``(method, path)`` of each request."""
 
     def __init__(self, archive: bytes, *, username: str = "ada", key: str = "right-key", token: str | None = None,
-                 dataset: str = KAGGLE_DATASET, mode: str = "ok") -> None:
+                 dataset: str = KAGGLE_DATASET, mode: str = "ok", anonymous: bool = False,
+                 refuse_status: int = 401) -> None:
         self.archive = archive
+        self.anonymous, self.refuse_status = anonymous, refuse_status
         self.username, self.key, self.token = username, key, token
         self.dataset = dataset
         self.mode = mode
@@ -169,7 +233,12 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.path != DOWNLOAD_PATH:
             return self._json(404, {"code": 404, "message": f"no such endpoint {self.path}"})
-        if not self.fake.authorised(self.headers.get("Authorization")):
+        header = self.headers.get("Authorization")
+        if header is None and not self.fake.anonymous:
+            status = self.fake.refuse_status
+            return self._json(status, {"code": status, "message": "Unauthenticated" if status == 401 else
+                                       "Permission denied"})
+        if header is not None and not self.fake.authorised(header):
             return self._json(401, {"code": 401, "message": "Unauthenticated"})
         request = json.loads(body or b"{}")
         if f"{request.get('ownerSlug')}/{request.get('datasetSlug')}" != self.fake.dataset:

@@ -25,12 +25,14 @@ from idc_helpers.kaggle_download import (
     is_complete_copy,
 )
 from idc_helpers.patch_index import build_index
+from idc_helpers.atomic import old_copy_path
 from kaggle_server import (
     DOWNLOAD_PATH,
     NESTED,
     STORAGE_PATH,
     FakeKaggle,
     build_archive,
+    hostile_archive,
     isolate_kaggle_env,
     make_patches,
     port_in_use,
@@ -143,21 +145,46 @@ def test_wrong_credentials(server, home, tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
-def test_missing_credentials(server, home, tmp_path):
+def test_missing_credentials_refused_anonymously(server, home, tmp_path):
     assert find_credentials() is None
     with pytest.raises(KaggleCredentialsError) as info:
         download_dataset(tmp_path / "data", **SMALL)
     message = str(info.value)
-    assert "No Kaggle API credentials" in message
+    assert "refused an anonymous download (HTTP 401)" in message and "No Kaggle API credentials" in message
     assert str(home / ".kaggle" / "kaggle.json") in message and "chmod 600" in message
-    assert "KAGGLE_USERNAME" in message and "Colab" in message
-    assert server.requests == [] and leftovers(tmp_path) == []
+    assert "KAGGLE_USERNAME" in message and "KAGGLE_API_TOKEN" in message and "Colab" in message
+    assert server.requests == [("POST", DOWNLOAD_PATH)] and leftovers(tmp_path) == []
+
+
+def test_anonymous_download_where_the_server_allows_it(server, home, tmp_path, patches, capsys):
+    server.anonymous = True
+    download_dataset(tmp_path / "data", **SMALL)
+    assert tree(tmp_path / "data") == patches
+    assert "anonymously" in capsys.readouterr().out
+
+
+def test_anonymous_403_is_a_credentials_error_and_can_be_switched_off(server, home, tmp_path):
+    server.refuse_status = 403
+    with pytest.raises(KaggleCredentialsError, match="HTTP 403"):
+        download_dataset(tmp_path / "data", **SMALL)
+    with pytest.raises(KaggleCredentialsError, match="No Kaggle API credentials"):
+        download_dataset(tmp_path / "data", anonymous=False, **SMALL)
+    assert len(server.requests) == 1 and leftovers(tmp_path) == []
+
+
+def test_access_token_file_and_legacy_json(server, home, tmp_path, patches):
+    (home / ".kaggle").mkdir()
+    (home / ".kaggle" / "access_token").write_text(TOKEN)
+    found = find_credentials()
+    assert found.token == TOKEN and "~/.kaggle/access_token" in str(found)
+    download_dataset(tmp_path / "data", **SMALL)
+    assert tree(tmp_path / "data") == patches
 
 
 def test_half_set_environment_is_named(home, tmp_path, monkeypatch):
     monkeypatch.setenv("KAGGLE_USERNAME", USER)
     with pytest.raises(KaggleCredentialsError, match="KAGGLE_KEY is not"):
-        download_dataset(tmp_path / "data", **SMALL)
+        download_dataset(tmp_path / "data", anonymous=False, **SMALL)
 
 
 def test_malformed_kaggle_json_names_the_file(home, tmp_path):
@@ -166,6 +193,14 @@ def test_malformed_kaggle_json_names_the_file(home, tmp_path):
     path.write_text('{"username": "ada"}')
     with pytest.raises(KaggleCredentialsError, match="kaggle.json cannot be used"):
         find_credentials()
+
+
+def test_colab_secret_api_token(home, monkeypatch):
+    colab = types.ModuleType("google.colab")
+    colab.userdata = types.SimpleNamespace(get={"KAGGLE_API_TOKEN": TOKEN}.get)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    found = find_credentials()
+    assert found.token == TOKEN and "Colab secret KAGGLE_API_TOKEN" in str(found)
 
 
 def test_colab_secrets(home, monkeypatch):
@@ -185,7 +220,7 @@ def test_colab_secrets(home, monkeypatch):
     colab.userdata = types.SimpleNamespace(get=get)
     monkeypatch.setitem(sys.modules, "google.colab", colab)
     with pytest.raises(KaggleCredentialsError, match="Colab secret KAGGLE_KEY exists but"):
-        download_dataset(home.parent / "data", **SMALL)
+        download_dataset(home.parent / "data", anonymous=False, **SMALL)
     secrets["KAGGLE_KEY"] = KEY
     colab.userdata = types.SimpleNamespace(get=secrets.get)
     found = find_credentials()
@@ -272,6 +307,36 @@ def test_unexpected_counts(server, env_credentials, tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("kind, reason", [
+    ("zeros", "would be 5,000,000 bytes"),
+    ("inflates", "inflates"),
+    ("bomb", "20000x20000 image"),
+    ("not_png", "not a PNG"),
+    ("bzip2", "compression method 12"),
+    ("encrypted", "is encrypted"),
+    ("dotdot", "outside the dataset folder"),
+    ("absolute", "absolute path"),
+    ("symlink", "symbolic link"),
+])
+def test_what_is_not_a_patch_is_never_installed(kind, reason, server, env_credentials, tmp_path, patches):
+    server.archive = hostile_archive(patches, kind)
+    with pytest.raises(ArchiveError) as info:
+        download_dataset(tmp_path / "data", **SMALL)
+    message = str(info.value)
+    assert reason in message and "damaged or is not the dataset" in message and "\n" not in message
+    assert leftovers(tmp_path) == []  # nothing extracted anywhere, the work folder removed
+    assert not (tmp_path.parent / "escaped.png").exists()
+
+
+def test_a_force_swap_killed_between_its_renames_is_restored(server, env_credentials, tmp_path, patches, capsys):
+    dest = tmp_path / "data"
+    download_dataset(dest, **SMALL)
+    dest.rename(old_copy_path(dest))  # what a kill right after the first rename of a --force swap leaves
+    assert download_dataset(dest, **SMALL) == dest
+    assert "Restored the previous copy" in capsys.readouterr().out
+    assert tree(dest) == patches and leftovers(tmp_path) == ["data"] and len(server.requests) == 2
+
+
 def test_existing_folder_is_left_alone(server, env_credentials, tmp_path):
     dest = tmp_path / "data"
     (dest / "8863" / "0").mkdir(parents=True)
@@ -287,7 +352,16 @@ def test_empty_folder_is_filled(server, env_credentials, tmp_path, patches):
     assert tree(tmp_path / "data") == patches
 
 
-def test_cli_prints_the_message_without_traceback(home, tmp_path, capsys):
-    assert main(["download", "--dest", str(tmp_path / "data"), "--no-progress"]) == 1
+def test_cli_prints_one_line_without_traceback(server, home, tmp_path, capsys):
+    assert main(["download", "--out", str(tmp_path / "data"), "--no-progress"]) == 2  # a user's fix: credentials
     err = capsys.readouterr().err
-    assert err.startswith("error: No Kaggle API credentials") and "Traceback" not in err
+    assert err.startswith("error: Kaggle refused an anonymous download") and "Traceback" not in err
+    assert err.count("\n") == 1
+    assert main(["download", "--dest", str(tmp_path / "data"), "--no-progress"]) == 2  # the old spelling
+    assert capsys.readouterr().err.startswith("download --dest DIR is deprecated: use --out DIR.\nerror: Kaggle")
+
+
+def test_cli_outside_failure_exits_3(server, env_credentials, tmp_path, capsys):
+    server.mode = "cut"
+    assert main(["download", "--out", str(tmp_path / "data"), "--no-progress"]) == 3
+    assert capsys.readouterr().err.startswith("error: The download from Kaggle was interrupted")
