@@ -11,15 +11,13 @@ prob_idc    float   the model's IDC probability in [0, 1]
 pred        int     ``prob_idc >= threshold`` (the run's threshold, chosen on validation patients)
 =========== ======= ================================================================
 
-``python -m idc_helpers predict --model RUN_DIR --data-dir DIR --out preds.csv`` writes it for every patch of a
+``python -m idc_helpers predict --run RUN_DIR --data-dir DIR --out preds.csv`` writes it for every patch of a
 folder in the Kaggle layout (patients the model never saw, or a subset of the run's split with ``--subset``).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -28,61 +26,28 @@ import numpy as np
 import pandas as pd
 
 from idc_helpers.atomic import atomic_path
+from idc_helpers.errors import UserError
+from idc_helpers.inference import predict_probs
+from idc_helpers.loader import load_patches
+from idc_helpers.run import Run, load_run
 
 if TYPE_CHECKING:
     import keras
 
-    from idc_helpers.training import Run
+class PredictionsError(UserError, ValueError):
+    """A predictions table that breaks the format, or a selection of patients that selects nothing usable."""
+
+
+class PredictionsExistError(UserError, FileExistsError):
+    """The predictions file to write exists already (kept unless asked to replace it)."""
+
+
+class PredictionsFileError(UserError, FileNotFoundError):
+    """The predictions file to read does not exist."""
+
 
 PREDICTION_COLUMNS = ["path", "patient_id", "x", "y", "label", "prob_idc", "pred"]
 _INT_COLUMNS = ("x", "y", "label", "pred")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Model outputs
-
-
-def dihedral_views(images: np.ndarray) -> list[np.ndarray]:
-    """The 8 flips/rotations of ``(N, H, W, C)`` images (identity first); histology has no preferred orientation."""
-    views = []
-    for k in range(4):
-        rotated = np.rot90(images, k, axes=(1, 2))
-        views += [rotated, rotated[:, :, ::-1]]
-    return views
-
-
-def predict_probs(
-    model: keras.Model,
-    images: np.ndarray,
-    *,
-    indices: np.ndarray | None = None,
-    tta: bool = False,
-    batch_size: int = 512,
-) -> np.ndarray:
-    """IDC probability of each patch: ``images`` ``(N, 50, 50, 3)`` 0..255 (uint8, may be a memmap) -> ``(N,)``
-    float32 (or ``(len(indices),)`` for the rows in ``indices``).
-
-    Reads one batch at a time from ``images``, so a memmapped cache is never loaded whole. With ``tta`` the
-    softmax outputs of the 8 dihedral views are averaged.
-    """
-    rows = np.arange(len(images)) if indices is None else np.asarray(indices)
-    out = np.empty(len(rows), dtype=np.float32)
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        # A contiguous slice of a memmap is a cheap view; fancy indexing copies only this batch.
-        batch = images[chunk[0]:chunk[-1] + 1] if _contiguous(chunk) else images[chunk]
-        batch = np.asarray(batch, dtype=np.float32)
-        views = dihedral_views(batch) if tta else [batch]
-        total = np.zeros(len(chunk), dtype=np.float64)
-        for view in views:
-            probs = model.predict_on_batch(np.ascontiguousarray(view))
-            total += np.asarray(probs, dtype=np.float64)[:, 1]
-        out[start:start + len(chunk)] = total / len(views)
-    return out
-
-
-def _contiguous(chunk: np.ndarray) -> bool:
-    return len(chunk) > 0 and chunk[-1] - chunk[0] == len(chunk) - 1 and bool(np.all(np.diff(chunk) == 1))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -100,16 +65,14 @@ def predict_frame(
 ) -> pd.DataFrame:
     """Predict every patch of a patch index ``frame`` and return the predictions table (one row per patch).
 
-    ``model_or_run``: a run folder (its stored threshold is used), a loaded :class:`~idc_helpers.training.Run`,
+    ``model_or_run``: a run folder (its stored threshold is used), a loaded :class:`~idc_helpers.run.Run`,
     a ``.keras`` file or a Keras model (threshold 0.5 unless ``threshold`` is given). Patches whose files fail to
     decode are left out, with a warning naming them.
     """
-    from idc_helpers.loader import load_patches
-
     model, stored_threshold = _model_and_threshold(model_or_run)
     threshold = stored_threshold if threshold is None else float(threshold)
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        raise PredictionsError(f"threshold must be in [0, 1], got {threshold}")
     loaded = load_patches(frame, cache_dir=cache_dir)
     if loaded.problems:
         names = "; ".join(str(p) for p in loaded.problems[:10])
@@ -126,8 +89,6 @@ def predict_frame(
 
 
 def _model_and_threshold(model_or_run) -> tuple[keras.Model, float]:
-    from idc_helpers.training import Run, load_run
-
     if isinstance(model_or_run, (str, os.PathLike)):
         model_or_run = load_run(model_or_run)
     if isinstance(model_or_run, Run):
@@ -136,14 +97,14 @@ def _model_and_threshold(model_or_run) -> tuple[keras.Model, float]:
 
 
 def validate_predictions(df: pd.DataFrame, source: str = "predictions table") -> pd.DataFrame:
-    """Check a predictions table and return it; raise ``ValueError`` naming ``source`` and what is wrong.
+    """Check a predictions table and return it; raise :class:`PredictionsError` naming ``source`` and what is wrong.
 
     Checks: the columns of :data:`PREDICTION_COLUMNS`; ``path`` and ``patient_id`` text; ``x, y, label, pred``
     integers; ``prob_idc`` float in [0, 1] without NaN; ``label`` and ``pred`` in {0, 1}; one row per path.
     """
     missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
     if missing:
-        raise ValueError(f"{source}: missing columns {missing}; expected {PREDICTION_COLUMNS}")
+        raise PredictionsError(f"{source}: missing columns {missing}; expected {PREDICTION_COLUMNS}")
     problems = []
     for col in ("path", "patient_id"):
         if not (pd.api.types.is_string_dtype(df[col]) or pd.api.types.is_object_dtype(df[col])) or \
@@ -165,7 +126,7 @@ def validate_predictions(df: pd.DataFrame, source: str = "predictions table") ->
     if len(duplicated):
         problems.append(f"{len(duplicated)} duplicated paths, one row per patch expected (e.g. {duplicated.iloc[0]})")
     if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
+        raise PredictionsError(f"{source}: " + "; ".join(problems))
     return df
 
 
@@ -173,7 +134,7 @@ def write_predictions(df: pd.DataFrame, path: str | os.PathLike[str], *, overwri
     """Validate and write the table as CSV, atomically; an existing file is kept unless ``overwrite``."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another --out or pass --overwrite to replace it.")
+        raise PredictionsExistError(f"{path} already exists; choose another --out or pass --overwrite to replace it.")
     validate_predictions(df)
     with atomic_path(path) as tmp:
         # Full precision (shortest repr): `prob_idc >= threshold` must give the same `pred` after reading back.
@@ -185,68 +146,57 @@ def read_predictions(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read and validate a predictions CSV (``patient_id`` and ``path`` stay text)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such predictions file; write one with `python -m idc_helpers predict`.")
+        raise PredictionsFileError(f"{path}: no such predictions file; write one with `python -m idc_helpers predict`.")
     df = pd.read_csv(path, dtype={"path": str, "patient_id": str, "x": np.int32, "y": np.int32, "label": np.int8,
                                   "prob_idc": np.float64, "pred": np.int8})
     return validate_predictions(df, source=str(path))
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Command line
+# Which patches
 
 
 def select_patients(frame: pd.DataFrame, *, run: Run | None = None, subset: str | None = None,
                     patients: Sequence[str] | None = None) -> pd.DataFrame:
-    """Rows of ``frame`` for a subset of the run's split (``train``/``val``/``test``) and/or given patient ids."""
+    """Rows of ``frame`` for a subset of the run's split (``train``/``val``/``test``) and/or given patient ids.
+
+    Raises :class:`PredictionsError` naming the patients asked for and those the folder holds when the
+    selection is empty.
+    """
     keep = np.ones(len(frame), dtype=bool)
+    present = sorted(set(frame["patient_id"]), key=_patient_order)
+    held = _listing(present)
     if subset is not None:
         lists = run.split if run is not None else {}
         if subset not in lists:
-            raise ValueError(f"--subset {subset}: the model has no stored patient split; "
-                             "give the run folder written by `train`, not a bare .keras file")
+            raise PredictionsError(f"--subset {subset}: the model has no stored patient split; "
+                                   "give the run folder written by `train`, not a bare .keras file")
+        if not lists[subset]:
+            raise PredictionsError(f"the run has no {subset} patients (its split left that subset empty); "
+                                   "select patients with --patients instead")
         keep &= frame["patient_id"].isin(lists[subset]).to_numpy()
+        if not keep.any():
+            raise PredictionsError(f"the dataset folder holds none of the {subset} patients of the run "
+                                   f"({_listing(lists[subset])}); it holds {held}. Give the folder the run was "
+                                   "trained on with --data-dir.")
     if patients:
         wanted = [p.strip() for p in patients if p.strip()]
-        unknown = sorted(set(wanted) - set(frame["patient_id"]))
+        unknown = sorted(set(wanted) - set(present), key=_patient_order)
         if unknown:
-            raise ValueError(f"patients not in the dataset folder: {', '.join(unknown)}")
+            raise PredictionsError(f"patients not in the dataset folder: {', '.join(unknown)}; it holds {held}.")
         keep &= frame["patient_id"].isin(wanted).to_numpy()
+        if not keep.any():
+            raise PredictionsError(f"none of the patients {', '.join(wanted)} is in the run's {subset} subset.")
+    if not keep.any():
+        raise PredictionsError("no patches to predict: the dataset folder holds no patches.")
     return frame[keep].reset_index(drop=True)
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    """``python -m idc_helpers predict``: write the predictions CSV; exit status 2 on a usage error."""
-    from idc_helpers.training import enable_onednn
+def _patient_order(pid: str) -> tuple[int, str]:
+    return (int(pid), pid) if pid.isdigit() else (10**18, pid)
 
-    enable_onednn()  # before TensorFlow is imported by load_run
-    from idc_helpers.demo_data import SYNTHETIC_NOTICE, is_synthetic
-    from idc_helpers.patch_index import DatasetFolderError, build_index
-    from idc_helpers.training import load_run
 
-    out = Path(args.out)
-    try:
-        if out.exists() and not args.overwrite:
-            raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite to replace it.")
-        if is_synthetic(args.data_dir):
-            print(SYNTHETIC_NOTICE, flush=True)
-        index = build_index(args.data_dir)
-        run = load_run(args.model)
-        frame = select_patients(index.frame, run=run, subset=args.subset,
-                                patients=args.patients.split(",") if args.patients else None)
-        if frame.empty:
-            raise ValueError("no patches to predict: the dataset folder holds none of the selected patients")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            table = predict_frame(run, frame, tta=args.tta, cache_dir=args.cache_dir)
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
-        write_predictions(table, out, overwrite=args.overwrite)
-    except (FileExistsError, FileNotFoundError, DatasetFolderError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"Wrote {len(table):,} predictions ({table['patient_id'].nunique()} patients, "
-          f"{int(table['pred'].sum()):,} predicted IDC at threshold {run.threshold:.3f}) to {out}")
-    if index.problems:
-        print(f"{len(index.problems)} files of {args.data_dir} are not patches and were skipped "
-              f"(details: python -m idc_helpers index {args.data_dir}).")
-    return 0
+def _listing(ids: Sequence[str], limit: int = 10) -> str:
+    ids = list(ids)
+    more = f" and {len(ids) - limit} more" if len(ids) > limit else ""
+    return ", ".join(ids[:limit]) + more if ids else "no patients"

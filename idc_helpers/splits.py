@@ -11,10 +11,16 @@ measured on such a leaky split).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Literal, Mapping
 
 import numpy as np
 import pandas as pd
+
+from idc_helpers.errors import UserError
+
+class SplitError(UserError, ValueError):
+    """A split that cannot be made as asked (unknown name, bad fractions or fold count, overlapping subsets)."""
+
 
 SUBSETS = ("train", "val", "test")
 SPLIT_NAMES = ("janowczyk2016", "patients")
@@ -54,16 +60,23 @@ def _patients(frame: pd.DataFrame) -> pd.DataFrame:
     return table.iloc[order].reset_index(drop=True)
 
 
-def janowczyk2016_split(frame: pd.DataFrame) -> dict[str, list[str]]:
+def janowczyk2016_split(frame: pd.DataFrame, unlisted: Literal["train", "drop"] = "train") -> dict[str, list[str]]:
     """The published split restricted to the patients in ``frame``.
 
-    Patients of the Kaggle copy that are in none of the published lists (117 of 279) go to training, so that
-    validation and test stay exactly the published ones. Subsets may be empty on a partial dataset.
+    The published lists name 162 patients; the Kaggle copy has 279. ``unlisted`` says where the other 117 go:
+    ``"train"`` (default) adds them to training, so validation and test are exactly the published patients that
+    ``frame`` holds while training sees more patients than the paper's; ``"drop"`` leaves them out, so every
+    subset is the published one (restricted to ``frame``), as in the paper. Either way the test figures are
+    comparable with published ones only when ``frame`` holds all 49 published test patients.
+    Subsets may be empty on a partial dataset.
     """
+    if unlisted not in ("train", "drop"):
+        raise SplitError(f"unlisted must be 'train' or 'drop', got {unlisted!r}")
     present = set(frame["patient_id"].astype(str))
     split = {name: sorted((p for p in JANOWCZYK2016[name] if p in present), key=int) for name in SUBSETS}
-    listed = set().union(*JANOWCZYK2016.values())
-    split["train"] = sorted(set(split["train"]) | (present - listed), key=int)
+    if unlisted == "train":
+        listed = set().union(*JANOWCZYK2016.values())
+        split["train"] = sorted(set(split["train"]) | (present - listed), key=int)
     return split
 
 
@@ -71,7 +84,7 @@ def _counts(fractions: Mapping[str, float], n: int) -> dict[str, int]:
     names = list(fractions)
     total = sum(fractions.values())
     if total <= 0 or any(f < 0 for f in fractions.values()):
-        raise ValueError(f"fractions must be non-negative and not all zero: {dict(fractions)}")
+        raise SplitError(f"fractions must be non-negative and not all zero: {dict(fractions)}")
     raw = np.array([fractions[k] / total * n for k in names])
     counts = np.floor(raw).astype(int)
     # Largest remainders get the patients left over.
@@ -119,10 +132,13 @@ def patient_folds(frame: pd.DataFrame, n_folds: int = 5, seed: int = 0) -> list[
     """Patient-grouped folds for cross-validation: each patient is in exactly one fold's test list.
 
     Folds differ in size by at most one patient and are stratified by IDC share like :func:`patient_split`.
+    (scikit-learn's ``StratifiedGroupKFold`` stratifies as well, but its ``shuffle`` only breaks ties between
+    patients of equal class balance, so different seeds give the same folds; cross-validation over seeds needs
+    seeds that matter.)
     """
     table = _patients(frame)
     if not 2 <= n_folds <= len(table):
-        raise ValueError(f"n_folds must be between 2 and the number of patients ({len(table)}), got {n_folds}")
+        raise SplitError(f"n_folds must be between 2 and the number of patients ({len(table)}), got {n_folds}")
     base = np.arange(len(table)) % n_folds
     groups = _best_assignment(base, table, n_folds, seed)
     ids = table["patient_id"].to_numpy()
@@ -142,22 +158,24 @@ def _best_assignment(base: np.ndarray, table: pd.DataFrame, n_groups: int, seed:
     return best
 
 
-def make_split(frame: pd.DataFrame, name: str = "patients", seed: int = 0) -> dict[str, list[str]]:
-    """The named split: ``"janowczyk2016"`` (published) or ``"patients"`` (seeded, stratified 70/15/15)."""
+def make_split(frame: pd.DataFrame, name: str = "patients", seed: int = 0,
+               unlisted: Literal["train", "drop"] = "train") -> dict[str, list[str]]:
+    """The named split: ``"janowczyk2016"`` (published; ``unlisted`` as in :func:`janowczyk2016_split`) or
+    ``"patients"`` (seeded, stratified 70/15/15)."""
     if name == "janowczyk2016":
-        return janowczyk2016_split(frame)
+        return janowczyk2016_split(frame, unlisted=unlisted)
     if name == "patients":
         return patient_split(frame, seed=seed)
-    raise ValueError(f"unknown split {name!r}; choose one of {', '.join(SPLIT_NAMES)}")
+    raise SplitError(f"unknown split {name!r}; choose one of {', '.join(SPLIT_NAMES)}")
 
 
 def check_disjoint(split: Mapping[str, list[str]]) -> None:
-    """Raise ``ValueError`` naming the patients that are in more than one subset."""
+    """Raise :class:`SplitError` naming the patients that are in more than one subset."""
     seen: dict[str, str] = {}
     for name, ids in split.items():
         for pid in ids:
             if pid in seen:
-                raise ValueError(f"patient {pid} is in both {seen[pid]!r} and {name!r}")
+                raise SplitError(f"patient {pid} is in both {seen[pid]!r} and {name!r}")
             seen[pid] = name
 
 

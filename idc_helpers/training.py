@@ -1,71 +1,67 @@
-"""Training with a patient-level split, written to a self-describing run folder.
+"""Training with a patient-level split, written to a self-describing run folder (see :mod:`idc_helpers.run`).
 
-``train(data_dir, out_dir)`` and ``python -m idc_helpers train --data-dir DIR --out RUN_DIR`` do the same:
+``train(data_dir, out_dir)`` and ``python -m idc_helpers train --data-dir DIR --out RUN_DIR`` do the same, in
+four named steps:
 
-1. index the dataset folder, split it by *patient* (``patients``: seeded and stratified 70/15/15;
-   ``janowczyk2016``: the published split), optionally hold out given test patients;
-2. optionally subsample patches (``max_patches``), the same share from every patient, deterministically;
-3. decode the train and validation patches (cached on disk) and train with augmentation, class weights from
-   the training patches, Adam with a cosine learning-rate decay, and early stopping on the validation
-   patients' ROC AUC, keeping the best epoch's weights;
-4. pick the decision threshold on the validation patients: the one that maximises the IDC F1, the project's
-   headline metric (the Youden threshold, which maximises balanced accuracy, is stored beside it); test
-   patients are never looked at.
-
-The run folder (``RUN_DIR``) holds:
-
-- ``model.keras``: the best model (Keras 3 format); it takes raw 0..255 patches;
-- ``history.json``: per-epoch ``loss``, ``accuracy``, ``val_loss``, ``val_auc``, ``val_pr_auc``, ``val_f1``,
-  ``val_balanced_accuracy``, ``lr``, ``seconds``;
-- ``config.json``: what is needed to reproduce the run (data folder and origin, split name and patient lists,
-  seed, model, epochs, batch size, learning rate, software versions, start time);
-- ``metrics.json``: ``threshold``, ``threshold_rule``, ``threshold_youden``, ``best_epoch``, ``epochs_run``,
-  ``train_seconds`` and ``validation`` (ROC/PR AUC, F1, balanced accuracy, ... at ``threshold``).
-
-The folder is built under a hidden temporary name next to ``RUN_DIR`` and renamed at the end, so an interrupted
-run never leaves a folder that looks complete; an existing non-empty ``RUN_DIR`` is refused.
-
-Speed: TensorFlow's oneDNN kernels matter on a CPU. Measured on the project's 2-core AMD EPYC (TF 2.21, augmented
-batches of 128 from the shared sample, other users on the machine): ``TF_ENABLE_ONEDNN_OPTS=0`` gave 410-430
-patches/s for ``seed_cnn`` and 125 for ``idc_net``; ``=1`` gave 1,000-1,600 and 250-440 (2.0-3.7x). With TF 2.21
-on this CPU (AVX512-VNNI) an unset variable already means "on" (TensorFlow's start-up log says so); TensorFlow
-before 2.9, and CPUs without AVX512-VNNI/BF16/AMX, default to off. The variable must be set before TensorFlow is
-imported, so :func:`train`, :func:`load_run` and the ``predict`` command set it (unless the user already chose,
-``0`` included) before their first TensorFlow import; importing this module does not import TensorFlow.
+1. :func:`prepare_data`: index the dataset folder(s), split by *patient* (``patients``: seeded and stratified
+   70/15/15; ``janowczyk2016``: the published split), optionally hold out given test patients, optionally
+   subsample (``max_patches``, the same share from every patient), and decode the train and validation patches
+   only (cached on disk): training never reads a test patient's file;
+2. :func:`fit`: train with augmentation, class weights from the training patches, Adam with a cosine
+   learning-rate decay, and early stopping on the validation patients (:data:`MONITOR`), keeping the best
+   epoch's weights; a checkpoint after every epoch makes the run resumable (``train(..., resume=True)``,
+   ``train --resume RUN_DIR``) to the same result;
+3. :func:`choose_threshold`: the decision threshold that maximises the IDC F1 on the validation patients (the
+   Youden threshold, which maximises balanced accuracy, is stored beside it), and the validation metrics at it;
+4. :func:`idc_helpers.run.write_run_files` and :func:`idc_helpers.run.publish_run`: the run folder appears only
+   when complete.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
+import fcntl
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
 import idc_helpers
+from idc_helpers import splits
+from idc_helpers.atomic import atomic_path, write_json
+from idc_helpers.datasource import resolve_data_dir
+from idc_helpers.demo_data import SYNTHETIC_NOTICE
+from idc_helpers.errors import UserError
+from idc_helpers.inference import predict_probs
+from idc_helpers.loader import load_patches
+from idc_helpers.metrics import pick_threshold
+from idc_helpers.patch_index import build_index
+from idc_helpers.run import (
+    CHECKPOINT_STATE_FILE,
+    CONFIG_FILE,
+    RunExistsError,
+    RunFolderError,
+    check_new_run_dir,
+    checkpoint_names,
+    discard_partial,
+    partial_dir,
+    publish_run,
+    read_json,
+    write_run_files,
+)
 
 if TYPE_CHECKING:  # TensorFlow is imported only when a function needs it
     import keras
 
-MODEL_FILE = "model.keras"
-HISTORY_FILE = "history.json"
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.json"
-RUN_FILES = (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, METRICS_FILE)
-
-# idc_net on the shared sample's ~17k training patches: 70-160 s an epoch on 2 busy CPU cores, so 8 epochs keep
-# training under 20 minutes with other work on the machine (10 took 1,123 s under heavy load); the cosine schedule
-# spans the planned epochs, so fewer epochs still end at a small learning rate.
+# The cosine schedule spans the planned epochs, so fewer epochs still end at a small learning rate; the time an
+# epoch takes is measured in docs/results.md.
 DEFAULT_EPOCHS = 8
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_PATIENCE = 4
@@ -78,28 +74,12 @@ SELECTION_LOSS_WEIGHT = 0.01  # val_selection = val_auc - 0.01 * val_loss
 VAL_FRACTION_WITH_TEST_PATIENTS = 0.18  # of the non-test patients, when --test-patients replaces the test subset
 
 
-class RunExistsError(FileExistsError):
-    """The run folder already exists and is not empty; runs are never overwritten."""
-
-
-class TrainingDataError(ValueError):
+class TrainingDataError(UserError, ValueError):
     """The data cannot support a training run (e.g. no validation patients, one class only)."""
 
 
-@dataclass
-class Run:
-    """A trained run loaded back: the model, its config and metrics, and the decision threshold."""
-
-    run_dir: Path | None
-    model: keras.Model
-    config: dict[str, Any] = field(default_factory=dict)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    threshold: float = 0.5
-
-    @property
-    def split(self) -> dict[str, list[str]]:
-        """Patient ids per subset (``train``, ``val``, ``test``), as stored in ``config.json``."""
-        return dict(self.config.get("split", {}).get("patients", {}))
+class UnknownModelError(UserError, ValueError):
+    """A model name that :mod:`idc_helpers.models` does not know."""
 
 
 @dataclass
@@ -121,21 +101,363 @@ class TrainResult:
         return dict(self.config["split"]["patients"])
 
 
+@dataclass
+class TrainingData:
+    """The decoded train and validation patches: ``images`` ``(N, 50, 50, 3)`` uint8 (often a memmap), ``labels``
+    ``(N,)`` int32, row positions of each subset, the patient lists, and what ``config.json`` records of the data."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    patients: dict[str, list[str]]
+    record: dict[str, Any]
+    synthetic: bool
+
+
 # --------------------------------------------------------------------------------------------------------------
-# Environment
+# Step 1: data
 
 
-def enable_onednn() -> bool:
-    """Ask for TensorFlow's oneDNN CPU kernels; returns True when the setting can still take effect.
+def resolve_split(
+    frame: pd.DataFrame, split: str = "patients", seed: int = 0, test_patients: Sequence[str] | None = None,
+    unlisted: Literal["train", "drop"] = "train",
+) -> dict[str, list[str]]:
+    """Patient ids per subset ``{"train", "val", "test"}``.
 
-    Sets ``TF_ENABLE_ONEDNN_OPTS=1`` unless the user set it already (``0`` is respected). It only works before
-    TensorFlow is first imported in the process, hence False when TensorFlow is already loaded.
+    With ``test_patients`` those patients are the test subset and the other patients are split into train and
+    validation (``patients``: seeded and stratified; ``janowczyk2016``: the published lists minus the test ones).
+    ``unlisted``: see :func:`idc_helpers.splits.janowczyk2016_split`.
+    Raises :class:`TrainingDataError` naming unknown patient ids.
     """
-    already_loaded = "tensorflow" in sys.modules
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-    # Quiet TensorFlow's C++ start-up banners unless the user asked for them.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return not already_loaded
+    if not test_patients:
+        return {k: list(v) for k, v in splits.make_split(frame, split, seed=seed, unlisted=unlisted).items()}
+    test = sorted({str(p).strip() for p in test_patients if str(p).strip()}, key=int)
+    unknown = [p for p in test if p not in set(frame["patient_id"])]
+    if unknown:
+        raise TrainingDataError(
+            f"test patients not in the dataset: {', '.join(unknown)}; check the ids against the patient folders."
+        )
+    rest = frame[~frame["patient_id"].isin(test)]
+    if split == "janowczyk2016":
+        published = splits.janowczyk2016_split(rest, unlisted=unlisted)
+        result = {"train": sorted(published["train"] + published["test"], key=int), "val": published["val"]}
+    elif split == "patients":
+        fractions = {"train": 1 - VAL_FRACTION_WITH_TEST_PATIENTS, "val": VAL_FRACTION_WITH_TEST_PATIENTS}
+        result = splits.patient_split(rest, fractions, seed=seed)
+    else:
+        raise TrainingDataError(f"unknown split {split!r}; choose one of {', '.join(splits.SPLIT_NAMES)}")
+    return {"train": list(result["train"]), "val": list(result["val"]), "test": test}
+
+
+def subsample_patches(frame: pd.DataFrame, max_patches: int | None, seed: int = 0) -> pd.DataFrame:
+    """At most ``max_patches`` rows, the same share from every patient (and class), chosen at random but
+    deterministically from ``seed``; rows keep their order. The patient split is not affected."""
+    if max_patches is None or max_patches >= len(frame):
+        return frame
+    if max_patches < 1:
+        raise TrainingDataError(f"max_patches must be at least 1, got {max_patches}")
+    share = max_patches / len(frame)
+    rng = np.random.default_rng(seed)
+    keep: list[np.ndarray] = []
+    # Groups in a fixed order so the same frame and seed give the same rows.
+    for _, rows in sorted(frame.groupby(["patient_id", "label"], sort=False).indices.items(),
+                          key=lambda kv: (int(kv[0][0]), kv[0][1])):
+        n = max(1, int(round(len(rows) * share)))
+        keep.append(rng.choice(rows, size=min(n, len(rows)), replace=False))
+    chosen = np.sort(np.concatenate(keep))
+    return frame.iloc[chosen].reset_index(drop=True)
+
+
+def class_weights(labels: np.ndarray) -> dict[int, float]:
+    """Weights ``n / (2 n_c)`` per class so both classes carry the same total weight in the loss."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2)
+    if (counts == 0).any():
+        raise TrainingDataError(f"the training patches hold one class only (counts {counts.tolist()})")
+    return {c: float(counts.sum() / (2 * counts[c])) for c in range(2)}
+
+
+def prepare_data(
+    data_dirs: Sequence[str | os.PathLike[str] | None],
+    *,
+    split: str = "patients",
+    seed: int = 0,
+    test_patients: Sequence[str] | None = None,
+    unlisted: Literal["train", "drop"] = "train",
+    max_patches: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    say=print,
+) -> TrainingData:
+    """Index, split by patient, subsample, and decode the train and validation patches (test patches never).
+
+    Raises :class:`TrainingDataError` when the split leaves no validation or test patients, or validation
+    patches of one class only.
+    """
+    sources = [resolve_data_dir(d) for d in data_dirs]
+    synthetic = any(s.synthetic for s in sources)
+    if synthetic:
+        print(SYNTHETIC_NOTICE, flush=True)
+    index = build_index([s.path for s in sources])
+    if index.problems:
+        folders = " ".join(f"--data-dir {s.path}" for s in sources)
+        say(f"{len(index.problems)} files left out of the index (run `python -m idc_helpers index {folders}`).")
+    patients = resolve_split(index.frame, split, seed=seed, test_patients=test_patients, unlisted=unlisted)
+    _check_split(patients, split, index.frame)
+    frame = subsample_patches(index.frame, max_patches, seed=seed)
+    # Only train and validation patches are decoded: training never looks at test patients.
+    frame = frame[splits.subset_of(frame, patients).isin(["train", "val"]).to_numpy()].reset_index(drop=True)
+    loaded = load_patches(frame, cache_dir=cache_dir, progress=say is print and sys.stderr.isatty())
+    if loaded.problems:
+        say(f"{len(loaded.problems)} patches could not be decoded and are left out, e.g. {loaded.problems[0]}")
+    subset = splits.subset_of(loaded.frame, patients).to_numpy()
+    labels = loaded.frame["label"].to_numpy(dtype=np.int32)
+    val_idx = np.flatnonzero(subset == "val")
+    if len(val_idx) == 0 or len(np.unique(labels[val_idx])) < 2:
+        raise TrainingDataError(
+            f"the validation patients {patients['val']} hold {len(val_idx)} patches and "
+            f"{len(np.unique(labels[val_idx]))} class(es); early stopping and the threshold need both classes. "
+            "Use more patients (or another --seed / --split)."
+        )
+    record = {
+        "data_dirs": [str(s.path) for s in sources], "origins": [s.origin for s in sources],
+        "synthetic": synthetic, "patches_in_folders": int(len(index.frame)), "files_left_out": len(index.problems),
+        "patches_not_decoded": len(loaded.problems),
+        "patches": {name: int((subset == name).sum()) for name in ("train", "val")},
+        "idc_patches": {name: int(labels[subset == name].sum()) for name in ("train", "val")},
+    }
+    return TrainingData(images=loaded.images, labels=labels, train_idx=np.flatnonzero(subset == "train"),
+                        val_idx=val_idx, patients=patients, record=record, synthetic=synthetic)
+
+
+def _check_split(patients: dict[str, list[str]], split: str, frame: pd.DataFrame) -> None:
+    """A split that leaves a subset empty is refused with its cause (for the published split: unlisted ids)."""
+    empty = [name for name in splits.SUBSETS if not patients.get(name)]
+    if not empty:
+        return
+    n = frame["patient_id"].nunique()
+    if split == "janowczyk2016":
+        listed = set().union(*splits.JANOWCZYK2016.values())
+        outside = sorted(set(frame["patient_id"]) - listed, key=int)
+        cause = (f"{len(outside)} of the {n} patients of this data are not in the published janowczyk2016 lists "
+                 f"(e.g. {', '.join(outside[:5])}), and none of the listed ones falls in {' or '.join(empty)}")
+        fix = "use --split patients, or give --test-patients"
+    else:
+        cause = f"the {n} patients are too few to fill every subset"
+        fix = "use more patients"
+    raise TrainingDataError(f"the split {split!r} leaves the {' and '.join(empty)} subset empty: {cause}; {fix}.")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 2: fit
+
+
+def _validation_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    from sklearn import metrics as skm
+
+    both = 0 < labels.sum() < len(labels)
+    scores = {
+        "val_loss": float(skm.log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
+        "val_auc": float(skm.roc_auc_score(labels, probs)) if both else float("nan"),
+        "val_pr_auc": float(skm.average_precision_score(labels, probs)) if both else float("nan"),
+        "val_balanced_accuracy": float(skm.balanced_accuracy_score(labels, probs >= 0.5)),
+    }
+    auc = scores["val_auc"]
+    scores["val_selection"] = (auc if np.isfinite(auc) else 0.0) - SELECTION_LOSS_WEIGHT * scores["val_loss"]
+    # Best achievable F1 on validation: what the stored threshold will give.
+    threshold = pick_threshold(labels, probs, THRESHOLD_RULE) if both else 0.5
+    scores["val_f1"] = float(skm.f1_score(labels, probs >= threshold, zero_division=0))
+    return scores
+
+
+@dataclass
+class LoopState:
+    """What the training loop carries from epoch to epoch, saved in every checkpoint: epochs done, the history
+    so far, the best epoch (1-based) and its :data:`MONITOR` value, epochs since it, and whether training stopped."""
+
+    epochs_done: int = 0
+    history: dict[str, list[float]] | None = None
+    best_epoch: int = 0
+    best_value: float = -np.inf
+    wait: int = 0
+    stopped: bool = False
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"epochs_done": self.epochs_done, "history": self.history or {}, "best_epoch": self.best_epoch,
+                "best_value": self.best_value if np.isfinite(self.best_value) else None, "wait": self.wait,
+                "stopped": self.stopped, "seconds": self.seconds}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LoopState:
+        best = data.get("best_value")
+        return cls(epochs_done=int(data["epochs_done"]), history={k: list(v) for k, v in data["history"].items()},
+                   best_epoch=int(data["best_epoch"]), best_value=-np.inf if best is None else float(best),
+                   wait=int(data["wait"]), stopped=bool(data["stopped"]), seconds=float(data.get("seconds", 0.0)))
+
+
+def _model_state(model: keras.Model) -> dict[str, list]:
+    # Variables that model.save leaves out (the dropout layers' random-seed state): without them a resumed run
+    # would draw other dropout masks than an uninterrupted one.
+    saved = {id(v) for v in model.weights}
+    return {v.path: np.asarray(v.numpy()).tolist() for v in model.variables if id(v) not in saved}
+
+
+def _restore_model_state(model: keras.Model, state: Mapping[str, list]) -> None:
+    for v in model.variables:
+        if v.path in state:
+            v.assign(np.asarray(state[v.path], dtype=v.dtype))
+
+
+def _make_loop_callback(data: TrainingData, folder: Path, state: LoopState, patience: int, say):
+    """The callback that scores each epoch on the validation patients, tracks the best epoch, stops early, and
+    writes the end-of-epoch checkpoint into the partial run ``folder``."""
+    import keras
+
+    class TrainingLoop(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.best_weights: list[np.ndarray] | None = None
+
+        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            logs = logs if logs is not None else {}
+            probs = predict_probs(self.model, data.images, indices=data.val_idx, batch_size=512)
+            logs.update(_validation_scores(data.labels[data.val_idx], probs))
+            lr = self.model.optimizer.learning_rate
+            logs["lr"] = float(np.asarray(lr.value if hasattr(lr, "value") else lr))
+            logs["seconds"] = time.perf_counter() - self._start
+            history = state.history if state.history is not None else {}
+            for key, value in logs.items():
+                history.setdefault(key, []).append(float(value))
+            history.setdefault("epoch", []).append(epoch + 1)
+            state.history, state.epochs_done = history, epoch + 1
+            state.seconds += logs["seconds"]
+            value = float(logs[MONITOR])
+            if value > state.best_value:
+                state.best_epoch, state.best_value, state.wait = epoch + 1, value, 0
+                self.best_weights = self.model.get_weights()
+            else:
+                state.wait += 1
+            if state.wait >= patience:
+                state.stopped = self.model.stop_training = True
+            save_checkpoint(folder, self.model, self.best_weights, state)
+
+    return TrainingLoop()
+
+
+def save_checkpoint(folder: Path, model: keras.Model, best_weights: list[np.ndarray] | None, state: LoopState) -> None:
+    """Write the end-of-epoch checkpoint: the model with its optimizer state, the best weights so far, then the
+    loop state naming both (written last, so a kill at any moment leaves the previous checkpoint intact)."""
+    import keras
+
+    names = checkpoint_names(state.epochs_done)
+    with atomic_path(folder / names["model"], suffix=".keras") as tmp:
+        model.save(tmp)
+    best = keras.models.clone_model(model)
+    best.set_weights(best_weights if best_weights is not None else model.get_weights())
+    with atomic_path(folder / names["best"], suffix=".weights.h5") as tmp:
+        best.save_weights(tmp)
+    write_json(folder / CHECKPOINT_STATE_FILE, {**state.to_json(), **names, "model_state": _model_state(model)})
+    for old in folder.iterdir():  # the previous epoch's files
+        if old.name.startswith(("checkpoint-", "best-")) and old.name not in names.values():
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(folder: Path) -> tuple[keras.Model, list[np.ndarray], LoopState] | None:
+    """The last checkpoint of a partial run: model (compiled, with its optimizer state), best weights, loop state;
+    None when the run was interrupted before its first epoch ended."""
+    import keras
+
+    if not (folder / CHECKPOINT_STATE_FILE).is_file():
+        return None
+    saved = read_json(folder / CHECKPOINT_STATE_FILE)
+    model = keras.models.load_model(folder / saved["model"], compile=True)
+    _restore_model_state(model, saved.get("model_state", {}))
+    best = keras.models.clone_model(model)
+    best.load_weights(folder / saved["best"])
+    return model, best.get_weights(), LoopState.from_json(saved)
+
+
+def build_and_compile(config: Mapping[str, Any], n_train: int) -> keras.Model:
+    """The model of ``config`` (seeded), compiled with Adam and a cosine decay to 5% over the planned epochs:
+    large steps early, fine ones for the epochs that early stopping is likely to keep."""
+    import keras
+
+    from idc_helpers.models import build_model, compile_model
+
+    keras.utils.set_random_seed(config["seed"])
+    model = build_model(config["model"], **config["model_kwargs"])
+    steps = config["steps_per_epoch"] or int(np.ceil(n_train / config["batch_size"]))
+    schedule = keras.optimizers.schedules.CosineDecay(config["learning_rate"], decay_steps=config["epochs"] * steps,
+                                                      alpha=0.05)
+    return compile_model(model, learning_rate=schedule)
+
+
+def fit(model: keras.Model, data: TrainingData, config: Mapping[str, Any], folder: Path,
+        state: LoopState | None = None, best_weights: list[np.ndarray] | None = None,
+        verbose: int = 2, say=print) -> tuple[keras.Model, LoopState]:
+    """Train from ``state`` (a fresh run: None) to the end or to early stopping, checkpointing into ``folder``;
+    returns the model holding the best epoch's weights and the final loop state."""
+    import keras
+
+    from idc_helpers.pipeline import make_dataset
+
+    state = state or LoopState()
+    loop = _make_loop_callback(data, folder, state, config["patience"], say)
+    loop.best_weights = best_weights
+    if not state.stopped and state.epochs_done < config["epochs"]:
+        keras.utils.set_random_seed(config["seed"] + state.epochs_done)
+        steps = config["steps_per_epoch"] or int(np.ceil(len(data.train_idx) / config["batch_size"]))
+        # Epoch e's order and augmentation depend on (seed, e) alone, so a resumed run draws what an
+        # uninterrupted one would; one endless stream, of which each Keras epoch takes `steps` batches.
+        train_ds = make_dataset(images=data.images, labels=data.labels, indices=data.train_idx,
+                                batch_size=config["batch_size"], shuffle=True, augment=config["augment"],
+                                seed=config["seed"], repeat=True, initial_epoch=state.epochs_done,
+                                steps_per_epoch=steps)
+        weights = {int(k): v for k, v in config["class_weight"].items()}
+        model.fit(train_ds, epochs=config["epochs"], initial_epoch=state.epochs_done, steps_per_epoch=steps,
+                  class_weight=weights, callbacks=[loop], verbose=verbose, shuffle=False)
+    model.set_weights(loop.best_weights)
+    return model, state
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Step 3: threshold
+
+
+def choose_threshold(model: keras.Model, data: TrainingData) -> dict[str, Any]:
+    """The threshold chosen on the validation patients' patches (:data:`THRESHOLD_RULE`), and the validation
+    metrics at it; test patients play no part."""
+    from sklearn import metrics as skm
+
+    y = data.labels[data.val_idx]
+    probs = predict_probs(model, data.images, indices=data.val_idx, batch_size=512)
+    threshold = pick_threshold(y, probs, THRESHOLD_RULE)
+    pred = (probs >= threshold).astype(np.int64)
+    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    return {
+        "threshold": threshold,
+        "threshold_rule": f"maximise the IDC F1 on the validation patients' patches ({THRESHOLD_RULE})",
+        "threshold_youden": pick_threshold(y, probs, "youden"),
+        "validation": {
+            "patients": len(data.patients["val"]), "patches": int(len(y)), "idc_patches": int(y.sum()),
+            "threshold": threshold,
+            "roc_auc": float(skm.roc_auc_score(y, probs)),
+            "pr_auc": float(skm.average_precision_score(y, probs)),
+            "f1": float(skm.f1_score(y, pred, zero_division=0)),
+            "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
+            "accuracy": float(skm.accuracy_score(y, pred)),
+            "precision": float(skm.precision_score(y, pred, zero_division=0)),
+            "recall": float(skm.recall_score(y, pred, zero_division=0)),
+            "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole run
 
 
 def _versions() -> dict[str, str]:
@@ -157,189 +479,69 @@ def _resolve_verbose(verbose: int | str) -> int:
     return int(verbose)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Run folder
+def _run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
+    """``config.json``: the arguments (all a resume needs), the data and split, and the software."""
+    from idc_helpers.models import DEFAULT_LEARNING_RATE, DEFAULT_MODEL, MODEL_NAMES
 
-
-def check_new_run_dir(out_dir: str | os.PathLike[str]) -> Path:
-    """Return ``out_dir`` as an absolute path; raise :class:`RunExistsError` when it exists and is not empty."""
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RunExistsError(
-            f"Run folder {out} already exists and is not empty; runs are never overwritten. "
-            "Choose a new --out folder (or delete this one yourself if you no longer need it)."
-        )
-    return out
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    # Re-check at the end: another process may have created the folder while we trained.
-    check_new_run_dir(out)
-    if out.is_dir():
-        out.rmdir()  # empty: os.replace onto a directory is not portable
-    os.replace(tmp, out)
-
-
-def load_run(run_dir: str | os.PathLike[str], *, compile: bool = False) -> Run:
-    """Load a run folder written by :func:`train` (or a bare ``.keras`` file: no split, threshold 0.5).
-
-    Raises ``FileNotFoundError`` naming the missing file.
-    """
-    enable_onednn()
-    import keras
-
-    path = Path(run_dir).expanduser()
-    if path.is_file() and path.suffix == ".keras":
-        if path.name == MODEL_FILE and all((path.parent / name).is_file() for name in RUN_FILES):
-            path = path.parent  # the model of a run folder: use the run's threshold and split too
-        else:
-            return Run(run_dir=None, model=keras.models.load_model(path, compile=compile))
-    model_path = path / MODEL_FILE
-    if not model_path.is_file():
-        raise FileNotFoundError(
-            f"No trained model at {model_path}: {path} is not a run folder written by "
-            "`python -m idc_helpers train --out RUN_DIR` (or the run was interrupted)."
-        )
-    config = _read_json(path / CONFIG_FILE)
-    metrics = _read_json(path / METRICS_FILE)
-    model = keras.models.load_model(model_path, compile=compile)
-    return Run(run_dir=path.absolute(), model=model, config=config, metrics=metrics,
-               threshold=float(metrics.get("threshold", 0.5)))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the run folder {path.parent} is incomplete; train it again.")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def resolve_split(
-    frame: pd.DataFrame, split: str = "patients", seed: int = 0, test_patients: Sequence[str] | None = None
-) -> dict[str, list[str]]:
-    """Patient ids per subset ``{"train", "val", "test"}``.
-
-    With ``test_patients`` those patients are the test subset and the other patients are split into train and
-    validation (``patients``: seeded and stratified; ``janowczyk2016``: the published lists minus the test ones).
-    Raises :class:`TrainingDataError` naming unknown patient ids.
-    """
-    from idc_helpers import splits
-
-    if not test_patients:
-        return {k: list(v) for k, v in splits.make_split(frame, split, seed=seed).items()}
-    test = sorted({str(p).strip() for p in test_patients if str(p).strip()}, key=int)
-    present = set(frame["patient_id"])
-    unknown = [p for p in test if p not in present]
-    if unknown:
-        raise TrainingDataError(
-            f"test patients not in the dataset: {', '.join(unknown)}; check the ids against the patient folders."
-        )
-    rest = frame[~frame["patient_id"].isin(test)]
-    if split == "janowczyk2016":
-        published = splits.janowczyk2016_split(rest)
-        result = {"train": published["train"] + published["test"], "val": published["val"]}
-        result["train"] = sorted(result["train"], key=int)
-    elif split == "patients":
-        fractions = {"train": 1 - VAL_FRACTION_WITH_TEST_PATIENTS, "val": VAL_FRACTION_WITH_TEST_PATIENTS}
-        result = splits.patient_split(rest, fractions, seed=seed)
-    else:
-        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(splits.SPLIT_NAMES)}")
-    return {"train": list(result["train"]), "val": list(result["val"]), "test": test}
-
-
-def subsample_patches(frame: pd.DataFrame, max_patches: int | None, seed: int = 0) -> pd.DataFrame:
-    """At most ``max_patches`` rows, the same share from every patient (and class), chosen at random but
-    deterministically from ``seed``; rows keep their order. The patient split is not affected."""
-    if max_patches is None or max_patches >= len(frame):
-        return frame
-    if max_patches < 1:
-        raise ValueError(f"max_patches must be at least 1, got {max_patches}")
-    share = max_patches / len(frame)
-    rng = np.random.default_rng(seed)
-    keep: list[np.ndarray] = []
-    # Groups in a fixed order so the same frame and seed give the same rows.
-    for _, rows in sorted(frame.groupby(["patient_id", "label"], sort=False).indices.items(),
-                          key=lambda kv: (int(kv[0][0]), kv[0][1])):
-        n = max(1, int(round(len(rows) * share)))
-        keep.append(rng.choice(rows, size=min(n, len(rows)), replace=False))
-    chosen = np.sort(np.concatenate(keep))
-    return frame.iloc[chosen].reset_index(drop=True)
-
-
-def class_weights(labels: np.ndarray) -> dict[int, float]:
-    """Weights ``n / (2 n_c)`` per class so both classes carry the same total weight in the loss."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=2)
-    if (counts == 0).any():
-        raise TrainingDataError(f"the training patches hold one class only (counts {counts.tolist()})")
-    return {c: float(counts.sum() / (2 * counts[c])) for c in range(2)}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Validation during training
-
-
-def _validation_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    from sklearn import metrics as skm
-
-    from idc_helpers.metrics import pick_threshold
-
-    both = 0 < labels.sum() < len(labels)
-    scores = {
-        "val_loss": float(skm.log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
-        "val_auc": float(skm.roc_auc_score(labels, probs)) if both else float("nan"),
-        "val_pr_auc": float(skm.average_precision_score(labels, probs)) if both else float("nan"),
-        "val_balanced_accuracy": float(skm.balanced_accuracy_score(labels, probs >= 0.5)),
+    model_name = args["model_name"] or DEFAULT_MODEL
+    if model_name not in MODEL_NAMES:
+        raise UnknownModelError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    batch_size = int(args["batch_size"] or DEFAULT_BATCH_SIZE)
+    steps = args["steps_per_epoch"]
+    if steps is not None and int(steps) < 1:
+        raise TrainingDataError(f"steps_per_epoch must be at least 1, got {steps}")
+    full_pass = int(np.ceil(len(data.train_idx) / batch_size))
+    return {
+        "model": model_name,
+        "model_kwargs": dict(args["model_kwargs"] or {}),
+        "synthetic": data.synthetic,
+        "data": data.record,
+        "split": {"name": args["split"], "seed": args["seed"], "unlisted": args["unlisted"],
+                  "test_patients_given": bool(args["test_patients"]), "patients": data.patients,
+                  "patches": data.record["patches"], "idc_patches": data.record["idc_patches"]},
+        "max_patches": args["max_patches"],
+        "seed": args["seed"],
+        "epochs": int(args["epochs"] or DEFAULT_EPOCHS),
+        "batch_size": batch_size,
+        # None: one pass over the training patches per epoch.
+        "steps_per_epoch": int(steps) if steps is not None and int(steps) < full_pass else None,
+        "learning_rate": float(args["learning_rate"] or DEFAULT_LEARNING_RATE.get(model_name, 1e-3)),
+        "lr_schedule": "cosine decay to 5% over the planned epochs",
+        "patience": int(args["patience"]),
+        "monitor": MONITOR,
+        "augment": bool(args["augment"]),
+        "class_weight": class_weights(data.labels[data.train_idx]),
+        "threshold_rule": THRESHOLD_RULE,
+        "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+        "versions": _versions(),
+        "cpu_threads": os.cpu_count(),
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "arguments": {k: v for k, v in args.items() if k not in ("cache_dir", "verbose")},
     }
-    auc = scores["val_auc"]
-    scores["val_selection"] = (auc if np.isfinite(auc) else 0.0) - SELECTION_LOSS_WEIGHT * scores["val_loss"]
-    # Best achievable F1 on validation: what the stored threshold will give.
-    threshold = pick_threshold(labels, probs, THRESHOLD_RULE) if both else 0.5
-    scores["val_f1"] = float(skm.f1_score(labels, probs >= threshold, zero_division=0))
-    return scores
 
 
-def _make_validation_callback(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch_size: int):
-    import keras
-
-    from idc_helpers.prediction import predict_probs
-
-    class ValidationScores(keras.callbacks.Callback):
-        """Adds validation loss, ROC/PR AUC, best F1 and balanced accuracy (sklearn) to the epoch logs,
-        plus the epoch's learning rate and wall-clock seconds.
-
-        One forward pass over the validation patients per epoch, instead of Keras' ``validation_data`` (which
-        would give only the loss and accuracy) plus a second pass for the AUC.
-        """
-
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self._start = time.perf_counter()
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            if logs is None:
-                return
-            probs = predict_probs(self.model, images, indices=indices, batch_size=batch_size)
-            logs.update(_validation_scores(labels[indices], probs))
-            lr = self.model.optimizer.learning_rate
-            logs["lr"] = float(np.asarray(lr.value if hasattr(lr, "value") else lr))
-            logs["seconds"] = time.perf_counter() - self._start
-
-    return ValidationScores()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Training
+@contextlib.contextmanager
+def _claim(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the partial run ``folder``: two processes never train into the same one."""
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunExistsError(f"{folder} is being trained by another process right now.") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def train(
-    data_dir: str | os.PathLike[str] | None,
+    data_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None,
     out_dir: str | os.PathLike[str],
     *,
     model_name: str | None = None,
     epochs: int | None = None,
     split: Literal["patients", "janowczyk2016"] = "patients",
+    unlisted: Literal["train", "drop"] = "train",
     max_patches: int | None = None,
     seed: int = 0,
     batch_size: int | None = None,
@@ -350,220 +552,113 @@ def train(
     test_patients: Sequence[str] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     steps_per_epoch: int | None = None,
+    resume: bool = False,
     verbose: int | Literal["auto"] = "auto",
 ) -> TrainResult:
     """Train a model on the dataset in ``data_dir`` and write the run folder ``out_dir``.
 
     Args:
-        data_dir: dataset folder in the Kaggle layout; ``None`` resolves it with
+        data_dir: dataset folder in the Kaggle layout, or a list of them (one index over all; a patient id is
+            one patient wherever its files are); ``None`` resolves it with
             :func:`idc_helpers.datasource.resolve_data_dir` (``IDC_DATA_DIR``, ``./data``, Kaggle, demo).
-        out_dir: the run folder to create; must not exist or be empty (:class:`RunExistsError`).
+        out_dir: the run folder to create; must not exist or be empty (:class:`~idc_helpers.run.RunExistsError`).
         model_name: one of :data:`idc_helpers.models.MODEL_NAMES` (default :data:`~idc_helpers.models.DEFAULT_MODEL`).
         epochs: maximum epochs (early stopping on validation patients; default :data:`DEFAULT_EPOCHS`).
         split: ``"patients"`` (seeded, stratified by IDC share) or ``"janowczyk2016"`` (published).
+        unlisted: with ``janowczyk2016``, patients outside the published lists go to ``"train"`` or are ``"drop"``ped.
         max_patches: use at most this many patches, the same share from every patient (quick runs).
         seed: one seed for the split, the subsample, initialisation, shuffling and augmentation.
         batch_size: patches per step (default :data:`DEFAULT_BATCH_SIZE`).
         learning_rate: Adam's initial rate, decayed along a cosine (default per model).
-        patience: epochs without a better validation ROC AUC before stopping.
+        patience: epochs without a better :data:`MONITOR` before stopping.
         augment: random flips/rotations and stain jitter on training batches.
         cache_dir: decoded-patch cache (default ``$IDC_CACHE_DIR`` or ``~/.cache/idc_helpers``).
         test_patients: patient ids to hold out as the test subset (the rest is split into train/validation).
         model_kwargs: extra arguments of the model builder.
         steps_per_epoch: at most this many batches per epoch, drawn from an endless shuffled stream of the
             training patches (benchmarks and quick checks on a large set); default: one pass over them.
+        resume: continue the interrupted run of ``out_dir`` (its arguments are read back from the run; of the
+            arguments here only ``data_dir``, where the data has moved, ``cache_dir`` and ``verbose`` count).
         verbose: 0 silent, 1 progress bar, 2 one line per epoch, ``"auto"``: 1 on a terminal, else 2.
 
     Returns:
         :class:`TrainResult` with the run folder, the best model and the JSON contents.
 
-    Same data, arguments and seed give the same split and subsample, and on a CPU the same weights.
+    Same data, arguments and seed give the same split and subsample, and on a CPU the same weights, with or
+    without an interruption and ``resume`` in between.
     """
-    started = datetime.now(timezone.utc)
-    onednn_effective = enable_onednn()
-    out = check_new_run_dir(out_dir)
+    args = {k: v for k, v in locals().items() if k not in ("data_dir", "out_dir", "resume")}
     verbose = _resolve_verbose(verbose)
     say = print if verbose else (lambda *a, **k: None)
-
-    from idc_helpers.datasource import resolve_data_dir
-    from idc_helpers.demo_data import SYNTHETIC_NOTICE
-    from idc_helpers.loader import load_patches
-    from idc_helpers.patch_index import build_index
-    from idc_helpers.splits import subset_of
-
-    source = resolve_data_dir(data_dir)
-    if source.synthetic:
-        print(SYNTHETIC_NOTICE, flush=True)
-
-    index = build_index(source.path)
-    if index.problems:
-        say(f"{len(index.problems)} files left out of the index (run `python -m idc_helpers index {source.path}`).")
-    patient_lists = resolve_split(index.frame, split, seed=seed, test_patients=test_patients)
-    frame = subsample_patches(index.frame, max_patches, seed=seed)
-    subset = subset_of(frame, patient_lists)
-    # Only train and validation patches are decoded: training never looks at test patients.
-    frame = frame[subset.isin(["train", "val"]).to_numpy()].reset_index(drop=True)
-    loaded = load_patches(frame, cache_dir=cache_dir, progress=bool(verbose) and sys.stderr.isatty())
-    if loaded.problems:
-        say(f"{len(loaded.problems)} patches could not be decoded and are left out, e.g. {loaded.problems[0]}")
-    frame = loaded.frame
-    subset = subset_of(frame, patient_lists).to_numpy()
-    labels = frame["label"].to_numpy(dtype=np.int32)
-    train_idx = np.flatnonzero(subset == "train")
-    val_idx = np.flatnonzero(subset == "val")
-    if len(val_idx) == 0 or len(np.unique(labels[val_idx])) < 2:
-        raise TrainingDataError(
-            f"the validation patients {patient_lists['val']} hold {len(val_idx)} patches and "
-            f"{len(np.unique(labels[val_idx]))} class(es); early stopping and the threshold need both classes. "
-            "Use more patients (or another --seed / --split)."
-        )
-    weights = class_weights(labels[train_idx])
-
-    import keras
-    import tensorflow as tf
-
-    from idc_helpers.models import DEFAULT_LEARNING_RATE, DEFAULT_MODEL, build_model, compile_model
-    from idc_helpers.pipeline import make_dataset
-
-    model_name = model_name or DEFAULT_MODEL
-    epochs = int(epochs or DEFAULT_EPOCHS)
-    batch_size = int(batch_size or DEFAULT_BATCH_SIZE)
-    learning_rate = float(learning_rate or DEFAULT_LEARNING_RATE.get(model_name, 1e-3))
-    keras.utils.set_random_seed(seed)
-    model = build_model(model_name, **dict(model_kwargs or {}))
-    if steps_per_epoch is not None and int(steps_per_epoch) < 1:
-        raise ValueError(f"steps_per_epoch must be at least 1, got {steps_per_epoch}")
-    full_pass = int(np.ceil(len(train_idx) / batch_size))
-    limited = steps_per_epoch is not None and int(steps_per_epoch) < full_pass
-    steps_per_epoch = int(steps_per_epoch) if limited else full_pass
-    # Cosine decay to 5% over the planned epochs: large steps early, fine ones for the epochs that early
-    # stopping is likely to keep.
-    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=epochs * steps_per_epoch, alpha=0.05)
-    compile_model(model, learning_rate=schedule)
-    train_ds = make_dataset(images=loaded.images, labels=labels, indices=train_idx, batch_size=batch_size,
-                            shuffle=True, augment=augment, seed=seed, repeat=limited)
-
-    config: dict[str, Any] = {
-        "model": model_name,
-        "model_kwargs": dict(model_kwargs or {}),
-        "parameters": int(model.count_params()),
-        "data": {"data_dir": str(source.path), "origin": source.origin, "synthetic": bool(source.synthetic),
-                 "patches_in_folder": int(len(index.frame)), "files_left_out": len(index.problems),
-                 "patches_not_decoded": len(loaded.problems)},
-        "split": {"name": split, "seed": seed,
-                  "test_patients_given": bool(test_patients),
-                  "patients": patient_lists,
-                  "patches": {name: int((subset == name).sum()) for name in ("train", "val")},
-                  "idc_patches": {name: int(labels[subset == name].sum()) for name in ("train", "val")}},
-        "max_patches": max_patches,
-        "seed": seed,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "steps_per_epoch": steps_per_epoch,
-        "learning_rate": learning_rate,
-        "lr_schedule": "cosine decay to 5% over the planned epochs",
-        "patience": patience,
-        "monitor": MONITOR,
-        "augment": augment,
-        "class_weight": weights,
-        "threshold_rule": THRESHOLD_RULE,
-        "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
-        "onednn_setting_effective": onednn_effective,
-        "versions": _versions(),
-        "cpu_threads": os.cpu_count(),
-        "started": started.isoformat(timespec="seconds"),
-    }
-    say(f"Training {model_name} ({config['parameters']:,} parameters) on {len(train_idx):,} patches of "
-        f"{len(patient_lists['train'])} patients; validation {len(val_idx):,} patches of "
-        f"{len(patient_lists['val'])} patients; test patients held out: {len(patient_lists['test'])}.")
-
-    callbacks = [
-        # Order matters: the scores must be in the logs before early stopping reads them.
-        _make_validation_callback(loaded.images, labels, val_idx, batch_size=512),
-        keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=patience, restore_best_weights=True,
-                                      verbose=0),
-    ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    if resume:
+        return _resume(data_dir, out_dir, cache_dir=cache_dir, verbose=verbose, say=say)
+    out = check_new_run_dir(out_dir)
+    args["test_patients"] = list(test_patients) if test_patients else None
+    folders = list(data_dir) if isinstance(data_dir, (list, tuple)) else [data_dir]
+    args["data_dirs"] = [None if d is None else str(d) for d in folders]
+    data = prepare_data(folders, split=split, seed=seed, test_patients=test_patients, unlisted=unlisted,
+                        max_patches=max_patches, cache_dir=cache_dir, say=say)
+    config = _run_config(args, data)
+    partial = partial_dir(out)
     try:
-        fit_start = time.perf_counter()
-        # The dataset shuffles itself (seeded); Keras cannot shuffle a tf.data.Dataset.
-        history = model.fit(train_ds, epochs=epochs, steps_per_epoch=steps_per_epoch if limited else None,
-                            class_weight=weights, callbacks=callbacks, verbose=verbose, shuffle=False)
-        train_seconds = time.perf_counter() - fit_start
-        hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-        hist["epoch"] = [i + 1 for i in range(len(next(iter(history.history.values()), [])))]
-        best = int(np.nanargmax(hist[MONITOR])) if hist.get(MONITOR) else len(hist["epoch"]) - 1
-        metrics = _final_metrics(model, loaded.images, labels, val_idx, patient_lists["val"])
-        metrics.update({"best_epoch": best + 1, "epochs_run": len(hist["epoch"]), "monitor": MONITOR,
-                        "train_seconds": round(train_seconds, 1),
-                        "seconds_per_epoch": round(train_seconds / max(len(hist["epoch"]), 1), 1)})
-        config["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        partial.mkdir(parents=True)
+    except FileExistsError:
+        raise RunExistsError(f"{partial} appeared meanwhile: another process is training {out}.") from None
+    write_json(partial / CONFIG_FILE, config)
+    return _train_in(partial, out, config, data, resumed=None, verbose=verbose, say=say)
 
-        from idc_helpers.atomic import write_json
 
-        model.save(tmp / MODEL_FILE)
-        write_json(tmp / HISTORY_FILE, hist)
-        write_json(tmp / CONFIG_FILE, config)
-        write_json(tmp / METRICS_FILE, metrics)
-        tmp.chmod(0o755)  # mkdtemp makes it private; a run folder is shared like any output
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _resume(data_dir, out_dir, *, cache_dir, verbose: int, say) -> TrainResult:
+    out = Path(out_dir).expanduser().absolute()
+    partial = partial_dir(out)
+    if (out / CONFIG_FILE).is_file():
+        raise RunExistsError(f"{out} is a finished run; runs are never overwritten. Train a new one with --out.")
+    if not (partial / CONFIG_FILE).is_file():
+        raise RunFolderError(f"No interrupted run of {out} to resume: {partial / CONFIG_FILE} does not exist. "
+                             "Start a new run with `python -m idc_helpers train --out RUN_DIR`.")
+    config = read_json(partial / CONFIG_FILE)
+    args = config["arguments"]
+    folders = (list(data_dir) if isinstance(data_dir, (list, tuple)) else [data_dir]) if data_dir else \
+        args["data_dirs"]
+    data = prepare_data(folders, split=args["split"], seed=args["seed"], test_patients=args["test_patients"],
+                        unlisted=args["unlisted"], max_patches=args["max_patches"], cache_dir=cache_dir, say=say)
+    if data.patients != config["split"]["patients"]:
+        raise TrainingDataError(f"the data in {', '.join(map(str, folders))} does not give the patient split the "
+                                f"interrupted run {out} was started with; resume it on the same data.")
+    return _train_in(partial, out, config, data, resumed=True, verbose=verbose, say=say)
+
+
+def _train_in(partial: Path, out: Path, config: dict[str, Any], data: TrainingData, *, resumed: bool | None,
+              verbose: int, say) -> TrainResult:
+    """Fit (from the last checkpoint when ``resumed``), choose the threshold and publish the run."""
+    with _claim(partial):
+        checkpoint = load_checkpoint(partial) if resumed else None
+        if checkpoint is None:
+            model, best_weights, state = build_and_compile(config, len(data.train_idx)), None, None
+        else:
+            model, best_weights, state = checkpoint
+            say(f"Resuming {out} after epoch {state.epochs_done} of {config['epochs']}.")
+        if state is None:
+            say(f"Training {config['model']} ({model.count_params():,} parameters) on {len(data.train_idx):,} "
+                f"patches of {len(data.patients['train'])} patients; validation {len(data.val_idx):,} patches of "
+                f"{len(data.patients['val'])} patients; test patients held out: {len(data.patients['test'])}.")
+        try:
+            model, state = fit(model, data, config, partial, state, best_weights, verbose=verbose, say=say)
+        except BaseException:
+            if not (partial / CHECKPOINT_STATE_FILE).is_file():
+                discard_partial(partial)
+            raise
+        metrics = choose_threshold(model, data)
+        metrics.update({"synthetic": data.synthetic, "best_epoch": state.best_epoch,
+                        "epochs_run": state.epochs_done, "monitor": MONITOR,
+                        "train_seconds": round(state.seconds, 1),
+                        "seconds_per_epoch": round(state.seconds / max(state.epochs_done, 1), 1)})
+        config = {**config, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write_run_files(partial, model, state.history, config, metrics)
+    (partial / ".lock").unlink(missing_ok=True)
+    publish_run(partial, out)
     say(f"Best epoch {metrics['best_epoch']} of {metrics['epochs_run']}: validation ROC AUC "
         f"{metrics['validation']['roc_auc']:.3f}, F1 {metrics['validation']['f1']:.3f} at threshold "
-        f"{metrics['threshold']:.3f}. Run saved to {out} ({train_seconds:.0f} s of training).")
-    return TrainResult(run_dir=out, model=model, history=hist, config=config, metrics=metrics)
+        f"{metrics['threshold']:.3f}. Run saved to {out} ({state.seconds:.0f} s of training).")
+    return TrainResult(run_dir=out, model=model, history=state.history, config=config, metrics=metrics)
 
-
-def _final_metrics(model: keras.Model, images: np.ndarray, labels: np.ndarray, val_idx: np.ndarray,
-                   val_patients: list[str]) -> dict[str, Any]:
-    """Threshold picked on the validation patches, and the validation metrics at it."""
-    from sklearn import metrics as skm
-
-    from idc_helpers.metrics import pick_threshold
-    from idc_helpers.prediction import predict_probs
-
-    y = labels[val_idx]
-    probs = predict_probs(model, images, indices=val_idx, batch_size=512)
-    threshold = pick_threshold(y, probs, THRESHOLD_RULE)
-    pred = (probs >= threshold).astype(np.int64)
-    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
-    return {
-        "threshold": threshold,
-        "threshold_rule": f"maximise the IDC F1 on the validation patients' patches ({THRESHOLD_RULE})",
-        "threshold_youden": pick_threshold(y, probs, "youden"),
-        "validation": {
-            "patients": len(val_patients), "patches": int(len(y)), "idc_patches": int(y.sum()),
-            "roc_auc": float(skm.roc_auc_score(y, probs)),
-            "pr_auc": float(skm.average_precision_score(y, probs)),
-            "f1": float(skm.f1_score(y, pred, zero_division=0)),
-            "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
-            "accuracy": float(skm.accuracy_score(y, pred)),
-            "precision": float(skm.precision_score(y, pred, zero_division=0)),
-            "recall": float(skm.recall_score(y, pred, zero_division=0)),
-            "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
-        },
-    }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def run_train(args: argparse.Namespace) -> int:
-    """``python -m idc_helpers train``: train and write the run folder; exit status 2 on a usage error."""
-    test_patients = args.test_patients.split(",") if args.test_patients else None
-    try:
-        result = train(
-            args.data_dir, args.out, model_name=args.model, epochs=args.epochs, split=args.split,
-            max_patches=args.max_patches, seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir,
-            test_patients=test_patients, verbose="auto",
-        )
-    except (RunExistsError, FileNotFoundError, TrainingDataError) as exc:  # missing folders and files included
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"Next: python -m idc_helpers predict --model {result.run_dir} --data-dir {result.config['data']['data_dir']}"
-          " --subset test --out predictions.csv")
-    return 0

@@ -5,11 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from idc_helpers.training import enable_onednn
-
-enable_onednn()  # same TensorFlow settings as the training code, before TensorFlow is imported
-
-import keras  # noqa: E402
+import keras
 
 from idc_helpers.models import (  # noqa: E402
     CONV_LAYERS,

@@ -6,22 +6,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from idc_helpers.training import enable_onednn
-
-enable_onednn()
-
-from idc_helpers.cli import main  # noqa: E402
-from idc_helpers.models import build_model  # noqa: E402
-from idc_helpers.patch_index import build_index  # noqa: E402
-from idc_helpers.prediction import (  # noqa: E402
+from idc_helpers.cli import main
+from idc_helpers.models import build_model
+from idc_helpers.patch_index import build_index
+from idc_helpers.prediction import (
     PREDICTION_COLUMNS,
-    dihedral_views,
+    PredictionsError,
+    PredictionsExistError,
     predict_frame,
-    predict_probs,
     read_predictions,
+    select_patients,
     validate_predictions,
     write_predictions,
 )
+from idc_helpers.run import load_run
 
 
 @pytest.fixture(scope="module")
@@ -56,28 +54,6 @@ def test_undecodable_patch_is_left_out_and_named(model, tiny_dataset, tmp_cache)
     assert len(preds) == 35 and str(broken) not in set(preds["path"])
 
 
-def test_tta_on_a_symmetric_patch_changes_nothing(model):
-    i = np.minimum(np.arange(50), 49 - np.arange(50))
-    d = np.minimum.outer(i, i)  # the same under every flip and 90-degree rotation
-    patch = np.stack([d * 5, 255 - d * 4, (d * 7) % 256], axis=-1).astype(np.uint8)[None]
-    assert all(np.array_equal(view, patch) for view in dihedral_views(patch))
-    np.testing.assert_allclose(predict_probs(model, patch, tta=True), predict_probs(model, patch), atol=1e-6)
-
-
-def test_tta_is_invariant_to_rotating_the_input(model):
-    patches = np.random.default_rng(1).integers(0, 256, size=(3, 50, 50, 3), dtype=np.uint8)
-    rotated = np.ascontiguousarray(np.rot90(patches, 1, axes=(1, 2))[:, ::-1])
-    np.testing.assert_allclose(predict_probs(model, patches, tta=True), predict_probs(model, rotated, tta=True),
-                               atol=1e-5)
-
-
-def test_predict_probs_indices_match_full_prediction(model):
-    patches = np.random.default_rng(2).integers(0, 256, size=(10, 50, 50, 3), dtype=np.uint8)
-    full = predict_probs(model, patches, batch_size=4)
-    np.testing.assert_allclose(predict_probs(model, patches, indices=np.array([7, 1, 2, 3]), batch_size=3),
-                               full[[7, 1, 2, 3]], atol=1e-6)
-
-
 def test_write_read_round_trip(preds, tmp_path):
     path = write_predictions(preds, tmp_path / "preds.csv")
     back = read_predictions(path)
@@ -85,7 +61,7 @@ def test_write_read_round_trip(preds, tmp_path):
     assert back["patient_id"].map(type).eq(str).all()
     assert (back[["x", "y", "label", "pred"]].to_numpy() == preds[["x", "y", "label", "pred"]].to_numpy()).all()
     np.testing.assert_array_equal(back["prob_idc"], preds["prob_idc"])  # exact: pred must stay consistent
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(PredictionsExistError, match="--overwrite"):
         write_predictions(preds, path)
     write_predictions(preds, path, overwrite=True)
 
@@ -99,7 +75,7 @@ def test_write_read_round_trip(preds, tmp_path):
     (lambda df: pd.concat([df, df.iloc[:1]]), "duplicated paths"),
 ])
 def test_validate_names_the_problem(preds, breakage, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(PredictionsError, match=message):
         validate_predictions(breakage(preds))
 
 
@@ -116,20 +92,37 @@ def test_cli_train_then_predict(tmp_path, tmp_cache, capsys):
     assert "new --out" in capsys.readouterr().err
 
     out = tmp_path / "preds.csv"
-    assert main(["predict", "--model", str(run_dir), "--data-dir", str(data), "--out", str(out)]) == 0
+    assert main(["predict", "--run", str(run_dir), "--data-dir", str(data), "--out", str(out)]) == 0
     table = read_predictions(out)
     assert len(table) == len(build_index(data).frame)  # every patch, including those training never used
-
-    from idc_helpers.training import load_run
-
     run = load_run(run_dir)
     assert ((table["prob_idc"] >= run.threshold).astype(int) == table["pred"]).all()
 
     test_out = tmp_path / "test.csv"
+    # The old spelling still works, with a deprecation line.
     assert main(["predict", "--model", str(run_dir), "--data-dir", str(data), "--out", str(test_out),
                  "--subset", "test", "--tta"]) == 0
+    assert "deprecated" in capsys.readouterr().err
     assert set(read_predictions(test_out)["patient_id"]) == set(run.split["test"])
-    assert main(["predict", "--model", str(run_dir), "--data-dir", str(data), "--out", str(test_out)]) == 2
+    assert main(["predict", "--run", str(run_dir), "--data-dir", str(data), "--out", str(test_out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--overwrite" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predicting_a_folder_without_the_selected_patients_names_them(tiny_dataset):
+    frame = build_index(tiny_dataset).frame
+    with pytest.raises(PredictionsError, match=r"901, 902.*101, 102, 103"):
+        select_patients(frame, patients=["901", "902"])
+    from idc_helpers.run import Run
+
+    run = Run(run_dir=None, model=None, config={"split": {"patients": {"train": ["7"], "val": ["8"], "test": ["9"]}}})
+    with pytest.raises(PredictionsError, match=r"test patients of the run \(9\).*101, 102, 103"):
+        select_patients(frame, run=run, subset="test")
+    empty = Run(run_dir=None, model=None, config={"split": {"patients": {"train": ["101"], "val": ["102"],
+                                                                          "test": []}}})
+    with pytest.raises(PredictionsError, match="no test patients"):
+        select_patients(frame, run=empty, subset="test")
+    assert set(select_patients(frame, patients=["102"])["patient_id"]) == {"102"}
 
 
 @pytest.mark.realdata

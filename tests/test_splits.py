@@ -43,10 +43,15 @@ def test_published_split_matches_shared_csv():
         assert set(splits.JANOWCZYK2016[name]) == expected
 
 
-def test_janowczyk_split_sends_unlisted_patients_to_train():
-    frame = pd.DataFrame({"patient_id": ["8863", "12909", "13688", "99999"], "label": [0, 1, 0, 1]})
+def test_janowczyk_split_sends_unlisted_patients_to_train_or_drops_them():
+    frame = pd.DataFrame({"patient_id": ["8863", "12909", "13688", "99999", "10304"], "label": [0, 1, 0, 1, 0]})
     split = splits.janowczyk2016_split(frame)
-    assert split == {"train": ["8863", "99999"], "val": ["13688"], "test": ["12909"]}
+    assert split == {"train": ["8863", "10304", "99999"], "val": ["13688"], "test": ["12909"]}
+    dropped = splits.janowczyk2016_split(frame, unlisted="drop")
+    assert dropped == {"train": ["10304"], "val": ["13688"], "test": ["12909"]}
+    assert splits.make_split(frame, "janowczyk2016", unlisted="drop") == dropped
+    with pytest.raises(splits.SplitError, match="unlisted"):
+        splits.janowczyk2016_split(frame, unlisted="val")
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
@@ -75,13 +80,20 @@ def test_patient_split_is_deterministic_and_seed_dependent():
     assert splits.patient_split(frame, seed=3) != splits.patient_split(frame, seed=4)
 
 
-def test_patient_folds_cover_each_patient_once():
+def test_patient_folds_cover_each_patient_once_and_are_stratified():
     frame = synthetic_frame(23)
     folds = splits.patient_folds(frame, n_folds=5, seed=0)
     flat = [p for fold in folds for p in fold]
-    assert len(flat) == len(set(flat)) == 23
+    assert len(flat) == len(set(flat)) == 23 and all(folds)
     assert sorted(len(f) for f in folds) == [4, 4, 5, 5, 5]
-    with pytest.raises(ValueError, match="n_folds"):
+    overall = frame["label"].mean()
+    for fold in folds:
+        share = frame.loc[frame["patient_id"].isin(fold), "label"].mean()
+        assert abs(share - overall) < 0.03, (fold, share, overall)
+    # Same folds whatever the row order; another seed, other folds.
+    assert splits.patient_folds(frame.sample(frac=1, random_state=1), n_folds=5, seed=0) == folds
+    assert splits.patient_folds(frame, n_folds=5, seed=1) != folds
+    with pytest.raises(splits.SplitError, match="n_folds"):
         splits.patient_folds(frame, n_folds=30)
 
 

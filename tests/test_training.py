@@ -9,13 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from idc_helpers import training
+from idc_helpers import loader, training
+from idc_helpers.inference import predict_probs
+from idc_helpers.metrics import pick_threshold
+from idc_helpers.run import RUN_FILES, RunExistsError, load_run, partial_dir
 from idc_helpers.training import (
-    RUN_FILES,
-    RunExistsError,
     TrainingDataError,
+    UnknownModelError,
     class_weights,
-    load_run,
     resolve_split,
     subsample_patches,
     train,
@@ -86,20 +87,39 @@ def test_existing_run_is_never_overwritten(run, demo_dir, cache_dir):
     assert [p.name for p in run.run_dir.parent.iterdir()] == [run.run_dir.name]
 
 
-def test_interrupted_run_leaves_nothing(demo_dir, cache_dir, tmp_path, monkeypatch):
+def test_a_crash_after_training_leaves_a_resumable_partial_run(demo_dir, cache_dir, tmp_path, monkeypatch):
+    real = training.choose_threshold
+
     def fail(*args, **kwargs):
         raise RuntimeError("simulated crash after training")
 
-    monkeypatch.setattr(training, "_final_metrics", fail)
+    monkeypatch.setattr(training, "choose_threshold", fail)
     with pytest.raises(RuntimeError, match="simulated"):
         train(demo_dir, tmp_path / "run", cache_dir=cache_dir, **QUICK)
+    # Nothing that looks like a finished run; the hidden partial run holds its config and last checkpoint.
+    assert [p.name for p in tmp_path.iterdir()] == [".run.partial"]
+    assert {"config.json", "checkpoint.json"} <= {p.name for p in partial_dir(tmp_path / "run").iterdir()}
+    with pytest.raises(RunExistsError, match=r"resume with .*--resume .*or delete"):
+        train(demo_dir, tmp_path / "run", cache_dir=cache_dir, **QUICK)
+    monkeypatch.setattr(training, "choose_threshold", real)
+    resumed = train(None, tmp_path / "run", resume=True, cache_dir=cache_dir, verbose=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(RUN_FILES)
+    assert resumed.metrics["epochs_run"] == 1
+    with pytest.raises(RunExistsError, match="finished run"):
+        train(None, tmp_path / "run", resume=True, cache_dir=cache_dir, verbose=0)
+
+
+def test_a_failure_before_the_first_checkpoint_leaves_nothing(demo_dir, cache_dir, tmp_path):
+    # A mistyped model name is caught before anything is written.
+    with pytest.raises(UnknownModelError, match="idcnet.*seed_cnn"):
+        train(demo_dir, tmp_path / "run", cache_dir=cache_dir, **{**QUICK, "model_name": "idcnet"})
     assert list(tmp_path.iterdir()) == []
 
 
 def test_save_load_gives_identical_predictions(run, demo_dir, cache_dir):
     from idc_helpers.loader import load_patches
     from idc_helpers.patch_index import build_index
-    from idc_helpers.prediction import predict_probs
 
     images = load_patches(build_index(demo_dir).frame, cache_dir=cache_dir).images
     loaded = load_run(run.run_dir)

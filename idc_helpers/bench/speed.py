@@ -116,7 +116,7 @@ def prediction_throughput(images: np.ndarray, *, model_name: str = "idc_net", pa
     import keras
 
     from idc_helpers.models import build_model
-    from idc_helpers.prediction import predict_probs
+    from idc_helpers.inference import predict_probs
 
     keras.utils.set_random_seed(seed)
     model = build_model(model_name)
@@ -308,9 +308,6 @@ def run_speed(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Run the measurements (a)-(d) and return the report (``markdown`` key included)."""
-    from idc_helpers.training import enable_onednn
-
-    enable_onednn()
     from idc_helpers.datasource import resolve_data_dir
     from idc_helpers.loader import load_patches
     from idc_helpers.patch_index import build_index

@@ -1,0 +1,161 @@
+"""The run folder: what ``train`` writes and everything downstream reads.
+
+A finished run folder ``RUN_DIR`` holds :data:`RUN_FILES`:
+
+- ``model.keras``: the best epoch's model (Keras 3 format); it takes raw 0..255 patches;
+- ``history.json``: per-epoch ``loss``, ``accuracy``, ``val_loss``, ``val_auc``, ``val_pr_auc``, ``val_f1``,
+  ``val_balanced_accuracy``, ``val_selection``, ``lr``, ``seconds``, ``epoch``;
+- ``config.json``: what is needed to reproduce (and resume) the run: data folders, split and patient lists,
+  seed, model, epochs, batch size, learning rate, software versions, start time;
+- ``metrics.json``: ``threshold`` and how it was chosen, ``best_epoch``, ``epochs_run``, ``train_seconds`` and
+  ``validation`` (metrics of the validation patients at ``threshold``).
+
+While training, the run is built in the hidden folder :func:`partial_dir` beside ``RUN_DIR``
+(``.<name>.partial``), which holds ``config.json`` from the start and, after every epoch, a checkpoint
+(:data:`CHECKPOINT_STATE_FILE` and the files it names) from which ``train --resume RUN_DIR`` continues. Only a finished run is renamed to
+``RUN_DIR``, so a folder that looks complete always is, and a finished run is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from idc_helpers.errors import UserError
+
+if TYPE_CHECKING:  # TensorFlow loads only when a model is read
+    import keras
+
+MODEL_FILE = "model.keras"
+HISTORY_FILE = "history.json"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+RUN_FILES = (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, METRICS_FILE)
+# The end-of-epoch checkpoint of a partial run: the model with its optimizer state and the best epoch's weights
+# so far (file names carry the epoch), and the loop's own state naming them (epochs done, history, early-stopping
+# counters), written last so that a kill at any moment leaves a consistent checkpoint.
+CHECKPOINT_STATE_FILE = "checkpoint.json"
+_CHECKPOINT_PREFIXES = ("checkpoint-", "best-")
+
+
+def checkpoint_names(epoch: int) -> dict[str, str]:
+    """File names of the checkpoint written after ``epoch`` (1-based): ``{"model": ..., "best": ...}``."""
+    return {"model": f"checkpoint-{epoch:03d}.keras", "best": f"best-{epoch:03d}.weights.h5"}
+
+class RunExistsError(UserError, FileExistsError):
+    """The run folder already exists (or an interrupted run of it does); runs are never overwritten."""
+
+
+class RunFolderError(UserError, FileNotFoundError):
+    """A run folder is missing, incomplete, or not a run folder."""
+
+
+@dataclass
+class Run:
+    """A trained run loaded back: the model, its config and metrics, and the decision threshold."""
+
+    run_dir: Path | None
+    model: keras.Model
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    threshold: float = 0.5
+
+    @property
+    def split(self) -> dict[str, list[str]]:
+        """Patient ids per subset (``train``, ``val``, ``test``), as stored in ``config.json``."""
+        return dict(self.config.get("split", {}).get("patients", {}))
+
+
+def partial_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """The hidden folder beside ``run_dir`` where the run is built and checkpointed: ``.<name>.partial``."""
+    run_dir = Path(run_dir).expanduser().absolute()
+    return run_dir.parent / f".{run_dir.name}.partial"
+
+
+def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """Return ``run_dir`` as an absolute path; raise :class:`RunExistsError` when it exists and is not empty, or
+    when an interrupted run of it waits in its :func:`partial_dir`."""
+    out = Path(run_dir).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunExistsError(
+            f"Run folder {out} already exists and is not empty; runs are never overwritten. "
+            "Choose a new --out folder (or delete this one yourself if you no longer need it)."
+        )
+    partial = partial_dir(out)
+    if partial.exists():
+        raise RunExistsError(
+            f"An interrupted run of {out} is in {partial}: resume with "
+            f"`python -m idc_helpers train --resume {out}` or delete {partial}."
+        )
+    return out
+
+
+def write_run_files(folder: Path, model: keras.Model, history: dict[str, Any], config: dict[str, Any],
+                    metrics: dict[str, Any]) -> None:
+    """Write the four :data:`RUN_FILES` into ``folder`` (each one atomically)."""
+    from idc_helpers.atomic import atomic_path, write_json
+
+    with atomic_path(folder / MODEL_FILE, suffix=".keras") as tmp:  # Keras wants the suffix
+        model.save(tmp)
+    write_json(folder / HISTORY_FILE, history)
+    write_json(folder / CONFIG_FILE, config)
+    write_json(folder / METRICS_FILE, metrics)
+
+
+def publish_run(partial: Path, run_dir: Path) -> None:
+    """Drop the checkpoint files of the finished run in ``partial`` and rename it to ``run_dir``."""
+    for path in partial.iterdir():
+        if path.name == CHECKPOINT_STATE_FILE or path.name.startswith(_CHECKPOINT_PREFIXES):
+            path.unlink()
+    # Re-check at the end: another process may have created the folder while we trained.
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise RunExistsError(f"Run folder {run_dir} appeared while training; the finished run stays in {partial}.")
+    if run_dir.is_dir():
+        run_dir.rmdir()  # empty: os.replace onto a directory is not portable
+    partial.chmod(0o755)  # a run folder is shared like any output
+    os.replace(partial, run_dir)
+
+
+def discard_partial(partial: Path) -> None:
+    """Remove a partial run folder (a run that failed before its first checkpoint: nothing to resume)."""
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file of a run folder; :class:`RunFolderError` naming it when it is missing or unreadable."""
+    if not path.is_file():
+        raise RunFolderError(f"{path} is missing: the run folder {path.parent} is incomplete; train it again.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunFolderError(f"{path} cannot be read ({exc}); the run folder {path.parent} is damaged.") from None
+
+
+def load_run(run_dir: str | os.PathLike[str], *, compile: bool = False) -> Run:
+    """Load a run folder written by ``train`` (or a bare ``.keras`` file: no split, threshold 0.5).
+
+    Raises :class:`RunFolderError` naming the missing file (and the way to resume an interrupted run).
+    """
+    import keras
+
+    path = Path(run_dir).expanduser()
+    if path.is_file() and path.suffix == ".keras":
+        if path.name == MODEL_FILE and all((path.parent / name).is_file() for name in RUN_FILES):
+            path = path.parent  # the model of a run folder: use the run's threshold and split too
+        else:
+            return Run(run_dir=None, model=keras.models.load_model(path, compile=compile))
+    model_path = path / MODEL_FILE
+    if not model_path.is_file():
+        partial = partial_dir(path)
+        hint = (f"its interrupted run is in {partial}; finish it with `python -m idc_helpers train --resume {path}`"
+                if partial.is_dir() else "write one with `python -m idc_helpers train --out RUN_DIR`")
+        raise RunFolderError(f"No trained model at {model_path}: {path} is not a finished run folder; {hint}.")
+    config = read_json(path / CONFIG_FILE)
+    metrics = read_json(path / METRICS_FILE)
+    model = keras.models.load_model(model_path, compile=compile)
+    return Run(run_dir=path.absolute(), model=model, config=config, metrics=metrics,
+               threshold=float(metrics.get("threshold", 0.5)))
