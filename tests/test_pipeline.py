@@ -231,3 +231,35 @@ def test_augmented_dataset_is_reproducible():
 
     assert np.array_equal(first_batch(2), first_batch(2))
     assert not np.array_equal(first_batch(2), first_batch(3))
+
+
+@pytest.mark.parametrize("strength", ["mild", "strong"])
+def test_colour_jitter_is_the_hed_formula(strength):
+    """The folded computation equals the textbook one: optical density, HED scale/shift, back, contrast, brightness."""
+    s = pipeline.AUGMENT_STRENGTHS[strength]
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, size=(6, 2500, 3)).astype(np.float32)
+    seeds = [tf.constant([5, k], tf.int64) for k in range(3)]
+    out = pipeline._colour_jitter(tf.constant(x), s, *seeds).numpy()
+    scale = tf.random.stateless_uniform([6, 3], seeds[0], 1 - s.stain_scale, 1 + s.stain_scale).numpy()
+    shift = tf.random.stateless_uniform([6, 1, 3], seeds[1], -s.stain_shift, s.stain_shift).numpy()
+    f = tf.random.stateless_uniform([6, 1, 2], seeds[2], -1.0, 1.0).numpy()
+    hed_from_rgb = np.linalg.inv(pipeline._RGB_FROM_HED)
+    expected = []
+    for i in range(6):
+        od = np.log(256.0) - np.log1p(x[i].astype(np.float64))
+        hed = od @ hed_from_rgb * scale[i] + shift[i]
+        rgb = 256.0 * np.exp(-(hed @ pipeline._RGB_FROM_HED)) - 1.0
+        gain = 1 + s.contrast * f[i, 0, 0]
+        expected.append(np.clip(rgb * gain + rgb.mean() * (1 - gain) + 255 * s.brightness * f[i, 0, 1], 0, 255))
+    np.testing.assert_allclose(out, np.stack(expected), atol=0.05)
+    assert np.abs(out - x).mean() > 0.5  # it did change the colours
+
+
+def test_strong_augmentation_varies_more_than_light():
+    rng = np.random.default_rng(2)
+    images = rng.integers(40, 230, size=(64, 50, 50, 3)).astype(np.uint8)
+    geometry = pipeline.augment_batch(images, seed=[4, 4], strength="geometry").numpy()
+    change = {name: np.abs(pipeline.augment_batch(images, seed=[4, 4], strength=name).numpy() - geometry).mean()
+              for name in ("light", "strong")}
+    assert change["strong"] > 2 * change["light"] > 0
