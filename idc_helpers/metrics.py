@@ -367,3 +367,23 @@ def comparison_table(report: Mapping[str, Any], *, model: str, test_set: str) ->
         "unseen patients": "yes",
     })
     return pd.DataFrame(rows)
+
+
+#: Outcome names of :func:`outcomes`, by (label, pred).
+OUTCOME_NAMES = {(1, 1): "true positive", (0, 1): "false positive", (1, 0): "false negative", (0, 0): "true negative"}
+
+
+def outcomes(preds: pd.DataFrame) -> pd.Series:
+    """Each patch's outcome ("true positive", "false positive", "false negative", "true negative") from ``label``
+    and ``pred``, aligned with ``preds``."""
+    keys = zip(preds["label"].astype(int), preds["pred"].astype(int))
+    return pd.Series([OUTCOME_NAMES[k] for k in keys], index=preds.index, name="outcome")
+
+
+def confident_examples(preds: pd.DataFrame, threshold: float, *, per_outcome: int = 6) -> pd.DataFrame:
+    """The ``per_outcome`` patches of each outcome farthest from ``threshold`` (the most confident ones), with an
+    ``outcome`` column, in the order true positives, false positives, false negatives, true negatives."""
+    table = preds.assign(outcome=outcomes(preds), confidence=(preds["prob_idc"] - threshold).abs())
+    table = table.sort_values("confidence", ascending=False, kind="stable").groupby("outcome").head(per_outcome)
+    order = {name: i for i, name in enumerate(OUTCOME_NAMES.values())}
+    return table.sort_values("outcome", key=lambda s: s.map(order), kind="stable").drop(columns="confidence")

@@ -1,12 +1,15 @@
-"""Figures for the notebooks: ROC and precision-recall curves, confusion matrix, training history, per patient, Grad-CAM.
+"""Figures for the notebooks: patients and classes, patch grids, ROC / precision-recall / confusion matrix (drawn by
+scikit-learn's displays), learning curves, per patient, Grad-CAM.
 
 Every function returns a :class:`matplotlib.figure.Figure` (drawn on ``ax`` when one is given) and changes no global
-matplotlib state; ``pyplot`` is imported only when a figure is made.
+matplotlib state; ``pyplot`` is imported only when a figure is made. :func:`save_figure` writes a figure and, for
+synthetic data, stamps it with a visible SYNTHETIC mark first, so that no figure of the demo data can pass for tissue.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import numpy as np
@@ -20,6 +23,10 @@ if TYPE_CHECKING:
 #: A predictions table (``label``, ``prob_idc``) or a ``(labels, probabilities)`` pair.
 Scores = Union[pd.DataFrame, tuple[Sequence[int], Sequence[float]]]
 CLASS_NAMES = ("non-IDC", "IDC")
+#: The words on every figure saved from synthetic data.
+SYNTHETIC_MARK = "SYNTHETIC DATA: not tissue, numbers mean nothing clinically"
+#: Outcomes of a prediction, in the order the Grad-CAM figure shows them.
+OUTCOMES = ("true positive", "false positive", "false negative", "true negative")
 
 
 def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
@@ -29,6 +36,28 @@ def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Ax
 
     fig, ax = plt.subplots(figsize=figsize, layout="constrained")
     return fig, ax
+
+
+def mark_synthetic(fig: Figure) -> Figure:
+    """Stamp ``fig`` with :data:`SYNTHETIC_MARK`: a red banner across the top and a large faint diagonal word."""
+    fig.text(0.5, 0.995, SYNTHETIC_MARK, ha="center", va="top", fontsize=11, fontweight="bold", color="white",
+             bbox={"facecolor": "crimson", "edgecolor": "none", "pad": 3}, zorder=10)
+    fig.text(0.5, 0.5, "SYNTHETIC", ha="center", va="center", fontsize=60, color="crimson", alpha=0.15,
+             rotation=25, fontweight="bold", zorder=10)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, synthetic: bool, dpi: int = 120) -> Figure:
+    """Write ``fig`` to ``path`` (written atomically; the format from the suffix), marked SYNTHETIC when
+    ``synthetic``; returns the figure so that a notebook cell shows it."""
+    from idc_helpers.atomic import atomic_path
+
+    if synthetic:
+        mark_synthetic(fig)
+    fmt = os.fspath(path).rsplit(".", 1)[-1].lower() if "." in os.fspath(path) else "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi)
+    return fig
 
 
 def _scores(data: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -44,28 +73,23 @@ def _scores(data: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
 
 
 def _named_curves(data: Scores | Mapping[str, Scores]) -> dict[str, Scores]:
-    if isinstance(data, Mapping):
-        return dict(data)
-    return {"": data}
+    return dict(data) if isinstance(data, Mapping) else {"": data}
 
 
 def plot_roc(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None, title: str = "ROC curve") -> Figure:
-    """ROC curve(s) with the AUC in the legend.
-
-    ``data``: a predictions table, a ``(labels, probs)`` pair, or a dict name -> either (one curve each, e.g. to
-    compare models). When a table has a ``pred`` column its operating point is marked.
+    """ROC curve(s) (scikit-learn's ``RocCurveDisplay``) with the AUC in the legend and, when a table has a ``pred``
+    column, its operating point. ``data``: a predictions table, a ``(labels, probs)`` pair, or a dict name -> either.
     """
     fig, ax = _new_axes(ax, (5.0, 5.0))
     for name, curve in _named_curves(data).items():
         labels, probs, pred = _scores(curve)
-        fpr, tpr, _ = skm.roc_curve(labels, probs)
-        auc = skm.roc_auc_score(labels, probs)
-        (line,) = ax.plot(fpr, tpr, lw=2, label=f"{name + ': ' if name else ''}AUC = {auc:.3f}")
+        display = skm.RocCurveDisplay.from_predictions(labels, probs, ax=ax, name=name or "model")
+        display.line_.set_linewidth(2)
         if pred is not None:
-            point_tpr = skm.recall_score(labels, pred, zero_division=0)
-            point_fpr = 1.0 - skm.recall_score(labels, pred, pos_label=0, zero_division=0)
-            ax.plot(point_fpr, point_tpr, "o", color=line.get_color(), ms=7, mec="black",
-                    label=f"{name + ' ' if name else ''}threshold (TPR {point_tpr:.2f}, FPR {point_fpr:.2f})")
+            tpr = skm.recall_score(labels, pred, zero_division=0)
+            fpr = 1.0 - skm.recall_score(labels, pred, pos_label=0, zero_division=0)
+            ax.plot(fpr, tpr, "o", color=display.line_.get_color(), ms=7, mec="black",
+                    label=f"{name + ' ' if name else ''}threshold (TPR {tpr:.2f}, FPR {fpr:.2f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance (AUC = 0.5)")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal", title=title,
            xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)")
@@ -76,24 +100,19 @@ def plot_roc(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None, tit
 
 def plot_pr(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None,
             title: str = "Precision-recall curve") -> Figure:
-    """Precision-recall curve(s) with the average precision (PR AUC) in the legend and the chance level.
-
-    Same inputs as :func:`plot_roc`. The chance level is the IDC fraction: with ~28 % IDC patches, PR curves show
-    the cost of false positives more plainly than ROC curves.
-    """
+    """Precision-recall curve(s) (``PrecisionRecallDisplay``) with the average precision and the chance level (the
+    IDC fraction). Same inputs as :func:`plot_roc`."""
     fig, ax = _new_axes(ax, (5.0, 5.0))
     prevalence = None
     for name, curve in _named_curves(data).items():
         labels, probs, pred = _scores(curve)
-        precision, recall, _ = skm.precision_recall_curve(labels, probs)
-        ap = skm.average_precision_score(labels, probs)
-        (line,) = ax.plot(recall, precision, lw=2, drawstyle="steps-post",
-                          label=f"{name + ': ' if name else ''}AP = {ap:.3f}")
+        display = skm.PrecisionRecallDisplay.from_predictions(labels, probs, ax=ax, name=name or "model")
+        display.line_.set_linewidth(2)
         if pred is not None:
-            point_p = skm.precision_score(labels, pred, zero_division=0)
-            point_r = skm.recall_score(labels, pred, zero_division=0)
-            ax.plot(point_r, point_p, "o", color=line.get_color(), ms=7, mec="black",
-                    label=f"{name + ' ' if name else ''}threshold (P {point_p:.2f}, R {point_r:.2f})")
+            precision = skm.precision_score(labels, pred, zero_division=0)
+            recall = skm.recall_score(labels, pred, zero_division=0)
+            ax.plot(recall, precision, "o", color=display.line_.get_color(), ms=7, mec="black",
+                    label=f"{name + ' ' if name else ''}threshold (P {precision:.2f}, R {recall:.2f})")
         prevalence = float(np.mean(labels))
     if prevalence is not None:
         ax.axhline(prevalence, ls="--", color="grey", lw=1, label=f"chance (IDC fraction {prevalence:.2f})")
@@ -106,10 +125,10 @@ def plot_pr(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None,
 
 def plot_confusion(data: Mapping[str, Any] | pd.DataFrame, *, ax: Axes | None = None,
                    title: str = "Confusion matrix") -> Figure:
-    """Confusion matrix with counts and row percentages (share of each true class).
+    """Confusion matrix (``ConfusionMatrixDisplay``) coloured by the share of each true class, with counts.
 
-    ``data``: a report from :func:`idc_helpers.metrics.evaluate` (its ``confusion_matrix``), a dict with
-    tn, fp, fn, tp, or a predictions table with ``label`` and ``pred``.
+    ``data``: a report of :func:`idc_helpers.metrics.evaluate`, a dict with tn, fp, fn, tp, or a table with ``label``
+    and ``pred``.
     """
     if isinstance(data, pd.DataFrame):
         cm = skm.confusion_matrix(data["label"].astype(int), data["pred"].astype(int), labels=[0, 1])
@@ -117,101 +136,219 @@ def plot_confusion(data: Mapping[str, Any] | pd.DataFrame, *, ax: Axes | None = 
         cells = data.get("confusion_matrix", data)
         cm = np.array([[cells["tn"], cells["fp"]], [cells["fn"], cells["tp"]]])
     fig, ax = _new_axes(ax, (4.6, 4.0))
-    row_totals = cm.sum(axis=1, keepdims=True)
-    share = np.divide(cm, row_totals, out=np.zeros(cm.shape, dtype=float), where=row_totals > 0)
-    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for i in range(2):
-        for j in range(2):
-            ax.text(j, i, f"{cm[i, j]:,}\n{share[i, j]:.1%}", ha="center", va="center", fontsize=11,
-                    color="white" if share[i, j] > 0.5 else "black")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=CLASS_NAMES, yticklabels=CLASS_NAMES,
-           xlabel="Predicted", ylabel="True", title=title)
-    fig.colorbar(image, ax=ax, label="share of true class", shrink=0.8)
+    totals = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, totals, out=np.zeros(cm.shape, dtype=float), where=totals > 0)
+    display = skm.ConfusionMatrixDisplay(share, display_labels=list(CLASS_NAMES))
+    display.plot(ax=ax, cmap="Blues", colorbar=False, im_kw={"vmin": 0, "vmax": 1})
+    for (i, j), text in np.ndenumerate(display.text_):
+        text.set_text(f"{cm[i, j]:,}\n{share[i, j]:.1%}")
+    ax.set(xlabel="Predicted", ylabel="True", title=title)
+    fig.colorbar(display.im_, ax=ax, label="share of the true class", shrink=0.8)
     return fig
 
 
-def plot_history(history: Mapping[str, Sequence[float]], *, metrics: Sequence[str] | None = None,
-                 monitor: str = "val_loss") -> Figure:
-    """Training curves: one panel per metric, training and validation together, epochs from 1.
+def plot_patients_and_classes(patients: pd.DataFrame) -> Figure:
+    """Patches per patient (stacked IDC / non-IDC, sorted) and the histogram of the patients' IDC shares, from
+    :func:`idc_helpers.patch_index.patient_table`."""
+    import matplotlib.pyplot as plt
 
-    ``history``: Keras ``History.history`` or ``history.json`` (name -> one value per epoch). ``metrics``: which
-    ones (default: every name without a ``val_`` prefix). The best epoch by ``monitor`` is marked when present.
+    ordered = patients.sort_values("n_patches", ascending=False).reset_index(drop=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    left.bar(ordered.index, ordered["n_non_idc"], width=1.0, color="tab:blue", label="non-IDC")
+    left.bar(ordered.index, ordered["n_idc"], bottom=ordered["n_non_idc"], width=1.0, color="tab:red", label="IDC")
+    left.set(xlabel="patients, sorted by number of patches", ylabel="patches", title="Patches per patient")
+    left.legend()
+    right.hist(patients["idc_fraction"], bins=20, range=(0, 1), color="tab:red", edgecolor="white")
+    right.set(xlabel="IDC share of the patient's patches", ylabel="patients", title="How much of each slide is IDC")
+    right.yaxis.get_major_locator().set_params(integer=True)
+    return fig
+
+
+def plot_patches(images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str] | None = None, *,
+                 n_cols: int = 8, title: str | None = None) -> Figure:
+    """A grid of ``(50, 50, 3)`` uint8 patches with one small title each."""
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    n_cols = max(1, min(n_cols, n))
+    n_rows = max(1, math.ceil(n / n_cols))
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.5 * n_cols, 1.7 * n_rows + 0.5), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (ax, image) in enumerate(zip(axes.flat, images)):
+        ax.imshow(image)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def _best_epoch(history: Mapping[str, Sequence[float]], monitor: str) -> int | None:
+    values = np.asarray(history.get(monitor, []), dtype=float)
+    if not len(values) or np.isnan(values).all():
+        return None
+    return int(np.nanargmin(values) if "loss" in monitor else np.nanargmax(values)) + 1
+
+
+def selection_rule(history: Mapping[str, Sequence[float]], monitor: str) -> str:
+    """The rule that picked the kept epoch, in words, from the ``monitor`` a run stores and its history.
+
+    For ``val_selection`` the weight of the loss is read off the history itself (``val_auc - val_selection`` over
+    ``val_loss``), so the words say what the run did, not what the code says today.
+    """
+    if monitor == "val_selection" and all(k in history for k in ("val_auc", "val_loss", "val_selection")):
+        auc, loss, sel = (np.asarray(history[k], dtype=float) for k in ("val_auc", "val_loss", "val_selection"))
+        ok = np.isfinite(auc) & (loss > 0)
+        if ok.any():
+            weight = float(np.median((auc[ok] - sel[ok]) / loss[ok]))
+            return f"highest validation ROC AUC - {weight:.3g} x validation loss"
+    words = {"val_auc": "highest validation ROC AUC", "val_loss": "lowest validation loss",
+             "val_f1": "highest validation F1", "val_pr_auc": "highest validation PR AUC"}
+    return words.get(monitor, ("lowest " if "loss" in monitor else "highest ") + monitor.replace("_", " "))
+
+
+def plot_history(history: Mapping[str, Sequence[float]], *, monitor: str = "val_loss",
+                 best_epoch: int | None = None) -> Figure:
+    """Learning curves: loss and accuracy (training beside validation), and the validation scores that chose the
+    kept epoch, with that epoch marked and the rule named in plain words (:func:`selection_rule`).
+
+    ``history``: ``history.json`` of a run or Keras ``History.history`` (name -> one value per epoch). ``monitor``:
+    the name the run selected on (``config.json``'s ``monitor``); ``best_epoch`` (1-based, ``metrics.json``): the
+    kept epoch; default: the best ``monitor`` value. Validation accuracy is ``val_accuracy`` when the history has it,
+    else the balanced accuracy at threshold 0.5 (``val_balanced_accuracy``).
     """
     import matplotlib.pyplot as plt
 
-    names = list(metrics) if metrics is not None else [
-        k for k in history if not k.startswith("val_") and k not in ("learning_rate", "lr")]
-    if not names:
+    val_accuracy = next((k for k in ("val_accuracy", "val_balanced_accuracy") if k in history), None)
+    panels: list[tuple[str, list[tuple[str, str]]]] = [
+        ("loss", [("loss", "training"), ("val_loss", "validation")]),
+        ("accuracy", [("accuracy", "training (augmented, class-weighted)"),
+                      (val_accuracy or "", "validation" + (" balanced accuracy at 0.5"
+                                                           if val_accuracy == "val_balanced_accuracy" else ""))]),
+    ]
+    selection = [(k, label) for k, label in (("val_auc", "validation ROC AUC"), (monitor, f"{monitor} (selects)"))
+                 if k in history and not any(k == name for _, curves in panels for name, _ in curves)]
+    if selection:
+        panels.append(("what picks the epoch", list(dict(selection).items())))
+    panels = [(t, [(k, lab) for k, lab in curves if k in history]) for t, curves in panels]
+    panels = [(t, curves) for t, curves in panels if curves]
+    if not panels:
         raise ValueError("history has no metric to plot")
-    n_cols = min(len(names), 3)
-    n_rows = math.ceil(len(names) / n_cols)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.2 * n_cols, 3.2 * n_rows), layout="constrained",
-                             squeeze=False)
-    best = None
-    if monitor in history and len(history[monitor]):
-        values = np.asarray(history[monitor], dtype=float)
-        best = int(np.nanargmax(values) if "loss" not in monitor else np.nanargmin(values)) + 1
-    for ax, name in zip(axes.flat, names):
-        train = np.asarray(history[name], dtype=float)
-        epochs = np.arange(1, len(train) + 1)
-        ax.plot(epochs, train, "o-", ms=3, label="training")
-        if f"val_{name}" in history:
-            ax.plot(epochs, np.asarray(history[f"val_{name}"], dtype=float), "s-", ms=3, label="validation")
+    best = best_epoch or _best_epoch(history, monitor)
+    rule = selection_rule(history, monitor)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), layout="constrained", squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels):
+        for (key, label), style in zip(curves, ("o-", "s-", "^-")):
+            values = np.asarray(history[key], dtype=float)
+            ax.plot(np.arange(1, len(values) + 1), values, style, ms=3, label=label)
         if best is not None:
-            ax.axvline(best, color="grey", ls=":", lw=1, label=f"best epoch ({best}, {monitor})")
-        ax.set(title=name.replace("_", " "), xlabel="epoch", ylabel=name.replace("_", " "))
+            ax.axvline(best, color="grey", ls=":", lw=1.5, label=f"kept: epoch {best}")
+        ax.set(title=title, xlabel="epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    for ax in list(axes.flat)[len(names):]:
-        ax.set_visible(False)
+    if best is not None:
+        fig.suptitle(f"Kept epoch {best}: the one with the {rule}", fontsize="medium")
     return fig
 
 
 def plot_per_patient(table: pd.DataFrame, *, metric: str = "f1") -> Figure:
-    """Per-patient view from :func:`idc_helpers.metrics.per_patient_metrics`.
+    """Every patient of :func:`idc_helpers.metrics.per_patient_metrics`, with what is defined for it.
 
-    Left: true vs predicted IDC share per patient (points on the diagonal = right amount of IDC found).
-    Right: ``metric`` per patient, sorted, so that the weak patients stand out.
+    Left: true vs predicted IDC share per patient (on the diagonal = the right amount of IDC found). Right: the IDC
+    F1 of each patient with IDC, and, for a patient with no IDC (no F1: nothing to find), its specificity (share of
+    its patches rightly called non-IDC), drawn in grey and labelled "no IDC".
     """
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, max(3.5, 0.22 * len(table) + 1.2)), layout="constrained")
-    true_share = table["n_idc"] / table["n_patches"]
-    pred_share = table["predicted_idc"] / table["n_patches"]
-    points = left.scatter(true_share, pred_share, s=12 + 60 * table["n_patches"] / table["n_patches"].max(),
-                          c=table[metric], cmap="viridis", vmin=0, vmax=1, edgecolor="black", lw=0.5)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, max(3.5, 0.3 * len(table) + 1.5)), layout="constrained")
+    has_idc = table["n_idc"] > 0
+    true_share, pred_share = table["n_idc"] / table["n_patches"], table["predicted_idc"] / table["n_patches"]
+    sizes = 15 + 80 * table["n_patches"] / table["n_patches"].max()
+    points = left.scatter(true_share[has_idc], pred_share[has_idc], s=sizes[has_idc], c=table.loc[has_idc, metric],
+                          cmap="viridis", vmin=0, vmax=1, edgecolor="black", lw=0.5, label=f"with IDC (colour: {metric})")
+    if (~has_idc).any():
+        left.scatter(true_share[~has_idc], pred_share[~has_idc], s=sizes[~has_idc], facecolor="none",
+                     edgecolor="dimgrey", lw=1.2, marker="D", label="no IDC")
     left.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
-    left.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal", xlabel="true IDC share of patches",
+    left.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), aspect="equal", xlabel="true IDC share of patches",
              ylabel="predicted IDC share of patches", title="IDC share per patient (size = patches)")
+    left.legend(loc="upper left", fontsize="small")
     fig.colorbar(points, ax=left, label=metric, shrink=0.8)
-    ordered = table.sort_values(metric, na_position="first")
+
+    value = table[metric].where(has_idc, table["specificity"])
+    order = np.argsort(value.fillna(-1).to_numpy(), kind="stable")
+    ordered, shown, idc = table.iloc[order], value.iloc[order], has_idc.iloc[order]
     positions = np.arange(len(ordered))
-    right.barh(positions, ordered[metric].fillna(0), color="tab:blue")
-    right.set_yticks(positions, ordered["patient_id"].astype(str), fontsize="small")
-    right.set(xlim=(0, 1), xlabel=metric, ylabel="patient", title=f"{metric} per patient (n/a drawn as 0)")
+    right.barh(positions, shown.fillna(0), color=np.where(idc, "tab:blue", "lightgrey"),
+               edgecolor=np.where(idc, "tab:blue", "dimgrey"), hatch=None)
+    for y, v, with_idc in zip(positions, shown, idc):
+        text = f"{metric} {v:.2f}" if with_idc else f"no IDC: specificity {v:.2f}"
+        right.text(0.01, y, "n/a" if np.isnan(v) else text, va="center", fontsize="small")
+    right.set_yticks(positions, [f"patient {p}" for p in ordered["patient_id"].astype(str)], fontsize="small")
+    right.set(xlim=(0, 1), xlabel=f"{metric} (patients with IDC) or specificity (patients without)",
+              title=f"Every test patient ({len(table)})")
     right.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def _gradcam_grid(images: np.ndarray, heatmaps: np.ndarray, titles: Sequence[str], row_labels: Sequence[str],
+                  rows: Sequence[Sequence[int]], n_cols: int, alpha: float) -> Figure:
+    """Patches above their Grad-CAM overlays, one pair of rows per group, on one colour scale with a colour bar."""
+    import matplotlib.pyplot as plt
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from idc_helpers.gradcam import overlay
+
+    vmax = float(np.max(heatmaps)) if len(heatmaps) and np.max(heatmaps) > 0 else 1.0
+    fig, axes = plt.subplots(2 * len(rows), n_cols, figsize=(1.9 * n_cols + 1.2, 2.1 * 2 * len(rows)),
+                             squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (members, label) in enumerate(zip(rows, row_labels)):
+        for c, i in enumerate(members[:n_cols]):
+            axes[2 * r, c].imshow(images[i])
+            axes[2 * r, c].set_title(titles[i], fontsize="small")
+            axes[2 * r + 1, c].imshow(overlay(images[i], heatmaps[i], alpha=alpha, vmax=vmax))
+            axes[2 * r + 1, c].set_title(f"peak {heatmaps[i].max() / vmax:.0%}", fontsize="small")
+        axes[2 * r, 0].text(-0.15, 0.5, label, transform=axes[2 * r, 0].transAxes, rotation=90, ha="right",
+                            va="center", fontsize="medium", fontweight="bold")
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=axes[:, -1].tolist(), shrink=0.6,
+                       label="evidence for IDC, share of the figure's largest")
+    bar.set_ticks([0, 0.5, 1], labels=["none", "half", "largest"])
     return fig
 
 
 def plot_gradcam(images: np.ndarray, heatmaps: np.ndarray, *, titles: Sequence[str] | None = None,
                  alpha: float = 0.4, n_cols: int = 6) -> Figure:
-    """Grid of patches (top) and their Grad-CAM overlays (below), for ``(N, 50, 50, 3)`` uint8 and ``(N, 50, 50)`` maps."""
-    import matplotlib.pyplot as plt
-
-    from idc_helpers.gradcam import overlay
-
+    """Patches (top) and their Grad-CAM overlays (below), for ``(N, 50, 50, 3)`` uint8 and ``(N, 50, 50)`` maps
+    from :func:`idc_helpers.gradcam.gradcam`; every map on one colour scale (the largest value in the figure)."""
     n = len(images)
     n_cols = max(1, min(n_cols, n))
-    n_rows = math.ceil(n / n_cols)
-    fig, axes = plt.subplots(2 * n_rows, n_cols, figsize=(1.9 * n_cols, 2.0 * 2 * n_rows), squeeze=False,
-                             layout="constrained")
-    for ax in axes.flat:
-        ax.axis("off")
-    for i in range(n):
-        row, col = 2 * (i // n_cols), i % n_cols
-        axes[row, col].imshow(images[i])
-        axes[row, col].set_title(titles[i] if titles is not None else f"patch {i}", fontsize="small")
-        axes[row + 1, col].imshow(overlay(images[i], heatmaps[i], alpha=alpha))
-        axes[row + 1, col].set_title("Grad-CAM", fontsize="small")
+    rows = [list(range(b, min(b + n_cols, n))) for b in range(0, n, n_cols)]
+    titles = list(titles) if titles is not None else [f"patch {i}" for i in range(n)]
+    return _gradcam_grid(np.asarray(images), np.asarray(heatmaps), titles, [""] * len(rows), rows, n_cols, alpha)
+
+
+def plot_gradcam_outcomes(examples: pd.DataFrame, images: np.ndarray, heatmaps: np.ndarray, *,
+                          alpha: float = 0.4) -> Figure:
+    """Grad-CAM of example patches grouped by outcome (rows: true/false positives/negatives), all on one scale.
+
+    ``examples``: rows of :func:`idc_helpers.metrics.confident_examples` (``outcome``, ``prob_idc``, ``patient_id``)
+    aligned with ``images`` and ``heatmaps``. One colour scale for the whole figure, so that a patch in which the
+    model found little IDC evidence (a confident true negative) shows a faint map, not its own "hot" spots.
+    """
+    outcome = examples["outcome"].to_numpy()
+    groups = [(name, list(np.flatnonzero(outcome == name))) for name in OUTCOMES if (outcome == name).any()]
+    if not groups:
+        raise ValueError("no examples to draw")
+    titles = [f"p(IDC)={p:.2f}\npatient {pid}" for p, pid in zip(examples["prob_idc"], examples["patient_id"])]
+    n_cols = max(len(members) for _, members in groups)
+    fig = _gradcam_grid(np.asarray(images), np.asarray(heatmaps), titles, [f"{n}s" for n, _ in groups],
+                        [m for _, m in groups], n_cols, alpha)
+    fig.suptitle("Grad-CAM of the IDC logit: one colour scale for every map (blue = no evidence for IDC)",
+                 fontsize="medium")
     return fig

@@ -6,55 +6,133 @@ import matplotlib
 
 matplotlib.use("Agg")  # tests only: the package itself never touches the backend
 
+import matplotlib.image  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from sklearn import metrics as skm  # noqa: E402
 
 from idc_helpers import plots  # noqa: E402
-from idc_helpers.metrics import evaluate, per_patient_metrics  # noqa: E402
+from idc_helpers.metrics import confident_examples, evaluate, per_patient_metrics  # noqa: E402
 from test_metrics import make_predictions  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
 
 
 def _legend_texts(fig) -> str:
     return " ".join(t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts())
 
 
-def test_curves_accept_tables_pairs_and_dicts():
-    import matplotlib.pyplot as plt
+def _all_texts(fig) -> str:
+    texts = [t.get_text() for t in fig.texts] + [fig._suptitle.get_text() if fig._suptitle else ""]
+    for ax in fig.axes:
+        texts += [t.get_text() for t in ax.texts] + [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+        texts += [t.get_text() for t in ax.get_yticklabels()]
+    return " ".join(texts) + " " + _legend_texts(fig)
 
+
+def test_curves_accept_tables_pairs_and_dicts():
     preds = make_predictions()
     auc = skm.roc_auc_score(preds.label, preds.prob_idc)
     fig = plots.plot_roc(preds)
-    assert f"AUC = {auc:.3f}" in _legend_texts(fig) and "threshold" in _legend_texts(fig)
+    assert f"AUC = {auc:.2f}" in _legend_texts(fig) and "threshold" in _legend_texts(fig)
     assert fig.axes[0].get_xlabel() and fig.axes[0].get_title()
     fig = plots.plot_pr((preds.label, preds.prob_idc))
-    assert "AP = " in _legend_texts(fig) and "chance" in _legend_texts(fig)
+    ap = skm.average_precision_score(preds.label, preds.prob_idc)
+    assert f"AP = {ap:.2f}" in _legend_texts(fig) and "chance" in _legend_texts(fig)
     fig = plots.plot_roc({"a": preds, "b": (preds.label, 1 - preds.prob_idc)})
-    assert "a: AUC" in _legend_texts(fig) and "b: AUC" in _legend_texts(fig)
+    assert "a (AUC" in _legend_texts(fig) and "b (AUC" in _legend_texts(fig)
     _, ax = plt.subplots()
     assert plots.plot_pr(preds, ax=ax) is ax.figure
-    plt.close("all")
 
 
-def test_confusion_history_per_patient_figures():
-    import matplotlib.pyplot as plt
-
+def test_confusion_matrix_counts_and_shares():
     preds = make_predictions()
     report = evaluate(preds, n_bootstrap=0)
+    cm = report["confusion_matrix"]
     for fig in (plots.plot_confusion(report), plots.plot_confusion(preds)):
-        texts = [t.get_text() for t in fig.axes[0].texts]
-        assert f"{report['confusion_matrix']['tp']:,}" in " ".join(texts)
-    history = {"loss": [0.6, 0.5, 0.45], "val_loss": [0.62, 0.5, 0.55], "accuracy": [0.7, 0.8, 0.85],
-               "val_accuracy": [0.7, 0.78, 0.77], "learning_rate": [1e-3] * 3}
-    fig = plots.plot_history(history)
-    visible = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in visible] == ["loss", "accuracy"]
-    assert "best epoch (2, val_loss)" in _legend_texts(fig)
-    fig = plots.plot_per_patient(per_patient_metrics(preds))
-    assert len(fig.axes) >= 2
-    images = np.zeros((3, 50, 50, 3), dtype=np.uint8)
-    fig = plots.plot_gradcam(images, np.zeros((3, 50, 50)), titles=["a", "b", "c"])
+        texts = " ".join(t.get_text() for t in fig.axes[0].texts)
+        assert f"{cm['tp']:,}\n{cm['tp'] / (cm['tp'] + cm['fn']):.1%}" in texts
+
+
+def test_learning_curves_show_validation_and_name_the_rule():
+    """What decides (validation AUC, the selection score) is plotted, validation beside training, and the legend says
+    the rule in words read from the history, not the bare name 'val_selection'."""
+    auc = np.array([0.80, 0.90, 0.88])
+    loss = np.array([0.60, 0.40, 0.50])
+    history = {"loss": [0.7, 0.5, 0.45], "accuracy": [0.7, 0.8, 0.85], "val_loss": list(loss),
+               "val_auc": list(auc), "val_balanced_accuracy": [0.7, 0.8, 0.79],
+               "val_selection": list(auc - 0.01 * loss), "lr": [1e-3] * 3}
+    fig = plots.plot_history(history, monitor="val_selection", best_epoch=2)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["loss", "accuracy", "what picks the epoch"]
+    labels = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
+    assert "validation" in labels[0] and any("validation balanced accuracy" in x for x in labels[1])
+    assert "validation ROC AUC" in labels[2] and "val_selection (selects)" in labels[2]
+    assert "kept: epoch 2" in _legend_texts(fig)
+    assert "highest validation ROC AUC - 0.01 x validation loss" in fig._suptitle.get_text()
+    assert plots.selection_rule({**history, "val_selection": list(auc - 0.05 * loss)}, "val_selection") == (
+        "highest validation ROC AUC - 0.05 x validation loss")
+    plain = plots.plot_history({"loss": [0.6, 0.5, 0.45], "val_loss": [0.62, 0.5, 0.55]})
+    assert "lowest validation loss" in plain._suptitle.get_text() and "kept: epoch 2" in _legend_texts(plain)
+
+
+def test_per_patient_figure_shows_every_patient():
+    preds = make_predictions(n_patients=4, per_patient=40)
+    preds.loc[preds.patient_id == "9002", "label"] = 0  # no IDC: no F1, but the patient must still be drawn
+    table = per_patient_metrics(preds)
+    fig = plots.plot_per_patient(table)
+    right = fig.axes[1]
+    assert len(right.patches) == 4
+    ticks = [t.get_text() for t in right.get_yticklabels()]
+    assert sorted(ticks) == [f"patient {p}" for p in ("9000", "9001", "9002", "9003")]
+    spec = table.set_index("patient_id").loc["9002", "specificity"]
+    assert f"no IDC: specificity {spec:.2f}" in _all_texts(fig)
+    assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == 4  # every patient in the scatter too
+
+
+def test_patch_grid():
+    images = np.zeros((5, 50, 50, 3), dtype=np.uint8)
+    fig = plots.plot_patches(images, [f"p{i}" for i in range(5)], n_cols=3, title="five")
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 5 and shown[4].get_title() == "p4" and fig._suptitle.get_text() == "five"
+
+
+def test_gradcam_grids_share_one_scale():
+    preds = make_predictions(n_patients=3, per_patient=40)
+    examples = confident_examples(preds, 0.5, per_outcome=2)
+    assert list(dict.fromkeys(examples["outcome"])) == [o for o in plots.OUTCOMES if o in set(examples["outcome"])]
+    images = np.full((len(examples), 50, 50, 3), 128, dtype=np.uint8)
+    heatmaps = np.zeros((len(examples), 50, 50), dtype=np.float32)
+    heatmaps[0, :10, :10] = 4.0  # the strongest evidence in the figure
+    heatmaps[1:, :10, :10] = 0.04  # a hundred times weaker: must look faint, not "hot"
+    fig = plots.plot_gradcam_outcomes(examples, images, heatmaps)
+    overlays = [ax for ax in fig.axes if ax.images and ax.get_title().startswith("peak")]
+    strong, weak = (np.asarray(ax.images[0].get_array()) for ax in overlays[:2])
+    assert not np.array_equal(strong[0, 0], weak[0, 0])  # different colours for different evidence
+    # 1% of the largest reads as (almost) nothing: the same colour as no evidence, give or take a few levels.
+    assert np.abs(weak[0, 0].astype(int) - weak[-1, -1]).max() <= 5
+    assert np.abs(strong[0, 0].astype(int) - strong[-1, -1]).max() > 50
+    assert overlays[1].get_title() == "peak 1%"
+    assert "one colour scale" in fig._suptitle.get_text()
+    assert any("largest" in ax.get_ylabel() for ax in fig.axes)  # the colour bar says what the colours mean
+    fig = plots.plot_gradcam(images[:3], heatmaps[:3], titles=["a", "b", "c"])
     assert fig.axes[0].get_title() == "a"
-    plt.close("all")
 
 
+def test_saved_synthetic_figures_carry_a_visible_mark(tmp_path):
+    preds = make_predictions()
+    plain, marked = tmp_path / "real.png", tmp_path / "synthetic.png"
+    plots.save_figure(plots.plot_roc(preds), plain, synthetic=False)
+    fig = plots.save_figure(plots.plot_roc(preds), marked, synthetic=True)
+    assert "SYNTHETIC" in " ".join(t.get_text() for t in fig.texts)
+    a, b = matplotlib.image.imread(plain), matplotlib.image.imread(marked)
+    assert a.shape == b.shape
+    # The mark is drawn in red where the plain figure has none.
+    red = lambda im: ((im[..., 0] > 0.7) & (im[..., 1] < 0.3) & (im[..., 2] < 0.3)).sum()  # noqa: E731
+    assert red(b) > red(a) + 500
+    assert not list(tmp_path.glob(".*tmp"))
