@@ -2,18 +2,25 @@
 
 Modules, one concern each:
 
-- ``kaggle_download``: fetch the Kaggle dataset, verified, into a complete folder.
-- ``datasource``: decide which data a run uses (argument, ``IDC_DATA_DIR``, ``./data``, Kaggle, demo).
+- ``errors``, ``atomic``: the error classes every command reports the same way; atomic files and folders.
+- ``kaggle_download``: fetch the Kaggle dataset (anonymously where allowed), verified, into a complete folder.
+- ``datasource``: decide which data a run uses (argument, ``IDC_DATA_DIR``, ``./data``, Kaggle, demo) and say
+  so, with the synthetic-data notice whenever the data is the demo.
 - ``demo_data``: a small synthetic dataset in the Kaggle layout, for runs without the real data.
 - ``patch_index``: one row per patch file (path, patient_id, x, y, label), with every problem found.
 - ``splits``: patient-level splits (the published Janowczyk & Madabhushi 2016 split, seeded splits, k-fold).
 - ``loader``: decode patches into one ``(N, 50, 50, 3) uint8`` array, cached on disk.
 - ``pipeline``: ``tf.data`` input pipelines with augmentation.
 - ``models``, ``training``, ``prediction``, ``metrics``, ``plots``, ``gradcam``, ``slides``.
+- ``notebook_runner``: the notebook series end to end (the notebooks ship inside the package, so a regular
+  install runs them from any folder); ``cli``: every command's arguments and handler.
 
 Importing the package has no side effects and does not import TensorFlow.
 """
 
 __version__ = "0.1.0"
 KAGGLE_DATASET = "paultimothymooney/breast-histopathology-images"
+# The Kaggle dataset's size: a copy with exactly these counts is complete.
+KAGGLE_PATIENTS = 279
+KAGGLE_PATCHES = 277_524
 PATCH_SIZE = 50

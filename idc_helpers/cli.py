@@ -94,17 +94,49 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def _add_demo_data(sub: argparse._SubParsersAction) -> None:
+    from idc_helpers.demo_data import DEFAULT_PATIENTS
+
     p = sub.add_parser("demo-data", help="write a small SYNTHETIC dataset in the Kaggle layout")
-    p.add_argument("dest", help="output folder (must not exist or be empty)")
-    p.add_argument("--patients", type=int, default=12, help="number of synthetic patients (default 12)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (must not exist or be empty)")
+    p.add_argument("dest", nargs="?", default=None, help=argparse.SUPPRESS)  # old positional form of --out
+    p.add_argument("--n-patients", type=int, default=None, metavar="N",
+                   help=f"number of synthetic patients (default {DEFAULT_PATIENTS})")
+    p.add_argument("--patients", type=int, default=None, help=argparse.SUPPRESS)  # old spelling of --n-patients
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
 
 
 def run_demo_data(args: argparse.Namespace) -> int:
-    """``python -m idc_helpers demo-data``."""
-    from idc_helpers.demo_data import run_demo_data
+    """``python -m idc_helpers demo-data --out DIR [--n-patients N] [--seed S]``: write, then print the notice and
+    the counts."""
+    import time
 
-    return run_demo_data(args)
+    from idc_helpers.demo_data import DEFAULT_PATIENTS, SYNTHETIC_NOTICE, write_demo_dataset
+    from idc_helpers.errors import UserError
+    from idc_helpers.patch_index import build_index, dataset_summary
+
+    out, n_patients = args.out, args.n_patients
+    if args.dest is not None:
+        print("demo-data DIR is deprecated: use demo-data --out DIR.", file=sys.stderr)
+        out = out or args.dest
+    if args.patients is not None:
+        print("demo-data --patients N is deprecated: use --n-patients N.", file=sys.stderr)
+        n_patients = n_patients if n_patients is not None else args.patients
+    if out is None:
+        raise UserError("demo-data needs --out DIR, the folder to write the synthetic dataset to.")
+    start = time.perf_counter()
+    dest = write_demo_dataset(out, n_patients=n_patients if n_patients is not None else DEFAULT_PATIENTS,
+                              seed=args.seed)
+    seconds = time.perf_counter() - start
+    summary = dataset_summary(build_index(dest).frame)
+    print(SYNTHETIC_NOTICE)
+    print(
+        f"Wrote a SYNTHETIC demo dataset to {dest} in {seconds:.1f} s (seed {args.seed}):\n"
+        f"  patients: {summary['patients']}\n"
+        f"  patches:  {summary['patches']:,} ({summary['non_idc']:,} non-IDC, {summary['idc']:,} IDC; "
+        f"IDC share {summary['idc_fraction']:.1%})\n"
+        f"  smaller than 50x50: {summary['not_50x50']}"
+    )
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------

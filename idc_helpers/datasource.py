@@ -1,19 +1,24 @@
 """Which dataset folder a run uses, decided in one place so that every notebook and command agrees.
 
-Order: an explicit argument; the ``IDC_DATA_DIR`` environment variable; a complete copy of the Kaggle dataset in
-``./data``; a Kaggle download into ``./data`` when Kaggle credentials exist; otherwise the synthetic demo dataset,
-announced with a loud notice so that nobody mistakes its numbers for real ones.
+Order (:data:`idc_helpers.demo_data.LOOKUP_ORDER`): an explicit argument; the ``IDC_DATA_DIR`` environment
+variable; a complete copy of the Kaggle dataset in ``./data``; a Kaggle download into ``./data`` when Kaggle
+credentials exist, or on Colab without them (anonymously: the dataset is public); otherwise the synthetic demo
+dataset. Whenever the data is synthetic, here and only here the loud notice is printed, so that nobody mistakes its
+numbers for real ones; the :class:`DataSource` says so too (``synthetic``, ``origin == "demo"``).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from idc_helpers.errors import UserError
 from idc_helpers.kaggle_download import (
     EXPECTED_PATCHES,
     EXPECTED_PATIENTS,
+    KaggleCredentialsError,
     count_copy,
     download_dataset,
     find_credentials,
@@ -22,15 +27,20 @@ from idc_helpers.kaggle_download import (
 
 ORIGINS = ("argument", "IDC_DATA_DIR", "./data", "kaggle", "demo")
 DATA_DIR_ENV = "IDC_DATA_DIR"
+DOWNLOAD_COMMAND = "python -m idc_helpers download"
 
 
-class DataSourceError(FileNotFoundError):
+class DataSourceError(UserError, FileNotFoundError):
     """The folder named by the argument or by ``IDC_DATA_DIR`` does not exist or is not a folder."""
 
 
 @dataclass(frozen=True)
 class DataSource:
-    """The dataset folder a run uses: ``origin`` is one of :data:`ORIGINS`; ``synthetic`` is True for demo data."""
+    """The dataset folder a run uses.
+
+    ``origin`` is one of :data:`ORIGINS`, and ``"demo"`` for every synthetic dataset (wherever it was named);
+    ``synthetic`` is True for demo data; ``description`` says where the folder came from.
+    """
 
     path: Path
     origin: str
@@ -41,10 +51,16 @@ class DataSource:
         return self.description
 
 
+def in_colab() -> bool:
+    """True inside a Google Colab runtime (its ``google.colab`` module is loaded)."""
+    return "google.colab" in sys.modules
+
+
 def resolve_data_dir(
     explicit: str | os.PathLike[str] | None = None,
     *,
     download: bool = True,
+    anonymous: bool | None = None,
     demo_dir: str | os.PathLike[str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     demo_patients: int | None = None,
@@ -56,11 +72,13 @@ def resolve_data_dir(
 
     ``explicit`` and ``IDC_DATA_DIR`` must name an existing folder (else :class:`DataSourceError`); relative paths
     are taken from ``cwd`` (default: the current directory), as is ``./data``. ``download=False`` skips the Kaggle
-    step. The demo dataset (``demo_patients`` patients, seed 0) is written once into ``demo_dir`` (default: a
-    folder under the decoded-patch cache, ``$IDC_CACHE_DIR`` or ``~/.cache/idc_helpers``) and reused afterwards;
-    it is kept out of ``./data`` so that it never blocks a later download there. Download failures are raised
-    (:class:`idc_helpers.kaggle_download.DownloadError`), not replaced by demo data: with credentials present, the
-    user asked for the real data. ``expected_*`` define a complete copy (tests use tiny ones).
+    step; ``anonymous`` (default: only on Colab) tries an anonymous download when no credentials are found, and
+    falls back to the demo with the reason when Kaggle refuses it. The demo dataset (``demo_patients`` patients,
+    seed 0) is written once into ``demo_dir`` (default: a folder under the decoded-patch cache, ``$IDC_CACHE_DIR``
+    or ``~/.cache/idc_helpers``) and reused afterwards; it is kept out of ``./data`` so that it never blocks a
+    later download there. Other download failures are raised (:class:`idc_helpers.kaggle_download.DownloadError`),
+    not replaced by demo data: the user asked for the real data. ``expected_*`` define a complete copy (tests use
+    tiny ones). A synthetic result is announced with :data:`idc_helpers.demo_data.SYNTHETIC_NOTICE`.
     """
     base = Path(cwd) if cwd is not None else Path.cwd()
     if explicit is not None and str(explicit) != "":
@@ -80,10 +98,20 @@ def resolve_data_dir(
                    if local.exists() else f"no dataset in {local}")
     if download:
         credentials = find_credentials()
-        if credentials is not None:
-            path = download_dataset(local, progress=progress, **counts)
-            return DataSource(path, "kaggle", False, f"the Kaggle dataset, downloaded into {path} ({credentials})")
-        reasons.append("no Kaggle credentials (see `python -m idc_helpers download`)")
+        anonymous = in_colab() if anonymous is None else anonymous
+        if credentials is not None or anonymous:
+            try:
+                path = download_dataset(local, progress=progress, anonymous=anonymous, **counts)
+            except KaggleCredentialsError:
+                if credentials is not None:
+                    raise
+                reasons.append("Kaggle refused an anonymous download: add a Kaggle API token (see "
+                               f"`{DOWNLOAD_COMMAND} --help`)")
+            else:
+                how = credentials or "anonymously"
+                return DataSource(path, "kaggle", False, f"the Kaggle dataset, downloaded into {path} ({how})")
+        else:
+            reasons.append(f"no Kaggle credentials: `{DOWNLOAD_COMMAND}` fetches the real data into ./data")
     else:
         reasons.append("downloading was switched off")
     if demo_patients is None:
@@ -92,23 +120,32 @@ def resolve_data_dir(
 
 
 def _given_folder(path: Path, origin: str, named: str) -> DataSource:
-    from idc_helpers.demo_data import is_synthetic
+    from idc_helpers.demo_data import LOOKUP_ORDER, is_synthetic
 
     path = path.absolute()
     if not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise DataSourceError(
             f"The data folder {path}, from {named}, {what}. Give a folder in the Kaggle layout "
-            "(<patient>/<0|1>/*.png): download one with `python -m idc_helpers download --dest DIR`, write a "
-            "synthetic one with `python -m idc_helpers demo-data DIR`, or leave it unset to use ./data."
+            f"(<patient>/<0|1>/*.png): download one with `{DOWNLOAD_COMMAND} --out DIR`, write a synthetic one "
+            f"with `python -m idc_helpers demo-data --out DIR`, or leave it unset: data is then looked up in this "
+            f"order: {LOOKUP_ORDER}."
         )
-    synthetic = is_synthetic(path)
-    return DataSource(path, origin, synthetic, f"{'SYNTHETIC demo data' if synthetic else 'data'} in {path}, "
-                                                f"from {named}")
+    if is_synthetic(path):
+        return _announce(DataSource(path, "demo", True, f"SYNTHETIC demo data in {path}, from {named}"))
+    return DataSource(path, origin, False, f"data in {path}, from {named}")
+
+
+def _announce(source: DataSource) -> DataSource:
+    from idc_helpers.demo_data import SYNTHETIC_NOTICE
+
+    print(SYNTHETIC_NOTICE)
+    print(f"Data: {source}.", flush=True)
+    return source
 
 
 def _demo(demo_dir: str | os.PathLike[str] | None, n_patients: int, reasons: list[str]) -> DataSource:
-    from idc_helpers.demo_data import SYNTHETIC_NOTICE, is_synthetic, write_demo_dataset
+    from idc_helpers.demo_data import is_synthetic, write_demo_dataset
 
     if demo_dir is None:
         from idc_helpers.loader import default_cache_dir
@@ -120,6 +157,4 @@ def _demo(demo_dir: str | os.PathLike[str] | None, n_patients: int, reasons: lis
     else:
         write_demo_dataset(path, n_patients=n_patients, seed=0)
         action = "wrote a SYNTHETIC demo dataset"
-    print(SYNTHETIC_NOTICE)
-    print(f"Data: {action} in {path}, because: {'; '.join(reasons)}.", flush=True)
-    return DataSource(path, "demo", True, f"SYNTHETIC demo data in {path} ({'; '.join(reasons)})")
+    return _announce(DataSource(path, "demo", True, f"{action} in {path}, because: {'; '.join(reasons)}"))

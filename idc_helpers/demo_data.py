@@ -18,26 +18,30 @@ None of this is real tissue. The marker file :data:`DEMO_MARKER` at the dataset'
 
 from __future__ import annotations
 
-import argparse
 import os
-import shutil
-import sys
-import tempfile
-import time
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from idc_helpers import KAGGLE_DATASET, PATCH_SIZE, __version__
-from idc_helpers.patch_index import build_index, dataset_summary
+from idc_helpers import KAGGLE_DATASET, KAGGLE_PATCHES, KAGGLE_PATIENTS, PATCH_SIZE, __version__
+from idc_helpers.atomic import publish_dir
+from idc_helpers.errors import UserError
 
 DEMO_MARKER = "SYNTHETIC_DEMO_DATA.txt"
-# 12 patients: the default 70/15/15 patient split then holds out 2 validation and 2 test patients, so intervals
-# over patients are not a single value.
-DEFAULT_PATIENTS = 12
+# 32 patients: the default 70/15/15 patient split then holds out 5 validation and 5 test patients, enough for an
+# interval over patients to mean something. Slides are small (about 80 patches each), so the whole set stays
+# about as large, and as quick to train on, as a dozen full-size slides.
+DEFAULT_PATIENTS = 32
 FIRST_PATIENT_ID = 90001  # real Kaggle patient ids are 4-5 digits below 17000: these can never be mistaken for them
+
+# Where a run looks for its data, in order (idc_helpers.datasource.resolve_data_dir follows it).
+LOOKUP_ORDER = (
+    "the folder given (--data-dir, or DATA_DIR in a notebook); the IDC_DATA_DIR variable; a complete copy in "
+    "./data; on Colab, or wherever Kaggle credentials are found, a download into ./data; else the synthetic demo"
+)
 
 _NOTICE_LINES = [
     "SYNTHETIC DEMO DATA  -  NOT REAL TISSUE, NOT REAL PATIENTS",
@@ -46,12 +50,13 @@ _NOTICE_LINES = [
     "without the Kaggle dataset. Every number, figure and model made from them",
     "means nothing clinically: they only show that the pipeline works.",
     "",
-    "To use the real data (279 patients, 277,524 patches):",
-    "  1. get a Kaggle API token (kaggle.com > Settings > API > Create New Token)",
-    "     into ~/.kaggle/kaggle.json, or set KAGGLE_USERNAME and KAGGLE_KEY",
-    "     (on Colab: add them as notebook secrets);",
-    "  2. run   python -m idc_helpers download --dest data",
-    "or point IDC_DATA_DIR at a folder that already holds the dataset.",
+    f"To use the real data ({KAGGLE_PATIENTS} patients, {KAGGLE_PATCHES:,} patches), run",
+    "    python -m idc_helpers download",
+    "It writes ./data (about 3.1 GB). The dataset is public; where Kaggle asks",
+    "for a login, add an API token (kaggle.com > Settings > API) as",
+    "KAGGLE_API_TOKEN or ~/.kaggle/access_token (on Colab: the notebook secret",
+    "KAGGLE_API_TOKEN, or KAGGLE_USERNAME and KAGGLE_KEY).",
+    *textwrap.wrap(f"Data is looked up in this order: {LOOKUP_ORDER}.", 74),
 ]
 
 
@@ -69,11 +74,19 @@ SYNTHETIC_NOTICE: str = _banner(_NOTICE_LINES)
 _H_REF = np.array([0.5626, 0.7201, 0.4062])
 _E_REF = np.array([0.2159, 0.8012, 0.5581])
 
-_COLS_RANGE = (16, 26)  # patches across a slide, inclusive
-_ROWS_RANGE = (12, 20)
+_COLS_RANGE = (10, 16)  # patches across a slide, inclusive
+_ROWS_RANGE = (8, 13)
 # Widths/heights of the last row or column where a slide ends part-way; the real data's commonest are 42, 30, 1.
 _BORDER_SIZES = (42, 30, 34, 41, 32, 12, 1)
 _MIN_TISSUE = 0.2  # fraction of a patch that must be tissue for the patch to exist (background is not written)
+
+
+class DemoDataError(UserError, ValueError):
+    """An argument of :func:`write_demo_dataset` is out of range."""
+
+
+class DemoDestinationError(UserError, FileExistsError):
+    """The demo dataset's destination holds something else (or, without ``overwrite``, an earlier demo)."""
 
 
 @dataclass
@@ -101,22 +114,20 @@ def write_demo_dataset(
     """Write a synthetic dataset in the Kaggle layout to ``dest`` and return its absolute path.
 
     ``n_patients`` slides, patient ids ``90001, 90002, ...``; ``grid`` = (columns, rows) of 50-px patches per slide,
-    or ``None`` for a size drawn per patient (16-26 x 12-20, about 220 tissue patches each). The same ``seed`` gives
+    or ``None`` for a size drawn per patient (10-16 x 8-13, about 80 tissue patches each). The same ``seed`` gives
     byte-identical files (with the same OpenCV/zlib); patient ``k`` does not depend on ``n_patients``.
-    The dataset is built in a hidden folder next to ``dest`` and renamed into place at the end, so an interrupted
-    run leaves no half dataset. ``dest`` must not exist or be empty; with ``overwrite=True`` an existing *demo*
-    dataset is replaced, anything else is refused (``FileExistsError``).
+    The dataset is built in a hidden folder next to ``dest`` and renamed into place at the end
+    (:func:`idc_helpers.atomic.publish_dir`), so an interrupted run leaves no half dataset. ``dest`` must not exist
+    or be empty; with ``overwrite=True`` an existing *demo* dataset is replaced, anything else is refused
+    (:class:`DemoDestinationError`); bad arguments raise :class:`DemoDataError`.
     """
     if n_patients < 1:
-        raise ValueError(f"n_patients must be at least 1, got {n_patients}")
+        raise DemoDataError(f"the number of demo patients must be at least 1, got {n_patients}")
     if grid is not None and (grid[0] < 3 or grid[1] < 3):
-        raise ValueError(f"grid must be at least 3x3 patches (columns, rows), got {grid}")
+        raise DemoDataError(f"grid must be at least 3x3 patches (columns, rows), got {grid}")
     dest = Path(dest).expanduser().absolute()
     replace_old = _check_destination(dest, overwrite)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    try:
+    with publish_dir(dest, replace=replace_old) as tmp:
         # One independent random stream per patient: patient k is the same whatever n_patients is.
         streams = np.random.SeedSequence(seed).spawn(n_patients)
         counts = []
@@ -131,19 +142,6 @@ def write_demo_dataset(
             counts.append((patient_id, *_write_patches(slide, tmp / patient_id, patient_id)))
         # The marker goes in last: a folder with a marker is a finished demo dataset.
         (tmp / DEMO_MARKER).write_text(_marker_text(seed, counts), encoding="utf-8")
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; a dataset should be readable like any folder
-        if replace_old:
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.replace(dest, old / "data")
-            os.replace(tmp, dest)
-            shutil.rmtree(old)
-        else:
-            if dest.is_dir():
-                dest.rmdir()  # it was checked to be empty; rename cannot replace a directory everywhere
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 
@@ -152,11 +150,11 @@ def _check_destination(dest: Path, overwrite: bool) -> bool:
     if not dest.exists():
         return False
     if not dest.is_dir():
-        raise FileExistsError(f"{dest} is a file, not a folder: choose another destination for the demo dataset.")
+        raise DemoDestinationError(f"{dest} is a file, not a folder: choose another destination for the demo dataset.")
     if not any(dest.iterdir()):
         return False
     if not overwrite:
-        raise FileExistsError(
+        raise DemoDestinationError(
             f"{dest} is not empty: the demo dataset needs a new or empty folder. Choose another folder"
             + (
                 "; it holds an earlier demo dataset, so you may also delete it, or pass overwrite=True "
@@ -165,7 +163,7 @@ def _check_destination(dest: Path, overwrite: bool) -> bool:
             )
         )
     if not is_synthetic(dest):
-        raise FileExistsError(
+        raise DemoDestinationError(
             f"{dest} is not empty and has no {DEMO_MARKER}, so it is not a demo dataset: refusing to replace it. "
             "Choose another folder."
         )
@@ -458,27 +456,3 @@ def _stain(rng: np.random.Generator, c_h: np.ndarray, c_e: np.ndarray) -> np.nda
 
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
-
-
-# --- command line ------------------------------------------------------------------------------------------------
-
-
-def run_demo_data(args: argparse.Namespace) -> int:
-    """``python -m idc_helpers demo-data DEST [--patients N] [--seed S]``: write, then print the notice and counts."""
-    start = time.perf_counter()
-    try:
-        dest = write_demo_dataset(args.dest, n_patients=args.patients, seed=args.seed)
-    except (OSError, ValueError) as exc:  # a non-empty folder, a bad --patients, a full or read-only disk
-        print(f"demo-data: {exc}", file=sys.stderr)
-        return 1
-    seconds = time.perf_counter() - start
-    summary = dataset_summary(build_index(dest).frame)
-    print(SYNTHETIC_NOTICE)
-    print(
-        f"Wrote a SYNTHETIC demo dataset to {dest} in {seconds:.1f} s (seed {args.seed}):\n"
-        f"  patients: {summary['patients']}\n"
-        f"  patches:  {summary['patches']:,} ({summary['non_idc']:,} non-IDC, {summary['idc']:,} IDC; "
-        f"IDC share {summary['idc_fraction']:.1%})\n"
-        f"  smaller than 50x50: {summary['not_50x50']}"
-    )
-    return 0

@@ -40,12 +40,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idc_helpers import KAGGLE_DATASET, PATCH_SIZE
+from idc_helpers import KAGGLE_DATASET, KAGGLE_PATCHES, KAGGLE_PATIENTS, PATCH_SIZE
 from idc_helpers.atomic import install_dir, recover_dir
 from idc_helpers.errors import ExternalError, UserError
 
-EXPECTED_PATIENTS = 279
-EXPECTED_PATCHES = 277_524
+EXPECTED_PATIENTS = KAGGLE_PATIENTS
+EXPECTED_PATCHES = KAGGLE_PATCHES
 NESTED_COPY = "IDC_regular_ps50_idx5"
 
 # The archive is about 3.1 GB. One extracted copy is about 1.6 GB of PNG data, but most patches are 4-7 KB and
@@ -231,7 +231,7 @@ def count_copy(path: str | os.PathLike[str]) -> tuple[int, int]:
 
 def is_complete_copy(path: str | os.PathLike[str], *, expected_patients: int = EXPECTED_PATIENTS,
                      expected_patches: int = EXPECTED_PATCHES) -> bool:
-    """True when ``path`` holds exactly the expected patient folders and patches (279 and 277,524 by default)."""
+    """True when ``path`` holds exactly the expected patient folders and patches (the whole dataset by default)."""
     return count_copy(path) == (expected_patients, expected_patches)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import types
 
 import pytest
 
@@ -55,10 +56,20 @@ def test_environment_variable(work, tiny_dataset, monkeypatch):
         resolve_data_dir(cwd=work)
 
 
-def test_demo_folder_given_explicitly_is_synthetic(work, tiny_dataset):
+def test_demo_folder_given_explicitly_is_synthetic_and_announced(work, tiny_dataset, capsys):
     (tiny_dataset / DEMO_MARKER).write_text("synthetic")
     source = resolve_data_dir(tiny_dataset, cwd=work)
-    assert source.origin == "argument" and source.synthetic and "SYNTHETIC" in source.description
+    assert source.origin == "demo" and source.synthetic and "SYNTHETIC" in source.description
+    assert "the folder given" in source.description
+    assert capsys.readouterr().out.count(SYNTHETIC_NOTICE) == 1  # announced here, once
+
+
+def test_missing_folder_message_describes_the_whole_look_up_order(work):
+    with pytest.raises(DataSourceError) as info:
+        resolve_data_dir("nowhere", cwd=work)
+    message = str(info.value)
+    for needle in ("IDC_DATA_DIR", "./data", "Colab", "demo", "download --out DIR", "demo-data --out DIR"):
+        assert needle in message
 
 
 def test_complete_copy_in_data(work, tiny_dataset, tmp_path):
@@ -101,10 +112,46 @@ def test_demo_fallback_is_written_once_and_announced(work, tmp_cache, capsys):
     assert source.origin == "demo" and source.synthetic
     assert source.path == tmp_cache / "demo-data" / "1-patients-seed0"
     out = capsys.readouterr().out
-    assert SYNTHETIC_NOTICE in out and "no Kaggle credentials" in out
+    assert SYNTHETIC_NOTICE in out and "no Kaggle credentials: `python -m idc_helpers download` fetches" in out
     assert len(build_index(source.path).frame) > 0
     marker = (source.path / DEMO_MARKER).stat().st_mtime_ns
     again = resolve_data_dir(cwd=work, demo_patients=1)
-    assert again == source and (source.path / DEMO_MARKER).stat().st_mtime_ns == marker  # reused, not rewritten
+    assert (again.path, again.origin, again.synthetic) == (source.path, "demo", True)
+    assert "reusing" in again.description and (source.path / DEMO_MARKER).stat().st_mtime_ns == marker  # reused, not rewritten
     assert SYNTHETIC_NOTICE in capsys.readouterr().out  # announced every time
     assert not (work / "data").exists()  # the demo never lands where a download would go
+
+
+@pytest.fixture()
+def colab(monkeypatch):
+    """A stand-in for Colab's own module, with no secrets set."""
+    module = types.ModuleType("google.colab")
+    module.userdata = types.SimpleNamespace(get=lambda name: None)
+    monkeypatch.setitem(sys.modules, "google.colab", module)
+
+
+def test_colab_without_credentials_downloads_anonymously(work, colab, capsys):
+    patches = make_patches()
+    with FakeKaggle(build_archive(patches), anonymous=True) as server:
+        source = resolve_data_dir(cwd=work, progress=False, **ARCHIVE)
+    assert (source.origin, source.synthetic) == ("kaggle", False) and "anonymously" in source.description
+    assert len(build_index(source.path).frame) == len(patches) and len(server.requests) == 2
+    assert SYNTHETIC_NOTICE not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_colab_anonymous_refusal_falls_back_to_the_demo_with_the_reason(work, colab, tmp_path, capsys, status):
+    with FakeKaggle(build_archive(make_patches()), refuse_status=status) as server:
+        source = resolve_data_dir(cwd=work, progress=False, demo_dir=tmp_path / "demo", demo_patients=1, **ARCHIVE)
+    assert source.origin == "demo" and source.synthetic and len(server.requests) == 1
+    out = capsys.readouterr().out
+    assert SYNTHETIC_NOTICE in out and "Kaggle refused an anonymous download: add a Kaggle API token" in out
+    assert not (work / "data").exists()
+
+
+def test_local_machine_without_credentials_does_not_download(work, tmp_path):
+    with FakeKaggle(build_archive(make_patches()), anonymous=True) as server:
+        source = resolve_data_dir(cwd=work, demo_dir=tmp_path / "demo", demo_patients=1, **ARCHIVE)
+        assert source.origin == "demo" and server.requests == []
+        # Asked for explicitly, the anonymous download happens here too.
+        assert resolve_data_dir(cwd=work, anonymous=True, progress=False, **ARCHIVE).origin == "kaggle"

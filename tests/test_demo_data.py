@@ -16,6 +16,8 @@ from idc_helpers.demo_data import (
     DEFAULT_PATIENTS,
     DEMO_MARKER,
     FIRST_PATIENT_ID,
+    DemoDataError,
+    DemoDestinationError,
     SYNTHETIC_NOTICE,
     is_synthetic,
     write_demo_dataset,
@@ -82,7 +84,7 @@ def test_most_patients_have_both_classes(demo_frame):
     both = (table["n_idc"] > 0) & (table["n_non_idc"] > 0)
     assert both.sum() >= DEFAULT_PATIENTS - 1
     assert (table["idc_fraction"] < 0.7).all()
-    assert (table["n_patches"] >= 100).all()
+    assert (table["n_patches"] >= 30).all()
 
 
 def test_border_patches_are_smaller_and_sit_on_the_slide_edge(demo_frame):
@@ -141,6 +143,14 @@ def test_marker_says_synthetic_and_is_synthetic_finds_it(demo_dir, tmp_path):
     assert not is_synthetic(demo_dir / str(FIRST_PATIENT_ID))
 
 
+def test_default_split_holds_out_enough_test_patients_for_an_interval(demo_frame):
+    from idc_helpers.splits import make_split
+
+    split = make_split(demo_frame)
+    assert len(split["test"]) >= 5 and len(split["val"]) >= 5
+
+
+@pytest.mark.realdata
 def test_real_sample_is_not_synthetic(real_sample_dir):
     assert not is_synthetic(real_sample_dir)
 
@@ -151,17 +161,18 @@ def test_notice_is_a_loud_framed_banner_that_says_how_to_get_real_data():
     assert set(lines[0]) == {"!"} and lines[0] == lines[-1]
     assert len({len(line) for line in lines}) == 1
     assert "SYNTHETIC DEMO DATA" in SYNTHETIC_NOTICE
-    for needle in ("Kaggle", "python -m idc_helpers download", "IDC_DATA_DIR"):
-        assert needle in SYNTHETIC_NOTICE
+    for needle in ("Kaggle", "python -m idc_helpers download\n", "IDC_DATA_DIR", "KAGGLE_API_TOKEN", "277,524"):
+        assert needle.strip() in SYNTHETIC_NOTICE
+    assert "looked up in this order" in SYNTHETIC_NOTICE and "./data" in SYNTHETIC_NOTICE
 
 
 def test_refuses_a_non_empty_folder_and_touches_nothing(tmp_path):
     dest = tmp_path / "mine"
     dest.mkdir()
     (dest / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(DemoDestinationError, match="not empty"):
         write_demo_dataset(dest, grid=SMALL_GRID)
-    with pytest.raises(FileExistsError, match="not a demo dataset"):
+    with pytest.raises(DemoDestinationError, match="not a demo dataset"):
         write_demo_dataset(dest, grid=SMALL_GRID, overwrite=True)
     assert [p.name for p in dest.iterdir()] == ["notes.txt"]
     assert leftovers(tmp_path) == []
@@ -171,7 +182,7 @@ def test_empty_folder_is_used_and_a_demo_dataset_can_be_overwritten(tmp_path):
     dest = tmp_path / "demo"
     dest.mkdir()
     write_demo_dataset(dest, n_patients=2, seed=1, grid=SMALL_GRID)
-    with pytest.raises(FileExistsError, match="overwrite=True"):
+    with pytest.raises(DemoDestinationError, match="overwrite=True"):
         write_demo_dataset(dest, n_patients=2, seed=2, grid=SMALL_GRID)
     write_demo_dataset(dest, n_patients=1, seed=2, grid=SMALL_GRID, overwrite=True)
     assert "seed 2" in (dest / DEMO_MARKER).read_text(encoding="utf-8")
@@ -196,9 +207,9 @@ def test_interrupted_run_leaves_no_half_dataset(tmp_path, monkeypatch):
 
 
 def test_bad_arguments_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="n_patients"):
+    with pytest.raises(DemoDataError, match="at least 1"):
         write_demo_dataset(tmp_path / "a", n_patients=0)
-    with pytest.raises(ValueError, match="grid"):
+    with pytest.raises(DemoDataError, match="grid"):
         write_demo_dataset(tmp_path / "b", grid=(2, 5))
     assert os.listdir(tmp_path) == []
 
@@ -214,11 +225,22 @@ def test_cell_fraction_counts_border_cells_over_their_real_area():
 
 def test_cli_writes_prints_the_notice_and_refuses_a_second_time(tmp_path, capsys):
     dest = tmp_path / "demo"
-    assert main(["demo-data", str(dest), "--patients", "2", "--seed", "3"]) == 0
+    assert main(["demo-data", "--out", str(dest), "--n-patients", "2", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "SYNTHETIC DEMO DATA" in out
     assert "patients: 2" in out and "IDC share" in out
     assert is_synthetic(dest)
-    assert main(["demo-data", str(dest), "--patients", "2"]) == 1
+    assert main(["demo-data", "--out", str(dest), "--n-patients", "2"]) == 2
     err = capsys.readouterr().err
-    assert str(dest) in err and "not empty" in err
+    assert err.startswith("error: ") and str(dest) in err and "not empty" in err and "Traceback" not in err
+    assert main(["demo-data", "--out", str(tmp_path / "zero"), "--n-patients", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+
+
+def test_cli_old_spellings_still_work_with_a_deprecation_line(tmp_path, capsys):
+    dest = tmp_path / "old"
+    assert main(["demo-data", str(dest), "--patients", "1", "--seed", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "demo-data DIR is deprecated: use demo-data --out DIR." in err
+    assert "--patients N is deprecated: use --n-patients N." in err
+    assert len(build_index(dest).frame["patient_id"].unique()) == 1
