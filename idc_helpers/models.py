@@ -24,92 +24,138 @@ Why ``idc_net`` looks like this: batch norm lets Adam use a higher learning rate
 spare; global average pooling instead of Flatten makes the head tolerant to where a structure sits in the patch
 (patches are cut from a fixed grid) and keeps the parameter count small. A convolution at the full 50x50 resolution
 costs 4x the same one at 25x25, so only the first, narrow one runs there: a forward pass is about 46 million
-multiply-adds, 3.5x the reference network's 13 million.
+multiply-adds, 3.5x the reference network's 13 million. How the two compare in accuracy and speed is measured in
+docs/results.md, with the commands that reproduce the figures.
 
-Measured on the shared sample (2-core CPU, patient split seed 0, at most 10 epochs, 4 test patients never seen):
-test F1 0.77 / balanced accuracy 0.88 / ROC AUC 0.944 for ``idc_net`` against 0.72 / 0.82 / 0.930 for
-``seed_cnn``, at about 250-440 training patches/s (``seed_cnn``: 1,000-1,500), i.e. 40-75 s per epoch of 18k
-patches. In 4-fold patient cross-validation over all 29 patients (``python -m idc_helpers.bench quality``, docs/results.md)
-the two are indistinguishable: pooled F1 0.667 / balanced accuracy 0.813 (``idc_net``) against 0.664 / 0.805.
+Mixed precision: on GPUs that gain from it (compute capability 7.0 or more) the layers compute in float16
+(bfloat16 from 8.0), with float32 weights; the logits and the softmax stay float32. ``mixed_precision=`` of
+:func:`build_model` or the environment variable ``IDC_MIXED_PRECISION`` (``0`` turns it off) decide; see
+:func:`precision_policy`. The choice is per model, never Keras' global policy.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Iterable
 
 import keras
 from keras import layers
 
-INPUT_SHAPE = (50, 50, 3)
+from idc_helpers import PATCH_SIZE
+from idc_helpers.errors import UserError
+
 N_CLASSES = 2
-IDC_CLASS = 1
 LOGITS_LAYER = "logits"
 PROBS_LAYER = "probs"
 INPUT_LAYER = "patch"
-
-# Conv2D layers of each model, first to last (Grad-CAM can use any of them).
-CONV_LAYERS: dict[str, tuple[str, ...]] = {
-    "seed_cnn": ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6"),
-    "idc_net": ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6"),
-}
-# The layer whose output is each convolution's rectified feature map (the usual Grad-CAM target). In seed_cnn
-# the ReLU is part of the Conv2D; in idc_net it comes after batch norm.
-FEATURE_LAYERS: dict[str, tuple[str, ...]] = {
-    "seed_cnn": CONV_LAYERS["seed_cnn"],
-    "idc_net": ("relu1", "relu2", "relu3", "relu4", "relu5", "relu6"),
-}
 DEFAULT_MODEL = "idc_net"
 DEFAULT_LEARNING_RATE = {"seed_cnn": 1e-3, "idc_net": 2e-3}
+# Values of IDC_MIXED_PRECISION / ``mixed_precision=`` and the Keras dtype policy each one means.
+_PRECISION_WORDS = {"0": "float32", "off": "float32", "false": "float32", "no": "float32", "float32": "float32",
+                    "float16": "mixed_float16", "mixed_float16": "mixed_float16",
+                    "bfloat16": "mixed_bfloat16", "mixed_bfloat16": "mixed_bfloat16"}
 
 
-def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:
+class UnknownModelError(UserError, ValueError):
+    """A model name that :func:`build_model` does not know (the message lists the known ones)."""
+
+
+def precision_policy(mixed_precision: bool | str | None = None) -> str:
+    """The Keras dtype policy a new model gets: ``"float32"``, ``"mixed_float16"`` or ``"mixed_bfloat16"``.
+
+    ``mixed_precision``: ``False`` -> float32; a policy name (``"float16"``, ``"bfloat16"``, ``"float32"``, or
+    the ``mixed_`` forms) -> that one; ``True`` or ``None`` -> automatic. ``None`` first reads the environment
+    variable ``IDC_MIXED_PRECISION`` (same words; ``0``/``off`` turns it off, ``1``/``auto`` is automatic).
+    Automatic: ``mixed_bfloat16`` on a GPU of compute capability >= 8.0, ``mixed_float16`` on 7.x (tensor cores
+    without bfloat16, e.g. the T4), float32 otherwise (no GPU, older GPUs, CPUs: no gain there).
+    """
+    if mixed_precision is None:
+        mixed_precision = os.environ.get("IDC_MIXED_PRECISION", "auto")
+    if mixed_precision is False:
+        return "float32"
+    if isinstance(mixed_precision, str) and mixed_precision.strip().lower() not in ("1", "on", "true", "auto", ""):
+        word = mixed_precision.strip().lower()
+        if word not in _PRECISION_WORDS:
+            raise UserError(f"unknown mixed precision setting {mixed_precision!r} (from IDC_MIXED_PRECISION or "
+                            f"mixed_precision=); use one of 0, auto, {', '.join(sorted(set(_PRECISION_WORDS) - {'0'}))}")
+        return _PRECISION_WORDS[word]
+    capability = _gpu_compute_capability()
+    if capability >= (8, 0):
+        return "mixed_bfloat16"
+    return "mixed_float16" if capability >= (7, 0) else "float32"
+
+
+def _gpu_compute_capability() -> tuple[int, int]:
+    """The lowest compute capability of the visible GPUs, ``(0, 0)`` without one."""
+    import tensorflow as tf
+
+    found = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if capability:
+            found.append(tuple(capability))
+    return min(found) if found else (0, 0)
+
+
+def _inputs(policy: str) -> tuple[keras.KerasTensor, keras.KerasTensor]:
     # float32 input: uint8 arrays are cast on the way in, so both raw dtypes work.
-    inputs = keras.Input(shape=INPUT_SHAPE, name=INPUT_LAYER)
-    scaled = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    inputs = keras.Input(shape=(PATCH_SIZE, PATCH_SIZE, 3), name=INPUT_LAYER)
+    scaled = layers.Rescaling(1.0 / 255.0, name="rescale", dtype=policy)(inputs)
     return inputs, scaled
 
 
 def _head(x: keras.KerasTensor) -> keras.KerasTensor:
-    logits = layers.Dense(N_CLASSES, name=LOGITS_LAYER)(x)
-    # float32 softmax even under a mixed-precision policy, so probabilities are exact enough for thresholds.
+    # float32 logits and softmax under a mixed-precision policy: probabilities exact enough for thresholds, and
+    # the logit that Grad-CAM differentiates in full precision.
+    logits = layers.Dense(N_CLASSES, name=LOGITS_LAYER, dtype="float32")(x)
     return layers.Activation("softmax", dtype="float32", name=PROBS_LAYER)(logits)
 
 
-def build_seed_cnn() -> keras.Model:
+def build_seed_cnn(*, policy: str = "float32") -> keras.Model:
     """The reference CNN: ``(N, 50, 50, 3)`` 0..255 -> ``(N, 2)`` class probabilities; 105,234 parameters.
 
     Output shapes 48, 46, 23, 21, 19, 9, 7, 5, 2 (conv1, conv2, pool1, conv3, conv4, pool2, conv5, conv6, pool3).
+    ``policy``: the Keras dtype policy of the layers before the logits (see :func:`precision_policy`).
     """
-    inputs, x = _inputs()
+    inputs, x = _inputs(policy)
     for block, filters in enumerate((16, 32, 64)):
         for j in range(2):
-            x = layers.Conv2D(filters, 3, padding="valid", activation="relu", name=f"conv{2 * block + j + 1}")(x)
-        x = layers.MaxPooling2D(2, name=f"pool{block + 1}")(x)
-    x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(128, activation="relu", name="dense")(x)
+            x = layers.Conv2D(filters, 3, padding="valid", activation="relu", name=f"conv{2 * block + j + 1}",
+                              dtype=policy)(x)
+        x = layers.MaxPooling2D(2, name=f"pool{block + 1}", dtype=policy)(x)
+    x = layers.Flatten(name="flatten", dtype=policy)(x)
+    x = layers.Dense(128, activation="relu", name="dense", dtype=policy)(x)
     return keras.Model(inputs, _head(x), name="seed_cnn")
 
 
-def build_idc_net(*, width: int = 1, dropout: float = 0.3, bn_momentum: float = 0.9) -> keras.Model:
+def build_idc_net(
+    *,
+    width: int = 1,
+    dropout: float = 0.3,
+    bn_momentum: float = 0.9,
+    bn_epsilon: float = 1e-3,
+    policy: str = "float32",
+) -> keras.Model:
     """Our CPU-sized CNN: ``(N, 50, 50, 3)`` 0..255 -> ``(N, 2)`` class probabilities; 272,482 parameters.
 
-    ``width`` multiplies every filter count (1 is the measured default); ``bn_momentum`` is the batch-norm
-    moving-average momentum. 0.9 rather than Keras' 0.99: on a small set (the demo data, ~13 steps an epoch) the
-    0.99 moving statistics had not settled after 5 epochs and the validation ROC AUC fell to 0.01, while 0.9 reached
-    0.998; on two folds of the real sample the change moved F1 by +0.022 and -0.020.
-    Stages: conv1 32 @50x50 -> pool 25 -> conv2, conv3 48 @25 -> pool 12 -> conv4, conv5 96 @12 -> pool 6 -> conv6 128 @6 -> global average pool.
+    ``width`` multiplies every filter count (1 is the measured default). ``bn_momentum``: the batch-norm
+    moving-average momentum; the moving statistics remember about ``1 / (1 - bn_momentum)`` batches (10 at 0.9,
+    Keras' 0.99 needs some hundred steps to settle, more than a short run has). ``bn_epsilon``: added to the batch
+    variance. ``policy``: the Keras dtype policy of the layers before the logits (see :func:`precision_policy`).
+    Stages: conv1 32 @50x50 -> pool 25 -> conv2, conv3 48 @25 -> pool 12 -> conv4, conv5 96 @12 -> pool 6 -> conv6
+    128 @6 -> global average pool.
     """
-    inputs, x = _inputs()
+    inputs, x = _inputs(policy)
     plan = [(32, True), (48, False), (48, True), (96, False), (96, True), (128, False)]
     for i, (filters, pool_after) in enumerate(plan, start=1):
         # No conv bias: batch norm's beta does that job.
-        x = layers.Conv2D(filters * width, 3, padding="same", use_bias=False, name=f"conv{i}")(x)
-        x = layers.BatchNormalization(momentum=bn_momentum, name=f"bn{i}")(x)
-        x = layers.Activation("relu", name=f"relu{i}")(x)
+        x = layers.Conv2D(filters * width, 3, padding="same", use_bias=False, name=f"conv{i}", dtype=policy)(x)
+        x = layers.BatchNormalization(momentum=bn_momentum, epsilon=bn_epsilon, name=f"bn{i}", dtype=policy)(x)
+        x = layers.Activation("relu", name=f"relu{i}", dtype=policy)(x)
         if pool_after:
-            x = layers.MaxPooling2D(2, name=f"pool{(i + 1) // 2}")(x)
-    x = layers.GlobalAveragePooling2D(name="gap")(x)
-    x = layers.Dropout(dropout, name="dropout")(x)
+            x = layers.MaxPooling2D(2, name=f"pool{(i + 1) // 2}", dtype=policy)(x)
+    x = layers.GlobalAveragePooling2D(name="gap", dtype=policy)(x)
+    x = layers.Dropout(dropout, name="dropout", dtype=policy)(x)
     return keras.Model(inputs, _head(x), name="idc_net")
 
 
@@ -117,23 +163,68 @@ _BUILDERS: dict[str, Callable[..., keras.Model]] = {"seed_cnn": build_seed_cnn, 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
-def build_model(name: str = DEFAULT_MODEL, **kwargs: Any) -> keras.Model:
-    """Build the named model (uncompiled); ``kwargs`` go to its builder (``idc_net``: ``width``, ``dropout``, ``bn_momentum``)."""
+def build_model(name: str = DEFAULT_MODEL, *, mixed_precision: bool | str | None = None, **kwargs: Any) -> keras.Model:
+    """Build the named model (uncompiled). ``mixed_precision``: see :func:`precision_policy` (default: automatic,
+    ``IDC_MIXED_PRECISION`` first). ``kwargs`` go to its builder (``idc_net``: ``width``, ``dropout``,
+    ``bn_momentum``, ``bn_epsilon``). A name not in :data:`MODEL_NAMES` raises :class:`UnknownModelError`."""
     try:
         builder = _BUILDERS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
-    return builder(**kwargs)
+    except (KeyError, TypeError):
+        raise UnknownModelError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
+    return builder(policy=precision_policy(mixed_precision), **kwargs)
+
+
+def uses_mixed_precision(model: keras.Model) -> bool:
+    """Whether any layer of ``model`` computes in float16 or bfloat16."""
+    return any(layer.dtype_policy.compute_dtype in ("float16", "bfloat16") for layer in model.layers)
 
 
 def compile_model(
     model: keras.Model,
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 1e-3,
 ) -> keras.Model:
-    """Compile with Adam and sparse categorical cross-entropy on the softmax output (labels int 0/1)."""
+    """Compile with Adam and sparse categorical cross-entropy on the softmax output (labels int 0/1).
+
+    A model with float16 layers gets Keras' dynamic loss scaling (small float16 gradients would underflow to 0).
+    """
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    if any(layer.dtype_policy.compute_dtype == "float16" for layer in model.layers):
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
     return model
+
+
+def recompute_batch_norm(model: keras.Model, batches: Iterable[Any], *, max_batches: int = 100) -> int:
+    """Replace every batch-norm layer's moving mean and variance by the plain average of its batch statistics over
+    ``batches`` under the model's current weights ("precise BN", Wu & Johnson 2021); returns the batches used.
+
+    The moving averages that training keeps mix statistics of weights from many steps back; after a large
+    learning-rate step they can lag the weights and swing the validation loss from epoch to epoch. Called between
+    training and validation (e.g. at each epoch's end) on training batches, this makes the inference statistics
+    match the weights being validated. ``batches``: images ``(B, 50, 50, 3)`` or ``(images, labels)`` tuples,
+    e.g. ``make_dataset(..., shuffle=False, augment=False)``; at most ``max_batches`` are read. Dropout runs in
+    training mode meanwhile; no weight changes. A model without batch norm is left as it is (returns 0).
+    """
+    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    if not norms:
+        return 0
+    momenta = [layer.momentum for layer in norms]
+    used = 0
+    try:
+        for batch in batches:
+            if used >= max_batches:
+                break
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            # moving = moving * m + batch * (1 - m) with m = k / (k + 1) keeps the mean of the first k + 1 batches.
+            for layer in norms:
+                layer.momentum = used / (used + 1)
+            model(images, training=True)
+            used += 1
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
+    return used

@@ -7,15 +7,18 @@ import pytest
 
 import keras
 
-from idc_helpers.models import (  # noqa: E402
-    CONV_LAYERS,
+from idc_helpers.errors import UserError
+from idc_helpers.models import (
     DEFAULT_MODEL,
-    FEATURE_LAYERS,
     LOGITS_LAYER,
     MODEL_NAMES,
     PROBS_LAYER,
+    UnknownModelError,
     build_model,
     compile_model,
+    precision_policy,
+    recompute_batch_norm,
+    uses_mixed_precision,
 )
 
 SEED_CNN_SHAPES = {
@@ -24,6 +27,7 @@ SEED_CNN_SHAPES = {
     "conv5": (7, 7, 64), "conv6": (5, 5, 64), "pool3": (2, 2, 64),
     "flatten": (256,), "dense": (128,), "logits": (2,), "probs": (2,),
 }
+CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6")
 
 
 def test_seed_cnn_is_the_reference_network():
@@ -32,7 +36,7 @@ def test_seed_cnn_is_the_reference_network():
     for name, shape in SEED_CNN_SHAPES.items():
         assert tuple(model.get_layer(name).output.shape[1:]) == shape, name
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-    assert [layer.name for layer in convs] == list(CONV_LAYERS["seed_cnn"])
+    assert [layer.name for layer in convs] == list(CONVS)
     assert all(layer.kernel_size == (3, 3) and layer.padding == "valid" for layer in convs)
     assert [layer.filters for layer in convs] == [16, 16, 32, 32, 64, 64]
     # Only the weightless rescaling sits between the input and conv1.
@@ -54,7 +58,8 @@ def test_models_take_raw_uint8_patches(name):
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_layer_names_for_gradcam(name):
     model = build_model(name)
-    for layer_name in CONV_LAYERS[name] + FEATURE_LAYERS[name]:
+    features = CONVS if name == "seed_cnn" else tuple(f"relu{i}" for i in range(1, 7))
+    for layer_name in CONVS + features:
         assert len(model.get_layer(layer_name).output.shape) == 4
     logits = model.get_layer(LOGITS_LAYER)
     assert logits.activation is keras.activations.linear
@@ -71,12 +76,90 @@ def test_idc_net_size_is_cpu_sized():
     assert isinstance(model.get_layer("gap"), keras.layers.GlobalAveragePooling2D)
 
 
-def test_unknown_model_name():
-    with pytest.raises(ValueError, match="seed_cnn"):
+def test_batch_norm_settings_reach_the_layers():
+    model = build_model("idc_net", bn_momentum=0.97, bn_epsilon=1e-5)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 6 and all(n.momentum == 0.97 and n.epsilon == 1e-5 for n in norms)
+
+
+def test_unknown_model_name_is_a_user_error_listing_the_names():
+    with pytest.raises(UnknownModelError, match="seed_cnn.*idc_net|idc_net.*seed_cnn") as caught:
         build_model("resnet")
+    assert isinstance(caught.value, UserError) and isinstance(caught.value, ValueError)
 
 
 def test_compile_uses_adam_and_sparse_crossentropy():
     model = compile_model(build_model("seed_cnn"), learning_rate=1e-3)
     assert isinstance(model.optimizer, keras.optimizers.Adam)
     assert isinstance(model.loss, keras.losses.SparseCategoricalCrossentropy)
+
+
+# --- mixed precision ----------------------------------------------------------------------------------------------
+
+
+def test_precision_policy_words_and_environment(monkeypatch):
+    monkeypatch.delenv("IDC_MIXED_PRECISION", raising=False)
+    assert precision_policy(False) == "float32"
+    assert precision_policy("float16") == "mixed_float16"
+    assert precision_policy("bfloat16") == "mixed_bfloat16"
+    monkeypatch.setenv("IDC_MIXED_PRECISION", "0")
+    assert precision_policy() == "float32"
+    monkeypatch.setenv("IDC_MIXED_PRECISION", "bfloat16")
+    assert precision_policy() == "mixed_bfloat16"
+    assert precision_policy(False) == "float32"  # the argument wins over the environment
+    monkeypatch.setenv("IDC_MIXED_PRECISION", "half")
+    with pytest.raises(UserError, match="IDC_MIXED_PRECISION"):
+        precision_policy()
+
+
+def test_automatic_precision_follows_the_gpu(monkeypatch):
+    import tensorflow as tf
+
+    monkeypatch.delenv("IDC_MIXED_PRECISION", raising=False)
+    expected = "float32"
+    capabilities = [tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0))
+                    for g in tf.config.list_physical_devices("GPU")]
+    if capabilities and min(capabilities) >= (8, 0):
+        expected = "mixed_bfloat16"
+    elif capabilities and min(capabilities) >= (7, 0):
+        expected = "mixed_float16"
+    assert precision_policy() == precision_policy(True) == expected
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_mixed_precision_model_keeps_float32_logits_and_probabilities(name):
+    model = build_model(name, mixed_precision="bfloat16")
+    assert uses_mixed_precision(model) and not uses_mixed_precision(build_model(name, mixed_precision=False))
+    assert model.get_layer("conv1").compute_dtype == "bfloat16"
+    assert model.get_layer("conv1").kernel.dtype == "float32"  # weights stay float32
+    assert model.get_layer(LOGITS_LAYER).compute_dtype == "float32"
+    probs = model.predict_on_batch(np.zeros((2, 50, 50, 3), np.uint8))
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(probs).sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_float16_model_compiles_with_loss_scaling():
+    model = compile_model(build_model("seed_cnn", mixed_precision="float16"))
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert not isinstance(compile_model(build_model("seed_cnn", mixed_precision="bfloat16")).optimizer,
+                          keras.optimizers.LossScaleOptimizer)
+
+
+# --- batch-norm statistics ----------------------------------------------------------------------------------------
+
+
+def test_recompute_batch_norm_sets_the_average_of_the_batch_statistics():
+    keras.utils.set_random_seed(0)
+    model = build_model("idc_net", mixed_precision=False)
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 256, size=(16, 50, 50, 3)).astype(np.float32) for _ in range(3)]
+    kernel = np.asarray(model.get_layer("conv1").kernel).copy()
+    assert recompute_batch_norm(model, ((b, np.zeros(16)) for b in batches), max_batches=2) == 2
+    # bn1 sees conv1 of the scaled input: its moving mean is the mean over the 2 batches of the batch means.
+    conv1 = keras.Model(model.input, model.get_layer("conv1").output)
+    means = [np.asarray(conv1(b)).mean(axis=(0, 1, 2)) for b in batches[:2]]
+    np.testing.assert_allclose(np.asarray(model.get_layer("bn1").moving_mean), np.mean(means, axis=0),
+                               rtol=1e-4, atol=1e-5)
+    assert model.get_layer("bn1").momentum == 0.9  # restored
+    assert np.array_equal(np.asarray(model.get_layer("conv1").kernel), kernel)  # no weight changed
+    assert recompute_batch_norm(build_model("seed_cnn"), batches) == 0
