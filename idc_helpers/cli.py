@@ -357,14 +357,54 @@ def _add_slide(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("slide", help="rebuild a patient's slide from patch coordinates, with IDC overlays")
     p.add_argument("--predictions", required=True, help="predictions CSV (or any table with path, patient_id, x, y, label)")
     p.add_argument("--patient", required=True, help="patient id")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True, help="image file to write (.png, .pdf, .svg, .jpg)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="decision threshold marked on the colour bar (default: the one the table's pred column "
+                        "implies)")
 
 
 def run_slide(args: argparse.Namespace) -> int:
-    """``python -m idc_helpers slide``."""
-    from idc_helpers.slides import run_slide
+    """``python -m idc_helpers slide``: one patient's slide with IDC overlays, into an image file (atomically)."""
+    from pathlib import Path
 
-    return run_slide(args)
+    import pandas as pd
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    from idc_helpers import plots, slides
+
+    out = Path(_check_out_file(args.out))
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = out.suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise OutputPathError(f"--out {out}: {'no' if not suffix else 'the'} file type {suffix!r} is not an image "
+                              f"format; end the name with one of .{', .'.join(sorted(formats))}")
+    source = Path(args.predictions)
+    if not source.is_file():
+        raise slides.SlideError(f"{source}: no such file; write one with `python -m idc_helpers predict` "
+                                "(or pass any CSV with path, patient_id, x, y, label)")
+    try:
+        table = pd.read_csv(source, dtype={"patient_id": str, "path": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise slides.SlideError(f"{source}: not a readable CSV table ({exc})") from exc
+    rows = slides.patient_rows(table, args.patient, str(source))
+    mosaic = slides.slide_mosaic(rows, args.patient, scale=slides.scale_to_fit(rows, slides.CLI_MAX_SIDE),
+                                 source=str(source))
+    threshold = args.threshold if args.threshold is not None else slides.decision_threshold(table)
+
+    import matplotlib.pyplot as plt
+
+    fig = slides.plot_slide(mosaic, threshold=threshold)
+    try:
+        plots.save_figure(fig, out, synthetic=_table_is_synthetic(rows), dpi=150)
+    except OSError as exc:
+        raise OutputPathError(f"--out {out}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(fig)
+    width, height = mosaic.span
+    print(f"Patient {mosaic.patient_id}: {mosaic.n_patches:,} patches, {mosaic.n_idc:,} IDC; "
+          f"patches span {width}x{height} slide px; figure written to {out}"
+          + (f" (threshold {threshold:.3f} marked on the colour bar)" if threshold is not None else ""))
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -4,12 +4,14 @@ Patch file names give the 1-based pixel coordinates of each patch's top-left cor
 (``..._x1001_y651_...``). Patches at the right and bottom edges of a slide can be smaller than 50x50; they are placed
 at their real size. Where there is no patch (glass, or tissue the dataset left out) the mosaic is white and the
 masks are NaN.
+
+The mosaic is painted at its final scale, patch by patch, so memory follows the picture asked for, not the slide's
+full resolution; a bounding box larger than any real slide (:data:`MAX_SLIDE_SIDE`, e.g. one misnamed patch at
+``x100001``) or a picture too large to hold (:data:`MAX_MOSAIC_PIXELS`) is refused with a message naming the file.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -19,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from idc_helpers import PATCH_SIZE
+from idc_helpers.errors import UserError
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -28,9 +31,13 @@ if TYPE_CHECKING:
 SLIDE_COLUMNS = ("path", "patient_id", "x", "y", "label")
 #: Largest side, in pixels, of the mosaic the ``slide`` command draws (bigger slides are downsampled).
 CLI_MAX_SIDE = 2000
+#: Largest side of a patient's bounding box, in slide pixels: ten times the widest slide of the dataset.
+MAX_SLIDE_SIDE = 50_000
+#: Largest mosaic, in pixels at the requested scale (about 0.6 GB with its masks).
+MAX_MOSAIC_PIXELS = 50_000_000
 
 
-class SlideError(ValueError):
+class SlideError(UserError, ValueError):
     """A slide cannot be built: unknown patient, missing or unreadable patch file, duplicate coordinates."""
 
 
@@ -41,7 +48,7 @@ class SlideMosaic:
     ``image``: (H, W, 3) uint8 RGB, white where there is no patch. ``truth``: (H, W) float32, 1 in IDC patches, 0
     in non-IDC patches, NaN elsewhere. ``prob``: (H, W) float32 value of ``value_column`` per patch (NaN elsewhere),
     or ``None``. ``origin``: slide pixel coordinates (x, y), as in the file names, of the mosaic's top-left pixel.
-    ``scale``: mosaic pixels per slide pixel.
+    ``scale``: mosaic pixels per slide pixel. ``span``: (width, height) of the patches' bounding box in slide pixels.
     """
 
     patient_id: str
@@ -53,13 +60,15 @@ class SlideMosaic:
     n_patches: int
     n_idc: int
     value_column: str | None = None
+    span: tuple[int, int] | None = None  # (width, height) in slide pixels; default: the mosaic's size / scale
 
     @property
     def extent(self) -> tuple[float, float, float, float]:
         """``(left, right, bottom, top)`` for ``imshow`` so that the axes read slide pixels as in the file names."""
         h, w = self.truth.shape
+        width, height = self.span if self.span is not None else (w / self.scale, h / self.scale)
         x0, y0 = self.origin
-        return (x0, x0 + w / self.scale, y0 + h / self.scale, y0)
+        return (x0, x0 + width, y0 + height, y0)
 
 
 def _read_rgb(path: str) -> np.ndarray:
@@ -84,7 +93,9 @@ def _read_rgb(path: str) -> np.ndarray:
     return patch[:height, :width]
 
 
-def _patient_rows(table: pd.DataFrame, patient_id: str, source: str) -> pd.DataFrame:
+def patient_rows(table: pd.DataFrame, patient_id: str, source: str = "table") -> pd.DataFrame:
+    """The rows of one patient, after checking the columns and that no two share a position (:class:`SlideError`
+    naming ``source`` otherwise)."""
     missing = [c for c in ("patient_id", "x", "y", "label") if c not in table.columns]
     if missing:
         raise SlideError(f"{source}: missing column(s) {', '.join(missing)}; expected {', '.join(SLIDE_COLUMNS)}")
@@ -99,6 +110,24 @@ def _patient_rows(table: pd.DataFrame, patient_id: str, source: str) -> pd.DataF
         first = rows[duplicated].iloc[0]
         raise SlideError(f"{source}: patient {patient_id} has several patches at x={first['x']}, y={first['y']}")
     return rows
+
+
+def _check_size(rows: pd.DataFrame, width: int, height: int, scale: float, source: str) -> None:
+    """Refuse a bounding box no real slide has, or a mosaic too large to hold, naming the outlying patch."""
+    pixels = round(width * scale) * round(height * scale)
+    if max(width, height) <= MAX_SLIDE_SIDE and pixels <= MAX_MOSAIC_PIXELS:
+        return
+    far = rows.iloc[int(np.argmax(np.maximum(rows["x"].to_numpy(), rows["y"].to_numpy())))]
+    named = f" (e.g. {far['path']})" if "path" in rows.columns else f" (x={far['x']}, y={far['y']})"
+    patient = far["patient_id"]
+    if max(width, height) > MAX_SLIDE_SIDE:
+        raise SlideError(
+            f"{source}: the patches of patient {patient} span {width:,} x {height:,} slide pixels, more than any "
+            f"real slide (at most {MAX_SLIDE_SIDE:,}); check the coordinates in the file names of the outlying "
+            f"patches{named}")
+    raise SlideError(
+        f"{source}: a mosaic of patient {patient} at scale {scale:g} would be {pixels:,} pixels (at most "
+        f"{MAX_MOSAIC_PIXELS:,}); pass a smaller scale")
 
 
 def slide_mosaic(table: pd.DataFrame, patient_id: str, *, value_column: str | None = "prob_idc",
@@ -119,7 +148,9 @@ def slide_mosaic(table: pd.DataFrame, patient_id: str, *, value_column: str | No
     """
     if not 0 < scale <= 1:
         raise ValueError("scale must be in (0, 1]")
-    rows = _patient_rows(table, patient_id, source)
+    rows = patient_rows(table, patient_id, source)
+    # Checked before any patch is read: the bounding box, with full-size patches at the far edges.
+    _check_size(rows, int(np.ptp(rows["x"])) + PATCH_SIZE, int(np.ptp(rows["y"])) + PATCH_SIZE, scale, source)
     if images is None and "path" not in rows.columns:
         raise SlideError(f"{source}: a 'path' column is needed to read the patches")
     if images is not None:
@@ -138,43 +169,53 @@ def slide_mosaic(table: pd.DataFrame, patient_id: str, *, value_column: str | No
     width = max(int(x - x0) + p.shape[1] for x, p in zip(xs, patches))
     height = max(int(y - y0) + p.shape[0] for y, p in zip(ys, patches))
 
-    image = np.full((height, width, 3), 255, dtype=np.uint8)  # white = glass
-    truth = np.full((height, width), np.nan, dtype=np.float32)
+    # Each patch covers [x * scale, (x + w) * scale) rounded: neighbours tile without gaps or overlaps.
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    image = np.full((*size, 3), 255, dtype=np.uint8)  # white = glass
+    truth = np.full(size, np.nan, dtype=np.float32)
     has_values = value_column is not None and value_column in rows.columns
-    prob = np.full((height, width), np.nan, dtype=np.float32) if has_values else None
+    prob = np.full(size, np.nan, dtype=np.float32) if has_values else None
     values = rows[value_column].to_numpy(dtype=np.float32) if has_values else None
     labels = rows["label"].to_numpy()
     for i, (x, y, patch) in enumerate(zip(xs - x0, ys - y0, patches)):
         h, w = patch.shape[:2]
-        image[y:y + h, x:x + w] = patch
-        truth[y:y + h, x:x + w] = labels[i]
+        top, left = round(y * scale), round(x * scale)
+        bottom, right = round((y + h) * scale), round((x + w) * scale)
+        if bottom <= top or right <= left:
+            continue  # a sliver that rounds to nothing at this scale
+        image[top:bottom, left:right] = patch if scale == 1.0 else cv2.resize(
+            patch, (right - left, bottom - top), interpolation=cv2.INTER_AREA)
+        truth[top:bottom, left:right] = labels[i]
         if prob is not None:
-            prob[y:y + h, x:x + w] = values[i]
-
-    if scale != 1.0:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-        # Nearest keeps the masks' values exact (0, 1, NaN) instead of blending across patch borders.
-        truth = cv2.resize(truth, size, interpolation=cv2.INTER_NEAREST)
-        if prob is not None:
-            prob = cv2.resize(prob, size, interpolation=cv2.INTER_NEAREST)
+            prob[top:bottom, left:right] = values[i]
     return SlideMosaic(
         patient_id=str(patient_id), image=image, truth=truth, prob=prob, origin=(x0 + 1, y0 + 1),
         scale=float(scale), n_patches=len(rows), n_idc=int(labels.sum()),
-        value_column=value_column if has_values else None,
+        value_column=value_column if has_values else None, span=(width, height),
     )
 
 
+def decision_threshold(table: pd.DataFrame, value_column: str = "prob_idc", pred_column: str = "pred") -> float | None:
+    """The threshold a predictions table's decisions imply: the lowest ``value_column`` called IDC in
+    ``pred_column`` (``None`` without such columns or without any IDC call)."""
+    if value_column not in table.columns or pred_column not in table.columns:
+        return None
+    called = table.loc[table[pred_column].astype(int) == 1, value_column]
+    return None if called.empty else float(called.min())
+
+
 def plot_slide(mosaic: SlideMosaic, *, ax: Axes | Sequence[Axes] | None = None,
-               show: Sequence[str] = ("tissue", "truth", "prob"), cmap: str = "jet",
-               panel_width: float = 5.5) -> Figure:
+               show: Sequence[str] = ("tissue", "truth", "prob"), threshold: float | None = None,
+               panel_width: float = 5.5, title: str | None = None) -> Figure:
     """Side-by-side panels of a :class:`SlideMosaic`; axes in slide pixels (as in the patch file names).
 
     ``show``: any of ``"tissue"`` (the rebuilt slide), ``"truth"`` (tissue with IDC patches tinted red and
-    outlined) and ``"prob"`` (predicted IDC probability over faded tissue, true IDC outlined, with a colourbar).
-    ``ax``: one axes per panel (default: a new figure).
+    outlined) and ``"prob"`` (predicted IDC probability over faded tissue, true IDC outlined, with a colour bar).
+    ``threshold``: the run's decision threshold; the colours then split there (blue: called non-IDC, red: called
+    IDC) and the colour bar marks it. ``title``: the probability panel's title. ``ax``: one axes per panel.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize, TwoSlopeNorm
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -224,12 +265,18 @@ def plot_slide(mosaic: SlideMosaic, *, ax: Axes | Sequence[Axes] | None = None,
             grey = cv2.cvtColor(mosaic.image, cv2.COLOR_RGB2GRAY)
             axis.imshow(grey, cmap="gray", vmin=-200, vmax=255, extent=extent)
             shown = np.ma.masked_invalid(mosaic.prob)
-            image = axis.imshow(shown, cmap=cmap, vmin=0.0, vmax=1.0, alpha=0.6, extent=extent,
-                                interpolation="nearest")
+            split = threshold is not None and 0.0 < threshold < 1.0
+            norm = TwoSlopeNorm(vmin=0.0, vcenter=threshold, vmax=1.0) if split else Normalize(0.0, 1.0)
+            image = axis.imshow(shown, cmap="coolwarm" if split else "jet", norm=norm, alpha=0.75 if split else 0.6,
+                                extent=extent, interpolation="nearest")
             outline(axis, "black")
             name = "predicted IDC probability" if mosaic.value_column == "prob_idc" else mosaic.value_column
-            axis.set_title(f"{name[0].upper() + name[1:]}")
-            fig.colorbar(image, ax=axis, label=name, shrink=0.8, pad=0.02)
+            axis.set_title(title or (name[0].upper() + name[1:]
+                                     + (f"\nred: called IDC (p >= {threshold:.2f}), blue: not" if split else "")))
+            bar = fig.colorbar(image, ax=axis, label=name, shrink=0.8, pad=0.02)
+            if split:
+                bar.set_ticks([0.0, threshold, 1.0], labels=["0", f"threshold {threshold:.2f}", "1"])
+                bar.ax.axhline(threshold, color="black", lw=2)
             if idc.any():
                 axis.legend(handles=[Line2D([], [], color="black", lw=1.2, label="true IDC outline")],
                             loc="upper right", fontsize="small")
@@ -238,39 +285,7 @@ def plot_slide(mosaic: SlideMosaic, *, ax: Axes | Sequence[Axes] | None = None,
     return fig
 
 
-def _scale_for(table: pd.DataFrame, max_side: int) -> float:
-    """Downsampling factor so that the mosaic's longest side is at most ``max_side`` pixels."""
-    span = max(int(table["x"].max() - table["x"].min()), int(table["y"].max() - table["y"].min())) + PATCH_SIZE
+def scale_to_fit(rows: pd.DataFrame, max_side: int) -> float:
+    """Mosaic pixels per slide pixel so that the mosaic of ``rows`` is at most ``max_side`` pixels a side."""
+    span = max(int(np.ptp(rows["x"])), int(np.ptp(rows["y"]))) + PATCH_SIZE
     return min(1.0, max_side / span)
-
-
-def run_slide(args: argparse.Namespace) -> int:
-    """``python -m idc_helpers slide``: draw one patient's slide with IDC overlays into a PNG (written atomically)."""
-    from idc_helpers.atomic import atomic_path
-
-    source = Path(args.predictions)
-    if not source.is_file():
-        print(f"error: {source}: no such file; write one with `python -m idc_helpers predict` "
-              "(or pass any CSV with path, patient_id, x, y, label)", file=sys.stderr)
-        return 2
-    try:
-        table = pd.read_csv(source, dtype={"patient_id": str, "path": str})
-        rows = _patient_rows(table, args.patient, str(source))
-        mosaic = slide_mosaic(rows, args.patient, scale=_scale_for(rows, CLI_MAX_SIDE), source=str(source))
-    except (SlideError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    import matplotlib.pyplot as plt
-
-    out = Path(args.out)
-    fig = plot_slide(mosaic)
-    try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png", dpi=150)
-    finally:
-        plt.close(fig)
-    h, w = mosaic.truth.shape
-    print(f"Patient {mosaic.patient_id}: {mosaic.n_patches:,} patches, {mosaic.n_idc:,} IDC; "
-          f"patches span {w / mosaic.scale:.0f}x{h / mosaic.scale:.0f} slide px; figure written to {out}")
-    return 0

@@ -13,7 +13,8 @@ import pytest  # noqa: E402
 from conftest import patch_name, write_patch  # noqa: E402
 
 from idc_helpers.cli import main  # noqa: E402
-from idc_helpers.slides import SlideError, plot_slide, slide_mosaic  # noqa: E402
+from idc_helpers.slides import (  # noqa: E402
+    MAX_SLIDE_SIDE, SlideError, decision_threshold, plot_slide, slide_mosaic)
 
 PATIENT = "42"
 # (x, y, width, height, label, prob, colour): a 3x2 grid starting at x=201, y=51 with the middle of the bottom row
@@ -133,6 +134,70 @@ def test_slide_command_errors(slide_table, tmp_path, capsys):
     assert not out.exists()
     assert main(["slide", "--predictions", str(tmp_path / "none.csv"), "--patient", PATIENT, "--out", str(out)]) == 2
     assert "none.csv" in capsys.readouterr().err
+
+
+def _far_table(tmp_path, far: int) -> pd.DataFrame:
+    """Patient 5: one patch at the origin and one at (far, far), both written as files."""
+    rows = []
+    for x in (1, far):
+        image = np.full((50, 50, 3), 90, dtype=np.uint8)
+        path = write_patch(tmp_path / "5" / "0" / patch_name("5", x, x, 0), image)
+        rows.append((str(path), "5", x, x, 0, 0.2, 0))
+    return pd.DataFrame(rows, columns=["path", "patient_id", "x", "y", "label", "prob_idc", "pred"])
+
+
+def test_absurd_extent_is_refused_before_reading_naming_the_file(tmp_path, capsys):
+    """One misnamed patch at x100001_y100001 must not make a 27 GB mosaic: refused, naming the outlying file."""
+    table = _far_table(tmp_path, 100_001)
+    with pytest.raises(SlideError, match="x100001_y100001") as err:
+        slide_mosaic(table, "5", scale=0.02)
+    assert f"{MAX_SLIDE_SIDE:,}" in str(err.value)
+    csv = tmp_path / "preds.csv"
+    table.to_csv(csv, index=False)
+    assert main(["slide", "--predictions", str(csv), "--patient", "5", "--out", str(tmp_path / "s.png")]) == 2
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and str(csv) in message and "x100001_y100001" in message
+
+
+def test_mosaic_is_painted_at_its_scale(tmp_path):
+    """A 20,050 px wide box at scale 0.05: memory for a 1,003 px mosaic, not the 4 GB of the full resolution."""
+    import tracemalloc
+
+    table = _far_table(tmp_path, 20_001)
+    tracemalloc.start()
+    mosaic = slide_mosaic(table, "5", scale=0.05)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert mosaic.image.shape == (1002, 1002, 3) and mosaic.extent == (1, 20051, 20051, 1)
+    assert peak < 50e6, f"{peak / 1e6:.0f} MB for a 1000 px mosaic"
+    assert (mosaic.image[:2, :2] == 90).all() and (mosaic.image[-2:, -2:] == 90).all()
+    # Each 50 px patch covers [x * 0.05, (x + 50) * 0.05) rounded: 0..2 and 1000..1002, 2 x 2 cells each.
+    assert (~np.isnan(mosaic.truth)).sum() == 8
+
+
+def test_threshold_is_marked_on_the_colour_bar(slide_table):
+    import matplotlib.pyplot as plt
+
+    assert decision_threshold(slide_table) == pytest.approx(0.80)  # the lowest probability called IDC
+    fig = plot_slide(slide_mosaic(slide_table, PATIENT), threshold=0.3)
+    bar = next(ax for ax in fig.axes if ax.get_label() == "<colorbar>")
+    assert "threshold 0.30" in [t.get_text() for t in bar.get_yticklabels()]
+    assert "called IDC (p >= 0.30)" in fig.axes[2].get_title()
+    prob = fig.axes[2].images[-1]
+    below, above = prob.to_rgba(np.array([0.29])), prob.to_rgba(np.array([0.31]))
+    assert below[0, 2] > below[0, 0] and above[0, 0] > above[0, 2]  # blue just below the threshold, red above
+    plt.close("all")
+
+
+def test_slide_out_that_is_not_an_image_file_is_one_line(slide_table, tmp_path, capsys):
+    csv = tmp_path / "preds.csv"
+    slide_table.to_csv(csv, index=False)
+    for out, words in [(tmp_path / "x.txt", "not an image format"), (tmp_path, "is a folder"),
+                       (csv / "x.png", "is a file, not a folder")]:
+        assert main(["slide", "--predictions", str(csv), "--patient", PATIENT, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and err.startswith("error: --out"), err
+    assert not (tmp_path / "x.txt").exists()
 
 
 @pytest.mark.realdata
