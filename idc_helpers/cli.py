@@ -417,15 +417,22 @@ def _add_run_notebooks(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--params", default=None, help="YAML or JSON file of parameters for every notebook")
     p.add_argument("--out", default="outputs", help="folder for executed notebooks, figures and metrics (default ./outputs)")
     p.add_argument("--data-dir", default=None, help="dataset folder (default: see README, 'Where data comes from')")
+    p.add_argument("--notebooks", default=None, metavar="DIR",
+                   help="folder holding the notebook series and its params/ (default: this checkout's notebooks/, "
+                        "or the copy installed with the package)")
     p.add_argument("--prepare-only", action="store_true",
                    help="write the parameterised notebooks without running them (CI runs them with pytest --nbval-lax)")
 
 
 def run_run_notebooks(args: argparse.Namespace) -> int:
-    """``python -m idc_helpers run-notebooks``."""
-    from idc_helpers.notebook_runner import run_notebooks_cli
+    """``python -m idc_helpers run-notebooks``: the series into a fresh folder under ``--out``. A failing cell
+    exits 1 (the message names the notebook, the cell and the executed copy); a bad parameters file or a missing
+    notebook exits 2 before anything is created."""
+    from idc_helpers.notebook_runner import run_notebooks
 
-    return run_notebooks_cli(args)
+    run_notebooks(args.out, smoke=args.smoke, params_file=args.params, data_dir=args.data_dir,
+                  prepare_only=args.prepare_only, notebook_dir=args.notebooks)
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -13,8 +13,12 @@ never overwritten and two runs can be compared side by side::
 The data folder is resolved once (:func:`idc_helpers.datasource.resolve_data_dir`) and handed to every notebook;
 02 trains into ``run/``, 03 evaluates that run and writes ``predictions.csv``, 04 draws slides from it.
 
+Where the notebooks come from (:func:`default_notebook_dir`): in a checkout, its ``notebooks/``; after a regular
+install, the copy the build put inside the package (``idc_helpers/notebooks/``, with ``params/``); ``--notebooks
+DIR`` names another folder.
+
 Parameters: each notebook's ``parameters`` cell holds defaults meant for users (the full dataset, real training).
-``--smoke`` applies ``notebooks/params/smoke.yaml`` (a run of a few minutes); ``--params FILE`` (YAML or JSON)
+``--smoke`` applies ``params/smoke.yaml`` of the notebook folder (a run of a few minutes); ``--params FILE`` (YAML or JSON)
 applies a file on top. Such a file maps parameter names to values for every notebook that has the parameter,
 and may hold a section per notebook (``02_training: {EPOCHS: 3}``). A name that no notebook defines is an error,
 so a typo cannot silently do nothing.
@@ -34,19 +38,38 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK_DIR = REPO_ROOT / "notebooks"
-SMOKE_PARAMS = NOTEBOOK_DIR / "params" / "smoke.yaml"
+from idc_helpers.errors import IdcError, UserError
+
 NOTEBOOKS = (
     "01_data_exploration",
     "02_training",
     "03_evaluation_and_gradcam",
     "04_whole_slide_heatmaps",
 )
+# The notebooks and parameter files ship inside the package (the build copies notebooks/*.ipynb and
+# notebooks/params/*.yaml into idc_helpers/notebooks/), so a regular install runs the series from any folder; in a
+# checkout (an editable install) the checkout's own notebooks/ is used, so edits there count at once.
+PACKAGED_NOTEBOOK_DIR = Path(__file__).resolve().parent / "notebooks"
+CHECKOUT_NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def _has_series(folder: Path) -> bool:
+    return all((folder / f"{name}.ipynb").is_file() for name in NOTEBOOKS)
+
+
+def default_notebook_dir() -> Path:
+    """Where the notebook series is: the checkout's ``notebooks/`` when this package runs from a checkout, else
+    the copy inside the installed package (which may be missing only in a broken install)."""
+    return CHECKOUT_NOTEBOOK_DIR if _has_series(CHECKOUT_NOTEBOOK_DIR) else PACKAGED_NOTEBOOK_DIR
+
+
+NOTEBOOK_DIR = default_notebook_dir()
+SMOKE_PARAMS = NOTEBOOK_DIR / "params" / "smoke.yaml"
 # The parameters the runner itself sets in each notebook (a test checks each parameters cell defines them).
 RUNNER_PARAMETERS: dict[str, tuple[str, ...]] = {
     "01_data_exploration": ("DATA_DIR", "OUT_DIR"),
@@ -58,28 +81,39 @@ RUNNER_PARAMETERS: dict[str, tuple[str, ...]] = {
 _RESERVED = {"OUT_DIR", "RUN_DIR", "PREDICTIONS"}
 
 
-class NotebookFailed(RuntimeError):
-    """A cell of a notebook raised; the message names the notebook, the cell and the executed copy."""
+class NotebookFailed(IdcError, RuntimeError):
+    """A cell of a notebook raised; the message names the notebook, the cell and the executed copy (exit 1)."""
+
+    exit_code = 1
 
     def __init__(self, message: str, executed: Path):
         super().__init__(message)
         self.executed = executed
 
 
+class ParametersError(UserError, ValueError):
+    """A parameters file is missing, is not a mapping, or names a parameter no notebook has."""
+
+
+class NotebooksNotFoundError(UserError, FileNotFoundError):
+    """The notebooks to run are not where they were looked for."""
+
+
 def load_params_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a YAML or JSON parameters file into a dict (empty file: ``{}``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"parameters file {path} not found; pass an existing YAML or JSON file to --params")
+        raise ParametersError(f"parameters file {path} not found; pass an existing YAML or JSON file to --params")
     text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        data = json.loads(text) if text.strip() else {}
-    else:
-        import yaml  # papermill depends on PyYAML
+    import yaml
 
-        data = yaml.safe_load(text) or {}
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+    try:
+        data = (json.loads(text) if text.strip() else {}) if kind == "JSON" else (yaml.safe_load(text) or {})
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ParametersError(f"{path}: not valid {kind} ({exc})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of parameter names to values, got {type(data).__name__}")
+        raise ParametersError(f"{path}: expected a mapping of parameter names to values, got {type(data).__name__}")
     return data
 
 
@@ -100,14 +134,14 @@ def plan_parameters(
 
     ``overrides``: a parameters file's content (global names, and per-notebook sections keyed by notebook name);
     ``defined``: the parameter names each notebook's parameters cell defines; ``runner``: the values the runner
-    sets per notebook (data and output paths). Raises ``ValueError`` for a name no notebook defines or one
+    sets per notebook (data and output paths). Raises :class:`ParametersError` for a name no notebook defines or one
     reserved for the runner; ``source`` names the file in the message.
     """
     global_values = {k: v for k, v in overrides.items() if k not in defined}
     sections = {k: v for k, v in overrides.items() if k in defined}
     for name, section in sections.items():
         if not isinstance(section, dict):
-            raise ValueError(f"{source}: the section {name!r} must be a mapping of parameter names to values")
+            raise ParametersError(f"{source}: the section {name!r} must be a mapping of parameter names to values")
     known = set().union(*map(set, defined.values()))
     problems = []
     for where, values, names in [("", global_values, known)] + [
@@ -119,7 +153,7 @@ def plan_parameters(
             elif key not in names:
                 problems.append(f"{key}{where} is not a parameter of {'any notebook' if not where else 'that notebook'}")
     if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems) + f". Known parameters: {', '.join(sorted(known))}")
+        raise ParametersError(f"{source}: " + "; ".join(problems) + f". Known parameters: {', '.join(sorted(known))}")
 
     plan = {}
     for nb, names in defined.items():
@@ -173,6 +207,117 @@ def _current_env_kernel_manager():
     return CurrentEnvKernelManager
 
 
+@dataclass
+class _Series:
+    """What a run needs before anything is created: the sources, their parameters, the data folder's source."""
+
+    names: list[str]
+    sources: dict[str, Path]
+    files: list[Path]
+    overrides: dict[str, Any]
+    defined: dict[str, list[str]]
+    data_dir: str | os.PathLike[str] | None
+
+
+def _find_sources(notebook_dir: Path, notebooks: Sequence[str] | None) -> tuple[list[str], dict[str, Path]]:
+    names = [Path(n).stem for n in (notebooks or NOTEBOOKS)]
+    sources = {name: notebook_dir / f"{name}.ipynb" for name in names}
+    missing = [str(p) for p in sources.values() if not p.is_file()]
+    if missing:
+        raise NotebooksNotFoundError(
+            f"notebooks not found: {', '.join(missing)}. Reinstall the package (`pip install .` in a checkout "
+            "copies them into it) or point --notebooks at a folder holding the series.")
+    return names, sources
+
+
+def _merge_parameter_files(files: Sequence[Path]) -> dict[str, Any]:
+    """The files' contents, later files winning; per-notebook sections are merged key by key."""
+    overrides: dict[str, Any] = {}
+    for path in files:
+        for key, value in load_params_file(path).items():
+            if isinstance(value, dict) and isinstance(overrides.get(key), dict):
+                overrides[key] = {**overrides[key], **value}
+            else:
+                overrides[key] = value
+    return overrides
+
+
+def _plan_series(notebook_dir: Path, notebooks: Sequence[str] | None, smoke: bool,
+                 params_file: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str] | None) -> _Series:
+    """Find the notebooks and check every parameter name, before anything is downloaded or created."""
+    names, sources = _find_sources(notebook_dir, notebooks)
+    files = ([notebook_dir / "params" / "smoke.yaml"] if smoke else []) + ([Path(params_file)] if params_file else [])
+    overrides = _merge_parameter_files(files)
+    file_data_dir = overrides.pop("DATA_DIR", None)
+    defined = {name: list(notebook_parameters(src)) for name, src in sources.items()}
+    plan_parameters(overrides, defined, {}, source=_label(files))  # a typo must not cost a run
+    return _Series(names, sources, files, overrides, defined, data_dir if data_dir is not None else file_data_dir)
+
+
+def _label(files: Sequence[Path]) -> str:
+    return " + ".join(str(f) for f in files) or "parameters"
+
+
+def _prepare_output(series: _Series, out_dir: str | os.PathLike[str], log: Callable[[str], object]
+                    ) -> tuple[Path, dict[str, dict[str, Any]]]:
+    """Resolve the data once, create the fresh output folder, record and return the per-notebook parameters."""
+    from idc_helpers.atomic import write_json
+    from idc_helpers.datasource import resolve_data_dir
+
+    source = resolve_data_dir(series.data_dir)  # announces synthetic data itself
+    if not source.synthetic:
+        log(f"Data: {source}")
+    run_root = fresh_output_dir(out_dir)
+    paths = {
+        "DATA_DIR": str(Path(source.path).resolve()),
+        "OUT_DIR": str(run_root),
+        "RUN_DIR": str(run_root / "run"),
+        "PREDICTIONS": str(run_root / "predictions.csv"),
+    }
+    # Each notebook gets the paths its parameters cell defines.
+    runner = {name: {k: v for k, v in paths.items() if k in series.defined[name]} for name in series.names}
+    plan = plan_parameters(series.overrides, series.defined, runner, source=_label(series.files))
+    write_json(run_root / "parameters.json", {
+        "data": {"path": paths["DATA_DIR"], "origin": source.origin, "synthetic": bool(source.synthetic)},
+        "parameter_files": [str(f) for f in series.files], "notebooks": plan,
+    })
+    log(f"Output folder: {run_root}")
+    return run_root, plan
+
+
+def _execute(name: str, source: Path, target: Path, parameters: dict[str, Any], *, cwd: Path,
+             prepare_only: bool) -> None:
+    """Run (or only parameterise) one notebook with papermill; a failure becomes :class:`NotebookFailed`."""
+    import papermill
+
+    try:
+        papermill.execute_notebook(
+            str(source), str(target), parameters=parameters, prepare_only=prepare_only, cwd=str(cwd),
+            progress_bar=sys.stderr.isatty(), request_save_on_cell_execute=True,
+            kernel_manager_class=_current_env_kernel_manager(),
+        )
+    except papermill.PapermillExecutionError as err:
+        first_line = next((ln for ln in err.source.splitlines() if ln.strip()), "")
+        raise NotebookFailed(
+            f"{name}.ipynb failed in cell [{err.exec_count}] ({first_line.strip()!r}): {err.ename}: {err.evalue}\n"
+            f"The executed notebook, with the traceback, is {target}", target,
+        ) from None
+    except Exception as err:  # the kernel died (e.g. out of memory), a timeout, an unreadable notebook...
+        raise NotebookFailed(f"{name}.ipynb stopped: {type(err).__name__}: {err}\n"
+                             f"What ran is saved in {target}", target) from err
+
+
+def _report(run_root: Path, executed_dir: Path, prepare_only: bool, log: Callable[[str], object]) -> None:
+    log(("Prepared notebooks (not executed): " if prepare_only else "Executed notebooks: ") + str(executed_dir))
+    if prepare_only:
+        return
+    figures = sorted((run_root / "figures").glob("*.png"))
+    log(f"Figures ({len(figures)}): {run_root / 'figures'}")
+    for item in ("run", "predictions.csv", "metrics.json"):
+        if (run_root / item).exists():
+            log(f"{item}: {run_root / item}")
+
+
 def run_notebooks(
     out_dir: str | os.PathLike[str] = "outputs",
     *,
@@ -189,115 +334,27 @@ def run_notebooks(
     ``notebooks``: names (``"02_training"`` or ``"02_training.ipynb"``) to run, default all four; a later
     notebook needs the outputs of the earlier ones in the same folder, so subsets are for debugging.
     ``prepare_only``: write the parameterised notebooks without executing them (for nbval).
-    ``notebook_dir``: where the source notebooks are (default: this checkout's ``notebooks/``); ``log``: where
-    progress messages go.
-    Raises :class:`NotebookFailed` when a cell fails (the executed copy up to the failure is kept).
+    ``notebook_dir``: where the source notebooks and ``params/`` are (default :func:`default_notebook_dir`);
+    ``log``: where progress messages go. A checkout's notebooks run with their own folder as the working
+    directory (relative paths mean what they mean to a user who opens them there); packaged ones with the
+    executed copies' folder. Raises :class:`NotebookFailed` when a cell fails (the executed copy up to the
+    failure is kept), :class:`ParametersError` / :class:`NotebooksNotFoundError` before anything is created.
     """
-    import papermill
-
-    from idc_helpers.datasource import resolve_data_dir
-
-    notebook_dir = Path(notebook_dir) if notebook_dir is not None else NOTEBOOK_DIR
-    names = [Path(n).stem for n in (notebooks or NOTEBOOKS)]
-    sources = {name: notebook_dir / f"{name}.ipynb" for name in names}
-    missing = [str(p) for p in sources.values() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"notebooks not found: {', '.join(missing)}; run from a checkout of the repository")
-
-    files = ([SMOKE_PARAMS] if smoke else []) + ([Path(params_file)] if params_file else [])
-    overrides: dict[str, Any] = {}
-    for path in files:
-        for key, value in load_params_file(path).items():
-            if isinstance(value, dict) and isinstance(overrides.get(key), dict):
-                overrides[key] = {**overrides[key], **value}
-            else:
-                overrides[key] = value
-    file_data_dir = overrides.pop("DATA_DIR", None)
-    defined = {name: list(notebook_parameters(src)) for name, src in sources.items()}
-    # Check the names before anything is downloaded or created: a typo must not cost a run.
-    label = " + ".join(str(f) for f in files) or "parameters"
-    plan_parameters(overrides, defined, {}, source=label)
-
-    source = resolve_data_dir(data_dir if data_dir is not None else file_data_dir)
-    if source.synthetic and source.origin != "demo":  # resolve_data_dir announced the demo fallback itself
-        from idc_helpers.demo_data import SYNTHETIC_NOTICE
-
-        log(SYNTHETIC_NOTICE)
-    if source.origin != "demo":  # the demo fallback has just said where it wrote the data and why
-        log(f"Data: {source}")
-
-    run_root = fresh_output_dir(out_dir)
-    paths = {
-        "DATA_DIR": str(Path(source.path).resolve()),
-        "OUT_DIR": str(run_root),
-        "RUN_DIR": str(run_root / "run"),
-        "PREDICTIONS": str(run_root / "predictions.csv"),
-    }
-    # Each notebook gets the paths its parameters cell defines.
-    runner = {name: {k: v for k, v in paths.items() if k in defined[name]} for name in names}
-    plan = plan_parameters(overrides, defined, runner, source=label)
-    from idc_helpers.atomic import write_json
-
-    write_json(run_root / "parameters.json", {
-        "data": {"path": paths["DATA_DIR"], "origin": source.origin, "synthetic": bool(source.synthetic)},
-        "parameter_files": [str(f) for f in files], "notebooks": plan,
-    })
-    log(f"Output folder: {run_root}")
-
+    notebook_dir = Path(notebook_dir) if notebook_dir is not None else default_notebook_dir()
+    series = _plan_series(notebook_dir, notebooks, smoke, params_file, data_dir)
+    run_root, plan = _prepare_output(series, out_dir, log)
     executed_dir = run_root / "notebooks"
     executed_dir.mkdir()
-    kernel_manager_class = _current_env_kernel_manager()
-    show_progress = sys.stderr.isatty()
+    cwd = executed_dir if notebook_dir.resolve() == PACKAGED_NOTEBOOK_DIR else notebook_dir
     results = []
-    for name in names:
+    for name in series.names:
         target = executed_dir / f"{name}.ipynb"
         started = time.perf_counter()
         if not prepare_only:
             log(f"Running {name} ...")
-        try:
-            papermill.execute_notebook(
-                str(sources[name]), str(target), parameters=plan[name], prepare_only=prepare_only,
-                # Relative paths in a notebook mean the same as when a user opens it from notebooks/.
-                cwd=str(notebook_dir), progress_bar=show_progress, request_save_on_cell_execute=True,
-                kernel_manager_class=kernel_manager_class,
-            )
-        except papermill.PapermillExecutionError as err:
-            first_line = next((ln for ln in err.source.splitlines() if ln.strip()), "")
-            raise NotebookFailed(
-                f"{name}.ipynb failed in cell [{err.exec_count}] ({first_line.strip()!r}): {err.ename}: {err.evalue}\n"
-                f"The executed notebook, with the traceback, is {target}", target,
-            ) from None
-        except Exception as err:  # the kernel died (e.g. out of memory), a timeout, an unreadable notebook...
-            raise NotebookFailed(f"{name}.ipynb stopped: {type(err).__name__}: {err}\n"
-                                 f"What ran is saved in {target}", target) from err
+        _execute(name, series.sources[name], target, plan[name], cwd=cwd, prepare_only=prepare_only)
         results.append(target)
         if not prepare_only:
             log(f"  {name} done in {time.perf_counter() - started:.0f} s")
-
-    figures = sorted((run_root / "figures").glob("*.png"))
-    log(("Prepared notebooks (not executed): " if prepare_only else "Executed notebooks: ") + str(executed_dir))
-    if not prepare_only:
-        log(f"Figures ({len(figures)}): {run_root / 'figures'}")
-        for item in ("run", "predictions.csv", "metrics.json"):
-            if (run_root / item).exists():
-                log(f"{item}: {run_root / item}")
+    _report(run_root, executed_dir, prepare_only, log)
     return results
-
-
-def run_notebooks_cli(args) -> int:
-    """``python -m idc_helpers run-notebooks``: see :func:`run_notebooks`; returns the exit status."""
-    try:
-        run_notebooks(
-            args.out, smoke=args.smoke, params_file=args.params, data_dir=args.data_dir,
-            prepare_only=getattr(args, "prepare_only", False),
-        )
-    except NotebookFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as err:  # a missing notebook or data folder, a bad parameters file
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # the Kaggle download failed (idc_helpers.kaggle_download.DownloadError)
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0

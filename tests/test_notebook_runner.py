@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -12,15 +15,18 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from idc_helpers import notebook_runner
+from idc_helpers.cli import main
 from idc_helpers.notebook_runner import (
     NOTEBOOKS,
     NotebookFailed,
+    ParametersError,
     fresh_output_dir,
     load_params_file,
     plan_parameters,
     run_notebooks,
-    run_notebooks_cli,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DEFINED = {"01_a": ["DATA_DIR", "OUT_DIR", "SEED"], "02_b": ["DATA_DIR", "OUT_DIR", "RUN_DIR", "EPOCHS", "SEED"]}
 
@@ -53,7 +59,7 @@ def test_plan_applies_global_values_sections_and_runner_paths():
     ({"02_b": 3}, "must be a mapping"),
 ])
 def test_plan_refuses_unknown_or_reserved_names(overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ParametersError, match=message):
         plan_parameters(overrides, DEFINED, {}, source="my.yaml")
 
 
@@ -62,13 +68,16 @@ def test_params_files(tmp_path):
     (tmp_path / "p.json").write_text('{"EPOCHS": 3}')
     (tmp_path / "empty.yaml").write_text("# nothing\n")
     (tmp_path / "list.yaml").write_text("- 1\n")
+    (tmp_path / "broken.yaml").write_text("EPOCHS: [1\n")
     assert load_params_file(tmp_path / "p.yaml") == {"EPOCHS": 2, "02_b": {"SEED": 1}}
     assert load_params_file(tmp_path / "p.json") == {"EPOCHS": 3}
     assert load_params_file(tmp_path / "empty.yaml") == {}
-    with pytest.raises(ValueError, match="list.yaml: expected a mapping"):
+    with pytest.raises(ParametersError, match="list.yaml: expected a mapping"):
         load_params_file(tmp_path / "list.yaml")
-    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+    with pytest.raises(ParametersError, match="missing.yaml"):
         load_params_file(tmp_path / "missing.yaml")
+    with pytest.raises(ParametersError, match="broken.yaml: not valid YAML"):
+        load_params_file(tmp_path / "broken.yaml")
 
 
 def test_fresh_output_dir_never_reuses_a_folder(tmp_path):
@@ -128,26 +137,28 @@ def test_a_failing_cell_names_notebook_and_cell(toy_series, tiny_dataset, tmp_pa
 
 
 def test_cli_exit_status(toy_series, tiny_dataset, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(notebook_runner, "NOTEBOOK_DIR", toy_series)
-    args = argparse.Namespace(out=str(tmp_path / "out"), smoke=False, params=None, data_dir=str(tiny_dataset))
+    args = ["run-notebooks", "--out", str(tmp_path / "out"), "--data-dir", str(tiny_dataset),
+            "--notebooks", str(toy_series)]
     monkeypatch.setattr(notebook_runner, "NOTEBOOKS", ("03_fails",))
-    assert run_notebooks_cli(args) == 1
+    assert main(args) == 1
     assert "03_fails.ipynb failed in cell" in capsys.readouterr().err
 
     runs = set((tmp_path / "out").iterdir())
     bad = tmp_path / "bad.yaml"
     bad.write_text("EPOCH: 1\n")
-    args.params = str(bad)
     monkeypatch.setattr(notebook_runner, "NOTEBOOKS", ("01_a",))
-    assert run_notebooks_cli(args) == 2
-    assert "EPOCH is not a parameter" in capsys.readouterr().err
+    assert main([*args, "--params", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "EPOCH is not a parameter" in err
+    assert main([*args[:-1], str(tmp_path / "nowhere")]) == 2
+    assert "notebooks not found" in capsys.readouterr().err
     assert set((tmp_path / "out").iterdir()) == runs  # nothing created for a run that could not start
 
 
 def test_unknown_parameter_creates_nothing(toy_series, tiny_dataset, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("EPOCH: 1\n")
-    with pytest.raises(ValueError, match="EPOCH is not a parameter"):
+    with pytest.raises(ParametersError, match="EPOCH is not a parameter"):
         run_notebooks(tmp_path / "out", params_file=bad, data_dir=tiny_dataset, notebook_dir=toy_series,
                       notebooks=["01_a"], log=lambda m: None)
     assert not (tmp_path / "out").exists()
@@ -176,13 +187,45 @@ def test_prepare_only_injects_ci_parameters_for_nbval(tiny_dataset, tmp_path):
     assert f'RUN_DIR = "{root / "run"}"' in injected.source and f"EPOCHS = {ci['EPOCHS']}" in injected.source
 
 
+def test_a_regular_install_runs_the_series_from_any_folder(tmp_path, tiny_dataset):
+    """`pip install .` (not editable) carries the notebooks and their parameter files inside the package."""
+    source = tmp_path / "checkout"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints")
+    for name in ("idc_helpers", "notebooks"):
+        shutil.copytree(REPO_ROOT / name, source / name, ignore=ignore)
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                    str(source)], check=True, timeout=300)
+    packaged = target / "idc_helpers" / "notebooks"
+    assert sorted(p.stem for p in packaged.glob("*.ipynb")) == list(NOTEBOOKS)
+    assert (packaged / "params" / "smoke.yaml").is_file() and (packaged / "params" / "ci.yaml").is_file()
+    assert not (target / "notebooks").exists()  # nothing outside the package
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(target), "IDC_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "idc_helpers", "run-notebooks", "--smoke", "--prepare-only", "--out", "out",
+         "--data-dir", str(tiny_dataset)], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    prepared = sorted((elsewhere / "out").glob("*/notebooks/*.ipynb"))
+    assert [p.stem for p in prepared] == list(NOTEBOOKS)
+    recorded = json.loads((prepared[0].parents[1] / "parameters.json").read_text())
+    assert recorded["parameter_files"] == [str(packaged / "params" / "smoke.yaml")]
+    smoke = load_params_file(REPO_ROOT / "notebooks" / "params" / "smoke.yaml")
+    assert recorded["notebooks"]["02_training"]["EPOCHS"] == smoke["EPOCHS"]
+
+
 @pytest.mark.slow
 def test_smoke_run_of_the_series_on_demo_data(tmp_path, monkeypatch):
     """The README's command in smoke mode, end to end on a small demo dataset (about 1.5 minutes on 2 cores)."""
     from idc_helpers.demo_data import write_demo_dataset
 
     monkeypatch.setenv("IDC_CACHE_DIR", str(tmp_path / "cache"))
-    data = write_demo_dataset(tmp_path / "demo", n_patients=8, seed=0)
+    data = write_demo_dataset(tmp_path / "demo", n_patients=12, seed=0)
     executed = run_notebooks(tmp_path / "out", smoke=True, data_dir=data, log=lambda m: None)
     root = executed[0].parents[1]
     for path in executed:
