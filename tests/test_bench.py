@@ -118,3 +118,24 @@ def test_speed_measurements_run_and_print_a_table(demo_dir, tmp_path):
                                       "all_minutes": 2.0}}
     text = speed.markdown(report)
     assert "| pipeline (memmap) + augmentation |" in text and "Peak memory" in text
+
+
+def test_speed_pipeline_alone_is_measured_beside_training(demo_dir, tmp_path):
+    from idc_helpers.bench import speed
+    from idc_helpers.loader import load_patches
+    from idc_helpers.patch_index import build_index
+
+    loaded = load_patches(build_index(demo_dir).frame, cache_dir=tmp_path / "cache")
+    alone = speed.pipeline_throughput(loaded.images, loaded.labels, batch_size=16, batches=3, repeats=2,
+                                      settings=("none", "mild"))
+    assert set(alone) == {"none", "mild"} and all(len(v["runs"]) == 2 and v["patches_per_s"] > 0
+                                                  for v in alone.values())
+    assert alone["none"]["ratio_to_none"] == 1.0
+    training = {"pipeline (memmap) + augmentation": {"patches_per_s": alone["mild"]["patches_per_s"] / 10}}
+    text = "\n".join(speed._pipeline_markdown({"pipeline": alone, "training": training,
+                                               "pipeline_config": {"batch_size": 16, "batches": 3, "repeats": 2}}))
+    assert "| mild |" in text and "the pace is set by the model" in text
+    training["pipeline (memmap) + augmentation"]["patches_per_s"] = alone["mild"]["patches_per_s"]
+    text = "\n".join(speed._pipeline_markdown({"pipeline": alone, "training": training,
+                                               "pipeline_config": {"batch_size": 16, "batches": 3, "repeats": 2}}))
+    assert "the pace is set by the input pipeline" in text

@@ -8,6 +8,9 @@ Measured side by side in one run, printed (and with ``--out`` written) as a Mark
     (``tf.data.Dataset.from_tensor_slices`` of a small array held in RAM, with and without the same augmentation):
     the compute limit of the model on this machine. Same model, batch size and number of steps; the variants run
     in turn, ``--repeats`` times, and the median is reported, so that load from other processes hits all of them;
+(a0) the **input pipeline alone** (patches/s of iterating :func:`~idc_helpers.pipeline.make_dataset` with no model),
+    without augmentation and with each augmentation strength, printed beside the training rate of (a): when the
+    pipeline with augmentation delivers less than the model consumes, the pipeline sets the pace;
 (b) **prediction throughput** (patches/s of :func:`idc_helpers.prediction.predict_probs`), with and without
     test-time augmentation (8 flips/rotations);
 (c) the **notebook series** ``python -m idc_helpers run-notebooks --smoke`` timed as a subprocess (and on the full
@@ -78,7 +81,7 @@ def training_throughput(
     def in_memory(augment: bool) -> tf.data.Dataset:
         ds = tf.data.Dataset.from_tensor_slices((x_mem, y_mem)).shuffle(k, seed=seed).repeat().batch(batch_size)
         ds = ds.enumerate().map(
-            lambda i, xy: ((augment_batch(tf.cast(xy[0], tf.float32), tf.stack([tf.constant(seed, tf.int64), i]))
+            lambda i, xy: ((augment_batch(xy[0], tf.stack([tf.constant(seed, tf.int64), i]))
                             if augment else tf.cast(xy[0], tf.float32)), xy[1]),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return ds.prefetch(tf.data.AUTOTUNE)
@@ -102,6 +105,40 @@ def training_throughput(
             model.fit(variants[name], steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
             runs[name].append(steps * batch_size / (time.perf_counter() - start))
     return {name: {"patches_per_s": statistics.median(r), "runs": [round(v, 1) for v in r]}
+            for name, r in runs.items()}
+
+
+def pipeline_throughput(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int = 128,
+    batches: int = 200,
+    repeats: int = 3,
+    settings: Sequence[str] = ("none", "geometry", "mild", "strong"),
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Patches/s of :func:`~idc_helpers.pipeline.make_dataset` alone (batches drawn, no model) for each augmentation
+    setting, median of ``repeats`` rounds of ``batches`` batches (settings in turn within a round, so that load
+    from other processes hits all of them). Returns ``{setting: {"patches_per_s", "runs", "ratio_to_none"}}``;
+    ``ratio_to_none`` is the median of the per-round ratios to the un-augmented pipeline."""
+    from idc_helpers.pipeline import make_dataset
+
+    labels = np.asarray(labels, dtype=np.int32)
+    iterators = {name: iter(make_dataset(images, labels, batch_size=batch_size, shuffle=True, augment=name,
+                                         seed=seed, repeat=True)) for name in settings}
+    for it in iterators.values():  # trace the functions and fill the prefetch buffers before timing
+        for _ in range(5):
+            next(it)
+    runs: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(repeats):
+        for name, it in iterators.items():
+            start = time.perf_counter()
+            drawn = sum(int(next(it)[1].shape[0]) for _ in range(batches))
+            runs[name].append(drawn / (time.perf_counter() - start))
+    base = runs.get("none")
+    return {name: {"patches_per_s": statistics.median(r), "runs": [round(v, 1) for v in r],
+                   "ratio_to_none": statistics.median(v / b for v, b in zip(r, base)) if base else None}
             for name, r in runs.items()}
 
 
@@ -235,6 +272,31 @@ def _f(value: float | None) -> str:
     return "–" if value is None else f"{value:.0f}"
 
 
+def _pipeline_markdown(report: dict[str, Any]) -> list[str]:
+    """Section (a0), and which of pipeline and model sets the training pace."""
+    p = report.get("pipeline")
+    if not p:
+        return []
+    cfg = report["pipeline_config"]
+    lines = [f"### (a0) Input pipeline alone: `make_dataset` from the memmapped cache, batch {cfg['batch_size']}, "
+             f"{cfg['batches']} batches per run, median of {cfg['repeats']} runs", "",
+             "| augmentation | patches/s (median) | runs | ratio to no augmentation (median of per-round ratios) |",
+             "|---|---|---|---|"]
+    for name, v in p.items():
+        ratio = "–" if v["ratio_to_none"] is None else f"{v['ratio_to_none']:.2f}"
+        lines.append(f"| {name} | {v['patches_per_s']:.0f} | {', '.join(f'{r:.0f}' for r in v['runs'])} | {ratio} |")
+    a = report.get("training")
+    if a and "mild" in p:
+        train_rate = a["pipeline (memmap) + augmentation"]["patches_per_s"]
+        feed = p["mild"]["patches_per_s"]
+        # Within 80% of the pipeline's own ceiling, the model waits for batches: the pipeline sets the pace.
+        bound = "the input pipeline" if train_rate >= 0.8 * feed else "the model (compute), not the input pipeline"
+        lines += ["", f"Training from the pipeline with augmentation ran at {train_rate:.0f} patches/s, "
+                  f"{train_rate / feed:.0%} of what the pipeline alone delivers with the same augmentation "
+                  f"({feed:.0f} patches/s): the pace is set by {bound}. On a CPU both share the same cores."]
+    return lines + [""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The speed report as Markdown tables."""
     m = report["machine"]
@@ -242,6 +304,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"Machine: {m['cpu_model']}, {m['cpus_usable']} usable CPUs, {m['memory_gb']} GB RAM, "
              f"{m['gpus']} GPU; TensorFlow {m['tensorflow']} (TF_ENABLE_ONEDNN_OPTS={m['tf_enable_onednn_opts']}); "
              f"load average at start {m['load_average_start']}.", ""]
+    lines += _pipeline_markdown(report)
     a = report.get("training")
     if a:
         cfg = report["training_config"]
@@ -306,8 +369,9 @@ def run_speed(
     memory_model: str = "seed_cnn",
     work_dir: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    pipeline_batches: int = 200,
 ) -> dict[str, Any]:
-    """Run the measurements (a)-(d) and return the report (``markdown`` key included)."""
+    """Run the measurements (a0), (a)-(d) and return the report (``markdown`` key included)."""
     from idc_helpers.datasource import resolve_data_dir
     from idc_helpers.loader import load_patches
     from idc_helpers.patch_index import build_index
@@ -318,6 +382,11 @@ def run_speed(
     report: dict[str, Any] = {"machine": _machine(), "data_dir": str(source.path), "patches": len(loaded.images)}
     say = lambda msg: print(f"[speed] {msg}", file=sys.stderr, flush=True)  # noqa: E731
 
+    if pipeline_batches > 0:
+        say("(a0) input pipeline alone")
+        report["pipeline_config"] = {"batch_size": batch_size, "batches": pipeline_batches, "repeats": repeats}
+        report["pipeline"] = pipeline_throughput(loaded.images, loaded.labels, batch_size=batch_size,
+                                                 batches=pipeline_batches, repeats=repeats)
     if steps > 0:
         say("(a) training throughput")
         report["training_config"] = {"model": model_name, "batch_size": batch_size, "steps": steps,
@@ -370,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip (d)")
     parser.add_argument("--memory-steps", type=int, default=200)
     parser.add_argument("--memory-model", default="seed_cnn", help="model trained in (d)")
+    parser.add_argument("--pipeline-batches", type=int, default=200,
+                        help="batches per timed run of the pipeline alone in (a0); 0 skips (a0)")
     parser.add_argument("--work-dir", default=None, help="temporary folder for (d), on the data's file system")
     parser.add_argument("--cache-dir", default=None, help="decoded-patch cache of the data folder")
     parser.add_argument("--out", default=None, help="also write the Markdown here (and the JSON beside it)")
@@ -378,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        repeats=args.repeats, predict_patches=args.predict_patches, notebooks=not args.no_notebooks,
                        notebooks_full=args.notebooks_full, memory=not args.no_memory,
                        memory_steps=args.memory_steps, memory_model=args.memory_model, work_dir=args.work_dir,
-                       cache_dir=args.cache_dir)
+                       cache_dir=args.cache_dir, pipeline_batches=args.pipeline_batches)
     print(report["markdown"])
     if args.out:
         from idc_helpers.atomic import write_json, write_text
