@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Prepares a Google Colab runtime for the IDC notebooks.
 #
-# - installs idc_helpers (from this checkout) and only those requirements that Colab lacks or has in a
-#   version below our lower bound: what Colab already ships (TensorFlow, Keras, OpenCV, pandas, ...) is never
-#   downgraded or replaced;
-# - tells whether Kaggle credentials are available (Colab secrets KAGGLE_USERNAME and KAGGLE_KEY, or a
-#   kaggle.json), and how to add them if not.
+# - installs idc_helpers (from this checkout, a regular install that carries the notebooks) and only those
+#   requirements that the runtime lacks or has below our lower bound. What is installed already (TensorFlow,
+#   Keras, OpenCV, pandas, ...) is never upgraded, downgraded or replaced: every installed distribution is passed
+#   to pip as a constraint at its current version, so pip fails rather than change one;
+# - tells whether Kaggle credentials are available (the Colab secrets KAGGLE_API_TOKEN, or KAGGLE_USERNAME and
+#   KAGGLE_KEY; ~/.kaggle/access_token or kaggle.json), and what happens without them (an anonymous download,
+#   then the synthetic demo data if Kaggle refuses it).
 #
 # Usage (the notebooks' setup cell does this on Colab):  bash colab_setup.sh
 set -euo pipefail
@@ -13,8 +15,10 @@ cd "$(dirname "$0")"
 
 python - <<'PY'
 import importlib.metadata as metadata
+import os
 import subprocess
 import sys
+import tempfile
 
 from packaging.requirements import Requirement
 
@@ -41,8 +45,16 @@ with open("requirements.txt", encoding="utf-8") as handle:
             to_install.append(line)
 
 if to_install:
+    # Pin what is installed: a missing requirement may not pull a new version of anything already there.
+    installed = sorted({f"{d.metadata['Name']}=={d.version}" for d in metadata.distributions()
+                        if d.metadata["Name"] and d.metadata["Name"].lower().replace("_", "-") != "idc-helpers"})
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as pins:
+        pins.write("\n".join(installed) + "\n")
     print("Installing what this runtime lacks:", ", ".join(to_install))
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *to_install])
+    try:
+        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "-c", pins.name, *to_install])
+    finally:
+        os.unlink(pins.name)
 else:
     print("Every requirement is already met by this runtime.")
 # A regular (not editable) install: an editable one is only seen by interpreters started after it, and the
@@ -51,6 +63,10 @@ subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", "--no-deps"
 PY
 
 python - <<'PY'
+try:
+    import google.colab  # noqa: F401  - loaded, it makes the Colab secrets part of the look-up
+except ImportError:
+    pass
 from idc_helpers.kaggle_download import find_credentials
 
 source = find_credentials()
@@ -58,8 +74,9 @@ if source:
     print(f"Kaggle credentials found ({source}): the notebooks will download the real dataset.")
 else:
     print(
-        "No Kaggle credentials found. To use the real dataset, create an API token at "
-        "https://www.kaggle.com/settings (Create New Token), then in Colab open the key icon (Secrets) and add "
-        "KAGGLE_USERNAME and KAGGLE_KEY with notebook access. Without them the notebooks run on SYNTHETIC demo data."
+        "No Kaggle credentials found: the notebooks will try an anonymous download of the real dataset (it is "
+        "public) and use SYNTHETIC demo data if Kaggle refuses it. To add a token, create one at "
+        "https://www.kaggle.com/settings (API, Create New Token), then in Colab open the key icon (Secrets) and "
+        "add KAGGLE_API_TOKEN (or KAGGLE_USERNAME and KAGGLE_KEY) with notebook access."
     )
 PY

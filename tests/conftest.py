@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -11,6 +12,23 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_SAMPLE = Path(os.environ.get("IDC_SAMPLE_DIR", REPO_ROOT.parent / "shared" / "data" / "idc_sample"))
+
+
+# What a build of the package reads: copied for install tests, so that no build output lands in the checkout.
+BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "requirements.txt", "colab_setup.sh",
+                "idc_helpers", "notebooks")
+
+
+def copy_checkout(dest: Path) -> Path:
+    """Copy the files a build and ``colab_setup.sh`` need (the working tree's, committed or not) into ``dest``."""
+    dest.mkdir(parents=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints")
+    for name in BUILD_INPUTS:
+        if (REPO_ROOT / name).is_dir():
+            shutil.copytree(REPO_ROOT / name, dest / name, ignore=ignore)
+        else:
+            shutil.copy2(REPO_ROOT / name, dest / name)
+    return dest
 
 
 @pytest.fixture(scope="session")

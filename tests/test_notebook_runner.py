@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from datetime import datetime
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import copy_checkout
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from idc_helpers import notebook_runner
@@ -189,13 +189,7 @@ def test_prepare_only_injects_ci_parameters_for_nbval(tiny_dataset, tmp_path):
 
 def test_a_regular_install_runs_the_series_from_any_folder(tmp_path, tiny_dataset):
     """`pip install .` (not editable) carries the notebooks and their parameter files inside the package."""
-    source = tmp_path / "checkout"
-    source.mkdir()
-    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
-        shutil.copy(REPO_ROOT / name, source / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints")
-    for name in ("idc_helpers", "notebooks"):
-        shutil.copytree(REPO_ROOT / name, source / name, ignore=ignore)
+    source = copy_checkout(tmp_path / "checkout")
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                     str(source)], check=True, timeout=300)
