@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README, "Run the tests"; CI runs it through .ci/run):
-#  1. the pytest suite: unit tests on generated data, real-data tests on ../shared/data/idc_sample when present,
-#     the Kaggle download against a local server;
+#  1. the whole pytest suite, the `slow` tests included (the notebook runner's smoke series, the real-sample
+#     quality test): unit tests on generated data, real-data tests on ../shared/data/idc_sample when present,
+#     the Kaggle download against a local server, the README's command chain, a regular install;
 #  2. the four notebooks, in order, through nbval: papermill first writes them with small CI parameters
 #     (notebooks/params/ci.yaml) and the run folder chained from 02 to 03 and 04, then `pytest --nbval-lax`
 #     executes every cell and compares the cells marked `# NBVAL_CHECK_OUTPUT`. A failing cell fails the run.
@@ -14,7 +15,7 @@ trap 'rm -rf "$work"' EXIT
 # The decoded-patch cache and demo data go to a temporary folder: ../shared is read-only in CI.
 export IDC_CACHE_DIR="${IDC_CACHE_DIR:-$work/cache}"
 
-python -m pytest -q -m "not slow" "$@"
+python -m pytest -q "$@"
 
 sample="../shared/data/idc_sample"
 data_args=()
