@@ -139,3 +139,20 @@ def test_speed_pipeline_alone_is_measured_beside_training(demo_dir, tmp_path):
     text = "\n".join(speed._pipeline_markdown({"pipeline": alone, "training": training,
                                                "pipeline_config": {"batch_size": 16, "batches": 3, "repeats": 2}}))
     assert "the pace is set by the input pipeline" in text
+
+
+def test_gpu_check_runs_on_a_cpu_with_tiny_settings(tmp_path):
+    from idc_helpers.bench import speed
+
+    report = speed.gpu_check(tmp_path / "work", patches=200, epochs=2, batch_sizes=(32, 64), model_name="seed_cnn",
+                             pipeline_batches=2, time_budget_s=1e9)
+    assert not (tmp_path / "work" / "synthetic_patches.npy").exists()  # the 2 GB stand-in is deleted
+    assert [r["batch_size"] for r in report["runs"]] == [32, 64] and report["train_patches"] == 140
+    for run in report["runs"]:
+        assert len(run["epoch_seconds"]) == 2 and all(r > 0 for r in run["train_patches_per_s"])
+        assert set(run["pipeline_alone_patches_per_s"]) == {"none", "mild"}
+        assert isinstance(run["pipeline_bound"], bool)
+    assert "| 32 |" in report["markdown"] and "pipeline-bound" in report["markdown"]
+    skipped = speed.gpu_check(tmp_path / "work", patches=200, epochs=1, batch_sizes=(32,), model_name="seed_cnn",
+                              pipeline_batches=1, time_budget_s=0)
+    assert skipped["runs"] == [] and skipped["skipped"] == [32] and "Skipped for time" in skipped["markdown"]

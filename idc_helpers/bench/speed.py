@@ -252,6 +252,161 @@ def peak_memory(sample_frame, work_dir: Path, *, model_name: str = "seed_cnn", s
 
 
 # --------------------------------------------------------------------------------------------------------------
+# (e) accelerator check: tools/gpu_check.sh
+
+
+class _GpuSampler:
+    """Samples ``nvidia-smi``'s GPU utilisation (%) every ``interval_ms`` while active; no samples without it."""
+
+    def __init__(self, interval_ms: int = 200) -> None:
+        self.interval_ms, self.samples, self._proc = interval_ms, [], None
+
+    def __enter__(self) -> "_GpuSampler":
+        if shutil.which("nvidia-smi"):
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                 f"-lms={self.interval_ms}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            out, _ = self._proc.communicate(timeout=10)
+            self.samples = [float(v) for v in out.split() if v.replace(".", "", 1).isdigit()]
+
+    def summary(self) -> dict[str, Any]:
+        if not self.samples:
+            return {"gpu_util_mean": None, "gpu_util_median": None, "samples": 0}
+        return {"gpu_util_mean": statistics.fmean(self.samples), "gpu_util_median": statistics.median(self.samples),
+                "samples": len(self.samples)}
+
+
+def synthetic_patches(path: Path, n: int, *, seed: int = 0, chunk: int = 20_000) -> np.ndarray:
+    """A full-size stand-in for the decoded cache: ``(n, 50, 50, 3) uint8`` random pixels written to ``path`` as
+    ``.npy`` and returned memmapped read-only, as training reads the real cache (content does not change speed)."""
+    rng = np.random.default_rng(seed)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 50, 50, 3))
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        out[start:stop] = rng.integers(0, 256, size=(stop - start, 50, 50, 3), dtype=np.uint8)
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r")
+
+
+def gpu_check(
+    work_dir: str | os.PathLike[str],
+    *,
+    patches: int = FULL_DATASET_PATCHES,
+    epochs: int = 2,
+    batch_sizes: Sequence[int] = (128, 512),
+    model_name: str = "idc_net",
+    augment: str = "mild",
+    pipeline_batches: int = 300,
+    seed: int = 0,
+    time_budget_s: float = 200.0,
+) -> dict[str, Any]:
+    """Training speed on the machine's accelerator: ``model_name`` for ``epochs`` epochs over the training share of a
+    full-size synthetic set (``patches`` patches, 70% trained on), per batch size, with GPU utilisation sampled
+    from ``nvidia-smi``, beside the input pipeline's own rate with the same augmentation. A run counts as
+    pipeline-bound when training reaches 80% of what the pipeline alone delivers. A batch size is skipped (listed in
+    ``"skipped"``) once ``time_budget_s`` seconds have passed. ``work_dir`` holds the temporary array (2.1 GB at full
+    size), deleted afterwards."""
+    import keras
+    import tensorflow as tf
+
+    from idc_helpers.models import build_model, compile_model, uses_mixed_precision
+    from idc_helpers.pipeline import make_dataset
+
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    array = work / "synthetic_patches.npy"
+    start = time.perf_counter()
+    images = synthetic_patches(array, patches, seed=seed)
+    labels = np.random.default_rng(seed + 1).integers(0, 2, size=patches).astype(np.int32)
+    train_idx = np.arange(int(patches * TRAIN_SHARE))
+    gpus = [tf.config.experimental.get_device_details(g) for g in tf.config.list_physical_devices("GPU")]
+    report: dict[str, Any] = {"machine": _machine(), "gpu_details": gpus, "patches": patches,
+                              "train_patches": len(train_idx), "model": model_name, "augment": augment,
+                              "epochs": epochs, "data_seconds": time.perf_counter() - start, "runs": [],
+                              "skipped": []}
+    try:
+        for batch_size in batch_sizes:
+            if time.perf_counter() - start > time_budget_s:
+                report["skipped"].append(batch_size)
+                continue
+            alone = pipeline_throughput(images, labels, batch_size=batch_size,
+                                        batches=max(1, pipeline_batches * 128 // batch_size), repeats=1,
+                                        settings=("none", augment))
+            keras.utils.set_random_seed(seed)
+            model = compile_model(build_model(model_name), learning_rate=1e-4)
+            steps = -(-len(train_idx) // batch_size)
+            ds = make_dataset(images, labels, train_idx, batch_size=batch_size, augment=augment, seed=seed,
+                              repeat=True, steps_per_epoch=steps)
+            timer = _epoch_timer()
+            with _GpuSampler() as sampler:
+                model.fit(ds, epochs=epochs, steps_per_epoch=steps, verbose=0, callbacks=[timer], shuffle=False)
+            # The first epoch includes tracing and compiling; the last one is the steady rate.
+            rates = [len(train_idx) / t for t in timer.seconds]
+            feed = alone[augment]["patches_per_s"]
+            run = {"batch_size": batch_size, "mixed_precision": uses_mixed_precision(model),
+                   "epoch_seconds": timer.seconds, "train_patches_per_s": rates,
+                   "pipeline_alone_patches_per_s": {k: v["patches_per_s"] for k, v in alone.items()},
+                   **sampler.summary(), "pipeline_bound": rates[-1] >= 0.8 * feed}
+            report["runs"].append(run)
+            print(f"[gpu-check] batch {batch_size}: {rates[-1]:.0f} patches/s training, pipeline alone "
+                  f"{feed:.0f} ({augment}), GPU utilisation {run['gpu_util_mean']}", file=sys.stderr, flush=True)
+    finally:
+        array.unlink(missing_ok=True)
+    report["markdown"] = gpu_check_markdown(report)
+    return report
+
+
+def _epoch_timer():
+    """A Keras callback that records each epoch's wall seconds in ``.seconds``."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seconds: list[float] = []
+            self._start = 0.0
+
+        def on_epoch_begin(self, epoch, logs=None) -> None:
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None) -> None:
+            self.seconds.append(time.perf_counter() - self._start)
+
+    return EpochTimer()
+
+
+def gpu_check_markdown(report: dict[str, Any]) -> str:
+    """The accelerator check as a Markdown table."""
+    m = report["machine"]
+    names = ", ".join(str(d.get("device_name", "GPU")) + f" (compute capability {d.get('compute_capability')})"
+                      for d in report["gpu_details"]) or "no GPU (CPU only)"
+    lines = ["## Accelerator check", "",
+             f"Device: {names}; CPU {m['cpu_model']}, {m['cpus_usable']} usable CPUs; TensorFlow {m['tensorflow']}. "
+             f"{report['model']} on a synthetic set of {report['patches']:,} patches, {report['epochs']} epoch(s) over "
+             f"the {report['train_patches']:,} training patches, augmentation '{report['augment']}' in the input "
+             "pipeline.", "",
+             "| batch | mixed precision | training patches/s (last epoch) | each epoch (s) | pipeline alone, "
+             "no augmentation / augmented (patches/s) | GPU utilisation (mean %) | pipeline-bound |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        alone = r["pipeline_alone_patches_per_s"]
+        util = "–" if r["gpu_util_mean"] is None else f"{r['gpu_util_mean']:.0f}"
+        lines.append(f"| {r['batch_size']} | {'yes' if r['mixed_precision'] else 'no'} | "
+                     f"{r['train_patches_per_s'][-1]:.0f} | {', '.join(f'{t:.1f}' for t in r['epoch_seconds'])} | "
+                     f"{alone['none']:.0f} / {alone[report['augment']]:.0f} | {util} | "
+                     f"{'yes' if r['pipeline_bound'] else 'no'} |")
+    if report["skipped"]:
+        lines += ["", f"Skipped for time: batch {', '.join(map(str, report['skipped']))}."]
+    return "\n".join(lines + [""])
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Report
 
 
@@ -427,6 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         data_dir, cache_dir, model_name, steps = argv[1:5]
         print(json.dumps(_memory_child(data_dir, cache_dir, model_name, int(steps))))
         return 0
+    if argv[:1] == ["--gpu-check"]:
+        return _gpu_check_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m idc_helpers.bench speed", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=None, help="dataset folder (default: resolved as for `train`)")
     parser.add_argument("--model", default="idc_net", help="model for (a) and (b)")
@@ -457,6 +614,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out)
         write_text(out, report["markdown"])
         write_json(out.with_suffix(".json"), report)
+    return 0
+
+
+def _gpu_check_main(argv: Sequence[str]) -> int:
+    """``python -m idc_helpers.bench speed --gpu-check --out DIR [...]`` (run by tools/gpu_check.sh)."""
+    parser = argparse.ArgumentParser(prog="python -m idc_helpers.bench speed --gpu-check",
+                                     description="training speed on the accelerator, pipeline-bound or not")
+    parser.add_argument("--out", required=True, help="folder for gpu_check.md and gpu_check.json")
+    parser.add_argument("--patches", type=int, default=FULL_DATASET_PATCHES, help="size of the synthetic set")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, action="append", default=None,
+                        help="repeatable; default 128 and 512")
+    parser.add_argument("--model", default="idc_net")
+    parser.add_argument("--augment", default="mild", help="augmentation in the input pipeline")
+    parser.add_argument("--pipeline-batches", type=int, default=300)
+    parser.add_argument("--work-dir", default=None,
+                        help="folder for the temporary synthetic array (default: the system's temporary folder)")
+    args = parser.parse_args(argv)
+    from idc_helpers.atomic import write_json, write_text
+
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory(prefix="idc_gpu_check_", dir=args.work_dir) as work:
+        report = gpu_check(work, patches=args.patches, epochs=args.epochs, batch_sizes=args.batch_size or (128, 512),
+                           model_name=args.model, augment=args.augment, pipeline_batches=args.pipeline_batches)
+    print(report["markdown"])
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "gpu_check.md", report["markdown"])
+    write_json(out / "gpu_check.json", report)
     return 0
 
 
