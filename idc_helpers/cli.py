@@ -214,6 +214,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="dataset folder in the Kaggle layout; repeat it for several folders")
     p.add_argument("--out", required=True, help="predictions CSV to write")
     p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations of each patch")
+    p.add_argument("--context", action="store_true",
+                   help="add prob_idc_context and pred_context: probabilities smoothed with each patch's "
+                        "neighbours on the slide, at the context threshold stored in the run (uses the slide, "
+                        "not the patch alone)")
     p.add_argument("--subset", default=None, choices=["train", "val", "test"],
                    help="predict only this subset of the run's patient split")
     p.add_argument("--patients", default=None, metavar="ID,ID", help="comma-separated patient ids to predict")
@@ -247,6 +251,10 @@ def run_predict(args: argparse.Namespace) -> int:
         print(SYNTHETIC_NOTICE, flush=True)
     index = build_index(args.data_dir)
     run = load_run(run_dir)
+    params = run.metrics.get("context") or {"unavailable": "its metrics hold none (a bare .keras file or an older run)"}
+    if args.context and "unavailable" in params:
+        raise UserError(f"predict --context: the run {run_dir} has no slide-context parameters: "
+                        f"{params['unavailable']}")
     frame = prediction.select_patients(index.frame, run=run, subset=args.subset,
                                        patients=args.patients.split(",") if args.patients else None)
     with warnings.catch_warnings(record=True) as caught:
@@ -254,6 +262,10 @@ def run_predict(args: argparse.Namespace) -> int:
         table = prediction.predict_frame(run, frame, tta=args.tta, cache_dir=args.cache_dir)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
+    if args.context:
+        from idc_helpers.context import apply_context
+
+        table = apply_context(table, params)
     prediction.write_predictions(table, out, overwrite=args.overwrite)
     print(f"Wrote {len(table):,} predictions ({table['patient_id'].nunique()} patients, "
           f"{int(table['pred'].sum()):,} predicted IDC at threshold {run.threshold:.3f}) to {out}")

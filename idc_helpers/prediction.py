@@ -11,6 +11,10 @@ prob_idc    float   the model's IDC probability in [0, 1]
 pred        int     ``prob_idc >= threshold`` (the run's threshold, chosen on validation patients)
 =========== ======= ================================================================
 
+``predict --context`` adds :data:`CONTEXT_COLUMNS`: ``prob_idc_context`` (the probability smoothed with the
+patch's neighbours on the slide, :mod:`idc_helpers.context`) and ``pred_context`` (at the context threshold
+chosen on whole-slide validation patients). Figures from them use the slide, not the patch alone.
+
 ``python -m idc_helpers predict --run RUN_DIR --data-dir DIR --out preds.csv`` writes it for every patch of a
 folder in the Kaggle layout (patients the model never saw, or a subset of the run's split with ``--subset``).
 """
@@ -47,7 +51,10 @@ class PredictionsFileError(UserError, FileNotFoundError):
 
 
 PREDICTION_COLUMNS = ["path", "patient_id", "x", "y", "label", "prob_idc", "pred"]
+CONTEXT_COLUMNS = ["prob_idc_context", "pred_context"]
 _INT_COLUMNS = ("x", "y", "label", "pred")
+_DTYPES = {"path": str, "patient_id": str, "x": np.int32, "y": np.int32, "label": np.int8, "prob_idc": np.float64,
+           "pred": np.int8, "prob_idc_context": np.float64, "pred_context": np.int8}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -100,7 +107,8 @@ def validate_predictions(df: pd.DataFrame, source: str = "predictions table") ->
     """Check a predictions table and return it; raise :class:`PredictionsError` naming ``source`` and what is wrong.
 
     Checks: the columns of :data:`PREDICTION_COLUMNS`; ``path`` and ``patient_id`` text; ``x, y, label, pred``
-    integers; ``prob_idc`` float in [0, 1] without NaN; ``label`` and ``pred`` in {0, 1}; one row per path.
+    integers; ``prob_idc`` float in [0, 1] without NaN; ``label`` and ``pred`` in {0, 1}; one row per path; and
+    the same for :data:`CONTEXT_COLUMNS` where the table has them.
     """
     missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
     if missing:
@@ -110,16 +118,20 @@ def validate_predictions(df: pd.DataFrame, source: str = "predictions table") ->
         if not (pd.api.types.is_string_dtype(df[col]) or pd.api.types.is_object_dtype(df[col])) or \
                 not df[col].map(lambda v: isinstance(v, str)).all():
             problems.append(f"column {col!r} must hold text (dtype {df[col].dtype})")
-    for col in _INT_COLUMNS:
+    context = [c for c in CONTEXT_COLUMNS if c in df.columns]
+    if len(context) == 1:
+        problems.append(f"columns {CONTEXT_COLUMNS} come together; the table has only {context[0]!r}")
+    for col in (*_INT_COLUMNS, *context[1:]):
         if not pd.api.types.is_integer_dtype(df[col]):
             problems.append(f"column {col!r} must be integer (dtype {df[col].dtype})")
-    prob = df["prob_idc"]
-    if not pd.api.types.is_float_dtype(prob):
-        problems.append(f"column 'prob_idc' must be float (dtype {prob.dtype})")
-    elif prob.isna().any() or ((prob < 0) | (prob > 1)).any():
-        bad = df.loc[prob.isna() | (prob < 0) | (prob > 1), "path"].head(3).tolist()
-        problems.append(f"'prob_idc' must be in [0, 1] without NaN (e.g. rows {bad})")
-    for col in ("label", "pred"):
+    for col in ("prob_idc", *context[:1]):
+        prob = df[col]
+        if not pd.api.types.is_float_dtype(prob):
+            problems.append(f"column {col!r} must be float (dtype {prob.dtype})")
+        elif prob.isna().any() or ((prob < 0) | (prob > 1)).any():
+            bad = df.loc[prob.isna() | (prob < 0) | (prob > 1), "path"].head(3).tolist()
+            problems.append(f"{col!r} must be in [0, 1] without NaN (e.g. rows {bad})")
+    for col in ("label", "pred", *context[1:]):
         if pd.api.types.is_integer_dtype(df[col]) and not df[col].isin([0, 1]).all():
             problems.append(f"column {col!r} must be 0 or 1")
     duplicated = df["path"][df["path"].duplicated()]
@@ -138,7 +150,7 @@ def write_predictions(df: pd.DataFrame, path: str | os.PathLike[str], *, overwri
     validate_predictions(df)
     with atomic_path(path) as tmp:
         # Full precision (shortest repr): `prob_idc >= threshold` must give the same `pred` after reading back.
-        df[PREDICTION_COLUMNS].to_csv(tmp, index=False)
+        df[PREDICTION_COLUMNS + [c for c in CONTEXT_COLUMNS if c in df.columns]].to_csv(tmp, index=False)
     return path
 
 
@@ -147,8 +159,10 @@ def read_predictions(path: str | os.PathLike[str]) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise PredictionsFileError(f"{path}: no such predictions file; write one with `python -m idc_helpers predict`.")
-    df = pd.read_csv(path, dtype={"path": str, "patient_id": str, "x": np.int32, "y": np.int32, "label": np.int8,
-                                  "prob_idc": np.float64, "pred": np.int8})
+    try:
+        df = pd.read_csv(path, dtype=_DTYPES)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
+        raise PredictionsError(f"{path}: not a predictions table written by `predict` ({exc})") from None
     return validate_predictions(df, source=str(path))
 
 

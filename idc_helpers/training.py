@@ -13,6 +13,8 @@ four named steps:
    ``train --resume RUN_DIR``) to the same result;
 3. :func:`choose_threshold`: the decision threshold that maximises the IDC F1 on the validation patients (the
    Youden threshold, which maximises balanced accuracy, is stored beside it), and the validation metrics at it;
+   :func:`choose_context`: the slide-context smoothing and its own threshold, on the validation patients that
+   have whole slides (:mod:`idc_helpers.context`), stored under ``"context"`` for ``predict --context``;
 4. :func:`idc_helpers.run.write_run_files` and :func:`idc_helpers.run.publish_run`: the run folder appears only
    when complete.
 """
@@ -34,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 import idc_helpers
-from idc_helpers import splits
+from idc_helpers import context, splits
 from idc_helpers.atomic import atomic_path, write_json
 from idc_helpers.datasource import resolve_data_dir
 from idc_helpers.demo_data import SYNTHETIC_NOTICE
@@ -113,6 +115,7 @@ class TrainingData:
     patients: dict[str, list[str]]
     record: dict[str, Any]
     synthetic: bool
+    frame: pd.DataFrame  # the patch index rows of ``images`` (patient_id, x, y, label, ...)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -226,7 +229,8 @@ def prepare_data(
         "idc_patches": {name: int(labels[subset == name].sum()) for name in ("train", "val")},
     }
     return TrainingData(images=loaded.images, labels=labels, train_idx=np.flatnonzero(subset == "train"),
-                        val_idx=val_idx, patients=patients, record=record, synthetic=synthetic)
+                        val_idx=val_idx, patients=patients, record=record, synthetic=synthetic,
+                        frame=loaded.frame)
 
 
 def _check_split(patients: dict[str, list[str]], split: str, frame: pd.DataFrame) -> None:
@@ -427,13 +431,18 @@ def fit(model: keras.Model, data: TrainingData, config: Mapping[str, Any], folde
 # Step 3: threshold
 
 
-def choose_threshold(model: keras.Model, data: TrainingData) -> dict[str, Any]:
-    """The threshold chosen on the validation patients' patches (:data:`THRESHOLD_RULE`), and the validation
-    metrics at it; test patients play no part."""
+def validation_probs(model: keras.Model, data: TrainingData) -> np.ndarray:
+    """The model's IDC probabilities of the validation patches, ``(len(data.val_idx),)`` float32."""
+    return predict_probs(model, data.images, indices=data.val_idx, batch_size=512)
+
+
+def choose_threshold(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
+    """The threshold chosen on the validation patients' patches (:data:`THRESHOLD_RULE`) from their
+    probabilities ``probs`` (aligned with ``data.val_idx``), and the validation metrics at it; test patients play
+    no part."""
     from sklearn import metrics as skm
 
     y = data.labels[data.val_idx]
-    probs = predict_probs(model, data.images, indices=data.val_idx, batch_size=512)
     threshold = pick_threshold(y, probs, THRESHOLD_RULE)
     pred = (probs >= threshold).astype(np.int64)
     tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
@@ -454,6 +463,20 @@ def choose_threshold(model: keras.Model, data: TrainingData) -> dict[str, Any]:
             "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
         },
     }
+
+
+def choose_context(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
+    """Slide-context parameters (smoothing width and their own threshold) chosen on the validation patients with
+    whole slides, as :func:`idc_helpers.context.fit_context` returns them; ``{"unavailable": reason}`` when the
+    validation patients hold no whole slide (sparse samples, or ``max_patches`` thinned the slides)."""
+    rows = data.frame.iloc[data.val_idx]
+    table = pd.DataFrame({"patient_id": rows["patient_id"].astype(str).to_numpy(), "x": rows["x"].to_numpy(),
+                          "y": rows["y"].to_numpy(), "label": data.labels[data.val_idx],
+                          "prob_idc": probs.astype(np.float64)})
+    try:
+        return context.fit_context(table)
+    except context.ContextError as exc:
+        return {"unavailable": str(exc)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -481,11 +504,9 @@ def _resolve_verbose(verbose: int | str) -> int:
 
 def _run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
     """``config.json``: the arguments (all a resume needs), the data and split, and the software."""
-    from idc_helpers.models import DEFAULT_LEARNING_RATE, DEFAULT_MODEL, MODEL_NAMES
+    from idc_helpers.models import DEFAULT_LEARNING_RATE
 
-    model_name = args["model_name"] or DEFAULT_MODEL
-    if model_name not in MODEL_NAMES:
-        raise UnknownModelError(f"unknown model {model_name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    model_name = _model_name(args["model_name"])
     batch_size = int(args["batch_size"] or DEFAULT_BATCH_SIZE)
     steps = args["steps_per_epoch"]
     if steps is not None and int(steps) < 1:
@@ -518,6 +539,17 @@ def _run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "arguments": {k: v for k, v in args.items() if k not in ("cache_dir", "verbose")},
     }
+
+
+def _model_name(name: str | None) -> str:
+    """The model to build (default :data:`idc_helpers.models.DEFAULT_MODEL`); :class:`UnknownModelError` naming the
+    known ones for a name that is not one of them."""
+    from idc_helpers.models import DEFAULT_MODEL, MODEL_NAMES
+
+    name = name or DEFAULT_MODEL
+    if name not in MODEL_NAMES:
+        raise UnknownModelError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)} (--model NAME)")
+    return name
 
 
 @contextlib.contextmanager
@@ -593,6 +625,7 @@ def train(
     if resume:
         return _resume(data_dir, out_dir, cache_dir=cache_dir, verbose=verbose, say=say)
     out = check_new_run_dir(out_dir)
+    _model_name(model_name)  # a typo is reported before the data is read
     args["test_patients"] = list(test_patients) if test_patients else None
     folders = list(data_dir) if isinstance(data_dir, (list, tuple)) else [data_dir]
     args["data_dirs"] = [None if d is None else str(d) for d in folders]
@@ -648,7 +681,8 @@ def _train_in(partial: Path, out: Path, config: dict[str, Any], data: TrainingDa
             if not (partial / CHECKPOINT_STATE_FILE).is_file():
                 discard_partial(partial)
             raise
-        metrics = choose_threshold(model, data)
+        probs = validation_probs(model, data)
+        metrics = {**choose_threshold(data, probs), "context": choose_context(data, probs)}
         metrics.update({"synthetic": data.synthetic, "best_epoch": state.best_epoch,
                         "epochs_run": state.epochs_done, "monitor": MONITOR,
                         "train_seconds": round(state.seconds, 1),

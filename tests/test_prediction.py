@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -139,3 +141,31 @@ def test_real_sample_better_than_chance(real_sample_dir, tmp_path, tmp_cache):
     test = frame[frame["patient_id"].isin(run.split["test"])]
     preds = predict_frame(run.run_dir, test)
     assert roc_auc_score(preds["label"], preds["prob_idc"]) > 0.75
+
+
+def test_predict_context_adds_the_slide_columns(tmp_path, tmp_cache, capsys):
+    from idc_helpers.demo_data import write_demo_dataset
+    from idc_helpers.training import train
+
+    data = write_demo_dataset(tmp_path / "demo", n_patients=6, seed=0, grid=(8, 6))
+    result = train(data, tmp_path / "run", model_name="seed_cnn", epochs=1, batch_size=32, verbose=0)
+    params = result.metrics["context"]
+    assert "unavailable" not in params and params["patients"] == result.split["val"]  # whole-slide validation
+    out = tmp_path / "ctx.csv"
+    assert main(["predict", "--run", str(result.run_dir), "--data-dir", str(data), "--out", str(out),
+                 "--subset", "test", "--context"]) == 0
+    table = read_predictions(out)
+    assert {"prob_idc_context", "pred_context"} <= set(table.columns)
+    assert ((table["prob_idc_context"] >= params["threshold"]).astype(int) == table["pred_context"]).all()
+    assert set(table["patient_id"]) == set(result.split["test"])
+
+    # A run without context parameters says why, in one line.
+    metrics_path = result.run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    metrics["context"] = {"unavailable": "none of the validation patients has a whole slide"}
+    metrics_path.write_text(json.dumps(metrics))
+    capsys.readouterr()
+    assert main(["predict", "--run", str(result.run_dir), "--data-dir", str(data), "--out", str(tmp_path / "x.csv"),
+                 "--context"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: predict --context") and "whole slide" in err and len(err.strip().splitlines()) == 1

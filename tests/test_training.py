@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +183,136 @@ def test_selection_breaks_auc_ties_with_the_validation_loss():
     # A real AUC difference outweighs the loss.
     worse = training._validation_scores(labels, np.array([0.01, 0.98, 0.02, 0.99]))
     assert worse["val_selection"] < timid["val_selection"]
+
+
+def test_saved_weights_are_the_best_epochs(demo_dir, cache_dir, tmp_path):
+    result = train(demo_dir, tmp_path / "run", cache_dir=cache_dir, **{**QUICK, "epochs": 4}, patience=10)
+    history, metrics = result.history, result.metrics
+    assert metrics["epochs_run"] == 4 == len(history["epoch"])
+    best = int(np.argmax(history["val_selection"])) + 1
+    assert metrics["best_epoch"] == best
+    # This run peaks before its last epoch, so the saved model must be an earlier epoch's, not the last one.
+    assert best < metrics["epochs_run"]
+    run = load_run(result.run_dir)
+    data = training.prepare_data([demo_dir], seed=0, cache_dir=cache_dir, say=lambda *a: None)
+    scores = training._validation_scores(data.labels[data.val_idx], training.validation_probs(run.model, data))
+    assert scores["val_loss"] == pytest.approx(history["val_loss"][best - 1], abs=1e-5)
+    assert scores["val_loss"] != pytest.approx(history["val_loss"][-1], abs=1e-4)
+
+
+def test_training_never_decodes_a_test_patients_file(demo_dir, tmp_path, monkeypatch):
+    read: list[str] = []
+    real_read = loader._read_file
+
+    def spy(path, *args, **kwargs):  # records, then reads the file as the loader always does
+        read.append(str(path))
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "_read_file", spy)
+    result = train(demo_dir, tmp_path / "run", cache_dir=tmp_path / "fresh-cache", **QUICK)
+    split = result.split
+    read_patients = {Path(p).parent.parent.name for p in read}
+    assert read_patients == set(split["train"]) | set(split["val"])  # everything else was decoded...
+    assert not read_patients & set(split["test"])  # ... and never a test patient's file
+    assert len(read) == sum(result.config["data"]["patches"].values())
+
+    # The stored threshold is the F1 rule applied to the validation patients' predictions, nothing else.
+    from idc_helpers.patch_index import build_index
+
+    frame = build_index(demo_dir).frame
+    val = frame[frame["patient_id"].isin(split["val"])].reset_index(drop=True)
+    images = loader.load_patches(val, cache_dir=tmp_path / "fresh-cache").images
+    probs = predict_probs(load_run(result.run_dir).model, images)
+    assert result.threshold == pick_threshold(val["label"].to_numpy(), probs, "f1")
+    assert json.loads((result.run_dir / "metrics.json").read_text())["threshold"] == result.threshold
+
+
+def test_published_split_on_unlisted_patients_says_so(demo_dir, cache_dir, tmp_path):
+    with pytest.raises(TrainingDataError, match=r"not in the published janowczyk2016 lists.*--split patients"):
+        train(demo_dir, tmp_path / "run", split="janowczyk2016", cache_dir=cache_dir, **QUICK)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_test_subset_is_refused():
+    frame = _frame({"10304": (20, 5), "9346": (15, 6), "13688": (20, 8), "9381": (10, 4)})  # train and val only
+    split = resolve_split(frame, "janowczyk2016")
+    assert split["test"] == []
+    with pytest.raises(TrainingDataError, match="test subset empty.*--test-patients"):
+        training._check_split(split, "janowczyk2016", frame)
+
+
+def test_several_folders_train_as_one_dataset(tmp_path, cache_dir):
+    from idc_helpers.demo_data import write_demo_dataset
+    from idc_helpers.patch_index import build_index
+
+    first = write_demo_dataset(tmp_path / "a", n_patients=4, seed=0, grid=(8, 6))
+    second = write_demo_dataset(tmp_path / "b", n_patients=6, seed=0, grid=(8, 6))  # 90001-90004 again, + 2 more
+    result = train([first, second], tmp_path / "run", cache_dir=cache_dir, **QUICK)
+    assert result.config["data"]["data_dirs"] == [str(first), str(second)]
+    patients = [p for ids in result.split.values() for p in ids]
+    assert len(patients) == len(set(patients)) == 6  # a patient in both folders is one patient, in one subset
+    assert result.config["data"]["patches_in_folders"] == len(build_index(second).frame)
+
+
+def _train_command(data: Path, cache: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "idc_helpers", "train", "--data-dir", str(data), "--cache-dir", str(cache),
+            "--model", "seed_cnn", "--epochs", "3", "--batch-size", "16", "--seed", "0", *args]
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    whole = tmp_path / "whole"
+    subprocess.run(_train_command(demo_dir, cache_dir, "--out", str(whole)), env=env, check=True,
+                   capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    state = partial_dir(killed) / "checkpoint.json"
+    proc = subprocess.Popen(_train_command(demo_dir, cache_dir, "--out", str(killed)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not (state.is_file() and json.loads(state.read_text())["epochs_done"] >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, "training ended before its first checkpoint"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)  # in epoch 2 of 3
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not killed.exists() and json.loads(state.read_text())["epochs_done"] == 1
+    done = subprocess.run([sys.executable, "-m", "idc_helpers", "train", "--resume", str(killed), "--cache-dir",
+                           str(cache_dir)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Resuming" in done.stdout and "after epoch 1 of 3" in done.stdout
+    assert not partial_dir(killed).exists()
+
+    a, b = (json.loads((run / "metrics.json").read_text()) for run in (whole, killed))
+    assert (a["epochs_run"], a["best_epoch"]) == (b["epochs_run"], b["best_epoch"]) and a["epochs_run"] == 3
+    assert b["threshold"] == pytest.approx(a["threshold"], abs=1e-4)
+    for key in ("roc_auc", "pr_auc", "f1", "balanced_accuracy"):
+        assert b["validation"][key] == pytest.approx(a["validation"][key], abs=1e-4), key
+    ha, hb = (json.loads((run / "history.json").read_text()) for run in (whole, killed))
+    for key in ("loss", "val_loss", "val_auc", "lr"):
+        np.testing.assert_allclose(hb[key], ha[key], atol=1e-4, err_msg=key)
+    # A finished run stays refused.
+    again = subprocess.run([sys.executable, "-m", "idc_helpers", "train", "--resume", str(killed)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "finished run" in again.stderr
+
+
+def test_cli_mistakes_get_one_error_line_and_exit_2(demo_dir, tmp_path, capsys):
+    from idc_helpers.cli import main
+
+    def one_line_error(argv: list[str]) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+        return err
+
+    err = one_line_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"), "--model", "idcnet"])
+    assert "'idcnet'" in err and "seed_cnn" in err and "idc_net" in err
+    err = one_line_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"),
+                          "--split", "janowczyk2016"])
+    assert "not in the published janowczyk2016 lists" in err
+    assert "exactly one of --out" in one_line_error(["train", "--data-dir", str(demo_dir)])
+    assert "No interrupted run" in one_line_error(["train", "--resume", str(tmp_path / "never")])
+    assert list(tmp_path.iterdir()) == []
