@@ -43,11 +43,13 @@ from keras import layers
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.errors import UserError
+from idc_helpers.pipeline import augment_batch, augment_setting
 
 N_CLASSES = 2
 LOGITS_LAYER = "logits"
 PROBS_LAYER = "probs"
 INPUT_LAYER = "patch"
+AUGMENT_LAYER = "augment"
 DEFAULT_MODEL = "idc_net"
 DEFAULT_LEARNING_RATE = {"seed_cnn": 1e-3, "idc_net": 2e-3}
 # Values of IDC_MIXED_PRECISION / ``mixed_precision=`` and the Keras dtype policy each one means.
@@ -97,10 +99,49 @@ def _gpu_compute_capability() -> tuple[int, int]:
     return min(found) if found else (0, 0)
 
 
-def _inputs(policy: str) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+@keras.saving.register_keras_serializable(package="idc_helpers")
+class TrainingAugmentation(layers.Layer):
+    """Augmentation inside the model, on the model's device: the identity at inference; while training,
+    :func:`idc_helpers.pipeline.augment_batch` of each batch, seeded by ``(seed, batches augmented so far)``.
+
+    The count is a (non-trainable) model variable, so a checkpoint of the model carries it and a resumed run
+    continues the same sequence of augmentations. On a GPU this takes the augmentation's arithmetic off the CPU,
+    whose input pipeline then only gathers pixels (see ``python -m idc_helpers.bench speed``).
+    """
+
+    def __init__(self, strength: str = "mild", seed: int = 0, **kwargs: Any) -> None:
+        kwargs.setdefault("dtype", "float32")  # pixel arithmetic in float32 under any mixed-precision policy
+        super().__init__(**kwargs)
+        self.strength = augment_setting(strength)
+        if self.strength == "none":
+            raise UserError("TrainingAugmentation needs a strength other than 'none'")
+        self.seed = int(seed)
+        self.batches_seen = self.add_weight(name="batches_seen", shape=(), dtype="int64", initializer="zeros",
+                                            trainable=False)
+
+    def call(self, inputs, training=None):
+        import tensorflow as tf
+
+        if not training:
+            return tf.cast(inputs, self.compute_dtype)
+        step = tf.identity(self.batches_seen)
+        self.batches_seen.assign_add(1)
+        return augment_batch(inputs, tf.stack([tf.constant(self.seed, tf.int64), step]), strength=self.strength)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "strength": self.strength, "seed": self.seed}
+
+
+def _inputs(policy: str, augment: str | None, augment_seed: int) -> tuple[keras.KerasTensor, keras.KerasTensor]:
     # float32 input: uint8 arrays are cast on the way in, so both raw dtypes work.
     inputs = keras.Input(shape=(PATCH_SIZE, PATCH_SIZE, 3), name=INPUT_LAYER)
-    scaled = layers.Rescaling(1.0 / 255.0, name="rescale", dtype=policy)(inputs)
+    x = inputs
+    if augment_setting(augment) != "none":
+        x = TrainingAugmentation(augment, augment_seed, name=AUGMENT_LAYER)(x)
+    scaled = layers.Rescaling(1.0 / 255.0, name="rescale", dtype=policy)(x)
     return inputs, scaled
 
 
@@ -111,13 +152,15 @@ def _head(x: keras.KerasTensor) -> keras.KerasTensor:
     return layers.Activation("softmax", dtype="float32", name=PROBS_LAYER)(logits)
 
 
-def build_seed_cnn(*, policy: str = "float32") -> keras.Model:
+def build_seed_cnn(*, policy: str = "float32", augment: bool | str | None = None,
+                   augment_seed: int = 0) -> keras.Model:
     """The reference CNN: ``(N, 50, 50, 3)`` 0..255 -> ``(N, 2)`` class probabilities; 105,234 parameters.
 
     Output shapes 48, 46, 23, 21, 19, 9, 7, 5, 2 (conv1, conv2, pool1, conv3, conv4, pool2, conv5, conv6, pool3).
     ``policy``: the Keras dtype policy of the layers before the logits (see :func:`precision_policy`).
+    ``augment``: see :func:`build_model`.
     """
-    inputs, x = _inputs(policy)
+    inputs, x = _inputs(policy, augment, augment_seed)
     for block, filters in enumerate((16, 32, 64)):
         for j in range(2):
             x = layers.Conv2D(filters, 3, padding="valid", activation="relu", name=f"conv{2 * block + j + 1}",
@@ -135,6 +178,8 @@ def build_idc_net(
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-3,
     policy: str = "float32",
+    augment: bool | str | None = None,
+    augment_seed: int = 0,
 ) -> keras.Model:
     """Our CPU-sized CNN: ``(N, 50, 50, 3)`` 0..255 -> ``(N, 2)`` class probabilities; 272,482 parameters.
 
@@ -142,10 +187,10 @@ def build_idc_net(
     moving-average momentum; the moving statistics remember about ``1 / (1 - bn_momentum)`` batches (10 at 0.9,
     Keras' 0.99 needs some hundred steps to settle, more than a short run has). ``bn_epsilon``: added to the batch
     variance. ``policy``: the Keras dtype policy of the layers before the logits (see :func:`precision_policy`).
-    Stages: conv1 32 @50x50 -> pool 25 -> conv2, conv3 48 @25 -> pool 12 -> conv4, conv5 96 @12 -> pool 6 -> conv6
+    ``augment``: see :func:`build_model`. Stages: conv1 32 @50x50 -> pool 25 -> conv2, conv3 48 @25 -> pool 12 -> conv4, conv5 96 @12 -> pool 6 -> conv6
     128 @6 -> global average pool.
     """
-    inputs, x = _inputs(policy)
+    inputs, x = _inputs(policy, augment, augment_seed)
     plan = [(32, True), (48, False), (48, True), (96, False), (96, True), (128, False)]
     for i, (filters, pool_after) in enumerate(plan, start=1):
         # No conv bias: batch norm's beta does that job.
@@ -165,8 +210,11 @@ MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 def build_model(name: str = DEFAULT_MODEL, *, mixed_precision: bool | str | None = None, **kwargs: Any) -> keras.Model:
     """Build the named model (uncompiled). ``mixed_precision``: see :func:`precision_policy` (default: automatic,
-    ``IDC_MIXED_PRECISION`` first). ``kwargs`` go to its builder (``idc_net``: ``width``, ``dropout``,
-    ``bn_momentum``, ``bn_epsilon``). A name not in :data:`MODEL_NAMES` raises :class:`UnknownModelError`."""
+    ``IDC_MIXED_PRECISION`` first). ``kwargs`` go to its builder: both take ``augment`` (a strength of
+    :func:`idc_helpers.pipeline.augment_setting`: a :class:`TrainingAugmentation` layer after the input, which
+    augments while training and is the identity otherwise; default none) and ``augment_seed``; ``idc_net`` also
+    ``width``, ``dropout``, ``bn_momentum``, ``bn_epsilon``. A name not in :data:`MODEL_NAMES` raises
+    :class:`UnknownModelError`."""
     try:
         builder = _BUILDERS[name]
     except (KeyError, TypeError):

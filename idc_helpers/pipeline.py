@@ -108,6 +108,7 @@ def make_dataset(
     drop_remainder: bool = False,
     initial_epoch: int = 0,
     steps_per_epoch: int | None = None,
+    dtype: str = "float32",
 ) -> tf.data.Dataset:
     """Batches ``(float32 (B, 50, 50, 3) in [0, 255], int32 (B,))`` of ``images[indices]`` and their labels.
 
@@ -119,7 +120,9 @@ def make_dataset(
     ``augment`` (``True``/``"mild"``, ``"light"``, ``"strong"``, ``"geometry"``; see :data:`AUGMENT_STRENGTHS`)
     applies :func:`augment_batch` seeded by ``(seed, e * batches_per_epoch + b)`` to batch ``b``.
     ``steps_per_epoch``: use only the first that many batches of each epoch's order (a subsample that differs from
-    epoch to epoch); default the whole pass.
+    epoch to epoch); default the whole pass. ``dtype="uint8"`` (without ``augment``) delivers the raw pixels, a
+    quarter of the bytes to copy to a GPU, e.g. for a model that augments on the device
+    (:class:`idc_helpers.models.TrainingAugmentation`).
 
     ``repeat=True``: one endless stream, epoch ``initial_epoch``, then the next, ...: give Keras the same
     ``steps_per_epoch`` and ``initial_epoch``. This is the form to train with, since resuming depends on nothing
@@ -137,6 +140,9 @@ def make_dataset(
         raise PipelineArgumentError(f"initial_epoch must be >= 0, got {initial_epoch}")
     if int(seed) < 0:
         raise PipelineArgumentError(f"seed must be >= 0, got {seed}")
+    if dtype not in ("float32", "uint8") or (dtype == "uint8" and setting != "none"):
+        raise PipelineArgumentError(f"dtype must be 'float32', or 'uint8' without augmentation; got {dtype!r} "
+                                    f"with augment={augment!r}")
     n_batches = _n_batches(len(positions), batch_size, drop_remainder)
     steps = n_batches if steps_per_epoch is None else int(steps_per_epoch)
     if not 1 <= steps <= n_batches:
@@ -176,7 +182,10 @@ def make_dataset(
         x.set_shape([static_batch, PATCH_SIZE, PATCH_SIZE, 3])
         y.set_shape([static_batch])
         # augment_batch moves the uint8 pixels before converting them (a quarter of the bytes of float32).
-        x = tf.cast(x, tf.float32) if setting == "none" else augment_batch(x, batch_seed, strength=setting)
+        if setting != "none":
+            x = augment_batch(x, batch_seed, strength=setting)
+        elif dtype == "float32":
+            x = tf.cast(x, tf.float32)
         return x, y
 
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)

@@ -102,7 +102,7 @@ def test_speed_measurements_run_and_print_a_table(demo_dir, tmp_path):
     loaded = load_patches(frame, cache_dir=tmp_path / "cache")
     training = speed.training_throughput(loaded.images, loaded.labels, model_name="seed_cnn", batch_size=16,
                                          steps=2, repeats=1, in_memory_patches=64)
-    assert len(training) == 4 and all(v["patches_per_s"] > 0 for v in training.values())
+    assert len(training) == 5 and all(v["patches_per_s"] > 0 for v in training.values())
     prediction = speed.prediction_throughput(loaded.images, model_name="seed_cnn", patches=64, repeats=1)
     assert set(prediction) == {"no TTA", "with TTA (8 views)"}
 
@@ -147,12 +147,15 @@ def test_gpu_check_runs_on_a_cpu_with_tiny_settings(tmp_path):
     report = speed.gpu_check(tmp_path / "work", patches=200, epochs=2, batch_sizes=(32, 64), model_name="seed_cnn",
                              pipeline_batches=2, time_budget_s=1e9)
     assert not (tmp_path / "work" / "synthetic_patches.npy").exists()  # the 2 GB stand-in is deleted
-    assert [r["batch_size"] for r in report["runs"]] == [32, 64] and report["train_patches"] == 140
+    assert [(r["batch_size"], r["augmentation_in"]) for r in report["runs"]] == [
+        (32, "pipeline"), (32, "model"), (64, "pipeline"), (64, "model")]
+    assert report["train_patches"] == 140
     for run in report["runs"]:
         assert len(run["epoch_seconds"]) == 2 and all(r > 0 for r in run["train_patches_per_s"])
         assert set(run["pipeline_alone_patches_per_s"]) == {"none", "mild"}
         assert isinstance(run["pipeline_bound"], bool)
     assert "| 32 |" in report["markdown"] and "pipeline-bound" in report["markdown"]
     skipped = speed.gpu_check(tmp_path / "work", patches=200, epochs=1, batch_sizes=(32,), model_name="seed_cnn",
-                              pipeline_batches=1, time_budget_s=0)
-    assert skipped["runs"] == [] and skipped["skipped"] == [32] and "Skipped for time" in skipped["markdown"]
+                              pipeline_batches=1, time_budget_s=0, placements=("model",))
+    assert skipped["runs"] == [] and skipped["skipped"] == ["batch 32, augmentation in the model"]
+    assert "Skipped for time" in skipped["markdown"]

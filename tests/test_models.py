@@ -163,3 +163,28 @@ def test_recompute_batch_norm_sets_the_average_of_the_batch_statistics():
     assert model.get_layer("bn1").momentum == 0.9  # restored
     assert np.array_equal(np.asarray(model.get_layer("conv1").kernel), kernel)  # no weight changed
     assert recompute_batch_norm(build_model("seed_cnn"), batches) == 0
+
+
+# --- augmentation inside the model ----------------------------------------------------------------------------------
+
+
+def test_training_augmentation_layer_is_seeded_by_its_batch_count(tmp_path):
+    from idc_helpers.pipeline import augment_batch
+
+    model = compile_model(build_model("seed_cnn", augment="strong", augment_seed=3))
+    layer = model.get_layer("augment")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(8, 50, 50, 3)).astype(np.float32)
+    assert np.array_equal(np.asarray(layer(x, training=False)), x)  # identity at inference: no count
+    first, second = np.asarray(layer(x, training=True)), np.asarray(layer(x, training=True))
+    assert np.array_equal(first, np.asarray(augment_batch(x, [3, 0], strength="strong")))
+    assert np.array_equal(second, np.asarray(augment_batch(x, [3, 1], strength="strong")))
+    model.fit(x.astype(np.uint8), np.zeros(8, np.int32), batch_size=4, epochs=1, verbose=0, shuffle=False)
+    assert int(layer.batches_seen.numpy()) == 4  # 2 calls above + 2 training steps
+    # A saved model (a checkpoint) carries the count; prediction does not augment.
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert int(loaded.get_layer("augment").batches_seen.numpy()) == 4
+    assert loaded.get_layer("augment").strength == "strong"
+    np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), rtol=1e-6)
+    assert "augment" not in [layer.name for layer in build_model("seed_cnn").layers]

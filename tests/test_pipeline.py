@@ -263,3 +263,10 @@ def test_strong_augmentation_varies_more_than_light():
     change = {name: np.abs(pipeline.augment_batch(images, seed=[4, 4], strength=name).numpy() - geometry).mean()
               for name in ("light", "strong")}
     assert change["strong"] > 2 * change["light"] > 0
+
+
+def test_uint8_output_for_augmentation_on_the_device():
+    x, _ = next(iter(pipeline.make_dataset(_encoded(), _labels(), batch_size=16, shuffle=False, dtype="uint8")))
+    assert x.dtype == tf.uint8 and np.array_equal(x.numpy(), _encoded()[:16])
+    with pytest.raises(ValueError, match="uint8"):
+        pipeline.make_dataset(_encoded(), _labels(), augment=True, dtype="uint8")

@@ -61,7 +61,9 @@ def training_throughput(
     in_memory_patches: int = 4096,
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """Training patches/s of one model fed four ways, median of ``repeats`` rounds of ``steps`` steps each.
+    """Training patches/s of one model fed four ways, and of the same architecture augmenting inside the model
+    (:class:`~idc_helpers.models.TrainingAugmentation`, fed raw uint8 batches), median of ``repeats`` rounds of
+    ``steps`` steps each.
 
     ``images``: ``(N, 50, 50, 3) uint8`` (the memmapped cache); ``labels``: ``(N,)``. The in-memory variants use
     the first ``in_memory_patches`` rows copied into RAM. Returns ``{variant: {"patches_per_s", "runs"}}``.
@@ -74,6 +76,7 @@ def training_throughput(
 
     keras.utils.set_random_seed(seed)
     model = compile_model(build_model(model_name), learning_rate=1e-4)
+    augmenting = compile_model(build_model(model_name, augment="mild", augment_seed=seed), learning_rate=1e-4)
     labels = np.asarray(labels, dtype=np.int32)
     k = min(in_memory_patches, len(images))
     x_mem, y_mem = np.array(images[:k]), labels[:k].copy()
@@ -93,16 +96,19 @@ def training_throughput(
         "in-memory tensor + augmentation": in_memory(True),
         "pipeline (memmap) + augmentation": make_dataset(images, labels, batch_size=batch_size, shuffle=True,
                                                         augment=True, seed=seed, repeat=True),
+        "pipeline (memmap, uint8) + augmentation in the model": make_dataset(
+            images, labels, batch_size=batch_size, shuffle=True, seed=seed, repeat=True, dtype="uint8"),
     }
-    for ds in variants.values():  # trace the train step and fill each pipeline's buffers before timing
-        model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)
+    model_of = {name: augmenting if name.endswith("in the model") else model for name in variants}
+    for name, ds in variants.items():  # trace the train step and fill each pipeline's buffers before timing
+        model_of[name].fit(ds, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)
     runs: dict[str, list[float]] = {name: [] for name in variants}
     names = list(variants)
     for rep in range(repeats):
         # Rotate the order each round so no variant always follows the same one.
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             start = time.perf_counter()
-            model.fit(variants[name], steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
+            model_of[name].fit(variants[name], steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)
             runs[name].append(steps * batch_size / (time.perf_counter() - start))
     return {name: {"patches_per_s": statistics.median(r), "runs": [round(v, 1) for v in r]}
             for name, r in runs.items()}
@@ -305,18 +311,16 @@ def gpu_check(
     pipeline_batches: int = 300,
     seed: int = 0,
     time_budget_s: float = 200.0,
+    placements: Sequence[str] = ("pipeline", "model"),
 ) -> dict[str, Any]:
     """Training speed on the machine's accelerator: ``model_name`` for ``epochs`` epochs over the training share of a
     full-size synthetic set (``patches`` patches, 70% trained on), per batch size, with GPU utilisation sampled
     from ``nvidia-smi``, beside the input pipeline's own rate with the same augmentation. A run counts as
     pipeline-bound when training reaches 80% of what the pipeline alone delivers. A batch size is skipped (listed in
-    ``"skipped"``) once ``time_budget_s`` seconds have passed. ``work_dir`` holds the temporary array (2.1 GB at full
-    size), deleted afterwards."""
-    import keras
+    ``"skipped"``) once ``time_budget_s`` seconds have passed, and so is each later run. ``work_dir`` holds the temporary array (2.1 GB at full
+    size), deleted afterwards. ``placements``: where the augmentation runs, ``"pipeline"`` (the CPU's tf.data
+    workers) and/or ``"model"`` (:class:`~idc_helpers.models.TrainingAugmentation`, on the accelerator)."""
     import tensorflow as tf
-
-    from idc_helpers.models import build_model, compile_model, uses_mixed_precision
-    from idc_helpers.pipeline import make_dataset
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -333,33 +337,54 @@ def gpu_check(
     try:
         for batch_size in batch_sizes:
             if time.perf_counter() - start > time_budget_s:
-                report["skipped"].append(batch_size)
+                report["skipped"] += [f"batch {batch_size}, augmentation in the {p}" for p in placements]
                 continue
             alone = pipeline_throughput(images, labels, batch_size=batch_size,
                                         batches=max(1, pipeline_batches * 128 // batch_size), repeats=1,
                                         settings=("none", augment))
-            keras.utils.set_random_seed(seed)
-            model = compile_model(build_model(model_name), learning_rate=1e-4)
-            steps = -(-len(train_idx) // batch_size)
-            ds = make_dataset(images, labels, train_idx, batch_size=batch_size, augment=augment, seed=seed,
-                              repeat=True, steps_per_epoch=steps)
-            timer = _epoch_timer()
-            with _GpuSampler() as sampler:
-                model.fit(ds, epochs=epochs, steps_per_epoch=steps, verbose=0, callbacks=[timer], shuffle=False)
-            # The first epoch includes tracing and compiling; the last one is the steady rate.
-            rates = [len(train_idx) / t for t in timer.seconds]
-            feed = alone[augment]["patches_per_s"]
-            run = {"batch_size": batch_size, "mixed_precision": uses_mixed_precision(model),
-                   "epoch_seconds": timer.seconds, "train_patches_per_s": rates,
-                   "pipeline_alone_patches_per_s": {k: v["patches_per_s"] for k, v in alone.items()},
-                   **sampler.summary(), "pipeline_bound": rates[-1] >= 0.8 * feed}
-            report["runs"].append(run)
-            print(f"[gpu-check] batch {batch_size}: {rates[-1]:.0f} patches/s training, pipeline alone "
-                  f"{feed:.0f} ({augment}), GPU utilisation {run['gpu_util_mean']}", file=sys.stderr, flush=True)
+            for placement in placements:
+                if time.perf_counter() - start > time_budget_s:
+                    report["skipped"].append(f"batch {batch_size}, augmentation in the {placement}")
+                    continue
+                run = _timed_fit(images, labels, train_idx, model_name=model_name, augment=augment,
+                                 placement=placement, batch_size=batch_size, epochs=epochs, seed=seed)
+                # The pipeline delivers augmented batches, or raw ones when the model augments.
+                feed = alone[augment if placement == "pipeline" else "none"]["patches_per_s"]
+                run.update({"pipeline_alone_patches_per_s": {k: v["patches_per_s"] for k, v in alone.items()},
+                            "pipeline_bound": run["train_patches_per_s"][-1] >= 0.8 * feed})
+                report["runs"].append(run)
+                print(f"[gpu-check] batch {batch_size}, augmentation in the {placement}: "
+                      f"{run['train_patches_per_s'][-1]:.0f} patches/s training, pipeline alone {feed:.0f}, "
+                      f"GPU utilisation {run['gpu_util_mean']}", file=sys.stderr, flush=True)
     finally:
         array.unlink(missing_ok=True)
     report["markdown"] = gpu_check_markdown(report)
     return report
+
+
+def _timed_fit(images, labels, train_idx, *, model_name: str, augment: str, placement: str, batch_size: int,
+               epochs: int, seed: int) -> dict[str, Any]:
+    """``epochs`` epochs of a fresh model over ``train_idx``, augmenting in the pipeline or in the model; each
+    epoch's seconds and patches/s, GPU utilisation meanwhile."""
+    import keras
+
+    from idc_helpers.models import build_model, compile_model, uses_mixed_precision
+    from idc_helpers.pipeline import make_dataset
+
+    keras.utils.set_random_seed(seed)
+    in_model = placement == "model"
+    model = compile_model(build_model(model_name, augment=augment if in_model else None, augment_seed=seed),
+                          learning_rate=1e-4)
+    steps = -(-len(train_idx) // batch_size)
+    ds = make_dataset(images, labels, train_idx, batch_size=batch_size, augment=False if in_model else augment,
+                      seed=seed, repeat=True, steps_per_epoch=steps, dtype="uint8" if in_model else "float32")
+    timer = _epoch_timer()
+    with _GpuSampler() as sampler:
+        model.fit(ds, epochs=epochs, steps_per_epoch=steps, verbose=0, callbacks=[timer], shuffle=False)
+    # The first epoch includes tracing and compiling; the last one is the steady rate.
+    return {"batch_size": batch_size, "augmentation_in": placement, "mixed_precision": uses_mixed_precision(model),
+            "epoch_seconds": timer.seconds, "train_patches_per_s": [len(train_idx) / t for t in timer.seconds],
+            **sampler.summary()}
 
 
 def _epoch_timer():
@@ -390,19 +415,19 @@ def gpu_check_markdown(report: dict[str, Any]) -> str:
              f"Device: {names}; CPU {m['cpu_model']}, {m['cpus_usable']} usable CPUs; TensorFlow {m['tensorflow']}. "
              f"{report['model']} on a synthetic set of {report['patches']:,} patches, {report['epochs']} epoch(s) over "
              f"the {report['train_patches']:,} training patches, augmentation '{report['augment']}' in the input "
-             "pipeline.", "",
-             "| batch | mixed precision | training patches/s (last epoch) | each epoch (s) | pipeline alone, "
-             "no augmentation / augmented (patches/s) | GPU utilisation (mean %) | pipeline-bound |",
-             "|---|---|---|---|---|---|---|"]
+             "pipeline (CPU) or in the model (the accelerator).", "",
+             "| batch | augmentation in the | mixed precision | training patches/s (last epoch) | each epoch (s) | "
+             "pipeline alone, no augmentation / augmented (patches/s) | GPU utilisation (mean %) | pipeline-bound |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         alone = r["pipeline_alone_patches_per_s"]
         util = "–" if r["gpu_util_mean"] is None else f"{r['gpu_util_mean']:.0f}"
-        lines.append(f"| {r['batch_size']} | {'yes' if r['mixed_precision'] else 'no'} | "
+        lines.append(f"| {r['batch_size']} | {r['augmentation_in']} | {'yes' if r['mixed_precision'] else 'no'} | "
                      f"{r['train_patches_per_s'][-1]:.0f} | {', '.join(f'{t:.1f}' for t in r['epoch_seconds'])} | "
                      f"{alone['none']:.0f} / {alone[report['augment']]:.0f} | {util} | "
                      f"{'yes' if r['pipeline_bound'] else 'no'} |")
     if report["skipped"]:
-        lines += ["", f"Skipped for time: batch {', '.join(map(str, report['skipped']))}."]
+        lines += ["", f"Skipped for time: {'; '.join(report['skipped'])}."]
     return "\n".join(lines + [""])
 
 
@@ -627,7 +652,9 @@ def _gpu_check_main(argv: Sequence[str]) -> int:
     parser.add_argument("--batch-size", type=int, action="append", default=None,
                         help="repeatable; default 128 and 512")
     parser.add_argument("--model", default="idc_net")
-    parser.add_argument("--augment", default="mild", help="augmentation in the input pipeline")
+    parser.add_argument("--augment", default="mild", help="augmentation strength")
+    parser.add_argument("--placement", action="append", choices=("pipeline", "model"), default=None,
+                        help="where the augmentation runs (repeatable; default both)")
     parser.add_argument("--pipeline-batches", type=int, default=300)
     parser.add_argument("--work-dir", default=None,
                         help="folder for the temporary synthetic array (default: the system's temporary folder)")
@@ -637,7 +664,8 @@ def _gpu_check_main(argv: Sequence[str]) -> int:
     out = Path(args.out)
     with tempfile.TemporaryDirectory(prefix="idc_gpu_check_", dir=args.work_dir) as work:
         report = gpu_check(work, patches=args.patches, epochs=args.epochs, batch_sizes=args.batch_size or (128, 512),
-                           model_name=args.model, augment=args.augment, pipeline_batches=args.pipeline_batches)
+                           model_name=args.model, augment=args.augment, pipeline_batches=args.pipeline_batches,
+                           placements=args.placement or ("pipeline", "model"))
     print(report["markdown"])
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "gpu_check.md", report["markdown"])
