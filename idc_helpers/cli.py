@@ -238,7 +238,7 @@ def run_predict(args: argparse.Namespace) -> int:
         run_dir = run_dir or args.model_folder
     if run_dir is None:
         raise UserError("predict needs --run RUN_DIR, a run folder written by `python -m idc_helpers train`.")
-    out = Path(args.out)
+    out = Path(_check_out_file(args.out))
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite to replace it.")
     _enable_onednn()
@@ -266,7 +266,12 @@ def run_predict(args: argparse.Namespace) -> int:
         from idc_helpers.context import apply_context
 
         table = apply_context(table, params)
-    prediction.write_predictions(table, out, overwrite=args.overwrite)
+    try:
+        prediction.write_predictions(table, out, overwrite=args.overwrite)
+    except OSError as exc:  # a full disk, a folder that became read-only meanwhile
+        if isinstance(exc, UserError):
+            raise
+        raise OutputPathError(f"--out {out}: {exc.strerror or exc}") from exc
     print(f"Wrote {len(table):,} predictions ({table['patient_id'].nunique()} patients, "
           f"{int(table['pred'].sum()):,} predicted IDC at threshold {run.threshold:.3f}) to {out}")
     if index.problems:

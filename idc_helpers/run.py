@@ -76,6 +76,12 @@ def partial_dir(run_dir: str | os.PathLike[str]) -> Path:
     return run_dir.parent / f".{run_dir.name}.partial"
 
 
+def has_interrupted_run(run_dir: str | os.PathLike[str]) -> bool:
+    """True when an interrupted run of ``run_dir`` waits in its :func:`partial_dir` (``train --resume`` continues
+    it; it may hold no checkpoint yet, when it was killed during its first epoch)."""
+    return (partial_dir(run_dir) / CONFIG_FILE).is_file()
+
+
 def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
     """Return ``run_dir`` as an absolute path; raise :class:`RunExistsError` when it exists and is not empty, or
     when an interrupted run of it waits in its :func:`partial_dir`."""
@@ -91,6 +97,12 @@ def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
             f"An interrupted run of {out} is in {partial}: resume with "
             f"`python -m idc_helpers train --resume {out}` or delete {partial}."
         )
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent  # the nearest folder that exists: the missing ones are created
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise RunFolderError(f"Cannot create the run folder {out}: {parent} is not a folder you can write to; "
+                             "choose another --out.")
     return out
 
 
@@ -152,7 +164,7 @@ def load_run(run_dir: str | os.PathLike[str], *, compile: bool = False) -> Run:
     if not model_path.is_file():
         partial = partial_dir(path)
         hint = (f"its interrupted run is in {partial}; finish it with `python -m idc_helpers train --resume {path}`"
-                if partial.is_dir() else "write one with `python -m idc_helpers train --out RUN_DIR`")
+                if has_interrupted_run(path) else "write one with `python -m idc_helpers train --out RUN_DIR`")
         raise RunFolderError(f"No trained model at {model_path}: {path} is not a finished run folder; {hint}.")
     config = read_json(path / CONFIG_FILE)
     metrics = read_json(path / METRICS_FILE)

@@ -53,6 +53,7 @@ from idc_helpers.run import (
     check_new_run_dir,
     checkpoint_names,
     discard_partial,
+    has_interrupted_run,
     partial_dir,
     publish_run,
     read_json,
@@ -607,8 +608,8 @@ def train(
         cache_dir: decoded-patch cache (default ``$IDC_CACHE_DIR`` or ``~/.cache/idc_helpers``).
         test_patients: patient ids to hold out as the test subset (the rest is split into train/validation).
         model_kwargs: extra arguments of the model builder.
-        steps_per_epoch: at most this many batches per epoch, drawn from an endless shuffled stream of the
-            training patches (benchmarks and quick checks on a large set); default: one pass over them.
+        steps_per_epoch: at most this many batches per epoch, the first ones of that epoch's shuffled order
+            (benchmarks and quick checks on a large set); default: one pass over the training patches.
         resume: continue the interrupted run of ``out_dir`` (its arguments are read back from the run; of the
             arguments here only ``data_dir``, where the data has moved, ``cache_dir`` and ``verbose`` count).
         verbose: 0 silent, 1 progress bar, 2 one line per epoch, ``"auto"``: 1 on a terminal, else 2.
@@ -646,7 +647,7 @@ def _resume(data_dir, out_dir, *, cache_dir, verbose: int, say) -> TrainResult:
     partial = partial_dir(out)
     if (out / CONFIG_FILE).is_file():
         raise RunExistsError(f"{out} is a finished run; runs are never overwritten. Train a new one with --out.")
-    if not (partial / CONFIG_FILE).is_file():
+    if not has_interrupted_run(out):
         raise RunFolderError(f"No interrupted run of {out} to resume: {partial / CONFIG_FILE} does not exist. "
                              "Start a new run with `python -m idc_helpers train --out RUN_DIR`.")
     config = read_json(partial / CONFIG_FILE)
@@ -679,7 +680,10 @@ def _train_in(partial: Path, out: Path, config: dict[str, Any], data: TrainingDa
             model, state = fit(model, data, config, partial, state, best_weights, verbose=verbose, say=say)
         except BaseException:
             if not (partial / CHECKPOINT_STATE_FILE).is_file():
-                discard_partial(partial)
+                discard_partial(partial)  # nothing to resume from
+            else:
+                print(f"Training stopped; its last end-of-epoch checkpoint is in {partial}: continue with "
+                      f"`python -m idc_helpers train --resume {out}` (or delete that folder).", file=sys.stderr)
             raise
         probs = validation_probs(model, data)
         metrics = {**choose_threshold(data, probs), "context": choose_context(data, probs)}

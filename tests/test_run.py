@@ -48,6 +48,7 @@ def test_load_run_names_what_is_missing(tmp_path):
     with pytest.raises(RunFolderError, match="train --out RUN_DIR"):
         load_run(tmp_path / "nothing")
     partial_dir(tmp_path / "half").mkdir()
+    (partial_dir(tmp_path / "half") / CONFIG_FILE).write_text("{}")
     with pytest.raises(RunFolderError, match=r"interrupted run .*--resume"):
         load_run(tmp_path / "half")
     broken = tmp_path / "broken"
@@ -82,3 +83,10 @@ def test_publish_never_replaces_a_run_that_appeared_meanwhile(tmp_path):
         publish_run(partial, tmp_path / "r")
     assert json.loads((tmp_path / "r" / CONFIG_FILE).read_text()) == {"theirs": True}
     assert json.loads((partial / CONFIG_FILE).read_text()) == {"mine": True}
+
+
+
+def test_a_run_dir_that_cannot_be_created_is_refused_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(RunFolderError, match="not a folder you can write to"):
+        check_new_run_dir(tmp_path / "a-file" / "runs" / "r")

@@ -316,3 +316,16 @@ def test_cli_mistakes_get_one_error_line_and_exit_2(demo_dir, tmp_path, capsys):
     assert "exactly one of --out" in one_line_error(["train", "--data-dir", str(demo_dir)])
     assert "No interrupted run" in one_line_error(["train", "--resume", str(tmp_path / "never")])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_killed_in_its_first_epoch_resumes_from_its_config(run, demo_dir, cache_dir, tmp_path):
+    # What a kill before the first checkpoint leaves: the partial folder with config.json only.
+    partial = partial_dir(tmp_path / "again")
+    partial.mkdir()
+    (partial / "config.json").write_text((run.run_dir / "config.json").read_text())
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(demo_dir, tmp_path / "again", cache_dir=cache_dir, **QUICK)
+    resumed = train(None, tmp_path / "again", resume=True, cache_dir=cache_dir, verbose=0)
+    assert resumed.split == run.split and resumed.metrics["epochs_run"] == run.metrics["epochs_run"]
+    assert resumed.threshold == pytest.approx(run.threshold, abs=1e-5)
+    assert not partial.exists()
