@@ -346,18 +346,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
         report = evaluate(table, n_bootstrap=args.bootstrap, seed=args.seed, threshold=args.threshold,
                           synthetic=_table_is_synthetic(table))
         patients = per_patient_metrics(table, threshold=args.threshold)
+        # The slide-context columns of `predict --context` are scored apart, at their own (stored) decisions.
+        with_context = evaluate(table, n_bootstrap=args.bootstrap, seed=args.seed, column="prob_idc_context",
+                                synthetic=report["synthetic"]) if "prob_idc_context" in table else None
     except IdcError:
         raise
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         message = str(exc) if str(source) in str(exc) else f"{source}: {exc}"
         raise UserError(message) from exc
     print(format_report(report))
+    if with_context is not None:
+        print("\n" + format_report(with_context))
     print("\nPer patient")
     print(patients.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="n/a"))
     if out is not None:
         data = {"predictions": str(source.resolve()), **report}
         # NaN is not valid JSON: undefined per-patient metrics become null.
         data["per_patient"] = patients.astype(object).where(patients.notna(), None).to_dict(orient="records")
+        if with_context is not None:
+            data["context"] = with_context
         try:
             write_json(out, data)
         except OSError as exc:

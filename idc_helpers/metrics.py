@@ -67,25 +67,33 @@ def _check_columns(preds: pd.DataFrame, required: Sequence[str], source: str = "
         )
 
 
-def _labels_probs_preds(preds: pd.DataFrame, threshold: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pred_column(column: str) -> str:
+    """The decision column that goes with a probability column: ``prob_idc`` -> ``pred``,
+    ``prob_idc_context`` -> ``pred_context``."""
+    return "pred" + column[len("prob_idc"):] if column.startswith("prob_idc") else f"{column}_pred"
+
+
+def _labels_probs_preds(preds: pd.DataFrame, threshold: float | None,
+                        column: str = "prob_idc") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels (int), probabilities (float) and 0/1 predictions, after checking values."""
-    _check_columns(preds, REQUIRED_COLUMNS)
+    _check_columns(preds, ("patient_id", "label", column))
     if len(preds) == 0:
         raise ValueError("predictions table is empty")
     labels = preds["label"].to_numpy()
     if not np.isin(labels, (0, 1)).all():
         raise ValueError("column 'label' must hold only 0 (non-IDC) and 1 (IDC)")
-    probs = preds["prob_idc"].to_numpy(dtype=np.float64)
+    probs = preds[column].to_numpy(dtype=np.float64)
     if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1:
-        raise ValueError("column 'prob_idc' must hold probabilities in [0, 1] (no NaN)")
+        raise ValueError(f"column {column!r} must hold probabilities in [0, 1] (no NaN)")
+    decision = pred_column(column)
     if threshold is not None:
         predicted = (probs >= threshold).astype(np.int64)
-    elif "pred" in preds.columns:
-        predicted = preds["pred"].to_numpy()
+    elif decision in preds.columns:
+        predicted = preds[decision].to_numpy()
         if not np.isin(predicted, (0, 1)).all():
-            raise ValueError("column 'pred' must hold only 0 and 1")
+            raise ValueError(f"column {decision!r} must hold only 0 and 1")
     else:
-        raise ValueError("the table has no 'pred' column: pass threshold= to turn prob_idc into predictions")
+        raise ValueError(f"the table has no {decision!r} column: pass threshold= to turn {column} into predictions")
     return labels.astype(np.int64), probs, predicted.astype(np.int64)
 
 
@@ -154,6 +162,7 @@ def evaluate(
     level: float = 0.95,
     synthetic: bool | None = None,
     min_patients: int = MIN_PATIENTS_FOR_INTERVAL,
+    column: str = "prob_idc",
 ) -> dict[str, Any]:
     """Metrics of a predictions table with bootstrap intervals over patients.
 
@@ -166,6 +175,7 @@ def evaluate(
         level: coverage of the percentile intervals.
         synthetic: whether the patches are synthetic demo data; written into the report as ``"synthetic"``.
         min_patients: fewer patients than this and the intervals are withheld (see the module docstring).
+        column: the probability column scored, e.g. ``prob_idc_context`` (its decisions: :func:`pred_column`).
 
     Returns:
         A JSON-ready dict: ``synthetic``, ``counts`` (patches, patients, idc, non_idc, idc_fraction), ``threshold``
@@ -179,7 +189,7 @@ def evaluate(
     30 ms per resample for 80,000 patches on one CPU core, so 1000 resamples of a large test set take ~30 s.
     Precision and F1 follow sklearn's ``zero_division=0`` (0 when nothing is predicted IDC).
     """
-    labels, probs, predicted = _labels_probs_preds(preds, threshold)
+    labels, probs, predicted = _labels_probs_preds(preds, threshold, column)
     patient_ids = preds["patient_id"].astype(str).to_numpy()
     codes, uniques = pd.factorize(patient_ids)
     n_patients = len(uniques)
@@ -209,6 +219,7 @@ def evaluate(
     tn, fp, fn, tp = (int(v) for v in cells)
     return {
         "synthetic": None if synthetic is None else bool(synthetic),
+        "column": column,
         "counts": {
             "patches": int(len(labels)),
             "patients": int(n_patients),
@@ -316,6 +327,9 @@ def format_report(report: Mapping[str, Any]) -> str:
     counts, cm, boot = report["counts"], report["confusion_matrix"], report["bootstrap"]
     level = round(boot["level"] * 100)
     lines = ["SYNTHETIC demo data: these numbers say nothing about real tissue", ""] if report.get("synthetic") else []
+    if report.get("column", "prob_idc") != "prob_idc":
+        lines += [f"Scores: {report['column']} (uses each patch's neighbours on the slide: not comparable with "
+                  "patch-only figures)", ""]
     lines += [
         f"{counts['patches']:,} patches from {counts['patients']} patients; "
         f"IDC {counts['idc']:,} ({counts['idc_fraction']:.1%}), non-IDC {counts['non_idc']:,}",

@@ -39,17 +39,19 @@ def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Ax
 
 
 def mark_synthetic(fig: Figure) -> Figure:
-    """Stamp ``fig`` with :data:`SYNTHETIC_MARK`: a red banner across the top and a large faint diagonal word."""
-    fig.text(0.5, 0.995, SYNTHETIC_MARK, ha="center", va="top", fontsize=11, fontweight="bold", color="white",
-             bbox={"facecolor": "crimson", "edgecolor": "none", "pad": 3}, zorder=10)
+    """Stamp ``fig`` with :data:`SYNTHETIC_MARK`: in red above everything (before any title it had, so the layout
+    makes room for it) and as a large faint diagonal word across the figure."""
+    existing = fig.get_suptitle()
+    fig.suptitle(SYNTHETIC_MARK + (f"\n{existing}" if existing else ""), color="crimson", fontweight="bold",
+                 fontsize="large")
     fig.text(0.5, 0.5, "SYNTHETIC", ha="center", va="center", fontsize=60, color="crimson", alpha=0.15,
              rotation=25, fontweight="bold", zorder=10)
     return fig
 
 
-def save_figure(fig: Figure, path: str | os.PathLike[str], *, synthetic: bool, dpi: int = 120) -> Figure:
-    """Write ``fig`` to ``path`` (written atomically; the format from the suffix), marked SYNTHETIC when
-    ``synthetic``; returns the figure so that a notebook cell shows it."""
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, synthetic: bool, dpi: int = 120) -> None:
+    """Write ``fig`` to ``path`` (atomically; the format from the suffix), first marked SYNTHETIC when ``synthetic``
+    (the mark then shows in the notebook too)."""
     from idc_helpers.atomic import atomic_path
 
     if synthetic:
@@ -57,7 +59,6 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, synthetic: bool, d
     fmt = os.fspath(path).rsplit(".", 1)[-1].lower() if "." in os.fspath(path) else "png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi)
-    return fig
 
 
 def _scores(data: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -174,10 +175,14 @@ def plot_patches(images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str
     n_rows = max(1, math.ceil(n / n_cols))
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.5 * n_cols, 1.7 * n_rows + 0.5), squeeze=False,
                              layout="constrained")
-    for ax in axes.flat:
+    for ax in axes.flat[n:]:
         ax.axis("off")
     for i, (ax, image) in enumerate(zip(axes.flat, images)):
         ax.imshow(image)
+        # A thin frame shows the whole 50x50 input, so that white padding reads as part of the patch.
+        ax.set(xticks=[], yticks=[])
+        for spine in ax.spines.values():
+            spine.set_color("grey")
         if titles is not None:
             ax.set_title(titles[i], fontsize=8)
     if title:

@@ -12,7 +12,7 @@ full resolution; a bounding box larger than any real slide (:data:`MAX_SLIDE_SID
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -61,6 +61,8 @@ class SlideMosaic:
     n_idc: int
     value_column: str | None = None
     span: tuple[int, int] | None = None  # (width, height) in slide pixels; default: the mosaic's size / scale
+    cells: np.ndarray | None = None  # (n_patches, 4) int: top, bottom, left, right of each patch in the mosaic
+    rows: pd.Index | None = None  # the table's index of each patch, in the order of ``cells``
 
     @property
     def extent(self) -> tuple[float, float, float, float]:
@@ -172,27 +174,42 @@ def slide_mosaic(table: pd.DataFrame, patient_id: str, *, value_column: str | No
     # Each patch covers [x * scale, (x + w) * scale) rounded: neighbours tile without gaps or overlaps.
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
     image = np.full((*size, 3), 255, dtype=np.uint8)  # white = glass
-    truth = np.full(size, np.nan, dtype=np.float32)
     has_values = value_column is not None and value_column in rows.columns
-    prob = np.full(size, np.nan, dtype=np.float32) if has_values else None
     values = rows[value_column].to_numpy(dtype=np.float32) if has_values else None
     labels = rows["label"].to_numpy()
-    for i, (x, y, patch) in enumerate(zip(xs - x0, ys - y0, patches)):
-        h, w = patch.shape[:2]
-        top, left = round(y * scale), round(x * scale)
-        bottom, right = round((y + h) * scale), round((x + w) * scale)
+    cells = np.array([(round(y * scale), round((y + p.shape[0]) * scale), round(x * scale),
+                       round((x + p.shape[1]) * scale)) for x, y, p in zip(xs - x0, ys - y0, patches)], dtype=np.int64)
+    for i, ((top, bottom, left, right), patch) in enumerate(zip(cells, patches)):
         if bottom <= top or right <= left:
             continue  # a sliver that rounds to nothing at this scale
         image[top:bottom, left:right] = patch if scale == 1.0 else cv2.resize(
-            patch, (right - left, bottom - top), interpolation=cv2.INTER_AREA)
-        truth[top:bottom, left:right] = labels[i]
-        if prob is not None:
-            prob[top:bottom, left:right] = values[i]
+            patch, (int(right - left), int(bottom - top)), interpolation=cv2.INTER_AREA)
+    truth = _paint(size, cells, labels.astype(np.float32))
+    prob = _paint(size, cells, values) if has_values else None
     return SlideMosaic(
         patient_id=str(patient_id), image=image, truth=truth, prob=prob, origin=(x0 + 1, y0 + 1),
         scale=float(scale), n_patches=len(rows), n_idc=int(labels.sum()),
-        value_column=value_column if has_values else None, span=(width, height),
+        value_column=value_column if has_values else None, span=(width, height), cells=cells, rows=rows.index,
     )
+
+
+def _paint(size: tuple[int, int], cells: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """(H, W) float32 map: each patch's cell filled with its value, NaN where there is no patch."""
+    out = np.full(size, np.nan, dtype=np.float32)
+    for (top, bottom, left, right), value in zip(cells, values):
+        out[top:bottom, left:right] = value
+    return out
+
+
+def with_values(mosaic: SlideMosaic, table: pd.DataFrame, value_column: str) -> SlideMosaic:
+    """The same mosaic with its ``prob`` map painted from another column of the table it was built from (e.g.
+    ``prob_idc_context``), without reading a patch again."""
+    if mosaic.cells is None or mosaic.rows is None:
+        raise ValueError("this mosaic does not record where its patches lie; build it with slide_mosaic")
+    if value_column not in table.columns:
+        raise SlideError(f"the table has no column {value_column!r}")
+    values = table.loc[mosaic.rows, value_column].to_numpy(dtype=np.float32)
+    return replace(mosaic, prob=_paint(mosaic.truth.shape, mosaic.cells, values), value_column=value_column)
 
 
 def decision_threshold(table: pd.DataFrame, value_column: str = "prob_idc", pred_column: str = "pred") -> float | None:
@@ -289,3 +306,22 @@ def scale_to_fit(rows: pd.DataFrame, max_side: int) -> float:
     """Mosaic pixels per slide pixel so that the mosaic of ``rows`` is at most ``max_side`` pixels a side."""
     span = max(int(np.ptp(rows["x"])), int(np.ptp(rows["y"]))) + PATCH_SIZE
     return min(1.0, max_side / span)
+
+
+def plot_raw_and_context(mosaic: SlideMosaic, table: pd.DataFrame, *, threshold: float,
+                         context_threshold: float, panel_width: float = 5.5) -> Figure:
+    """True IDC regions, the patch-only probability and the slide-context probability (``prob_idc_context``) of one
+    mosaic side by side, each split at its own threshold (the patch-only one is what the papers measured; the
+    context one uses the neighbouring patches on the slide)."""
+    import matplotlib.pyplot as plt
+
+    h, w = mosaic.truth.shape
+    height = min(max((panel_width - 1.2) * h / w, 1.5), 2.2 * panel_width)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * panel_width + 1.0, height + 1.2), layout="constrained")
+    plot_slide(mosaic, ax=axes[:2], show=("truth", "prob"), threshold=threshold,
+               title=f"Patch only (p >= {threshold:.2f} called IDC)")
+    plot_slide(with_values(mosaic, table, "prob_idc_context"), ax=axes[2], show=("prob",),
+               threshold=context_threshold,
+               title=f"With slide context: neighbours on the slide\n(p >= {context_threshold:.2f} called IDC)")
+    fig.suptitle(f"Patient {mosaic.patient_id}")
+    return fig

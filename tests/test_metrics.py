@@ -303,3 +303,21 @@ def test_importing_has_no_side_effects():
             "bad = [m for m in ('matplotlib.pyplot', 'tensorflow', 'keras') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_slide_context_columns_are_reported_apart(tmp_path, capsys):
+    preds = make_predictions(n_patients=6)
+    rng = np.random.default_rng(0)
+    preds["prob_idc_context"] = np.clip(preds["prob_idc"] + rng.normal(0, 0.05, len(preds)), 0, 1)
+    preds["pred_context"] = (preds["prob_idc_context"] >= 0.45).astype(int)
+    report = evaluate(preds, n_bootstrap=0, column="prob_idc_context")
+    assert report["column"] == "prob_idc_context"
+    assert report["metrics"]["f1"]["value"] == pytest.approx(skm.f1_score(preds.label, preds.pred_context))
+    assert "not comparable with patch-only figures" in format_report(report)
+    csv, out = tmp_path / "preds.csv", tmp_path / "m.json"
+    preds.to_csv(csv, index=False)
+    assert main(["evaluate", "--predictions", str(csv), "--out", str(out), "--bootstrap", "0"]) == 0
+    assert "Scores: prob_idc_context" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["column"] == "prob_idc" and data["context"]["column"] == "prob_idc_context"
+    assert data["context"]["metrics"]["f1"]["value"] == pytest.approx(report["metrics"]["f1"]["value"])

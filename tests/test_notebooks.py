@@ -178,3 +178,82 @@ def test_tool_without_readme_markers_says_what_to_add(tmp_path, capsys):
     (tmp_path / "README.md").write_text("# Title\n")
     assert load_tool().main(["--check"], root=tmp_path) == 1
     assert "<!-- notebooks:start -->" in capsys.readouterr().err
+
+
+def _code_cells(path: Path) -> list[str]:
+    return [c.source for c in read(path).cells if c.cell_type == "code"]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_cells_are_a_few_lines_of_package_calls(path):
+    """A notebook cell calls the package and shows the result: no cell but setup and parameters is over 10 lines, no
+    function or class is defined in a notebook, and nothing reads a run's JSON files by hand."""
+    cells = [c for c in read(path).cells if c.cell_type == "code"]
+    for i, cell in enumerate(cells[1:], start=2):  # the setup cell aside
+        if "parameters" in cell.metadata.get("tags", []):
+            continue  # the list of knobs papermill may set
+        source = cell.source
+        lines = [line for line in source.splitlines() if line.strip()]
+        assert len(lines) <= 10, f"code cell {i} has {len(lines)} lines"
+        assert not re.search(r"^\s*(def|class) ", source, re.M), f"code cell {i} defines a function"
+        assert "config.json" not in source and "json.loads" not in source, f"code cell {i} reads JSON by hand"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_every_saved_figure_goes_through_save_figure(path):
+    """plots.save_figure marks figures of synthetic data; a bare savefig would not."""
+    source = "\n".join(_code_cells(path))
+    assert ".savefig(" not in source
+    saves = re.findall(r"plots\.save_figure\((.*?)synthetic=", source, re.S)
+    assert saves or path.stem == "02_training" and "save_figure" in source
+
+
+def test_setup_cell_quiets_tensorflow_before_importing_it_and_offers_drive():
+    source = colab.setup_cell_source()
+    lines = source.splitlines()
+    env = next(i for i, line in enumerate(lines) if "TF_CPP_MIN_LOG_LEVEL" in line)
+    first_import = next(i for i, line in enumerate(lines) if "idc_helpers" in line or "tensorflow" in line)
+    assert env < first_import
+    mount = next(i for i, line in enumerate(lines) if "drive.mount(" in line)
+    guards = [line.strip() for line in lines[:mount] if line.startswith(("if ", "    if "))]
+    assert "if IS_COLAB:" in guards and "if MOUNT_DRIVE:" in guards  # optional, and only on Colab
+    assert "MOUNT_DRIVE = False" in source
+    for path in PATHS:
+        assert _code_cells(path)[0] == source
+
+
+def test_tensorflow_start_up_lines_do_not_reach_stderr():
+    """TensorFlow 2.19+ prints CUDA/oneDNN lines at import whatever TF_CPP_MIN_LOG_LEVEL says; the setup cell's
+    import_tensorflow_quietly hides them, and stderr works again afterwards."""
+    code = ("import os, sys; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3';"
+            "from idc_helpers.colab import import_tensorflow_quietly; import_tensorflow_quietly();"
+            "assert 'tensorflow' in sys.modules; print('still here', file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stderr == "still here\n"
+
+
+def test_training_notebook_resumes_and_shows_the_drive_path():
+    cells = _code_cells(NOTEBOOK_DIR / "02_training.ipynb")
+    assert colab.DRIVE_RUN_DIR in cells[1]  # the parameters cell
+    train = next(c for c in cells if "training.train(" in c)
+    assert "resume=resume" in train and "interrupted run" in train
+    text = "\n".join(c.source for c in read(NOTEBOOK_DIR / "02_training.ipynb").cells if c.cell_type == "markdown")
+    assert "--resume" in text
+
+
+def test_words_agree_with_the_code():
+    """idc_net's head is one dense layer, not seed_cnn's two; the published split's test patients are what is
+    comparable, not the whole experiment (unlisted patients go to training)."""
+    from idc_helpers import models
+
+    idc_net = models.build_model("idc_net")
+    dense = [layer.name for layer in idc_net.layers if type(layer).__name__ == "Dense"]
+    assert dense == [models.LOGITS_LAYER]
+    texts = {p.stem: "\n".join(c.source for c in read(p).cells if c.cell_type == "markdown") for p in PATHS}
+    assert "same two-layer head" not in texts["02_training"] and "single dense layer" in texts["02_training"]
+    assert "directly comparable" not in texts["01_data_exploration"]
+    assert "117" in texts["01_data_exploration"] and "unlisted" in texts["01_data_exploration"]
+    from idc_helpers import training
+
+    # The selection rule, as training.py has it.
+    assert f"{training.SELECTION_LOSS_WEIGHT:g} x the validation loss" in texts["02_training"]

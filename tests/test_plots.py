@@ -128,11 +128,19 @@ def test_saved_synthetic_figures_carry_a_visible_mark(tmp_path):
     preds = make_predictions()
     plain, marked = tmp_path / "real.png", tmp_path / "synthetic.png"
     plots.save_figure(plots.plot_roc(preds), plain, synthetic=False)
-    fig = plots.save_figure(plots.plot_roc(preds), marked, synthetic=True)
-    assert "SYNTHETIC" in " ".join(t.get_text() for t in fig.texts)
+    fig = plots.plot_roc(preds)
+    plots.save_figure(fig, marked, synthetic=True)
+    assert fig.get_suptitle().startswith(plots.SYNTHETIC_MARK) and "SYNTHETIC" in fig.texts[-1].get_text()
     a, b = matplotlib.image.imread(plain), matplotlib.image.imread(marked)
     assert a.shape == b.shape
     # The mark is drawn in red where the plain figure has none.
     red = lambda im: ((im[..., 0] > 0.7) & (im[..., 1] < 0.3) & (im[..., 2] < 0.3)).sum()  # noqa: E731
     assert red(b) > red(a) + 500
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_synthetic_mark_keeps_the_title_and_is_laid_out_above_it(tmp_path):
+    fig = plots.plot_history({"loss": [0.6, 0.5], "val_loss": [0.7, 0.6]})
+    title = fig.get_suptitle()
+    plots.save_figure(fig, tmp_path / "h.png", synthetic=True)
+    assert fig.get_suptitle() == f"{plots.SYNTHETIC_MARK}\n{title}"

@@ -225,3 +225,22 @@ def test_real_slide_geometry(real_sample_dir):
     patch = cv2.imread(first.path)[..., ::-1]
     r, c = first.y - y0, first.x - x0
     np.testing.assert_array_equal(mosaic.image[r:r + first.height, c:c + first.width], patch)
+
+
+def test_raw_and_context_maps_side_by_side(slide_table):
+    import matplotlib.pyplot as plt
+
+    from idc_helpers.slides import plot_raw_and_context, with_values
+
+    table = slide_table.assign(prob_idc_context=1.0 - slide_table["prob_idc"])
+    mosaic = slide_mosaic(table, PATIENT)
+    context = with_values(mosaic, table, "prob_idc_context")
+    np.testing.assert_allclose(context.prob, 1.0 - mosaic.prob, rtol=1e-6)  # same cells, the other column
+    assert context.value_column == "prob_idc_context" and context.image is mosaic.image
+    fig = plot_raw_and_context(mosaic, table, threshold=0.5, context_threshold=0.4)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert titles[0].startswith("True IDC") and titles[1].startswith("Patch only")
+    assert titles[2].startswith("With slide context") and "0.40" in titles[2]
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert [t.get_text() for t in bars[1].get_yticklabels()][1] == "threshold 0.40"
+    plt.close("all")
