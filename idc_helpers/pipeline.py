@@ -134,12 +134,6 @@ def make_dataset(
     images, labels_arr, positions = _check_inputs(images, labels, indices)
     setting = augment_setting(augment)
     batch_size, initial_epoch = int(batch_size), int(initial_epoch)
-    if batch_size < 1:
-        raise PipelineArgumentError(f"batch_size must be >= 1, got {batch_size}")
-    if initial_epoch < 0:
-        raise PipelineArgumentError(f"initial_epoch must be >= 0, got {initial_epoch}")
-    if int(seed) < 0:
-        raise PipelineArgumentError(f"seed must be >= 0, got {seed}")
     if dtype not in ("float32", "uint8") or (dtype == "uint8" and setting != "none"):
         raise PipelineArgumentError(f"dtype must be 'float32', or 'uint8' without augmentation; got {dtype!r} "
                                     f"with augment={augment!r}")
@@ -148,32 +142,7 @@ def make_dataset(
     if not 1 <= steps <= n_batches:
         raise PipelineArgumentError(f"steps_per_epoch must lie in [1, {n_batches}] (batches in one pass over "
                                     f"{len(positions)} rows), got {steps_per_epoch}")
-
-    if repeat:
-        epochs = tf.data.Dataset.counter(initial_epoch, dtype=tf.int64)
-    else:
-        # The only state: how many passes this dataset has started (tf.data re-runs this map on every pass).
-        passes = tf.Variable(initial_epoch, dtype=tf.int64, trainable=False, name="epochs_started")
-        epochs = tf.data.Dataset.range(1).map(lambda _: passes.assign_add(1) - 1)
-
-    def rows_of_epoch(epoch: np.ndarray) -> np.ndarray:
-        return epoch_order(positions, int(seed), int(epoch), shuffle=shuffle)
-
-    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
-        order = tf.numpy_function(rows_of_epoch, [epoch], tf.int64, stateful=False, name="epoch_order")
-        order.set_shape([len(positions)])
-
-        def batch(b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            rows = order[b * batch_size:(b + 1) * batch_size]
-            # Sorted within the batch: a memmap is then read in file order.
-            return (tf.sort(rows) if shuffle else rows), tf.stack([tf.constant(int(seed), tf.int64),
-                                                                    epoch * n_batches + b])
-
-        return tf.data.Dataset.range(steps).map(batch)
-
-    ds = epochs.flat_map(one_epoch)
-    if not repeat:
-        ds = ds.apply(tf.data.experimental.assert_cardinality(steps))
+    ds = _row_batches(positions, int(seed), shuffle, batch_size, n_batches, steps, repeat, initial_epoch)
     gather = _gatherer(images, labels_arr)
     static_batch = batch_size if drop_remainder or len(positions) == batch_size * n_batches else None
 
@@ -189,6 +158,42 @@ def make_dataset(
         return x, y
 
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
+
+
+def _row_batches(positions: np.ndarray, seed: int, shuffle: bool, batch_size: int, n_batches: int, steps: int,
+                 repeat: bool, initial_epoch: int) -> tf.data.Dataset:
+    """``(rows int64 (B,), batch seed int64 (2,))`` for the first ``steps`` batches of each epoch: one epoch, or
+    endless epochs from ``initial_epoch`` with ``repeat``."""
+    import tensorflow as tf
+
+    if initial_epoch < 0:
+        raise PipelineArgumentError(f"initial_epoch must be >= 0, got {initial_epoch}")
+    if seed < 0:
+        raise PipelineArgumentError(f"seed must be >= 0, got {seed}")
+    if repeat:
+        epochs = tf.data.Dataset.counter(initial_epoch, dtype=tf.int64)
+    else:
+        # The only state: how many passes this dataset has started (tf.data re-runs this map on every pass).
+        passes = tf.Variable(initial_epoch, dtype=tf.int64, trainable=False, name="epochs_started")
+        epochs = tf.data.Dataset.range(1).map(lambda _: passes.assign_add(1) - 1)
+
+    def rows_of_epoch(epoch: np.ndarray) -> np.ndarray:
+        return epoch_order(positions, seed, int(epoch), shuffle=shuffle)
+
+    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
+        order = tf.numpy_function(rows_of_epoch, [epoch], tf.int64, stateful=False, name="epoch_order")
+        order.set_shape([len(positions)])
+
+        def batch(b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            rows = order[b * batch_size:(b + 1) * batch_size]
+            # Sorted within the batch: a memmap is then read in file order.
+            return (tf.sort(rows) if shuffle else rows), tf.stack([tf.constant(seed, tf.int64),
+                                                                    epoch * n_batches + b])
+
+        return tf.data.Dataset.range(steps).map(batch)
+
+    ds = epochs.flat_map(one_epoch)
+    return ds if repeat else ds.apply(tf.data.experimental.assert_cardinality(steps))
 
 
 def epoch_order(positions: np.ndarray, seed: int, epoch: int, *, shuffle: bool = True) -> np.ndarray:
@@ -294,6 +299,8 @@ def _check_inputs(images, labels, indices) -> tuple[np.ndarray, np.ndarray | Non
 
 
 def _n_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
+    if batch_size < 1:
+        raise PipelineArgumentError(f"batch_size must be >= 1, got {batch_size}")
     n_batches = n // batch_size if drop_remainder else -(-n // batch_size)
     if n_batches == 0:
         raise PipelineArgumentError(f"{n} rows make no full batch of {batch_size} with drop_remainder=True")
