@@ -71,22 +71,38 @@ def run_download(args: argparse.Namespace) -> int:
 
 def _add_index(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "index", help="health check of a dataset folder: counts, sizes and every problem found",
+        "index", help="health check of dataset folders: counts, sizes and every problem found",
         description="Decode every patch (warming the cache) and report the dataset's counts and every problem, "
-                    "each with the file's name. Exit status: 0 no problems, 1 problems found, 2 the folder is "
-                    "missing, holds no patient folders, or the cache cannot be written.",
+                    "each with the file's name and what to do. Several --data-dir folders are checked as one "
+                    "dataset (a patient in two folders is one patient; the same patch twice is a duplicate). "
+                    "Exit status: 0 no problems, 1 problems found, 2 a folder is missing or holds no patient "
+                    "folders, or the cache folder cannot be used; 3 the cache's disk is full.",
     )
-    p.add_argument("data_dir", help="folder in the Kaggle layout (<patient>/<0|1>/*.png)")
+    p.add_argument("--data-dir", action="append", default=None, metavar="DIR",
+                   help="folder in the Kaggle layout (<patient>/<0|1>/*.png); repeat for several folders")
+    p.add_argument("data_dir_positional", nargs="?", default=None, metavar="DATA_DIR",
+                   help="deprecated spelling of --data-dir DATA_DIR")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--cache-dir", default=None, help="decoded-patch cache (default: $IDC_CACHE_DIR or ~/.cache/idc_helpers)")
     p.add_argument("--no-decode", action="store_true", help="check names and headers only, do not decode the patches")
 
 
 def run_index(args: argparse.Namespace) -> int:
-    """``python -m idc_helpers index``."""
-    from idc_helpers.health import run_index
+    """``python -m idc_helpers index``: print the health report; 0 = no problems, 1 = problems found."""
+    import json
 
-    return run_index(args)
+    from idc_helpers.health import format_report, health_report
+
+    data_dirs = list(args.data_dir or [])
+    if args.data_dir_positional is not None:
+        print("index DATA_DIR is deprecated: use index --data-dir DATA_DIR.", file=sys.stderr)
+        data_dirs.append(args.data_dir_positional)
+    if not data_dirs:
+        raise UserError("index needs a dataset folder: index --data-dir DIR (repeat --data-dir for several).")
+    report = health_report(data_dirs, cache_dir=args.cache_dir, decode=not args.no_decode,
+                           progress=sys.stderr.isatty())  # a bar on a terminal only, never in logs
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
 
 
 # --------------------------------------------------------------------------------------------------------------

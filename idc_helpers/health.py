@@ -1,45 +1,42 @@
-"""Dataset health check: ``python -m idc_helpers index DATA_DIR [--json] [--cache-dir DIR] [--no-decode]``.
+"""Dataset health check, the engine of ``python -m idc_helpers index --data-dir DIR [--data-dir DIR2 ...]``.
 
-Indexes the folder, decodes every patch through the loader (which also fills the decoded-patch cache, so the next
-load is fast), and reports patients, patches, per-class counts, patches smaller than 50x50 with their sizes, and
-every problem found, each naming its file (misnamed, mislabelled, not a PNG, empty, truncated or corrupt, ...).
-
-Exit status: 0 when no problem was found, 1 when problems were found (the report lists them; the usable patches
-are still indexed and cached), 2 when the folder is missing or holds no patient folders, or the cache cannot be
-written.
+Indexes the folders (one index over all of them, see :func:`idc_helpers.patch_index.build_index`), decodes every
+patch through the loader (which also fills the decoded-patch cache, so the next load is fast), and reports
+patients, patches, per-class counts, patches smaller than 50x50 with their sizes, and every problem found, each
+naming its file and what to do (misnamed, mislabelled, not a PNG, empty, truncated or corrupt, wrong size, not a
+regular file, off the patch grid, conflicting labels, duplicate, ...). The rules are those of
+:mod:`idc_helpers.patch_index`, the same that ``train``, ``predict`` and ``slide`` apply.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.loader import load_patches
-from idc_helpers.patch_index import DatasetFolderError, build_index, dataset_summary
-
-EXIT_OK, EXIT_PROBLEMS, EXIT_NO_DATASET = 0, 1, 2
+from idc_helpers.patch_index import build_index, dataset_summary, printable
 
 
 def health_report(
-    data_dir: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     decode: bool = True,
     progress: bool = False,
 ) -> dict:
-    """Check a dataset folder and return the report as a JSON-ready dict.
+    """Check one dataset folder (or a list of them, indexed as one) and return the report as a JSON-ready dict.
 
-    Keys: ``data_dir``; ``patients``, ``patches`` (usable patches: indexed and, with ``decode``, decoded),
-    ``non_idc``, ``idc``, ``idc_fraction``, ``not_50x50``, ``not_50x50_sizes`` ({"WxH": count});
-    ``files_indexed``; ``decoded`` (bool); ``cache`` ({"path", "hit"} or None); ``problems`` (list of
-    {"path", "kind", "message"}, sorted by path); ``problem_counts`` ({kind: count}); ``ok`` (no problems).
-    Raises :class:`~idc_helpers.patch_index.DatasetFolderError` when the folder is missing or has no patients.
+    Keys: ``data_dir`` (the first folder) and ``data_dirs`` (all); ``patients``, ``patches`` (usable patches:
+    indexed and, with ``decode``, decoded), ``non_idc``, ``idc``, ``idc_fraction``, ``not_50x50``,
+    ``not_50x50_sizes`` ({"WxH": count}); ``files_indexed``; ``decoded`` (bool); ``cache`` ({"path", "hit"} or
+    None); ``problems`` (list of {"path", "kind", "message"}, sorted by path); ``problem_counts`` ({kind: count});
+    ``ok`` (no problems).
+    Raises :class:`~idc_helpers.patch_index.DatasetFolderError` when a folder is missing or has no patients, and
+    the loader's cache errors when the cache can be neither written nor replaced by memory.
     """
     index = build_index(data_dir)
     problems = list(index.problems)
@@ -49,10 +46,11 @@ def health_report(
         loaded = load_patches(frame, cache_dir=cache_dir, progress=progress)
         problems.extend(loaded.problems)
         frame = loaded.frame
-        cache = {"path": str(loaded.cache_path), "hit": loaded.from_cache}
+        cache = {"path": str(loaded.cache_path), "hit": loaded.from_cache} if loaded.cache_path else None
     problems.sort(key=lambda p: p.path)
     return {
         "data_dir": str(index.root),
+        "data_dirs": [str(root) for root in index.roots],
         **dataset_summary(frame),
         "files_indexed": int(len(index.frame)),
         "decoded": bool(decode),
@@ -64,10 +62,11 @@ def health_report(
 
 
 def format_report(report: dict) -> str:
-    """The report as a human-readable table (file names relative to the data folder)."""
-    root = Path(report["data_dir"])
+    """The report as a human-readable table (file names relative to their data folder), safe to print even when a
+    file name is not valid UTF-8."""
+    roots = [Path(d) for d in report.get("data_dirs", [report["data_dir"]])]
     n = report["patches"]
-    lines = [f"Dataset: {root}", ""]
+    lines = [f"Dataset: {', '.join(map(str, roots))}", ""]
 
     def row(label: str, value: int, note: str = "") -> None:
         lines.append(f"  {label:<24}{value:>9,}   {note}".rstrip())
@@ -88,43 +87,24 @@ def format_report(report: dict) -> str:
     problems = report["problems"]
     if not problems:
         lines.append("Problems: none found.")
-        return "\n".join(lines)
+        return printable("\n".join(lines))
     counts = ", ".join(f"{count} {kind}" for kind, count in sorted(report["problem_counts"].items()))
     lines.append(f"Problems: {len(problems)} file(s) or folder(s) left out ({counts}):")
     for problem in problems:
-        lines.append(f"  [{problem['kind']}] {_relative(problem['path'], root)}")
+        lines.append(f"  [{problem['kind']}] {_relative(problem['path'], roots)}")
         lines.append(f"      {problem['message']}")
-    return "\n".join(lines)
-
-
-def run_index(args: argparse.Namespace) -> int:
-    """``index`` command: print the health report; exit 0 = no problems, 1 = problems found, 2 = no dataset."""
-    try:
-        report = health_report(
-            args.data_dir,
-            cache_dir=args.cache_dir,
-            decode=not args.no_decode,
-            progress=sys.stderr.isatty(),  # a bar on a terminal only, never in logs or captured output
-        )
-    except DatasetFolderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NO_DATASET
-    except OSError as exc:  # the cache folder cannot be written
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_NO_DATASET
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(format_report(report))
-    return EXIT_OK if report["ok"] else EXIT_PROBLEMS
+    return printable("\n".join(lines))
 
 
 def _percent(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else ""
 
 
-def _relative(path: str, root: Path) -> str:
-    try:
-        return str(Path(path).relative_to(root))
-    except ValueError:
-        return path
+def _relative(path: str, roots: list[Path]) -> str:
+    for root in roots:
+        try:
+            relative = str(Path(path).relative_to(root))
+        except ValueError:
+            continue
+        return relative if len(roots) == 1 else f"{root.name}/{relative}"
+    return path

@@ -2,31 +2,41 @@
 
 ``load_patches(frame)`` takes a patch index (see :mod:`idc_helpers.patch_index`) and returns the images in the
 frame's row order. Decoding runs in a thread pool (OpenCV's PNG decoder releases the GIL) and writes each chunk
-straight into a ``.npy`` file in the cache folder, so even the full 277,524 patches (2.1 GB as uint8) never sit
-in memory twice. The finished file is renamed into place (a crash leaves no half-made cache) and returned as a
-read-only ``np.memmap``; a second load with unchanged files only checks the files' sizes and times (one ``stat``
-each: about 0.1 s for the 25,899-patch sample, 1-2 s for the full dataset here) and opens the file again.
+straight into a ``.npy`` file in the cache folder, so even the full dataset (2.1 GB as uint8) never sits in
+memory twice. Every file's PNG header is checked before it is decoded (:func:`~idc_helpers.patch_index.
+check_png_header`), so a file that is not a patch costs a few bytes of reading, never its decoded size.
 
-A cache entry is named by a hash of the rows' paths (plus :data:`CACHE_FORMAT`) and stores each file's size and
-modification time as read while decoding; it is used only when every file still has them, so a changed, added or
-removed file means decoding again (a changed file replaces the entry; another list of paths makes a new one, and
-:func:`prune_cache` drops the least recently used entries beyond a size budget). The cache lives in
-``$IDC_CACHE_DIR`` or ``~/.cache/idc_helpers``; nothing is ever written into the data folder. Files that cannot be
-decoded are reported by name and left out; the run goes on.
+A cache entry (``patches-<key>.npy`` with ``.json`` metadata and ``.stats``) is named by a hash of the rows'
+paths (plus :data:`CACHE_FORMAT`) and stores each file's size and modification time as read while decoding; it is
+used only when every file still has them, so a changed, added or removed file means decoding again. The cache lives
+in ``$IDC_CACHE_DIR`` or ``~/.cache/idc_helpers``; nothing is ever written into the data folder.
+
+Several processes may share a cache folder. Each entry has a lock file (``patches-<key>.lock``, ``flock``):
+readers hold it shared while they open the entry, the one writer holds it exclusively while it decodes, so a
+second process asking for the same entry waits and then reads what the first wrote instead of decoding it again.
+The writer maps its finished file before renaming it into place, so it never reopens a name that someone else may
+replace. A writer decodes into ``.patches-<key>.npy.<pid>.tmp``; a writer that was killed leaves that file behind,
+and the next load or :func:`prune_cache` removes it (it can tell, because the dead writer's lock is free).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import re
+import stat
 import threading
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -34,7 +44,11 @@ import pandas as pd
 
 from idc_helpers import PATCH_SIZE, __version__
 from idc_helpers.atomic import atomic_path, write_json
-from idc_helpers.patch_index import TRUNCATED, UNREADABLE, WRONG_SIZE, Problem
+from idc_helpers.errors import ExternalError, UserError
+from idc_helpers.patch_index import (
+    MAX_PATCH_FILE_BYTES, PNG_HEADER_BYTES, TRUNCATED, UNREADABLE, WRONG_SIZE, PatchFileError, Problem,
+    check_png_header,
+)
 
 # Bump when decoding (padding, colour handling) or the cache layout changes: old cache files then stop matching.
 CACHE_FORMAT = 1
@@ -46,11 +60,21 @@ _ROW_BYTES = PATCH_SIZE * PATCH_SIZE * 3
 _CHUNK_ROWS = 256
 _CACHE_PREFIX = "patches-"
 _STATS_SUFFIX = ".stats"  # (N, 2) int64 size and mtime_ns of each row's file, in .npy format
+_LOCK_SUFFIX = ".lock"
+# Temporary files of an entry: the writer's ``.patches-<key>.npy.<pid>[.compact].tmp`` and the small metadata
+# files' ``.patches-<key>.<json|stats>.<random>.tmp``.
+_TEMP_RE = re.compile(r"^\.patches-(?P<key>[0-9a-f]{32})\.(?:npy\.(?P<pid>\d+)\.(?:compact\.)?|(?:json|stats)\.).*tmp$")
+# Where locks do not work (some network file systems), a temporary file untouched this long has no live writer.
+_ORPHAN_SECONDS = 6 * 3600
 # First read per file: real patches are 2-10 kB, so one read gets all of it.
 _READ_BYTES = 1 << 16
+# An unwritable cache folder: sets up to this size are decoded into memory instead (with a warning).
+IN_MEMORY_FALLBACK_BYTES = 1 << 30
+
+_log = logging.getLogger(__name__)
 
 
-class PatchReadError(ValueError):
+class PatchReadError(UserError, ValueError):
     """A patch file that cannot be turned into a 50x50 RGB patch; ``path`` names it, ``kind`` says why."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str, kind: str = TRUNCATED) -> None:
@@ -61,6 +85,18 @@ class PatchReadError(ValueError):
 
     def to_problem(self) -> Problem:
         return Problem(self.path, self.kind, self.reason)
+
+
+class CacheError(UserError, OSError):
+    """The decoded-patch cache folder cannot be used (not writable, not a folder, inside the dataset)."""
+
+
+class CacheSpaceError(ExternalError, OSError):
+    """The disk of the cache folder has no room for the decoded patches; the message says how much is needed."""
+
+
+class CacheWarning(UserWarning):
+    """The cache could not be used and the patches were decoded into memory instead."""
 
 
 @dataclass
@@ -95,8 +131,28 @@ class LoadedPatches:
         test set, or for plotting. To train on a subset without copying, pass its positions as ``indices`` to
         :func:`idc_helpers.pipeline.make_dataset`, which reads batches straight from ``images``.
         """
-        positions = _positions(rows, len(self))
+        positions = check_rows(rows, len(self))
         return np.asarray(self.images[positions]), self.frame.iloc[positions].reset_index(drop=True)
+
+
+def check_rows(rows: np.ndarray | pd.Series | Sequence[int], n: int) -> np.ndarray:
+    """Row positions ``(k,) int64`` in ``[0, n)`` from a boolean mask of shape ``(n,)`` or integer positions.
+
+    Raises ``ValueError`` for a mask of another length, ``TypeError`` for other dtypes, ``IndexError`` for a
+    position outside ``[0, n)`` (negative positions are refused rather than counted from the end). An empty
+    selection is returned as it is; whether that is allowed is the caller's decision.
+    """
+    rows = np.asarray(rows)
+    if rows.dtype == bool:
+        if rows.shape != (n,):
+            raise ValueError(f"boolean mask has shape {rows.shape}; expected ({n},)")
+        return np.flatnonzero(rows)
+    if rows.size and not np.issubdtype(rows.dtype, np.integer):
+        raise TypeError(f"rows must be a boolean mask or integer positions, not {rows.dtype}")
+    positions = rows.astype(np.int64, copy=False).reshape(-1)
+    if positions.size and (positions.min() < 0 or positions.max() >= n):
+        raise IndexError(f"row positions must lie in [0, {n}), got {positions.min()}..{positions.max()}")
+    return positions
 
 
 def default_cache_dir() -> Path:
@@ -133,15 +189,16 @@ def read_patch(path: str | os.PathLike[str]) -> np.ndarray:
 
     Grayscale becomes 3 equal channels, 16-bit is scaled to 8-bit, and an alpha channel is composited onto white
     (transparent = glass background; for the opaque pixels of real patches this is the same as dropping alpha).
-    Raises :class:`PatchReadError` naming the file when it is missing, empty, truncated, not an image, or larger
-    than 50x50.
+    Raises :class:`PatchReadError` naming the file when it is missing, not a regular file, empty, truncated, not a
+    PNG, or larger than 50x50 (judged from its header, before decoding).
     """
     path = os.fspath(path)
     try:
-        data, _ = _read_file(path)
+        data, st = _read_file(path)
     except OSError as exc:
         raise PatchReadError(path, _unreadable(exc), UNREADABLE) from exc
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    _check_header(path, data, st.st_size)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     return _to_patch(img, path, len(data))
 
 
@@ -160,34 +217,37 @@ def load_patches(
     writes nothing (for small sets). ``workers``: decoding threads (default: twice the usable CPU cores, which
     measured fastest on 2 cores: the share of each decode that holds the GIL overlaps with other threads' decoding).
     ``progress``: show a progress bar while decoding.
-    Files that fail to decode (missing, empty, truncated or corrupt, larger than 50x50) are left out and listed in
+    Files that fail to decode (missing, empty, truncated or corrupt, not patch-sized) are left out and listed in
     ``problems``; the returned ``frame`` drops their rows so it stays aligned with ``images``.
+    Raises :class:`CacheError` when the cache folder cannot be used and the set is too large to decode into memory
+    instead (smaller sets are, with a :class:`CacheWarning`), :class:`CacheSpaceError` when its disk is too full.
     """
     paths = [p if type(p) is str else os.fspath(p) for p in frame["path"].tolist()]
-    n = len(paths)
-    if n == 0:
+    if not paths:
         return LoadedPatches(np.empty((0, *PATCH_SHAPE), np.uint8), frame.reset_index(drop=True))
     workers = _default_workers() if workers is None else max(1, int(workers))
-
     if not use_cache:
-        images = np.empty((n, *PATCH_SHAPE), np.uint8)
-        failures, _ = _decode_all(paths, workers, progress, sink=_memory_sink(images))
-        keep = _keep_mask(n, failures)
-        images = images[keep] if failures else images
-        return _result(images, frame, keep, failures, from_cache=False, cache_path=None)
-
+        return _load_in_memory(frame, paths, workers, progress)
     cache_dir = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()).absolute()
     _refuse_cache_inside_data(cache_dir, paths[0])
     npy = cache_dir / f"{_CACHE_PREFIX}{_entry_key(paths)}.npy"
-    cached = _open_cache(npy, paths)
-    if cached is not None:
-        images, failures = cached
-        _mark_used(npy)
-        return _result(images, frame, _keep_mask(n, failures), failures, from_cache=True, cache_path=npy)
-    failures = _write_cache(npy, paths, workers, progress)
-    prune_cache(cache_dir, keep=npy)
-    images = np.load(npy, mmap_mode="r") if n > len(failures) else np.empty((0, *PATCH_SHAPE), np.uint8)
-    return _result(images, frame, _keep_mask(n, failures), failures, from_cache=False, cache_path=npy)
+    cached = _open_cache_shared(npy, paths)
+    if cached is None:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            if not os.access(cache_dir, os.W_OK | os.X_OK):  # also a read-only file system, even for root
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        except OSError as exc:
+            return _fallback_in_memory(frame, paths, workers, progress, cache_dir, exc)
+        cached, images, failures = _write_entry(npy, paths, workers, progress)
+        if cached is None:
+            prune_cache(cache_dir, keep=npy)
+            return _result(images, frame, _keep_mask(len(paths), failures), failures, from_cache=False,
+                           cache_path=npy)
+    images, failures = cached
+    _mark_used(npy)
+    remove_orphans(cache_dir)
+    return _result(images, frame, _keep_mask(len(paths), failures), failures, from_cache=True, cache_path=npy)
 
 
 def prune_cache(
@@ -196,46 +256,54 @@ def prune_cache(
     max_bytes: int | None = None,
     keep: Path | None = None,
 ) -> int:
-    """Delete the least recently used cache entries until the rest take at most ``max_bytes``; returns bytes freed.
+    """Remove what interrupted loads left behind, then delete the least recently used cache entries until the rest
+    take at most ``max_bytes``; returns the bytes freed.
 
     Every distinct index (another subset of patients, another seed's sample) gets its own entry of 7.5 kB per
     patch, so experiments on the full dataset would otherwise fill the disk 2 GB at a time. ``max_bytes`` defaults
-    to ``$IDC_CACHE_MAX_GB`` (in GB) or 20 GB. ``keep`` (an entry's ``.npy``) is never deleted. Runs after each new
-    entry is written; an entry in use elsewhere stays readable where it is mapped (POSIX unlink semantics).
+    to ``$IDC_CACHE_MAX_GB`` (in GB) or 20 GB. ``keep`` (an entry's ``.npy``) is never deleted, nor is an entry
+    that another process is writing or opening at that moment; the files of a write in progress count towards the
+    budget. Runs after each new entry is written; an entry in use elsewhere stays readable where it is mapped
+    (POSIX unlink semantics).
     """
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if max_bytes is None:
         max_bytes = int(float(os.environ.get("IDC_CACHE_MAX_GB", "20")) * 1e9)
-    entries = []
-    for npy in folder.glob(f"{_CACHE_PREFIX}*.npy"):
-        parts = [npy.with_suffix(suffix) for suffix in (".npy", ".json", _STATS_SUFFIX)]
-        try:
-            last_used = parts[1].stat().st_mtime_ns
-        except OSError:
-            last_used = 0  # metadata missing: an incomplete entry, the first to go
-        entries.append((last_used, sum(_size_or_zero(part) for part in parts), npy))
-    total = sum(size for _, size, _ in entries)
-    freed = 0
+    freed = remove_orphans(folder)
+    entries, in_progress = _cache_entries(folder)
+    total = in_progress + sum(size for _, size, _ in entries)
     for _, size, npy in sorted(entries):  # oldest first
-        if total - freed <= max_bytes:
+        if total <= max_bytes:
             break
         if keep is not None and npy == keep:
             continue
-        try:
-            npy.unlink()
-            npy.with_suffix(".json").unlink(missing_ok=True)
-            npy.with_suffix(_STATS_SUFFIX).unlink(missing_ok=True)
-        except OSError:
-            continue
-        freed += size
+        if _delete_entry(npy):
+            total -= size
+            freed += size
     return freed
 
 
-def _size_or_zero(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+def remove_orphans(cache_dir: str | os.PathLike[str] | None = None) -> int:
+    """Delete the temporary files that killed or crashed loads left in ``cache_dir``; returns the bytes freed.
+
+    A temporary file is an orphan when no process holds its entry's lock (a writer's lock ends with the writer,
+    however it ends); where locks do not work, when its writer's pid is gone or it has not changed for 6 hours.
+    Files of a write in progress are left alone.
+    """
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    by_key: dict[str, list[tuple[Path, re.Match]]] = {}
+    for path, match in _temp_files(folder):
+        by_key.setdefault(match["key"], []).append((path, match))
+    freed = 0
+    for key, temps in by_key.items():
+        with _locked(folder / f"{_CACHE_PREFIX}{key}{_LOCK_SUFFIX}", fcntl.LOCK_EX, blocking=False) as held:
+            if held is False:
+                continue  # a live writer
+            for path, match in temps:
+                if held or _writer_gone(path, match):
+                    freed += _size_or_zero(path)
+                    path.unlink(missing_ok=True)
+    return freed
 
 
 def clear_cache(cache_dir: str | os.PathLike[str] | None = None) -> int:
@@ -249,12 +317,34 @@ def clear_cache(cache_dir: str | os.PathLike[str] | None = None) -> int:
     removed = 0
     for entry in folder.iterdir():
         name = entry.name
-        ours = name.startswith(_CACHE_PREFIX) and name.endswith((".npy", ".json", _STATS_SUFFIX))
+        ours = name.startswith(_CACHE_PREFIX) and name.endswith((".npy", ".json", _STATS_SUFFIX, _LOCK_SUFFIX))
         leftover = name.startswith("." + _CACHE_PREFIX) and name.endswith(".tmp")
         if entry.is_file() and (ours or leftover):
             entry.unlink()
             removed += 1
     return removed
+
+
+def _load_in_memory(frame: pd.DataFrame, paths: list[str], workers: int, progress: bool) -> LoadedPatches:
+    n = len(paths)
+    images = np.empty((n, *PATCH_SHAPE), np.uint8)
+    failures, _ = _decode_all(paths, workers, progress, sink=_memory_sink(images))
+    keep = _keep_mask(n, failures)
+    images = images[keep] if failures else images
+    return _result(images, frame, keep, failures, from_cache=False, cache_path=None)
+
+
+def _fallback_in_memory(frame, paths, workers, progress, cache_dir: Path, exc: OSError) -> LoadedPatches:
+    """The cache folder cannot be written: decode into memory when that is small, else one clear error."""
+    needed = len(paths) * _ROW_BYTES
+    reason = f"The decoded-patch cache folder {cache_dir} cannot be written ({exc.strerror or exc})"
+    fix = "pass --cache-dir DIR (or set IDC_CACHE_DIR; cache_dir= in Python) to a writable folder"
+    if needed > IN_MEMORY_FALLBACK_BYTES:
+        raise CacheError(f"{reason}. Decoding {len(paths):,} patches into memory instead would take "
+                         f"{_size_text(needed)}: {fix} with {_size_text(needed)} free.") from exc
+    warnings.warn(f"{reason}; decoding {len(paths):,} patches into memory ({_size_text(needed)}) instead. "
+                  f"To cache them, {fix}.", CacheWarning, stacklevel=3)
+    return _load_in_memory(frame, paths, workers, progress)
 
 
 # --- decoding -------------------------------------------------------------------------------------------------
@@ -304,20 +394,35 @@ def _read_file(path: str) -> tuple[bytes, os.stat_result]:
     """The whole file and its ``stat`` taken on the same open file, in few system calls (open, fstat, read, close).
 
     The size and mtime recorded for the cache are those of the bytes actually decoded: no window in which the file
-    could change between checking it and reading it.
+    could change between checking it and reading it. Opened non-blocking and refused unless it is a regular file,
+    so a named pipe in a patch's place cannot hang a load; of a file too large to be a patch only the first
+    64 kB are read (enough for its header check to refuse it).
     """
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
         data = os.read(fd, _READ_BYTES)
-        if len(data) == _READ_BYTES:  # larger than any real patch: read the rest
+        if len(data) == _READ_BYTES and st.st_size <= MAX_PATCH_FILE_BYTES:  # larger than most patches
             parts = [data]
             while part := os.read(fd, 1 << 20):
                 parts.append(part)
+                if sum(map(len, parts)) > MAX_PATCH_FILE_BYTES:  # grew while being read
+                    break
             data = b"".join(parts)
     finally:
         os.close(fd)
     return data, st
+
+
+def _check_header(path: str, data: bytes, file_size: int) -> None:
+    """Refuse, before decoding, what the header shows is not a patch (see ``patch_index.check_png_header``)."""
+    try:
+        check_png_header(data[:PNG_HEADER_BYTES], max(file_size, len(data)))
+    except PatchFileError as exc:
+        fix = "" if exc.kind == WRONG_SIZE else "; re-download the dataset or delete the file"
+        raise PatchReadError(path, exc.reason + fix, exc.kind) from None
 
 
 def _unreadable(exc: OSError) -> str:
@@ -347,7 +452,13 @@ def _decode_chunk(paths: Sequence[str], out: np.ndarray, stats: np.ndarray) -> l
             continue
         sizes.append(st.st_size)
         mtimes.append(st.st_mtime_ns)
-        img = decode(frombuffer(data, u8), unchanged) if data else None
+        try:
+            _check_header(path, data, st.st_size)
+        except PatchReadError as exc:
+            out[j] = BACKGROUND
+            failures.append((j, exc))
+            continue
+        img = decode(frombuffer(data, u8), unchanged)
         if img is not None and img.shape == PATCH_SHAPE and img.dtype == u8:
             cvt(img, bgr2rgb, dst=out[j])  # the common case: BGR to RGB straight into the output row
             continue
@@ -434,9 +545,9 @@ def _entry_key(paths: list[str]) -> str:
 def _file_stats(paths: list[str]) -> np.ndarray:
     """``(N, 2) int64`` (size, mtime_ns) of each file now; -1 for a file that cannot be stat'ed."""
     # One stat per file is the whole cost of a cached reload (a few microseconds each), so keep the loop bare.
-    stat = os.stat
+    stat_ = os.stat
     try:
-        stats = [stat(p) for p in paths]
+        stats = [stat_(p) for p in paths]
     except OSError:
         stats = [_stat_or_none(p) for p in paths]
     out = np.empty((len(paths), 2), np.int64)
@@ -450,6 +561,14 @@ def _stat_or_none(path: str) -> os.stat_result | None:
         return os.stat(path)
     except OSError:
         return None
+
+
+def _open_cache_shared(npy: Path, paths: list[str]):
+    """:func:`_open_cache` under the entry's shared lock, so that a writer of the entry is waited for."""
+    if not npy.is_file() and not npy.with_suffix(_LOCK_SUFFIX).exists():
+        return None  # never written, nobody writing: no lock file to make
+    with _locked(npy.with_suffix(_LOCK_SUFFIX), fcntl.LOCK_SH):
+        return _open_cache(npy, paths)
 
 
 def _open_cache(npy: Path, paths: list[str]) -> tuple[np.ndarray, list[tuple[int, PatchReadError]]] | None:
@@ -481,19 +600,28 @@ def _mark_used(npy: Path) -> None:
         pass
 
 
-def _write_cache(npy: Path, paths: list[str], workers: int, progress: bool) -> list[tuple[int, PatchReadError]]:
-    """Decode into a temporary ``.npy`` next to ``npy``, drop failed rows, write the metadata, rename into place."""
+def _write_entry(npy: Path, paths: list[str], workers: int, progress: bool):
+    """Write the entry under its exclusive lock; ``(cached, None, None)`` when another process wrote it meanwhile,
+    else ``(None, images, failures)`` with the images mapped from the new file."""
+    with _locked(npy.with_suffix(_LOCK_SUFFIX), fcntl.LOCK_EX) as held:
+        cached = _open_cache(npy, paths)
+        if cached is not None:
+            return cached, None, None
+        if held:  # nobody else can be writing this entry: its temporary files are a killed writer's
+            for path, _ in _temp_files(npy.parent, key=npy.stem[len(_CACHE_PREFIX):]):
+                path.unlink(missing_ok=True)
+        images, failures = _write_cache(npy, paths, workers, progress)
+    return None, images, failures
+
+
+def _write_cache(npy: Path, paths: list[str], workers: int, progress: bool):
+    """Decode into ``.patches-<key>.npy.<pid>.<thread>.tmp``, drop failed rows, map it, then publish it as ``npy``.
+
+    Returns ``(images, failures)``; ``images`` is mapped before the rename, so it stays valid whatever another
+    process does to the entry's name afterwards.
+    """
     n = len(paths)
-    try:
-        npy.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{npy.name}.", suffix=".tmp", dir=npy.parent)
-    except OSError as exc:
-        raise OSError(
-            f"Cannot write the decoded-patch cache in {npy.parent} ({exc.strerror}). Set IDC_CACHE_DIR or pass "
-            "cache_dir= to a writable folder with room for 7.5 kB per patch, or use_cache=False for small sets."
-        ) from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = npy.with_name(f".{npy.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         offset = _preallocate(tmp, n)
         fd = os.open(tmp, os.O_RDWR)
@@ -504,24 +632,32 @@ def _write_cache(npy: Path, paths: list[str], workers: int, progress: bool) -> l
         if failures:
             _drop_rows(tmp, _keep_mask(n, failures))
         _fsync(tmp)
-        meta = {
-            "format": CACHE_FORMAT,
-            "rows": n,
-            "images": n - len(failures),
-            "failed": [{"row": i, "path": e.path, "kind": e.kind, "message": e.reason} for i, e in failures],
-            "written_by": f"idc_helpers {__version__}",
-        }
-        # An older entry for the same paths (files changed since) goes first; then metadata, images last: the
-        # images' .npy appearing is what marks the entry complete, so a crash never pairs new metadata with old images.
-        npy.unlink(missing_ok=True)
-        with atomic_path(npy.with_suffix(_STATS_SUFFIX)) as stats_tmp, open(stats_tmp, "wb") as handle:
-            np.save(handle, stats)
-        write_json(npy.with_suffix(".json"), meta)
-        os.replace(tmp, npy)
+        images = np.load(tmp, mmap_mode="r") if n > len(failures) else np.empty((0, *PATCH_SHAPE), np.uint8)
+        _publish(npy, tmp, stats, failures)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _cache_write_error(exc, npy.parent, n * _ROW_BYTES) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return failures
+    return images, failures
+
+
+def _publish(npy: Path, tmp: Path, stats: np.ndarray, failures: list[tuple[int, PatchReadError]]) -> None:
+    """Older entry out, then the stats and metadata, the images last: the images' ``.npy`` appearing is what marks
+    the entry complete, so a crash never pairs new metadata with old images."""
+    meta = {
+        "format": CACHE_FORMAT,
+        "rows": len(stats),
+        "images": len(stats) - len(failures),
+        "failed": [{"row": i, "path": e.path, "kind": e.kind, "message": e.reason} for i, e in failures],
+        "written_by": f"idc_helpers {__version__}",
+    }
+    npy.unlink(missing_ok=True)
+    with atomic_path(npy.with_suffix(_STATS_SUFFIX)) as stats_tmp, open(stats_tmp, "wb") as handle:
+        np.save(handle, stats)
+    write_json(npy.with_suffix(".json"), meta)
+    os.replace(tmp, npy)
 
 
 def _preallocate(path: Path, n: int) -> int:
@@ -539,17 +675,49 @@ def _preallocate(path: Path, n: int) -> int:
     except AttributeError:  # not on this platform (macOS): the writes allocate as they go
         pass
     except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise OSError(
-                exc.errno,
-                f"Not enough disk space in {path.parent} for the decoded-patch cache ({n * _ROW_BYTES / 1e9:.1f} GB "
-                "needed). Free some space or point IDC_CACHE_DIR (or cache_dir=) to a larger disk.",
-            ) from exc
         if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
     finally:
         os.close(fd)
     return offset
+
+
+def _cache_write_error(exc: OSError, folder: Path, needed: int) -> OSError:
+    """The one-line error for a failed cache write: disk full (how much is needed and free), folder unusable, or
+    the original error when it is neither."""
+    # numpy reports a short write on a full disk as "N requested and M written", without an errno.
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "requested and" in str(exc):
+        error = CacheSpaceError(
+            f"Not enough disk space in {folder} for the decoded-patch cache: {_size_text(needed)} needed, "
+            f"{_size_text(_free_bytes(folder))} free. Free some space, or pass --cache-dir DIR (or set "
+            "IDC_CACHE_DIR) to a disk with more room."
+        )
+        error.errno = errno.ENOSPC
+        return error
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+        error = CacheError(
+            f"The decoded-patch cache folder {folder} cannot be written ({exc.strerror}): pass --cache-dir DIR "
+            "(or set IDC_CACHE_DIR; cache_dir= in Python) to a writable folder."
+        )
+        error.errno = exc.errno
+        return error
+    return exc
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _size_text(n_bytes: int) -> str:
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:.1f} GB"
+    if n_bytes >= 1e6:
+        return f"{n_bytes / 1e6:.0f} MB"
+    return f"{n_bytes / 1e3:.0f} kB"
 
 
 def _drop_rows(path: Path, keep: np.ndarray) -> None:
@@ -562,7 +730,7 @@ def _drop_rows(path: Path, keep: np.ndarray) -> None:
     source_offset = int(source.offset)
     del source
     positions = np.flatnonzero(keep)
-    compact = path.with_name(path.name + ".compact.tmp")
+    compact = path.with_name(path.name[:-len(".tmp")] + ".compact.tmp")
     try:
         target_offset = _preallocate(compact, len(positions))
         runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1) if len(positions) else []
@@ -602,10 +770,128 @@ def _refuse_cache_inside_data(cache_dir: Path, first_path: str) -> None:
         return
     data_root = parents[2]
     if cache_dir == data_root or data_root in cache_dir.parents:
-        raise ValueError(
+        raise CacheError(
             f"The cache folder {cache_dir} is inside the dataset folder {data_root}; the source data is never "
-            "written to. Choose a cache folder elsewhere (IDC_CACHE_DIR or cache_dir=)."
+            "written to. Choose a cache folder elsewhere (--cache-dir or IDC_CACHE_DIR; cache_dir= in Python)."
         )
+
+
+# --- locks, orphans, pruning ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(path: Path, mode: int, blocking: bool = True) -> Iterator[bool | None]:
+    """Hold ``flock(mode)`` on the lock file ``path`` for the ``with`` block.
+
+    Yields ``True`` while held, ``False`` when it is busy and ``blocking`` is false, ``None`` when no lock can be had
+    (a read-only folder without the lock file, a file system without locks): the caller goes on unlocked.
+    """
+    fd, state = _acquire(path, mode, blocking)
+    try:
+        yield state
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _acquire(path: Path, mode: int, blocking: bool) -> tuple[int | None, bool | None]:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                return None, None
+        try:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not blocking:
+                    os.close(fd)
+                    return None, False
+                _log.warning("waiting for another process that is writing the cache entry %s", path.with_suffix(".npy"))
+                fcntl.flock(fd, mode)
+        except OSError:  # no locks on this file system
+            os.close(fd)
+            return None, None
+        except BaseException:
+            os.close(fd)
+            raise
+        # The lock file may have been deleted (by prune_cache, holding it) between our open and our flock: then
+        # the lock we hold guards nothing; take the new file's instead.
+        try:
+            now, ours = os.stat(path), os.fstat(fd)
+            if (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino):
+                return fd, True
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _temp_files(folder: Path, key: str | None = None) -> list[tuple[Path, re.Match]]:
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        match = _TEMP_RE.match(name)
+        if match is not None and (key is None or match["key"] == key):
+            found.append((folder / name, match))
+    return found
+
+
+def _writer_gone(path: Path, match: re.Match) -> bool:
+    """Without a lock to ask: the writer named in the file name is gone, or the file has not changed for hours."""
+    if match["pid"] is not None:
+        try:
+            os.kill(int(match["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, OverflowError):
+            pass
+    try:
+        return time.time() - path.stat().st_mtime > _ORPHAN_SECONDS
+    except OSError:
+        return False
+
+
+def _cache_entries(folder: Path) -> tuple[list[tuple[int, int, Path]], int]:
+    """``(last_used_ns, bytes, npy)`` of each entry, and the bytes of temporary files still being written."""
+    entries = []
+    for npy in folder.glob(f"{_CACHE_PREFIX}*.npy"):
+        parts = [npy.with_suffix(suffix) for suffix in (".npy", ".json", _STATS_SUFFIX)]
+        try:
+            last_used = parts[1].stat().st_mtime_ns
+        except OSError:
+            last_used = 0  # metadata missing: an incomplete entry, the first to go
+        entries.append((last_used, sum(_size_or_zero(part) for part in parts), npy))
+    return entries, sum(_size_or_zero(path) for path, _ in _temp_files(folder))
+
+
+def _delete_entry(npy: Path) -> bool:
+    """Delete an entry unless another process holds its lock (writing it, or opening it right now)."""
+    lock = npy.with_suffix(_LOCK_SUFFIX)
+    with _locked(lock, fcntl.LOCK_EX, blocking=False) as held:
+        if held is False:
+            return False
+        try:
+            npy.unlink()
+            npy.with_suffix(".json").unlink(missing_ok=True)
+            npy.with_suffix(_STATS_SUFFIX).unlink(missing_ok=True)
+        except OSError:
+            return False
+        if held:
+            lock.unlink(missing_ok=True)  # while held: a process waiting on it notices and takes a new one
+    return True
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 # --- helpers --------------------------------------------------------------------------------------------------
@@ -628,14 +914,3 @@ def _keep_mask(n: int, failures: list[tuple[int, PatchReadError]]) -> np.ndarray
 def _result(images, frame, keep, failures, *, from_cache: bool, cache_path: Path | None) -> LoadedPatches:
     kept = frame.reset_index(drop=True) if keep.all() else frame.loc[keep].reset_index(drop=True)
     return LoadedPatches(images, kept, [exc.to_problem() for _, exc in failures], from_cache, cache_path)
-
-
-def _positions(rows, n: int) -> np.ndarray:
-    rows = np.asarray(rows)
-    if rows.dtype == bool:
-        if rows.shape != (n,):
-            raise ValueError(f"boolean mask has shape {rows.shape}; expected ({n},)")
-        return np.flatnonzero(rows)
-    if rows.size and not np.issubdtype(rows.dtype, np.integer):
-        raise TypeError(f"rows must be a boolean mask or integer positions, not {rows.dtype}")
-    return rows.astype(np.int64, copy=False).reshape(-1)

@@ -287,7 +287,7 @@ def _resolve_root(root: str | os.PathLike[str]) -> Path:
     root = Path(root).expanduser().absolute()
     if not root.is_dir():
         raise DatasetFolderError(
-            f"Dataset folder not found: {_printable(str(root))}. Point to a folder in the Kaggle layout "
+            f"Dataset folder not found: {printable(str(root))}. Point to a folder in the Kaggle layout "
             "(<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<C>.png): download it with "
             "`python -m idc_helpers download`, or write a synthetic demo with "
             "`python -m idc_helpers demo-data --out DIR`."
@@ -309,8 +309,8 @@ def _scan_root(root: Path, read_headers: bool) -> tuple[list[tuple], list[Proble
                 problems.append(Problem(entry.path, UNEXPECTED, "folder name is not a numeric patient id; skipped"))
     if not patient_dirs:
         raise DatasetFolderError(
-            f"No patient folders in {_printable(str(root))}: expected numeric folders such as "
-            f"{_printable(str(root / '8863'))} holding 0/ and 1/. Is this the right folder? The Kaggle archive "
+            f"No patient folders in {printable(str(root))}: expected numeric folders such as "
+            f"{printable(str(root / '8863'))} holding 0/ and 1/. Is this the right folder? The Kaggle archive "
             "unpacks to one folder per patient."
         )
     rows: list[tuple] = []
@@ -364,7 +364,7 @@ def _not_a_regular_file(entry: os.DirEntry) -> str | None:
 
 def _check_file(entry: os.DirEntry, patient: str, folder_label: int, read_headers: bool):
     if not _is_utf8(entry.name):
-        return None, Problem(entry.path, MISNAMED, f"the name {_printable(entry.name)!r} is not valid UTF-8; rename "
+        return None, Problem(entry.path, MISNAMED, f"the name {printable(entry.name)!r} is not valid UTF-8; rename "
                                                    "it to <patient>_idx5_x<X>_y<Y>_class<0|1>.png or remove it")
     parsed = parse_patch_name(entry.name)
     if parsed is None:
@@ -439,6 +439,6 @@ def _is_utf8(name: str) -> bool:
     return True
 
 
-def _printable(text: str) -> str:
-    """``text`` safe to print and encode: undecodable bytes of a file name shown as ``\\xNN``."""
+def printable(text: str) -> str:
+    """``text`` (a path or name) safe to print and encode: bytes that are not UTF-8 shown as ``\\xNN``."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -12,9 +18,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import patch_name, write_patch
+from conftest import REPO_ROOT, patch_name, write_patch
 from idc_helpers import loader
-from idc_helpers.patch_index import TRUNCATED, UNREADABLE, build_index
+from idc_helpers.errors import ExternalError, UserError
+from idc_helpers.patch_index import EMPTY, NOT_PNG, TRUNCATED, UNREADABLE, build_index
+from test_patch_index import _run_with_alarm, make_png
 
 RGB = (200, 100, 50)
 
@@ -168,7 +176,7 @@ def test_second_load_hits_the_cache(tiny_dataset, tmp_cache):
     assert isinstance(second.images, np.memmap) and not second.images.flags.writeable
     entry = first.cache_path
     assert sorted(p.name for p in tmp_cache.iterdir()) == sorted(
-        [entry.name, entry.with_suffix(".json").name, entry.with_suffix(".stats").name]
+        [entry.name, entry.with_suffix(".json").name, entry.with_suffix(".stats").name, entry.with_suffix(".lock").name]
     )  # no temporary files left behind
 
 
@@ -209,7 +217,7 @@ def test_source_folder_is_not_modified(tiny_dataset, tmp_cache):
 
 def test_cache_inside_the_data_folder_is_refused(tiny_dataset):
     frame = build_index(tiny_dataset).frame
-    with pytest.raises(ValueError, match="inside the dataset folder"):
+    with pytest.raises(loader.CacheError, match="inside the dataset folder"):
         loader.load_patches(frame, cache_dir=tiny_dataset / ".cache")
     assert not (tiny_dataset / ".cache").exists()
 
@@ -242,7 +250,7 @@ def test_empty_missing_and_oversized_files_are_reported(tiny_dataset, tmp_path):
     frame = _frame_of([good[0], empty, good[1], gone, big, good[2]])
     loaded = loader.load_patches(frame, cache_dir=tmp_path / "cache")
     kinds = {Path(p.path).name: p.kind for p in loaded.problems}
-    assert kinds == {"empty.png": TRUNCATED, "gone.png": UNREADABLE, "big.png": loader.WRONG_SIZE}
+    assert kinds == {"empty.png": EMPTY, "gone.png": UNREADABLE, "big.png": loader.WRONG_SIZE}
     assert list(loaded.frame["path"]) == [str(p) for p in good]
     for i, path in enumerate(good):
         assert np.array_equal(loaded.images[i], loader.read_patch(path))
@@ -293,7 +301,7 @@ def test_interrupted_load_leaves_no_cache(tiny_dataset, tmp_cache, monkeypatch):
     monkeypatch.setattr(loader, "_decode_chunk", boom)
     with pytest.raises(KeyboardInterrupt):
         loader.load_patches(frame)
-    assert list(tmp_cache.iterdir()) == []
+    assert [p.suffix for p in tmp_cache.iterdir()] == [".lock"]  # no images, no temporary file
     monkeypatch.undo()
     assert not loader.load_patches(frame, cache_dir=tmp_cache).from_cache
 
@@ -311,7 +319,7 @@ def test_select_and_clear_cache(tiny_dataset, tmp_cache):
     with pytest.raises(ValueError):
         loaded.select(mask[:5])
     (tmp_cache / "keep.txt").write_text("not ours")
-    assert loader.clear_cache() == 3
+    assert loader.clear_cache() == 4  # images, metadata, stats, lock
     assert [p.name for p in tmp_cache.iterdir()] == ["keep.txt"]
 
 
@@ -398,3 +406,258 @@ def test_crash_while_replacing_an_entry_never_serves_old_images(tiny_dataset, tm
     monkeypatch.undo()
     again = loader.load_patches(frame)
     assert not again.from_cache and (again.images[0] == 9).all()
+
+
+# --- hostile PNGs: refused from their header or decoded correctly, never a crash or a blow-up ----------------------
+
+
+@pytest.mark.parametrize(
+    "kind_of_lie, data, kind",
+    [
+        ("a 20000x20000 bomb", lambda: make_png(20000, 20000, rows=2000), loader.WRONG_SIZE),
+        ("bad IDAT checksum", lambda: make_png(50, 50, idat_crc_ok=False), TRUNCATED),
+        ("IDAT cut short", lambda: make_png(50, 50)[:-30], TRUNCATED),
+        ("bad IHDR checksum", lambda: make_png(50, 50, header_crc_ok=False), TRUNCATED),
+        ("JPEG bytes named .png", lambda: cv2.imencode(".jpg", np.zeros((50, 50, 3), np.uint8))[1].tobytes(), NOT_PNG),
+        ("6 MB of zeros", lambda: make_png(50, 50) + bytes(6 << 20), loader.WRONG_SIZE),
+    ],
+)
+def test_lying_pngs_are_refused_naming_the_file(tmp_path, kind_of_lie, data, kind):
+    bad = tmp_path / "liar.png"
+    bad.write_bytes(data())
+    with pytest.raises(loader.PatchReadError, match="liar.png") as info:
+        loader.read_patch(bad)
+    assert info.value.kind == kind
+    good = write_patch(tmp_path / "good.png", np.full((50, 50, 3), 40, np.uint8))
+    loaded = loader.load_patches(_frame_of([bad, good]), cache_dir=tmp_path / "cache")
+    assert [(p.path, p.kind) for p in loaded.problems] == [(str(bad), kind)]
+    assert len(loaded.images) == 1 and (loaded.images[0] == 40).all()
+
+
+def test_png_whose_data_inflates_beyond_its_header_decodes_to_its_header_size(tmp_path):
+    liar = tmp_path / "liar.png"
+    liar.write_bytes(make_png(50, 50, rows=200_000))  # 30 MB of rows behind a 50x50 header
+    patch = loader.read_patch(liar)
+    assert patch.shape == (50, 50, 3) and (patch == 0).all()
+
+
+@pytest.mark.parametrize("colour, depth", [(0, 16), (3, 4), (4, 8), (6, 16), (0, 1)])
+def test_other_png_types_decode(tmp_path, colour, depth):
+    path = tmp_path / "odd.png"
+    path.write_bytes(make_png(50, 42, colour=colour, depth=depth))
+    patch = loader.read_patch(path)
+    assert patch.shape == (50, 50, 3) and (patch[42:] == 255).all()
+
+
+def test_a_fifo_in_the_frame_does_not_hang_the_load(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    good = write_patch(tmp_path / "good.png", np.full((50, 50, 3), 40, np.uint8))
+    loaded = _run_with_alarm(lambda: loader.load_patches(_frame_of([fifo, good]), cache_dir=tmp_path / "cache"))
+    assert [(p.path, p.kind) for p in loaded.problems] == [(str(fifo), UNREADABLE)]
+    assert "not a regular file" in loaded.problems[0].message
+
+
+def test_path_that_is_not_utf8_loads(tmp_path):
+    raw = os.fsencode(tmp_path) + b"/caf\xe9.png"
+    with open(raw, "wb") as handle:
+        handle.write(cv2.imencode(".png", np.full((50, 50, 3), 7, np.uint8))[1].tobytes())
+    loaded = loader.load_patches(_frame_of([Path(os.fsdecode(raw))]), cache_dir=tmp_path / "cache")
+    assert loaded.problems == [] and (loaded.images[0] == 7).all()
+    assert loader.load_patches(_frame_of([Path(os.fsdecode(raw))]), cache_dir=tmp_path / "cache").from_cache
+
+
+# --- row positions -------------------------------------------------------------------------------------------------
+
+
+def test_check_rows():
+    assert loader.check_rows(np.array([True, False, True]), 3).tolist() == [0, 2]
+    assert loader.check_rows([2, 0], 3).tolist() == [2, 0] and loader.check_rows([], 3).size == 0
+    with pytest.raises(ValueError, match="shape"):
+        loader.check_rows(np.array([True]), 3)
+    with pytest.raises(IndexError, match=r"\[0, 3\)"):
+        loader.check_rows([3], 3)
+    with pytest.raises(IndexError):
+        loader.check_rows([-1], 3)  # not counted from the end
+    with pytest.raises(TypeError):
+        loader.check_rows([0.5], 3)
+
+
+# --- unusable cache folders and full disks --------------------------------------------------------------------------
+
+
+def test_cache_folder_that_cannot_be_made_falls_back_to_memory(tiny_dataset, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    frame = build_index(tiny_dataset).frame
+    with pytest.warns(loader.CacheWarning, match="a_file/cache.*cannot be written.*--cache-dir"):
+        loaded = loader.load_patches(frame, cache_dir=blocker / "cache")
+    assert loaded.cache_path is None and len(loaded.images) == 36
+    assert np.array_equal(loaded.images[:, 0, 0], _expected_encoding(loaded.frame))
+
+
+def test_cache_folder_that_cannot_be_made_is_one_clear_error_for_large_sets(tiny_dataset, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setattr(loader, "IN_MEMORY_FALLBACK_BYTES", 1000)  # as if the set were larger than memory allows
+    with pytest.raises(loader.CacheError, match="a_file/cache cannot be written.*--cache-dir.*IDC_CACHE_DIR") as info:
+        loader.load_patches(build_index(tiny_dataset).frame, cache_dir=blocker / "cache")
+    assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+@pytest.fixture()
+def small_mount(tmp_path):
+    """A tmpfs of 100 kB of our own (needs root and mount rights; skipped where they are missing)."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+
+    def make(options: str) -> Path:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+        return mount
+
+    yield make
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_read_only_cache_folder_falls_back_to_memory(tiny_dataset, small_mount):
+    mount = small_mount("size=1m,ro")
+    with pytest.warns(loader.CacheWarning, match=f"{mount}.*cannot be written"):
+        loaded = loader.load_patches(build_index(tiny_dataset).frame, cache_dir=mount)
+    assert loaded.cache_path is None and len(loaded.images) == 36
+
+
+def test_full_disk_says_how_much_is_needed_and_free(tiny_dataset, small_mount):
+    mount = small_mount("size=100k")
+    with pytest.raises(loader.CacheSpaceError) as info:
+        loader.load_patches(build_index(tiny_dataset).frame, cache_dir=mount)
+    message = str(info.value)
+    assert isinstance(info.value, ExternalError) and str(mount) in message
+    assert re.search(r"270 kB needed, (9\d|10\d) kB free", message), message
+    assert "--cache-dir" in message and "\n" not in message
+    assert [p.name for p in mount.iterdir() if p.suffix != ".lock"] == []  # nothing half-written left
+
+
+# --- processes sharing a cache: a killed writer, a stalled writer ---------------------------------------------------
+
+_WRITER = """
+import json, sys
+import numpy as np, pandas as pd
+from idc_helpers import loader
+paths = sorted(str(p) for p in __import__("pathlib").Path(sys.argv[1]).glob("*.png"))
+loaded = loader.load_patches(pd.DataFrame({"path": paths}), cache_dir=sys.argv[2], workers=1)
+n = len(loaded.images)
+ok = all(np.array_equal(loaded.images[i], loader.read_patch(paths[i])) for i in (0, n // 2, n - 1))
+print(json.dumps({"from_cache": loaded.from_cache, "n": n, "ok": ok}))
+"""
+_N_LINKS = 20_000  # a few seconds of decoding on one thread: time to catch the writer in the middle
+
+
+@pytest.fixture(scope="module")
+def many_patches(tmp_path_factory) -> Path:
+    """20,000 hard links to one noisy 50x50 patch (made in well under a second; 150 MB once decoded)."""
+    folder = tmp_path_factory.mktemp("many")
+    source = write_patch(folder / "00000.png", np.random.default_rng(0).integers(0, 256, (50, 50, 3), np.uint8))
+    for i in range(1, _N_LINKS):
+        os.link(source, folder / f"{i:05d}.png")
+    return folder
+
+
+def _start_writer(folder: Path, cache: Path, stderr=subprocess.PIPE) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _WRITER, str(folder), str(cache)], cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def _temps(cache: Path) -> list[Path]:
+    return sorted(cache.glob(".patches-*.tmp")) if cache.is_dir() else []
+
+
+def _decoding(cache: Path) -> list[Path]:
+    """The temporary files that have their full (preallocated) size: the writer is decoding into them."""
+    return [p for p in _temps(cache) if p.exists() and p.stat().st_size >= _N_LINKS * 7500]
+
+
+def _wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        if proc.poll() is not None:
+            pytest.fail(f"the writer ended before {what}: {proc.communicate()}")
+        time.sleep(0.002)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _kill_mid_write(folder: Path, cache: Path) -> Path:
+    writer = _start_writer(folder, cache)
+    orphan = _wait_until(lambda: _decoding(cache), writer, "the cache write started")[0]
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.communicate()
+    assert orphan.exists() and orphan.stat().st_size >= _N_LINKS * 7500  # the preallocated size, leaked
+    return orphan
+
+
+def test_killed_cache_write_leaves_nothing_once_the_next_load_or_prune_runs(many_patches, tiny_dataset, tmp_path):
+    cache = tmp_path / "cache"
+    orphan = _kill_mid_write(many_patches, cache)
+    assert f".{os.getpid()}." not in orphan.name and re.search(r"\.npy\.\d+\.", orphan.name)  # the writer's pid
+    # Another entry's load removes it (its writer's lock is free) ...
+    other = loader.load_patches(build_index(tiny_dataset).frame, cache_dir=cache)
+    assert _temps(cache) == [] and not other.from_cache
+    # ... and so does a load of the same entry, which then writes a valid cache.
+    _kill_mid_write(many_patches, cache)
+    frame = _frame_of(sorted(many_patches.glob("*.png")))
+    loaded = loader.load_patches(frame, cache_dir=cache)
+    assert _temps(cache) == [] and not loaded.from_cache and len(loaded.images) == _N_LINKS
+    assert loader.load_patches(frame, cache_dir=cache).from_cache
+
+
+def test_prune_counts_orphans_and_never_keeps_one_over_a_valid_entry(tiny_dataset, many_patches, tmp_path):
+    cache = tmp_path / "cache"
+    valid = loader.load_patches(build_index(tiny_dataset).frame, cache_dir=cache)
+    orphan = _kill_mid_write(many_patches, cache)
+    entry_bytes = sum(valid.cache_path.with_suffix(s).stat().st_size for s in (".npy", ".json", ".stats"))
+    orphan_bytes = orphan.stat().st_size
+    freed = loader.prune_cache(cache, max_bytes=entry_bytes + 1000)  # room for the valid entry, not the orphan
+    assert freed == orphan_bytes
+    assert not orphan.exists() and valid.cache_path.exists()
+    assert loader.load_patches(build_index(tiny_dataset).frame, cache_dir=cache).from_cache
+
+
+def test_two_writers_of_one_entry_one_stalled(many_patches, tmp_path):
+    cache = tmp_path / "cache"
+    first = _start_writer(many_patches, cache)
+    _wait_until(lambda: _decoding(cache), first, "the first writer started")
+    os.kill(first.pid, signal.SIGSTOP)  # stalled in the middle of its write, holding the entry
+    log = tmp_path / "second.err"
+    try:
+        with open(log, "w") as err:
+            second = _start_writer(many_patches, cache, stderr=err)
+            _wait_until(lambda: "waiting for another process" in log.read_text(), second,
+                        "the second writer found the entry busy")
+        time.sleep(1.0)
+        assert len(_temps(cache)) == 1  # the second waits instead of decoding the same files again
+        assert second.poll() is None
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    out_first, err_first = first.communicate(timeout=300)
+    out_second, _ = second.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, (err_first, log.read_text())
+    a, b = json.loads(out_first.splitlines()[-1]), json.loads(out_second.splitlines()[-1])
+    assert a == {"from_cache": False, "n": _N_LINKS, "ok": True}
+    assert b == {"from_cache": True, "n": _N_LINKS, "ok": True}  # read what the first wrote
+    assert _temps(cache) == [] and len(list(cache.glob("patches-*.npy"))) == 1
+
+
+def test_two_writers_of_different_entries_and_a_pruner_never_crash(many_patches, tiny_dataset, tmp_path):
+    # Two entries written at once while a third process prunes with a budget of nothing: every load still succeeds,
+    # because each process maps its file before anyone can delete or replace the name.
+    cache = tmp_path / "cache"
+    writers = [_start_writer(many_patches, cache), _start_writer(tiny_dataset / "101" / "0", cache)]
+    for _ in range(20):
+        loader.prune_cache(cache, max_bytes=0)
+        time.sleep(0.05)
+    results = [json.loads(w.communicate(timeout=300)[0].splitlines()[-1]) for w in writers]
+    assert all(r["ok"] for r in results) and results[0]["n"] == _N_LINKS and results[1]["n"] == 9
