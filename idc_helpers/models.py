@@ -87,6 +87,30 @@ def precision_policy(mixed_precision: bool | str | None = None) -> str:
     return "mixed_float16" if capability >= (7, 0) else "float32"
 
 
+def augmentation_placement(placement: str | None = None) -> str:
+    """Where training augments: ``"pipeline"`` (the CPU's tf.data workers, :func:`idc_helpers.pipeline.make_dataset`)
+    or ``"model"`` (a :class:`TrainingAugmentation` layer, on the accelerator).
+
+    ``placement``: one of those, or ``None``/``"auto"``; ``None`` first reads the environment variable
+    ``IDC_AUGMENT_ON``. Automatic: ``"model"`` when a GPU is visible (a 2-core pipeline augments far fewer
+    patches/s than it gathers raw ones, see ``python -m idc_helpers.bench speed``), else ``"pipeline"`` (on a CPU
+    both compete for the same cores and measured alike).
+    """
+    word = (os.environ.get("IDC_AUGMENT_ON", "auto") if placement is None else placement).strip().lower()
+    if word in ("pipeline", "model"):
+        return word
+    if word not in ("auto", ""):
+        raise UserError(f"unknown augmentation placement {word!r} (from IDC_AUGMENT_ON or placement=); "
+                        "use pipeline, model or auto")
+    return "model" if _has_gpu() else "pipeline"
+
+
+def _has_gpu() -> bool:
+    import tensorflow as tf
+
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
 def _gpu_compute_capability() -> tuple[int, int]:
     """The lowest compute capability of the visible GPUs, ``(0, 0)`` without one."""
     import tensorflow as tf

@@ -188,3 +188,18 @@ def test_training_augmentation_layer_is_seeded_by_its_batch_count(tmp_path):
     assert loaded.get_layer("augment").strength == "strong"
     np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), rtol=1e-6)
     assert "augment" not in [layer.name for layer in build_model("seed_cnn").layers]
+
+
+def test_augmentation_placement(monkeypatch):
+    import tensorflow as tf
+
+    from idc_helpers.models import augmentation_placement
+
+    monkeypatch.delenv("IDC_AUGMENT_ON", raising=False)
+    assert augmentation_placement() == ("model" if tf.config.list_physical_devices("GPU") else "pipeline")
+    assert augmentation_placement("model") == "model"
+    monkeypatch.setenv("IDC_AUGMENT_ON", "pipeline")
+    assert augmentation_placement() == "pipeline" and augmentation_placement("model") == "model"
+    monkeypatch.setenv("IDC_AUGMENT_ON", "gpu")
+    with pytest.raises(UserError, match="IDC_AUGMENT_ON"):
+        augmentation_placement()
