@@ -38,6 +38,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -187,7 +188,9 @@ def _current_env_kernel_manager():
     """
     import ipykernel.kernelspec
     from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+    from jupyter_client.localinterfaces import localhost
     from jupyter_client.manager import KernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
     from traitlets import default
 
     class CurrentEnvKernelSpecManager(KernelSpecManager):
@@ -203,6 +206,16 @@ def _current_env_kernel_manager():
         def _default_transport(self):
             # Local sockets where there are any: nothing listens on the network (and ipykernel does not warn).
             return "ipc" if os.name == "posix" else "tcp"
+
+        @default("ip")
+        def _default_ip(self):
+            # jupyter_client would put the socket files beside the kernel's working directory (the notebooks'
+            # folder); the runtime folder is Jupyter's place for them, and they are removed with the kernel.
+            if self.transport != "ipc":
+                return localhost()
+            runtime = jupyter_runtime_dir()
+            os.makedirs(runtime, exist_ok=True)
+            return os.path.join(runtime, f"idc-kernel-{uuid.uuid4().hex[:12]}-ipc")
 
     return CurrentEnvKernelManager
 

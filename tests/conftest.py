@@ -14,20 +14,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_SAMPLE = Path(os.environ.get("IDC_SAMPLE_DIR", REPO_ROOT.parent / "shared" / "data" / "idc_sample"))
 
 
-# What a build of the package reads: copied for install tests, so that no build output lands in the checkout.
-BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "requirements.txt", "colab_setup.sh",
-                "idc_helpers", "notebooks")
+# What a build of the package and colab_setup.sh read: copied for install tests, so that no build output lands in
+# the checkout (and nothing else that happens to lie in it is copied).
+BUILD_FILES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "requirements.txt", "colab_setup.sh",
+               "idc_helpers/**/*.py", "notebooks/*.ipynb", "notebooks/params/*.yaml")
 
 
 def copy_checkout(dest: Path) -> Path:
     """Copy the files a build and ``colab_setup.sh`` need (the working tree's, committed or not) into ``dest``."""
-    dest.mkdir(parents=True)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".ipynb_checkpoints")
-    for name in BUILD_INPUTS:
-        if (REPO_ROOT / name).is_dir():
-            shutil.copytree(REPO_ROOT / name, dest / name, ignore=ignore)
-        else:
-            shutil.copy2(REPO_ROOT / name, dest / name)
+    for pattern in BUILD_FILES:
+        for path in REPO_ROOT.glob(pattern):
+            target = dest / path.relative_to(REPO_ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
     return dest
 
 

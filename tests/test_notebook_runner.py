@@ -101,6 +101,9 @@ def toy_series(tmp_path) -> Path:
     write_notebook(folder / "02_b.ipynb", "OUT_DIR = None\nRUN_DIR = None\nEPOCHS = 9",
                    "from pathlib import Path\nPath(RUN_DIR).mkdir()\nPath(RUN_DIR, 'epochs.txt').write_text(str(EPOCHS))")
     write_notebook(folder / "03_fails.ipynb", "OUT_DIR = None", "x = 1", "raise ValueError('boom in the body')")
+    # Lists the folder while its kernel runs: the kernel's socket files must not be there.
+    write_notebook(folder / "04_cwd.ipynb", "OUT_DIR = None",
+                   "import os, json, pathlib\npathlib.Path(OUT_DIR, 'cwd.json').write_text(json.dumps(os.listdir('.')))")
     return folder
 
 
@@ -120,6 +123,9 @@ def test_runs_in_order_passes_paths_and_parameters(toy_series, tiny_dataset, tmp
     # The executed copies carry their outputs; the sources are untouched.
     assert nbformat.read(executed[1], as_version=4).cells[-1].execution_count is not None
     assert nbformat.read(toy_series / "02_b.ipynb", as_version=4).cells[-1].execution_count is None
+    cwd = run_notebooks(tmp_path / "out", data_dir=tiny_dataset, notebook_dir=toy_series, notebooks=["04_cwd"],
+                        log=messages.append)[0].parents[1]
+    assert not [n for n in json.loads((cwd / "cwd.json").read_text()) if "ipc" in n]  # no kernel sockets there
 
     # A second run goes to a new folder: the first run's RUN_DIR is never touched.
     again = run_notebooks(tmp_path / "out", data_dir=tiny_dataset, notebook_dir=toy_series, notebooks=["02_b"],
