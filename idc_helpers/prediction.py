@@ -160,7 +160,9 @@ def read_predictions(path: str | os.PathLike[str]) -> pd.DataFrame:
     if not path.is_file():
         raise PredictionsFileError(f"{path}: no such predictions file; write one with `python -m idc_helpers predict`.")
     try:
-        df = pd.read_csv(path, dtype=_DTYPES)
+        # round_trip: the probabilities read back are the very floats written (pandas 2's default parser can
+        # differ in the last bit, which could flip `pred` at the threshold).
+        df = pd.read_csv(path, dtype=_DTYPES, float_precision="round_trip")
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
         raise PredictionsError(f"{path}: not a predictions table written by `predict` ({exc})") from None
     return validate_predictions(df, source=str(path))
