@@ -25,6 +25,7 @@ import numpy as np
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.errors import UserError
+from idc_helpers.loader import check_rows
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -282,17 +283,7 @@ def _check_inputs(images, labels, indices) -> tuple[np.ndarray, np.ndarray | Non
         labels_arr = np.asarray(labels).astype(np.int32, copy=False).reshape(-1)
         if len(labels_arr) != n:
             raise PipelineArgumentError(f"labels has {len(labels_arr)} entries but images has {n} rows")
-    if indices is None:
-        positions = np.arange(n, dtype=np.int64)
-    else:
-        positions = np.asarray(indices)
-        if positions.dtype == bool:
-            if positions.shape != (n,):
-                raise PipelineArgumentError(f"boolean indices have shape {positions.shape}; expected ({n},)")
-            positions = np.flatnonzero(positions)
-        positions = positions.astype(np.int64, copy=False).reshape(-1)
-        if positions.size and (positions.min() < 0 or positions.max() >= n):
-            raise IndexError(f"indices must lie in [0, {n}), got {positions.min()}..{positions.max()}")
+    positions = np.arange(n, dtype=np.int64) if indices is None else check_rows(indices, n)
     if positions.size == 0:
         raise PipelineArgumentError("no rows to iterate over (indices is empty)")
     return images, labels_arr, positions
