@@ -37,6 +37,10 @@ MAX_SLIDE_SIDE = 50_000
 MAX_MOSAIC_PIXELS = 50_000_000
 
 
+# The words for a probability column on a figure.
+_VALUE_NAMES = {"prob_idc": "predicted IDC probability", "prob_idc_context": "IDC probability with slide context"}
+
+
 class SlideError(UserError, ValueError):
     """A slide cannot be built: unknown patient, missing or unreadable patch file, duplicate coordinates."""
 
@@ -287,7 +291,7 @@ def plot_slide(mosaic: SlideMosaic, *, ax: Axes | Sequence[Axes] | None = None,
             image = axis.imshow(shown, cmap="coolwarm" if split else "jet", norm=norm, alpha=0.75 if split else 0.6,
                                 extent=extent, interpolation="nearest")
             outline(axis, "black")
-            name = "predicted IDC probability" if mosaic.value_column == "prob_idc" else mosaic.value_column
+            name = _VALUE_NAMES.get(mosaic.value_column, mosaic.value_column)
             axis.set_title(title or (name[0].upper() + name[1:]
                                      + (f"\nred: called IDC (p >= {threshold:.2f}), blue: not" if split else "")))
             bar = fig.colorbar(image, ax=axis, label=name, shrink=0.8, pad=0.02)
@@ -320,8 +324,10 @@ def plot_raw_and_context(mosaic: SlideMosaic, table: pd.DataFrame, *, threshold:
     fig, axes = plt.subplots(1, 3, figsize=(3 * panel_width + 1.0, height + 1.2), layout="constrained")
     plot_slide(mosaic, ax=axes[:2], show=("truth", "prob"), threshold=threshold,
                title=f"Patch only (p >= {threshold:.2f} called IDC)")
-    plot_slide(with_values(mosaic, table, "prob_idc_context"), ax=axes[2], show=("prob",),
-               threshold=context_threshold,
-               title=f"With slide context: neighbours on the slide\n(p >= {context_threshold:.2f} called IDC)")
+    context = with_values(mosaic, table, "prob_idc_context")
+    same = bool(np.allclose(np.nan_to_num(context.prob), np.nan_to_num(mosaic.prob)))
+    plot_slide(context, ax=axes[2], show=("prob",), threshold=context_threshold,
+               title=f"With slide context: neighbours on the slide\n(p >= {context_threshold:.2f} called IDC)"
+               + ("\nidentical: no smoothing did better on the validation slides" if same else ""))
     fig.suptitle(f"Patient {mosaic.patient_id}")
     return fig

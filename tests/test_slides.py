@@ -240,7 +240,10 @@ def test_raw_and_context_maps_side_by_side(slide_table):
     fig = plot_raw_and_context(mosaic, table, threshold=0.5, context_threshold=0.4)
     titles = [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert titles[0].startswith("True IDC") and titles[1].startswith("Patch only")
-    assert titles[2].startswith("With slide context") and "0.40" in titles[2]
+    assert titles[2].startswith("With slide context") and "0.40" in titles[2] and "identical" not in titles[2]
+    same = plot_raw_and_context(mosaic, table.assign(prob_idc_context=table["prob_idc"]), threshold=0.5,
+                                context_threshold=0.5)
+    assert "identical: no smoothing did better" in [ax for ax in same.axes if ax.get_label() != "<colorbar>"][2].get_title()
     bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert [t.get_text() for t in bars[1].get_yticklabels()][1] == "threshold 0.40"
     plt.close("all")
