@@ -135,23 +135,28 @@ class LoadedPatches:
         return np.asarray(self.images[positions]), self.frame.iloc[positions].reset_index(drop=True)
 
 
+class RowSelectionError(UserError, IndexError, ValueError, TypeError):
+    """A selection of rows that does not fit the array: a mask of another length, positions out of range, or
+    values that are neither booleans nor integers (catchable as any of the builtin errors it once was)."""
+
+
 def check_rows(rows: np.ndarray | pd.Series | Sequence[int], n: int) -> np.ndarray:
     """Row positions ``(k,) int64`` in ``[0, n)`` from a boolean mask of shape ``(n,)`` or integer positions.
 
-    Raises ``ValueError`` for a mask of another length, ``TypeError`` for other dtypes, ``IndexError`` for a
-    position outside ``[0, n)`` (negative positions are refused rather than counted from the end). An empty
-    selection is returned as it is; whether that is allowed is the caller's decision.
+    Raises :class:`RowSelectionError` for a mask of another length, other dtypes, or a position outside
+    ``[0, n)`` (negative positions are refused rather than counted from the end). An empty selection is returned
+    as it is; whether that is allowed is the caller's decision.
     """
     rows = np.asarray(rows)
     if rows.dtype == bool:
         if rows.shape != (n,):
-            raise ValueError(f"boolean mask has shape {rows.shape}; expected ({n},)")
+            raise RowSelectionError(f"boolean mask has shape {rows.shape}; expected ({n},)")
         return np.flatnonzero(rows)
     if rows.size and not np.issubdtype(rows.dtype, np.integer):
-        raise TypeError(f"rows must be a boolean mask or integer positions, not {rows.dtype}")
+        raise RowSelectionError(f"rows must be a boolean mask or integer positions, not {rows.dtype}")
     positions = rows.astype(np.int64, copy=False).reshape(-1)
     if positions.size and (positions.min() < 0 or positions.max() >= n):
-        raise IndexError(f"row positions must lie in [0, {n}), got {positions.min()}..{positions.max()}")
+        raise RowSelectionError(f"row positions must lie in [0, {n}), got {positions.min()}..{positions.max()}")
     return positions
 
 

@@ -159,3 +159,39 @@ def test_gpu_check_runs_on_a_cpu_with_tiny_settings(tmp_path):
                               pipeline_batches=1, time_budget_s=0, placements=("model",))
     assert skipped["runs"] == [] and skipped["skipped"] == ["batch 32, augmentation in the model"]
     assert "Skipped for time" in skipped["markdown"]
+
+
+# --- loading benchmark ---------------------------------------------------------------------------------------------
+
+
+def test_full_size_tree_is_hard_links_under_new_patient_ids(tiny_dataset, tmp_path):
+    import os
+
+    from idc_helpers.bench import load
+    from idc_helpers.patch_index import build_index
+
+    frame = build_index(tiny_dataset).frame
+    root = load.make_full_size_tree(frame, tmp_path / "full", n_patches=100)
+    big = build_index(root)
+    assert big.problems == [] and len(big.frame) == 100  # valid names, no duplicate positions
+    assert big.frame["patient_id"].nunique() == 9  # 3 copies of the 3 patients (the third one partial)
+    first = big.frame.iloc[0]
+    assert os.stat(first["path"]).st_ino in {os.stat(p).st_ino for p in frame["path"]}
+
+
+def test_load_benchmark_runs_on_several_folders_and_prints_a_table(tiny_dataset, tmp_path, capsys):
+    import shutil
+
+    from idc_helpers.bench import load
+
+    other = tmp_path / "other"
+    shutil.move(str(tiny_dataset / "103"), other / "103")
+    out = tmp_path / "load.json"
+    assert load.main(["--data-dir", str(tiny_dataset), "--data-dir", str(other), "--repeats", "1",
+                      "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "## Loading benchmark" in text and "36 patches" in text
+    report = json.loads(out.read_text())
+    runs = report["results"][0]["runs"]
+    assert runs["first"][0]["decoded"] == 36 and runs["cached"][0]["decoded"] == 36
+    assert runs["plain"][0]["decoded"] == 36

@@ -481,6 +481,8 @@ def test_check_rows():
         loader.check_rows([-1], 3)  # not counted from the end
     with pytest.raises(TypeError):
         loader.check_rows([0.5], 3)
+    with pytest.raises(UserError):  # one line in the CLI, not a traceback
+        loader.check_rows([7], 3)
 
 
 # --- unusable cache folders and full disks --------------------------------------------------------------------------

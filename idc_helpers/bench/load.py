@@ -1,4 +1,4 @@
-"""Loading benchmark: ``python -m idc_helpers.bench load [--data-dir DIR] [--full-size] [--repeats N] [--out FILE]``.
+"""Loading benchmark: ``python -m idc_helpers.bench load [--data-dir DIR ...] [--full-size] [--repeats N] [--out FILE]``.
 
 Measures, on the same files in the same run: a plain single-threaded loop of ``cv2.imread`` (the baseline), the
 package's first load (``load_patches`` with an empty cache: decode in parallel, write the cache), and a cached
@@ -47,8 +47,9 @@ STEPS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print a Markdown table; returns 0."""
     parser = argparse.ArgumentParser(prog="python -m idc_helpers.bench load", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=None,
-                        help="dataset folder (default: $IDC_DATA_DIR, else ../shared/data/idc_sample)")
+    parser.add_argument("--data-dir", action="append", default=None, metavar="DIR",
+                        help="dataset folder; repeat for several, indexed as one "
+                             "(default: $IDC_DATA_DIR, else ../shared/data/idc_sample)")
     parser.add_argument("--full-size", action="store_true",
                         help=f"also run once on a synthetic tree of {FULL_SIZE_PATCHES:,} patches (temp folder)")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each step on the sample; best is reported")
@@ -65,16 +66,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from idc_helpers.patch_index import build_index
 
-    data_dir = _data_dir(args.data_dir)
-    if not data_dir.is_dir():
-        print(f"error: dataset folder not found: {data_dir}; pass --data-dir or set IDC_DATA_DIR", file=sys.stderr)
+    data_dirs = [Path(d) for d in args.data_dir] if args.data_dir else [_data_dir(None)]
+    missing = [str(d) for d in data_dirs if not d.is_dir()]
+    if missing:
+        print(f"error: dataset folder not found: {', '.join(missing)}; pass --data-dir or set IDC_DATA_DIR",
+              file=sys.stderr)
         return 2
     machine = machine_info()
     results = []
     index_start = time.perf_counter()
-    frame = build_index(data_dir).frame
+    frame = build_index(data_dirs).frame
     index_seconds = time.perf_counter() - index_start
-    results.append(_run_set(f"sample: {data_dir}", frame, index_seconds, args.repeats, args.workers))
+    title = f"sample: {', '.join(map(str, data_dirs))}"
+    results.append(_run_set(title, frame, index_seconds, args.repeats, args.workers))
     if args.full_size:
         with tempfile.TemporaryDirectory(prefix="idc_fullsize_") as tmp:
             made = time.perf_counter()
