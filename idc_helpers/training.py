@@ -300,17 +300,25 @@ class LoopState:
                    wait=int(data["wait"]), stopped=bool(data["stopped"]), seconds=float(data.get("seconds", 0.0)))
 
 
-def _model_state(model: keras.Model) -> dict[str, list]:
-    # Variables that model.save leaves out (the dropout layers' random-seed state): without them a resumed run
-    # would draw other dropout masks than an uninterrupted one.
+def _unsaved_variables(model: keras.Model) -> list:
+    # Variables that model.save leaves out: the dropout layers' random-seed state. Without them a resumed run
+    # would draw other dropout masks than an uninterrupted one. Their names change when a model is loaded in a
+    # process that built one before, their order does not.
     saved = {id(v) for v in model.weights}
-    return {v.path: np.asarray(v.numpy()).tolist() for v in model.variables if id(v) not in saved}
+    return [v for v in model.variables if id(v) not in saved]
 
 
-def _restore_model_state(model: keras.Model, state: Mapping[str, list]) -> None:
-    for v in model.variables:
-        if v.path in state:
-            v.assign(np.asarray(state[v.path], dtype=v.dtype))
+def _model_state(model: keras.Model) -> list[list]:
+    return [np.asarray(v.numpy()).tolist() for v in _unsaved_variables(model)]
+
+
+def _restore_model_state(model: keras.Model, state: Sequence[list]) -> None:
+    variables = _unsaved_variables(model)
+    if len(variables) != len(state):
+        raise RunFolderError(f"the checkpoint holds {len(state)} random-seed states where the model has "
+                             f"{len(variables)}; it was not written by this version: delete the partial run.")
+    for v, value in zip(variables, state):
+        v.assign(np.asarray(value, dtype=v.dtype))
 
 
 def _make_loop_callback(data: TrainingData, folder: Path, state: LoopState, patience: int, say):
@@ -379,7 +387,7 @@ def load_checkpoint(folder: Path) -> tuple[keras.Model, list[np.ndarray], LoopSt
         return None
     saved = read_json(folder / CHECKPOINT_STATE_FILE)
     model = keras.models.load_model(folder / saved["model"], compile=True)
-    _restore_model_state(model, saved.get("model_state", {}))
+    _restore_model_state(model, saved["model_state"])
     best = keras.models.clone_model(model)
     best.load_weights(folder / saved["best"])
     return model, best.get_weights(), LoopState.from_json(saved)

@@ -329,3 +329,24 @@ def test_a_run_killed_in_its_first_epoch_resumes_from_its_config(run, demo_dir, 
     assert resumed.split == run.split and resumed.metrics["epochs_run"] == run.metrics["epochs_run"]
     assert resumed.threshold == pytest.approx(run.threshold, abs=1e-5)
     assert not partial.exists()
+
+
+def test_a_resumed_idc_net_draws_the_same_dropout_masks(demo_dir, cache_dir, tmp_path, monkeypatch):
+    """idc_net's dropout draws from a random-seed state that model.save leaves out; the checkpoint keeps it."""
+    settings = {**QUICK, "model_name": "idc_net", "epochs": 2, "batch_size": 16}
+    whole = train(demo_dir, tmp_path / "whole", cache_dir=cache_dir, **settings)
+    real = training.save_checkpoint
+
+    def interrupt_after_epoch_1(folder, model, best_weights, state):
+        real(folder, model, best_weights, state)
+        if state.epochs_done == 1:
+            raise KeyboardInterrupt  # as Ctrl-C right after the checkpoint
+
+    monkeypatch.setattr(training, "save_checkpoint", interrupt_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(demo_dir, tmp_path / "resumed", cache_dir=cache_dir, **settings)
+    monkeypatch.setattr(training, "save_checkpoint", real)
+    resumed = train(None, tmp_path / "resumed", resume=True, cache_dir=cache_dir, verbose=0)
+    np.testing.assert_allclose(resumed.history["loss"], whole.history["loss"], atol=1e-5)
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
