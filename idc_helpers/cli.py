@@ -443,7 +443,9 @@ def run_slide(args: argparse.Namespace) -> int:
     width, height = mosaic.span
     print(f"Patient {mosaic.patient_id}: {mosaic.n_patches:,} patches, {mosaic.n_idc:,} IDC; "
           f"patches span {width}x{height} slide px; figure written to {out}"
-          + (f" (threshold {threshold:.3f} marked on the colour bar)" if threshold is not None else ""))
+          + ("" if threshold is None else f"; threshold {threshold:.3f} marked on the colour bar"
+             + ("" if args.threshold is not None else " (the lowest prob_idc the table calls IDC; --threshold "
+                "gives another)")))
     return 0
 
 

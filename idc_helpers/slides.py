@@ -298,9 +298,15 @@ def plot_slide(mosaic: SlideMosaic, *, ax: Axes | Sequence[Axes] | None = None,
             if split:
                 bar.set_ticks([0.0, threshold, 1.0], labels=["0", f"threshold {threshold:.2f}", "1"])
                 bar.ax.axhline(threshold, color="black", lw=2)
-            if idc.any():
-                axis.legend(handles=[Line2D([], [], color="black", lw=1.2, label="true IDC outline")],
-                            loc="upper right", fontsize="small")
+            handles = [Line2D([], [], color="black", lw=1.2, label="true IDC outline")] if idc.any() else []
+            called = np.nan_to_num(mosaic.prob, nan=0.0) >= threshold if split else np.zeros(1, dtype=bool)
+            if called.any():
+                # The decision beside the probability: pale patches just above the threshold are called IDC too.
+                axis.contour(gx, gy, called.astype(np.float32), levels=[0.5], colors="darkred", linewidths=1.2,
+                             linestyles="dashed")
+                handles.append(Line2D([], [], color="darkred", lw=1.2, ls="--", label="called IDC"))
+            if handles:
+                axis.legend(handles=handles, loc="upper right", fontsize="small")
         axis.set_xlabel("x (slide pixels)")
         axis.set_ylabel("y (slide pixels)")
     return fig

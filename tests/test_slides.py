@@ -183,6 +183,8 @@ def test_threshold_is_marked_on_the_colour_bar(slide_table):
     bar = next(ax for ax in fig.axes if ax.get_label() == "<colorbar>")
     assert "threshold 0.30" in [t.get_text() for t in bar.get_yticklabels()]
     assert "called IDC (p >= 0.30)" in fig.axes[2].get_title()
+    legend = [t.get_text() for t in fig.axes[2].get_legend().get_texts()]
+    assert legend == ["true IDC outline", "called IDC"]  # the decision drawn beside the probability
     prob = fig.axes[2].images[-1]
     below, above = prob.to_rgba(np.array([0.29])), prob.to_rgba(np.array([0.31]))
     assert below[0, 2] > below[0, 0] and above[0, 0] > above[0, 2]  # blue just below the threshold, red above
