@@ -234,7 +234,7 @@ def load_patches(
     if not use_cache:
         return _load_in_memory(frame, paths, workers, progress)
     cache_dir = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()).absolute()
-    _refuse_cache_inside_data(cache_dir, paths[0])
+    _refuse_cache_inside_data(cache_dir, paths)
     npy = cache_dir / f"{_CACHE_PREFIX}{_entry_key(paths)}.npy"
     cached = _open_cache_shared(npy, paths)
     if cached is None:
@@ -306,8 +306,12 @@ def remove_orphans(cache_dir: str | os.PathLike[str] | None = None) -> int:
                 continue  # a live writer
             for path, match in temps:
                 if held or _writer_gone(path, match):
-                    freed += _size_or_zero(path)
-                    path.unlink(missing_ok=True)
+                    size = _size_or_zero(path)
+                    try:
+                        path.unlink(missing_ok=True)
+                    except OSError:  # a read-only cache folder: nothing to be done here
+                        continue
+                    freed += size
     return freed
 
 
@@ -768,17 +772,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _refuse_cache_inside_data(cache_dir: Path, first_path: str) -> None:
-    # Kaggle layout <root>/<patient>/<0|1>/<file>: the dataset root is three levels above a patch.
-    parents = Path(first_path).absolute().parents
-    if len(parents) < 3 or parents[0].name not in ("0", "1") or not parents[1].name.isdigit():
-        return
-    data_root = parents[2]
-    if cache_dir == data_root or data_root in cache_dir.parents:
-        raise CacheError(
-            f"The cache folder {cache_dir} is inside the dataset folder {data_root}; the source data is never "
-            "written to. Choose a cache folder elsewhere (--cache-dir or IDC_CACHE_DIR; cache_dir= in Python)."
-        )
+def _refuse_cache_inside_data(cache_dir: Path, paths: list[str]) -> None:
+    # Kaggle layout <root>/<patient>/<0|1>/<file>: a dataset root is three levels above a patch. Several folders
+    # may be loaded at once; the split of each path costs well under a microsecond, so all are checked.
+    roots = {parts[0] for parts in (path.rsplit(os.sep, 3) for path in paths)
+             if len(parts) == 4 and parts[2] in ("0", "1") and parts[1].isascii() and parts[1].isdigit()}
+    for root in roots:
+        data_root = Path(root or os.sep).absolute()
+        if cache_dir == data_root or data_root in cache_dir.parents:
+            raise CacheError(
+                f"The cache folder {cache_dir} is inside the dataset folder {data_root}; the source data is never "
+                "written to. Choose a cache folder elsewhere (--cache-dir or IDC_CACHE_DIR; cache_dir= in Python)."
+            )
 
 
 # --- locks, orphans, pruning ------------------------------------------------------------------------------------

@@ -306,7 +306,8 @@ def _scan_root(root: Path, read_headers: bool) -> tuple[list[tuple], list[Proble
             if entry.is_dir() and PATIENT_RE.fullmatch(entry.name):
                 patient_dirs.append(entry)
             elif entry.is_dir():
-                problems.append(Problem(entry.path, UNEXPECTED, "folder name is not a numeric patient id; skipped"))
+                problems.append(Problem(entry.path, UNEXPECTED, "folder name is not a numeric patient id; skipped. "
+                                                              "Move it out of the dataset folder"))
     if not patient_dirs:
         raise DatasetFolderError(
             f"No patient folders in {printable(str(root))}: expected numeric folders such as "
@@ -319,9 +320,11 @@ def _scan_root(root: Path, read_headers: bool) -> tuple[list[tuple], list[Proble
             if class_dir.name.startswith("."):
                 continue
             if not class_dir.is_dir():
-                problems.append(Problem(class_dir.path, UNEXPECTED, "expected only the class folders 0/ and 1/"))
+                problems.append(Problem(class_dir.path, UNEXPECTED, "expected only the class folders 0/ and 1/; "
+                                                                     "skipped. Move it out of the patient folder"))
             elif class_dir.name not in ("0", "1"):
-                problems.append(Problem(class_dir.path, UNEXPECTED, "class folder must be 0 or 1; skipped"))
+                problems.append(Problem(class_dir.path, UNEXPECTED, "class folder must be 0 or 1; skipped. Move its "
+                                                                     "patches into 0/ or 1/"))
             else:
                 _scan_class_dir(class_dir.path, patient_dir.name, int(class_dir.name), read_headers, rows, problems)
     return rows, problems
@@ -369,14 +372,15 @@ def _check_file(entry: os.DirEntry, patient: str, folder_label: int, read_header
     parsed = parse_patch_name(entry.name)
     if parsed is None:
         if not entry.name.lower().endswith(".png"):
-            return None, Problem(entry.path, NOT_PNG, "not a .png file; left out")
+            return None, Problem(entry.path, NOT_PNG, "not a .png file; left out. Move it out of the dataset folder")
         return None, Problem(
             entry.path, MISNAMED,
             "name does not match <patient>_idx5_x<X>_y<Y>_class<0|1>.png; rename it or remove it",
         )
     name_patient, x, y, label = parsed
     if name_patient != patient:
-        return None, Problem(entry.path, WRONG_PATIENT, f"name says patient {name_patient} but it is in folder {patient}")
+        return None, Problem(entry.path, WRONG_PATIENT, f"name says patient {name_patient} but it is in folder "
+                                                        f"{patient}; left out. Move it to {name_patient}/{label}/")
     if label != folder_label:
         return None, Problem(
             entry.path, MISLABELLED,
@@ -388,9 +392,11 @@ def _check_file(entry: os.DirEntry, patient: str, folder_label: int, read_header
             head, size = _read_head(entry.path)
             width, height = check_png_header(head, size)
         except PatchFileError as exc:
-            return None, Problem(entry.path, exc.kind, f"{exc.reason}; left out")
+            fix = "" if exc.kind == WRONG_SIZE else ". Re-download the dataset or remove the file"
+            return None, Problem(entry.path, exc.kind, f"{exc.reason}; left out{fix}")
         except OSError as exc:
-            return None, Problem(entry.path, UNREADABLE, f"cannot be read ({exc.strerror}); left out")
+            return None, Problem(entry.path, UNREADABLE, f"cannot be read ({exc.strerror}); left out. Check its "
+                                                         "permissions")
     return (entry.path, patient, x, y, label, width, height), None
 
 

@@ -193,3 +193,14 @@ def test_decompression_bomb_costs_no_more_memory_than_a_patch(tiny_dataset, tmp_
     assert status == 1 and [(p["path"], p["kind"]) for p in report["problems"]] == [(str(bomb), "wrong size")]
     assert "10000x10000" in report["problems"][0]["message"]
     assert bomb_peak - clean_peak < 100, (clean_peak, bomb_peak)  # decoding it would take 300 MB and more
+
+
+def test_dataset_folder_whose_name_is_not_utf8(tiny_dataset, tmp_path, capsys):
+    odd = os.fsdecode(os.fsencode(tmp_path) + b"/data\xff")
+    assert main(["index", "--data-dir", odd]) == 2
+    assert "data\\xff" in capsys.readouterr().err
+    os.rename(tiny_dataset, odd)
+    assert main(["index", "--data-dir", odd, "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "data\\xff" in capsys.readouterr().out
+    assert main(["index", "--data-dir", odd, "--json", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert json.loads(capsys.readouterr().out)["cache"]["hit"] is True

@@ -215,6 +215,15 @@ def test_source_folder_is_not_modified(tiny_dataset, tmp_cache):
     assert _listing_hash(tiny_dataset) == before
 
 
+def test_cache_inside_any_of_several_data_folders_is_refused(tiny_dataset, tmp_path):
+    other = tmp_path / "other"
+    write_patch(other / "201" / "0" / patch_name("201", 1, 1, 0), np.zeros((50, 50, 3), np.uint8))
+    frame = build_index(tiny_dataset, other).frame
+    with pytest.raises(loader.CacheError, match="inside the dataset folder .*other"):
+        loader.load_patches(frame, cache_dir=other / "cache")
+    assert not (other / "cache").exists()
+
+
 def test_cache_inside_the_data_folder_is_refused(tiny_dataset):
     frame = build_index(tiny_dataset).frame
     with pytest.raises(loader.CacheError, match="inside the dataset folder"):

@@ -429,3 +429,17 @@ def test_real_sample_facts(real_sample_dir):
         table = pi.patient_table(index.frame)
         got = {r.patient_id: (r.n_non_idc, r.n_idc) for r in table.itertuples()}
         assert got == expected
+
+
+@pytest.mark.realdata
+def test_real_sample_and_sparse_folders_in_one_index(real_sample_dir):
+    sparse = real_sample_dir.parent / "idc_sparse"
+    if not sparse.is_dir():
+        pytest.skip(f"sparse sample not found at {sparse}")
+    index = pi.build_index(real_sample_dir, sparse)
+    # Every real patch passes the shared rules (on the grid, one label per position, no duplicates).
+    assert index.problems == []
+    summary = pi.dataset_summary(index.frame)
+    assert (summary["patients"], summary["patches"]) == (29 + 195, 25_899 + 17_317)
+    assert (summary["non_idc"], summary["idc"]) == (20_247 + 12_366, 5_652 + 4_951)
+    assert index.roots == [real_sample_dir.absolute(), sparse.absolute()]
