@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -341,6 +342,11 @@ def test_entries_that_are_not_regular_files_are_named_and_never_opened(tiny_data
     expected[patch_name("101", 551, 1, 0)] = "a symbolic link to nothing"
     os.mkfifo(folder / patch_name("101", 601, 1, 0))  # opening it for reading would block forever
     expected[patch_name("101", 601, 1, 0)] = "a named pipe"
+    try:  # a character device like /dev/zero, which would never end if read (needs root)
+        os.mknod(folder / patch_name("101", 701, 1, 0), 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+        expected[patch_name("101", 701, 1, 0)] = "a character device"
+    except PermissionError:
+        pass
     sock = socket.socket(socket.AF_UNIX)
     sock_path = folder / patch_name("101", 651, 1, 0)
     try:
