@@ -672,3 +672,22 @@ def test_two_writers_of_different_entries_and_a_pruner_never_crash(many_patches,
         time.sleep(0.05)
     results = [json.loads(w.communicate(timeout=300)[0].splitlines()[-1]) for w in writers]
     assert all(r["ok"] for r in results) and results[0]["n"] == _N_LINKS and results[1]["n"] == 9
+
+
+def test_prune_leaves_a_live_writers_files_alone_and_counts_them(tiny_dataset, tmp_path):
+    import fcntl
+
+    cache = tmp_path / "cache"
+    valid = loader.load_patches(build_index(tiny_dataset).frame, cache_dir=cache)
+    key = "0" * 32
+    temps = [cache / f".patches-{key}.npy.{os.getpid()}.1.tmp", cache / f".patches-{key}.json.ab12cd.json.tmp"]
+    for path in temps:
+        path.write_bytes(b"\0" * 300_000)
+    with open(cache / f"patches-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as a writer of that entry holds it
+        entry = sum(valid.cache_path.with_suffix(s).stat().st_size for s in (".npy", ".json", ".stats"))
+        assert loader.prune_cache(cache, max_bytes=entry + 1000) == entry  # over budget because of the live write
+        assert all(p.exists() for p in temps) and not valid.cache_path.exists()
+        assert loader.remove_orphans(cache) == 0
+    assert loader.remove_orphans(cache) == 600_000  # the writer is gone
+    assert _temps(cache) == []
