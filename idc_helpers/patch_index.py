@@ -303,9 +303,9 @@ def _scan_root(root: Path, read_headers: bool) -> tuple[list[tuple], list[Proble
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir() and PATIENT_RE.fullmatch(entry.name):
+            if _is_dir(entry) and PATIENT_RE.fullmatch(entry.name):
                 patient_dirs.append(entry)
-            elif entry.is_dir():
+            elif _is_dir(entry):
                 problems.append(Problem(entry.path, UNEXPECTED, "folder name is not a numeric patient id; skipped. "
                                                               "Move it out of the dataset folder"))
     if not patient_dirs:
@@ -316,10 +316,8 @@ def _scan_root(root: Path, read_headers: bool) -> tuple[list[tuple], list[Proble
         )
     rows: list[tuple] = []
     for patient_dir in sorted(patient_dirs, key=lambda e: e.name):
-        for class_dir in sorted(os.scandir(patient_dir.path), key=lambda e: e.name):
-            if class_dir.name.startswith("."):
-                continue
-            if not class_dir.is_dir():
+        for class_dir in _list_folder(patient_dir.path, problems):
+            if not _is_dir(class_dir):
                 problems.append(Problem(class_dir.path, UNEXPECTED, "expected only the class folders 0/ and 1/; "
                                                                      "skipped. Move it out of the patient folder"))
             elif class_dir.name not in ("0", "1"):
@@ -331,20 +329,35 @@ def _scan_root(root: Path, read_headers: bool) -> tuple[list[tuple], list[Proble
 
 
 def _scan_class_dir(folder: str, patient: str, label: int, read_headers: bool, rows: list, problems: list) -> None:
-    with os.scandir(folder) as files:
-        for entry in files:
-            if entry.name.startswith("."):
-                continue
-            what = _not_a_regular_file(entry)
-            if what is not None:
-                problems.append(Problem(entry.path, NOT_A_FILE, f"is {what}, not a patch file; never opened, left "
-                                                                "out. Remove it or replace it with the patch file"))
-                continue
-            row, problem = _check_file(entry, patient, label, read_headers)
-            if problem is not None:
-                problems.append(problem)
-            if row is not None:
-                rows.append(row)
+    for entry in _list_folder(folder, problems):
+        what = _not_a_regular_file(entry)
+        if what is not None:
+            problems.append(Problem(entry.path, NOT_A_FILE, f"is {what}, not a patch file; never opened, left "
+                                                            "out. Remove it or replace it with the patch file"))
+            continue
+        row, problem = _check_file(entry, patient, label, read_headers)
+        if problem is not None:
+            problems.append(problem)
+        if row is not None:
+            rows.append(row)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symbolic link loop, an entry gone meanwhile
+        return False
+
+
+def _list_folder(folder: str, problems: list[Problem]) -> list[os.DirEntry]:
+    """The folder's entries, hidden ones left out, sorted by name; a folder that cannot be listed is a problem."""
+    try:
+        with os.scandir(folder) as entries:
+            return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as exc:
+        problems.append(Problem(folder, UNREADABLE, f"the folder cannot be read ({exc.strerror}); its patches are "
+                                                    "left out. Check its permissions"))
+        return []
 
 
 def _not_a_regular_file(entry: os.DirEntry) -> str | None:

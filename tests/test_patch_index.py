@@ -383,6 +383,28 @@ def test_names_that_are_not_utf8_or_use_other_digits(tiny_dataset):
     assert len(index.frame) == 36
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="permissions do not stop root")
+def test_unreadable_class_folder_is_reported_and_the_rest_indexed(tiny_dataset):
+    locked = tiny_dataset / "102" / "1"
+    locked.chmod(0)
+    try:
+        index = pi.build_index(tiny_dataset)
+    finally:
+        locked.chmod(0o755)
+    problem = _only_problem(index, pi.UNREADABLE)
+    assert problem.path == str(locked) and "permissions" in problem.message
+    assert len(index.frame) == 33
+
+
+def test_class_folder_that_is_a_symlink_loop_is_reported(tiny_dataset):
+    # A class folder replaced by a symbolic link to itself: even asking whether it is a folder fails.
+    shutil.rmtree(tiny_dataset / "103" / "1")
+    os.symlink(tiny_dataset / "103" / "1", tiny_dataset / "103" / "1")
+    index = pi.build_index(tiny_dataset)
+    problem = _only_problem(index, pi.UNEXPECTED)
+    assert problem.path == str(tiny_dataset / "103" / "1") and len(index.frame) == 33
+
+
 # --- several folders ----------------------------------------------------------------------------------------------
 
 
