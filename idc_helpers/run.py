@@ -120,12 +120,12 @@ def write_run_files(folder: Path, model: keras.Model, history: dict[str, Any], c
 
 def publish_run(partial: Path, run_dir: Path) -> None:
     """Drop the checkpoint files of the finished run in ``partial`` and rename it to ``run_dir``."""
-    for path in partial.iterdir():
-        if path.name == CHECKPOINT_STATE_FILE or path.name.startswith(_CHECKPOINT_PREFIXES):
-            path.unlink()
     # Re-check at the end: another process may have created the folder while we trained.
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise RunExistsError(f"Run folder {run_dir} appeared while training; the finished run stays in {partial}.")
+    for path in partial.iterdir():
+        if path.name == CHECKPOINT_STATE_FILE or path.name.startswith(_CHECKPOINT_PREFIXES):
+            path.unlink()
     if run_dir.is_dir():
         run_dir.rmdir()  # empty: os.replace onto a directory is not portable
     partial.chmod(0o755)  # a run folder is shared like any output

@@ -77,12 +77,14 @@ def test_publish_never_replaces_a_run_that_appeared_meanwhile(tmp_path):
     partial = partial_dir(tmp_path / "r")
     partial.mkdir()
     (partial / CONFIG_FILE).write_text(json.dumps({"mine": True}))
+    (partial / CHECKPOINT_STATE_FILE).write_text("{}")
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / CONFIG_FILE).write_text(json.dumps({"theirs": True}))
     with pytest.raises(RunExistsError, match="appeared while training"):
         publish_run(partial, tmp_path / "r")
     assert json.loads((tmp_path / "r" / CONFIG_FILE).read_text()) == {"theirs": True}
     assert json.loads((partial / CONFIG_FILE).read_text()) == {"mine": True}
+    assert (partial / CHECKPOINT_STATE_FILE).is_file()  # still resumable, nothing lost
 
 
 

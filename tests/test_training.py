@@ -92,25 +92,28 @@ def test_existing_run_is_never_overwritten(run, demo_dir, cache_dir):
     assert [p.name for p in run.run_dir.parent.iterdir()] == [run.run_dir.name]
 
 
-def test_a_crash_after_training_leaves_a_resumable_partial_run(demo_dir, cache_dir, tmp_path, monkeypatch):
-    real = training.choose_threshold
+def test_an_interrupt_after_training_leaves_a_resumable_partial_run(run, demo_dir, cache_dir, tmp_path,
+                                                                     monkeypatch):
+    real = training.save_checkpoint
 
-    def fail(*args, **kwargs):
-        raise RuntimeError("simulated crash after training")
+    def interrupt_after_the_last_epoch(folder, model, best_weights, state):
+        real(folder, model, best_weights, state)
+        raise KeyboardInterrupt  # as Ctrl-C right after the last checkpoint, before the threshold is chosen
 
-    monkeypatch.setattr(training, "choose_threshold", fail)
-    with pytest.raises(RuntimeError, match="simulated"):
+    monkeypatch.setattr(training, "save_checkpoint", interrupt_after_the_last_epoch)
+    with pytest.raises(KeyboardInterrupt):
         train(demo_dir, tmp_path / "run", cache_dir=cache_dir, **QUICK)
     # Nothing that looks like a finished run; the hidden partial run holds its config and last checkpoint.
     assert [p.name for p in tmp_path.iterdir()] == [".run.partial"]
     assert {"config.json", "checkpoint.json"} <= {p.name for p in partial_dir(tmp_path / "run").iterdir()}
     with pytest.raises(RunExistsError, match=r"resume with .*--resume .*or delete"):
         train(demo_dir, tmp_path / "run", cache_dir=cache_dir, **QUICK)
-    monkeypatch.setattr(training, "choose_threshold", real)
+    monkeypatch.setattr(training, "save_checkpoint", real)
     resumed = train(None, tmp_path / "run", resume=True, cache_dir=cache_dir, verbose=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(RUN_FILES)
     assert resumed.metrics["epochs_run"] == 1
+    assert resumed.threshold == pytest.approx(run.threshold, abs=1e-5)  # as if never interrupted
     with pytest.raises(RunExistsError, match="finished run"):
         train(None, tmp_path / "run", resume=True, cache_dir=cache_dir, verbose=0)
 
