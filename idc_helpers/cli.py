@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import Sequence
 
 from idc_helpers import __version__
@@ -513,10 +514,16 @@ _HANDLERS = {
 }
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    # On the command line a warning is a message for the user, not a pointer into the source.
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status (see :data:`EXIT_CODES`)."""
     args = build_parser().parse_args(argv)
     quiet_tensorflow()
+    warnings.formatwarning = _one_line_warning
     try:
         return int(_HANDLERS[args.command](args) or 0)
     except IdcError as exc:
