@@ -207,39 +207,33 @@ def evaluate(
     if withheld is None:
         used = _bootstrap_sorted(per_patient, codes, labels, probs, n_bootstrap, seed, samples)
 
-    tail = (1.0 - level) / 2.0 * 100.0
-    metric_report: dict[str, dict[str, float | None]] = {}
-    for name in METRIC_LABELS:
-        low = high = None
-        if used and point[name] is not None:
-            low, high = (float(v) for v in np.percentile(samples[name], [tail, 100.0 - tail]))
-        metric_report[name] = {"value": point[name], "ci_low": low, "ci_high": high}
-
     n_idc = int(labels.sum())
     tn, fp, fn, tp = (int(v) for v in cells)
     return {
         "synthetic": None if synthetic is None else bool(synthetic),
         "column": column,
-        "counts": {
-            "patches": int(len(labels)),
-            "patients": int(n_patients),
-            "idc": n_idc,
-            "non_idc": int(len(labels) - n_idc),
-            "idc_fraction": n_idc / len(labels),
-        },
+        "counts": {"patches": int(len(labels)), "patients": int(n_patients), "idc": n_idc,
+                   "non_idc": int(len(labels) - n_idc), "idc_fraction": n_idc / len(labels)},
         "threshold": None if threshold is None else float(threshold),
         "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
-        "metrics": metric_report,
-        "bootstrap": {
-            "unit": "patient",
-            "requested": int(n_bootstrap),
-            "used": used,
-            "skipped_one_class": int(n_bootstrap - used) if withheld is None else 0,
-            "seed": int(seed),
-            "level": float(level),
-            "withheld": withheld,
-        },
+        "metrics": _with_intervals(point, samples, used, level),
+        "bootstrap": {"unit": "patient", "requested": int(n_bootstrap), "used": used,
+                      "skipped_one_class": int(n_bootstrap - used) if withheld is None else 0, "seed": int(seed),
+                      "level": float(level), "withheld": withheld},
     }
+
+
+def _with_intervals(point: Mapping[str, float | None], samples: Mapping[str, list[float]], used: int,
+                    level: float) -> dict[str, dict[str, float | None]]:
+    """name -> {value, ci_low, ci_high}: percentile intervals of the resamples (``None`` without any)."""
+    tail = (1.0 - level) / 2.0 * 100.0
+    report: dict[str, dict[str, float | None]] = {}
+    for name in METRIC_LABELS:
+        low = high = None
+        if used and point[name] is not None:
+            low, high = (float(v) for v in np.percentile(samples[name], [tail, 100.0 - tail]))
+        report[name] = {"value": point[name], "ci_low": low, "ci_high": high}
+    return report
 
 
 def _bootstrap_sorted(per_patient: np.ndarray, codes: np.ndarray, labels: np.ndarray, probs: np.ndarray,

@@ -225,6 +225,65 @@ def decision_threshold(table: pd.DataFrame, value_column: str = "prob_idc", pred
     return None if called.empty else float(called.min())
 
 
+def _slide_axes(mosaic: SlideMosaic, ax: Axes | Sequence[Axes] | None, n_panels: int,
+                panel_width: float) -> tuple[Figure, list[Axes]]:
+    """The given axes (one per panel), or a new figure sized for the slide's aspect."""
+    import matplotlib.pyplot as plt
+
+    if ax is not None:
+        axes = list(np.ravel(ax)) if isinstance(ax, (Sequence, np.ndarray)) else [ax]
+        if len(axes) != n_panels:
+            raise ValueError(f"{n_panels} panels need {n_panels} axes, got {len(axes)}")
+        return axes[0].figure, axes
+    h, w = mosaic.truth.shape
+    # About 1.2 in of each panel's width goes to tick labels and the colour bar; the rest holds the image.
+    panel_height = min(max((panel_width - 1.2) * h / w, 1.5), 2.2 * panel_width)
+    fig, axes = plt.subplots(1, n_panels, figsize=(panel_width * n_panels + 1.0, panel_height + 1.3),
+                             squeeze=False, layout="constrained")
+    return fig, list(axes[0])
+
+
+def _outline(axis: Axes, mosaic: SlideMosaic, mask: np.ndarray, **style) -> bool:
+    """Contour of a 0/1 mask of the mosaic, in slide coordinates; whether there was anything to draw."""
+    if not mask.any():
+        return False
+    h, w = mask.shape
+    left, _, _, top = mosaic.extent
+    axis.contour(left + (np.arange(w) + 0.5) / mosaic.scale, top + (np.arange(h) + 0.5) / mosaic.scale,
+                 mask.astype(np.float32), levels=[0.5], linewidths=1.2, **style)
+    return True
+
+
+def _draw_probability(axis: Axes, mosaic: SlideMosaic, threshold: float | None, title: str | None) -> None:
+    """The probability panel: colours over faded tissue, split at ``threshold``, with the decision outlined."""
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+    from matplotlib.lines import Line2D
+
+    # Faded grey tissue underneath so that the colours read as probabilities, not as stain.
+    axis.imshow(cv2.cvtColor(mosaic.image, cv2.COLOR_RGB2GRAY), cmap="gray", vmin=-200, vmax=255,
+                extent=mosaic.extent)
+    split = threshold is not None and 0.0 < threshold < 1.0
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=threshold, vmax=1.0) if split else Normalize(0.0, 1.0)
+    image = axis.imshow(np.ma.masked_invalid(mosaic.prob), cmap="coolwarm" if split else "jet", norm=norm,
+                        alpha=0.75 if split else 0.6, extent=mosaic.extent, interpolation="nearest")
+    name = _VALUE_NAMES.get(mosaic.value_column, mosaic.value_column)
+    axis.set_title(title or (name[0].upper() + name[1:]
+                             + (f"\nred: called IDC (p >= {threshold:.2f}), blue: not" if split else "")))
+    bar = axis.figure.colorbar(image, ax=axis, label=name, shrink=0.8, pad=0.02)
+    handles = []
+    if _outline(axis, mosaic, np.nan_to_num(mosaic.truth, nan=0.0) > 0, colors="black"):
+        handles.append(Line2D([], [], color="black", lw=1.2, label="true IDC outline"))
+    if split:
+        bar.set_ticks([0.0, threshold, 1.0], labels=["0", f"threshold {threshold:.2f}", "1"])
+        bar.ax.axhline(threshold, color="black", lw=2)
+        # The decision beside the probability: pale patches just above the threshold are called IDC too.
+        if _outline(axis, mosaic, np.nan_to_num(mosaic.prob, nan=0.0) >= threshold, colors="darkred",
+                    linestyles="dashed"):
+            handles.append(Line2D([], [], color="darkred", lw=1.2, ls="--", label="called IDC"))
+    if handles:
+        axis.legend(handles=handles, loc="upper right", fontsize="small")
+
+
 def plot_slide(mosaic: SlideMosaic, *, ax: Axes | Sequence[Axes] | None = None,
                show: Sequence[str] = ("tissue", "truth", "prob"), threshold: float | None = None,
                panel_width: float = 5.5, title: str | None = None) -> Figure:
@@ -233,82 +292,34 @@ def plot_slide(mosaic: SlideMosaic, *, ax: Axes | Sequence[Axes] | None = None,
     ``show``: any of ``"tissue"`` (the rebuilt slide), ``"truth"`` (tissue with IDC patches tinted red and
     outlined) and ``"prob"`` (predicted IDC probability over faded tissue, true IDC outlined, with a colour bar).
     ``threshold``: the run's decision threshold; the colours then split there (blue: called non-IDC, red: called
-    IDC) and the colour bar marks it. ``title``: the probability panel's title. ``ax``: one axes per panel.
+    IDC), the colour bar marks it and the called-IDC region is outlined. ``title``: the probability panel's title.
+    ``ax``: one axes per panel.
     """
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import Normalize, TwoSlopeNorm
-    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     panels = [p for p in show if not (p == "prob" and mosaic.prob is None)]
     unknown = set(panels) - {"tissue", "truth", "prob"}
     if unknown or not panels:
         raise ValueError(f"show must name some of 'tissue', 'truth', 'prob' (got {list(show)})")
-    h, w = mosaic.truth.shape
-    if ax is None:
-        # About 1.2 in of each panel's width goes to tick labels and the colourbar; the rest holds the image.
-        panel_height = min(max((panel_width - 1.2) * h / w, 1.5), 2.2 * panel_width)
-        fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels) + 1.0, panel_height + 0.9),
-                                 squeeze=False, layout="constrained")
-        axes = list(axes[0])
-    else:
-        axes = list(np.ravel(ax)) if isinstance(ax, (Sequence, np.ndarray)) else [ax]
-        if len(axes) != len(panels):
-            raise ValueError(f"{len(panels)} panels need {len(panels)} axes, got {len(axes)}")
-        fig = axes[0].figure
-
-    extent = mosaic.extent
-    idc = np.nan_to_num(mosaic.truth, nan=0.0)
-    # Contours are drawn on the pixel grid of the mosaic, mapped onto the slide coordinates.
-    gx = extent[0] + (np.arange(w) + 0.5) / mosaic.scale
-    gy = extent[3] + (np.arange(h) + 0.5) / mosaic.scale
-
-    def outline(axis: Axes, colour: str) -> None:
-        if idc.any():
-            axis.contour(gx, gy, idc, levels=[0.5], colors=colour, linewidths=1.2)
-
+    fig, axes = _slide_axes(mosaic, ax, len(panels), panel_width)
+    idc = np.nan_to_num(mosaic.truth, nan=0.0) > 0
     for axis, panel in zip(axes, panels):
         if panel == "tissue":
-            axis.imshow(mosaic.image, extent=extent)
+            axis.imshow(mosaic.image, extent=mosaic.extent)
             axis.set_title(f"Patient {mosaic.patient_id}: tissue ({mosaic.n_patches:,} patches)")
         elif panel == "truth":
-            axis.imshow(mosaic.image, extent=extent)
-            tint = np.zeros((h, w, 4), dtype=np.float32)
-            tint[idc > 0] = (1.0, 0.0, 0.0, 0.35)
-            axis.imshow(tint, extent=extent)
-            outline(axis, "red")
+            axis.imshow(mosaic.image, extent=mosaic.extent)
+            tint = np.zeros((*idc.shape, 4), dtype=np.float32)
+            tint[idc] = (1.0, 0.0, 0.0, 0.35)
+            axis.imshow(tint, extent=mosaic.extent)
+            _outline(axis, mosaic, idc, colors="red")
             share = mosaic.n_idc / mosaic.n_patches
             axis.set_title(f"True IDC regions ({mosaic.n_idc:,} patches, {share:.0%})")
             axis.legend(handles=[Patch(facecolor=(1, 0, 0, 0.35), edgecolor="red", label="IDC (label 1)")],
                         loc="upper right", fontsize="small")
         else:
-            # Faded grey tissue underneath so that the colours read as probabilities, not as stain.
-            grey = cv2.cvtColor(mosaic.image, cv2.COLOR_RGB2GRAY)
-            axis.imshow(grey, cmap="gray", vmin=-200, vmax=255, extent=extent)
-            shown = np.ma.masked_invalid(mosaic.prob)
-            split = threshold is not None and 0.0 < threshold < 1.0
-            norm = TwoSlopeNorm(vmin=0.0, vcenter=threshold, vmax=1.0) if split else Normalize(0.0, 1.0)
-            image = axis.imshow(shown, cmap="coolwarm" if split else "jet", norm=norm, alpha=0.75 if split else 0.6,
-                                extent=extent, interpolation="nearest")
-            outline(axis, "black")
-            name = _VALUE_NAMES.get(mosaic.value_column, mosaic.value_column)
-            axis.set_title(title or (name[0].upper() + name[1:]
-                                     + (f"\nred: called IDC (p >= {threshold:.2f}), blue: not" if split else "")))
-            bar = fig.colorbar(image, ax=axis, label=name, shrink=0.8, pad=0.02)
-            if split:
-                bar.set_ticks([0.0, threshold, 1.0], labels=["0", f"threshold {threshold:.2f}", "1"])
-                bar.ax.axhline(threshold, color="black", lw=2)
-            handles = [Line2D([], [], color="black", lw=1.2, label="true IDC outline")] if idc.any() else []
-            called = np.nan_to_num(mosaic.prob, nan=0.0) >= threshold if split else np.zeros(1, dtype=bool)
-            if called.any():
-                # The decision beside the probability: pale patches just above the threshold are called IDC too.
-                axis.contour(gx, gy, called.astype(np.float32), levels=[0.5], colors="darkred", linewidths=1.2,
-                             linestyles="dashed")
-                handles.append(Line2D([], [], color="darkred", lw=1.2, ls="--", label="called IDC"))
-            if handles:
-                axis.legend(handles=handles, loc="upper right", fontsize="small")
-        axis.set_xlabel("x (slide pixels)")
-        axis.set_ylabel("y (slide pixels)")
+            _draw_probability(axis, mosaic, threshold, title)
+        axis.set(xlabel="x (slide pixels)", ylabel="y (slide pixels)")
     return fig
 
 
