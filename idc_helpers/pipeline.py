@@ -13,6 +13,10 @@ exactly the batches an uninterrupted run draws there.
 The 8 symmetries of a square patch are defined once, in :func:`dihedral_views`; the augmentation's pixel
 permutations are built from it, and test-time augmentation uses it directly.
 
+Augmentation (:func:`augment_batch`, strengths in :data:`AUGMENT_STRENGTHS`) runs here, on the CPU, or inside the
+model on the accelerator (:class:`idc_helpers.models.TrainingAugmentation`, fed ``dtype="uint8"`` batches): the
+same function either way; :func:`idc_helpers.models.augmentation_placement` says which.
+
 TensorFlow is imported by the functions that build tensors, so importing this module is cheap.
 """
 
@@ -211,9 +215,10 @@ def augment_batch(
     jitter: bool = True,
     strength: str | StainJitter = "mild",
 ) -> tf.Tensor:
-    """Random dihedral transform and stain/colour jitter of a batch, per image; values stay in [0, 255].
+    """Random dihedral transform and stain/colour jitter of a batch, per image -> ``(B, 50, 50, 3)`` float32 in
+    [0, 255].
 
-    ``images``: ``(B, 50, 50, 3)`` float32 RGB in [0, 255]. ``seed``: an int or a shape-[2] integer tensor; the same
+    ``images``: ``(B, 50, 50, 3)`` RGB in [0, 255], uint8 (cheapest: pixels move as bytes) or float. ``seed``: an int or a shape-[2] integer tensor; the same
     seed gives the same output (stateless random ops).
     Geometry: one of the 8 :func:`dihedral_views`, uniformly (a patch's label does not depend on them).
     With ``jitter``: HED stain augmentation (convert to haematoxylin/eosin/DAB optical densities, scale and shift
