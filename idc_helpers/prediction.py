@@ -199,7 +199,7 @@ def select_patients(frame: pd.DataFrame, *, run: Run | None = None, subset: str 
         wanted = [p.strip() for p in patients if p.strip()]
         unknown = sorted(set(wanted) - set(present), key=_patient_order)
         if unknown:
-            raise PredictionsError(f"patients not in the dataset folder: {', '.join(unknown)}; it holds {held}.")
+            raise PredictionsError(f"patients not in the dataset: {', '.join(unknown)}; it holds {held}.")
         keep &= frame["patient_id"].isin(wanted).to_numpy()
         if not keep.any():
             raise PredictionsError(f"none of the patients {', '.join(wanted)} is in the run's {subset} subset.")

@@ -570,6 +570,8 @@ def _claim(folder: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RunExistsError(f"{folder} is being trained by another process right now.") from None
+        except OSError:
+            pass  # a file system without locks (some network mounts): the partial folder's mkdir still guards it
         yield
     finally:
         os.close(fd)

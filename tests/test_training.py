@@ -353,3 +353,16 @@ def test_a_resumed_idc_net_draws_the_same_dropout_masks(demo_dir, cache_dir, tmp
     np.testing.assert_allclose(resumed.history["loss"], whole.history["loss"], atol=1e-5)
     for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_two_processes_never_train_the_same_partial_run(run, demo_dir, cache_dir, tmp_path):
+    import fcntl
+
+    partial = partial_dir(tmp_path / "r")
+    partial.mkdir()
+    (partial / "config.json").write_text((run.run_dir / "config.json").read_text())
+    with open(partial / ".lock", "w") as other:  # another process resuming it right now
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(RunExistsError, match="another process"):
+            train(None, tmp_path / "r", resume=True, cache_dir=cache_dir, verbose=0)
+    assert (partial / "config.json").is_file()  # left as it was, still resumable
