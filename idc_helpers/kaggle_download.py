@@ -583,11 +583,39 @@ def _check_patch_bytes(name: str, data: bytes) -> None:
         raise _Refused(f"{name!r} is a {width}x{height} image; a patch is at most {PATCH_SIZE}x{PATCH_SIZE}")
 
 
+class _MemberError(Exception):
+    """Reading the archive member ``name`` failed (CRC mismatch, bad data, unsupported feature)."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _write_members(zf: zipfile.ZipFile, kept: dict[str, zipfile.ZipInfo], out: Path, *, progress: bool) -> None:
+    """Write each kept member to ``out/<rel>``, each checked by :func:`_check_patch_bytes` before it is written."""
+    from tqdm import tqdm
+
+    made: set[Path] = set()
+    for rel, info in tqdm(sorted(kept.items()), unit="file", desc="extract", disable=not progress, mininterval=1):
+        target = out / rel
+        if target.parent not in made:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            made.add(target.parent)
+        # zipfile checks each member's CRC-32 as it is read and raises BadZipFile on a mismatch; reading one byte
+        # more than allowed catches a member whose data outgrows its declared size.
+        try:
+            with zf.open(info) as src:
+                data = src.read(MAX_PATCH_BYTES + 1)
+        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+            raise _MemberError(info.filename) from exc
+        _check_patch_bytes(info.filename, data)
+        target.write_bytes(data)
+
+
 def _extract_verified(archive: Path, out: Path, dest: Path, *, progress: bool, expected_patients: int,
                       expected_patches: int) -> None:
     """Check the archive's members, layout and counts, extract each patch once into ``out`` (each checked by
     :func:`_check_declared_size` before and :func:`_check_patch_bytes` after reading, CRC-checked), recount."""
-    from tqdm import tqdm
 
     def corrupt(reason: object) -> ArchiveError:
         return ArchiveError(
@@ -621,25 +649,12 @@ def _extract_verified(archive: Path, out: Path, dest: Path, *, progress: bool, e
             if other:
                 skipped += ("; " if skipped else "") + f"{len(other)} other files ({other[0]!r}, ...)"
             print(f"Skipping {skipped}.")
-        name = ""
         try:
-            made: set[Path] = set()
-            for rel, info in tqdm(sorted(kept.items()), unit="file", desc="extract", disable=not progress,
-                                  mininterval=1):
-                name, target = info.filename, out / rel
-                if target.parent not in made:
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    made.add(target.parent)
-                # zipfile checks each member's CRC-32 as it is read and raises BadZipFile on a mismatch; reading
-                # one byte more than allowed catches a member whose data outgrows its declared size.
-                with zf.open(info) as src:
-                    data = src.read(MAX_PATCH_BYTES + 1)
-                _check_patch_bytes(name, data)
-                target.write_bytes(data)
+            _write_members(zf, kept, out, progress=progress)
         except _Refused as exc:
             raise corrupt(exc) from None
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-            raise corrupt(f"{name}: {exc}") from None
+        except _MemberError as exc:
+            raise corrupt(f"{exc.name}: {exc.__cause__}") from None
     if not is_complete_copy(out, expected_patients=expected_patients, expected_patches=expected_patches):
         found = count_copy(out)
         raise ArchiveError(f"After extraction {out} holds {found[0]} patients and {found[1]:,} patches instead of "
