@@ -11,24 +11,27 @@ API (all functions take a predictions table with at least ``patient_id, x, y, pr
     smooth_probs(table, sigma, window=None, column="prob_idc") -> np.ndarray   # (N,) float64, table's row order
     neighbour_counts(table) -> np.ndarray                # (N,) int, how many of the 8 neighbours are in the table
     whole_slide_patients(table, min_neighbours=4, min_share=0.5, min_patches=25) -> list[str]
-    fit_context(val_table, sigmas=DEFAULT_SIGMAS, window=None, criterion="f1", ...) -> dict   # JSON-able params
+    fit_context(val_table, sigmas=DEFAULT_SIGMAS, window=None, criterion="f1", tune_on="all", ...) -> dict
+                                                         # JSON-able params
     apply_context(table, params) -> DataFrame            # copy + columns prob_idc_context (float), pred_context (0/1)
-    ContextError (UserError): no whole-slide validation patient, bad parameters, missing columns
+    ContextError (UserError): no tuning patient (or one class only), bad parameters, missing columns
 
 ``fit_context`` returns e.g. ``{"method": "gaussian_grid", "version": 1, "grid_px": 50, "sigma": 2.0,
-"window": 9, "threshold": 0.41, "criterion": "f1", "patients": [...], "n_patches": 7040, "candidates": [...],
+"window": 9, "threshold": 0.41, "criterion": "f1", "tuned_on": "all", "patients": [...], "n_patches": 7040,
+"candidates": [...],
 "whole_slide_rule": {...}}``; store it as it is (for example under ``"context"`` in a run's metrics.json) and give
 it back to ``apply_context``. ``sigma == 0`` means "no smoothing was better on validation": the context column is
-then the raw probability, with the threshold re-chosen on the same whole-slide patients.
+then the raw probability, with the threshold re-chosen on the same validation patients.
 
 How it works: per patient, the patches are placed on a dense grid (cell = 50 px) holding the probability and a
 presence mask; both are convolved with the same separable Gaussian kernel (``window`` x ``window`` cells), and the
 smoothed value is their ratio, so neighbours absent from the table simply don't count (a patch with no neighbour
 keeps its own probability). Cost is O(grid cells x window) per patient, not O(patches^2).
 
-Sparse patients (a thin random sample of a slide) have almost no neighbours: smoothing leaves them nearly
-unchanged and they say nothing about how much smoothing helps, so ``fit_context`` uses only the patients that
-:func:`whole_slide_patients` accepts.
+Sparse patients (a thin random sample of a slide) have few direct neighbours, but a wide window still averages
+a patch with other patches of the same region. ``fit_context`` tunes on all validation patients by default,
+because many patients give a threshold that transfers to new ones; ``tune_on="whole_slides"`` restricts the
+tuning to the patients :func:`whole_slide_patients` accepts (measured worse: docs/results.md).
 """
 
 from __future__ import annotations
@@ -160,14 +163,19 @@ def _f1_at(labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
 
 
 def fit_context(val_table: pd.DataFrame, sigmas: Sequence[float] = DEFAULT_SIGMAS, window: int | None = None,
-                criterion: str = "f1", column: str = "prob_idc", min_neighbours: int = 4,
+                criterion: str = "f1", column: str = "prob_idc", tune_on: str = "all", min_neighbours: int = 4,
                 min_share: float = 0.5, min_patches: int = 25) -> dict[str, Any]:
-    """Choose the smoothing width and the context threshold on the whole-slide patients of ``val_table``.
+    """Choose the smoothing width and the context threshold on validation patients.
 
-    For every ``sigma`` the whole-slide patients' probabilities are smoothed, the threshold maximising
+    For every ``sigma`` the probabilities of the tuning patients are smoothed, the threshold maximising
     ``criterion`` (``"f1"`` or ``"youden"``, :func:`metrics.pick_threshold`) is chosen on their patches, and the
     ``sigma`` with the best F1 (``"f1"``) or balanced accuracy (``"youden"``) at its threshold wins (ties: the
     smaller ``sigma``). Only validation patients belong here: never the patients to be evaluated.
+
+    ``tune_on="all"`` (default) tunes on every validation patient; ``"whole_slides"`` only on those
+    :func:`whole_slide_patients` accepts. In 4-fold cross-validation over the 224 shared patients (docs/results.md)
+    the few (2-5) whole-slide validation patients of a fold gave thresholds that transferred worse, to whole
+    slides as well as to sparse patients, than all ~30 validation patients did.
 
     Returns:
         A JSON-able dict (see the module docstring) for :func:`apply_context`; ``candidates`` lists every
@@ -179,21 +187,27 @@ def fit_context(val_table: pd.DataFrame, sigmas: Sequence[float] = DEFAULT_SIGMA
     _check_columns(val_table, ("patient_id", "x", "y", "label", column), "validation table")
     if criterion not in ("f1", "youden"):
         raise ContextError(f"unknown criterion {criterion!r}: use 'f1' or 'youden'")
-    patients = whole_slide_patients(val_table, min_neighbours, min_share, min_patches)
+    if tune_on not in ("all", "whole_slides"):
+        raise ContextError(f"unknown tune_on {tune_on!r}: use 'all' or 'whole_slides'")
+    if tune_on == "all":
+        patients = sorted(map(str, val_table["patient_id"].unique()))
+    else:
+        patients = whole_slide_patients(val_table, min_neighbours, min_share, min_patches)
     if not patients:
         raise ContextError(
             f"none of the {val_table['patient_id'].nunique()} validation patients has a whole slide (at least "
             f"{min_patches} patches, {min_share:.0%} of them with >= {min_neighbours} of 8 neighbours), so slide "
-            "context cannot be tuned: keep some whole-slide patients (e.g. from idc_sample) for validation.")
-    slides = val_table[val_table["patient_id"].astype(str).isin(patients)]
-    labels = slides["label"].to_numpy(np.int64)
+            "context cannot be tuned on whole slides: keep some whole-slide patients (e.g. from idc_sample) for "
+            "validation, or tune on all validation patients (tune_on='all').")
+    tuning = val_table[val_table["patient_id"].astype(str).isin(patients)]
+    labels = tuning["label"].to_numpy(np.int64)
     if not 0 < labels.sum() < len(labels):
-        raise ContextError(f"the whole-slide validation patients {', '.join(patients)} hold one class only: "
+        raise ContextError(f"the validation patients {', '.join(patients[:10])} hold one class only: "
                            "slide context needs IDC and non-IDC patches to choose a threshold.")
     candidates = []
     for sigma in sorted(set(float(s) for s in sigmas)):
         win = default_window(sigma) if window is None else int(window)
-        probs = smooth_probs(slides, sigma, win, column)
+        probs = smooth_probs(tuning, sigma, win, column)
         threshold = pick_threshold(labels, probs, criterion)
         predicted = (probs >= threshold).astype(np.int64)
         candidates.append({
@@ -207,7 +221,7 @@ def fit_context(val_table: pd.DataFrame, sigmas: Sequence[float] = DEFAULT_SIGMA
     return {
         "method": _METHOD, "version": PARAMS_VERSION, "grid_px": GRID_PX,
         "sigma": best["sigma"], "window": best["window"], "threshold": best["threshold"], "criterion": criterion,
-        "patients": patients, "n_patches": int(len(slides)), "candidates": candidates,
+        "tuned_on": tune_on, "patients": patients, "n_patches": int(len(tuning)), "candidates": candidates,
         "whole_slide_rule": {"min_neighbours": min_neighbours, "min_share": min_share, "min_patches": min_patches},
     }
 

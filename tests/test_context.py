@@ -66,8 +66,8 @@ def test_sparse_patient_is_excluded_from_whole_slides():
     rng = np.random.default_rng(4)
     table = pd.concat([_slide("slide", rng), _slide("sparse", rng, keep=0.09)], ignore_index=True)
     assert context.whole_slide_patients(table) == ["slide"]
-    params = fit_context(table)
-    assert params["patients"] == ["slide"]
+    params = fit_context(table, tune_on="whole_slides")
+    assert params["patients"] == ["slide"] and params["tuned_on"] == "whole_slides"
     assert params["n_patches"] == int((table["patient_id"] == "slide").sum())
 
 
@@ -97,8 +97,9 @@ def test_params_round_trip_through_json_and_give_the_same_columns():
 
 def test_fit_without_whole_slide_patients_says_what_to_do():
     sparse = _slide("sparse", np.random.default_rng(7), keep=0.09)
-    with pytest.raises(ContextError, match="whole slide"):
-        fit_context(sparse)
+    with pytest.raises(ContextError, match="tune_on='all'"):
+        fit_context(sparse, tune_on="whole_slides")
+    assert fit_context(sparse)["patients"] == ["sparse"]  # the default tunes on every validation patient
 
 
 def test_bad_params_and_missing_columns_are_clear_errors():
