@@ -39,7 +39,7 @@ RUN_FILES = (MODEL_FILE, HISTORY_FILE, CONFIG_FILE, METRICS_FILE)
 # so far (file names carry the epoch), and the loop's own state naming them (epochs done, history, early-stopping
 # counters), written last so that a kill at any moment leaves a consistent checkpoint.
 CHECKPOINT_STATE_FILE = "checkpoint.json"
-_CHECKPOINT_PREFIXES = ("checkpoint-", "best-")
+CHECKPOINT_PREFIXES = ("checkpoint-", "best-")
 
 
 def checkpoint_names(epoch: int) -> dict[str, str]:
@@ -124,7 +124,7 @@ def publish_run(partial: Path, run_dir: Path) -> None:
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise RunExistsError(f"Run folder {run_dir} appeared while training; the finished run stays in {partial}.")
     for path in partial.iterdir():
-        if path.name == CHECKPOINT_STATE_FILE or path.name.startswith(_CHECKPOINT_PREFIXES):
+        if path.name == CHECKPOINT_STATE_FILE or path.name.startswith(CHECKPOINT_PREFIXES):
             path.unlink()
     if run_dir.is_dir():
         run_dir.rmdir()  # empty: os.replace onto a directory is not portable

@@ -46,6 +46,7 @@ from idc_helpers.loader import load_patches
 from idc_helpers.metrics import pick_threshold
 from idc_helpers.patch_index import build_index
 from idc_helpers.run import (
+    CHECKPOINT_PREFIXES,
     CHECKPOINT_STATE_FILE,
     CONFIG_FILE,
     RunExistsError,
@@ -321,7 +322,7 @@ def _restore_model_state(model: keras.Model, state: Sequence[list]) -> None:
         v.assign(np.asarray(value, dtype=v.dtype))
 
 
-def _make_loop_callback(data: TrainingData, folder: Path, state: LoopState, patience: int, say):
+def _make_loop_callback(data: TrainingData, folder: Path, state: LoopState, patience: int):
     """The callback that scores each epoch on the validation patients, tracks the best epoch, stops early, and
     writes the end-of-epoch checkpoint into the partial run ``folder``."""
     import keras
@@ -374,7 +375,7 @@ def save_checkpoint(folder: Path, model: keras.Model, best_weights: list[np.ndar
         best.save_weights(tmp)
     write_json(folder / CHECKPOINT_STATE_FILE, {**state.to_json(), **names, "model_state": _model_state(model)})
     for old in folder.iterdir():  # the previous epoch's files
-        if old.name.startswith(("checkpoint-", "best-")) and old.name not in names.values():
+        if old.name.startswith(CHECKPOINT_PREFIXES) and old.name not in names.values():
             old.unlink(missing_ok=True)
 
 
@@ -410,7 +411,7 @@ def build_and_compile(config: Mapping[str, Any], n_train: int) -> keras.Model:
 
 def fit(model: keras.Model, data: TrainingData, config: Mapping[str, Any], folder: Path,
         state: LoopState | None = None, best_weights: list[np.ndarray] | None = None,
-        verbose: int = 2, say=print) -> tuple[keras.Model, LoopState]:
+        verbose: int = 2) -> tuple[keras.Model, LoopState]:
     """Train from ``state`` (a fresh run: None) to the end or to early stopping, checkpointing into ``folder``;
     returns the model holding the best epoch's weights and the final loop state."""
     import keras
@@ -418,7 +419,7 @@ def fit(model: keras.Model, data: TrainingData, config: Mapping[str, Any], folde
     from idc_helpers.pipeline import make_dataset
 
     state = state or LoopState()
-    loop = _make_loop_callback(data, folder, state, config["patience"], say)
+    loop = _make_loop_callback(data, folder, state, config["patience"])
     loop.best_weights = best_weights
     if not state.stopped and state.epochs_done < config["epochs"]:
         keras.utils.set_random_seed(config["seed"] + state.epochs_done)
@@ -649,7 +650,7 @@ def train(
     except FileExistsError:
         raise RunExistsError(f"{partial} appeared meanwhile: another process is training {out}.") from None
     write_json(partial / CONFIG_FILE, config)
-    return _train_in(partial, out, config, data, resumed=None, verbose=verbose, say=say)
+    return _train_in(partial, out, config, data, resumed=False, verbose=verbose, say=say)
 
 
 def _resume(data_dir, out_dir, *, cache_dir, verbose: int, say) -> TrainResult:
@@ -672,7 +673,7 @@ def _resume(data_dir, out_dir, *, cache_dir, verbose: int, say) -> TrainResult:
     return _train_in(partial, out, config, data, resumed=True, verbose=verbose, say=say)
 
 
-def _train_in(partial: Path, out: Path, config: dict[str, Any], data: TrainingData, *, resumed: bool | None,
+def _train_in(partial: Path, out: Path, config: dict[str, Any], data: TrainingData, *, resumed: bool,
               verbose: int, say) -> TrainResult:
     """Fit (from the last checkpoint when ``resumed``), choose the threshold and publish the run."""
     with _claim(partial):
@@ -687,7 +688,7 @@ def _train_in(partial: Path, out: Path, config: dict[str, Any], data: TrainingDa
                 f"patches of {len(data.patients['train'])} patients; validation {len(data.val_idx):,} patches of "
                 f"{len(data.patients['val'])} patients; test patients held out: {len(data.patients['test'])}.")
         try:
-            model, state = fit(model, data, config, partial, state, best_weights, verbose=verbose, say=say)
+            model, state = fit(model, data, config, partial, state, best_weights, verbose=verbose)
         except BaseException:
             if not (partial / CHECKPOINT_STATE_FILE).is_file():
                 discard_partial(partial)  # nothing to resume from
