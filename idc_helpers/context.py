@@ -3,7 +3,7 @@
 IDC forms connected regions, and on a whole slide every patch's neighbours are known from its coordinates, so a
 patch whose neighbours look like IDC is more likely IDC itself. This module averages each patch's probability with
 those of the patches around it (Gaussian weights on the 50-px patch grid) and chooses the amount of smoothing and
-its own decision threshold on validation patients that have whole slides. Figures computed from these columns use
+its own decision threshold on validation patients. Figures computed from these columns use
 the slide, not the patch alone: always report them apart from the patch-only figures.
 
 API (all functions take a predictions table with at least ``patient_id, x, y, prob_idc``; ``label`` for fitting)::

@@ -6,8 +6,7 @@ Every patient of the dataset folders is tested exactly once, by a model that nev
    (:func:`idc_helpers.splits.patient_folds`, stratified by IDC share); every model gets the same folds;
 2. for each fold and model, :func:`idc_helpers.training.train` runs with ``test_patients`` = the fold: the other
    patients are split (by patient) into training and validation, and the validation patients alone choose the
-   best epoch, the decision threshold and the slide-context parameters (:func:`idc_helpers.context.fit_context`,
-   on the validation patients that have whole slides);
+   best epoch, the decision threshold and the slide-context parameters (:func:`idc_helpers.context.fit_context`);
 3. the fold's test patients are predicted (and, with ``--tta``, again averaging the 8 flips/rotations) and
    scored: F1, balanced accuracy, ROC AUC, PR AUC at the validation threshold (and at the Youden threshold), the
    best F1 any threshold reaches on the test patients (an upper bound, not a result), with bootstrap intervals
@@ -315,7 +314,7 @@ def markdown(records: list[dict[str, Any]], pooled: dict[str, dict[str, Any]], n
              "patients.", "", *head]
     context_lines = ["", "### Pooled out-of-fold predictions WITH SLIDE CONTEXT (uses each patch's neighbours; "
                      "not comparable with patch-level papers)", "",
-                     "Smoothing width and threshold chosen on each fold's whole-slide validation patients.", "",
+                     "Smoothing width and threshold chosen on each fold's validation patients (context.fit_context).", "",
                      *head]
     for label, rep in pooled.items():
         model, variant, group = label.split(" | ")
