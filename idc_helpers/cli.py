@@ -185,6 +185,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
     p.add_argument("--test-patients", default=None, metavar="ID,ID",
                    help="comma-separated patient ids held out as test (overrides the split's test subset)")
+    p.add_argument("--augment", choices=["none", "geometry", "mild", "light", "strong"], default="mild",
+                   help="augmentation of the training batches: flips/rotations only (geometry), with mild, light "
+                        "or strong stain jitter, or none (default: mild)")
 
 
 def _enable_onednn() -> None:
@@ -211,7 +214,7 @@ def run_train(args: argparse.Namespace) -> int:
         result = train(
             data_dir, args.out, model_name=args.model, epochs=args.epochs, split=args.split,
             unlisted=args.unlisted, max_patches=args.max_patches, seed=args.seed, batch_size=args.batch_size,
-            cache_dir=args.cache_dir, test_patients=test_patients, verbose="auto",
+            augment=args.augment, cache_dir=args.cache_dir, test_patients=test_patients, verbose="auto",
         )
     folders = " ".join(f"--data-dir {d}" for d in result.config["data"]["data_dirs"])
     print(f"Next: python -m idc_helpers predict --run {result.run_dir} {folders} --subset test "

@@ -7,7 +7,8 @@ four named steps:
    70/15/15; ``janowczyk2016``: the published split), optionally hold out given test patients, optionally
    subsample (``max_patches``, the same share from every patient), and decode the train and validation patches
    only (cached on disk): training never reads a test patient's file;
-2. :func:`fit`: train with augmentation, class weights from the training patches, Adam with a cosine
+2. :func:`fit`: train with augmentation (in the input pipeline on a CPU, inside the model on a GPU: see
+   :func:`idc_helpers.models.augmentation_placement`), class weights from the training patches, Adam with a cosine
    learning-rate decay, and early stopping on the validation patients (:data:`MONITOR`), keeping the best
    epoch's weights; a checkpoint after every epoch makes the run resumable (``train(..., resume=True)``,
    ``train --resume RUN_DIR``) to the same result;
@@ -80,10 +81,6 @@ VAL_FRACTION_WITH_TEST_PATIENTS = 0.18  # of the non-test patients, when --test-
 
 class TrainingDataError(UserError, ValueError):
     """The data cannot support a training run (e.g. no validation patients, one class only)."""
-
-
-class UnknownModelError(UserError, ValueError):
-    """A model name that :mod:`idc_helpers.models` does not know."""
 
 
 @dataclass
@@ -402,7 +399,11 @@ def build_and_compile(config: Mapping[str, Any], n_train: int) -> keras.Model:
     from idc_helpers.models import build_model, compile_model
 
     keras.utils.set_random_seed(config["seed"])
-    model = build_model(config["model"], **config["model_kwargs"])
+    kwargs = {k: v for k, v in config["model_kwargs"].items() if k != "mixed_precision"}
+    if config.get("augment_on") == "model":
+        kwargs.update(augment=config["augment"], augment_seed=config["seed"])
+    # A run resumed before its first checkpoint, maybe on another machine, computes as it was started to.
+    model = build_model(config["model"], mixed_precision=config.get("precision_policy"), **kwargs)
     steps = config["steps_per_epoch"] or int(np.ceil(n_train / config["batch_size"]))
     schedule = keras.optimizers.schedules.CosineDecay(config["learning_rate"], decay_steps=config["epochs"] * steps,
                                                       alpha=0.05)
@@ -425,11 +426,14 @@ def fit(model: keras.Model, data: TrainingData, config: Mapping[str, Any], folde
         keras.utils.set_random_seed(config["seed"] + state.epochs_done)
         steps = config["steps_per_epoch"] or int(np.ceil(len(data.train_idx) / config["batch_size"]))
         # Epoch e's order and augmentation depend on (seed, e) alone, so a resumed run draws what an
-        # uninterrupted one would; one endless stream, of which each Keras epoch takes `steps` batches.
+        # uninterrupted one would; one endless stream, of which each Keras epoch takes `steps` batches. A model
+        # that augments itself gets the raw pixels, and counts its batches in a variable its checkpoint keeps.
+        in_model = config.get("augment_on") == "model"
         train_ds = make_dataset(images=data.images, labels=data.labels, indices=data.train_idx,
-                                batch_size=config["batch_size"], shuffle=True, augment=config["augment"],
-                                seed=config["seed"], repeat=True, initial_epoch=state.epochs_done,
-                                steps_per_epoch=steps)
+                                batch_size=config["batch_size"], shuffle=True,
+                                augment=False if in_model else config["augment"], dtype="uint8" if in_model
+                                else "float32", seed=config["seed"], repeat=True,
+                                initial_epoch=state.epochs_done, steps_per_epoch=steps)
         weights = {int(k): v for k, v in config["class_weight"].items()}
         model.fit(train_ds, epochs=config["epochs"], initial_epoch=state.epochs_done, steps_per_epoch=steps,
                   class_weight=weights, callbacks=[loop], verbose=verbose, shuffle=False)
@@ -540,7 +544,8 @@ def _run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
         "lr_schedule": "cosine decay to 5% over the planned epochs",
         "patience": int(args["patience"]),
         "monitor": MONITOR,
-        "augment": bool(args["augment"]),
+        "selection_loss_weight": SELECTION_LOSS_WEIGHT,
+        **_augmentation_config(args["augment"], args["model_kwargs"]),
         "class_weight": class_weights(data.labels[data.train_idx]),
         "threshold_rule": THRESHOLD_RULE,
         "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
@@ -551,10 +556,22 @@ def _run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
     }
 
 
+def _augmentation_config(augment: bool | str | None, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What ``config.json`` records of augmentation and arithmetic: the strength (``"augment"``, a name of
+    :data:`idc_helpers.pipeline.AUGMENT_CHOICES`), where it runs (``"augment_on"``: ``"pipeline"`` or ``"model"``,
+    None without augmentation) and the Keras dtype policy the model computes in (``"precision_policy"``)."""
+    from idc_helpers.models import augmentation_placement, precision_policy
+    from idc_helpers.pipeline import augment_setting
+
+    strength = augment_setting(augment)
+    return {"augment": strength, "augment_on": augmentation_placement() if strength != "none" else None,
+            "precision_policy": precision_policy((model_kwargs or {}).get("mixed_precision"))}
+
+
 def _model_name(name: str | None) -> str:
-    """The model to build (default :data:`idc_helpers.models.DEFAULT_MODEL`); :class:`UnknownModelError` naming the
-    known ones for a name that is not one of them."""
-    from idc_helpers.models import DEFAULT_MODEL, MODEL_NAMES
+    """The model to build (default :data:`idc_helpers.models.DEFAULT_MODEL`);
+    :class:`idc_helpers.models.UnknownModelError` naming the known ones for a name that is not one of them."""
+    from idc_helpers.models import DEFAULT_MODEL, MODEL_NAMES, UnknownModelError
 
     name = name or DEFAULT_MODEL
     if name not in MODEL_NAMES:
@@ -591,7 +608,7 @@ def train(
     batch_size: int | None = None,
     learning_rate: float | None = None,
     patience: int = DEFAULT_PATIENCE,
-    augment: bool = True,
+    augment: bool | str = "mild",
     cache_dir: str | os.PathLike[str] | None = None,
     test_patients: Sequence[str] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
@@ -615,7 +632,10 @@ def train(
         batch_size: patches per step (default :data:`DEFAULT_BATCH_SIZE`).
         learning_rate: Adam's initial rate, decayed along a cosine (default per model).
         patience: epochs without a better :data:`MONITOR` before stopping.
-        augment: random flips/rotations and stain jitter on training batches.
+        augment: random flips/rotations and stain jitter of the training batches: ``"mild"`` (``True``, the
+            default), ``"light"``, ``"strong"``, ``"geometry"`` (flips/rotations only) or ``"none"`` (``False``);
+            see :data:`idc_helpers.pipeline.AUGMENT_STRENGTHS`. Where it runs:
+            :func:`idc_helpers.models.augmentation_placement` (``IDC_AUGMENT_ON``).
         cache_dir: decoded-patch cache (default ``$IDC_CACHE_DIR`` or ``~/.cache/idc_helpers``).
         test_patients: patient ids to hold out as the test subset (the rest is split into train/validation).
         model_kwargs: extra arguments of the model builder.
@@ -636,13 +656,20 @@ def train(
     say = print if verbose else (lambda *a, **k: None)
     if resume:
         return _resume(data_dir, out_dir, cache_dir=cache_dir, verbose=verbose, say=say)
+    return _start(data_dir, out_dir, args, verbose=verbose, say=say)
+
+
+def _start(data_dir, out_dir, args: dict[str, Any], *, verbose: int, say) -> TrainResult:
+    """A new run of ``train``'s arguments ``args`` into ``out_dir``: its config first, then the training."""
     out = check_new_run_dir(out_dir)
-    _model_name(model_name)  # a typo is reported before the data is read
-    args["test_patients"] = list(test_patients) if test_patients else None
+    _model_name(args["model_name"])  # typos are reported before the data is read
+    _augmentation_config(args["augment"], args["model_kwargs"])
+    test_patients = args["test_patients"] = list(args["test_patients"]) if args["test_patients"] else None
     folders = list(data_dir) if isinstance(data_dir, (list, tuple)) else [data_dir]
     args["data_dirs"] = [None if d is None else str(d) for d in folders]
-    data = prepare_data(folders, split=split, seed=seed, test_patients=test_patients, unlisted=unlisted,
-                        max_patches=max_patches, cache_dir=cache_dir, say=say)
+    data = prepare_data(folders, split=args["split"], seed=args["seed"], test_patients=test_patients,
+                        unlisted=args["unlisted"], max_patches=args["max_patches"], cache_dir=args["cache_dir"],
+                        say=say)
     config = _run_config(args, data)
     partial = partial_dir(out)
     try:

@@ -16,11 +16,12 @@ import pytest
 
 from idc_helpers import loader, training
 from idc_helpers.inference import predict_probs
+from idc_helpers.errors import UserError
 from idc_helpers.metrics import pick_threshold
+from idc_helpers.models import AUGMENT_LAYER, UnknownModelError
 from idc_helpers.run import RUN_FILES, RunExistsError, load_run, partial_dir
 from idc_helpers.training import (
     TrainingDataError,
-    UnknownModelError,
     class_weights,
     resolve_split,
     subsample_patches,
@@ -65,7 +66,10 @@ def test_run_folder_contents(run):
     config = json.loads((run.run_dir / "config.json").read_text())
     for key in ("model", "data", "split", "seed", "epochs", "batch_size", "versions", "started", "class_weight"):
         assert key in config, key
-    assert config["data"]["synthetic"] is True
+    assert config["data"]["synthetic"] is True and config["synthetic"] is True
+    # What a CPU-only run does: augments in the input pipeline, computes in float32.
+    assert (config["augment"], config["augment_on"], config["precision_policy"]) == ("mild", "pipeline", "float32")
+    assert config["selection_loss_weight"] == training.SELECTION_LOSS_WEIGHT
     assert {"python", "tensorflow", "keras", "numpy", "idc_helpers"} <= set(config["versions"])
     metrics = json.loads((run.run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["threshold"] <= 1.0
@@ -122,6 +126,8 @@ def test_a_failure_before_the_first_checkpoint_leaves_nothing(demo_dir, cache_di
     # A mistyped model name is caught before anything is written.
     with pytest.raises(UnknownModelError, match="idcnet.*seed_cnn"):
         train(demo_dir, tmp_path / "run", cache_dir=cache_dir, **{**QUICK, "model_name": "idcnet"})
+    with pytest.raises(UserError, match="'heavy'.*geometry.*strong"):  # and so is an unknown augmentation
+        train(demo_dir, tmp_path / "run", cache_dir=cache_dir, augment="heavy", **QUICK)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -265,13 +271,13 @@ def _train_command(data: Path, cache: Path, *args: str) -> list[str]:
 def test_a_killed_run_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     whole = tmp_path / "whole"
-    subprocess.run(_train_command(demo_dir, cache_dir, "--out", str(whole)), env=env, check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run(_train_command(demo_dir, cache_dir, "--out", str(whole), "--augment", "geometry"), env=env,
+                   check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
     state = partial_dir(killed) / "checkpoint.json"
-    proc = subprocess.Popen(_train_command(demo_dir, cache_dir, "--out", str(killed)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_train_command(demo_dir, cache_dir, "--out", str(killed), "--augment", "geometry"),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
         while not (state.is_file() and json.loads(state.read_text())["epochs_done"] >= 1):
@@ -288,6 +294,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, t
     assert "Resuming" in done.stdout and "after epoch 1 of 3" in done.stdout
     assert not partial_dir(killed).exists()
 
+    assert json.loads((killed / "config.json").read_text())["augment"] == "geometry"
     a, b = (json.loads((run / "metrics.json").read_text()) for run in (whole, killed))
     assert (a["epochs_run"], a["best_epoch"]) == (b["epochs_run"], b["best_epoch"]) and a["epochs_run"] == 3
     assert b["threshold"] == pytest.approx(a["threshold"], abs=1e-4)
@@ -321,6 +328,18 @@ def test_cli_mistakes_get_one_error_line_and_exit_2(demo_dir, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_train_augment_choices_are_the_pipelines():
+    from idc_helpers.cli import build_parser
+    from idc_helpers.pipeline import AUGMENT_CHOICES
+
+    args = build_parser().parse_args(["train", "--out", "r"])
+    assert args.augment == "mild"  # the augmentation runs trained with before strengths were selectable
+    for choice in AUGMENT_CHOICES:
+        assert build_parser().parse_args(["train", "--out", "r", "--augment", choice]).augment == choice
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--out", "r", "--augment", "heavy"])
+
+
 def test_a_run_killed_in_its_first_epoch_resumes_from_its_config(run, demo_dir, cache_dir, tmp_path):
     # What a kill before the first checkpoint leaves: the partial folder with config.json only.
     partial = partial_dir(tmp_path / "again")
@@ -334,10 +353,8 @@ def test_a_run_killed_in_its_first_epoch_resumes_from_its_config(run, demo_dir, 
     assert not partial.exists()
 
 
-def test_a_resumed_idc_net_draws_the_same_dropout_masks(demo_dir, cache_dir, tmp_path, monkeypatch):
-    """idc_net's dropout draws from a random-seed state that model.save leaves out; the checkpoint keeps it."""
-    settings = {**QUICK, "model_name": "idc_net", "epochs": 2, "batch_size": 16}
-    whole = train(demo_dir, tmp_path / "whole", cache_dir=cache_dir, **settings)
+def _interrupted_and_resumed(demo_dir, cache_dir, out: Path, monkeypatch, settings: dict):
+    """Train ``out`` with ``settings``, interrupted right after the checkpoint of epoch 1, then resume it."""
     real = training.save_checkpoint
 
     def interrupt_after_epoch_1(folder, model, best_weights, state):
@@ -347,9 +364,16 @@ def test_a_resumed_idc_net_draws_the_same_dropout_masks(demo_dir, cache_dir, tmp
 
     monkeypatch.setattr(training, "save_checkpoint", interrupt_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
-        train(demo_dir, tmp_path / "resumed", cache_dir=cache_dir, **settings)
+        train(demo_dir, out, cache_dir=cache_dir, **settings)
     monkeypatch.setattr(training, "save_checkpoint", real)
-    resumed = train(None, tmp_path / "resumed", resume=True, cache_dir=cache_dir, verbose=0)
+    return train(None, out, resume=True, cache_dir=cache_dir, verbose=0)
+
+
+def test_a_resumed_idc_net_draws_the_same_dropout_masks(demo_dir, cache_dir, tmp_path, monkeypatch):
+    """idc_net's dropout draws from a random-seed state that model.save leaves out; the checkpoint keeps it."""
+    settings = {**QUICK, "model_name": "idc_net", "epochs": 2, "batch_size": 16}
+    whole = train(demo_dir, tmp_path / "whole", cache_dir=cache_dir, **settings)
+    resumed = _interrupted_and_resumed(demo_dir, cache_dir, tmp_path / "resumed", monkeypatch, settings)
     np.testing.assert_allclose(resumed.history["loss"], whole.history["loss"], atol=1e-5)
     for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-5)
@@ -366,3 +390,23 @@ def test_two_processes_never_train_the_same_partial_run(run, demo_dir, cache_dir
         with pytest.raises(RunExistsError, match="another process"):
             train(None, tmp_path / "r", resume=True, cache_dir=cache_dir, verbose=0)
     assert (partial / "config.json").is_file()  # left as it was, still resumable
+
+
+def test_a_model_that_augments_itself_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, tmp_path,
+                                                                          monkeypatch):
+    """IDC_AUGMENT_ON=model (what a GPU gets): the model augments its batches, seeded by a batch count that its
+    checkpoint carries, so a resumed run augments epoch 2 as an uninterrupted one does, not as epoch 1 again."""
+    monkeypatch.setenv("IDC_AUGMENT_ON", "model")
+    # A steps_per_epoch beyond one pass is one pass.
+    settings = {**QUICK, "epochs": 2, "augment": "strong", "steps_per_epoch": 10_000}
+    whole = train(demo_dir, tmp_path / "whole", cache_dir=cache_dir, **settings)
+    assert (whole.config["augment"], whole.config["augment_on"]) == ("strong", "model")
+    assert whole.config["steps_per_epoch"] is None
+    layer = whole.model.get_layer(AUGMENT_LAYER)
+    steps = int(np.ceil(whole.config["split"]["patches"]["train"] / QUICK["batch_size"]))
+    assert (layer.strength, layer.seed) == ("strong", 0) and int(layer.batches_seen.numpy()) in (steps, 2 * steps)
+    resumed = _interrupted_and_resumed(demo_dir, cache_dir, tmp_path / "resumed", monkeypatch, settings)
+    np.testing.assert_allclose(resumed.history["loss"], whole.history["loss"], atol=1e-5)
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert load_run(resumed.run_dir).model.get_layer(AUGMENT_LAYER).batches_seen.numpy() == layer.batches_seen.numpy()
