@@ -23,8 +23,6 @@ if TYPE_CHECKING:
 
 #: Smallest spatial size (height and width, in cells) for the default Grad-CAM layer.
 MIN_DEFAULT_MAP_SIZE = 9
-#: Name of the pre-softmax layer in the project's models (``models.LOGITS_LAYER``).
-LOGITS_LAYER = "logits"
 
 # Layers that follow a convolution inside one block and keep its shape: the default layer is the block's output.
 _BLOCK_FOLLOWERS = ("BatchNormalization", "Activation", "ReLU", "LeakyReLU", "ELU", "PReLU")
@@ -63,6 +61,8 @@ def _grad_model(model: keras.Model, layer_name: str) -> tuple[keras.Model, Any]:
     """
     import keras
 
+    from idc_helpers.models import LOGITS_LAYER  # the pre-softmax layer of the project's models
+
     inputs = model.inputs
     tensors = {layer.name: (layer.input, layer.output) for layer in model.layers}
     if isinstance(model, keras.Sequential):
@@ -79,8 +79,8 @@ def _grad_model(model: keras.Model, layer_name: str) -> tuple[keras.Model, Any]:
     elif type(last).__name__ == "Dense" and activation in ("softmax", "sigmoid", "linear"):
         logits, dense = tensors[last.name][0], last  # the Dense layer is recomputed without its activation
     else:
-        raise ValueError("cannot find the pre-softmax score: name the Dense layer before the softmax 'logits', or "
-                         "end the model with a Dense layer (softmax, sigmoid or linear)")
+        raise ValueError(f"cannot find the pre-softmax score: name the Dense layer before the softmax "
+                         f"{LOGITS_LAYER!r}, or end the model with a Dense layer (softmax, sigmoid or linear)")
     return keras.Model(inputs, [tensors[layer_name][1], logits]), dense
 
 

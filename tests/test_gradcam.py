@@ -237,3 +237,25 @@ def test_project_models_saved_and_loaded(name, expected_layer, tmp_path):
     heat = gradcam(model, images)
     model.save(tmp_path / "m.keras")
     np.testing.assert_allclose(gradcam(keras.models.load_model(tmp_path / "m.keras"), images), heat, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["seed_cnn", "idc_net"])
+def test_a_model_that_augments_itself_gets_the_same_maps(name, tmp_path):
+    """``build_model(augment=...)`` puts an augmentation layer (the identity outside training) after the input: the
+    default layer, the cell centres and the maps are those of the same weights without it, also after a reload."""
+    from idc_helpers import models
+
+    plain, augmenting = models.build_model(name), models.build_model(name, augment="strong", augment_seed=3)
+    assert augmenting.layers[1].name == models.AUGMENT_LAYER
+    for layer in plain.layers:
+        augmenting.get_layer(layer.name).set_weights(layer.get_weights())
+    layer_name = default_gradcam_layer(plain)
+    assert default_gradcam_layer(augmenting) == layer_name
+    assert receptive_field_centres(augmenting, layer_name, (SIZE, SIZE)) == \
+        receptive_field_centres(plain, layer_name, (SIZE, SIZE)) is not None
+    images, _, _ = make_task(4, seed=12)
+    heat = gradcam(plain, images)
+    assert heat.max() > 0
+    np.testing.assert_allclose(gradcam(augmenting, images), heat, atol=1e-5)
+    augmenting.save(tmp_path / "m.keras")
+    np.testing.assert_allclose(gradcam(keras.models.load_model(tmp_path / "m.keras"), images), heat, atol=1e-5)
