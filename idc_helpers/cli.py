@@ -20,7 +20,8 @@ from idc_helpers.errors import IdcError, UserError
 
 EXIT_CODES = {
     0: "success",
-    1: "the command ran and found problems (index: files that are not usable patches)",
+    1: "the command ran and found problems (index: files that are not usable patches; run-notebooks: a notebook "
+       "cell failed, the executed copy shows where)",
     2: "a mistake the message names and says how to fix: an argument, a missing or unusable file or folder, "
        "an output that already exists, missing credentials",
     3: "an outside failure: the server refused or broke off a download, the disk is full",

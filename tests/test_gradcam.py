@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-keras = pytest.importorskip("keras")
+import keras
 layers = keras.layers
 
 from idc_helpers.gradcam import (  # noqa: E402

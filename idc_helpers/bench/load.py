@@ -29,7 +29,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-FULL_SIZE_PATCHES = 277_524
+from idc_helpers import KAGGLE_PATCHES
+
+FULL_SIZE_PATCHES = KAGGLE_PATCHES
 GOAL_FIRST_LOAD = 1.7
 GOAL_CACHED = 30.0
 GOAL_PEAK_MB = 3500.0

@@ -41,7 +41,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-FULL_DATASET_PATCHES = 277_524
+from idc_helpers import KAGGLE_PATCHES
+
+FULL_DATASET_PATCHES = KAGGLE_PATCHES
 # Share of patients (hence roughly of patches) that the default 70/15/15 patient split trains on.
 TRAIN_SHARE = 0.70
 
