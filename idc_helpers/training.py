@@ -40,7 +40,6 @@ import idc_helpers
 from idc_helpers import context, splits
 from idc_helpers.atomic import atomic_path, write_json
 from idc_helpers.datasource import resolve_data_dir
-from idc_helpers.demo_data import SYNTHETIC_NOTICE
 from idc_helpers.errors import UserError
 from idc_helpers.inference import predict_probs
 from idc_helpers.loader import load_patches
@@ -196,9 +195,7 @@ def prepare_data(
     patches of one class only.
     """
     sources = [resolve_data_dir(d) for d in data_dirs]
-    synthetic = any(s.synthetic for s in sources)
-    if synthetic:
-        print(SYNTHETIC_NOTICE, flush=True)
+    synthetic = any(s.synthetic for s in sources)  # resolve_data_dir has said so, loudly
     index = build_index([s.path for s in sources])
     if index.problems:
         folders = " ".join(f"--data-dir {s.path}" for s in sources)
