@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from idc_helpers.atomic import install_dir
 from idc_helpers.errors import UserError
 
 if TYPE_CHECKING:  # TensorFlow loads only when a model is read
@@ -126,10 +127,8 @@ def publish_run(partial: Path, run_dir: Path) -> None:
     for path in partial.iterdir():
         if path.name == CHECKPOINT_STATE_FILE or path.name.startswith(CHECKPOINT_PREFIXES):
             path.unlink()
-    if run_dir.is_dir():
-        run_dir.rmdir()  # empty: os.replace onto a directory is not portable
     partial.chmod(0o755)  # a run folder is shared like any output
-    os.replace(partial, run_dir)
+    install_dir(partial, run_dir)
 
 
 def discard_partial(partial: Path) -> None:
