@@ -11,7 +11,14 @@ Modules, one concern each:
 - ``splits``: patient-level splits (the published Janowczyk & Madabhushi 2016 split, seeded splits, k-fold).
 - ``loader``: decode patches into one ``(N, 50, 50, 3) uint8`` array, cached on disk.
 - ``pipeline``: ``tf.data`` input pipelines with augmentation.
-- ``models``, ``training``, ``prediction``, ``metrics``, ``plots``, ``gradcam``, ``slides``.
+- ``models``: the reference ``seed_cnn`` and ``idc_net`` (mixed precision, augmentation inside the model on a GPU).
+- ``inference``: IDC probabilities of a batch of patches, with test-time augmentation.
+- ``run``: the run folder ``train`` writes and everything downstream reads (model, config, metrics, checkpoint).
+- ``training``: train with a patient split, a checkpoint every epoch, resume, threshold chosen on validation patients.
+- ``prediction``: the predictions table (one row per patch), the hand-off to everything downstream.
+- ``context``: slide-context smoothing of predictions from the patch coordinates.
+- ``metrics``: patch-level metrics with intervals over patients (imports nothing of the package).
+- ``plots``, ``gradcam``, ``slides``: figures, Grad-CAM maps, slide mosaics and heatmaps.
 - ``notebook_runner``: the notebook series end to end (the notebooks ship inside the package, so a regular
   install runs them from any folder); ``cli``: every command's arguments and handler.
 
