@@ -33,10 +33,34 @@ def _exit_code_help() -> str:
     return "exit status:\n" + "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())
 
 
-def quiet_tensorflow() -> None:
+def _prefer(new, old, old_spelling: str, new_spelling: str):
+    """The value of an option, or else of its old spelling, which still works but says what replaces it."""
+    if old is None:
+        return new
+    print(f"{old_spelling} is deprecated: use {new_spelling}.", file=sys.stderr)
+    return new if new is not None else old
+
+
+# The commands that run a model: TensorFlow is imported for them up front, quietly.
+_TENSORFLOW_COMMANDS = ("train", "predict")
+
+
+def quiet_tensorflow(command: str | None = None) -> None:
     """Hide TensorFlow's C++ start-up lines (CUDA probing on a CPU machine, oneDNN notices) unless the user set
-    ``TF_CPP_MIN_LOG_LEVEL``; an entry point calls this before TensorFlow is imported."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    ``TF_CPP_MIN_LOG_LEVEL``; an entry point calls this before TensorFlow is imported. TensorFlow 2.19+ prints some
+    of them before its logging reads that variable, so a command that needs TensorFlow imports it here with stderr
+    silenced for the time of the import."""
+    if command in _TENSORFLOW_COMMANDS:
+        # oneDNN's CPU kernels train 2-4x faster on a CPU; TensorFlow enables them by itself only on CPUs with
+        # AVX512-VNNI/BF16/AMX. The variable counts only before TensorFlow is imported; a user's "0" stays.
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    if command in _TENSORFLOW_COMMANDS:
+        from idc_helpers.colab import import_tensorflow_quietly
+
+        import_tensorflow_quietly()
 
 # --------------------------------------------------------------------------------------------------------------
 # download
@@ -59,10 +83,7 @@ def run_download(args: argparse.Namespace) -> int:
     """``python -m idc_helpers download [--out DIR] [--force]``: a verified copy of the dataset in ``DIR``."""
     from idc_helpers.kaggle_download import download_dataset
 
-    out = args.out
-    if args.dest is not None:
-        print("download --dest DIR is deprecated: use --out DIR.", file=sys.stderr)
-        out = out or args.dest
+    out = _prefer(args.out, args.dest, "download --dest DIR", "--out DIR")
     download_dataset(out or "data", force=args.force, progress=not args.no_progress)
     return 0
 
@@ -132,13 +153,8 @@ def run_demo_data(args: argparse.Namespace) -> int:
     from idc_helpers.errors import UserError
     from idc_helpers.patch_index import build_index, dataset_summary
 
-    out, n_patients = args.out, args.n_patients
-    if args.dest is not None:
-        print("demo-data DIR is deprecated: use demo-data --out DIR.", file=sys.stderr)
-        out = out or args.dest
-    if args.patients is not None:
-        print("demo-data --patients N is deprecated: use --n-patients N.", file=sys.stderr)
-        n_patients = n_patients if n_patients is not None else args.patients
+    out = _prefer(args.out, args.dest, "demo-data DIR", "demo-data --out DIR")
+    n_patients = _prefer(args.n_patients, args.patients, "demo-data --patients N", "--n-patients N")
     if out is None:
         raise UserError("demo-data needs --out DIR, the folder to write the synthetic dataset to.")
     start = time.perf_counter()
@@ -191,12 +207,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                         "or strong stain jitter, or none (default: mild)")
 
 
-def _enable_onednn() -> None:
-    # TensorFlow's oneDNN CPU kernels run training 2-4x faster on a CPU; TensorFlow enables them by itself only on
-    # CPUs with AVX512-VNNI/BF16/AMX. The variable counts only before TensorFlow is imported; a user's "0" stays.
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-
-
 def run_train(args: argparse.Namespace) -> int:
     """``python -m idc_helpers train``: write (or finish, with ``--resume``) a run folder."""
     from idc_helpers.errors import UserError
@@ -204,7 +214,6 @@ def run_train(args: argparse.Namespace) -> int:
     if (args.out is None) == (args.resume is None):
         raise UserError("train needs exactly one of --out RUN_DIR (a new run) and --resume RUN_DIR "
                         "(continue an interrupted one).")
-    _enable_onednn()
     from idc_helpers.training import train
 
     data_dir = args.data_dir[0] if args.data_dir and len(args.data_dir) == 1 else args.data_dir
@@ -253,16 +262,12 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from idc_helpers.errors import UserError
 
-    run_dir = args.run
-    if args.model_folder is not None:
-        print("predict --model RUN_DIR is deprecated: use --run RUN_DIR.", file=sys.stderr)
-        run_dir = run_dir or args.model_folder
+    run_dir = _prefer(args.run, args.model_folder, "predict --model RUN_DIR", "--run RUN_DIR")
     if run_dir is None:
         raise UserError("predict needs --run RUN_DIR, a run folder written by `python -m idc_helpers train`.")
     out = Path(_check_out_file(args.out))
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite to replace it.")
-    _enable_onednn()
     from idc_helpers import prediction
     from idc_helpers.demo_data import SYNTHETIC_NOTICE, is_synthetic
     from idc_helpers.patch_index import build_index
@@ -526,7 +531,7 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status (see :data:`EXIT_CODES`)."""
     args = build_parser().parse_args(argv)
-    quiet_tensorflow()
+    quiet_tensorflow(args.command)
     warnings.formatwarning = _one_line_warning
     try:
         return int(_HANDLERS[args.command](args) or 0)
