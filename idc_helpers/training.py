@@ -14,8 +14,8 @@ four named steps:
    ``train --resume RUN_DIR``) to the same result;
 3. :func:`choose_threshold`: the decision threshold that maximises the IDC F1 on the validation patients (the
    Youden threshold, which maximises balanced accuracy, is stored beside it), and the validation metrics at it;
-   :func:`choose_context`: the slide-context smoothing and its own threshold, on the validation patients that
-   have whole slides (:mod:`idc_helpers.context`), stored under ``"context"`` for ``predict --context``;
+   :func:`choose_context`: the slide-context smoothing and its own threshold, on the validation patients
+   (:func:`idc_helpers.context.fit_context`), stored under ``"context"`` for ``predict --context``;
 4. :func:`idc_helpers.run.write_run_files` and :func:`idc_helpers.run.publish_run`: the run folder appears only
    when complete.
 """
@@ -477,9 +477,10 @@ def choose_threshold(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
 
 
 def choose_context(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
-    """Slide-context parameters (smoothing width and their own threshold) chosen on the validation patients with
-    whole slides, as :func:`idc_helpers.context.fit_context` returns them; ``{"unavailable": reason}`` when the
-    validation patients hold no whole slide (sparse samples, or ``max_patches`` thinned the slides)."""
+    """Slide-context parameters (smoothing width and their own threshold) chosen on the validation patients, as
+    :func:`idc_helpers.context.fit_context` returns them (its default tunes on every validation patient: measured
+    in docs/results.md, that transferred better than a fold's few whole slides); ``{"unavailable": reason}`` when
+    they cannot be chosen (e.g. the validation patches hold one class only)."""
     rows = data.frame.iloc[data.val_idx]
     table = pd.DataFrame({"patient_id": rows["patient_id"].astype(str).to_numpy(), "x": rows["x"].to_numpy(),
                           "y": rows["y"].to_numpy(), "label": data.labels[data.val_idx],
