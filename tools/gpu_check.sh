@@ -13,6 +13,7 @@ set -euo pipefail
 out="${1:-${OUT:-gpu-check}}"
 shift || true
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"  # absolute: the benchmark below runs from the repository root
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python}"
 if [ -x "$here/.venv/bin/python" ] && [ -z "${PYTHON:-}" ]; then python="$here/.venv/bin/python"; fi
