@@ -93,6 +93,24 @@ def test_read_log_ignores_a_torn_last_line(tmp_path):
     assert quality.read_log(tmp_path) == [{"model": "m", "fold": 0}]
 
 
+def test_quality_augment_option_reaches_training_and_the_config(demo_dir, tmp_path, capsys):
+    out = tmp_path / "cv"
+    common = ["--data-dir", str(demo_dir), "--folds", "2", "--only-folds", "0", "--models", "seed_cnn",
+              "--epochs", "1", "--max-patches", "60", "--bootstrap", "10", "--cache-dir", str(tmp_path / "cache")]
+    assert quality.main([*common, "--augment", "strong", "--out", str(out)]) == 0
+    config = json.loads((out / quality.CONFIG_FILE).read_text())
+    assert config["train_options"] == {"augment": "strong"}
+    run_config = json.loads((out / "runs" / "seed_cnn-fold0" / "config.json").read_text())
+    assert run_config["augment"] == "strong"
+    # Resuming the folder with another strength is refused rather than mixed into its log.
+    assert quality.main([*common, "--augment", "light", "--out", str(out)]) == 2
+    assert "other settings (train_options)" in capsys.readouterr().err
+    # The old spelling cannot contradict the new one.
+    assert quality.main([*common, "--no-augment", "--augment", "mild", "--out", str(tmp_path / "other")]) == 2
+    assert "--no-augment contradicts --augment mild" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
 def test_speed_measurements_run_and_print_a_table(demo_dir, tmp_path):
     from idc_helpers.bench import speed
     from idc_helpers.loader import load_patches

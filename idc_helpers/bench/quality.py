@@ -46,6 +46,7 @@ from idc_helpers.atomic import atomic_path, write_json, write_text
 from idc_helpers.context import ContextError, apply_context, fit_context, whole_slide_patients
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import evaluate, pick_threshold
+from idc_helpers.pipeline import AUGMENT_CHOICES
 
 LOG_FILE = "folds.jsonl"
 CONFIG_FILE = "config.json"
@@ -440,7 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs per fold (default: train's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-patches", type=int, default=None, help="subsample the dataset (quick runs)")
-    parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    parser.add_argument("--augment", default=None, choices=AUGMENT_CHOICES,
+                        help="training augmentation strength (default: train's, 'mild'); 'light' and 'strong' are "
+                             "Tellez et al. 2019's HED-light and HED-strong stain jitter")
+    parser.add_argument("--no-augment", action="store_true", help="old spelling of --augment none")
     parser.add_argument("--tta", action="store_true", help="also score test-time augmentation (8 flips/rotations)")
     parser.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the pooled intervals")
@@ -454,7 +458,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODEL_NAMES)}", file=sys.stderr)
         return 2
     only = [int(f) for f in args.only_folds.split(",")] if args.only_folds else None
-    options = {"augment": False} if args.no_augment else {}
+    if args.no_augment and args.augment not in (None, "none"):
+        print(f"error: --no-augment contradicts --augment {args.augment}; give only --augment", file=sys.stderr)
+        return 2
+    # --no-augment keeps recording False, so result folders written with it still resume.
+    options: dict[str, Any] = ({"augment": False} if args.no_augment
+                               else {"augment": args.augment} if args.augment is not None else {})
     try:
         result = run_quality(args.data_dir, args.out, n_folds=args.folds, models=models, epochs=args.epochs,
                              seed=args.seed, max_patches=args.max_patches, tta=args.tta, cache_dir=args.cache_dir,
