@@ -133,12 +133,13 @@ def resolve_split(
     """
     if not test_patients:
         return {k: list(v) for k, v in splits.make_split(frame, split, seed=seed, unlisted=unlisted).items()}
-    test = sorted({str(p).strip() for p in test_patients if str(p).strip()}, key=int)
-    unknown = [p for p in test if p not in set(frame["patient_id"])]
+    given = {str(p).strip() for p in test_patients if str(p).strip()}
+    unknown = sorted(given - set(frame["patient_id"]))  # before sorting by number: an id may not be one
     if unknown:
         raise TrainingDataError(
             f"test patients not in the dataset: {', '.join(unknown)}; check the ids against the patient folders."
         )
+    test = sorted(given, key=int)
     rest = frame[~frame["patient_id"].isin(test)]
     if split == "janowczyk2016":
         published = splits.janowczyk2016_split(rest, unlisted=unlisted)

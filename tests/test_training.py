@@ -168,6 +168,8 @@ def test_test_patients_override_the_split():
     assert len(split["train"]) + len(split["val"]) == 10 and split["val"]
     with pytest.raises(TrainingDataError, match="999"):
         resolve_split(frame, "patients", test_patients=["999"])
+    with pytest.raises(TrainingDataError, match="p101"):  # not a number: reported, not a ValueError from sorting
+        resolve_split(frame, "patients", test_patients=["p101", "105"])
 
 
 def test_class_weights_balance_the_classes():
