@@ -270,7 +270,7 @@ def download_dataset(
             replacing = True
         elif not dest.is_dir():
             raise DestinationError(f"{dest} exists and is not a folder, so the dataset cannot be put there. "
-                                   "Choose another place with --dest (download_dataset(dest=...)).")
+                                   "Choose another place with --out (download_dataset(dest=...)).")
         elif any(dest.iterdir()):
             raise DestinationError(_not_empty_message(dest, expected_patients, expected_patches))
 
@@ -327,7 +327,7 @@ def _not_empty_message(dest: Path, expected_patients: int, expected_patches: int
         f"{dest} already exists and is not a complete copy of the dataset: it holds {len(entries)} entries "
         f"({shown}), {patients} patient folders and {patches:,} patches where a complete copy has "
         f"{expected_patients} and {expected_patches:,}. It was left untouched. Move it away or delete it "
-        "yourself and run again, or download into another folder with --dest (download_dataset(dest=...)); "
+        "yourself and run again, or download into another folder with --out (download_dataset(dest=...)); "
         "if it is a copy you want to use as it is, point IDC_DATA_DIR at it."
     )
 
@@ -342,7 +342,7 @@ def _check_free_space(folder: Path, needed: int, dest: Path) -> None:
         raise InsufficientDiskError(
             f"Not enough free disk space in {folder}: {_size(free)} free, about {_size(needed)} needed (the "
             f"~3.1 GB archive plus the extracted patches, kept once). Nothing was downloaded and {dest} was not "
-            "created. Free some space, or download to a disk with more room with --dest (download_dataset("
+            "created. Free some space, or download to a disk with more room with --out (download_dataset("
             "dest=...)) and point IDC_DATA_DIR at it."
         )
 
