@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from idc_helpers.atomic import install_dir
+from idc_helpers.atomic import atomic_path, install_dir, write_json
 from idc_helpers.errors import UserError
 
 if TYPE_CHECKING:  # TensorFlow loads only when a model is read
@@ -110,8 +110,6 @@ def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
 def write_run_files(folder: Path, model: keras.Model, history: dict[str, Any], config: dict[str, Any],
                     metrics: dict[str, Any]) -> None:
     """Write the four :data:`RUN_FILES` into ``folder`` (each one atomically)."""
-    from idc_helpers.atomic import atomic_path, write_json
-
     with atomic_path(folder / MODEL_FILE, suffix=".keras") as tmp:  # Keras wants the suffix
         model.save(tmp)
     write_json(folder / HISTORY_FILE, history)
