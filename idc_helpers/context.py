@@ -179,10 +179,11 @@ def fit_context(val_table: pd.DataFrame, sigmas: Sequence[float] = DEFAULT_SIGMA
 
     Returns:
         A JSON-able dict (see the module docstring) for :func:`apply_context`; ``candidates`` lists every
-        ``sigma`` tried with its threshold, F1, balanced accuracy and ROC AUC on the whole-slide patients.
+        ``sigma`` tried with its threshold, F1, balanced accuracy and ROC AUC on the tuning patients.
 
     Raises:
-        ContextError: no whole-slide patient, or their patches hold one class only.
+        ContextError: no tuning patient (with ``"whole_slides"``: no whole-slide patient), or their patches hold
+        one class only.
     """
     _check_columns(val_table, ("patient_id", "x", "y", "label", column), "validation table")
     if criterion not in ("f1", "youden"):

@@ -13,7 +13,7 @@ pred        int     ``prob_idc >= threshold`` (the run's threshold, chosen on va
 
 ``predict --context`` adds :data:`CONTEXT_COLUMNS`: ``prob_idc_context`` (the probability smoothed with the
 patch's neighbours on the slide, :mod:`idc_helpers.context`) and ``pred_context`` (at the context threshold
-chosen on whole-slide validation patients). Figures from them use the slide, not the patch alone.
+chosen on the validation patients). Figures from them use the slide, not the patch alone.
 
 ``python -m idc_helpers predict --run RUN_DIR --data-dir DIR --out preds.csv`` writes it for every patch of a
 folder in the Kaggle layout (patients the model never saw, or a subset of the run's split with ``--subset``).

@@ -345,6 +345,6 @@ def plot_raw_and_context(mosaic: SlideMosaic, table: pd.DataFrame, *, threshold:
     same = bool(np.allclose(np.nan_to_num(context.prob), np.nan_to_num(mosaic.prob)))
     plot_slide(context, ax=axes[2], show=("prob",), threshold=context_threshold,
                title=f"With slide context: neighbours on the slide\n(p >= {context_threshold:.2f} called IDC)"
-               + ("\nidentical: no smoothing did better on the validation slides" if same else ""))
+               + ("\nidentical: no smoothing did better on the validation patients" if same else ""))
     fig.suptitle(f"Patient {mosaic.patient_id}")
     return fig

@@ -150,7 +150,7 @@ def test_predict_context_adds_the_slide_columns(tmp_path, tmp_cache, capsys):
     data = write_demo_dataset(tmp_path / "demo", n_patients=6, seed=0, grid=(8, 6))
     result = train(data, tmp_path / "run", model_name="seed_cnn", epochs=1, batch_size=32, verbose=0)
     params = result.metrics["context"]
-    assert "unavailable" not in params and params["patients"] == result.split["val"]  # whole-slide validation
+    assert "unavailable" not in params and params["patients"] == result.split["val"]  # tuned on every validation patient
     out = tmp_path / "ctx.csv"
     assert main(["predict", "--run", str(result.run_dir), "--data-dir", str(data), "--out", str(out),
                  "--subset", "test", "--context"]) == 0
