@@ -56,7 +56,8 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, synthetic: bool, d
 
     if synthetic:
         mark_synthetic(fig)
-    fmt = os.fspath(path).rsplit(".", 1)[-1].lower() if "." in os.fspath(path) else "png"
+    # The file name's suffix, not the last dot of the whole path (a folder such as ../outputs has one too).
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi)
 

@@ -139,6 +139,13 @@ def test_saved_synthetic_figures_carry_a_visible_mark(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_a_figure_without_suffix_in_a_dotted_folder_is_saved_as_png(tmp_path):
+    path = tmp_path / "run.v2" / "figure"
+    path.parent.mkdir()
+    plots.save_figure(plots.plot_roc(make_predictions()), path, synthetic=False)
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
 def test_synthetic_mark_keeps_the_title_and_is_laid_out_above_it(tmp_path):
     fig = plots.plot_history({"loss": [0.6, 0.5], "val_loss": [0.7, 0.6]})
     title = fig.get_suptitle()
