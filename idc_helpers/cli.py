@@ -150,7 +150,6 @@ def run_demo_data(args: argparse.Namespace) -> int:
     import time
 
     from idc_helpers.demo_data import DEFAULT_PATIENTS, SYNTHETIC_NOTICE, write_demo_dataset
-    from idc_helpers.errors import UserError
     from idc_helpers.patch_index import build_index, dataset_summary
 
     out = _prefer(args.out, args.dest, "demo-data DIR", "demo-data --out DIR")
@@ -209,8 +208,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """``python -m idc_helpers train``: write (or finish, with ``--resume``) a run folder."""
-    from idc_helpers.errors import UserError
-
     if (args.out is None) == (args.resume is None):
         raise UserError("train needs exactly one of --out RUN_DIR (a new run) and --resume RUN_DIR "
                         "(continue an interrupted one).")
@@ -257,10 +254,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
 
 def run_predict(args: argparse.Namespace) -> int:
     """``python -m idc_helpers predict``: write the predictions CSV."""
-    import warnings
     from pathlib import Path
-
-    from idc_helpers.errors import UserError
 
     run_dir = _prefer(args.run, args.model_folder, "predict --model RUN_DIR", "--run RUN_DIR")
     if run_dir is None:
