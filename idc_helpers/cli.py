@@ -204,6 +204,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--augment", choices=["none", "geometry", "mild", "light", "strong"], default="mild",
                    help="augmentation of the training batches: flips/rotations only (geometry), with mild, light "
                         "or strong stain jitter, or none (default: mild)")
+    # What a resumed run reads back from its config.json instead (so giving them with --resume is a mistake).
+    p.set_defaults(run_defaults={name: p.get_default(name) for name in _RUN_OPTIONS})
+
+
+# The options of a run, stored in its config.json.
+_RUN_OPTIONS = ("model", "epochs", "split", "unlisted", "max_patches", "batch_size", "seed", "test_patients",
+                "augment")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -215,6 +222,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     data_dir = args.data_dir[0] if args.data_dir and len(args.data_dir) == 1 else args.data_dir
     if args.resume:
+        given = [f"--{name.replace('_', '-')}" for name, default in args.run_defaults.items()
+                 if getattr(args, name) != default]
+        if given:
+            raise UserError(f"train --resume continues a run with the arguments it was started with; leave out "
+                            f"{', '.join(given)} (or start a new run with --out).")
         result = train(data_dir, args.resume, resume=True, cache_dir=args.cache_dir, verbose="auto")
     else:
         test_patients = args.test_patients.split(",") if args.test_patients else None

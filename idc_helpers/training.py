@@ -716,8 +716,8 @@ def _train_in(partial: Path, out: Path, config: dict[str, Any], data: TrainingDa
         try:
             model, state = fit(model, data, config, partial, state, best_weights, verbose=verbose)
         except BaseException:
-            if not (partial / CHECKPOINT_STATE_FILE).is_file():
-                discard_partial(partial)  # nothing to resume from
+            if not resumed and not (partial / CHECKPOINT_STATE_FILE).is_file():
+                discard_partial(partial)  # nothing to resume from (a resumed run keeps its config: it can resume)
             else:
                 print(f"Training stopped; its last end-of-epoch checkpoint is in {partial}: continue with "
                       f"`python -m idc_helpers train --resume {out}` (or delete that folder).", file=sys.stderr)

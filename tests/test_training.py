@@ -327,6 +327,9 @@ def test_cli_mistakes_get_one_error_line_and_exit_2(demo_dir, tmp_path, capsys):
     assert "not in the published janowczyk2016 lists" in err
     assert "exactly one of --out" in one_line_error(["train", "--data-dir", str(demo_dir)])
     assert "No interrupted run" in one_line_error(["train", "--resume", str(tmp_path / "never")])
+    # A resumed run reads its arguments back: giving others is refused, not silently ignored.
+    err = one_line_error(["train", "--resume", str(tmp_path / "never"), "--epochs", "3", "--augment", "strong"])
+    assert "leave out --epochs, --augment" in err
     assert list(tmp_path.iterdir()) == []
 
 
