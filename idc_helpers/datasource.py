@@ -87,7 +87,7 @@ def resolve_data_dir(
     if env_value:
         return _given_folder(base / Path(env_value).expanduser(), DATA_DIR_ENV, f"{DATA_DIR_ENV}={env_value}")
 
-    local = (base / "data").absolute()
+    local = Path(os.path.abspath(base / "data"))
     counts = {"expected_patients": expected_patients, "expected_patches": expected_patches}
     if is_complete_copy(local, **counts):
         return DataSource(local, "./data", False, f"the complete Kaggle dataset in {local}")
@@ -122,7 +122,7 @@ def resolve_data_dir(
 def _given_folder(path: Path, origin: str, named: str) -> DataSource:
     from idc_helpers.demo_data import LOOKUP_ORDER, is_synthetic
 
-    path = path.absolute()
+    path = Path(os.path.abspath(path))
     if not path.is_dir():
         what = "is a file, not a folder" if path.exists() else "does not exist"
         raise DataSourceError(
@@ -151,7 +151,7 @@ def _demo(demo_dir: str | os.PathLike[str] | None, n_patients: int, reasons: lis
         from idc_helpers.loader import default_cache_dir
 
         demo_dir = default_cache_dir() / "demo-data" / f"{n_patients}-patients-seed0"
-    path = Path(demo_dir).expanduser().absolute()
+    path = Path(os.path.abspath(Path(demo_dir).expanduser()))
     if is_synthetic(path):
         action = "reusing the SYNTHETIC demo dataset"
     else:

@@ -125,7 +125,7 @@ def write_demo_dataset(
         raise DemoDataError(f"the number of demo patients must be at least 1, got {n_patients}")
     if grid is not None and (grid[0] < 3 or grid[1] < 3):
         raise DemoDataError(f"grid must be at least 3x3 patches (columns, rows), got {grid}")
-    dest = Path(dest).expanduser().absolute()
+    dest = Path(os.path.abspath(Path(dest).expanduser()))
     replace_old = _check_destination(dest, overwrite)
     with publish_dir(dest, replace=replace_old) as tmp:
         # One independent random stream per patient: patient k is the same whatever n_patients is.

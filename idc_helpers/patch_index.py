@@ -284,7 +284,7 @@ def _as_list(root, more_roots: Iterable) -> list:
 
 
 def _resolve_root(root: str | os.PathLike[str]) -> Path:
-    root = Path(root).expanduser().absolute()
+    root = Path(os.path.abspath(Path(root).expanduser()))
     if not root.is_dir():
         raise DatasetFolderError(
             f"Dataset folder not found: {printable(str(root))}. Point to a folder in the Kaggle layout "

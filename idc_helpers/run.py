@@ -73,7 +73,7 @@ class Run:
 
 def partial_dir(run_dir: str | os.PathLike[str]) -> Path:
     """The hidden folder beside ``run_dir`` where the run is built and checkpointed: ``.<name>.partial``."""
-    run_dir = Path(run_dir).expanduser().absolute()
+    run_dir = Path(os.path.abspath(Path(run_dir).expanduser()))
     return run_dir.parent / f".{run_dir.name}.partial"
 
 
@@ -86,7 +86,7 @@ def has_interrupted_run(run_dir: str | os.PathLike[str]) -> bool:
 def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
     """Return ``run_dir`` as an absolute path; raise :class:`RunExistsError` when it exists and is not empty, or
     when an interrupted run of it waits in its :func:`partial_dir`."""
-    out = Path(run_dir).expanduser().absolute()
+    out = Path(os.path.abspath(Path(run_dir).expanduser()))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunExistsError(
             f"Run folder {out} already exists and is not empty; runs are never overwritten. "
@@ -166,5 +166,5 @@ def load_run(run_dir: str | os.PathLike[str], *, compile: bool = False) -> Run:
     config = read_json(path / CONFIG_FILE)
     metrics = read_json(path / METRICS_FILE)
     model = keras.models.load_model(model_path, compile=compile)
-    return Run(run_dir=path.absolute(), model=model, config=config, metrics=metrics,
+    return Run(run_dir=Path(os.path.abspath(path)), model=model, config=config, metrics=metrics,
                threshold=float(metrics.get("threshold", 0.5)))

@@ -680,7 +680,7 @@ def _start(data_dir, out_dir, args: dict[str, Any], *, verbose: int, say) -> Tra
 
 
 def _resume(data_dir, out_dir, *, cache_dir, verbose: int, say) -> TrainResult:
-    out = Path(out_dir).expanduser().absolute()
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))
     partial = partial_dir(out)
     if (out / CONFIG_FILE).is_file():
         raise RunExistsError(f"{out} is a finished run; runs are never overwritten. Train a new one with --out.")

@@ -39,6 +39,9 @@ def test_explicit_argument(work, tiny_dataset, monkeypatch):
     assert (source.path, source.origin, source.synthetic) == (tiny_dataset, "argument", False)
     (work / "mine").mkdir()
     assert resolve_data_dir("mine", cwd=work).path == work / "mine"  # relative to cwd
+    # A path through `..` is printed as the folder it names, not as `.../work/../...`.
+    source = resolve_data_dir("../work/mine", cwd=work)
+    assert source.path == work / "mine" and ".." not in str(source).split(", from")[0]
 
 
 def test_explicit_missing_folder_is_an_error(work):
