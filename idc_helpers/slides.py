@@ -236,8 +236,9 @@ def _slide_axes(mosaic: SlideMosaic, ax: Axes | Sequence[Axes] | None, n_panels:
             raise ValueError(f"{n_panels} panels need {n_panels} axes, got {len(axes)}")
         return axes[0].figure, axes
     h, w = mosaic.truth.shape
-    # About 1.2 in of each panel's width goes to tick labels and the colour bar; the rest holds the image.
-    panel_height = min(max((panel_width - 1.2) * h / w, 1.5), 2.2 * panel_width)
+    # About 0.6 in of each panel's width goes to tick labels (and as much to a colour bar, where there is one); the
+    # height is sized for the widest image, so that a panel without a colour bar does not push its title off the top.
+    panel_height = min(max((panel_width - 0.6) * h / w, 1.5), 2.2 * panel_width)
     fig, axes = plt.subplots(1, n_panels, figsize=(panel_width * n_panels + 1.0, panel_height + 1.3),
                              squeeze=False, layout="constrained")
     return fig, list(axes[0])

@@ -111,6 +111,23 @@ def test_plot_slide_panels(slide_table):
     plt.close("all")
 
 
+def test_slide_panels_without_a_colour_bar_keep_their_titles_inside_the_figure(tmp_path):
+    import matplotlib.pyplot as plt
+
+    # Two patches spanning a slide of a real one's size (3,600 x 2,700 px, 4-digit tick labels).
+    rows = []
+    for x, y, label in ((1, 1, 0), (3551, 2651, 1)):
+        image = np.full((50, 50, 3), 180, dtype=np.uint8)
+        path = write_patch(tmp_path / PATIENT / str(label) / patch_name(PATIENT, x, y, label), image)
+        rows.append((str(path), PATIENT, x, y, label))
+    table = pd.DataFrame(rows, columns=["path", "patient_id", "x", "y", "label"])
+    fig = plot_slide(slide_mosaic(table, PATIENT), show=("tissue", "truth"))
+    fig.canvas.draw()
+    for ax in fig.axes:
+        assert ax.title.get_window_extent().y1 <= fig.bbox.y1, ax.get_title()
+    plt.close("all")
+
+
 def test_slide_command_writes_a_png(slide_table, tmp_path, capsys):
     csv = tmp_path / "preds.csv"
     slide_table.to_csv(csv, index=False)
