@@ -77,3 +77,17 @@ def tiny_dataset(tmp_path) -> Path:
                 img[0, 0] = (p_i, gx, gy)
                 write_patch(root / patient / str(label) / patch_name(patient, x, y, label), img)
     return root
+
+
+@pytest.fixture()
+def cli_error(capsys):
+    """Run the CLI with ``argv``, expect exit status 2 and exactly one ``error:`` line on stderr; return that line."""
+    from idc_helpers.cli import main
+
+    def run(argv: list[str]) -> str:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+        return err
+
+    return run

@@ -171,16 +171,10 @@ def test_predict_context_adds_the_slide_columns(tmp_path, tmp_cache, capsys):
     assert err.startswith("error: predict --context") and "whole slide" in err and len(err.strip().splitlines()) == 1
 
 
-def test_predict_checks_its_arguments_before_any_work(tiny_dataset, tmp_path, capsys):
-    def one_line_error(argv: list[str]) -> str:
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-        return err
-
+def test_predict_checks_its_arguments_before_any_work(tiny_dataset, tmp_path, cli_error):
     base = ["predict", "--data-dir", str(tiny_dataset)]
-    assert "is a folder" in one_line_error([*base, "--run", str(tmp_path), "--out", str(tmp_path)])
-    assert "needs --run" in one_line_error([*base, "--out", str(tmp_path / "p.csv")])
-    assert "not a finished run folder" in one_line_error([*base, "--run", str(tmp_path / "nothing"),
+    assert "is a folder" in cli_error([*base, "--run", str(tmp_path), "--out", str(tmp_path)])
+    assert "needs --run" in cli_error([*base, "--out", str(tmp_path / "p.csv")])
+    assert "not a finished run folder" in cli_error([*base, "--run", str(tmp_path / "nothing"),
                                                           "--out", str(tmp_path / "p.csv")])
     assert not (tmp_path / "p.csv").exists()

@@ -311,24 +311,16 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, t
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "finished run" in again.stderr
 
 
-def test_cli_mistakes_get_one_error_line_and_exit_2(demo_dir, tmp_path, capsys):
-    from idc_helpers.cli import main
-
-    def one_line_error(argv: list[str]) -> str:
-        assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and len(err.splitlines()) == 1, err
-        return err
-
-    err = one_line_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"), "--model", "idcnet"])
+def test_cli_mistakes_get_one_error_line_and_exit_2(demo_dir, tmp_path, cli_error):
+    err = cli_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"), "--model", "idcnet"])
     assert "'idcnet'" in err and "seed_cnn" in err and "idc_net" in err
-    err = one_line_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"),
+    err = cli_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"),
                           "--split", "janowczyk2016"])
     assert "not in the published janowczyk2016 lists" in err
-    assert "exactly one of --out" in one_line_error(["train", "--data-dir", str(demo_dir)])
-    assert "No interrupted run" in one_line_error(["train", "--resume", str(tmp_path / "never")])
+    assert "exactly one of --out" in cli_error(["train", "--data-dir", str(demo_dir)])
+    assert "No interrupted run" in cli_error(["train", "--resume", str(tmp_path / "never")])
     # A resumed run reads its arguments back: giving others is refused, not silently ignored.
-    err = one_line_error(["train", "--resume", str(tmp_path / "never"), "--epochs", "3", "--augment", "strong"])
+    err = cli_error(["train", "--resume", str(tmp_path / "never"), "--epochs", "3", "--augment", "strong"])
     assert "leave out --epochs, --augment" in err
     assert list(tmp_path.iterdir()) == []
 
