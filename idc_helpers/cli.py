@@ -289,11 +289,8 @@ def run_predict(args: argparse.Namespace) -> int:
                         f"{params['unavailable']}")
     frame = prediction.select_patients(index.frame, run=run, subset=args.subset,
                                        patients=args.patients.split(",") if args.patients else None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        table = prediction.predict_frame(run, frame, tta=args.tta, cache_dir=args.cache_dir)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
+    # Patches that fail to decode are warned about (one `warning:` line, main's format) and left out.
+    table = prediction.predict_frame(run, frame, tta=args.tta, cache_dir=args.cache_dir)
     if args.context:
         from idc_helpers.context import apply_context
 
