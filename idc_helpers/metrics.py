@@ -248,6 +248,74 @@ def _bootstrap_sorted(per_patient: np.ndarray, codes: np.ndarray, labels: np.nda
         return _bootstrap(per_patient, codes[order], labels[order], probs[order], n_bootstrap, rng, samples)
 
 
+#: Metrics :func:`paired_difference` compares.
+PAIRED_METRICS = ("f1", "balanced_accuracy", "roc_auc")
+
+
+def _cell_f1_bac(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """IDC F1 and balanced accuracy of confusion-matrix rows ``(..., 4)`` (tn, fp, fn, tp)."""
+    tn, fp, fn, tp = (cells[..., i].astype(np.float64) for i in range(4))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+        bac = (tp / (tp + fn) + tn / (tn + fp)) / 2
+    return f1, bac
+
+
+def paired_difference(base: pd.DataFrame, other: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> dict[str, dict[str, float | None]]:
+    """``other`` minus ``base`` for F1, balanced accuracy and ROC AUC (:data:`PAIRED_METRICS`), on the same
+    patches, with a paired bootstrap interval over patients (each resample draws the same patients for both).
+
+    ``base`` and ``other``: predictions tables of the same patches in the same order (``path`` or, without it,
+    ``patient_id`` and ``label`` must match row by row), each with ``prob_idc`` and ``pred`` (its own decisions,
+    e.g. at its own validation threshold). Returns name -> ``{value, ci_low, ci_high}``; the interval is ``None``
+    with fewer than :data:`MIN_PATIENTS_FOR_INTERVAL` patients. A paired interval is much narrower than the
+    difference of two unpaired ones, because both tables share the patients that make one fold easy or hard.
+    """
+    key = "path" if "path" in base.columns and "path" in other.columns else "patient_id"
+    if len(base) != len(other) or not np.array_equal(base[key].astype(str).to_numpy(),
+                                                     other[key].astype(str).to_numpy()):
+        raise ValueError(f"paired_difference needs the same patches in the same order (column {key!r} differs)")
+    labels = base["label"].to_numpy(np.int64)
+    if not np.array_equal(labels, other["label"].to_numpy(np.int64)):
+        raise ValueError("paired_difference: the two tables disagree on the labels")
+    codes, uniques = pd.factorize(base["patient_id"].astype(str).to_numpy())
+    n_patients = len(uniques)
+    tables = [(t["prob_idc"].to_numpy(np.float64), t["pred"].to_numpy(np.int64)) for t in (base, other)]
+    per_patient = [_patient_cells(codes, n_patients, labels, pred) for _, pred in tables]
+
+    def scores(counts: np.ndarray | None) -> np.ndarray:
+        weights = None if counts is None else counts[codes]
+        out = []
+        for (probs, _), cells in zip(tables, per_patient):
+            pooled = cells.sum(axis=0) if counts is None else counts @ cells
+            f1, bac = _cell_f1_bac(pooled)
+            keep = slice(None) if weights is None else weights > 0
+            auc = skm.roc_auc_score(labels[keep], probs[keep], sample_weight=None if weights is None
+                                    else weights[keep])
+            out.append((float(f1), float(bac), float(auc)))
+        return np.array(out[1]) - np.array(out[0])
+
+    point = scores(None)
+    samples = []
+    if n_patients >= MIN_PATIENTS_FOR_INTERVAL:
+        rng = np.random.default_rng(seed)
+        for _ in range(n_bootstrap):
+            counts = np.bincount(rng.integers(0, n_patients, size=n_patients), minlength=n_patients)
+            drawn = labels[counts[codes] > 0]
+            if drawn.min() == drawn.max():
+                continue  # one class only: the metrics are undefined
+            samples.append(scores(counts))
+    tail = (1.0 - level) / 2.0 * 100.0
+    result: dict[str, dict[str, float | None]] = {}
+    for i, name in enumerate(PAIRED_METRICS):
+        low = high = None
+        if samples:
+            low, high = (float(v) for v in np.percentile(np.array(samples)[:, i], [tail, 100.0 - tail]))
+        result[name] = {"value": float(point[i]), "ci_low": low, "ci_high": high}
+    return result
+
+
 def per_patient_metrics(preds: pd.DataFrame, *, threshold: float | None = None) -> pd.DataFrame:
     """One row per patient: patient_id, n_patches, n_idc, predicted_idc, accuracy, specificity, f1, roc_auc,
     mean_prob_idc.

@@ -30,6 +30,7 @@ import numpy as np
 from idc_helpers import PATCH_SIZE
 from idc_helpers.errors import UserError
 from idc_helpers.loader import check_rows
+from idc_helpers.stain import HED_FROM_RGB, RGB_FROM_HED
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -53,11 +54,6 @@ def dihedral_views(images: np.ndarray) -> list[np.ndarray]:
 # dihedral_views so that augmentation and TTA cannot disagree about what the 8 views are.
 _GRID = np.arange(PATCH_SIZE * PATCH_SIZE, dtype=np.int32).reshape(1, PATCH_SIZE, PATCH_SIZE, 1)
 _DIHEDRAL_SOURCE = np.stack([view.reshape(-1) for view in dihedral_views(_GRID)])
-
-# Ruifrok & Johnston (2001) optical-density vectors of haematoxylin, eosin and DAB (rows), as used for
-# HED colour augmentation (Tellez et al. 2018/2019).
-_RGB_FROM_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float32)
-_HED_FROM_RGB = np.linalg.inv(_RGB_FROM_HED).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -270,8 +266,8 @@ def _colour_jitter(x: tf.Tensor, s: StainJitter, stain_seed, shift_seed, colour_
     factors = tf.random.stateless_uniform([n, 1, 2], colour_seed, -1.0, 1.0)
     gain = 1.0 + s.contrast * factors[..., 0:1]  # (B, 1, 1)
     bright = 255.0 * s.brightness * factors[..., 1:2]
-    to_rgb = tf.broadcast_to(tf.constant(_RGB_FROM_HED), [n, 3, 3])
-    mix = tf.matmul(tf.constant(_HED_FROM_RGB)[None] * scale[:, None, :], to_rgb)  # (B, 3, 3)
+    to_rgb = tf.broadcast_to(tf.constant(RGB_FROM_HED), [n, 3, 3])
+    mix = tf.matmul(tf.constant(HED_FROM_RGB)[None] * scale[:, None, :], to_rgb)  # (B, 3, 3)
     log256 = float(np.log(256.0))
     bias = tf.math.log(gain) + log256 * (1.0 - tf.reduce_sum(mix, axis=1, keepdims=True)) - tf.matmul(shift, to_rgb)
     e = tf.exp(tf.matmul(tf.math.log1p(x), mix) + bias)

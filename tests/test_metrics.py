@@ -23,7 +23,7 @@ from idc_helpers.demo_data import DEMO_MARKER  # noqa: E402
 from idc_helpers.errors import UserError  # noqa: E402
 from idc_helpers.metrics import (  # noqa: E402
     METRIC_LABELS, MIN_PATIENTS_FOR_INTERVAL, PUBLISHED, _metric_values, comparison_table, evaluate, format_report,
-    per_patient_metrics, pick_threshold)
+    paired_difference, per_patient_metrics, pick_threshold)
 
 COLUMNS = ["path", "patient_id", "x", "y", "label", "prob_idc", "pred"]
 
@@ -321,3 +321,28 @@ def test_slide_context_columns_are_reported_apart(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["column"] == "prob_idc" and data["context"]["column"] == "prob_idc_context"
     assert data["context"]["metrics"]["f1"]["value"] == pytest.approx(report["metrics"]["f1"]["value"])
+
+
+def test_paired_difference_is_the_difference_of_the_point_metrics_with_a_paired_interval():
+    base = make_predictions(n_patients=20, seed=1)
+    rng = np.random.default_rng(2)
+    # A better model: the scores move towards the labels.
+    better = base.assign(prob_idc=np.clip(base["prob_idc"] + 0.25 * (2 * base["label"] - 1)
+                                          + rng.normal(0, 0.02, len(base)), 0, 1))
+    better = better.assign(pred=(better["prob_idc"] >= 0.5).astype(int))
+    diff = paired_difference(base, better, n_bootstrap=200)
+    a, b = evaluate(base, n_bootstrap=0)["metrics"], evaluate(better, n_bootstrap=0)["metrics"]
+    for name in ("f1", "balanced_accuracy", "roc_auc"):
+        assert diff[name]["value"] == pytest.approx(b[name]["value"] - a[name]["value"])
+        assert diff[name]["ci_low"] <= diff[name]["value"] <= diff[name]["ci_high"]
+    assert diff["roc_auc"]["ci_low"] > 0  # clearly better on every resample of patients
+    same = paired_difference(base, base.copy(), n_bootstrap=50)
+    assert all(same[k]["value"] == 0 and same[k]["ci_low"] == 0 == same[k]["ci_high"] for k in same)
+
+
+def test_paired_difference_refuses_tables_of_different_patches_and_withholds_small_intervals():
+    base = make_predictions(n_patients=6)
+    with pytest.raises(ValueError, match="same patches in the same order"):
+        paired_difference(base, base.iloc[::-1].reset_index(drop=True))
+    few = base[base["patient_id"].isin(["9000", "9001", "9002"])].reset_index(drop=True)
+    assert paired_difference(few, few)["f1"]["ci_low"] is None

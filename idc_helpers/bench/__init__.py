@@ -4,9 +4,29 @@ Each benchmark is a module of this package with ``main(argv) -> int``; :data:`BE
 name to the module. Results are printed as Markdown tables that name the machine they ran on.
 """
 
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+from idc_helpers.errors import UserError
+
 # name -> module with main(argv: list[str] | None) -> int; add new benchmarks here.
 BENCHMARKS: dict[str, str] = {
+    "levers": "idc_helpers.bench.levers",
     "load": "idc_helpers.bench.load",
     "quality": "idc_helpers.bench.quality",
     "speed": "idc_helpers.bench.speed",
 }
+
+
+def print_markdown(run: Callable[[], dict[str, Any]]) -> int:
+    """Call ``run`` and print the ``"markdown"`` of its result: exit status 0, or 2 with one ``error:`` line on
+    stderr when it raises a user error (bad folders, settings that contradict an earlier run)."""
+    try:
+        result = run()
+    except (UserError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    return 0

@@ -43,6 +43,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from idc_helpers.atomic import atomic_path, write_json, write_text
+from idc_helpers.bench import print_markdown
 from idc_helpers.context import ContextError, apply_context, fit_context, whole_slide_patients
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import evaluate, pick_threshold
@@ -464,15 +465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --no-augment keeps recording False, so result folders written with it still resume.
     options: dict[str, Any] = ({"augment": False} if args.no_augment
                                else {"augment": args.augment} if args.augment is not None else {})
-    try:
-        result = run_quality(args.data_dir, args.out, n_folds=args.folds, models=models, epochs=args.epochs,
-                             seed=args.seed, max_patches=args.max_patches, tta=args.tta, cache_dir=args.cache_dir,
-                             n_bootstrap=args.bootstrap, only_folds=only, train_options=options)
-    except (UserError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(result["markdown"])
-    return 0
+    return print_markdown(lambda: run_quality(
+        args.data_dir, args.out, n_folds=args.folds, models=models, epochs=args.epochs, seed=args.seed,
+        max_patches=args.max_patches, tta=args.tta, cache_dir=args.cache_dir, n_bootstrap=args.bootstrap,
+        only_folds=only, train_options=options))
 
 
 if __name__ == "__main__":
