@@ -405,7 +405,7 @@ def build_and_compile(config: Mapping[str, Any], n_train: int) -> keras.Model:
     steps = config["steps_per_epoch"] or int(np.ceil(n_train / config["batch_size"]))
     schedule = keras.optimizers.schedules.CosineDecay(config["learning_rate"], decay_steps=config["epochs"] * steps,
                                                       alpha=0.05)
-    return compile_model(model, learning_rate=schedule)
+    return compile_model(model, learning_rate=schedule, label_smoothing=float(config.get("label_smoothing", 0.0)))
 
 
 def fit(model: keras.Model, data: TrainingData, config: Mapping[str, Any], folder: Path,
@@ -542,6 +542,7 @@ def _run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
         "learning_rate": float(args["learning_rate"] or DEFAULT_LEARNING_RATE.get(model_name, 1e-3)),
         "lr_schedule": "cosine decay to 5% over the planned epochs",
         "patience": int(args["patience"]),
+        "label_smoothing": float(args["label_smoothing"]),
         "monitor": MONITOR,
         "selection_loss_weight": SELECTION_LOSS_WEIGHT,
         **_augmentation_config(args["augment"], args["model_kwargs"]),
@@ -611,6 +612,7 @@ def train(
     cache_dir: str | os.PathLike[str] | None = None,
     test_patients: Sequence[str] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    label_smoothing: float = 0.0,
     steps_per_epoch: int | None = None,
     resume: bool = False,
     verbose: int | Literal["auto"] = "auto",
@@ -638,6 +640,8 @@ def train(
         cache_dir: decoded-patch cache (default ``$IDC_CACHE_DIR`` or ``~/.cache/idc_helpers``).
         test_patients: patient ids to hold out as the test subset (the rest is split into train/validation).
         model_kwargs: extra arguments of the model builder.
+        label_smoothing: smooth the training targets to ``(1 - eps) * one_hot + eps / 2`` (0, the default: plain
+            cross-entropy); see :class:`idc_helpers.models.SmoothedSparseCrossentropy`.
         steps_per_epoch: at most this many batches per epoch, the first ones of that epoch's shuffled order
             (benchmarks and quick checks on a large set); default: one pass over the training patches.
         resume: continue the interrupted run of ``out_dir`` (its arguments are read back from the run; of the
@@ -663,6 +667,10 @@ def _start(data_dir, out_dir, args: dict[str, Any], *, verbose: int, say) -> Tra
     out = check_new_run_dir(out_dir)
     _model_name(args["model_name"])  # typos are reported before the data is read
     _augmentation_config(args["augment"], args["model_kwargs"])
+    if not 0.0 <= float(args["label_smoothing"]) < 1.0:
+        from idc_helpers.models import LabelSmoothingError
+
+        raise LabelSmoothingError(f"label smoothing must be in [0, 1), got {args['label_smoothing']}")
     test_patients = args["test_patients"] = list(args["test_patients"]) if args["test_patients"] else None
     folders = list(data_dir) if isinstance(data_dir, (list, tuple)) else [data_dir]
     args["data_dirs"] = [None if d is None else str(d) for d in folders]

@@ -105,6 +105,12 @@ def test_quality_augment_option_reaches_training_and_the_config(demo_dir, tmp_pa
     # Resuming the folder with another strength is refused rather than mixed into its log.
     assert quality.main([*common, "--augment", "light", "--out", str(out)]) == 2
     assert "other settings (train_options)" in capsys.readouterr().err
+    # Label smoothing reaches training when given (and only then: the folder above recorded no such key).
+    smooth = tmp_path / "smooth"
+    assert quality.main([*common, "--label-smoothing", "0.1", "--out", str(smooth)]) == 0
+    assert json.loads((smooth / quality.CONFIG_FILE).read_text())["train_options"] == {"label_smoothing": 0.1}
+    assert json.loads((smooth / "runs" / "seed_cnn-fold0" / "config.json").read_text())["label_smoothing"] == 0.1
+    capsys.readouterr()
     # The old spelling cannot contradict the new one.
     assert quality.main([*common, "--no-augment", "--augment", "mild", "--out", str(tmp_path / "other")]) == 2
     assert "--no-augment contradicts --augment mild" in capsys.readouterr().err

@@ -10,9 +10,11 @@ import keras
 from idc_helpers.errors import UserError
 from idc_helpers.models import (
     DEFAULT_MODEL,
+    LabelSmoothingError,
     LOGITS_LAYER,
     MODEL_NAMES,
     PROBS_LAYER,
+    SmoothedSparseCrossentropy,
     UnknownModelError,
     build_model,
     compile_model,
@@ -92,6 +94,25 @@ def test_compile_uses_adam_and_sparse_crossentropy():
     model = compile_model(build_model("seed_cnn"), learning_rate=1e-3)
     assert isinstance(model.optimizer, keras.optimizers.Adam)
     assert isinstance(model.loss, keras.losses.SparseCategoricalCrossentropy)
+
+
+def test_label_smoothing_is_the_cross_entropy_of_smoothed_targets(tmp_path):
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], dtype=np.float32)
+    labels = np.array([0, 1, 1])
+    eps = 0.2
+    target = np.eye(2)[labels] * (1 - eps) + eps / 2
+    expected = -(target * np.log(probs)).sum(axis=1).mean()
+    assert float(SmoothedSparseCrossentropy(eps)(labels, probs)) == pytest.approx(expected, rel=1e-5)
+    plain = keras.losses.SparseCategoricalCrossentropy()(labels, probs)
+    assert float(SmoothedSparseCrossentropy(0.0)(labels, probs)) == pytest.approx(float(plain), rel=1e-5)
+    # compile_model keeps the plain loss object at 0, and a smoothed model saves and loads compiled.
+    assert isinstance(compile_model(build_model("seed_cnn")).loss, keras.losses.SparseCategoricalCrossentropy)
+    model = compile_model(build_model("seed_cnn"), label_smoothing=eps)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=True)
+    assert isinstance(loaded.loss, SmoothedSparseCrossentropy) and loaded.loss.smoothing == pytest.approx(eps)
+    with pytest.raises(LabelSmoothingError, match=r"\[0, 1\), got 1.0"):
+        compile_model(build_model("seed_cnn"), label_smoothing=1.0)
 
 
 # --- mixed precision ----------------------------------------------------------------------------------------------

@@ -149,6 +149,19 @@ def test_same_seed_same_result(run, demo_dir, cache_dir, tmp_path):
     assert again.threshold == pytest.approx(run.threshold, abs=1e-5)
 
 
+def test_label_smoothing_is_recorded_and_trains_with_the_smoothed_loss(run, demo_dir, cache_dir, tmp_path):
+    from idc_helpers.models import LabelSmoothingError
+
+    assert json.loads((run.run_dir / "config.json").read_text())["label_smoothing"] == 0.0
+    smoothed = train(demo_dir, tmp_path / "smoothed", cache_dir=cache_dir, label_smoothing=0.1, **QUICK)
+    assert json.loads((smoothed.run_dir / "config.json").read_text())["label_smoothing"] == 0.1
+    # Same seed and data, another loss: other weights.
+    assert not all(np.allclose(a, b) for a, b in zip(smoothed.model.get_weights(), run.model.get_weights()))
+    with pytest.raises(LabelSmoothingError, match="got 1.5"):
+        train(demo_dir, tmp_path / "bad", cache_dir=cache_dir, label_smoothing=1.5, **QUICK)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_subsample_is_per_patient_and_deterministic():
     frame = _frame({"1": (80, 20), "2": (300, 100), "3": (50, 50)})
     a = subsample_patches(frame, 120, seed=3)

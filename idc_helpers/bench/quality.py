@@ -446,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="training augmentation strength (default: train's, 'mild'); 'light' and 'strong' are "
                              "Tellez et al. 2019's HED-light and HED-strong stain jitter")
     parser.add_argument("--no-augment", action="store_true", help="old spelling of --augment none")
+    parser.add_argument("--label-smoothing", type=float, default=None, metavar="EPS",
+                        help="train with targets smoothed by EPS (default: train's, none)")
     parser.add_argument("--tta", action="store_true", help="also score test-time augmentation (8 flips/rotations)")
     parser.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the pooled intervals")
@@ -465,6 +467,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --no-augment keeps recording False, so result folders written with it still resume.
     options: dict[str, Any] = ({"augment": False} if args.no_augment
                                else {"augment": args.augment} if args.augment is not None else {})
+    if args.label_smoothing is not None:  # only when given, so folders written before the option still resume
+        options["label_smoothing"] = args.label_smoothing
     return print_markdown(lambda: run_quality(
         args.data_dir, args.out, n_folds=args.folds, models=models, epochs=args.epochs, seed=args.seed,
         max_patches=args.max_patches, tta=args.tta, cache_dir=args.cache_dir, n_bootstrap=args.bootstrap,
