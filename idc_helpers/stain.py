@@ -3,9 +3,11 @@
 An RGB pixel ``x`` (0..255) has optical density ``od = log(256 / (x + 1))`` per channel (0 for white glass) and
 stain concentrations ``hed = od @ HED_FROM_RGB`` (Ruifrok & Johnston 2001's colour deconvolution, the matrices
 scikit-image uses). The training augmentation (:mod:`idc_helpers.pipeline`) jitters these concentrations; here
-they are measured over a slide's tissue pixels and rescaled to a reference, so that every slide reaches the
-model with the same mean haematoxylin and eosin intensity (a per-slide, colour-only normalisation in the spirit
-of Reinhard et al. 2001: nothing moves, white glass stays white).
+here a slide's mean optical density per channel is measured over its tissue pixels and every channel is rescaled
+to a reference, so that every slide reaches the model with the same mean colour (a per-slide, colour-only
+normalisation in the spirit of Reinhard et al. 2001: nothing moves, white glass stays white). Per-channel
+densities are used rather than H and E concentrations because a patient whose tissue is mostly stroma can have
+a mean haematoxylin concentration near zero, or below it, which no factor can rescale.
 
 numpy only; ``(N, 50, 50, 3) uint8`` in and out.
 """
@@ -32,10 +34,15 @@ class StainError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class StainStats:
-    """Mean H, E and D concentrations over the tissue pixels of some patches, and how many pixels that was."""
+    """Mean R, G, B optical density over the tissue pixels of some patches, and how many pixels that was."""
 
-    mean_hed: tuple[float, float, float]
+    mean_od: tuple[float, float, float]
     tissue_pixels: int
+
+    @property
+    def mean_hed(self) -> tuple[float, float, float]:
+        """The mean haematoxylin, eosin and DAB concentrations of the same pixels."""
+        return tuple(float(v) for v in np.asarray(self.mean_od, dtype=np.float32) @ HED_FROM_RGB)
 
 
 def _check(images: np.ndarray) -> np.ndarray:
@@ -51,7 +58,7 @@ def optical_density(images: np.ndarray) -> np.ndarray:
 
 
 def stain_stats(images: np.ndarray, *, min_od: float = TISSUE_MIN_OD, batch: int = 4096) -> StainStats:
-    """Mean HED concentrations over the tissue pixels (summed RGB optical density >= ``min_od``) of ``images``
+    """Mean optical density per channel over the tissue pixels (summed RGB density >= ``min_od``) of ``images``
     ``(N, 50, 50, 3)`` 0..255 (a memmap is read ``batch`` patches at a time).
 
     Raises:
@@ -63,36 +70,35 @@ def stain_stats(images: np.ndarray, *, min_od: float = TISSUE_MIN_OD, batch: int
     for start in range(0, len(images), batch):
         od = optical_density(images[start:start + batch]).reshape(-1, 3)
         tissue = od[od.sum(axis=1) >= min_od]
-        total += (tissue @ HED_FROM_RGB).sum(axis=0, dtype=np.float64)
+        total += tissue.sum(axis=0, dtype=np.float64)
         count += len(tissue)
     if count == 0:
         raise StainError(f"none of the {len(images)} patches holds a tissue pixel (optical density >= {min_od}); "
                          "there is no stain to measure")
     mean = total / count
-    return StainStats(mean_hed=(float(mean[0]), float(mean[1]), float(mean[2])), tissue_pixels=int(count))
+    return StainStats(mean_od=(float(mean[0]), float(mean[1]), float(mean[2])), tissue_pixels=int(count))
 
 
 def normalise_stain(images: np.ndarray, source: StainStats, target: StainStats, *, batch: int = 4096) -> np.ndarray:
-    """Rescale the haematoxylin and eosin concentrations of ``images`` so that patches measured as ``source``
-    have the mean H and E of ``target`` -> ``(N, 50, 50, 3) uint8``.
+    """Rescale the optical density of each channel of ``images`` so that patches measured as ``source`` get the
+    mean colour of ``target`` -> ``(N, 50, 50, 3) uint8``.
 
-    Each of H and E is multiplied by ``target / source`` (DAB, absent from H&E slides, is left as it is), so
-    zero density (white glass) stays white and no pixel moves. Give the same ``source`` to every patch of one
-    slide: the slide is normalised as a whole, and how much of it is stained (a property of its tissue, e.g.
-    how much IDC it holds) is kept.
+    Each channel's density is multiplied by ``target / source``, so zero density (white glass) stays white and no
+    pixel moves. Give the same ``source`` to every patch of one slide: the slide is normalised as a whole, and how
+    much of it is stained (a property of its tissue, e.g. how much IDC it holds) is kept.
+
+    Raises:
+        StainError: a channel's mean density is not positive (no stained tissue in ``source`` or ``target``).
     """
     images = _check(images)
-    factor = np.ones(3, dtype=np.float32)
-    for i in (0, 1):
-        if source.mean_hed[i] <= 0 or target.mean_hed[i] <= 0:
-            raise StainError(f"stain {'HE'[i]} has a non-positive mean ({source.mean_hed[i]:.3g} -> "
-                             f"{target.mean_hed[i]:.3g}); these are not H&E-stained patches")
-        factor[i] = target.mean_hed[i] / source.mean_hed[i]
-    # od' = od @ HED_FROM_RGB diag(factor) RGB_FROM_HED: one 3x3 matrix for the whole slide.
-    mix = (HED_FROM_RGB * factor[None, :]) @ RGB_FROM_HED
+    src, tgt = np.asarray(source.mean_od, dtype=np.float32), np.asarray(target.mean_od, dtype=np.float32)
+    if np.any(src <= 0) or np.any(tgt <= 0):
+        raise StainError(f"a channel has no optical density to rescale (mean {src.round(3).tolist()} -> "
+                         f"{tgt.round(3).tolist()}); these patches hold no stained tissue")
+    factor = tgt / src
     out = np.empty(images.shape, dtype=np.uint8)
     for start in range(0, len(images), batch):
-        od = optical_density(images[start:start + batch]) @ mix
-        rgb = 256.0 * np.exp(-np.maximum(od, 0.0)) - 1.0
+        od = optical_density(images[start:start + batch]) * factor
+        rgb = 256.0 * np.exp(-od) - 1.0
         out[start:start + batch] = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
     return out

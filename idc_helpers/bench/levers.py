@@ -12,7 +12,7 @@ predictions (the baseline), always with the decision threshold chosen on the fol
 - ``precise BN``: the baseline model with its batch-norm statistics recomputed on its training patches
   (:func:`idc_helpers.models.recompute_batch_norm`, no augmentation);
 - ``stain-normalised``: every validation and test patient's patches rescaled to the training patients' mean
-  haematoxylin and eosin (:func:`idc_helpers.stain.normalise_stain`, one factor per patient), predicted by the
+  optical density per channel (:func:`idc_helpers.stain.normalise_stain`, one factor per patient and channel), predicted by the
   unchanged baseline model.
 
 Every variant is compared with the baseline on the same patches by a paired patient bootstrap
@@ -41,7 +41,7 @@ BASELINE = "baseline"
 LEVERS = ("ensemble", "platt", "precise-bn", "stain")
 _LABELS = {"ensemble": "ensemble (mean probability)", "platt": "Platt-calibrated, threshold 0.5",
            "precise-bn": "precise BN (recomputed on training patches)",
-           "stain": "stain-normalised per patient (H&E means)"}
+           "stain": "stain-normalised per patient (mean optical density)"}
 #: Training batches of 128 patches read to recompute the batch-norm statistics.
 PRECISE_BN_BATCHES = 200
 
