@@ -255,6 +255,19 @@ class LabelSmoothingError(UserError, ValueError):
     """A label-smoothing factor outside [0, 1)."""
 
 
+def label_smoothing_setting(label_smoothing: float) -> float:
+    """``label_smoothing`` as a float in [0, 1) (0: plain cross-entropy); anything else raises
+    :class:`LabelSmoothingError`. At 1 every target would be uniform, leaving nothing to learn."""
+    try:
+        eps = float(label_smoothing)
+    except (TypeError, ValueError):
+        eps = float("nan")
+    if isinstance(label_smoothing, bool) or not 0.0 <= eps < 1.0:  # NaN fails the comparison too
+        raise LabelSmoothingError(f"label smoothing must be a number in [0, 1), got {label_smoothing!r}; "
+                                  "0.1 is the usual choice, 0 turns it off")
+    return eps
+
+
 @keras.saving.register_keras_serializable(package="idc_helpers")
 class SmoothedSparseCrossentropy(keras.losses.Loss):
     """Cross-entropy of softmax outputs ``(N, C)`` against integer labels ``(N,)`` smoothed to
@@ -263,7 +276,7 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
 
     def __init__(self, smoothing: float = 0.1, name: str = "smoothed_sparse_crossentropy", **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
-        self.smoothing = float(smoothing)
+        self.smoothing = label_smoothing_setting(smoothing)
 
     def call(self, y_true, y_pred):
         n_classes = keras.ops.shape(y_pred)[-1]
@@ -281,12 +294,12 @@ def compile_model(
     label_smoothing: float = 0.0,
 ) -> keras.Model:
     """Compile with Adam and sparse categorical cross-entropy on the softmax output (labels int 0/1); with
-    ``label_smoothing`` in (0, 1), :class:`SmoothedSparseCrossentropy` instead.
+    ``label_smoothing`` in (0, 1), :class:`SmoothedSparseCrossentropy` instead (outside [0, 1):
+    :class:`LabelSmoothingError`).
 
     A model with float16 layers gets Keras' dynamic loss scaling (small float16 gradients would underflow to 0).
     """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise LabelSmoothingError(f"label smoothing must be in [0, 1), got {label_smoothing}")
+    label_smoothing = label_smoothing_setting(label_smoothing)
     optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
     if any(layer.dtype_policy.compute_dtype == "float16" for layer in model.layers):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)

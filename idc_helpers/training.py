@@ -667,10 +667,9 @@ def _start(data_dir, out_dir, args: dict[str, Any], *, verbose: int, say) -> Tra
     out = check_new_run_dir(out_dir)
     _model_name(args["model_name"])  # typos are reported before the data is read
     _augmentation_config(args["augment"], args["model_kwargs"])
-    if not 0.0 <= float(args["label_smoothing"]) < 1.0:
-        from idc_helpers.models import LabelSmoothingError
+    from idc_helpers.models import label_smoothing_setting  # models imports keras: only where it is needed
 
-        raise LabelSmoothingError(f"label smoothing must be in [0, 1), got {args['label_smoothing']}")
+    args["label_smoothing"] = label_smoothing_setting(args["label_smoothing"])
     test_patients = args["test_patients"] = list(args["test_patients"]) if args["test_patients"] else None
     folders = list(data_dir) if isinstance(data_dir, (list, tuple)) else [data_dir]
     args["data_dirs"] = [None if d is None else str(d) for d in folders]

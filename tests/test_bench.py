@@ -117,6 +117,15 @@ def test_quality_augment_option_reaches_training_and_the_config(demo_dir, tmp_pa
     assert not (tmp_path / "other").exists()
 
 
+def test_quality_refuses_a_label_smoothing_outside_0_to_1_before_writing_anything(tmp_path, capsys):
+    # Refused up front: a results folder that recorded the bad value could not be resumed with a good one.
+    out = tmp_path / "cv"
+    assert quality.main(["--data-dir", str(tmp_path), "--label-smoothing", "1.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --label-smoothing: label smoothing must be a number in [0, 1), got 1.5")
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
 def test_speed_measurements_run_and_print_a_table(demo_dir, tmp_path):
     from idc_helpers.bench import speed
     from idc_helpers.loader import load_patches

@@ -96,23 +96,47 @@ def test_compile_uses_adam_and_sparse_crossentropy():
     assert isinstance(model.loss, keras.losses.SparseCategoricalCrossentropy)
 
 
-def test_label_smoothing_is_the_cross_entropy_of_smoothed_targets(tmp_path):
-    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], dtype=np.float32)
-    labels = np.array([0, 1, 1])
-    eps = 0.2
-    target = np.eye(2)[labels] * (1 - eps) + eps / 2
-    expected = -(target * np.log(probs)).sum(axis=1).mean()
-    assert float(SmoothedSparseCrossentropy(eps)(labels, probs)) == pytest.approx(expected, rel=1e-5)
-    plain = keras.losses.SparseCategoricalCrossentropy()(labels, probs)
-    assert float(SmoothedSparseCrossentropy(0.0)(labels, probs)) == pytest.approx(float(plain), rel=1e-5)
-    # compile_model keeps the plain loss object at 0, and a smoothed model saves and loads compiled.
-    assert isinstance(compile_model(build_model("seed_cnn")).loss, keras.losses.SparseCategoricalCrossentropy)
-    model = compile_model(build_model("seed_cnn"), label_smoothing=eps)
+_PROBS = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]], dtype=np.float32)
+_LABELS = np.array([0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.2, 0.5])
+def test_label_smoothing_is_the_cross_entropy_of_smoothed_targets(eps):
+    target = np.eye(2)[_LABELS] * (1 - eps) + eps / 2  # e.g. label 1 at eps 0.2 -> (0.1, 0.9)
+    expected = -(target * np.log(_PROBS)).sum(axis=1).mean()
+    assert float(SmoothedSparseCrossentropy(eps)(_LABELS, _PROBS)) == pytest.approx(expected, rel=1e-5)
+    # Labels shaped (N, 1), as a dataset may yield them, mean the same.
+    assert float(SmoothedSparseCrossentropy(eps)(_LABELS[:, None], _PROBS)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_no_label_smoothing_is_the_plain_sparse_cross_entropy():
+    plain = float(keras.losses.SparseCategoricalCrossentropy()(_LABELS, _PROBS))
+    assert plain == pytest.approx(-np.log(_PROBS[np.arange(4), _LABELS]).mean(), rel=1e-5)
+    assert float(SmoothedSparseCrossentropy(0.0)(_LABELS, _PROBS)) == pytest.approx(plain, rel=1e-6)
+    # compile_model keeps today's loss object at 0, so runs without smoothing are unchanged.
+    loss = compile_model(build_model("seed_cnn")).loss
+    assert type(loss) is keras.losses.SparseCategoricalCrossentropy
+    assert type(compile_model(build_model("seed_cnn"), label_smoothing=0.1).loss) is SmoothedSparseCrossentropy
+
+
+def test_a_model_compiled_with_label_smoothing_saves_and_loads(tmp_path):
+    model = compile_model(build_model("seed_cnn"), label_smoothing=0.2)
     model.save(tmp_path / "m.keras")
-    loaded = keras.models.load_model(tmp_path / "m.keras", compile=True)
-    assert isinstance(loaded.loss, SmoothedSparseCrossentropy) and loaded.loss.smoothing == pytest.approx(eps)
-    with pytest.raises(LabelSmoothingError, match=r"\[0, 1\), got 1.0"):
-        compile_model(build_model("seed_cnn"), label_smoothing=1.0)
+    compiled = keras.models.load_model(tmp_path / "m.keras", compile=True)  # what resuming from a checkpoint does
+    assert isinstance(compiled.loss, SmoothedSparseCrossentropy) and compiled.loss.smoothing == pytest.approx(0.2)
+    assert float(compiled.loss(_LABELS, _PROBS)) == pytest.approx(float(model.loss(_LABELS, _PROBS)), rel=1e-6)
+    plain = keras.models.load_model(tmp_path / "m.keras", compile=False)  # what load_run does
+    images = np.random.default_rng(0).integers(0, 256, (3, 50, 50, 3)).astype(np.uint8)
+    np.testing.assert_allclose(plain.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.0, 1.5, float("nan"), "a lot", True])
+def test_label_smoothing_outside_0_to_1_is_a_user_error(eps):
+    with pytest.raises(LabelSmoothingError, match=r"label smoothing must be a number in \[0, 1\)") as caught:
+        compile_model(build_model("seed_cnn"), label_smoothing=eps)
+    assert isinstance(caught.value, UserError)
+    with pytest.raises(LabelSmoothingError):
+        SmoothedSparseCrossentropy(eps)
 
 
 # --- mixed precision ----------------------------------------------------------------------------------------------

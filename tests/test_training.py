@@ -402,6 +402,29 @@ def test_two_processes_never_train_the_same_partial_run(run, demo_dir, cache_dir
     assert (partial / "config.json").is_file()  # left as it was, still resumable
 
 
+def test_the_run_config_decides_the_label_smoothing(run):
+    """build_and_compile is what a new run and a run resumed before its first checkpoint compile with."""
+    import keras
+
+    from idc_helpers.models import SmoothedSparseCrossentropy
+
+    old = {k: v for k, v in run.config.items() if k != "label_smoothing"}  # written before the option existed
+    assert type(training.build_and_compile(old, 100).loss) is keras.losses.SparseCategoricalCrossentropy
+    smoothed = training.build_and_compile({**old, "label_smoothing": 0.2}, 100).loss
+    assert isinstance(smoothed, SmoothedSparseCrossentropy) and smoothed.smoothing == pytest.approx(0.2)
+
+
+def test_a_smoothed_run_resumes_with_its_smoothing(demo_dir, cache_dir, tmp_path, monkeypatch):
+    """The checkpoint is reloaded compiled: epoch 2 of the resumed run must use the smoothed loss again."""
+    settings = {**QUICK, "epochs": 2, "label_smoothing": 0.2}
+    whole = train(demo_dir, tmp_path / "whole", cache_dir=cache_dir, **settings)
+    resumed = _interrupted_and_resumed(demo_dir, cache_dir, tmp_path / "resumed", monkeypatch, settings)
+    assert resumed.config["label_smoothing"] == 0.2
+    np.testing.assert_allclose(resumed.history["loss"], whole.history["loss"], atol=1e-5)
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_a_model_that_augments_itself_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, tmp_path,
                                                                           monkeypatch):
     """IDC_AUGMENT_ON=model (what a GPU gets): the model augments its batches, seeded by a batch count that its

@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-quality", help="results folder (resumed when it exists)")
     args = parser.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    from idc_helpers.models import MODEL_NAMES
+    from idc_helpers.models import MODEL_NAMES, LabelSmoothingError, label_smoothing_setting
 
     unknown = [m for m in models if m not in MODEL_NAMES]
     if unknown:
@@ -468,7 +468,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options: dict[str, Any] = ({"augment": False} if args.no_augment
                                else {"augment": args.augment} if args.augment is not None else {})
     if args.label_smoothing is not None:  # only when given, so folders written before the option still resume
-        options["label_smoothing"] = args.label_smoothing
+        try:  # checked before the folder records it: a folder with a bad value could not be resumed with a good one
+            options["label_smoothing"] = label_smoothing_setting(args.label_smoothing)
+        except LabelSmoothingError as exc:
+            print(f"error: --label-smoothing: {exc}", file=sys.stderr)
+            return 2
     return print_markdown(lambda: run_quality(
         args.data_dir, args.out, n_folds=args.folds, models=models, epochs=args.epochs, seed=args.seed,
         max_patches=args.max_patches, tta=args.tta, cache_dir=args.cache_dir, n_bootstrap=args.bootstrap,
