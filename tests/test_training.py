@@ -210,15 +210,20 @@ def test_selection_breaks_auc_ties_with_the_validation_loss():
 
 
 def test_saved_weights_are_the_best_epochs(demo_dir, cache_dir, tmp_path):
-    result = train(demo_dir, tmp_path / "run", cache_dir=cache_dir, **{**QUICK, "epochs": 4}, patience=10)
-    history, metrics = result.history, result.metrics
-    assert metrics["epochs_run"] == 4 == len(history["epoch"])
-    best = int(np.argmax(history["val_selection"])) + 1
-    assert metrics["best_epoch"] == best
-    # This run peaks before its last epoch, so the saved model must be an earlier epoch's, not the last one.
-    assert best < metrics["epochs_run"]
+    # Which epoch peaks depends on the CPU's arithmetic (AVX2 and AVX-512 round differently), so the first seed whose
+    # run peaks before its last epoch is the one checked: its saved model must be an earlier epoch's.
+    for seed in range(6):
+        result = train(demo_dir, tmp_path / f"run{seed}", cache_dir=cache_dir, **{**QUICK, "epochs": 4, "seed": seed},
+                       patience=10)
+        history, metrics = result.history, result.metrics
+        assert metrics["epochs_run"] == 4 == len(history["epoch"])
+        best = int(np.argmax(history["val_selection"])) + 1
+        assert metrics["best_epoch"] == best
+        if best < metrics["epochs_run"]:
+            break
+    assert best < metrics["epochs_run"], "no seed's run peaked before its last epoch"
     run = load_run(result.run_dir)
-    data = training.prepare_data([demo_dir], seed=0, cache_dir=cache_dir, say=lambda *a: None)
+    data = training.prepare_data([demo_dir], seed=seed, cache_dir=cache_dir, say=lambda *a: None)
     scores = training._validation_scores(data.labels[data.val_idx], training.validation_probs(run.model, data))
     assert scores["val_loss"] == pytest.approx(history["val_loss"][best - 1], abs=1e-5)
     assert scores["val_loss"] != pytest.approx(history["val_loss"][-1], abs=1e-4)
