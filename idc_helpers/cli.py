@@ -198,6 +198,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-patches", type=int, default=None, help="use at most this many patches (for quick runs)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size")
     p.add_argument("--seed", type=int, default=0, help="random seed for split, initialisation and shuffling")
+    p.add_argument("--model-seed", type=int, default=None, metavar="SEED",
+                   help="another seed for initialisation, shuffling and augmentation only, on the split of --seed "
+                        "(another member of a seed ensemble; default: --seed)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
+                   help="train towards targets smoothed by EPS, between 0 and 1 (default: 0, none)")
     p.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
     p.add_argument("--test-patients", default=None, metavar="ID,ID",
                    help="comma-separated patient ids held out as test (overrides the split's test subset)")
@@ -209,8 +214,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 # The options of a run, stored in its config.json.
-_RUN_OPTIONS = ("model", "epochs", "split", "unlisted", "max_patches", "batch_size", "seed", "test_patients",
-                "augment")
+_RUN_OPTIONS = ("model", "epochs", "split", "unlisted", "max_patches", "batch_size", "seed", "model_seed",
+                "label_smoothing", "test_patients", "augment")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -232,8 +237,9 @@ def run_train(args: argparse.Namespace) -> int:
         test_patients = args.test_patients.split(",") if args.test_patients else None
         result = train(
             data_dir, args.out, model_name=args.model, epochs=args.epochs, split=args.split,
-            unlisted=args.unlisted, max_patches=args.max_patches, seed=args.seed, batch_size=args.batch_size,
-            augment=args.augment, cache_dir=args.cache_dir, test_patients=test_patients, verbose="auto",
+            unlisted=args.unlisted, max_patches=args.max_patches, seed=args.seed, model_seed=args.model_seed,
+            batch_size=args.batch_size, label_smoothing=args.label_smoothing, augment=args.augment,
+            cache_dir=args.cache_dir, test_patients=test_patients, verbose="auto",
         )
     folders = " ".join(f"--data-dir {d}" for d in result.config["data"]["data_dirs"])
     print(f"Next: python -m idc_helpers predict --run {result.run_dir} {folders} --subset test "

@@ -389,6 +389,12 @@ def load_checkpoint(folder: Path) -> tuple[keras.Model, list[np.ndarray], LoopSt
     return model, best.get_weights(), LoopState.from_json(saved)
 
 
+def model_seed(config: Mapping[str, Any]) -> int:
+    """The seed of a run's initialisation, batch order and augmentation: ``config["model_seed"]``, or the split
+    seed for runs written before the two could differ."""
+    return int(config.get("model_seed", config["seed"]))
+
+
 def build_and_compile(config: Mapping[str, Any], n_train: int) -> keras.Model:
     """The model of ``config`` (seeded), compiled with Adam and a cosine decay to 5% over the planned epochs:
     large steps early, fine ones for the epochs that early stopping is likely to keep."""
@@ -396,10 +402,11 @@ def build_and_compile(config: Mapping[str, Any], n_train: int) -> keras.Model:
 
     from idc_helpers.models import build_model, compile_model
 
-    keras.utils.set_random_seed(config["seed"])
+    seed = model_seed(config)
+    keras.utils.set_random_seed(seed)
     kwargs = {k: v for k, v in config["model_kwargs"].items() if k != "mixed_precision"}
     if config.get("augment_on") == "model":
-        kwargs.update(augment=config["augment"], augment_seed=config["seed"])
+        kwargs.update(augment=config["augment"], augment_seed=seed)
     # A run resumed before its first checkpoint, maybe on another machine, computes as it was started to.
     model = build_model(config["model"], mixed_precision=config.get("precision_policy"), **kwargs)
     steps = config["steps_per_epoch"] or int(np.ceil(n_train / config["batch_size"]))
@@ -421,7 +428,7 @@ def fit(model: keras.Model, data: TrainingData, config: Mapping[str, Any], folde
     loop = _make_loop_callback(data, folder, state, config["patience"])
     loop.best_weights = best_weights
     if not state.stopped and state.epochs_done < config["epochs"]:
-        keras.utils.set_random_seed(config["seed"] + state.epochs_done)
+        keras.utils.set_random_seed(model_seed(config) + state.epochs_done)
         steps = config["steps_per_epoch"] or int(np.ceil(len(data.train_idx) / config["batch_size"]))
         # Epoch e's order and augmentation depend on (seed, e) alone, so a resumed run draws what an
         # uninterrupted one would; one endless stream, of which each Keras epoch takes `steps` batches. A model
@@ -430,7 +437,7 @@ def fit(model: keras.Model, data: TrainingData, config: Mapping[str, Any], folde
         train_ds = make_dataset(images=data.images, labels=data.labels, indices=data.train_idx,
                                 batch_size=config["batch_size"], shuffle=True,
                                 augment=False if in_model else config["augment"], dtype="uint8" if in_model
-                                else "float32", seed=config["seed"], repeat=True,
+                                else "float32", seed=model_seed(config), repeat=True,
                                 initial_epoch=state.epochs_done, steps_per_epoch=steps)
         weights = {int(k): v for k, v in config["class_weight"].items()}
         model.fit(train_ds, epochs=config["epochs"], initial_epoch=state.epochs_done, steps_per_epoch=steps,
@@ -535,6 +542,7 @@ def _run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
                   "patches": data.record["patches"], "idc_patches": data.record["idc_patches"]},
         "max_patches": args["max_patches"],
         "seed": args["seed"],
+        "model_seed": int(args["seed"] if args["model_seed"] is None else args["model_seed"]),
         "epochs": int(args["epochs"] or DEFAULT_EPOCHS),
         "batch_size": batch_size,
         # None: one pass over the training patches per epoch.
@@ -605,6 +613,7 @@ def train(
     unlisted: Literal["train", "drop"] = "train",
     max_patches: int | None = None,
     seed: int = 0,
+    model_seed: int | None = None,
     batch_size: int | None = None,
     learning_rate: float | None = None,
     patience: int = DEFAULT_PATIENCE,
@@ -630,6 +639,8 @@ def train(
         unlisted: with ``janowczyk2016``, patients outside the published lists go to ``"train"`` or are ``"drop"``ped.
         max_patches: use at most this many patches, the same share from every patient (quick runs).
         seed: one seed for the split, the subsample, initialisation, shuffling and augmentation.
+        model_seed: another seed for the initialisation, shuffling and augmentation alone (default: ``seed``):
+            runs that differ only in it train on the same patients, e.g. the members of a seed ensemble.
         batch_size: patches per step (default :data:`DEFAULT_BATCH_SIZE`).
         learning_rate: Adam's initial rate, decayed along a cosine (default per model).
         patience: epochs without a better :data:`MONITOR` before stopping.

@@ -110,7 +110,22 @@ def test_quality_augment_option_reaches_training_and_the_config(demo_dir, tmp_pa
     assert quality.main([*common, "--label-smoothing", "0.1", "--out", str(smooth)]) == 0
     assert json.loads((smooth / quality.CONFIG_FILE).read_text())["train_options"] == {"label_smoothing": 0.1}
     assert json.loads((smooth / "runs" / "seed_cnn-fold0" / "config.json").read_text())["label_smoothing"] == 0.1
+    # A model seed: another member on the same folds and splits.
+    member = tmp_path / "member"
+    assert quality.main([*common, "--model-seed", "1", "--out", str(member)]) == 0
+    assert json.loads((member / quality.CONFIG_FILE).read_text())["train_options"] == {"model_seed": 1}
+    member_run = json.loads((member / "runs" / "seed_cnn-fold0" / "config.json").read_text())
+    assert (member_run["model_seed"], member_run["seed"]) == (1, 0)
+    assert member_run["split"]["patients"] == run_config["split"]["patients"]
     capsys.readouterr()
+    # Width reaches idc_net's builder; refused for a model that has no width, before a folder is written.
+    wide = tmp_path / "wide"
+    idc = [*common[:common.index("--models")], "--models", "idc_net", *common[common.index("--models") + 2:]]
+    assert quality.main([*idc, "--width", "2", "--out", str(wide)]) == 0
+    wide_run = json.loads((wide / "runs" / "idc_net-fold0" / "config.json").read_text())
+    assert wide_run["model_kwargs"] == {"width": 2}
+    assert quality.main([*common, "--width", "2", "--out", str(tmp_path / "narrow")]) == 2
+    assert "with --models idc_net alone" in capsys.readouterr().err and not (tmp_path / "narrow").exists()
     # The old spelling cannot contradict the new one.
     assert quality.main([*common, "--no-augment", "--augment", "mild", "--out", str(tmp_path / "other")]) == 2
     assert "--no-augment contradicts --augment mild" in capsys.readouterr().err

@@ -149,6 +149,30 @@ def test_same_seed_same_result(run, demo_dir, cache_dir, tmp_path):
     assert again.threshold == pytest.approx(run.threshold, abs=1e-5)
 
 
+def test_model_seed_trains_another_model_on_the_same_split(run, demo_dir, cache_dir, tmp_path):
+    assert run.config["model_seed"] == run.config["seed"] == 0  # default: the split seed
+    member = train(demo_dir, tmp_path / "member", cache_dir=cache_dir, model_seed=1, **QUICK)
+    assert member.config["model_seed"] == 1 and member.config["seed"] == 0
+    assert member.split == run.split  # same patients in every subset
+    assert not all(np.allclose(a, b) for a, b in zip(member.model.get_weights(), run.model.get_weights()))
+    # model_seed equal to the seed is the run without it.
+    same = train(demo_dir, tmp_path / "same", cache_dir=cache_dir, model_seed=0, **QUICK)
+    for a, b in zip(same.model.get_weights(), run.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_a_run_config_without_model_seed_uses_the_split_seed(run):
+    """Runs written before model_seed existed resume as they were started."""
+    old = {k: v for k, v in run.config.items() if k != "model_seed"}
+    assert training.model_seed(old) == run.config["seed"]
+    assert training.model_seed({**old, "seed": 3}) == 3 and training.model_seed({**old, "model_seed": 5}) == 5
+    a = training.build_and_compile(old, 100).get_weights()
+    b = training.build_and_compile(run.config, 100).get_weights()
+    c = training.build_and_compile({**run.config, "model_seed": 1}, 100).get_weights()
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
 def test_label_smoothing_is_recorded_and_trains_with_the_smoothed_loss(run, demo_dir, cache_dir, tmp_path):
     from idc_helpers.models import LabelSmoothingError
 
@@ -340,6 +364,10 @@ def test_cli_mistakes_get_one_error_line_and_exit_2(demo_dir, tmp_path, cli_erro
     # A resumed run reads its arguments back: giving others is refused, not silently ignored.
     err = cli_error(["train", "--resume", str(tmp_path / "never"), "--epochs", "3", "--augment", "strong"])
     assert "leave out --epochs, --augment" in err
+    err = cli_error(["train", "--resume", str(tmp_path / "never"), "--model-seed", "2", "--label-smoothing", "0.1"])
+    assert "leave out --model-seed, --label-smoothing" in err
+    err = cli_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"), "--label-smoothing", "1.5"])
+    assert "got 1.5" in err
     assert list(tmp_path.iterdir()) == []
 
 

@@ -440,7 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only-folds", default=None, help="comma-separated fold numbers to run (default: all)")
     parser.add_argument("--models", default="seed_cnn,idc_net", help="comma-separated model names")
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs per fold (default: train's)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the folds, the splits and the training")
+    parser.add_argument("--model-seed", type=int, default=None, metavar="SEED",
+                        help="another seed for the training alone (initialisation, order, augmentation), on the "
+                             "folds and splits of --seed: a member of a seed ensemble (default: --seed)")
     parser.add_argument("--max-patches", type=int, default=None, help="subsample the dataset (quick runs)")
     parser.add_argument("--augment", default=None, choices=AUGMENT_CHOICES,
                         help="training augmentation strength (default: train's, 'mild'); 'light' and 'strong' are "
@@ -448,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-augment", action="store_true", help="old spelling of --augment none")
     parser.add_argument("--label-smoothing", type=float, default=None, metavar="EPS",
                         help="train with targets smoothed by EPS (default: train's, none)")
+    parser.add_argument("--width", type=int, default=None, metavar="W",
+                        help="idc_net only: multiply every filter count by W (default: 1)")
     parser.add_argument("--tta", action="store_true", help="also score test-time augmentation (8 flips/rotations)")
     parser.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the pooled intervals")
@@ -467,6 +472,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --no-augment keeps recording False, so result folders written with it still resume.
     options: dict[str, Any] = ({"augment": False} if args.no_augment
                                else {"augment": args.augment} if args.augment is not None else {})
+    if args.width is not None:  # only when given, so folders written before the option still resume
+        if args.width < 1 or models != ["idc_net"]:
+            print(f"error: --width {args.width}: give a whole number of at least 1, with --models idc_net alone",
+                  file=sys.stderr)
+            return 2
+        options["model_kwargs"] = {"width": args.width}
+    if args.model_seed is not None:  # only when given, so folders written before the option still resume
+        options["model_seed"] = args.model_seed
     if args.label_smoothing is not None:  # only when given, so folders written before the option still resume
         try:  # checked before the folder records it: a folder with a bad value could not be resumed with a good one
             options["label_smoothing"] = label_smoothing_setting(args.label_smoothing)
