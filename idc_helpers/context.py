@@ -130,18 +130,41 @@ def smooth_probs(table: pd.DataFrame, sigma: float, window: int | None = None,
     return out
 
 
-def neighbour_counts(table: pd.DataFrame) -> np.ndarray:
-    """How many of each patch's 8 grid neighbours (same patient) are in the table: ``(N,)`` int64 in 0..8."""
-    _check_columns(table, ("patient_id", "x", "y"), "table")
+def _neighbour_sums(table: pd.DataFrame, values: np.ndarray) -> np.ndarray:
+    """Each patch's sum of ``values`` over its 8 grid neighbours on the same patient's slide (neighbours absent
+    from the table add nothing): ``(N,)`` float64 in the table's row order."""
     gx, gy = _grid_cells(table)
-    out = np.zeros(len(table), dtype=np.int64)
+    out = np.zeros(len(table), dtype=np.float64)
     ones = np.ones(3)
     for rows in table.groupby("patient_id", sort=False).indices.values():
         cx, cy = gx[rows] - gx[rows].min(), gy[rows] - gy[rows].min()
-        present = np.zeros((int(cy.max()) + 1, int(cx.max()) + 1))
-        present[cy, cx] = 1.0
-        out[rows] = np.rint(_convolve_separable(present, ones)[cy, cx]).astype(np.int64) - 1
+        grid = np.zeros((int(cy.max()) + 1, int(cx.max()) + 1))
+        grid[cy, cx] = values[rows]
+        out[rows] = _convolve_separable(grid, ones)[cy, cx] - values[rows]
     return out
+
+
+def neighbour_counts(table: pd.DataFrame) -> np.ndarray:
+    """How many of each patch's 8 grid neighbours (same patient) are in the table: ``(N,)`` int64 in 0..8."""
+    _check_columns(table, ("patient_id", "x", "y"), "table")
+    return np.rint(_neighbour_sums(table, np.ones(len(table)))).astype(np.int64)
+
+
+def label_boundary(table: pd.DataFrame, column: str = "label") -> np.ndarray:
+    """Which patches lie on an annotation boundary: at least one of their 8 grid neighbours (same patient, in the
+    table) carries the other label of ``column`` (0/1). ``(N,)`` bool in the table's row order.
+
+    The labels of this dataset come from regions outlined by a pathologist at low magnification, so a patch
+    beside a patch of the other class is where a label is least certain; a patch without neighbours is never on
+    a boundary.
+    """
+    _check_columns(table, ("patient_id", "x", "y", column), "table")
+    labels = table[column].to_numpy(np.float64)
+    if len(table) and not np.isin(labels, (0.0, 1.0)).all():
+        raise ContextError(f"{column} must hold 0 or 1 for every patch to find the annotation boundaries")
+    idc_neighbours = np.rint(_neighbour_sums(table, labels)).astype(np.int64)
+    other = np.where(labels == 1, neighbour_counts(table) - idc_neighbours, idc_neighbours)
+    return other > 0
 
 
 def whole_slide_patients(table: pd.DataFrame, min_neighbours: int = 4, min_share: float = 0.5,

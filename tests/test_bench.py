@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from idc_helpers.bench import quality
@@ -243,3 +244,32 @@ def test_load_benchmark_runs_on_several_folders_and_prints_a_table(tiny_dataset,
     runs = report["results"][0]["runs"]
     assert runs["first"][0]["decoded"] == 36 and runs["cached"][0]["decoded"] == 36
     assert runs["plain"][0]["decoded"] == 36
+
+
+def test_boundary_splits_the_whole_slide_test_patches_and_names_a_wrong_folder(demo_dir, tmp_path, capsys):
+    from idc_helpers.bench import boundary
+    from idc_helpers.context import label_boundary
+
+    out = tmp_path / "cv"
+    assert quality.main(["--data-dir", str(demo_dir), "--folds", "2", "--only-folds", "0", "--models", "seed_cnn",
+                         "--epochs", "1", "--bootstrap", "10", "--cache-dir", str(tmp_path / "cache"),
+                         "--out", str(out)]) == 0
+    table = boundary.whole_slide_predictions(out, "seed_cnn")
+    test_patients = quality.read_log(out)[0]["test_patients"]
+    assert sorted(table["patient_id"].astype(str).unique()) == sorted(test_patients)  # demo patients are slides
+    np.testing.assert_array_equal(table["boundary"].to_numpy(), label_boundary(table))
+    assert 0 < table["boundary"].sum() < len(table)
+
+    capsys.readouterr()
+    assert boundary.main(["--quality", str(out), "--models", "seed_cnn", "--bootstrap", "10",
+                          "--out", str(tmp_path / "b")]) == 0
+    results = json.loads((tmp_path / "b" / "boundary.json").read_text())["seed_cnn (cv)"]
+    assert results["interior"]["patches"] + results["boundary"]["patches"] == results["all"]["patches"] == len(table)
+    assert results["interior"]["errors"] + results["boundary"]["errors"] == results["all"]["errors"]
+    assert results["all"]["errors"] == int((table["pred"] != table["label"]).sum())
+    assert "| seed_cnn (cv) | boundary |" in capsys.readouterr().out
+
+    assert boundary.main(["--quality", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+    assert "holds no cross-validation" in capsys.readouterr().err
+    assert boundary.main(["--quality", str(out), "--models", "idc_net", "--out", str(tmp_path / "c")]) == 2
+    assert "no finished fold of idc_net" in capsys.readouterr().err

@@ -110,3 +110,32 @@ def test_bad_params_and_missing_columns_are_clear_errors():
         smooth_probs(table.drop(columns="x"), 1.0)
     with pytest.raises(ContextError, match="odd"):
         smooth_probs(table, 1.0, window=4)
+
+
+def test_label_boundary_marks_patches_beside_the_other_label_only():
+    # A 5 x 5 slide whose middle 3 x 3 block is IDC: the block's 8 outer cells and the 16 around it are on
+    # the boundary, the block's centre is not; diagonals count as neighbours.
+    gx, gy = np.meshgrid(np.arange(5), np.arange(5))
+    gx, gy = gx.ravel(), gy.ravel()
+    label = ((abs(gx - 2) <= 1) & (abs(gy - 2) <= 1)).astype(np.int8)
+    table = pd.DataFrame({"patient_id": "p", "x": gx * 50 + 1, "y": gy * 50 + 1, "label": label})
+    boundary = context.label_boundary(table)
+    assert boundary.dtype == bool and boundary.sum() == 24
+    assert not boundary[(gx == 2) & (gy == 2)].any()
+    # Corners of the slide touch the block only diagonally: still boundary.
+    assert boundary[(gx == 0) & (gy == 0)].all()
+    # Row order is kept, and another patient at the same coordinates is not a neighbour.
+    other = table.assign(patient_id="q", label=0)
+    both = pd.concat([other, table], ignore_index=True).sample(frac=1.0, random_state=0)
+    marks = context.label_boundary(both)
+    assert not marks[both["patient_id"].to_numpy() == "q"].any()
+    np.testing.assert_array_equal(marks[both["patient_id"].to_numpy() == "p"],
+                                  boundary[both.loc[both["patient_id"] == "p"].index.to_numpy() - len(other)])
+
+
+def test_label_boundary_ignores_absent_neighbours_and_refuses_soft_labels():
+    table = pd.DataFrame({"patient_id": "p", "x": [1, 101, 151], "y": [1, 1, 1], "label": [1, 0, 1]})
+    # 0 and 50 px apart would be neighbours; (1, 1) has no neighbour present, the other two touch.
+    np.testing.assert_array_equal(context.label_boundary(table), [False, True, True])
+    with pytest.raises(ContextError, match="0 or 1"):
+        context.label_boundary(table.assign(label=[0.5, 0, 1]))
