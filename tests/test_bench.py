@@ -263,13 +263,55 @@ def test_boundary_splits_the_whole_slide_test_patches_and_names_a_wrong_folder(d
     capsys.readouterr()
     assert boundary.main(["--quality", str(out), "--models", "seed_cnn", "--bootstrap", "10",
                           "--out", str(tmp_path / "b")]) == 0
-    results = json.loads((tmp_path / "b" / "boundary.json").read_text())["seed_cnn (cv)"]
+    written = json.loads((tmp_path / "b" / "boundary.json").read_text())
+    results = written["boundary"]["seed_cnn (cv)"]
     assert results["interior"]["patches"] + results["boundary"]["patches"] == results["all"]["patches"] == len(table)
     assert results["interior"]["errors"] + results["boundary"]["errors"] == results["all"]["errors"]
     assert results["all"]["errors"] == int((table["pred"] != table["label"]).sum())
-    assert "| seed_cnn (cv) | boundary |" in capsys.readouterr().out
+    bounds = written["thresholds"]["seed_cnn (cv)"]
+    assert set(bounds) == {"fold thresholds", "own threshold per patient (oracle)"}
+    everyone = boundary.fold_predictions(out, "seed_cnn")
+    y, oracle = everyone["label"].to_numpy(), boundary.patient_oracle_predictions(everyone)
+
+    def gain(pred):  # what the oracle maximises patient by patient, so also in total
+        return int(((pred == 1) & (y == 1)).sum() - ((pred == 1) & (y == 0)).sum() - ((pred == 0) & (y == 1)).sum())
+
+    assert gain(oracle) >= gain(everyone["pred"].to_numpy())
+    assert bounds["fold thresholds"]["patients"] == len(test_patients)  # all test patients, not slides only
+    printed = capsys.readouterr().out
+    assert "| seed_cnn (cv) | boundary |" in printed
+    assert "| seed_cnn (cv) | own threshold per patient (oracle) |" in printed
 
     assert boundary.main(["--quality", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
     assert "holds no cross-validation" in capsys.readouterr().err
     assert boundary.main(["--quality", str(out), "--models", "idc_net", "--out", str(tmp_path / "c")]) == 2
     assert "no finished fold of idc_net" in capsys.readouterr().err
+
+
+def test_patient_oracle_threshold_is_each_patients_best_cut_and_keeps_ties_together():
+    import pandas as pd
+
+    from idc_helpers.bench.boundary import patient_oracle_predictions
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for pid, shift in (("1", 0.0), ("2", 0.4), ("3", -0.3)):  # the same ranking on three probability scales
+        label = rng.random(80) < 0.4
+        rows.append(pd.DataFrame({"patient_id": pid, "label": label.astype(int),
+                                  "prob_idc": np.clip(0.3 + 0.3 * label + shift + rng.normal(0, 0.15, 80), 0, 1)}))
+    table = pd.concat(rows, ignore_index=True)
+    oracle = patient_oracle_predictions(table)
+
+    def gain(pred, rows):
+        y = table["label"].to_numpy()[rows]
+        return int(((pred == 1) & (y == 1)).sum() - ((pred == 1) & (y == 0)).sum() - ((pred == 0) & (y == 1)).sum())
+
+    for pid, rows in table.groupby("patient_id").indices.items():
+        probs = table["prob_idc"].to_numpy()[rows]
+        best_any = max(gain((probs >= t).astype(int), rows) for t in np.r_[probs, 2.0])
+        assert gain(oracle[rows], rows) == best_any  # no single cut of this patient does better
+    # Tied probabilities get one decision; a patient without IDC is called IDC nowhere.
+    tied = pd.DataFrame({"patient_id": ["a"] * 4 + ["b"] * 3, "label": [1, 0, 1, 0, 0, 0, 0],
+                         "prob_idc": [0.9, 0.5, 0.5, 0.1, 0.8, 0.7, 0.2]})
+    decided = patient_oracle_predictions(tied)
+    assert decided[1] == decided[2] and decided[0] == 1 and not decided[4:].any()

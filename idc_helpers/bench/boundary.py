@@ -1,4 +1,4 @@
-"""Where the errors are on whole slides: patches on an annotation boundary against those inside a region,
+"""Where the errors are: whole-slide patches on and off an annotation boundary, and per-patient oracle thresholds,
 ``python -m idc_helpers.bench boundary --quality OUT [--quality OUT2] [--models idc_net] --out BOUNDARY``.
 
 It reads the test predictions that ``python -m idc_helpers.bench quality`` wrote (``OUT/predictions/``), keeps
@@ -11,6 +11,11 @@ their validation patients (the ``pred`` column), with 95% intervals over patient
 The labels come from regions outlined at low magnification, so the boundary is where they are least certain; a
 model that is much better inside the regions than on their edges is limited by the labels there, not only by what
 it learnt.
+
+A second table takes all test patients (whole slides and sparse) and decides each patient at a threshold of its
+own chosen on its own labels (:func:`patient_oracle_predictions`): not a result, but what a per-patient
+recalibration of the same probabilities could give at best by that rule; where it stays below a goal, the ranking
+within patients is what stands in the way.
 """
 
 from __future__ import annotations
@@ -37,11 +42,8 @@ class BoundaryBenchError(UserError, ValueError):
     """The cross-validation folder holds no predictions to split, or none of whole slides."""
 
 
-def whole_slide_predictions(quality_dir: str | Path, model: str) -> pd.DataFrame:
-    """The test predictions of ``model`` on every finished fold of ``quality_dir``, whole-slide patients only,
-    with a ``fold`` column and the bool column ``boundary``."""
-    from idc_helpers.context import label_boundary, whole_slide_patients
-
+def fold_predictions(quality_dir: str | Path, model: str) -> pd.DataFrame:
+    """The test predictions of ``model`` on every finished fold of ``quality_dir`` (all patients), with ``fold``."""
     folder = Path(quality_dir).expanduser().absolute()
     if not (folder / CONFIG_FILE).is_file():
         raise BoundaryBenchError(f"{folder} holds no cross-validation ({CONFIG_FILE} missing); give the --out "
@@ -56,12 +58,39 @@ def whole_slide_predictions(quality_dir: str | Path, model: str) -> pd.DataFrame
         tables.append(read_table(path).assign(fold=fold))
     if not tables:
         raise BoundaryBenchError(f"{folder} has no finished fold of {model}; run `bench quality --models {model}`")
-    table = pd.concat(tables, ignore_index=True)
+    return pd.concat(tables, ignore_index=True)
+
+
+def whole_slide_predictions(quality_dir: str | Path, model: str) -> pd.DataFrame:
+    """The test predictions of ``model`` on every finished fold of ``quality_dir``, whole-slide patients only,
+    with a ``fold`` column and the bool column ``boundary``."""
+    from idc_helpers.context import label_boundary, whole_slide_patients
+
+    table = fold_predictions(quality_dir, model)
     slides = set(whole_slide_patients(table))
     table = table[table["patient_id"].astype(str).isin(slides)].reset_index(drop=True)
     if table.empty:
-        raise BoundaryBenchError(f"the test patients of {folder} include no whole slide; nothing to split")
+        raise BoundaryBenchError(f"the test patients of {quality_dir} include no whole slide; nothing to split")
     return table.assign(boundary=label_boundary(table))
+
+
+def patient_oracle_predictions(table: pd.DataFrame) -> np.ndarray:
+    """0/1 decisions with one threshold per patient, chosen on that patient's own labels: the threshold that
+    maximises its correct IDC calls minus its wrong calls (true positives - false positives - false negatives, the
+    patient's share of what a pooled F1 counts). Uses the labels it is scored on: an oracle, never a result."""
+    out = np.zeros(len(table), dtype=np.int8)
+    labels, probs = table["label"].to_numpy(np.int64), table["prob_idc"].to_numpy(np.float64)
+    for rows in table.groupby("patient_id", sort=False).indices.values():
+        order = rows[np.argsort(-probs[rows], kind="stable")]
+        tp = np.cumsum(labels[order] == 1)
+        fp = np.cumsum(labels[order] == 0)
+        gain = 2 * tp - fp  # TP - FP - FN, up to the patient's constant number of IDC patches
+        # Cut only between different probabilities, so tied patches get the same decision.
+        ends = np.flatnonzero(np.r_[probs[order][1:] != probs[order][:-1], True])
+        best = ends[np.argmax(gain[ends])]
+        if gain[best] > 0:  # otherwise calling nothing IDC is at least as good
+            out[order[:best + 1]] = 1
+    return out
 
 
 def split_scores(table: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
@@ -83,6 +112,20 @@ def split_scores(table: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0)
     return out
 
 
+def threshold_scores(table: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """F1, balanced accuracy and ROC AUC of a :func:`fold_predictions` table at the folds' thresholds
+    (``"fold thresholds"``) and at each patient's own (``"own threshold per patient (oracle)"``, see
+    :func:`patient_oracle_predictions`)."""
+    variants = {"fold thresholds": table,
+                "own threshold per patient (oracle)": table.assign(pred=patient_oracle_predictions(table))}
+    out = {}
+    for name, part in variants.items():
+        report = evaluate(part, n_bootstrap=n_bootstrap, seed=seed)
+        out[name] = {"patients": int(part["patient_id"].nunique()), "patches": int(len(part)),
+                     "metrics": {k: report["metrics"][k] for k in _METRICS}}
+    return out
+
+
 def _ci(m: dict[str, Any]) -> str:
     if m["value"] is None:
         return "–"
@@ -91,8 +134,9 @@ def _ci(m: dict[str, Any]) -> str:
     return f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
 
 
-def markdown(results: dict[str, dict[str, Any]]) -> str:
-    """One table: every member's interior, boundary and all whole-slide patches."""
+def markdown(results: dict[str, dict[str, Any]], bounds: dict[str, dict[str, Any]]) -> str:
+    """Two tables: every member's interior, boundary and all whole-slide patches; its thresholds against each
+    patient's own."""
     lines = ["### Whole-slide test patches on and off the annotation boundary", "",
              "Boundary: a patch with a neighbour of the other label; thresholds chosen on each fold's validation "
              "patients; 95% bootstrap intervals over patients.", "",
@@ -106,23 +150,33 @@ def markdown(results: dict[str, dict[str, Any]]) -> str:
             lines.append(f"| {member} | {name} | {e['patients']} | {e['patches']:,} | {e['idc_share']:.3f} | "
                          f"{_ci(e['metrics']['f1'])} | {_ci(e['metrics']['balanced_accuracy'])} | "
                          f"{_ci(e['metrics']['roc_auc'])} | {e['errors']:,} ({e['error_share']:.0%}) |")
+    lines += ["", "### All test patients: the folds' thresholds against each patient's own (an oracle)", "",
+              "Own threshold: chosen on the patient's own labels (true minus false IDC calls), so not a result; "
+              "ROC AUC is the same for both (the probabilities do not change).", "",
+              "| model | thresholds | patients | patches | F1 | BAC | ROC AUC |", "|---|---|---|---|---|---|---|"]
+    for member, variants in bounds.items():
+        for name, e in variants.items():
+            lines.append(f"| {member} | {name} | {e['patients']} | {e['patches']:,} | {_ci(e['metrics']['f1'])} | "
+                         f"{_ci(e['metrics']['balanced_accuracy'])} | {_ci(e['metrics']['roc_auc'])} |")
     return "\n".join(lines) + "\n"
 
 
 def run_boundary(quality_dirs: Sequence[str | Path], models: Sequence[str], out_dir: str | Path, *,
                  n_bootstrap: int = 1000) -> dict[str, Any]:
-    """Score every (folder, model) member; write ``boundary.md`` and ``boundary.json`` into ``out_dir``."""
-    results = {}
+    """Score every (folder, model) member (:func:`split_scores`, :func:`threshold_scores`); write
+    ``boundary.md`` and ``boundary.json`` into ``out_dir``."""
+    results, bounds = {}, {}
     for folder in quality_dirs:
         for model in models:
-            table = whole_slide_predictions(folder, model)
-            results[f"{model} ({Path(folder).name})"] = split_scores(table, n_bootstrap=n_bootstrap)
-    text = markdown(results)
+            member = f"{model} ({Path(folder).name})"
+            results[member] = split_scores(whole_slide_predictions(folder, model), n_bootstrap=n_bootstrap)
+            bounds[member] = threshold_scores(fold_predictions(folder, model), n_bootstrap=n_bootstrap)
+    text = markdown(results, bounds)
     out = Path(out_dir).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "boundary.md", text)
-    write_json(out / "boundary.json", results)
-    return {"results": results, "markdown": text}
+    write_json(out / "boundary.json", {"boundary": results, "thresholds": bounds})
+    return {"results": results, "bounds": bounds, "markdown": text}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
