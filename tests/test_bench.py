@@ -254,7 +254,7 @@ def test_boundary_splits_the_whole_slide_test_patches_and_names_a_wrong_folder(d
     assert quality.main(["--data-dir", str(demo_dir), "--folds", "2", "--only-folds", "0", "--models", "seed_cnn",
                          "--epochs", "1", "--bootstrap", "10", "--cache-dir", str(tmp_path / "cache"),
                          "--out", str(out)]) == 0
-    table = boundary.whole_slide_predictions(out, "seed_cnn")
+    table = boundary.whole_slide_part(boundary.fold_predictions(out, "seed_cnn"), out)
     test_patients = quality.read_log(out)[0]["test_patients"]
     assert sorted(table["patient_id"].astype(str).unique()) == sorted(test_patients)  # demo patients are slides
     np.testing.assert_array_equal(table["boundary"].to_numpy(), label_boundary(table))

@@ -61,16 +61,15 @@ def fold_predictions(quality_dir: str | Path, model: str) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True)
 
 
-def whole_slide_predictions(quality_dir: str | Path, model: str) -> pd.DataFrame:
-    """The test predictions of ``model`` on every finished fold of ``quality_dir``, whole-slide patients only,
-    with a ``fold`` column and the bool column ``boundary``."""
+def whole_slide_part(table: pd.DataFrame, source: str | Path = "the table") -> pd.DataFrame:
+    """The whole-slide patients' rows of a :func:`fold_predictions` table (read from ``source``, named in the
+    error), with the bool column ``boundary``."""
     from idc_helpers.context import label_boundary, whole_slide_patients
 
-    table = fold_predictions(quality_dir, model)
     slides = set(whole_slide_patients(table))
     table = table[table["patient_id"].astype(str).isin(slides)].reset_index(drop=True)
     if table.empty:
-        raise BoundaryBenchError(f"the test patients of {quality_dir} include no whole slide; nothing to split")
+        raise BoundaryBenchError(f"the test patients of {source} include no whole slide; nothing to split")
     return table.assign(boundary=label_boundary(table))
 
 
@@ -93,9 +92,16 @@ def patient_oracle_predictions(table: pd.DataFrame) -> np.ndarray:
     return out
 
 
+def _scores(part: pd.DataFrame, n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """Patients, patches and F1 / balanced accuracy / ROC AUC (with patient intervals) of ``part``."""
+    report = evaluate(part, n_bootstrap=n_bootstrap, seed=seed)
+    return {"patients": int(part["patient_id"].nunique()), "patches": int(len(part)),
+            "metrics": {k: report["metrics"][k] for k in _METRICS}}
+
+
 def split_scores(table: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
     """F1, balanced accuracy and ROC AUC (with patient intervals), the IDC share and the errors of the
-    ``interior``, ``boundary`` and ``all`` patches of a :func:`whole_slide_predictions` table."""
+    ``interior``, ``boundary`` and ``all`` patches of a :func:`whole_slide_part` table."""
     errors = table["pred"].to_numpy() != table["label"].to_numpy()
     picks = {"interior": ~table["boundary"].to_numpy(), "boundary": table["boundary"].to_numpy(),
              "all": np.ones(len(table), dtype=bool)}
@@ -104,11 +110,9 @@ def split_scores(table: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0)
         part = table[pick]
         if part.empty:
             continue
-        report = evaluate(part, n_bootstrap=n_bootstrap, seed=seed)
-        out[name] = {"patients": int(part["patient_id"].nunique()), "patches": int(len(part)),
-                     "idc_share": float(part["label"].mean()), "errors": int(errors[pick].sum()),
-                     "error_share": float(errors[pick].sum() / max(int(errors.sum()), 1)),
-                     "metrics": {k: report["metrics"][k] for k in _METRICS}}
+        out[name] = {**_scores(part, n_bootstrap, seed), "idc_share": float(part["label"].mean()),
+                     "errors": int(errors[pick].sum()),
+                     "error_share": float(errors[pick].sum() / max(int(errors.sum()), 1))}
     return out
 
 
@@ -118,12 +122,7 @@ def threshold_scores(table: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int 
     :func:`patient_oracle_predictions`)."""
     variants = {"fold thresholds": table,
                 "own threshold per patient (oracle)": table.assign(pred=patient_oracle_predictions(table))}
-    out = {}
-    for name, part in variants.items():
-        report = evaluate(part, n_bootstrap=n_bootstrap, seed=seed)
-        out[name] = {"patients": int(part["patient_id"].nunique()), "patches": int(len(part)),
-                     "metrics": {k: report["metrics"][k] for k in _METRICS}}
-    return out
+    return {name: _scores(part, n_bootstrap, seed) for name, part in variants.items()}
 
 
 def _ci(m: dict[str, Any]) -> str:
@@ -169,8 +168,9 @@ def run_boundary(quality_dirs: Sequence[str | Path], models: Sequence[str], out_
     for folder in quality_dirs:
         for model in models:
             member = f"{model} ({Path(folder).name})"
-            results[member] = split_scores(whole_slide_predictions(folder, model), n_bootstrap=n_bootstrap)
-            bounds[member] = threshold_scores(fold_predictions(folder, model), n_bootstrap=n_bootstrap)
+            table = fold_predictions(folder, model)  # read once, for both tables
+            results[member] = split_scores(whole_slide_part(table, folder), n_bootstrap=n_bootstrap)
+            bounds[member] = threshold_scores(table, n_bootstrap=n_bootstrap)
     text = markdown(results, bounds)
     out = Path(out_dir).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
