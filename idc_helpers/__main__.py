@@ -2,6 +2,10 @@
 
 import sys
 
-from idc_helpers.cli import main
+try:
+    from idc_helpers.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the command line loads: the same exit as later on, no traceback
+    print("Interrupted.", file=sys.stderr)
+    sys.exit(130)
 
 sys.exit(main())

@@ -13,10 +13,11 @@ import argparse
 import os
 import sys
 import warnings
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from idc_helpers import __version__
-from idc_helpers.errors import IdcError, UserError
+from idc_helpers.errors import DiskFullError, IdcError, UserError, is_disk_full
+from idc_helpers.validation import arg_type, patient_list
 
 EXIT_CODES = {
     0: "success",
@@ -138,10 +139,10 @@ def _add_demo_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-data", help="write a small SYNTHETIC dataset in the Kaggle layout")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (must not exist or be empty)")
     p.add_argument("dest", nargs="?", default=None, help=argparse.SUPPRESS)  # old positional form of --out
-    p.add_argument("--n-patients", type=int, default=None, metavar="N",
+    p.add_argument("--n-patients", type=arg_type("n_patients"), default=None, metavar="N",
                    help=f"number of synthetic patients (default {DEFAULT_PATIENTS})")
-    p.add_argument("--patients", type=int, default=None, help=argparse.SUPPRESS)  # old spelling of --n-patients
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--patients", type=arg_type("n_patients"), default=None, help=argparse.SUPPRESS)  # old spelling of --n-patients
+    p.add_argument("--seed", type=arg_type("seed"), default=0, help="random seed (same seed, same files)")
 
 
 def run_demo_data(args: argparse.Namespace) -> int:
@@ -189,22 +190,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the interrupted run of RUN_DIR with the arguments it was started with")
     p.add_argument("--model", default=None, help="model name (default: the best measured configuration)")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping on validation patients)")
+    p.add_argument("--epochs", type=arg_type("epochs"), default=None, help="maximum epochs (early stopping on validation patients)")
     p.add_argument("--split", choices=["janowczyk2016", "patients"], default="patients",
                    help="patient split: the published one or a seeded stratified one (default: patients)")
     p.add_argument("--unlisted", choices=["train", "drop"], default="train",
                    help="janowczyk2016 only: patients outside the published lists go to training (default) or "
                         "are left out")
-    p.add_argument("--max-patches", type=int, default=None, help="use at most this many patches (for quick runs)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size")
-    p.add_argument("--seed", type=int, default=0, help="random seed for split, initialisation and shuffling")
-    p.add_argument("--model-seed", type=int, default=None, metavar="SEED",
+    p.add_argument("--max-patches", type=arg_type("max_patches"), default=None, help="use at most this many patches (for quick runs)")
+    p.add_argument("--batch-size", type=arg_type("batch_size"), default=None, help="batch size")
+    p.add_argument("--seed", type=arg_type("seed"), default=0, help="random seed for split, initialisation and shuffling")
+    p.add_argument("--model-seed", type=arg_type("model_seed"), default=None, metavar="SEED",
                    help="another seed for initialisation, shuffling and augmentation only, on the split of --seed "
                         "(another member of a seed ensemble; default: --seed)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
+    p.add_argument("--label-smoothing", type=arg_type("label_smoothing"), default=0.0, metavar="EPS",
                    help="train towards targets smoothed by EPS, between 0 and 1 (default: 0, none)")
     p.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
-    p.add_argument("--test-patients", default=None, metavar="ID,ID",
+    p.add_argument("--test-patients", type=patient_list, default=None, metavar="ID,ID",
                    help="comma-separated patient ids held out as test (overrides the split's test subset)")
     p.add_argument("--augment", choices=["none", "geometry", "mild", "light", "strong"], default="mild",
                    help="augmentation of the training batches: flips/rotations only (geometry), with mild, light "
@@ -234,7 +235,7 @@ def run_train(args: argparse.Namespace) -> int:
                             f"{', '.join(given)} (or start a new run with --out).")
         result = train(data_dir, args.resume, resume=True, cache_dir=args.cache_dir, verbose="auto")
     else:
-        test_patients = args.test_patients.split(",") if args.test_patients else None
+        test_patients = args.test_patients or None
         result = train(
             data_dir, args.out, model_name=args.model, epochs=args.epochs, split=args.split,
             unlisted=args.unlisted, max_patches=args.max_patches, seed=args.seed, model_seed=args.model_seed,
@@ -265,7 +266,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                         "not the patch alone)")
     p.add_argument("--subset", default=None, choices=["train", "val", "test"],
                    help="predict only this subset of the run's patient split")
-    p.add_argument("--patients", default=None, metavar="ID,ID", help="comma-separated patient ids to predict")
+    p.add_argument("--patients", type=patient_list, default=None, metavar="ID,ID", help="comma-separated patient ids to predict")
     p.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing predictions file")
 
@@ -294,7 +295,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UserError(f"predict --context: the run {run_dir} has no slide-context parameters: "
                         f"{params['unavailable']}")
     frame = prediction.select_patients(index.frame, run=run, subset=args.subset,
-                                       patients=args.patients.split(",") if args.patients else None)
+                                       patients=args.patients or None)
     # Patches that fail to decode are warned about (one `warning:` line, main's format) and left out.
     table = prediction.predict_frame(run, frame, tta=args.tta, cache_dir=args.cache_dir)
     if args.context:
@@ -306,7 +307,7 @@ def run_predict(args: argparse.Namespace) -> int:
     except OSError as exc:  # a full disk, a folder that became read-only meanwhile
         if isinstance(exc, UserError):
             raise
-        raise OutputPathError(f"--out {out}: {exc.strerror or exc}") from exc
+        raise _output_failed(out, exc) from exc
     print(f"Wrote {len(table):,} predictions ({table['patient_id'].nunique()} patients, "
           f"{int(table['pred'].sum()):,} predicted IDC at threshold {run.threshold:.3f}) to {out}")
     if index.problems:
@@ -324,15 +325,24 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="metrics of a predictions table, with 95%% intervals over patients")
     p.add_argument("--predictions", required=True, help="predictions CSV written by `predict`")
     p.add_argument("--out", default=None, help="write the report as JSON here")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over patients (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--bootstrap", type=arg_type("bootstrap"), default=1000, help="bootstrap resamples over patients (default 1000)")
+    p.add_argument("--seed", type=arg_type("seed"), default=0, help="bootstrap seed")
+    p.add_argument("--threshold", type=arg_type("threshold"), default=None,
                    help="decide IDC when prob_idc >= THRESHOLD (default: the table's pred column, i.e. the run's "
                         "threshold)")
 
 
 class OutputPathError(UserError, OSError):
     """``--out`` names something that cannot be written (a folder, a read-only place)."""
+
+
+def _output_failed(out: os.PathLike[str], exc: OSError) -> IdcError:
+    """The error for an output that could not be written: a full disk (exit 3, nothing half-written is left: outputs
+    are atomic) or a place that cannot be written (exit 2)."""
+    if is_disk_full(exc):
+        return DiskFullError(f"--out {out}: the disk is full; nothing was written. Free some space and run the "
+                             "command again.")
+    return OutputPathError(f"--out {out}: {exc.strerror or exc}")
 
 
 def _check_out_file(out: str, option: str = "--out") -> os.PathLike[str]:
@@ -403,7 +413,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         try:
             write_json(out, data)
         except OSError as exc:
-            raise OutputPathError(f"--out {out}: {exc.strerror or exc}") from exc
+            raise _output_failed(out, exc) from exc
         print(f"\nReport on {source} written to {out}")
     return 0
 
@@ -417,7 +427,7 @@ def _add_slide(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--predictions", required=True, help="predictions CSV (or any table with path, patient_id, x, y, label)")
     p.add_argument("--patient", required=True, help="patient id")
     p.add_argument("--out", required=True, help="image file to write (.png, .pdf, .svg, .jpg)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=arg_type("threshold"), default=None,
                    help="decision threshold marked on the colour bar (default: the one the table's pred column "
                         "implies)")
 
@@ -456,7 +466,7 @@ def run_slide(args: argparse.Namespace) -> int:
     try:
         plots.save_figure(fig, out, synthetic=_table_is_synthetic(rows), dpi=150)
     except OSError as exc:
-        raise OutputPathError(f"--out {out}: {exc.strerror or exc}") from exc
+        raise _output_failed(out, exc) from exc
     finally:
         plt.close(fig)
     width, height = mosaic.span
@@ -499,9 +509,17 @@ def run_run_notebooks(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose refusals are one ``error:`` line on stderr and exit status 2, like every other
+    mistake (argparse's own form is a usage block, then ``prog: error: ...``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog.split(' ', 2)[-1]}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every command."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m idc_helpers",
         description="IDC detection in breast histopathology patches: data, training, evaluation, slides, notebooks.",
         epilog=_exit_code_help(),
@@ -538,15 +556,25 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the command; returns the exit status (see :data:`EXIT_CODES`)."""
-    args = build_parser().parse_args(argv)
-    quiet_tensorflow(args.command)
-    warnings.formatwarning = _one_line_warning
+    """Parse ``argv`` and run the command; returns the exit status (see :data:`EXIT_CODES`). Ctrl-C at any moment,
+    parsing and imports included, is exit status 130 without a traceback."""
     try:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, --version, or argparse's one-line refusal (OneLineParser)
+            return int(exc.code or 0)
+        quiet_tensorflow(args.command)
+        warnings.formatwarning = _one_line_warning
         return int(_HANDLERS[args.command](args) or 0)
     except IdcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"error: the disk is full ({exc.filename or exc}): free some space and run the command again",
+              file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130

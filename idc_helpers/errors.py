@@ -29,3 +29,14 @@ class ExternalError(IdcError):
     """A failure outside the user's input: network, server, disk (exit status 3)."""
 
     exit_code = 3
+
+
+class DiskFullError(ExternalError, OSError):
+    """The disk (or the user's quota) ran out while writing; the message says what was kept and how to go on."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is the operating system's "no space left" (or "quota exceeded")."""
+    import errno
+
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -545,7 +545,7 @@ def _plan_members(zf: zipfile.ZipFile) -> tuple[dict[str, zipfile.ZipInfo], int,
             raise _Refused(reason)
         if info.is_dir():
             continue
-        match = _MEMBER_RE.match(info.filename)
+        match = _MEMBER_RE.fullmatch(info.filename)
         if match is None:
             other.append(info.filename)
             continue

@@ -619,7 +619,12 @@ def _write_entry(npy: Path, paths: list[str], workers: int, progress: bool):
         if held:  # nobody else can be writing this entry: its temporary files are a killed writer's
             for path, _ in _temp_files(npy.parent, key=npy.stem[len(_CACHE_PREFIX):]):
                 path.unlink(missing_ok=True)
-        images, failures = _write_cache(npy, paths, workers, progress)
+        try:
+            images, failures = _write_cache(npy, paths, workers, progress)
+        except BaseException:
+            if held and not npy.exists():  # nothing written (a full disk, Ctrl-C): no lock file stays behind
+                npy.with_suffix(_LOCK_SUFFIX).unlink(missing_ok=True)
+            raise
     return None, images, failures
 
 
@@ -846,7 +851,7 @@ def _temp_files(folder: Path, key: str | None = None) -> list[tuple[Path, re.Mat
         return []
     found = []
     for name in names:
-        match = _TEMP_RE.match(name)
+        match = _TEMP_RE.fullmatch(name)
         if match is not None and (key is None or match["key"] == key):
             found.append((folder / name, match))
     return found

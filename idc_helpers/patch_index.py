@@ -112,7 +112,7 @@ class PatchFileError(ValueError):
 
 def parse_patch_name(name: str) -> tuple[str, int, int, int] | None:
     """Parse ``<patient>_idx5_x<X>_y<Y>_class<C>.png`` into ``(patient_id, x, y, label)``; ``None`` if it does not match."""
-    match = FILENAME_RE.match(name)
+    match = FILENAME_RE.fullmatch(name)
     if match is None:
         return None
     return match["patient"], int(match["x"]), int(match["y"]), int(match["label"])
@@ -295,6 +295,21 @@ def _resolve_root(root: str | os.PathLike[str]) -> Path:
     return root
 
 
+def _refuse_one_patient(root: Path, subfolders: list[os.DirEntry]) -> None:
+    """A folder whose only subfolders are the class folders 0/ and 1/ is one patient's folder, not a dataset: say so
+    (its class folders would otherwise pass for patients 0 and 1 holding stray files)."""
+    names = {entry.name for entry in subfolders}
+    if not names or not names <= {"0", "1"}:
+        return
+    with os.scandir(subfolders[0].path) as entries:
+        holds_patches = any(entry.name.endswith(".png") for entry in entries)
+    if holds_patches:
+        raise DatasetFolderError(
+            f"{printable(str(root))} is the folder of one patient (it holds the class folders "
+            f"{' and '.join(sorted(n + '/' for n in names))}), not a dataset folder; give the folder that holds the "
+            f"patient folders, e.g. --data-dir {printable(str(root.parent))}")
+
+
 def _scan_root(root: Path, read_headers: bool) -> tuple[list[tuple], list[Problem]]:
     """Rows ``(path, patient, x, y, label, width, height)`` and problems of one dataset folder."""
     problems: list[Problem] = []
@@ -308,6 +323,7 @@ def _scan_root(root: Path, read_headers: bool) -> tuple[list[tuple], list[Proble
             elif _is_dir(entry):
                 problems.append(Problem(entry.path, UNEXPECTED, "folder name is not a numeric patient id; skipped. "
                                                               "Move it out of the dataset folder"))
+    _refuse_one_patient(root, patient_dirs)
     if not patient_dirs:
         raise DatasetFolderError(
             f"No patient folders in {printable(str(root))}: expected numeric folders such as "

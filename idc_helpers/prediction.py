@@ -34,6 +34,7 @@ from idc_helpers.errors import UserError
 from idc_helpers.inference import predict_probs
 from idc_helpers.loader import load_patches
 from idc_helpers.run import Run, load_run
+from idc_helpers.validation import check_patient_ids
 
 if TYPE_CHECKING:
     import keras
@@ -196,7 +197,7 @@ def select_patients(frame: pd.DataFrame, *, run: Run | None = None, subset: str 
                                    f"({_listing(lists[subset])}); it holds {held}. Give the folder the run was "
                                    "trained on with --data-dir.")
     if patients:
-        wanted = [p.strip() for p in patients if p.strip()]
+        wanted = check_patient_ids(patients, "patients")
         unknown = sorted(set(wanted) - set(present), key=_patient_order)
         if unknown:
             raise PredictionsError(f"patients not in the dataset: {', '.join(unknown)}; it holds {held}.")

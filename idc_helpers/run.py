@@ -18,12 +18,14 @@ While training, the run is built in the hidden folder :func:`partial_dir` beside
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from idc_helpers.atomic import atomic_path, install_dir, write_json
 from idc_helpers.errors import UserError
@@ -49,6 +51,10 @@ def checkpoint_names(epoch: int) -> dict[str, str]:
 
 class RunExistsError(UserError, FileExistsError):
     """The run folder already exists (or an interrupted run of it does); runs are never overwritten."""
+
+
+class RunBusyError(RunExistsError):
+    """Another live ``train`` process is writing the same run folder."""
 
 
 class RunFolderError(UserError, FileNotFoundError):
@@ -83,6 +89,54 @@ def has_interrupted_run(run_dir: str | os.PathLike[str]) -> bool:
     return (partial_dir(run_dir) / CONFIG_FILE).is_file()
 
 
+LOCK_FILE = ".lock"
+
+
+def run_writer(partial: Path) -> int | None:
+    """The process id of the ``train`` writing the partial run ``partial`` right now (it holds the lock of
+    :func:`claim_run`), or None when no live process does (an interrupted run, or a file system without locks)."""
+    try:
+        fd = os.open(partial / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        return int(text) if text.isdigit() else 0
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
+@contextlib.contextmanager
+def claim_run(partial: Path, run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the partial run ``partial`` (its lock file names this process): two processes
+    never train into the same one; :class:`RunBusyError` naming the other one's pid otherwise."""
+    fd = os.open(partial / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusyError(_busy_message(run_dir, run_writer(partial))) from None
+        except OSError:
+            pass  # a file system without locks (some network mounts): the partial folder's mkdir still guards it
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _busy_message(run_dir: Path, pid: int | None) -> str:
+    who = f" (pid {pid})" if pid else ""
+    return (f"another train is writing {run_dir}{who}; wait for it to finish, or choose another --out for a new "
+            "run.")
+
+
 def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
     """Return ``run_dir`` as an absolute path; raise :class:`RunExistsError` when it exists and is not empty, or
     when an interrupted run of it waits in its :func:`partial_dir`."""
@@ -93,6 +147,9 @@ def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
             "Choose a new --out folder (or delete this one yourself if you no longer need it)."
         )
     partial = partial_dir(out)
+    writer = run_writer(partial)
+    if writer is not None:
+        raise RunBusyError(_busy_message(out, writer))
     if partial.exists():
         raise RunExistsError(
             f"An interrupted run of {out} is in {partial}: resume with "

@@ -40,7 +40,7 @@ import idc_helpers
 from idc_helpers import context, splits
 from idc_helpers.atomic import atomic_path, write_json
 from idc_helpers.datasource import resolve_data_dir
-from idc_helpers.errors import UserError
+from idc_helpers.errors import DiskFullError, UserError, is_disk_full
 from idc_helpers.inference import predict_probs
 from idc_helpers.loader import load_patches
 from idc_helpers.metrics import pick_threshold
@@ -49,9 +49,11 @@ from idc_helpers.run import (
     CHECKPOINT_PREFIXES,
     CHECKPOINT_STATE_FILE,
     CONFIG_FILE,
+    LOCK_FILE,
     RunExistsError,
     RunFolderError,
     check_new_run_dir,
+    claim_run,
     checkpoint_names,
     discard_partial,
     has_interrupted_run,
@@ -60,6 +62,7 @@ from idc_helpers.run import (
     read_json,
     write_run_files,
 )
+from idc_helpers.validation import check_optional, check_patient_ids, check_run_config, check_value
 
 if TYPE_CHECKING:  # TensorFlow is imported only when a function needs it
     import keras
@@ -133,7 +136,7 @@ def resolve_split(
     """
     if not test_patients:
         return {k: list(v) for k, v in splits.make_split(frame, split, seed=seed, unlisted=unlisted).items()}
-    given = {str(p).strip() for p in test_patients if str(p).strip()}
+    given = set(check_patient_ids(test_patients, "test patients"))
     unknown = sorted(given - set(frame["patient_id"]))  # before sorting by number: an id may not be one
     if unknown:
         raise TrainingDataError(
@@ -587,20 +590,31 @@ def _model_name(name: str | None) -> str:
     return name
 
 
-@contextlib.contextmanager
-def _claim(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the partial run ``folder``: two processes never train into the same one."""
-    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunExistsError(f"{folder} is being trained by another process right now.") from None
-        except OSError:
-            pass  # a file system without locks (some network mounts): the partial folder's mkdir still guards it
-        yield
-    finally:
-        os.close(fd)
+def _check_arguments(args: Mapping[str, Any]) -> None:
+    """Every number of a new run, checked as on the command line, before any folder or cache entry is written."""
+    for name in ("epochs", "batch_size", "max_patches", "steps_per_epoch", "model_seed", "learning_rate"):
+        check_optional(name, args[name], f"train({name}=...)")
+    for name in ("seed", "patience", "label_smoothing"):
+        check_value(name, args[name], f"train({name}=...)")
+    if args["test_patients"]:
+        check_patient_ids(args["test_patients"], "train(test_patients=...)")
+
+
+def _check_resumed_config(config: dict[str, Any], path: Path) -> None:
+    """A resumed run's settings pass the checks of the command line (an edited config.json may not)."""
+    from idc_helpers.models import MODEL_NAMES
+    from idc_helpers.pipeline import AUGMENT_CHOICES
+
+    check_run_config(config, str(path), models=MODEL_NAMES, augments=AUGMENT_CHOICES, splits=splits.SPLIT_NAMES)
+
+
+def _raise_disk_full(exc: BaseException, out: Path, partial: Path | None) -> None:
+    """Turn "no space left" into :class:`DiskFullError` saying what is kept: a resumable run, or nothing."""
+    if not is_disk_full(exc):
+        return
+    then = (f"then continue with `python -m idc_helpers train --resume {out}` (its last checkpoint is in {partial})"
+            if partial is not None else "then train again (nothing was kept: no epoch had finished)")
+    raise DiskFullError(f"the disk is full while writing the run {out}: free some space, {then}") from exc
 
 
 def train(
@@ -675,6 +689,7 @@ def train(
 
 def _start(data_dir, out_dir, args: dict[str, Any], *, verbose: int, say) -> TrainResult:
     """A new run of ``train``'s arguments ``args`` into ``out_dir``: its config first, then the training."""
+    _check_arguments(args)
     out = check_new_run_dir(out_dir)
     _model_name(args["model_name"])  # typos are reported before the data is read
     _augmentation_config(args["augment"], args["model_kwargs"])
@@ -693,7 +708,15 @@ def _start(data_dir, out_dir, args: dict[str, Any], *, verbose: int, say) -> Tra
         partial.mkdir(parents=True)
     except FileExistsError:
         raise RunExistsError(f"{partial} appeared meanwhile: another process is training {out}.") from None
-    write_json(partial / CONFIG_FILE, config)
+    except OSError as exc:
+        _raise_disk_full(exc, out, None)
+        raise
+    try:
+        write_json(partial / CONFIG_FILE, config)
+    except BaseException as exc:
+        discard_partial(partial)  # no config: nothing a resume could continue, and nothing may block the next run
+        _raise_disk_full(exc, out, None)
+        raise
     return _train_in(partial, out, config, data, resumed=False, verbose=verbose, say=say)
 
 
@@ -706,6 +729,7 @@ def _resume(data_dir, out_dir, *, cache_dir, verbose: int, say) -> TrainResult:
         raise RunFolderError(f"No interrupted run of {out} to resume: {partial / CONFIG_FILE} does not exist. "
                              "Start a new run with `python -m idc_helpers train --out RUN_DIR`.")
     config = read_json(partial / CONFIG_FILE)
+    _check_resumed_config(config, partial / CONFIG_FILE)
     args = config["arguments"]
     folders = (list(data_dir) if isinstance(data_dir, (list, tuple)) else [data_dir]) if data_dir else \
         args["data_dirs"]
@@ -720,35 +744,54 @@ def _resume(data_dir, out_dir, *, cache_dir, verbose: int, say) -> TrainResult:
 def _train_in(partial: Path, out: Path, config: dict[str, Any], data: TrainingData, *, resumed: bool,
               verbose: int, say) -> TrainResult:
     """Fit (from the last checkpoint when ``resumed``), choose the threshold and publish the run."""
-    with _claim(partial):
-        checkpoint = load_checkpoint(partial) if resumed else None
-        if checkpoint is None:
-            model, best_weights, state = build_and_compile(config, len(data.train_idx)), None, None
-        else:
-            model, best_weights, state = checkpoint
-            say(f"Resuming {out} after epoch {state.epochs_done} of {config['epochs']}.")
-        if state is None:
-            say(f"Training {config['model']} ({model.count_params():,} parameters) on {len(data.train_idx):,} "
-                f"patches of {len(data.patients['train'])} patients; validation {len(data.val_idx):,} patches of "
-                f"{len(data.patients['val'])} patients; test patients held out: {len(data.patients['test'])}.")
+    with claim_run(partial, out):
         try:
-            model, state = fit(model, data, config, partial, state, best_weights, verbose=verbose)
-        except BaseException:
-            if not resumed and not (partial / CHECKPOINT_STATE_FILE).is_file():
+            model, state = _fit_from_checkpoint(partial, out, config, data, resumed=resumed, verbose=verbose,
+                                                say=say)
+        except BaseException as exc:
+            resumable = resumed or (partial / CHECKPOINT_STATE_FILE).is_file()
+            if not resumable:
                 discard_partial(partial)  # nothing to resume from (a resumed run keeps its config: it can resume)
-            else:
+            _raise_disk_full(exc, out, partial if resumable else None)
+            if resumable:
                 print(f"Training stopped; its last end-of-epoch checkpoint is in {partial}: continue with "
                       f"`python -m idc_helpers train --resume {out}` (or delete that folder).", file=sys.stderr)
             raise
-        probs = validation_probs(model, data)
-        metrics = {**choose_threshold(data, probs), "context": choose_context(data, probs)}
-        metrics.update({"synthetic": data.synthetic, "best_epoch": state.best_epoch,
-                        "epochs_run": state.epochs_done, "monitor": MONITOR,
-                        "train_seconds": round(state.seconds, 1),
-                        "seconds_per_epoch": round(state.seconds / max(state.epochs_done, 1), 1)})
-        config = {**config, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        write_run_files(partial, model, state.history, config, metrics)
-    (partial / ".lock").unlink(missing_ok=True)
+        try:
+            return _finish(partial, out, config, data, model, state, say=say)
+        except BaseException as exc:
+            _raise_disk_full(exc, out, partial)
+            raise
+
+
+def _fit_from_checkpoint(partial: Path, out: Path, config: dict[str, Any], data: TrainingData, *, resumed: bool,
+                         verbose: int, say) -> tuple[keras.Model, LoopState]:
+    """Build the model (or load the last checkpoint when ``resumed``) and fit it to the end."""
+    checkpoint = load_checkpoint(partial) if resumed else None
+    if checkpoint is None:
+        model, best_weights, state = build_and_compile(config, len(data.train_idx)), None, None
+    else:
+        model, best_weights, state = checkpoint
+        say(f"Resuming {out} after epoch {state.epochs_done} of {config['epochs']}.")
+    if state is None:
+        say(f"Training {config['model']} ({model.count_params():,} parameters) on {len(data.train_idx):,} "
+            f"patches of {len(data.patients['train'])} patients; validation {len(data.val_idx):,} patches of "
+            f"{len(data.patients['val'])} patients; test patients held out: {len(data.patients['test'])}.")
+    return fit(model, data, config, partial, state, best_weights, verbose=verbose)
+
+
+def _finish(partial: Path, out: Path, config: dict[str, Any], data: TrainingData, model: keras.Model,
+            state: LoopState, *, say) -> TrainResult:
+    """Choose the threshold on the validation patients, write the run files and publish the run."""
+    probs = validation_probs(model, data)
+    metrics = {**choose_threshold(data, probs), "context": choose_context(data, probs)}
+    metrics.update({"synthetic": data.synthetic, "best_epoch": state.best_epoch,
+                    "epochs_run": state.epochs_done, "monitor": MONITOR,
+                    "train_seconds": round(state.seconds, 1),
+                    "seconds_per_epoch": round(state.seconds / max(state.epochs_done, 1), 1)})
+    config = {**config, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_run_files(partial, model, state.history, config, metrics)
+    (partial / LOCK_FILE).unlink(missing_ok=True)
     publish_run(partial, out)
     say(f"Best epoch {metrics['best_epoch']} of {metrics['epochs_run']}: validation ROC AUC "
         f"{metrics['validation']['roc_auc']:.3f}, F1 {metrics['validation']['f1']:.3f} at threshold "

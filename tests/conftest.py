@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import cv2
@@ -91,3 +92,20 @@ def cli_error(capsys):
         return err
 
     return run
+
+
+@pytest.fixture()
+def small_mount(tmp_path):
+    """``make(options)`` mounts a small tmpfs of our own there (needs root and mount rights; skipped where they
+    are missing)."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+
+    def make(options: str) -> Path:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+        return mount
+
+    yield make
+    subprocess.run(["umount", str(mount)], capture_output=True)

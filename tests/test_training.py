@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,10 +18,11 @@ import pytest
 
 from idc_helpers import loader, training
 from idc_helpers.inference import predict_probs
-from idc_helpers.errors import UserError
+from idc_helpers.errors import DiskFullError, UserError
 from idc_helpers.metrics import pick_threshold
 from idc_helpers.models import AUGMENT_LAYER, UnknownModelError
-from idc_helpers.run import RUN_FILES, RunExistsError, load_run, partial_dir
+from idc_helpers.run import RUN_FILES, RunBusyError, RunExistsError, load_run, partial_dir
+from idc_helpers.validation import InvalidInputError
 from idc_helpers.training import (
     TrainingDataError,
     class_weights,
@@ -367,7 +370,7 @@ def test_cli_mistakes_get_one_error_line_and_exit_2(demo_dir, tmp_path, cli_erro
     err = cli_error(["train", "--resume", str(tmp_path / "never"), "--model-seed", "2", "--label-smoothing", "0.1"])
     assert "leave out --model-seed, --label-smoothing" in err
     err = cli_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"), "--label-smoothing", "1.5"])
-    assert "got 1.5" in err
+    assert "--label-smoothing: '1.5' is not allowed: use a finite number in [0, 1)" in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -430,9 +433,17 @@ def test_two_processes_never_train_the_same_partial_run(run, demo_dir, cache_dir
     (partial / "config.json").write_text((run.run_dir / "config.json").read_text())
     with open(partial / ".lock", "w") as other:  # another process resuming it right now
         fcntl.flock(other, fcntl.LOCK_EX)
-        with pytest.raises(RunExistsError, match="another process"):
+        other.write("4242\n")
+        other.flush()
+        with pytest.raises(RunBusyError, match=f"another train is writing {tmp_path / 'r'} \\(pid 4242\\)"):
             train(None, tmp_path / "r", resume=True, cache_dir=cache_dir, verbose=0)
+        # A new run on the same --out is told the same, not that the live run was interrupted.
+        with pytest.raises(RunBusyError, match=r"another train is writing .*\(pid 4242\)"):
+            train(demo_dir, tmp_path / "r", cache_dir=cache_dir, **QUICK)
     assert (partial / "config.json").is_file()  # left as it was, still resumable
+    with pytest.raises(RunExistsError, match="interrupted run") as info:  # once nobody holds it: interrupted
+        train(demo_dir, tmp_path / "r", cache_dir=cache_dir, **QUICK)
+    assert not isinstance(info.value, RunBusyError)
 
 
 def test_the_run_config_decides_the_label_smoothing(run):
@@ -476,3 +487,70 @@ def test_a_model_that_augments_itself_resumes_to_the_uninterrupted_result(demo_d
     for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert load_run(resumed.run_dir).model.get_layer(AUGMENT_LAYER).batches_seen.numpy() == layer.batches_seen.numpy()
+
+
+# --- input checks: numbers, an edited config, a full disk -------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, named", [
+    ({"epochs": 0}, "epochs 0"), ({"epochs": -3}, "epochs -3"), ({"batch_size": -5}, "batch-size -5"),
+    ({"max_patches": 0}, "max-patches 0"), ({"seed": -1}, "seed -1"), ({"steps_per_epoch": 0}, "steps-per-epoch 0"),
+    ({"label_smoothing": float("nan")}, "label-smoothing nan"), ({"test_patients": ["8863 "]}, "'8863 '"),
+])
+def test_numbers_are_checked_before_anything_is_written(demo_dir, cache_dir, tmp_path, bad, named):
+    with pytest.raises(InvalidInputError, match=re.escape(named) + r".* is not allowed: use"):
+        train(demo_dir, tmp_path / "r", cache_dir=cache_dir, **{**QUICK, **bad})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_epochs_below_one_are_refused_and_block_nothing(demo_dir, tmp_path, cli_error):
+    for value in ("-3", "0", "1.5", "three"):
+        err = cli_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"), "--epochs", value])
+        assert f"--epochs: '{value}' is not allowed: use a whole number of at least 1" in err
+    assert list(tmp_path.iterdir()) == []  # no hidden partial folder to block the next train
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("epochs", -1, "a whole number of at least 1"), ("batch_size", 0, "a whole number of at least 1"),
+    ("model", "idc_net2", "one of seed_cnn"), ("label_smoothing", 1.0, r"in \[0, 1\)"),
+])
+def test_an_edited_config_is_refused_on_resume(run, cache_dir, tmp_path, key, value, allowed):
+    partial = partial_dir(tmp_path / "r")
+    partial.mkdir()
+    config = {**json.loads((run.run_dir / "config.json").read_text()), key: value}
+    (partial / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidInputError, match=allowed) as info:
+        train(None, tmp_path / "r", resume=True, cache_dir=cache_dir, verbose=0)
+    assert str(partial / "config.json") in str(info.value) and repr(value) in str(info.value)
+
+
+def test_a_full_disk_after_training_is_exit_3_and_the_run_resumes(run, demo_dir, cache_dir, tmp_path, monkeypatch,
+                                                                  capsys):
+    from idc_helpers.cli import main
+    from idc_helpers.run import run_writer
+
+    real = training.write_run_files
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(training, "write_run_files", disk_full)
+    code = main(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"), "--cache-dir", str(cache_dir),
+                 "--model", "seed_cnn", "--epochs", "1", "--batch-size", "32"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 3 and len(errors) == 1, errors
+    assert errors[0].startswith("error: the disk is full") and f"train --resume {tmp_path / 'r'}" in errors[0]
+    partial = partial_dir(tmp_path / "r")
+    assert run_writer(partial) is None  # no live lock left: the resume is not told another train writes it
+    monkeypatch.setattr(training, "write_run_files", real)
+    resumed = train(None, tmp_path / "r", resume=True, cache_dir=cache_dir, verbose=0)
+    assert resumed.threshold == pytest.approx(run.threshold, abs=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+
+
+def test_a_disk_full_before_the_first_checkpoint_leaves_nothing(demo_dir, cache_dir, small_mount):
+    mount = small_mount("size=300k")  # room for the config, not for a checkpoint
+    with pytest.raises(DiskFullError, match="disk is full.*train again") as info:
+        train(demo_dir, mount / "r", cache_dir=cache_dir, **QUICK)
+    assert "\n" not in str(info.value)
+    assert list(mount.iterdir()) == []

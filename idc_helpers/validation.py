@@ -1,0 +1,293 @@
+"""Checks of everything a user hands in: numbers, tables, parameter files, names.
+
+One home for them, shared by the command line (:func:`arg_type` gives argparse ``type=`` functions), the notebooks
+(:func:`check_value`, :func:`check_table`, :func:`check_plain_data`) and a resumed run, whose ``config.json`` goes
+through :func:`check_run_config` as if its values had been typed again. A refusal is an :class:`InvalidInputError`
+(exit status 2 on the command line) whose message names the value, where it came from and what is allowed.
+
+This module imports nothing of the package but :mod:`idc_helpers.errors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from idc_helpers.errors import UserError
+
+#: Longest text accepted in a path column (Linux's PATH_MAX) and in a patient id.
+MAX_PATH_CHARS = 4096
+MAX_ID_CHARS = 64
+#: Patient ids are the digits of the Kaggle folder names, matched whole.
+PATIENT_ID = re.compile(r"[0-9]+")
+
+
+class InvalidInputError(UserError, ValueError):
+    """A value, table or parameters file that breaks the rules; the message names it and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Number:
+    """What a numeric setting may hold: a whole number or a finite real, within ``[low, high]`` (``high_open``:
+    ``high`` itself is excluded)."""
+
+    whole: bool
+    low: float | None = None
+    high: float | None = None
+    high_open: bool = False
+
+    def allowed(self) -> str:
+        kind = "a whole number" if self.whole else "a finite number"
+        if self.low is not None and self.high is not None:
+            return f"{kind} in [{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{kind} of at least {self.low:g}"
+        return kind
+
+    def accepts(self, value: float) -> bool:
+        if self.low is not None and value < self.low:
+            return False
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return False
+        return True
+
+
+#: Every numeric setting of the commands, the notebooks and ``config.json``, by name.
+NUMBERS: dict[str, Number] = {
+    "epochs": Number(whole=True, low=1),
+    "batch_size": Number(whole=True, low=1),
+    "max_patches": Number(whole=True, low=1),
+    "steps_per_epoch": Number(whole=True, low=1),
+    "patience": Number(whole=True, low=1),
+    "n_patients": Number(whole=True, low=3),
+    "bootstrap": Number(whole=True, low=0),
+    "seed": Number(whole=True, low=0),
+    "model_seed": Number(whole=True, low=0),
+    "threshold": Number(whole=False, low=0.0, high=1.0),
+    "label_smoothing": Number(whole=False, low=0.0, high=1.0, high_open=True),
+    "learning_rate": Number(whole=False, low=0.0),
+}
+
+
+def _as_number(value: Any, whole: bool) -> float | int | None:
+    """``value`` (a number or its text) as an int or float, or None when it is not one (bools are not numbers)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return int(text) if whole and re.fullmatch(r"[+-]?[0-9]+", text) else float(text)
+        except ValueError:
+            return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
+
+
+def check_value(name: str, value: Any, source: str = "the command line") -> int | float:
+    """``value`` of the setting ``name`` (a key of :data:`NUMBERS`) as an int or float after checking its type and
+    range; :class:`InvalidInputError` naming the value, ``source`` and what is allowed otherwise."""
+    rule = NUMBERS[name]
+    number = _as_number(value, rule.whole)
+    ok = number is not None and math.isfinite(number) and rule.accepts(number)
+    if ok and rule.whole and not float(number).is_integer():
+        ok = False
+    if not ok:
+        raise InvalidInputError(f"{name.replace('_', '-')} {value!r} ({source}) is not allowed: use "
+                                f"{rule.allowed()}")
+    return int(number) if rule.whole else float(number)
+
+
+def arg_type(name: str) -> Callable[[str], int | float]:
+    """An argparse ``type=`` function for the setting ``name``: the checked number, or argparse's error naming it."""
+    def parse(text: str) -> int | float:
+        try:
+            return check_value(name, text)
+        except InvalidInputError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed: use {NUMBERS[name].allowed()}") from None
+
+    parse.__name__ = name
+    return parse
+
+
+def check_optional(name: str, value: Any, source: str) -> int | float | None:
+    """:func:`check_value`, with ``None`` (the default) let through."""
+    return None if value is None else check_value(name, value, source)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Names
+
+
+def check_choice(option: str, value: Any, allowed: Iterable[str], source: str) -> str:
+    """``value`` when it is exactly one of ``allowed`` (no case folding, nothing leading or trailing)."""
+    allowed = list(allowed)
+    if not isinstance(value, str) or value not in allowed:
+        raise InvalidInputError(f"{option} {value!r} ({source}) is not allowed: use one of {', '.join(allowed)}")
+    return value
+
+
+def check_patient_ids(ids: Iterable[Any], source: str) -> list[str]:
+    """Patient ids as text, each the digits of a patient folder's name and nothing else."""
+    checked = []
+    for value in ids:
+        text = str(value)
+        if len(text) > MAX_ID_CHARS or not PATIENT_ID.fullmatch(text):
+            shown = text if len(text) <= 40 else text[:40] + "..."
+            raise InvalidInputError(f"patient id {shown!r} ({source}) is not allowed: use the digits of a patient "
+                                    "folder's name, e.g. 8863, with nothing before or after")
+        checked.append(text)
+    return checked
+
+
+def patient_list(text: str) -> list[str]:
+    """argparse ``type=`` for ``--patients`` / ``--test-patients``: ``ID,ID,...`` checked with
+    :func:`check_patient_ids`."""
+    try:
+        return check_patient_ids(text.split(","), "the command line")
+    except InvalidInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(" is not allowed: ", 1)[-1] + f" (got {text!r})") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A resumed run's config.json
+
+
+def check_run_config(config: Mapping[str, Any], source: str, *, models: Iterable[str],
+                     augments: Iterable[str], splits: Iterable[str]) -> None:
+    """The settings a run resumes with, checked as the command line checks them; ``source`` names the file."""
+    if not isinstance(config, Mapping):
+        raise InvalidInputError(f"{source}: not a run configuration (a JSON object is expected)")
+    for name in ("epochs", "batch_size", "patience", "seed", "model_seed", "label_smoothing", "learning_rate"):
+        if name in config:
+            check_value(name, config[name], source)
+    check_optional("steps_per_epoch", config.get("steps_per_epoch"), source)
+    check_optional("max_patches", config.get("max_patches"), source)
+    check_choice("model", config.get("model"), models, source)
+    check_choice("augment", config.get("augment"), augments, source)
+    split = config.get("split")
+    check_choice("split", split.get("name") if isinstance(split, Mapping) else split, splits, source)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+@dataclass(frozen=True)
+class Column:
+    """What a table column may hold: ``"text"`` (at most ``max_chars``), ``"patient_id"``, ``"coordinate"`` (a
+    whole number of at least 1), ``"binary"`` (0 or 1) or ``"probability"`` (finite, in [0, 1])."""
+
+    kind: str
+    max_chars: int = MAX_PATH_CHARS
+
+
+#: The columns of a predictions table (and of the patch index), by name.
+TABLE_COLUMNS: dict[str, Column] = {
+    "path": Column("text"),
+    "patient_id": Column("patient_id"),
+    "x": Column("coordinate"),
+    "y": Column("coordinate"),
+    "label": Column("binary"),
+    "pred": Column("binary"),
+    "pred_context": Column("binary"),
+    "prob_idc": Column("probability"),
+    "prob_idc_context": Column("probability"),
+}
+
+_ALLOWED = {"text": "text of at most {max_chars:,} characters", "patient_id": "a patient id (digits only)",
+            "coordinate": "whole numbers of at least 1", "binary": "0 or 1",
+            "probability": "probabilities in [0, 1] (no NaN)"}
+
+
+def _bad_rows(series: pd.Series, column: Column) -> np.ndarray:
+    """Boolean mask of the values of ``series`` that ``column`` refuses."""
+    if column.kind in ("text", "patient_id"):
+        text = series.map(lambda v: v if isinstance(v, str) else None)
+        bad = text.isna().to_numpy() | (text.str.len() > (MAX_ID_CHARS if column.kind == "patient_id"
+                                                          else column.max_chars)).fillna(True).to_numpy()
+        if column.kind == "patient_id":
+            bad |= ~text.str.fullmatch(PATIENT_ID.pattern).fillna(False).to_numpy(dtype=bool)
+        return bad
+    values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if pd.api.types.is_bool_dtype(series):
+        bad[:] = True
+    if column.kind == "probability":
+        return bad | (values < 0) | (values > 1)
+    bad |= values != np.round(values)
+    if column.kind == "binary":
+        return bad | ~np.isin(values, (0, 1))
+    return bad | (values < 1)
+
+
+def check_table(table: pd.DataFrame, required: Iterable[str], source: str,
+                columns: Mapping[str, Column] = TABLE_COLUMNS) -> pd.DataFrame:
+    """Check ``table`` column by column and return it with the numeric columns as numbers (``x``, ``y``: int64;
+    ``label``, ``pred``: int8; probabilities: float64).
+
+    ``required``: columns that must be there; every column of ``columns`` that is there is checked too. Raises
+    :class:`InvalidInputError` naming ``source``, the column, the first bad row (1-based, as in a CSV file after
+    its header), its value and what is allowed.
+    """
+    missing = [name for name in required if name not in table.columns]
+    if missing:
+        raise InvalidInputError(f"{source}: missing column(s) {', '.join(missing)}; the table has "
+                                f"{', '.join(map(str, table.columns)) or 'no columns'}")
+    out = {}
+    for name, column in columns.items():
+        if name not in table.columns:
+            continue
+        bad = _bad_rows(table[name], column)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            value = table[name].iloc[row]
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise InvalidInputError(
+                f"{source}: column {name!r} row {row + 1} holds {shown} ({int(bad.sum()):,} bad row(s) in all); "
+                f"the column must hold {_ALLOWED[column.kind].format(max_chars=column.max_chars)}")
+        if column.kind == "coordinate":
+            out[name] = pd.to_numeric(table[name]).astype(np.int64)
+        elif column.kind == "binary":
+            out[name] = pd.to_numeric(table[name]).astype(np.int8)
+        elif column.kind == "probability":
+            out[name] = pd.to_numeric(table[name]).astype(np.float64)
+    return table.assign(**out) if out else table
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parameter files
+
+
+def check_plain_data(value: Any, where: str) -> None:
+    """Refuse anything but JSON's types (text, finite numbers, true/false, null, lists, maps with text keys) in a
+    parameters file's ``value``; ``where`` names the file and the key. Nothing else may reach a notebook, where a
+    value becomes source code."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInputError(f"{where}: {value!r} is not allowed: use a finite number")
+        return
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            check_plain_data(item, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidInputError(f"{where}: the key {key!r} is not allowed: keys must be text")
+            check_plain_data(item, f"{where}.{key}")
+        return
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise InvalidInputError(f"{where}: {shown} (a YAML {type(value).__name__}) is not allowed: use text, numbers, "
+                            "true/false, null, lists or maps (quote a date to pass it as text)")
