@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from idc_helpers.errors import IdcError, UserError
+from idc_helpers.validation import check_parameter
 
 NOTEBOOKS = (
     "01_data_exploration",
@@ -112,7 +113,7 @@ def load_params_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         data = (json.loads(text) if text.strip() else {}) if kind == "JSON" else (yaml.safe_load(text) or {})
     except (ValueError, yaml.YAMLError) as exc:
-        raise ParametersError(f"{path}: not valid {kind} ({exc})") from None
+        raise ParametersError(f"{path}: not valid {kind} ({' '.join(str(exc).split())})") from None
     if not isinstance(data, dict):
         raise ParametersError(f"{path}: expected a mapping of parameter names to values, got {type(data).__name__}")
     return data
@@ -248,11 +249,23 @@ def _merge_parameter_files(files: Sequence[Path]) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     for path in files:
         for key, value in load_params_file(path).items():
+            _check_values(key, value, path)
             if isinstance(value, dict) and isinstance(overrides.get(key), dict):
                 overrides[key] = {**overrides[key], **value}
             else:
                 overrides[key] = value
     return overrides
+
+
+def _check_values(key: Any, value: Any, path: Path) -> None:
+    """Every value of a parameters file is plain data in range (:func:`idc_helpers.validation.check_parameter`);
+    a notebook's section (a map) is checked name by name."""
+    if not isinstance(key, str):
+        raise ParametersError(f"{path}: the name {key!r} is not allowed: parameter names are text")
+    check_parameter(key, value, str(path))
+    if isinstance(value, dict):
+        for name, item in value.items():
+            check_parameter(name, item, f"{path} [{key}]")
 
 
 def _plan_series(notebook_dir: Path, notebooks: Sequence[str] | None, smoke: bool,

@@ -291,3 +291,25 @@ def check_plain_data(value: Any, where: str) -> None:
     shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
     raise InvalidInputError(f"{where}: {shown} (a YAML {type(value).__name__}) is not allowed: use text, numbers, "
                             "true/false, null, lists or maps (quote a date to pass it as text)")
+
+
+#: Notebook parameters that are numbers of :data:`NUMBERS` (``None`` keeps a notebook's default).
+NOTEBOOK_NUMBERS = {"EPOCHS": "epochs", "MAX_PATCHES": "max_patches", "BATCH_SIZE": "batch_size", "SEED": "seed",
+                    "N_BOOTSTRAP": "bootstrap"}
+
+
+def check_parameter(name: str, value: Any, source: str) -> None:
+    """A notebook parameter from a parameters file: plain data (:func:`check_plain_data`), and a number of
+    :data:`NOTEBOOK_NUMBERS` within its range; ``source`` names the file."""
+    check_plain_data(value, f"{source}: {name}")
+    if name not in NOTEBOOK_NUMBERS or value is None:
+        return
+    rule = NOTEBOOK_NUMBERS[name]
+    try:
+        if isinstance(value, str):  # text that looks like a number is still text in the notebook
+            raise InvalidInputError("text")
+        check_value(rule, value, source)
+    except InvalidInputError:
+        quotes = " (without quotes)" if isinstance(value, str) else ""
+        raise InvalidInputError(f"{source}: {name} {value!r} is not allowed: use {NUMBERS[rule].allowed()}"
+                                f"{quotes}") from None

@@ -237,3 +237,29 @@ def test_smoke_run_of_the_series_on_demo_data(tmp_path, monkeypatch):
     figures = {p.name for p in (root / "figures").glob("*.png")}
     assert {"01_patients_and_classes.png", "02_learning_curves.png", "03_roc_pr_confusion.png"} <= figures
     assert any(name.startswith("04_slide_") for name in figures)
+
+
+@pytest.mark.parametrize("text, named", [
+    ("SEED: 2024-01-01\n", "SEED: datetime.date(2024, 1, 1) (a YAML date) is not allowed"),
+    ("SEED: !!binary aGVsbG8=\n", "SEED: b'hello' (a YAML bytes) is not allowed"),
+    ("SEED: !!set {a: null}\n", "(a YAML set) is not allowed"),
+    ("02_b:\n  EPOCHS: .nan\n", "EPOCHS: nan is not allowed: use a finite number"),
+    ("02_b:\n  SEED: {1: 2}\n", "the key 1 is not allowed: keys must be text"),
+    ("02_b:\n  {1: 2}: 3\n", "not valid YAML (while constructing a mapping found unhashable key"),
+    ("EPOCHS: '3'\n", "EPOCHS '3' is not allowed: use a whole number of at least 1 (without quotes)"),
+    ("EPOCHS: -1\n", "EPOCHS -1 is not allowed: use a whole number of at least 1"),
+    ("02_b:\n  EPOCHS: 2.5\n", "[02_b]: EPOCHS 2.5 is not allowed"),
+    ("SEED: [1, 2020-01-01]\n", "SEED[1]: datetime.date(2020, 1, 1)"),
+])
+def test_a_parameters_file_holds_plain_data_only(toy_series, tiny_dataset, tmp_path, monkeypatch, capsys, text,
+                                                 named):
+    """Only JSON's types reach a notebook (papermill writes other values into its code), each in range; a
+    refusal is one line and creates no output folder."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    monkeypatch.setattr(notebook_runner, "NOTEBOOKS", ("01_a", "02_b"))
+    assert main(["run-notebooks", "--out", str(tmp_path / "out"), "--data-dir", str(tiny_dataset), "--notebooks",
+                 str(toy_series), "--params", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {bad}") and len(err.splitlines()) == 1 and named in err, err
+    assert not (tmp_path / "out").exists()
