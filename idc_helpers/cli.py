@@ -374,6 +374,24 @@ def _table_is_synthetic(table) -> bool:  # table: a predictions DataFrame
     return any(is_synthetic(root) for root in roots)
 
 
+# Work long enough to show progress: files over 100 MB, bootstraps over 10^9 patch-resamples (about 10 s).
+_LONG_READ_BYTES = 100_000_000
+_LONG_BOOTSTRAP = 1_000_000_000
+
+
+def _progress(label: str):
+    """A ``progress(done, total)`` that prints a line on stderr at each further tenth of the work."""
+    shown = [-1]
+
+    def report(done: int, total: int) -> None:
+        tenth = 10 * done // max(total, 1)
+        if tenth > shown[0]:
+            shown[0] = tenth
+            print(f"{label}: {done:,} of {total:,} resamples", file=sys.stderr, flush=True)
+
+    return report
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     """``python -m idc_helpers evaluate``: the report and the per-patient table; JSON with ``--out``."""
     from pathlib import Path
@@ -387,13 +405,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     source = Path(args.predictions)
     out = _check_out_file(args.out) if args.out else None
     try:
+        if source.is_file() and source.stat().st_size > _LONG_READ_BYTES:
+            print(f"Reading {source} ({source.stat().st_size / 1e6:,.0f} MB) ...", file=sys.stderr, flush=True)
         table = read_predictions(source)  # checks columns, types and one row per patch
+        progress = _progress("bootstrap") if len(table) * args.bootstrap > _LONG_BOOTSTRAP else None
         report = evaluate(table, n_bootstrap=args.bootstrap, seed=args.seed, threshold=args.threshold,
-                          synthetic=_table_is_synthetic(table))
+                          synthetic=_table_is_synthetic(table), progress=progress)
         patients = per_patient_metrics(table, threshold=args.threshold)
         # The slide-context columns of `predict --context` are scored apart, at their own (stored) decisions.
         with_context = evaluate(table, n_bootstrap=args.bootstrap, seed=args.seed, column="prob_idc_context",
-                                synthetic=report["synthetic"]) if "prob_idc_context" in table else None
+                                synthetic=report["synthetic"], progress=progress and _progress("context bootstrap")
+                                ) if "prob_idc_context" in table else None
     except IdcError:
         raise
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -448,17 +470,11 @@ def run_slide(args: argparse.Namespace) -> int:
         raise OutputPathError(f"--out {out}: {'no' if not suffix else 'the'} file type {suffix!r} is not an image "
                               f"format; end the name with one of .{', .'.join(sorted(formats))}")
     source = Path(args.predictions)
-    if not source.is_file():
-        raise slides.SlideError(f"{source}: no such file; write one with `python -m idc_helpers predict` "
-                                "(or pass any CSV with path, patient_id, x, y, label)")
-    try:
-        table = pd.read_csv(source, dtype={"patient_id": str, "path": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise slides.SlideError(f"{source}: not a readable CSV table ({exc})") from exc
-    rows = slides.patient_rows(table, args.patient, str(source))
+    patient = slides.read_patient_rows(source, args.patient)  # every row checked, one chunk at a time
+    rows = patient.rows
     mosaic = slides.slide_mosaic(rows, args.patient, scale=slides.scale_to_fit(rows, slides.CLI_MAX_SIDE),
                                  source=str(source))
-    threshold = args.threshold if args.threshold is not None else slides.decision_threshold(table)
+    threshold = args.threshold if args.threshold is not None else patient.threshold
 
     import matplotlib.pyplot as plt
 

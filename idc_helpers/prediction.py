@@ -34,7 +34,7 @@ from idc_helpers.errors import UserError
 from idc_helpers.inference import predict_probs
 from idc_helpers.loader import load_patches
 from idc_helpers.run import Run, load_run
-from idc_helpers.validation import check_patient_ids
+from idc_helpers.validation import InvalidInputError, check_patient_ids, check_table
 
 if TYPE_CHECKING:
     import keras
@@ -53,7 +53,8 @@ class PredictionsFileError(UserError, FileNotFoundError):
 
 PREDICTION_COLUMNS = ["path", "patient_id", "x", "y", "label", "prob_idc", "pred"]
 CONTEXT_COLUMNS = ["prob_idc_context", "pred_context"]
-_INT_COLUMNS = ("x", "y", "label", "pred")
+#: Columns read as text whatever they hold (the other columns are checked as numbers after reading).
+TEXT_COLUMNS = {"path": str, "patient_id": str}
 _DTYPES = {"path": str, "patient_id": str, "x": np.int32, "y": np.int32, "label": np.int8, "prob_idc": np.float64,
            "pred": np.int8, "prob_idc_context": np.float64, "pred_context": np.int8}
 
@@ -105,41 +106,29 @@ def _model_and_threshold(model_or_run) -> tuple[keras.Model, float]:
 
 
 def validate_predictions(df: pd.DataFrame, source: str = "predictions table") -> pd.DataFrame:
-    """Check a predictions table and return it; raise :class:`PredictionsError` naming ``source`` and what is wrong.
+    """Check a predictions table and return it with the dtypes of the format; raise :class:`PredictionsError` naming
+    ``source`` and what is wrong.
 
-    Checks: the columns of :data:`PREDICTION_COLUMNS`; ``path`` and ``patient_id`` text; ``x, y, label, pred``
-    integers; ``prob_idc`` float in [0, 1] without NaN; ``label`` and ``pred`` in {0, 1}; one row per path; and
-    the same for :data:`CONTEXT_COLUMNS` where the table has them.
+    Every column of :data:`PREDICTION_COLUMNS` (and :data:`CONTEXT_COLUMNS`, which come together) is checked value by
+    value by :func:`idc_helpers.validation.check_table`: text paths and patient ids of sane length, coordinates whole
+    numbers of at least 1, ``label`` and ``pred`` in {0, 1}, probabilities in [0, 1] without NaN; then one row per
+    path.
     """
     missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
     if missing:
         raise PredictionsError(f"{source}: missing columns {missing}; expected {PREDICTION_COLUMNS}")
-    problems = []
-    for col in ("path", "patient_id"):
-        if not (pd.api.types.is_string_dtype(df[col]) or pd.api.types.is_object_dtype(df[col])) or \
-                not df[col].map(lambda v: isinstance(v, str)).all():
-            problems.append(f"column {col!r} must hold text (dtype {df[col].dtype})")
     context = [c for c in CONTEXT_COLUMNS if c in df.columns]
     if len(context) == 1:
-        problems.append(f"columns {CONTEXT_COLUMNS} come together; the table has only {context[0]!r}")
-    for col in (*_INT_COLUMNS, *context[1:]):
-        if not pd.api.types.is_integer_dtype(df[col]):
-            problems.append(f"column {col!r} must be integer (dtype {df[col].dtype})")
-    for col in ("prob_idc", *context[:1]):
-        prob = df[col]
-        if not pd.api.types.is_float_dtype(prob):
-            problems.append(f"column {col!r} must be float (dtype {prob.dtype})")
-        elif prob.isna().any() or ((prob < 0) | (prob > 1)).any():
-            bad = df.loc[prob.isna() | (prob < 0) | (prob > 1), "path"].head(3).tolist()
-            problems.append(f"{col!r} must be in [0, 1] without NaN (e.g. rows {bad})")
-    for col in ("label", "pred", *context[1:]):
-        if pd.api.types.is_integer_dtype(df[col]) and not df[col].isin([0, 1]).all():
-            problems.append(f"column {col!r} must be 0 or 1")
+        raise PredictionsError(f"{source}: columns {CONTEXT_COLUMNS} come together; the table has only {context[0]!r}")
+    try:
+        df = check_table(df, PREDICTION_COLUMNS, source)
+    except InvalidInputError as exc:
+        raise PredictionsError(str(exc)) from None
+    df = df.astype({c: t for c, t in _DTYPES.items() if c in df.columns and c not in ("path", "patient_id")})
     duplicated = df["path"][df["path"].duplicated()]
     if len(duplicated):
-        problems.append(f"{len(duplicated)} duplicated paths, one row per patch expected (e.g. {duplicated.iloc[0]})")
-    if problems:
-        raise PredictionsError(f"{source}: " + "; ".join(problems))
+        raise PredictionsError(f"{source}: {len(duplicated)} duplicated paths, one row per patch expected "
+                               f"(e.g. {duplicated.iloc[0]})")
     return df
 
 
@@ -163,7 +152,7 @@ def read_predictions(path: str | os.PathLike[str]) -> pd.DataFrame:
     try:
         # round_trip: the probabilities read back are the very floats written (pandas 2's default parser can
         # differ in the last bit, which could flip `pred` at the threshold).
-        df = pd.read_csv(path, dtype=_DTYPES, float_precision="round_trip")
+        df = pd.read_csv(path, dtype=TEXT_COLUMNS, float_precision="round_trip")
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
         raise PredictionsError(f"{path}: not a predictions table written by `predict` ({exc})") from None
     return validate_predictions(df, source=str(path))

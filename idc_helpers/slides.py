@@ -5,16 +5,20 @@ Patch file names give the 1-based pixel coordinates of each patch's top-left cor
 at their real size. Where there is no patch (glass, or tissue the dataset left out) the mosaic is white and the
 masks are NaN.
 
-The mosaic is painted at its final scale, patch by patch, so memory follows the picture asked for, not the slide's
-full resolution; a bounding box larger than any real slide (:data:`MAX_SLIDE_SIDE`, e.g. one misnamed patch at
-``x100001``) or a picture too large to hold (:data:`MAX_MOSAIC_PIXELS`) is refused with a message naming the file.
+The mosaic is painted at its final scale, one patch at a time (read, resized, painted, dropped), so memory follows
+the picture asked for, not the slide's full resolution nor the number of patches: the picture's 11 bytes a pixel
+(RGB, truth and probability maps) plus about 100 bytes a row of the patient's table (:func:`read_patient_rows`
+reads a predictions file in chunks of :data:`CHUNK_ROWS` rows and keeps that patient's rows only); a patient's rows
+are distinct positions on its slide, so they are bounded by the slide too. Time is one header read and one decode per
+patch. A bounding box larger than any real slide (:data:`MAX_SLIDE_SIDE`, e.g. one misnamed patch at ``x100001``)
+or a picture too large to hold (:data:`MAX_MOSAIC_PIXELS`) is refused with a message naming the file.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -22,6 +26,7 @@ import pandas as pd
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.errors import UserError
+from idc_helpers.validation import InvalidInputError, check_table
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -35,6 +40,8 @@ CLI_MAX_SIDE = 2000
 MAX_SLIDE_SIDE = 50_000
 #: Largest mosaic, in pixels at the requested scale (about 0.6 GB with its masks).
 MAX_MOSAIC_PIXELS = 50_000_000
+#: Rows of a predictions file read at a time by :func:`read_patient_rows`.
+CHUNK_ROWS = 200_000
 
 
 # The words for a probability column on a figure.
@@ -84,19 +91,28 @@ def _read_rgb(path: str) -> np.ndarray:
     padding of border patches is cut off again, since a mosaic places them at their real size.
     """
     from idc_helpers.loader import PatchReadError, read_patch
-    from idc_helpers.patch_index import read_png_size
 
-    if not Path(path).is_file():
-        raise SlideError(f"{path}: patch file not found; the table's 'path' column must point at the dataset's files")
+    width, height = _patch_size(path)
     try:
         patch = read_patch(path)
     except PatchReadError as exc:
         raise SlideError(str(exc)) from exc
-    try:
-        width, height = read_png_size(path)
-    except ValueError as exc:
-        raise SlideError(f"{path}: {exc}") from exc
     return patch[:height, :width]
+
+
+def _patch_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of a patch file from its PNG header; :class:`SlideError` naming the file otherwise."""
+    from idc_helpers.patch_index import read_png_size
+
+    try:
+        if not Path(path).is_file():
+            raise SlideError(f"{path}: patch file not found; the table's 'path' column must point at the dataset's "
+                             "files")
+        return read_png_size(path)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, SlideError):
+            raise
+        raise SlideError(f"{path[:200]}: cannot be read ({getattr(exc, 'strerror', None) or exc})") from exc
 
 
 def patient_rows(table: pd.DataFrame, patient_id: str, source: str = "table") -> pd.DataFrame:
@@ -108,14 +124,59 @@ def patient_rows(table: pd.DataFrame, patient_id: str, source: str = "table") ->
     ids = table["patient_id"].astype(str)
     rows = table[ids == str(patient_id)]
     if rows.empty:
-        known = sorted(ids.unique())
-        shown = ", ".join(known[:8]) + (f", ... ({len(known)} patients)" if len(known) > 8 else "")
-        raise SlideError(f"{source}: no patches of patient {patient_id!r}; patients in the table: {shown}")
+        _no_such_patient(patient_id, ids.unique(), source)
+    try:
+        rows = check_table(rows, ("patient_id", "x", "y", "label"), source)
+    except InvalidInputError as exc:
+        raise SlideError(str(exc)) from None
     duplicated = rows.duplicated(["x", "y"])
     if duplicated.any():
         first = rows[duplicated].iloc[0]
         raise SlideError(f"{source}: patient {patient_id} has several patches at x={first['x']}, y={first['y']}")
     return rows
+
+
+def _no_such_patient(patient_id: str, known: Sequence[str], source: str) -> None:
+    known = sorted(str(k) for k in known)
+    shown = ", ".join(known[:8]) + (f", ... ({len(known)} patients)" if len(known) > 8 else "")
+    raise SlideError(f"{source}: no patches of patient {patient_id!r}; patients in the table: {shown or 'none'}")
+
+
+@dataclass
+class PatientTable:
+    """One patient's rows of a predictions file (checked by :func:`patient_rows`) and the decision threshold the
+    whole file's decisions imply (:func:`decision_threshold`; None without ``prob_idc`` and ``pred``)."""
+
+    rows: pd.DataFrame
+    threshold: float | None
+
+
+def read_patient_rows(path: str | Path, patient_id: str) -> PatientTable:
+    """Read the rows of one patient from a predictions CSV (or any table with ``path, patient_id, x, y, label``) in
+    chunks of :data:`CHUNK_ROWS`, so that memory follows that patient, not the file; :class:`SlideError` naming the
+    file when it cannot be read or holds no such patient."""
+    source = str(path)
+    if not Path(path).is_file():
+        raise SlideError(f"{source}: no such file; write one with `python -m idc_helpers predict` (or pass any CSV "
+                         "with path, patient_id, x, y, label)")
+    parts, known, implied, start = [], set(), [], 1
+    try:
+        for chunk in pd.read_csv(path, dtype={"patient_id": str, "path": str}, chunksize=CHUNK_ROWS,
+                                 float_precision="round_trip"):
+            chunk = check_table(chunk, ("patient_id", "x", "y", "label"), source, first_row=start)
+            start += len(chunk)
+            known.update(chunk["patient_id"].unique().tolist())
+            parts.append(chunk[chunk["patient_id"] == str(patient_id)])
+            implied.append(decision_threshold(chunk))
+    except InvalidInputError as exc:
+        raise SlideError(str(exc)) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise SlideError(f"{source}: not a readable CSV table ({' '.join(str(exc).split())})") from exc
+    rows = pd.concat(parts)
+    if rows.empty:
+        _no_such_patient(patient_id, known, source)
+    thresholds = [t for t in implied if t is not None]
+    return PatientTable(patient_rows(rows, patient_id, source), min(thresholds) if thresholds else None)
 
 
 def _check_size(rows: pd.DataFrame, width: int, height: int, scale: float, source: str) -> None:
@@ -159,21 +220,13 @@ def slide_mosaic(table: pd.DataFrame, patient_id: str, *, value_column: str | No
     _check_size(rows, int(np.ptp(rows["x"])) + PATCH_SIZE, int(np.ptp(rows["y"])) + PATCH_SIZE, scale, source)
     if images is None and "path" not in rows.columns:
         raise SlideError(f"{source}: a 'path' column is needed to read the patches")
-    if images is not None:
-        if len(images) != len(table):
-            raise ValueError(f"{len(images)} images for a table of {len(table)} rows; they must be aligned")
-        positions = np.flatnonzero((table["patient_id"].astype(str) == str(patient_id)).to_numpy())
-        patches = [np.asarray(images[i]) for i in positions]
-    else:
-        patches = [_read_rgb(str(p)) for p in rows["path"]]
-    if "width" in rows.columns and "height" in rows.columns:
-        patches = [p[:h, :w] for p, w, h in zip(patches, rows["width"], rows["height"])]
-
+    patch = _patch_source(table, rows, patient_id, images)
+    sizes = _patch_sizes(rows, patch, from_files=images is None)
     xs = rows["x"].to_numpy(dtype=np.int64) - 1  # 0-based slide pixels
     ys = rows["y"].to_numpy(dtype=np.int64) - 1
     x0, y0 = int(xs.min()), int(ys.min())
-    width = max(int(x - x0) + p.shape[1] for x, p in zip(xs, patches))
-    height = max(int(y - y0) + p.shape[0] for y, p in zip(ys, patches))
+    width = int((xs - x0 + sizes[:, 0]).max())
+    height = int((ys - y0 + sizes[:, 1]).max())
 
     # Each patch covers [x * scale, (x + w) * scale) rounded: neighbours tile without gaps or overlaps.
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
@@ -181,13 +234,15 @@ def slide_mosaic(table: pd.DataFrame, patient_id: str, *, value_column: str | No
     has_values = value_column is not None and value_column in rows.columns
     values = rows[value_column].to_numpy(dtype=np.float32) if has_values else None
     labels = rows["label"].to_numpy()
-    cells = np.array([(round(y * scale), round((y + p.shape[0]) * scale), round(x * scale),
-                       round((x + p.shape[1]) * scale)) for x, y, p in zip(xs - x0, ys - y0, patches)], dtype=np.int64)
-    for i, ((top, bottom, left, right), patch) in enumerate(zip(cells, patches)):
+    left, top = np.rint((xs - x0) * scale), np.rint((ys - y0) * scale)
+    cells = np.stack([top, np.rint((ys - y0 + sizes[:, 1]) * scale), left,
+                      np.rint((xs - x0 + sizes[:, 0]) * scale)], axis=1).astype(np.int64)
+    for k, (top, bottom, left, right) in enumerate(cells):
         if bottom <= top or right <= left:
             continue  # a sliver that rounds to nothing at this scale
-        image[top:bottom, left:right] = patch if scale == 1.0 else cv2.resize(
-            patch, (int(right - left), int(bottom - top)), interpolation=cv2.INTER_AREA)
+        pixels = patch(k)[:sizes[k, 1], :sizes[k, 0]]  # one patch in memory at a time
+        image[top:bottom, left:right] = pixels if scale == 1.0 else cv2.resize(
+            pixels, (int(right - left), int(bottom - top)), interpolation=cv2.INTER_AREA)
     truth = _paint(size, cells, labels.astype(np.float32))
     prob = _paint(size, cells, values) if has_values else None
     return SlideMosaic(
@@ -195,6 +250,29 @@ def slide_mosaic(table: pd.DataFrame, patient_id: str, *, value_column: str | No
         scale=float(scale), n_patches=len(rows), n_idc=int(labels.sum()),
         value_column=value_column if has_values else None, span=(width, height), cells=cells, rows=rows.index,
     )
+
+
+def _patch_source(table: pd.DataFrame, rows: pd.DataFrame, patient_id: str,
+                  images: Sequence[np.ndarray] | None) -> Callable[[int], np.ndarray]:
+    """``patch(k)``: the pixels of the ``k``-th row of ``rows``, (h, w, 3) uint8, from ``images`` (aligned with
+    ``table``) or read from its file at its real size."""
+    if images is None:
+        paths = rows["path"].astype(str).tolist()
+        return lambda k: _read_rgb(paths[k])
+    if len(images) != len(table):
+        raise ValueError(f"{len(images)} images for a table of {len(table)} rows; they must be aligned")
+    positions = np.flatnonzero((table["patient_id"].astype(str) == str(patient_id)).to_numpy())
+    return lambda k: np.asarray(images[positions[k]])
+
+
+def _patch_sizes(rows: pd.DataFrame, patch: Callable[[int], np.ndarray], from_files: bool) -> np.ndarray:
+    """``(n, 2)`` width and height of each patch: the table's ``width``/``height`` columns, else the PNG headers
+    (files), else the given images' shapes (padded patches drawn padded)."""
+    if "width" in rows.columns and "height" in rows.columns:
+        return np.stack([rows["width"].to_numpy(np.int64), rows["height"].to_numpy(np.int64)], axis=1)
+    if from_files:
+        return np.array([_patch_size(str(p)) for p in rows["path"]], dtype=np.int64).reshape(-1, 2)
+    return np.array([patch(k).shape[1::-1] for k in range(len(rows))], dtype=np.int64).reshape(-1, 2)
 
 
 def _paint(size: tuple[int, int], cells: np.ndarray, values: np.ndarray) -> np.ndarray:

@@ -76,6 +76,15 @@ NUMBERS: dict[str, Number] = {
 }
 
 
+def shown(value: Any, limit: int = 50) -> str:
+    """``value`` as a message shows it: its repr (numpy scalars as Python ones), long text cut with its length."""
+    value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= 2 * limit else text[:2 * limit] + "..."
+
+
 def _as_number(value: Any, whole: bool) -> float | int | None:
     """``value`` (a number or its text) as an int or float, or None when it is not one (bools are not numbers)."""
     if isinstance(value, bool):
@@ -142,8 +151,7 @@ def check_patient_ids(ids: Iterable[Any], source: str) -> list[str]:
     for value in ids:
         text = str(value)
         if len(text) > MAX_ID_CHARS or not PATIENT_ID.fullmatch(text):
-            shown = text if len(text) <= 40 else text[:40] + "..."
-            raise InvalidInputError(f"patient id {shown!r} ({source}) is not allowed: use the digits of a patient "
+            raise InvalidInputError(f"patient id {shown(text)} ({source}) is not allowed: use the digits of a patient "
                                     "folder's name, e.g. 8863, with nothing before or after")
         checked.append(text)
     return checked
@@ -231,13 +239,13 @@ def _bad_rows(series: pd.Series, column: Column) -> np.ndarray:
 
 
 def check_table(table: pd.DataFrame, required: Iterable[str], source: str,
-                columns: Mapping[str, Column] = TABLE_COLUMNS) -> pd.DataFrame:
+                columns: Mapping[str, Column] = TABLE_COLUMNS, first_row: int = 1) -> pd.DataFrame:
     """Check ``table`` column by column and return it with the numeric columns as numbers (``x``, ``y``: int64;
     ``label``, ``pred``: int8; probabilities: float64).
 
     ``required``: columns that must be there; every column of ``columns`` that is there is checked too. Raises
-    :class:`InvalidInputError` naming ``source``, the column, the first bad row (1-based, as in a CSV file after
-    its header), its value and what is allowed.
+    :class:`InvalidInputError` naming ``source``, the column, the first bad row (counted from ``first_row``: 1 is
+    the first line of a CSV file after its header), its value and what is allowed.
     """
     missing = [name for name in required if name not in table.columns]
     if missing:
@@ -250,10 +258,8 @@ def check_table(table: pd.DataFrame, required: Iterable[str], source: str,
         bad = _bad_rows(table[name], column)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            value = table[name].iloc[row]
-            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
             raise InvalidInputError(
-                f"{source}: column {name!r} row {row + 1} holds {shown} ({int(bad.sum()):,} bad row(s) in all); "
+                f"{source}: column {name!r} row {row + first_row} holds {shown(table[name].iloc[row])} ({int(bad.sum()):,} bad row(s) in all); "
                 f"the column must hold {_ALLOWED[column.kind].format(max_chars=column.max_chars)}")
         if column.kind == "coordinate":
             out[name] = pd.to_numeric(table[name]).astype(np.int64)
@@ -288,8 +294,7 @@ def check_plain_data(value: Any, where: str) -> None:
                 raise InvalidInputError(f"{where}: the key {key!r} is not allowed: keys must be text")
             check_plain_data(item, f"{where}.{key}")
         return
-    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-    raise InvalidInputError(f"{where}: {shown} (a YAML {type(value).__name__}) is not allowed: use text, numbers, "
+    raise InvalidInputError(f"{where}: {shown(value)} (a YAML {type(value).__name__}) is not allowed: use text, numbers, "
                             "true/false, null, lists or maps (quote a date to pass it as text)")
 
 

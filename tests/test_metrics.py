@@ -346,3 +346,36 @@ def test_paired_difference_refuses_tables_of_different_patches_and_withholds_sma
         paired_difference(base, base.iloc[::-1].reset_index(drop=True))
     few = base[base["patient_id"].isin(["9000", "9001", "9002"])].reset_index(drop=True)
     assert paired_difference(few, few)["f1"]["ci_low"] is None
+
+
+def test_the_histogram_bootstrap_of_large_tables_agrees_with_the_exact_one(monkeypatch):
+    """Above HISTOGRAM_BOOTSTRAP_PATCHES the resamples' AUCs come from per-patient histograms: the same resamples,
+    the same threshold metrics, AUC intervals within 0.001, the same point values."""
+    from idc_helpers import metrics
+
+    preds = make_predictions(n_patients=12, per_patient=300)
+    exact = evaluate(preds, n_bootstrap=100, seed=1)
+    monkeypatch.setattr(metrics, "HISTOGRAM_BOOTSTRAP_PATCHES", 0)
+    calls = []
+    binned = evaluate(preds, n_bootstrap=100, seed=1, progress=lambda done, total: calls.append((done, total)))
+    assert binned["bootstrap"]["used"] == exact["bootstrap"]["used"]
+    for name in METRIC_LABELS:
+        assert binned["metrics"][name]["value"] == exact["metrics"][name]["value"]
+        for end in ("ci_low", "ci_high"):
+            tolerance = 1e-3 if name in ("roc_auc", "pr_auc") else 1e-12
+            assert binned["metrics"][name][end] == pytest.approx(exact["metrics"][name][end], abs=tolerance), name
+    assert calls[0] == (0, 100) and calls[-1] == (100, 100) and calls == sorted(calls)
+
+
+def test_evaluate_refuses_thresholds_and_counts_out_of_range(tmp_path, cli_error):
+    csv = tmp_path / "preds.csv"
+    make_predictions(n_patients=2, per_patient=3).to_csv(csv, index=False)
+    out = tmp_path / "report.json"
+    for option, value, allowed in (("--threshold", "nan", "a finite number in [0, 1]"),
+                                   ("--threshold", "inf", "a finite number in [0, 1]"),
+                                   ("--threshold", "-1", "a finite number in [0, 1]"),
+                                   ("--threshold", "1.5", "a finite number in [0, 1]"),
+                                   ("--bootstrap", "-1", "a whole number of at least 0")):
+        err = cli_error(["evaluate", "--predictions", str(csv), "--out", str(out), option, value])
+        assert f"argument {option}: '{value}' is not allowed: use {allowed}" in err
+    assert not out.exists()

@@ -71,9 +71,13 @@ def test_write_read_round_trip(preds, tmp_path):
 @pytest.mark.parametrize("breakage, message", [
     (lambda df: df.drop(columns="prob_idc"), "missing columns"),
     (lambda df: df.assign(prob_idc=df["prob_idc"] + 2), r"\[0, 1\]"),
-    (lambda df: df.assign(pred=2), "'pred' must be 0 or 1"),
+    (lambda df: df.assign(pred=2), "column 'pred' row 1 holds 2 .*must hold 0 or 1"),
     (lambda df: df.assign(patient_id=df["patient_id"].astype(int)), "patient_id"),
-    (lambda df: df.assign(x=df["x"].astype(float)), "'x' must be integer"),
+    (lambda df: df.assign(x=df["x"] + 0.5), "column 'x' row 1 holds 1.5 .*whole numbers of at least 1"),
+    (lambda df: df.assign(label=-1), "column 'label' row 1 holds -1"),
+    (lambda df: df.assign(prob_idc=np.nan), "column 'prob_idc' row 1 holds nan .*no NaN"),
+    (lambda df: df.assign(path="p" * 200_000), r"row 1 holds 'ppp.*'\.\.\. \(200,000 characters\).*at most 4,096"),
+    (lambda df: df.assign(patient_id=" 8863"), "column 'patient_id' row 1 holds ' 8863'"),
     (lambda df: pd.concat([df, df.iloc[:1]]), "duplicated paths"),
 ])
 def test_validate_names_the_problem(preds, breakage, message):

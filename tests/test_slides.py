@@ -12,6 +12,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from conftest import patch_name, write_patch  # noqa: E402
 
+from idc_helpers import slides  # noqa: E402
 from idc_helpers.cli import main  # noqa: E402
 from idc_helpers.slides import (  # noqa: E402
     MAX_SLIDE_SIDE, SlideError, decision_threshold, plot_slide, slide_mosaic)
@@ -266,3 +267,59 @@ def test_raw_and_context_maps_side_by_side(slide_table):
     bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
     assert [t.get_text() for t in bars[1].get_yticklabels()][1] == "threshold 0.40"
     plt.close("all")
+
+
+@pytest.mark.parametrize("column, value, named", [
+    ("prob_idc", -5, "column 'prob_idc' row 2 holds -5"), ("prob_idc", 11, "column 'prob_idc' row 2 holds 11"),
+    ("prob_idc", np.nan, "column 'prob_idc' row 2 holds nan"), ("label", -1, "column 'label' row 2 holds -1"),
+    ("pred", 7, "column 'pred' row 2 holds 7"), ("x", "abc", "column 'x' row 2 holds 'abc'"),
+    ("x", np.nan, "column 'x' row 2 holds nan"), ("y", 0, "column 'y' row 2 holds 0"),
+    ("path", "p" * 200_000, "column 'path' row 2 holds 'ppp"),
+])
+def test_slide_checks_every_column_of_the_table(slide_table, tmp_path, capsys, column, value, named):
+    table = slide_table.astype({column: object})
+    table.loc[1, column] = value
+    csv = tmp_path / "preds.csv"
+    table.to_csv(csv, index=False)
+    out = tmp_path / "slide.png"
+    assert main(["slide", "--predictions", str(csv), "--patient", PATIENT, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {csv}: {named}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_slide_reads_the_file_in_chunks_and_numbers_rows_across_them(slide_table, tmp_path, monkeypatch):
+    monkeypatch.setattr(slides, "CHUNK_ROWS", 2)
+    csv = tmp_path / "preds.csv"
+    slide_table.to_csv(csv, index=False)
+    read = slides.read_patient_rows(csv, PATIENT)
+    pd.testing.assert_frame_equal(read.rows.reset_index(drop=True), slide_table.iloc[:5].reset_index(drop=True),
+                                  check_dtype=False)
+    assert read.threshold == pytest.approx(0.80)  # the lowest prob_idc called IDC, over every chunk
+    bad = slide_table.copy()
+    bad.loc[4, "label"] = 3
+    bad.to_csv(csv, index=False)
+    with pytest.raises(SlideError, match="column 'label' row 5 holds 3"):
+        slides.read_patient_rows(csv, PATIENT)
+
+
+def test_slide_holds_one_patch_at_a_time(slide_table, monkeypatch):
+    """Memory follows the picture: each patch is read, painted and dropped, never all of them at once."""
+    import gc
+    import weakref
+
+    real, refs, most = slides._read_rgb, [], []
+
+    class Pixels(np.ndarray):
+        pass
+
+    def tracked(path):
+        gc.collect()
+        pixels = real(path).view(Pixels)
+        refs.append(weakref.ref(pixels))
+        most.append(sum(ref() is not None for ref in refs))
+        return pixels
+
+    monkeypatch.setattr(slides, "_read_rgb", tracked)
+    mosaic = slide_mosaic(slide_table, PATIENT)
+    assert mosaic.n_patches == 5 and len(most) == 5 and max(most) <= 2  # the patch painted last and the next one
