@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import NoReturn, Sequence
 
@@ -49,8 +51,9 @@ _TENSORFLOW_COMMANDS = ("train", "predict")
 def quiet_tensorflow(command: str | None = None) -> None:
     """Hide TensorFlow's C++ start-up lines (CUDA probing on a CPU machine, oneDNN notices) unless the user set
     ``TF_CPP_MIN_LOG_LEVEL``; an entry point calls this before TensorFlow is imported. TensorFlow 2.19+ prints some
-    of them before its logging reads that variable, so a command that needs TensorFlow imports it here with stderr
-    silenced for the time of the import."""
+    of them before its logging reads that variable, so a command that needs TensorFlow (``train``, ``predict``, and
+    ``"bench"`` for the benchmarks, which keep TensorFlow's own oneDNN default) imports it here with stderr silenced
+    for the time of the import."""
     if command in _TENSORFLOW_COMMANDS:
         # oneDNN's CPU kernels train 2-4x faster on a CPU; TensorFlow enables them by itself only on CPUs with
         # AVX512-VNNI/BF16/AMX. The variable counts only before TensorFlow is imported; a user's "0" stays.
@@ -58,7 +61,7 @@ def quiet_tensorflow(command: str | None = None) -> None:
     if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    if command in _TENSORFLOW_COMMANDS:
+    if command in (*_TENSORFLOW_COMMANDS, "bench"):
         from idc_helpers.colab import import_tensorflow_quietly
 
         import_tensorflow_quietly()
@@ -571,9 +574,32 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+_interrupted = False
+
+
+def _on_interrupt(signum, frame) -> None:
+    # Remembered because an interrupt during a C extension's import (numpy's) surfaces as an ImportError.
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; returns the exit status (see :data:`EXIT_CODES`). Ctrl-C at any moment,
     parsing and imports included, is exit status 130 without a traceback."""
+    global _interrupted
+    _interrupted = False
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, _on_interrupt) if in_main_thread else None
+    try:
+        return _run(argv)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    """:func:`main` without its interrupt handler: the command, its errors turned into exit statuses."""
     try:
         try:
             args = build_parser().parse_args(argv)
@@ -585,15 +611,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IdcError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except OSError as exc:
-        if not is_disk_full(exc):
-            raise
-        print(f"error: the disk is full ({exc.filename or exc}): free some space and run the command again",
-              file=sys.stderr)
-        return 3
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if _interrupted:
+            print("Interrupted.", file=sys.stderr)
+            return 130
+        if not is_disk_full(exc):
+            raise
+        print(f"error: the disk is full ({getattr(exc, 'filename', None) or exc}): free some space and run the "
+              "command again", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

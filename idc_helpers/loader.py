@@ -45,6 +45,7 @@ import pandas as pd
 from idc_helpers import PATCH_SIZE, __version__
 from idc_helpers.atomic import atomic_path, write_json
 from idc_helpers.errors import ExternalError, UserError
+from idc_helpers.validation import user_path
 from idc_helpers.patch_index import (
     MAX_PATCH_FILE_BYTES, PNG_HEADER_BYTES, TRUNCATED, UNREADABLE, WRONG_SIZE, PatchFileError, Problem,
     check_png_header,
@@ -163,7 +164,7 @@ def check_rows(rows: np.ndarray | pd.Series | Sequence[int], n: int) -> np.ndarr
 def default_cache_dir() -> Path:
     """The decoded-patch cache folder: ``$IDC_CACHE_DIR`` if set, else ``~/.cache/idc_helpers``."""
     env = os.environ.get("IDC_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "idc_helpers"
+    return user_path(env, "IDC_CACHE_DIR") if env else user_path("~/.cache/idc_helpers", "the default cache folder")
 
 
 def pad_to_patch(img: np.ndarray) -> np.ndarray:
@@ -233,7 +234,7 @@ def load_patches(
     workers = _default_workers() if workers is None else max(1, int(workers))
     if not use_cache:
         return _load_in_memory(frame, paths, workers, progress)
-    cache_dir = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()).absolute()
+    cache_dir = (user_path(cache_dir, "the cache folder") if cache_dir is not None else default_cache_dir()).absolute()
     _refuse_cache_inside_data(cache_dir, paths)
     npy = cache_dir / f"{_CACHE_PREFIX}{_entry_key(paths)}.npy"
     cached = _open_cache_shared(npy, paths)
@@ -271,7 +272,7 @@ def prune_cache(
     budget. Runs after each new entry is written; an entry in use elsewhere stays readable where it is mapped
     (POSIX unlink semantics).
     """
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = user_path(cache_dir, "the cache folder") if cache_dir is not None else default_cache_dir()
     if max_bytes is None:
         max_bytes = int(float(os.environ.get("IDC_CACHE_MAX_GB", "20")) * 1e9)
     freed = remove_orphans(folder)
@@ -295,7 +296,7 @@ def remove_orphans(cache_dir: str | os.PathLike[str] | None = None) -> int:
     however it ends); where locks do not work, when its writer's pid is gone or it has not changed for 6 hours.
     Files of a write in progress are left alone.
     """
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = user_path(cache_dir, "the cache folder") if cache_dir is not None else default_cache_dir()
     by_key: dict[str, list[tuple[Path, re.Match]]] = {}
     for path, match in _temp_files(folder):
         by_key.setdefault(match["key"], []).append((path, match))
@@ -320,7 +321,7 @@ def clear_cache(cache_dir: str | os.PathLike[str] | None = None) -> int:
 
     Only files named like the loader's own are touched; other files in the folder are left alone.
     """
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    folder = user_path(cache_dir, "the cache folder") if cache_dir is not None else default_cache_dir()
     if not folder.is_dir():
         return 0
     removed = 0
@@ -708,7 +709,9 @@ def _cache_write_error(exc: OSError, folder: Path, needed: int) -> OSError:
         )
         error.errno = errno.ENOSPC
         return error
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST):
+    # ENOENT/EINVAL for a file just created in a folder that exists: a pseudo file system such as /proc.
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOENT,
+                     errno.EINVAL):
         error = CacheError(
             f"The decoded-patch cache folder {folder} cannot be written ({exc.strerror}): pass --cache-dir DIR "
             "(or set IDC_CACHE_DIR; cache_dir= in Python) to a writable folder."

@@ -77,9 +77,17 @@ class Run:
         return dict(self.config.get("split", {}).get("patients", {}))
 
 
+def run_path(run_dir: str | os.PathLike[str]) -> Path:
+    """``run_dir`` as an absolute path; a symbolic link (a folder on another disk, on Drive) is followed to the
+    folder it names, so that the run is built beside that folder and renamed into it."""
+    path = Path(os.path.abspath(Path(run_dir).expanduser()))
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 def partial_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """The hidden folder beside ``run_dir`` where the run is built and checkpointed: ``.<name>.partial``."""
-    run_dir = Path(os.path.abspath(Path(run_dir).expanduser()))
+    """The hidden folder beside ``run_dir`` (a link followed) where the run is built and checkpointed:
+    ``.<name>.partial``."""
+    run_dir = run_path(run_dir)
     return run_dir.parent / f".{run_dir.name}.partial"
 
 
@@ -140,7 +148,8 @@ def _busy_message(run_dir: Path, pid: int | None) -> str:
 def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
     """Return ``run_dir`` as an absolute path; raise :class:`RunExistsError` when it exists and is not empty, or
     when an interrupted run of it waits in its :func:`partial_dir`."""
-    out = Path(os.path.abspath(Path(run_dir).expanduser()))
+    _check_link(Path(os.path.abspath(Path(run_dir).expanduser())))
+    out = run_path(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunExistsError(
             f"Run folder {out} already exists and is not empty; runs are never overwritten. "
@@ -162,6 +171,20 @@ def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
         raise RunFolderError(f"Cannot create the run folder {out}: {parent} is not a folder you can write to; "
                              "choose another --out.")
     return out
+
+
+def _check_link(path: Path) -> None:
+    """A symbolic link given as the run folder must name a folder: :class:`RunFolderError` for a dangling link or a
+    link to a file, before any work."""
+    if not path.is_symlink():
+        return
+    target = Path(os.path.realpath(path))
+    if not target.exists():
+        raise RunFolderError(f"--out {path} is a symbolic link to {target}, which does not exist; create that folder "
+                             "first or choose another --out.")
+    if not target.is_dir():
+        raise RunFolderError(f"--out {path} is a symbolic link to the file {target}, not to a folder; choose "
+                             "another --out.")
 
 
 def write_run_files(folder: Path, model: keras.Model, history: dict[str, Any], config: dict[str, Any],

@@ -60,6 +60,7 @@ from idc_helpers.run import (
     partial_dir,
     publish_run,
     read_json,
+    run_path,
     write_run_files,
 )
 from idc_helpers.validation import check_optional, check_patient_ids, check_run_config, check_value
@@ -721,7 +722,7 @@ def _start(data_dir, out_dir, args: dict[str, Any], *, verbose: int, say) -> Tra
 
 
 def _resume(data_dir, out_dir, *, cache_dir, verbose: int, say) -> TrainResult:
-    out = Path(os.path.abspath(Path(out_dir).expanduser()))
+    out = run_path(out_dir)
     partial = partial_dir(out)
     if (out / CONFIG_FILE).is_file():
         raise RunExistsError(f"{out} is a finished run; runs are never overwritten. Train a new one with --out.")

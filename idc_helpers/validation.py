@@ -5,7 +5,8 @@ One home for them, shared by the command line (:func:`arg_type` gives argparse `
 through :func:`check_run_config` as if its values had been typed again. A refusal is an :class:`InvalidInputError`
 (exit status 2 on the command line) whose message names the value, where it came from and what is allowed.
 
-This module imports nothing of the package but :mod:`idc_helpers.errors`.
+This module imports nothing of the package but :mod:`idc_helpers.errors`, and numpy and pandas only when a table is
+checked, so that the command line answers ``--help`` or refuses a number at once.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from __future__ import annotations
 import argparse
 import math
 import numbers
+import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
-
-import numpy as np
-import pandas as pd
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from idc_helpers.errors import UserError
+
+if TYPE_CHECKING:  # numpy and pandas load with the first table checked: the command line starts without them
+    import numpy as np
+    import pandas as pd
 
 #: Longest text accepted in a path column (Linux's PATH_MAX) and in a patient id.
 MAX_PATH_CHARS = 4096
@@ -78,7 +82,7 @@ NUMBERS: dict[str, Number] = {
 
 def shown(value: Any, limit: int = 50) -> str:
     """``value`` as a message shows it: its repr (numpy scalars as Python ones), long text cut with its length."""
-    value = value.item() if isinstance(value, np.generic) else value
+    value = value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
     if isinstance(value, str) and len(value) > limit:
         return f"{value[:limit]!r}... ({len(value):,} characters)"
     text = repr(value)
@@ -157,6 +161,16 @@ def check_patient_ids(ids: Iterable[Any], source: str) -> list[str]:
     return checked
 
 
+def user_path(text: str | os.PathLike[str], source: str) -> Path:
+    """``text`` as a path with ``~`` expanded; :class:`InvalidInputError` naming ``source`` when ``~user`` names no
+    user (or no home folder can be found)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise InvalidInputError(f"{source} {shown(os.fspath(text))}: the home folder in it is not known on this "
+                                "machine; give the folder as a full path") from None
+
+
 def patient_list(text: str) -> list[str]:
     """argparse ``type=`` for ``--patients`` / ``--test-patients``: ``ID,ID,...`` checked with
     :func:`check_patient_ids`."""
@@ -219,6 +233,9 @@ _ALLOWED = {"text": "text of at most {max_chars:,} characters", "patient_id": "a
 
 def _bad_rows(series: pd.Series, column: Column) -> np.ndarray:
     """Boolean mask of the values of ``series`` that ``column`` refuses."""
+    import numpy as np
+    import pandas as pd
+
     if column.kind in ("text", "patient_id"):
         text = series.map(lambda v: v if isinstance(v, str) else None)
         bad = text.isna().to_numpy() | (text.str.len() > (MAX_ID_CHARS if column.kind == "patient_id"
@@ -247,6 +264,9 @@ def check_table(table: pd.DataFrame, required: Iterable[str], source: str,
     :class:`InvalidInputError` naming ``source``, the column, the first bad row (counted from ``first_row``: 1 is
     the first line of a CSV file after its header), its value and what is allowed.
     """
+    import numpy as np
+    import pandas as pd
+
     missing = [name for name in required if name not in table.columns]
     if missing:
         raise InvalidInputError(f"{source}: missing column(s) {', '.join(missing)}; the table has "

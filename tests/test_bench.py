@@ -315,3 +315,17 @@ def test_patient_oracle_threshold_is_each_patients_best_cut_and_keeps_ties_toget
                          "prob_idc": [0.9, 0.5, 0.5, 0.1, 0.8, 0.7, 0.2]})
     decided = patient_oracle_predictions(tied)
     assert decided[1] == decided[2] and decided[0] == 1 and not decided[4:].any()
+
+
+def test_a_benchmark_prints_no_tensorflow_start_up_lines(tmp_path):
+    """A benchmark that trains imports TensorFlow quietly: a mistake is the one error line, nothing above it."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-m", "idc_helpers.bench", "quality", "--data-dir", str(tmp_path / "none"),
+                           "--out", str(tmp_path / "q")], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
+    unknown = subprocess.run([sys.executable, "-m", "idc_helpers.bench", "nope"], capture_output=True, text=True,
+                             timeout=60)
+    assert unknown.returncode == 2 and unknown.stderr.splitlines()[-1].startswith("error: unknown benchmark 'nope'")

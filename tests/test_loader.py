@@ -675,3 +675,12 @@ def test_prune_leaves_a_live_writers_files_alone_and_counts_them(tiny_dataset, t
         assert loader.remove_orphans(cache) == 0
     assert loader.remove_orphans(cache) == 600_000  # the writer is gone
     assert _temps(cache) == []
+
+
+@pytest.mark.parametrize("folder, named", [
+    ("/proc", "/proc cannot be written"),
+    ("~nosuchuser-idc/cache", "IDC_CACHE_DIR '~nosuchuser-idc/cache': the home folder in it is not known"),
+])
+def test_an_odd_cache_folder_in_the_environment_is_one_line(tiny_dataset, monkeypatch, cli_error, folder, named):
+    monkeypatch.setenv("IDC_CACHE_DIR", folder)
+    assert named in cli_error(["index", "--data-dir", str(tiny_dataset)])

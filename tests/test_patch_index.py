@@ -49,6 +49,9 @@ def test_parse_valid_names(name, expected):
         "abc_idx5_x51_y1251_class0.png",
         "8863_idx5_x51_y1251_class0.jpg",
         "",
+        "8863_idx5_x51_y1251_class0.png\n",  # names are matched whole: nothing may trail, not even a newline
+        "\n8863_idx5_x51_y1251_class0.png",
+        " 8863_idx5_x51_y1251_class0.png",
     ],
 )
 def test_parse_invalid_names(name):
@@ -471,3 +474,12 @@ def test_real_sample_and_sparse_folders_in_one_index(real_sample_dir):
     assert (summary["patients"], summary["patches"]) == (29 + 195, 25_899 + 17_317)
     assert (summary["non_idc"], summary["idc"]) == (20_247 + 12_366, 5_652 + 4_951)
     assert index.roots == [real_sample_dir.absolute(), sparse.absolute()]
+
+
+def test_one_patients_folder_given_as_the_dataset_is_named_as_such(tiny_dataset, cli_error):
+    """Its class folders 0/ and 1/ would otherwise pass for patients 0 and 1 holding a file each of problems."""
+    with pytest.raises(pi.DatasetFolderError, match="is the folder of one patient .* --data-dir " + str(tiny_dataset)):
+        pi.build_index(tiny_dataset / "101")
+    err = cli_error(["index", "--data-dir", str(tiny_dataset / "101")])
+    assert "folder of one patient" in err
+

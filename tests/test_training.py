@@ -554,3 +554,56 @@ def test_a_disk_full_before_the_first_checkpoint_leaves_nothing(demo_dir, cache_
         train(demo_dir, mount / "r", cache_dir=cache_dir, **QUICK)
     assert "\n" not in str(info.value)
     assert list(mount.iterdir()) == []
+
+
+def test_out_a_link_to_an_empty_folder_trains_into_that_folder(run, demo_dir, cache_dir, tmp_path):
+    (tmp_path / "bigger_disk" / "runs").mkdir(parents=True)
+    link = tmp_path / "r"
+    link.symlink_to(tmp_path / "bigger_disk" / "runs")
+    result = train(demo_dir, link, cache_dir=cache_dir, **QUICK)
+    assert link.is_symlink() and result.run_dir == (tmp_path / "bigger_disk" / "runs")
+    assert sorted(p.name for p in link.iterdir()) == sorted(RUN_FILES)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bigger_disk", "r"]  # nothing hidden left beside either
+    assert sorted(p.name for p in (tmp_path / "bigger_disk").iterdir()) == ["runs"]
+    assert load_run(link).threshold == pytest.approx(run.threshold, abs=1e-5)
+
+
+@pytest.mark.parametrize("target, message", [("missing", "which does not exist"), ("a_file", "not to a folder")])
+def test_out_a_dangling_link_or_a_link_to_a_file_is_refused_before_work(demo_dir, tmp_path, cli_error, target,
+                                                                       message):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "r").symlink_to(tmp_path / target)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    err = cli_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"), "--epochs", "1"])
+    assert f"--out {tmp_path / 'r'} is a symbolic link to" in err and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_ctrl_c_while_the_command_line_loads_is_exit_130_without_a_traceback(monkeypatch, capsys):
+    from idc_helpers import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for where in ("build_parser", "quiet_tensorflow"):
+        with monkeypatch.context() as patch:
+            patch.setattr(cli, where, interrupted)
+            assert cli.main(["train", "--out", "r"]) == 130
+        assert capsys.readouterr().err == "Interrupted.\n"
+
+
+@pytest.mark.parametrize("delay", [0.3, 2.0, 6.0])
+def test_ctrl_c_at_any_moment_of_train_is_exit_130_without_a_traceback(demo_dir, cache_dir, tmp_path, delay):
+    """While Python loads the package, while TensorFlow loads, and while data is read or the model trains."""
+    env = {**os.environ, "IDC_CACHE_DIR": str(cache_dir)}
+    process = subprocess.Popen(_train_command(demo_dir, cache_dir, "--out", str(tmp_path / "r")),
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=300)
+    if process.returncode == 0:
+        pytest.fail(f"the run finished within {delay} s: the interrupt came too late to test anything")
+    # 130 from main, or death by SIGINT itself, which a shell reports as 130 too (Python ends that way when the
+    # interrupt lands in its own shutdown): either way no traceback.
+    assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
+    assert "Interrupted." in err

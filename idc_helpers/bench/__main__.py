@@ -7,6 +7,10 @@ import sys
 from typing import Sequence
 
 from idc_helpers.bench import BENCHMARKS
+from idc_helpers.cli import quiet_tensorflow
+
+# The benchmarks that train or predict: TensorFlow is imported for them up front, with its start-up lines hidden.
+_TENSORFLOW_BENCHMARKS = ("boundary", "levers", "quality", "speed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -16,9 +20,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = ", ".join(sorted(BENCHMARKS))
         print(f"usage: python -m idc_helpers.bench {{{names}}} [options]", file=sys.stderr)
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"unknown benchmark {argv[0]!r}; choose one of: {names}", file=sys.stderr)
+            print(f"error: unknown benchmark {argv[0]!r}; choose one of: {names}", file=sys.stderr)
             return 2
         return 0 if argv else 2
+    quiet_tensorflow("bench" if argv[0] in _TENSORFLOW_BENCHMARKS else None)
     module = importlib.import_module(BENCHMARKS[argv[0]])
     return int(module.main(argv[1:]) or 0)
 
