@@ -3,6 +3,8 @@
 Modules, one concern each:
 
 - ``errors``, ``atomic``: the error classes every command reports the same way; atomic files and folders.
+- ``validation``: every check of user input (numbers, names, tables, parameter files), shared by the command line,
+  the notebooks and a resumed run.
 - ``kaggle_download``: fetch the Kaggle dataset (anonymously where allowed), verified, into a complete folder.
 - ``datasource``: decide which data a run uses (argument, ``IDC_DATA_DIR``, ``./data``, Kaggle, demo) and say
   so, with the synthetic-data notice whenever the data is the demo.

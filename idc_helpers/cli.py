@@ -25,10 +25,13 @@ EXIT_CODES = {
     0: "success",
     1: "the command ran and found problems (index: files that are not usable patches; run-notebooks: a notebook "
        "cell failed, the executed copy shows where)",
-    2: "a mistake the message names and says how to fix: an argument, a missing or unusable file or folder, "
-       "an output that already exists, missing credentials",
-    3: "an outside failure: the server refused or broke off a download, the disk is full",
-    130: "interrupted (Ctrl-C); nothing half-written is left looking complete",
+    2: "a mistake the message names and says how to fix: an argument, a number out of range, a table or "
+       "parameters file that breaks the rules, a missing or unusable file or folder, an output that already exists "
+       "or is being written by another train, missing credentials (checked before any folder is written; see "
+       "docs/input-checks.md)",
+    3: "an outside failure: the server refused or broke off a download, the disk is full (train keeps a run that "
+       "--resume continues)",
+    130: "interrupted (Ctrl-C) at any moment; nothing half-written is left looking complete",
 }
 
 
@@ -372,8 +375,13 @@ def _table_is_synthetic(table) -> bool:  # table: a predictions DataFrame
 
     from idc_helpers.demo_data import is_synthetic
 
-    # <dataset>/<patient>/<0|1>/<file>.png: the dataset folder is three levels up.
-    roots = {Path(p).parent.parent.parent for p in table["path"].astype(str).unique()} if "path" in table else set()
+    # <dataset>/<patient>/<0|1>/<file>.png: the dataset folder is three levels up; one file of each patient's class
+    # folder says where that folder is (a patient may lie in several datasets), without a Path per row.
+    if "path" not in table or "patient_id" not in table:
+        return False
+    keys = ["patient_id", "label"] if "label" in table else ["patient_id"]
+    firsts = table.drop_duplicates(keys)["path"].astype(str)
+    roots = {Path(p).parent.parent.parent for p in firsts}
     return any(is_synthetic(root) for root in roots)
 
 

@@ -70,7 +70,7 @@ NUMBERS: dict[str, Number] = {
     "max_patches": Number(whole=True, low=1),
     "steps_per_epoch": Number(whole=True, low=1),
     "patience": Number(whole=True, low=1),
-    "n_patients": Number(whole=True, low=3),
+    "n_patients": Number(whole=True, low=1),
     "bootstrap": Number(whole=True, low=0),
     "seed": Number(whole=True, low=0),
     "model_seed": Number(whole=True, low=0),

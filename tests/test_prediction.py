@@ -182,3 +182,23 @@ def test_predict_checks_its_arguments_before_any_work(tiny_dataset, tmp_path, cl
     assert "not a finished run folder" in cli_error([*base, "--run", str(tmp_path / "nothing"),
                                                           "--out", str(tmp_path / "p.csv")])
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_full_disk_is_exit_3_in_one_line_for_every_command(tmp_path, monkeypatch, capsys):
+    """predict/evaluate/slide name their --out (outputs are atomic: nothing half-written stays); any other command
+    that runs out of space (index, for its cache) says so in one line too."""
+    import errno
+
+    from idc_helpers import cli
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    error = cli._output_failed(tmp_path / "p.csv", full)
+    assert error.exit_code == 3 and str(error).startswith(f"--out {tmp_path / 'p.csv'}: the disk is full")
+
+    def out_of_space(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache" / "x.npy"))
+
+    monkeypatch.setitem(cli._HANDLERS, "index", out_of_space)
+    assert cli.main(["index", "--data-dir", str(tmp_path)]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: the disk is full") and str(tmp_path / "cache") in err and err.count("\n") == 1

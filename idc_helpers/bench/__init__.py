@@ -14,6 +14,7 @@ from idc_helpers.errors import UserError
 # name -> module with main(argv: list[str] | None) -> int; add new benchmarks here.
 BENCHMARKS: dict[str, str] = {
     "boundary": "idc_helpers.bench.boundary",
+    "bounds": "idc_helpers.bench.bounds",
     "levers": "idc_helpers.bench.levers",
     "load": "idc_helpers.bench.load",
     "quality": "idc_helpers.bench.quality",
