@@ -329,3 +329,16 @@ def test_a_benchmark_prints_no_tensorflow_start_up_lines(tmp_path):
     unknown = subprocess.run([sys.executable, "-m", "idc_helpers.bench", "nope"], capture_output=True, text=True,
                              timeout=60)
     assert unknown.returncode == 2 and unknown.stderr.splitlines()[-1].startswith("error: unknown benchmark 'nope'")
+    bogus = subprocess.run([sys.executable, "-m", "idc_helpers.bench", "load", "--bogus"], capture_output=True,
+                           text=True, timeout=60)
+    assert bogus.returncode == 2 and bogus.stderr.startswith("error: ") and bogus.stderr.count("\n") == 1
+
+
+def test_every_message_of_the_package_says_error_in_lower_case():
+    """One spelling for every refusal, `error:` (argparse's own and the benchmarks' included)."""
+    import re
+
+    package = Path(__file__).resolve().parents[1] / "idc_helpers"
+    found = [f"{path.name}: {match}" for path in package.rglob("*.py")
+             for match in re.findall(r"[\"'](?:Error|ERROR): ", path.read_text(encoding="utf-8"))]
+    assert found == []

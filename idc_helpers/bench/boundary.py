@@ -20,7 +20,6 @@ within patients is what stands in the way.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,6 +30,7 @@ import pandas as pd
 from idc_helpers.atomic import write_json, write_text
 from idc_helpers.bench import print_markdown
 from idc_helpers.bench.quality import CONFIG_FILE, read_log, read_table
+from idc_helpers.cli import OneLineParser
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import evaluate
 
@@ -181,7 +181,7 @@ def run_boundary(quality_dirs: Sequence[str | Path], models: Sequence[str], out_
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``python -m idc_helpers.bench boundary``."""
-    parser = argparse.ArgumentParser(prog="python -m idc_helpers.bench boundary", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m idc_helpers.bench boundary", description=__doc__.split("\n")[0])
     parser.add_argument("--quality", action="append", required=True, metavar="OUT",
                         help="--out folder of `bench quality`; repeat for several")
     parser.add_argument("--models", default="idc_net", help="comma-separated models (default: idc_net)")

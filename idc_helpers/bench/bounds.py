@@ -14,7 +14,6 @@ The files go to a temporary folder (``--work-dir``), deleted afterwards. Prints 
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
@@ -28,6 +27,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 import pandas as pd
+
+from idc_helpers.cli import OneLineParser
 
 _MEASURE = """
 import resource, sys, time
@@ -134,7 +135,7 @@ def run_bounds(rows: int, slide_rows: Sequence[int], work_dir: str | None) -> st
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``python -m idc_helpers.bench bounds``."""
-    parser = argparse.ArgumentParser(prog="python -m idc_helpers.bench bounds", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m idc_helpers.bench bounds", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=10_000_000, help="patches of the evaluate table")
     parser.add_argument("--slide-rows", type=int, nargs="+", default=[20_000, 200_000],
                         help="patches of the one-patient slides; the first is the baseline")

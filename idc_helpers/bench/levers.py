@@ -22,7 +22,6 @@ variant's test predictions to ``LEVERS/predictions/``, which a rerun reuses.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ import pandas as pd
 from idc_helpers.atomic import write_json, write_text
 from idc_helpers.bench import print_markdown
 from idc_helpers.bench.quality import CONFIG_FILE, merged_view, read_log, read_table, write_table
+from idc_helpers.cli import OneLineParser
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import evaluate, paired_difference, pick_threshold
 
@@ -310,7 +310,7 @@ def run_levers(quality_dirs: Sequence[str | Path], models: Sequence[str], out_di
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``python -m idc_helpers.bench levers``."""
-    parser = argparse.ArgumentParser(prog="python -m idc_helpers.bench levers", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m idc_helpers.bench levers", description=__doc__.split("\n")[0])
     parser.add_argument("--quality", action="append", required=True, metavar="OUT",
                         help="--out folder of `bench quality`; repeat to add its models to the ensemble")
     parser.add_argument("--models", default="idc_net", help="comma-separated models; the first is the baseline")

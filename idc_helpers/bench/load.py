@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from idc_helpers import KAGGLE_PATCHES
+from idc_helpers.cli import OneLineParser
 
 FULL_SIZE_PATCHES = KAGGLE_PATCHES
 GOAL_FIRST_LOAD = 1.7
@@ -48,7 +49,7 @@ STEPS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print a Markdown table; returns 0."""
-    parser = argparse.ArgumentParser(prog="python -m idc_helpers.bench load", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="python -m idc_helpers.bench load", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", action="append", default=None, metavar="DIR",
                         help="dataset folder; repeat for several, indexed as one "
                              "(default: $IDC_DATA_DIR, else ../shared/data/idc_sample)")

@@ -27,7 +27,6 @@ folders (outside the repository; no patch is copied). A patient id found in two 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -44,6 +43,7 @@ from sklearn import metrics as skm
 
 from idc_helpers.atomic import atomic_path, write_json, write_text
 from idc_helpers.bench import print_markdown
+from idc_helpers.cli import OneLineParser
 from idc_helpers.context import ContextError, apply_context, fit_context, whole_slide_patients
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import evaluate, pick_threshold
@@ -433,7 +433,7 @@ def run_quality(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``python -m idc_helpers.bench quality``."""
-    parser = argparse.ArgumentParser(prog="python -m idc_helpers.bench quality", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m idc_helpers.bench quality", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", action="append", default=None, help="dataset folder (Kaggle layout); "
                         "repeat for several (e.g. idc_sample and idc_sparse); default: resolved as for `train`")
     parser.add_argument("--folds", type=int, default=4, help="number of patient folds (default 4)")

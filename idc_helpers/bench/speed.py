@@ -26,7 +26,6 @@ From (a) it estimates one epoch over the full dataset on this machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -42,6 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from idc_helpers import KAGGLE_PATCHES
+from idc_helpers.cli import OneLineParser
 
 FULL_DATASET_PATCHES = KAGGLE_PATCHES
 # Share of patients (hence roughly of patches) that the default 70/15/15 patient split trains on.
@@ -611,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if argv[:1] == ["--gpu-check"]:
         return _gpu_check_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m idc_helpers.bench speed", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m idc_helpers.bench speed", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=None, help="dataset folder (default: resolved as for `train`)")
     parser.add_argument("--model", default="idc_net", help="model for (a) and (b)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -646,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _gpu_check_main(argv: Sequence[str]) -> int:
     """``python -m idc_helpers.bench speed --gpu-check --out DIR [...]`` (run by tools/gpu_check.sh)."""
-    parser = argparse.ArgumentParser(prog="python -m idc_helpers.bench speed --gpu-check",
+    parser = OneLineParser(prog="python -m idc_helpers.bench speed --gpu-check",
                                      description="training speed on the accelerator, pipeline-bound or not")
     parser.add_argument("--out", required=True, help="folder for gpu_check.md and gpu_check.json")
     parser.add_argument("--patches", type=int, default=FULL_DATASET_PATCHES, help="size of the synthetic set")
