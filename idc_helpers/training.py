@@ -22,8 +22,6 @@ four named steps:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import platform
 import sys
@@ -31,7 +29,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
