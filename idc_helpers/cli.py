@@ -540,6 +540,10 @@ class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose refusals are one ``error:`` line on stderr and exit status 2, like every other
     mistake (argparse's own form is a usage block, then ``prog: error: ...``)."""
 
+    def __init__(self, *args, allow_abbrev: bool = False, **kwargs) -> None:
+        # Options are matched whole: `--epoch 3` is a mistake to name, not a guess at `--epochs`.
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {self.prog.split(' ', 2)[-1]}: {message} (see {self.prog} --help)\n")
 

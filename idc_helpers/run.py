@@ -128,7 +128,7 @@ def claim_run(partial: Path, run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunBusyError(_busy_message(run_dir, run_writer(partial))) from None
+            raise RunBusyError(busy_message(run_dir, run_writer(partial))) from None
         except OSError:
             pass  # a file system without locks (some network mounts): the partial folder's mkdir still guards it
         else:
@@ -139,7 +139,8 @@ def claim_run(partial: Path, run_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _busy_message(run_dir: Path, pid: int | None) -> str:
+def busy_message(run_dir: Path, pid: int | None) -> str:
+    """What a second ``train`` on ``run_dir`` is told while the process ``pid`` (when known) writes it."""
     who = f" (pid {pid})" if pid else ""
     return (f"another train is writing {run_dir}{who}; wait for it to finish, or choose another --out for a new "
             "run.")
@@ -158,7 +159,7 @@ def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
     partial = partial_dir(out)
     writer = run_writer(partial)
     if writer is not None:
-        raise RunBusyError(_busy_message(out, writer))
+        raise RunBusyError(busy_message(out, writer))
     if partial.exists():
         raise RunExistsError(
             f"An interrupted run of {out} is in {partial}: resume with "

@@ -48,8 +48,10 @@ from idc_helpers.run import (
     CHECKPOINT_STATE_FILE,
     CONFIG_FILE,
     LOCK_FILE,
+    RunBusyError,
     RunExistsError,
     RunFolderError,
+    busy_message,
     check_new_run_dir,
     claim_run,
     checkpoint_names,
@@ -59,6 +61,7 @@ from idc_helpers.run import (
     publish_run,
     read_json,
     run_path,
+    run_writer,
     write_run_files,
 )
 from idc_helpers.validation import check_optional, check_patient_ids, check_run_config, check_value
@@ -705,8 +708,8 @@ def _start(data_dir, out_dir, args: dict[str, Any], *, verbose: int, say) -> Tra
     partial = partial_dir(out)
     try:
         partial.mkdir(parents=True)
-    except FileExistsError:
-        raise RunExistsError(f"{partial} appeared meanwhile: another process is training {out}.") from None
+    except FileExistsError:  # another train started on the same folder while this one read the data
+        raise RunBusyError(busy_message(out, run_writer(partial))) from None
     except OSError as exc:
         _raise_disk_full(exc, out, None)
         raise

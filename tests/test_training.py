@@ -607,3 +607,22 @@ def test_ctrl_c_at_any_moment_of_train_is_exit_130_without_a_traceback(demo_dir,
     # interrupt lands in its own shutdown): either way no traceback.
     assert process.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
     assert "Interrupted." in err
+
+
+def test_options_are_matched_whole(demo_dir, tmp_path, cli_error):
+    err = cli_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"), "--epoch", "3"])
+    assert "unrecognized arguments: --epoch 3" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_train_started_meanwhile_on_the_same_folder_is_named(demo_dir, cache_dir, tmp_path, monkeypatch):
+    """The other train created the partial run while this one read the data."""
+    real = training.prepare_data
+
+    def other_train_starts(*args, **kwargs):
+        partial_dir(tmp_path / "r").mkdir()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "prepare_data", other_train_starts)
+    with pytest.raises(RunBusyError, match=f"another train is writing {tmp_path / 'r'}; wait for it"):
+        train(demo_dir, tmp_path / "r", cache_dir=cache_dir, **QUICK)
