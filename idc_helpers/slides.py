@@ -85,19 +85,17 @@ class SlideMosaic:
 
 
 def _read_rgb(path: str) -> np.ndarray:
-    """A patch at its real size, (h, w, 3) uint8 RGB; :class:`SlideError` naming the file when it cannot be read.
+    """A patch as the loader decodes it, (50, 50, 3) uint8 RGB padded with white (the mosaic crops it to its size
+    from :func:`_patch_size`); :class:`SlideError` naming the file when it cannot be read.
 
-    Decoded by the loader, so colour handling (grayscale, alpha, 16-bit) is the same as for training; the white
-    padding of border patches is cut off again, since a mosaic places them at their real size.
+    Decoded by the loader, so colour handling (grayscale, alpha, 16-bit) is the same as for training.
     """
     from idc_helpers.loader import PatchReadError, read_patch
 
-    width, height = _patch_size(path)
     try:
-        patch = read_patch(path)
+        return read_patch(path)
     except PatchReadError as exc:
         raise SlideError(str(exc)) from exc
-    return patch[:height, :width]
 
 
 def _patch_size(path: str) -> tuple[int, int]:
