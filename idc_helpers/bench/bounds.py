@@ -1,6 +1,6 @@
 """Bounds benchmark: ``python -m idc_helpers.bench bounds [--rows N] [--slide-rows N ...] [--work-dir DIR]``.
 
-Measures, each command in a fresh child process (wall time and its peak memory, ``ru_maxrss``):
+Measures, each command in a fresh child process (wall time and its peak memory, ``VmHWM``; Linux only):
 
 - ``evaluate`` on a synthetic predictions CSV of ``--rows`` patches (default 10 million, 279 patients) with 1,000
   bootstrap resamples, end to end; beside it, in this process on the same table, one resample of the exact
@@ -30,13 +30,14 @@ import pandas as pd
 
 from idc_helpers.cli import OneLineParser
 
+# Peak memory from VmHWM: ru_maxrss would carry over the parent's peak through fork and exec on Linux.
 _MEASURE = """
-import resource, sys, time
+import re, sys, time
 from idc_helpers.cli import main
 start = time.perf_counter()
 status = main(sys.argv[1:])
-print("MEASURED", status, round(time.perf_counter() - start, 1),
-      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr)
+peak = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) // 1024
+print("MEASURED", status, round(time.perf_counter() - start, 1), peak, file=sys.stderr)
 """
 
 
@@ -82,15 +83,19 @@ def bootstrap_seconds(table: pd.DataFrame, resamples: int, exact: bool) -> float
         metrics.HISTOGRAM_BOOTSTRAP_PATCHES = limit
 
 
+_LINKS_PER_FILE = 50_000  # ext4 allows 65,000 hard links to one file
+
+
 def one_patient_slide(folder: Path, n_rows: int) -> Path:
     """A predictions CSV of one patient with ``n_rows`` patches on a square grid, hard links to one PNG."""
     patch = np.random.default_rng(0).integers(0, 256, (50, 50, 3), dtype=np.uint8)
-    source = folder / "patch.png"
-    cv2.imwrite(str(source), patch)
     side = int(np.ceil(np.sqrt(n_rows)))
     rows = []
     (folder / "7" / "0").mkdir(parents=True)
     for i in range(n_rows):
+        source = folder / f"patch-{i // _LINKS_PER_FILE}.png"
+        if i % _LINKS_PER_FILE == 0:
+            cv2.imwrite(str(source), patch)
         x, y = 1 + 50 * (i % side), 1 + 50 * (i // side)
         path = folder / "7" / "0" / f"7_idx5_x{x}_y{y}_class0.png"
         os.link(source, path)
@@ -100,10 +105,24 @@ def one_patient_slide(folder: Path, n_rows: int) -> Path:
     return csv
 
 
+class _Lines(list):
+    """The report's lines, each printed as soon as it is measured."""
+
+    def append(self, line: str) -> None:
+        print(line, flush=True)
+        super().append(line)
+
+    def __iadd__(self, lines):
+        for line in lines:
+            self.append(line)
+        return self
+
+
 def run_bounds(rows: int, slide_rows: Sequence[int], work_dir: str | None) -> str:
-    """Measure and return the Markdown report."""
+    """Measure, printing each line of the Markdown report as it comes, and return the report."""
     folder = Path(tempfile.mkdtemp(prefix="idc_bounds_", dir=work_dir))
-    lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
+    lines = _Lines()
+    lines += [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
              f"Python {platform.python_version()}", "", "| measurement | seconds | peak memory (MB) |",
              "| --- | ---: | ---: |"]
     try:
@@ -141,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="patches of the one-patient slides; the first is the baseline")
     parser.add_argument("--work-dir", default=None, help="temporary folder (default: the system's)")
     args = parser.parse_args(argv)
-    print(run_bounds(args.rows, args.slide_rows, args.work_dir))
+    run_bounds(args.rows, args.slide_rows, args.work_dir)
     return 0
 
 
