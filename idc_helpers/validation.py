@@ -236,13 +236,16 @@ def _bad_rows(series: pd.Series, column: Column) -> np.ndarray:
     import numpy as np
     import pandas as pd
 
-    if column.kind in ("text", "patient_id"):
-        text = series.map(lambda v: v if isinstance(v, str) else None)
-        bad = text.isna().to_numpy() | (text.str.len() > (MAX_ID_CHARS if column.kind == "patient_id"
-                                                          else column.max_chars)).fillna(True).to_numpy()
-        if column.kind == "patient_id":
-            bad |= ~text.str.fullmatch(PATIENT_ID.pattern).fillna(False).to_numpy(dtype=bool)
-        return bad
+    if column.kind == "patient_id":  # few distinct ids: each is checked once
+        codes, uniques = pd.factorize(series, use_na_sentinel=True)
+        ok = np.array([isinstance(v, str) and len(v) <= MAX_ID_CHARS and PATIENT_ID.fullmatch(v) is not None
+                       for v in uniques], dtype=bool)
+        return (codes < 0) | ~np.append(ok, False)[codes]
+    if column.kind == "text":
+        is_text = pd.api.types.infer_dtype(series, skipna=False) == "string" or \
+            series.map(lambda v: isinstance(v, str)).all()
+        text = series if is_text else series.map(lambda v: v if isinstance(v, str) else None)
+        return text.isna().to_numpy() | (text.str.len() > column.max_chars).fillna(True).to_numpy(dtype=bool)
     values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values)
     if pd.api.types.is_bool_dtype(series):
