@@ -147,7 +147,8 @@ def _add_demo_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dest", nargs="?", default=None, help=argparse.SUPPRESS)  # old positional form of --out
     p.add_argument("--n-patients", type=arg_type("n_patients"), default=None, metavar="N",
                    help=f"number of synthetic patients (default {DEFAULT_PATIENTS})")
-    p.add_argument("--patients", type=arg_type("n_patients"), default=None, help=argparse.SUPPRESS)  # old spelling of --n-patients
+    p.add_argument("--patients", type=arg_type("n_patients"), default=None,
+                   help=argparse.SUPPRESS)  # old spelling of --n-patients
     p.add_argument("--seed", type=arg_type("seed"), default=0, help="random seed (same seed, same files)")
 
 
@@ -196,15 +197,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the interrupted run of RUN_DIR with the arguments it was started with")
     p.add_argument("--model", default=None, help="model name (default: the best measured configuration)")
-    p.add_argument("--epochs", type=arg_type("epochs"), default=None, help="maximum epochs (early stopping on validation patients)")
+    p.add_argument("--epochs", type=arg_type("epochs"), default=None,
+                   help="maximum epochs (early stopping on validation patients)")
     p.add_argument("--split", choices=["janowczyk2016", "patients"], default="patients",
                    help="patient split: the published one or a seeded stratified one (default: patients)")
     p.add_argument("--unlisted", choices=["train", "drop"], default="train",
                    help="janowczyk2016 only: patients outside the published lists go to training (default) or "
                         "are left out")
-    p.add_argument("--max-patches", type=arg_type("max_patches"), default=None, help="use at most this many patches (for quick runs)")
+    p.add_argument("--max-patches", type=arg_type("max_patches"), default=None,
+                   help="use at most this many patches (for quick runs)")
     p.add_argument("--batch-size", type=arg_type("batch_size"), default=None, help="batch size")
-    p.add_argument("--seed", type=arg_type("seed"), default=0, help="random seed for split, initialisation and shuffling")
+    p.add_argument("--seed", type=arg_type("seed"), default=0,
+                   help="random seed for split, initialisation and shuffling")
     p.add_argument("--model-seed", type=arg_type("model_seed"), default=None, metavar="SEED",
                    help="another seed for initialisation, shuffling and augmentation only, on the split of --seed "
                         "(another member of a seed ensemble; default: --seed)")
@@ -272,7 +276,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                         "not the patch alone)")
     p.add_argument("--subset", default=None, choices=["train", "val", "test"],
                    help="predict only this subset of the run's patient split")
-    p.add_argument("--patients", type=patient_list, default=None, metavar="ID,ID", help="comma-separated patient ids to predict")
+    p.add_argument("--patients", type=patient_list, default=None, metavar="ID,ID",
+                   help="comma-separated patient ids to predict")
     p.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing predictions file")
 
@@ -331,7 +336,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="metrics of a predictions table, with 95%% intervals over patients")
     p.add_argument("--predictions", required=True, help="predictions CSV written by `predict`")
     p.add_argument("--out", default=None, help="write the report as JSON here")
-    p.add_argument("--bootstrap", type=arg_type("bootstrap"), default=1000, help="bootstrap resamples over patients (default 1000)")
+    p.add_argument("--bootstrap", type=arg_type("bootstrap"), default=1000,
+                   help="bootstrap resamples over patients (default 1000)")
     p.add_argument("--seed", type=arg_type("seed"), default=0, help="bootstrap seed")
     p.add_argument("--threshold", type=arg_type("threshold"), default=None,
                    help="decide IDC when prob_idc >= THRESHOLD (default: the table's pred column, i.e. the run's "

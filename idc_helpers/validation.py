@@ -282,7 +282,8 @@ def check_table(table: pd.DataFrame, required: Iterable[str], source: str,
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise InvalidInputError(
-                f"{source}: column {name!r} row {row + first_row} holds {shown(table[name].iloc[row])} ({int(bad.sum()):,} bad row(s) in all); "
+                f"{source}: column {name!r} row {row + first_row} holds {shown(table[name].iloc[row])} "
+                f"({int(bad.sum()):,} bad row(s) in all); "
                 f"the column must hold {_ALLOWED[column.kind].format(max_chars=column.max_chars)}")
         if column.kind == "coordinate":
             out[name] = pd.to_numeric(table[name]).astype(np.int64)
@@ -317,8 +318,8 @@ def check_plain_data(value: Any, where: str) -> None:
                 raise InvalidInputError(f"{where}: the key {key!r} is not allowed: keys must be text")
             check_plain_data(item, f"{where}.{key}")
         return
-    raise InvalidInputError(f"{where}: {shown(value)} (a YAML {type(value).__name__}) is not allowed: use text, numbers, "
-                            "true/false, null, lists or maps (quote a date to pass it as text)")
+    raise InvalidInputError(f"{where}: {shown(value)} (a YAML {type(value).__name__}) is not allowed: use text, "
+                            "numbers, true/false, null, lists or maps (quote a date to pass it as text)")
 
 
 #: Notebook parameters that are numbers of :data:`NUMBERS` (``None`` keeps a notebook's default).
