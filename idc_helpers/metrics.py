@@ -256,7 +256,8 @@ def evaluate(
 
     A patient drawn k times counts k times (sample weights, exactly the same as repeating its patches). Cost: about
     30 ms per resample for 80,000 patches on one CPU core, so 1000 resamples of a large test set take ~30 s; above
-    :data:`HISTOGRAM_BOOTSTRAP_PATCHES` patches a resample costs about 15 ms whatever the number of patches.
+    :data:`HISTOGRAM_BOOTSTRAP_PATCHES` patches a resample costs about 40 ms even for 10 million patches (38 s from
+    every patch; docs/input-checks.md).
     Precision and F1 follow sklearn's ``zero_division=0`` (0 when nothing is predicted IDC).
     """
     labels, probs, predicted = _labels_probs_preds(preds, threshold, column)
