@@ -44,6 +44,7 @@ from idc_helpers.errors import UserError
 from idc_helpers.inference import predict_probs
 from idc_helpers.loader import load_patches
 from idc_helpers.metrics import pick_threshold
+from idc_helpers.model_file import load_model_file
 from idc_helpers.patch_index import build_index
 from idc_helpers.run import (
     CHECKPOINT_PREFIXES,
@@ -52,6 +53,7 @@ from idc_helpers.run import (
     RunExistsError,
     RunFolderError,
     check_new_run_dir,
+    checkpoint_file,
     checkpoint_names,
     discard_partial,
     has_interrupted_run,
@@ -382,10 +384,11 @@ def load_checkpoint(folder: Path) -> tuple[keras.Model, list[np.ndarray], LoopSt
     if not (folder / CHECKPOINT_STATE_FILE).is_file():
         return None
     saved = read_json(folder / CHECKPOINT_STATE_FILE)
-    model = keras.models.load_model(folder / saved["model"], compile=True)
+    model_path, best_path = checkpoint_file(folder, saved, "model"), checkpoint_file(folder, saved, "best")
+    model = load_model_file(model_path, compile=True)
     _restore_model_state(model, saved["model_state"])
     best = keras.models.clone_model(model)
-    best.load_weights(folder / saved["best"])
+    best.load_weights(best_path)
     return model, best.get_weights(), LoopState.from_json(saved)
 
 
