@@ -134,7 +134,8 @@ def test_no_door_runs_a_crafted_model(model_path, tmp_path):
     modules = tmp_path / "modules"
     modules.mkdir()
     (modules / "evil_layer.py").write_text(EVIL_MODULE.format(marker=str(marker)))
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3",
+    # TF_CPP_MIN_LOG_LEVEL unset, as for a user: the CLI then hides TensorFlow's start-up lines itself.
+    env = {**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
            "PYTHONPATH": os.pathsep.join([str(modules), os.environ.get("PYTHONPATH", "")])}
     # The module is live: anything that imported it would leave the marker.
     subprocess.run([sys.executable, "-c", "import evil_layer"], env=env, check=True)
