@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from idc_helpers.atomic import atomic_path, install_dir, write_json
 from idc_helpers.errors import UserError
+from idc_helpers.model_file import load_model_file
 
 if TYPE_CHECKING:  # TensorFlow loads only when a model is read
     import keras
@@ -45,9 +47,28 @@ CHECKPOINT_STATE_FILE = "checkpoint.json"
 CHECKPOINT_PREFIXES = ("checkpoint-", "best-")
 
 
+_CHECKPOINT_NAME = {"model": re.compile(r"checkpoint-[0-9]{3,6}\.keras"), "best": re.compile(r"best-[0-9]{3,6}\.weights\.h5")}
+
+
 def checkpoint_names(epoch: int) -> dict[str, str]:
     """File names of the checkpoint written after ``epoch`` (1-based): ``{"model": ..., "best": ...}``."""
     return {"model": f"checkpoint-{epoch:03d}.keras", "best": f"best-{epoch:03d}.weights.h5"}
+
+
+def checkpoint_file(folder: Path, state: dict[str, Any], kind: str) -> Path:
+    """The checkpoint file of ``kind`` (``"model"`` or ``"best"``) that a checkpoint state names: only a plain
+    name of the form :func:`checkpoint_names` writes, of a regular file inside ``folder``; anything else (a path,
+    a link, another name) raises :class:`RunFolderError`, so an edited ``checkpoint.json`` reads nothing else."""
+    name = state.get(kind)
+    state_file = folder / CHECKPOINT_STATE_FILE
+    if not isinstance(name, str) or not _CHECKPOINT_NAME[kind].fullmatch(name):
+        raise RunFolderError(f"{state_file} names {name!r} as its {kind} file, not a checkpoint file name like "
+                             f"{checkpoint_names(1)[kind]!r}; the checkpoint is damaged: delete {folder} and train again.")
+    path = folder / name
+    if path.is_symlink() or not path.is_file():
+        raise RunFolderError(f"{path}, named by {state_file}, is missing or not a regular file; the checkpoint is "
+                             f"damaged: delete {folder} and train again.")
+    return path
 
 class RunExistsError(UserError, FileExistsError):
     """The run folder already exists (or an interrupted run of it does); runs are never overwritten."""
@@ -230,14 +251,12 @@ def load_run(run_dir: str | os.PathLike[str], *, compile: bool = False) -> Run:
 
     Raises :class:`RunFolderError` naming the missing file (and the way to resume an interrupted run).
     """
-    import keras
-
     path = Path(run_dir).expanduser()
     if path.is_file() and path.suffix == ".keras":
         if path.name == MODEL_FILE and all((path.parent / name).is_file() for name in RUN_FILES):
             path = path.parent  # the model of a run folder: use the run's threshold and split too
         else:
-            return Run(run_dir=None, model=keras.models.load_model(path, compile=compile))
+            return Run(run_dir=None, model=load_model_file(path, compile=compile))
     model_path = path / MODEL_FILE
     if not model_path.is_file():
         partial = partial_dir(path)
@@ -246,6 +265,6 @@ def load_run(run_dir: str | os.PathLike[str], *, compile: bool = False) -> Run:
         raise RunFolderError(f"No trained model at {model_path}: {path} is not a finished run folder; {hint}.")
     config = read_json(path / CONFIG_FILE)
     metrics = read_json(path / METRICS_FILE)
-    model = keras.models.load_model(model_path, compile=compile)
+    model = load_model_file(model_path, compile=compile)
     return Run(run_dir=Path(os.path.abspath(path)), model=model, config=config, metrics=metrics,
                threshold=float(metrics.get("threshold", 0.5)))

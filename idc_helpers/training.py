@@ -42,6 +42,7 @@ from idc_helpers.errors import DiskFullError, UserError, is_disk_full
 from idc_helpers.inference import predict_probs
 from idc_helpers.loader import load_patches
 from idc_helpers.metrics import pick_threshold
+from idc_helpers.model_file import load_model_file
 from idc_helpers.patch_index import build_index
 from idc_helpers.run import (
     CHECKPOINT_PREFIXES,
@@ -53,8 +54,9 @@ from idc_helpers.run import (
     RunFolderError,
     busy_message,
     check_new_run_dir,
-    claim_run,
+    checkpoint_file,
     checkpoint_names,
+    claim_run,
     discard_partial,
     has_interrupted_run,
     partial_dir,
@@ -387,10 +389,11 @@ def load_checkpoint(folder: Path) -> tuple[keras.Model, list[np.ndarray], LoopSt
     if not (folder / CHECKPOINT_STATE_FILE).is_file():
         return None
     saved = read_json(folder / CHECKPOINT_STATE_FILE)
-    model = keras.models.load_model(folder / saved["model"], compile=True)
+    model_path, best_path = checkpoint_file(folder, saved, "model"), checkpoint_file(folder, saved, "best")
+    model = load_model_file(model_path, compile=True)
     _restore_model_state(model, saved["model_state"])
     best = keras.models.clone_model(model)
-    best.load_weights(folder / saved["best"])
+    best.load_weights(best_path)
     return model, best.get_weights(), LoopState.from_json(saved)
 
 

@@ -8,6 +8,7 @@ import pytest
 import keras
 
 from idc_helpers.errors import UserError
+from idc_helpers.model_file import load_model_file
 from idc_helpers.models import (
     DEFAULT_MODEL,
     LabelSmoothingError,
@@ -122,10 +123,10 @@ def test_no_label_smoothing_is_the_plain_sparse_cross_entropy():
 def test_a_model_compiled_with_label_smoothing_saves_and_loads(tmp_path):
     model = compile_model(build_model("seed_cnn"), label_smoothing=0.2)
     model.save(tmp_path / "m.keras")
-    compiled = keras.models.load_model(tmp_path / "m.keras", compile=True)  # what resuming from a checkpoint does
+    compiled = load_model_file(tmp_path / "m.keras", compile=True)  # what resuming from a checkpoint does
     assert isinstance(compiled.loss, SmoothedSparseCrossentropy) and compiled.loss.smoothing == pytest.approx(0.2)
     assert float(compiled.loss(_LABELS, _PROBS)) == pytest.approx(float(model.loss(_LABELS, _PROBS)), rel=1e-6)
-    plain = keras.models.load_model(tmp_path / "m.keras", compile=False)  # what load_run does
+    plain = load_model_file(tmp_path / "m.keras", compile=False)  # what load_run does
     images = np.random.default_rng(0).integers(0, 256, (3, 50, 50, 3)).astype(np.uint8)
     np.testing.assert_allclose(plain.predict(images, verbose=0), model.predict(images, verbose=0), atol=1e-6)
 
@@ -228,7 +229,7 @@ def test_training_augmentation_layer_is_seeded_by_its_batch_count(tmp_path):
     assert int(layer.batches_seen.numpy()) == 4  # 2 calls above + 2 training steps
     # A saved model (a checkpoint) carries the count; prediction does not augment.
     model.save(tmp_path / "m.keras")
-    loaded = keras.models.load_model(tmp_path / "m.keras")
+    loaded = load_model_file(tmp_path / "m.keras")
     assert int(loaded.get_layer("augment").batches_seen.numpy()) == 4
     assert loaded.get_layer("augment").strength == "strong"
     np.testing.assert_allclose(loaded.predict_on_batch(x), model.predict_on_batch(x), rtol=1e-6)
