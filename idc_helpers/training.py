@@ -38,7 +38,7 @@ import idc_helpers
 from idc_helpers import context, splits
 from idc_helpers.atomic import atomic_path, write_json
 from idc_helpers.datasource import resolve_data_dir
-from idc_helpers.errors import DiskFullError, UserError, is_disk_full
+from idc_helpers.errors import DiskFullError, IdcError, UserError, is_disk_full
 from idc_helpers.inference import predict_probs
 from idc_helpers.loader import load_patches
 from idc_helpers.metrics import pick_threshold
@@ -758,7 +758,7 @@ def _train_in(partial: Path, out: Path, config: dict[str, Any], data: TrainingDa
             if not resumable:
                 discard_partial(partial)  # nothing to resume from (a resumed run keeps its config: it can resume)
             _raise_disk_full(exc, out, partial if resumable else None)
-            if resumable:
+            if resumable and not isinstance(exc, IdcError):  # an IdcError's own message says what to do
                 print(f"Training stopped; its last end-of-epoch checkpoint is in {partial}: continue with "
                       f"`python -m idc_helpers train --resume {out}` (or delete that folder).", file=sys.stderr)
             raise

@@ -177,14 +177,12 @@ def test_a_run_config_without_model_seed_uses_the_split_seed(run):
 
 
 def test_label_smoothing_is_recorded_and_trains_with_the_smoothed_loss(run, demo_dir, cache_dir, tmp_path):
-    from idc_helpers.models import LabelSmoothingError
-
     assert json.loads((run.run_dir / "config.json").read_text())["label_smoothing"] == 0.0
     smoothed = train(demo_dir, tmp_path / "smoothed", cache_dir=cache_dir, label_smoothing=0.1, **QUICK)
     assert json.loads((smoothed.run_dir / "config.json").read_text())["label_smoothing"] == 0.1
     # Same seed and data, another loss: other weights.
     assert not all(np.allclose(a, b) for a, b in zip(smoothed.model.get_weights(), run.model.get_weights()))
-    with pytest.raises(LabelSmoothingError, match="got 1.5"):
+    with pytest.raises(InvalidInputError, match=r"label-smoothing 1.5 .* is not allowed: use a finite number in \[0, 1\)"):
         train(demo_dir, tmp_path / "bad", cache_dir=cache_dir, label_smoothing=1.5, **QUICK)
     assert not (tmp_path / "bad").exists()
 
@@ -208,7 +206,7 @@ def test_test_patients_override_the_split():
     assert len(split["train"]) + len(split["val"]) == 10 and split["val"]
     with pytest.raises(TrainingDataError, match="999"):
         resolve_split(frame, "patients", test_patients=["999"])
-    with pytest.raises(TrainingDataError, match="p101"):  # not a number: reported, not a ValueError from sorting
+    with pytest.raises(InvalidInputError, match="p101"):  # not a patient id: reported, not a ValueError from sorting
         resolve_split(frame, "patients", test_patients=["p101", "105"])
 
 
