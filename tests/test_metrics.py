@@ -379,3 +379,18 @@ def test_evaluate_refuses_thresholds_and_counts_out_of_range(tmp_path, cli_error
         err = cli_error(["evaluate", "--predictions", str(csv), "--out", str(out), option, value])
         assert f"argument {option}: '{value}' is not allowed: use {allowed}" in err
     assert not out.exists()
+
+
+def test_evaluate_shows_its_progress_on_long_work(tmp_path, monkeypatch, capsys):
+    from idc_helpers import cli
+
+    csv = tmp_path / "preds.csv"
+    make_predictions().to_csv(csv, index=False)
+    monkeypatch.setattr(cli, "_LONG_BOOTSTRAP", 0)  # as if the table were large
+    assert main(["evaluate", "--predictions", str(csv), "--bootstrap", "50"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "bootstrap: 0 of 50 resamples" and lines[-1] == "bootstrap: 50 of 50 resamples"
+    assert len(lines) <= 11  # a line at each tenth at most
+    monkeypatch.setattr(cli, "_LONG_BOOTSTRAP", 10**12)
+    assert main(["evaluate", "--predictions", str(csv), "--bootstrap", "50"]) == 0
+    assert capsys.readouterr().err == ""  # short work: nothing on stderr
