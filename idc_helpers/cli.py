@@ -308,7 +308,8 @@ def run_predict(args: argparse.Namespace) -> int:
             raise
         raise OutputPathError(f"--out {out}: {exc.strerror or exc}") from exc
     print(f"Wrote {len(table):,} predictions ({table['patient_id'].nunique()} patients, "
-          f"{int(table['pred'].sum()):,} predicted IDC at threshold {run.threshold:.3f}) to {out}")
+          f"{int(table['pred'].sum()):,} predicted IDC at threshold {run.threshold:.3f}"
+          + (f"; with slide context at {params['threshold']:.3f}" if args.context else "") + f") to {out}")
     if index.problems:
         folders = " ".join(f"--data-dir {d}" for d in args.data_dir)
         print(f"{len(index.problems)} files are not patches and were skipped "
@@ -327,8 +328,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over patients (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--threshold", type=float, default=None,
-                   help="decide IDC when prob_idc >= THRESHOLD (default: the table's pred column, i.e. the run's "
-                        "threshold)")
+                   help="decide IDC when prob_idc >= THRESHOLD (default: the run's threshold, recorded in the "
+                        "table by `predict`)")
 
 
 class OutputPathError(UserError, OSError):
@@ -418,8 +419,8 @@ def _add_slide(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patient", required=True, help="patient id")
     p.add_argument("--out", required=True, help="image file to write (.png, .pdf, .svg, .jpg)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="decision threshold marked on the colour bar (default: the one the table's pred column "
-                        "implies)")
+                   help="decision threshold marked on the colour bar (default: the run's, recorded in the table by "
+                        "`predict`)")
 
 
 def run_slide(args: argparse.Namespace) -> int:
@@ -430,6 +431,7 @@ def run_slide(args: argparse.Namespace) -> int:
     from matplotlib.backend_bases import FigureCanvasBase
 
     from idc_helpers import plots, slides
+    from idc_helpers.metrics import stored_threshold
 
     out = Path(_check_out_file(args.out))
     formats = FigureCanvasBase.get_supported_filetypes()
@@ -448,7 +450,9 @@ def run_slide(args: argparse.Namespace) -> int:
     rows = slides.patient_rows(table, args.patient, str(source))
     mosaic = slides.slide_mosaic(rows, args.patient, scale=slides.scale_to_fit(rows, slides.CLI_MAX_SIDE),
                                  source=str(source))
-    threshold = args.threshold if args.threshold is not None else slides.decision_threshold(table)
+    recorded = stored_threshold(table)  # the run's threshold, written beside the decisions by `predict`
+    threshold = args.threshold if args.threshold is not None else \
+        recorded if recorded is not None else slides.decision_threshold(table)
 
     import matplotlib.pyplot as plt
 
@@ -463,8 +467,8 @@ def run_slide(args: argparse.Namespace) -> int:
     print(f"Patient {mosaic.patient_id}: {mosaic.n_patches:,} patches, {mosaic.n_idc:,} IDC; "
           f"patches span {width}x{height} slide px; figure written to {out}"
           + ("" if threshold is None else f"; threshold {threshold:.3f} marked on the colour bar"
-             + ("" if args.threshold is not None else " (the lowest prob_idc the table calls IDC; --threshold "
-                "gives another)")))
+             + ("" if args.threshold is not None else " (the run's, recorded in the predictions)"
+                if recorded is not None else " (the lowest prob_idc the table calls IDC; --threshold gives another)")))
     return 0
 
 

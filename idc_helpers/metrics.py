@@ -73,6 +73,29 @@ def pred_column(column: str) -> str:
     return "pred" + column[len("prob_idc"):] if column.startswith("prob_idc") else f"{column}_pred"
 
 
+def threshold_column(column: str) -> str:
+    """The column that records the threshold a probability column was decided at: ``prob_idc`` -> ``threshold``,
+    ``prob_idc_context`` -> ``threshold_context`` (written by ``predict`` beside the decisions)."""
+    return "threshold" + column[len("prob_idc"):] if column.startswith("prob_idc") else f"{column}_threshold"
+
+
+def stored_threshold(preds: pd.DataFrame, column: str = "prob_idc") -> float | None:
+    """The threshold a predictions table records for ``column`` (one value in its :func:`threshold_column`), or
+    ``None`` when the table has no such column, holds several values there, or its decisions disagree with it
+    (a table whose ``pred`` was replaced after ``predict`` wrote it)."""
+    name, decision = threshold_column(column), pred_column(column)
+    if name not in preds.columns or column not in preds.columns or len(preds) == 0:
+        return None
+    values = pd.unique(preds[name].to_numpy(dtype=np.float64))
+    if len(values) != 1 or not np.isfinite(values[0]):
+        return None
+    threshold = float(values[0])
+    if decision in preds.columns and \
+            not np.array_equal(preds[decision].to_numpy() == 1, preds[column].to_numpy(np.float64) >= threshold):
+        return None
+    return threshold
+
+
 def _labels_probs_preds(preds: pd.DataFrame, threshold: float | None,
                         column: str = "prob_idc") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels (int), probabilities (float) and 0/1 predictions, after checking values."""
@@ -86,6 +109,8 @@ def _labels_probs_preds(preds: pd.DataFrame, threshold: float | None,
     if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1:
         raise ValueError(f"column {column!r} must hold probabilities in [0, 1] (no NaN)")
     decision = pred_column(column)
+    if threshold is None:
+        threshold = stored_threshold(preds, column)  # the run's threshold, where the table records it
     if threshold is not None:
         predicted = (probs >= threshold).astype(np.int64)
     elif decision in preds.columns:
@@ -170,8 +195,8 @@ def evaluate(
         preds: one row per patch with ``patient_id``, ``label`` (0/1), ``prob_idc`` (in [0, 1]) and ``pred`` (0/1).
         n_bootstrap: patient resamples for the intervals (0 = no intervals).
         seed: seed of the resampling.
-        threshold: the decision threshold; predictions are ``prob_idc >= threshold`` (give the run's threshold, so
-            that the report records it). ``None``: the table's ``pred`` column decides.
+        threshold: the decision threshold; predictions are ``prob_idc >= threshold``. ``None``: the threshold the
+            table records (:func:`stored_threshold`, written by ``predict``), else its ``pred`` column decides.
         level: coverage of the percentile intervals.
         synthetic: whether the patches are synthetic demo data; written into the report as ``"synthetic"``.
         min_patients: fewer patients than this and the intervals are withheld (see the module docstring).
@@ -179,7 +204,7 @@ def evaluate(
 
     Returns:
         A JSON-ready dict: ``synthetic``, ``counts`` (patches, patients, idc, non_idc, idc_fraction), ``threshold``
-        (``None`` when the ``pred`` column decided), ``confusion_matrix`` (tn, fp, fn, tp), ``metrics`` (name ->
+        (``None`` when a ``pred`` column without a recorded threshold decided), ``confusion_matrix`` (tn, fp, fn, tp), ``metrics`` (name ->
         {value, ci_low, ci_high}; ``None`` where a metric is undefined, e.g. ROC AUC with one class, and where the
         interval is withheld) and ``bootstrap`` (unit, requested, used, skipped_one_class, seed, level, and
         ``withheld``: ``None`` or the reason no interval is given). A resample is skipped when its pooled patches
@@ -190,6 +215,7 @@ def evaluate(
     Precision and F1 follow sklearn's ``zero_division=0`` (0 when nothing is predicted IDC).
     """
     labels, probs, predicted = _labels_probs_preds(preds, threshold, column)
+    threshold = stored_threshold(preds, column) if threshold is None else threshold
     patient_ids = preds["patient_id"].astype(str).to_numpy()
     codes, uniques = pd.factorize(patient_ids)
     n_patients = len(uniques)
@@ -395,7 +421,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines += [
         f"{counts['patches']:,} patches from {counts['patients']} patients; "
         f"IDC {counts['idc']:,} ({counts['idc_fraction']:.1%}), non-IDC {counts['non_idc']:,}",
-        "Threshold: " + ("'pred' column" if report.get("threshold") is None else f"{report['threshold']:.4f}"),
+        "Threshold: " + ("none recorded (the table's decisions)" if report.get("threshold") is None
+                         else f"{report['threshold']:.3f}"),
         "",
     ]
     width = max(len(label) for label in METRIC_LABELS.values())
