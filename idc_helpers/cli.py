@@ -281,12 +281,12 @@ def run_predict(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite to replace it.")
     from idc_helpers import prediction
-    from idc_helpers.demo_data import SYNTHETIC_NOTICE, is_synthetic
+    from idc_helpers.demo_data import SYNTHETIC_LINE, is_synthetic
     from idc_helpers.patch_index import build_index
     from idc_helpers.run import load_run
 
     if any(is_synthetic(folder) for folder in args.data_dir):
-        print(SYNTHETIC_NOTICE, flush=True)
+        print(SYNTHETIC_LINE, flush=True)
     index = build_index(args.data_dir)
     run = load_run(run_dir)
     params = run.metrics.get("context") or {"unavailable": "its metrics hold none (a bare .keras file or an older run)"}

@@ -78,7 +78,9 @@ def resolve_data_dir(
     or ``~/.cache/idc_helpers``) and reused afterwards; it is kept out of ``./data`` so that it never blocks a
     later download there. Other download failures are raised (:class:`idc_helpers.kaggle_download.DownloadError`),
     not replaced by demo data: the user asked for the real data. ``expected_*`` define a complete copy (tests use
-    tiny ones). A synthetic result is announced with :data:`idc_helpers.demo_data.SYNTHETIC_NOTICE`.
+    tiny ones). Demo data chosen here is announced with :data:`idc_helpers.demo_data.SYNTHETIC_NOTICE` and a
+    ``Data:`` line; a synthetic folder that was named (argument or ``IDC_DATA_DIR``) with the one-line
+    :data:`idc_helpers.demo_data.SYNTHETIC_LINE`.
     """
     base = Path(cwd) if cwd is not None else Path.cwd()
     if explicit is not None and str(explicit) != "":
@@ -132,7 +134,12 @@ def _given_folder(path: Path, origin: str, named: str) -> DataSource:
             f"order: {LOOKUP_ORDER}."
         )
     if is_synthetic(path):
-        return _announce(DataSource(path, "demo", True, f"SYNTHETIC demo data in {path}, from {named}"))
+        from idc_helpers.demo_data import SYNTHETIC_LINE
+
+        source = DataSource(path, "demo", True, f"SYNTHETIC demo data in {path}, from {named}")
+        # The user named this folder (written with `demo-data`, which showed the whole notice): one line, not the banner.
+        print(f"Data: {source}. {SYNTHETIC_LINE}", flush=True)
+        return source
     return DataSource(path, origin, False, f"data in {path}, from {named}")
 
 

@@ -133,6 +133,22 @@ def test_runs_in_order_passes_paths_and_parameters(toy_series, tiny_dataset, tmp
     assert again[0].parents[1] != root and (root / "run" / "epochs.txt").read_text() == "2"
 
 
+def test_demo_chosen_for_the_user_is_not_passed_on(toy_series, tmp_path, monkeypatch):
+    """Without a data folder the notebooks find the demo by themselves, so none says "from the folder given"."""
+    for name in ("IDC_DATA_DIR", "KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    from idc_helpers import datasource
+
+    monkeypatch.setattr(datasource, "find_credentials", lambda: None)  # no ~/.kaggle credentials either
+    monkeypatch.setenv("IDC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    executed = run_notebooks(tmp_path / "out", notebook_dir=toy_series, notebooks=["01_a"], log=lambda m: None)
+    root = executed[0].parents[1]
+    assert json.loads((root / "from_01.json").read_text()) == [None, 0]
+    recorded = json.loads((root / "parameters.json").read_text())["data"]
+    assert recorded["synthetic"] is True and recorded["path"].startswith(str(tmp_path / "cache"))
+
+
 def test_a_failing_cell_names_notebook_and_cell(toy_series, tiny_dataset, tmp_path):
     with pytest.raises(NotebookFailed) as caught:
         run_notebooks(tmp_path / "out", data_dir=tiny_dataset, notebook_dir=toy_series, notebooks=["03_fails"],

@@ -87,10 +87,13 @@ def test_validate_names_the_problem(preds, breakage, message):
 def test_cli_train_then_predict(tmp_path, tmp_cache, capsys):
     data = tmp_path / "demo"
     assert main(["demo-data", str(data), "--patients", "5"]) == 0
+    assert "SYNTHETIC DEMO DATA" in capsys.readouterr().out
     run_dir = tmp_path / "run"
     assert main(["train", "--data-dir", str(data), "--out", str(run_dir), "--model", "seed_cnn", "--epochs", "1",
                  "--max-patches", "400", "--batch-size", "64"]) == 0
-    assert "SYNTHETIC" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # A synthetic folder the user named gets one line; the banner was shown once, by demo-data.
+    assert "SYNTHETIC" in out and "SYNTHETIC DEMO DATA" not in out
 
     # Training refuses to overwrite the run; exit status 2 and a message naming the fix.
     assert main(["train", "--data-dir", str(data), "--out", str(run_dir), "--epochs", "1"]) == 2
