@@ -1,4 +1,5 @@
-"""Which patches a figure shows: border patches that hold tissue, and the mistakes of the worst test patients.
+"""Which patches a figure shows: border patches that hold tissue, augmented views of a few patches as training sees
+them, and the mistakes of the worst test patients.
 
 Both return :class:`Examples`: the chosen rows, their ``(N, 50, 50, 3) uint8`` RGB patches (read without the
 cache: a gallery is a handful of files) and one short title per patch, ready for :func:`idc_helpers.plots.plot_patches`.
@@ -62,6 +63,21 @@ def border_examples(frame: pd.DataFrame, n: int = 8, *, seed: int = 0, pool: int
     titles = [f"{w}x{h}, class {c}" for w, h, c in chosen[["width", "height", "label"]].to_numpy()]
     return Examples(chosen.drop(columns="row").reset_index(drop=True), loaded.images[chosen["row"].to_numpy()],
                     titles)
+
+
+def augmented_views(images: np.ndarray, n_views: int = 5, *, seed: int = 0, strength: str = "mild") -> Examples:
+    """Each patch of ``images`` ``(N, 50, 50, 3) uint8`` followed by ``n_views`` random augmentations of it, as
+    training draws them (:func:`idc_helpers.pipeline.augment_batch`: a flip/rotation and stain jitter of
+    ``strength``); one row of ``n_views + 1`` per patch."""
+    from idc_helpers.pipeline import augment_batch
+
+    rows, titles = [], []
+    for i, image in enumerate(np.asarray(images, dtype=np.uint8)):
+        views = augment_batch(np.repeat(image[None], n_views, axis=0), [seed, i], strength=strength).numpy()
+        rows += [image, *np.clip(np.round(views), 0, 255).astype(np.uint8)]
+        titles += ["original"] + [f"augmented {k + 1}" for k in range(n_views)]
+    frame = pd.DataFrame({"source": np.repeat(np.arange(len(images)), n_views + 1)})
+    return Examples(frame, np.stack(rows) if rows else np.zeros((0, PATCH_SIZE, PATCH_SIZE, 3), np.uint8), titles)
 
 
 def worst_patients(per_patient: pd.DataFrame, n: int = 3, *, min_idc: int = 10) -> pd.DataFrame:

@@ -406,6 +406,30 @@ def pick_threshold(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | 
     raise ValueError(f"unknown criterion {criterion!r}: use 'f1' or 'youden'")
 
 
+def threshold_curve(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray,
+                    thresholds: Sequence[float] | np.ndarray | None = None) -> pd.DataFrame:
+    """Precision, recall (sensitivity), specificity and F1 of the IDC class at each threshold (predict IDC when
+    ``prob >= threshold``); default thresholds 0.00, 0.01, ..., 1.00. One row per threshold, in that order.
+
+    Precision is 1 where nothing is called IDC (no false alarm: the curve's usual convention) and F1 then 0.
+    """
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(probs, dtype=np.float64)
+    grid = np.linspace(0.0, 1.0, 101) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    # Counts at every threshold from the sorted scores: O(N log N), not one pass per threshold.
+    pos, neg = np.sort(s[y]), np.sort(s[~y])
+    tp = len(pos) - np.searchsorted(pos, grid, side="left")
+    fp = len(neg) - np.searchsorted(neg, grid, side="left")
+    called = tp + fp
+    precision = np.divide(tp, called, out=np.ones(len(grid)), where=called > 0)
+    recall = tp / len(pos) if len(pos) else np.full(len(grid), np.nan)
+    specificity = 1.0 - fp / len(neg) if len(neg) else np.full(len(grid), np.nan)
+    denominator = 2 * tp + fp + (len(pos) - tp)
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(len(grid)), where=denominator > 0)
+    return pd.DataFrame({"threshold": grid, "precision": precision, "recall": recall, "specificity": specificity,
+                         "f1": f1})
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 

@@ -289,6 +289,8 @@ def _prepare_output(series: _Series, out_dir: str | os.PathLike[str], log: Calla
         "OUT_DIR": str(run_root),
         "RUN_DIR": str(run_root / "run"),
         "PREDICTIONS": str(run_root / "predictions.csv"),
+        # Nobody moves a slider in a papermill run: the notebooks draw the static figure at the run's threshold.
+        "SLIDER": False,
     }
     # Each notebook gets the paths its parameters cell defines.
     runner = {name: {k: v for k, v in paths.items() if k in series.defined[name]} for name in series.names}

@@ -72,3 +72,13 @@ def test_patient_mistakes_are_the_most_confident_ones(tmp_path, monkeypatch):
     assert shown.frame["prob_idc"].tolist() == [0.1, 0.8]  # the surest miss, then the surest false alarm
     assert shown.titles[0] == "1: missed IDC\np 0.10 (t 0.50)" and "false alarm" in shown.titles[1]
     assert examples.patient_mistakes(preds, ["2"], per_patient=2).frame.empty  # patient 2 has no mistake
+
+
+def test_augmented_views_follow_each_original():
+    images = np.zeros((2, 50, 50, 3), np.uint8)
+    images[:, :10] = (200, 80, 150)  # a stained band at the top: flips and rotations move it
+    shown = examples.augmented_views(images, n_views=3, seed=0)
+    assert shown.images.shape == (8, 50, 50, 3) and shown.images.dtype == np.uint8
+    assert shown.titles[:4] == ["original", "augmented 1", "augmented 2", "augmented 3"]
+    assert (shown.images[0] == images[0]).all() and (shown.images[4] == images[1]).all()
+    assert any(not np.array_equal(view, images[0]) for view in shown.images[1:4])

@@ -207,6 +207,9 @@ def test_prepare_only_injects_ci_parameters_for_nbval(tiny_dataset, tmp_path):
     injected = next(c for c in training.cells if "injected-parameters" in c.metadata.get("tags", []))
     ci = load_params_file(params)
     assert f'RUN_DIR = "{root / "run"}"' in injected.source and f"EPOCHS = {ci['EPOCHS']}" in injected.source
+    for name in ("03_evaluation_and_gradcam", "04_whole_slide_heatmaps"):  # no slider without a screen
+        nb = nbformat.read(root / "notebooks" / f"{name}.ipynb", as_version=4)
+        assert "SLIDER = False" in next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])).source
 
 
 def test_a_regular_install_runs_the_series_from_any_folder(tmp_path, tiny_dataset):
