@@ -75,8 +75,8 @@ SMOKE_PARAMS = NOTEBOOK_DIR / "params" / "smoke.yaml"
 RUNNER_PARAMETERS: dict[str, tuple[str, ...]] = {
     "01_data_exploration": ("DATA_DIR", "OUT_DIR"),
     "02_training": ("DATA_DIR", "OUT_DIR", "RUN_DIR"),
-    "03_evaluation_and_gradcam": ("DATA_DIR", "OUT_DIR", "RUN_DIR", "PREDICTIONS"),
-    "04_whole_slide_heatmaps": ("OUT_DIR", "RUN_DIR", "PREDICTIONS"),
+    "03_evaluation_and_gradcam": ("DATA_DIR", "OUT_DIR", "RUN_DIR", "PREDICTIONS", "SLIDER"),
+    "04_whole_slide_heatmaps": ("OUT_DIR", "RUN_DIR", "PREDICTIONS", "SLIDER"),
 }
 # Set only by the runner: a parameters file may not move the outputs (use --out).
 _RESERVED = {"OUT_DIR", "RUN_DIR", "PREDICTIONS"}
