@@ -183,7 +183,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                    "saved after every epoch; `train --resume RUN_DIR` continues an interrupted run.")
     p.add_argument("--data-dir", action="append", default=None, metavar="DIR",
                    help="dataset folder; repeat it to train on several folders as one dataset "
-                        "(default: see README, 'Where data comes from')")
+                        "(default: see docs/data.md, 'Where the data comes from')")
     p.add_argument("--out", default=None, metavar="RUN_DIR",
                    help="run folder to create (refuses to overwrite an existing one)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -481,7 +481,7 @@ def _add_run_notebooks(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny parameters: a few minutes on a CPU")
     p.add_argument("--params", default=None, help="YAML or JSON file of parameters for every notebook")
     p.add_argument("--out", default="outputs", help="folder for executed notebooks, figures and metrics (default ./outputs)")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default: see README, 'Where data comes from')")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: see docs/data.md, 'Where the data comes from')")
     p.add_argument("--notebooks", default=None, metavar="DIR",
                    help="folder holding the notebook series and its params/ (default: this checkout's notebooks/, "
                         "or the copy installed with the package)")
