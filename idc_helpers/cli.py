@@ -286,7 +286,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from idc_helpers.run import load_run
 
     if any(is_synthetic(folder) for folder in args.data_dir):
-        print(SYNTHETIC_LINE, flush=True)
+        print(f"SYNTHETIC demo data: {SYNTHETIC_LINE}", flush=True)
     index = build_index(args.data_dir)
     run = load_run(run_dir)
     params = run.metrics.get("context") or {"unavailable": "its metrics hold none (a bare .keras file or an older run)"}

@@ -84,7 +84,7 @@ def resolve_data_dir(
     """
     base = Path(cwd) if cwd is not None else Path.cwd()
     if explicit is not None and str(explicit) != "":
-        return _given_folder(base / Path(explicit).expanduser(), "argument", f"the folder given ({explicit})")
+        return _given_folder(base / Path(explicit).expanduser(), "argument", "the folder given")
     env_value = os.environ.get(DATA_DIR_ENV)
     if env_value:
         return _given_folder(base / Path(env_value).expanduser(), DATA_DIR_ENV, f"{DATA_DIR_ENV}={env_value}")
@@ -138,7 +138,7 @@ def _given_folder(path: Path, origin: str, named: str) -> DataSource:
 
         source = DataSource(path, "demo", True, f"SYNTHETIC demo data in {path}, from {named}")
         # The user named this folder (written with `demo-data`, which showed the whole notice): one line, not the banner.
-        print(f"Data: {source}. {SYNTHETIC_LINE}", flush=True)
+        print(f"Data: {source}: {SYNTHETIC_LINE}", flush=True)
         return source
     return DataSource(path, origin, False, f"data in {path}, from {named}")
 

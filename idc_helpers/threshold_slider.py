@@ -9,6 +9,7 @@ threshold, which is what papermill and nbval record.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -82,8 +83,6 @@ class ThresholdView:
             f"{self.report['counts']['patients']} patients"
         fig.suptitle(f"Threshold {threshold:.2f} ({who}, {self.report['counts']['patches']:,} patches): {scores}"
                      f"\nThe run chose {self.threshold:.2f} on its validation patients", fontsize="medium")
-        if self.synthetic:
-            plots.mark_synthetic(fig)
         return fig
 
     def widget(self):
@@ -98,6 +97,8 @@ class ThresholdView:
 
         def redraw(change: Any = None) -> None:
             fig = self.figure(slider.value)
+            if self.synthetic:
+                plots.mark_synthetic(fig)
             with output:
                 output.clear_output(wait=True)
                 display(fig)
@@ -107,8 +108,9 @@ class ThresholdView:
         redraw()
         return widgets.VBox([slider, output])
 
-    def show(self, interactive: bool = True) -> None:
-        """Display the slider (``interactive`` and ipywidgets installed) or the static figure at the run's threshold."""
+    def show(self, interactive: bool = True, *, save_to: str | os.PathLike[str] | None = None) -> None:
+        """Display the slider (``interactive`` and ipywidgets installed) or the static figure at the run's threshold,
+        written to ``save_to`` too when given (:func:`idc_helpers.plots.save_figure`)."""
         import matplotlib.pyplot as plt
         from IPython.display import display
 
@@ -116,5 +118,9 @@ class ThresholdView:
             display(self.widget())
             return
         fig = self.figure(self.threshold)
+        if save_to is not None:
+            plots.save_figure(fig, save_to, synthetic=self.synthetic)
+        elif self.synthetic:
+            plots.mark_synthetic(fig)
         display(fig)
         plt.close(fig)  # shown once, not again by the inline backend at the end of the cell

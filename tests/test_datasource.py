@@ -66,7 +66,7 @@ def test_demo_folder_given_explicitly_is_synthetic_and_announced(work, tiny_data
     assert "the folder given" in source.description
     out = capsys.readouterr().out
     # Named by the user (who wrote it with `demo-data` and saw the notice there): one line, not the 18-line banner.
-    assert SYNTHETIC_NOTICE not in out and out.splitlines() == [f"Data: {source}. {SYNTHETIC_LINE}"]
+    assert SYNTHETIC_NOTICE not in out and out.splitlines() == [f"Data: {source}: {SYNTHETIC_LINE}"]
 
 
 def test_missing_folder_message_describes_the_whole_look_up_order(work):

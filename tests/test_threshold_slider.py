@@ -47,14 +47,14 @@ def test_curve_figure_marks_the_chosen_threshold():
     assert f"chosen 0.40: F1 {f1:.2f}" in labels and "now 0.60" in labels and "0.5" in labels
 
 
-def test_static_path_draws_the_runs_threshold(monkeypatch):
+def test_static_path_draws_the_runs_threshold(monkeypatch, tmp_path):
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
     view = threshold_slider.ThresholdView(_preds(0.4), synthetic=True)
-    view.show(interactive=False)
+    view.show(interactive=False, save_to=tmp_path / "t.png")
     assert view.threshold == 0.4 and view.drawn == [0.4]  # the threshold the predictions record
     assert len(shown) == 1 and "Threshold 0.40" in shown[0].get_suptitle()
-    assert plots.SYNTHETIC_MARK in shown[0].get_suptitle()
+    assert shown[0].get_suptitle().count(plots.SYNTHETIC_MARK) == 1 and (tmp_path / "t.png").is_file()
     assert view.report["confusion_matrix"] == evaluate(_preds(0.4), n_bootstrap=0)["confusion_matrix"]
 
 
