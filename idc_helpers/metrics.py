@@ -411,7 +411,7 @@ def threshold_curve(labels: Sequence[int] | np.ndarray, probs: Sequence[float] |
     """Precision, recall (sensitivity), specificity and F1 of the IDC class at each threshold (predict IDC when
     ``prob >= threshold``); default thresholds 0.00, 0.01, ..., 1.00. One row per threshold, in that order.
 
-    Precision is 1 where nothing is called IDC (no false alarm: the curve's usual convention) and F1 then 0.
+    Precision is NaN where nothing is called IDC (undefined, so a plot leaves a gap) and F1 then 0.
     """
     y = np.asarray(labels).astype(bool)
     s = np.asarray(probs, dtype=np.float64)
@@ -421,7 +421,7 @@ def threshold_curve(labels: Sequence[int] | np.ndarray, probs: Sequence[float] |
     tp = len(pos) - np.searchsorted(pos, grid, side="left")
     fp = len(neg) - np.searchsorted(neg, grid, side="left")
     called = tp + fp
-    precision = np.divide(tp, called, out=np.ones(len(grid)), where=called > 0)
+    precision = np.divide(tp, called, out=np.full(len(grid), np.nan), where=called > 0)
     recall = tp / len(pos) if len(pos) else np.full(len(grid), np.nan)
     specificity = 1.0 - fp / len(neg) if len(neg) else np.full(len(grid), np.nan)
     denominator = 2 * tp + fp + (len(pos) - tp)

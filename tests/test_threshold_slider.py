@@ -35,6 +35,8 @@ def test_threshold_curve_is_sklearns_at_every_threshold():
         assert row.f1 == pytest.approx(skm.f1_score(preds["label"], called, zero_division=0))
         if called.any():
             assert row.precision == pytest.approx(skm.precision_score(preds["label"], called))
+        else:
+            assert np.isnan(row.precision)  # undefined: nothing called IDC
     assert len(threshold_curve(preds["label"], preds["prob_idc"])) == 101
 
 
