@@ -252,7 +252,7 @@ def _panel_height(mosaic: SlideMosaic, panel_width: float) -> float:
     """Figure height for panels ``panel_width`` inches wide: the image at its aspect (about 1.1 in of the width goes
     to tick labels and a colour bar), plus room for a title above and a legend below."""
     h, w = mosaic.truth.shape
-    return min(max((panel_width - 1.1) * h / w, 1.5), 2.2 * panel_width) + 1.6
+    return min(max((panel_width - 1.1) * h / w, 1.5), 2.2 * panel_width) + 2.0
 
 
 def threshold_colormap(threshold: float, n: int = 256):
