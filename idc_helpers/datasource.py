@@ -133,14 +133,16 @@ def _given_folder(path: Path, origin: str, named: str) -> DataSource:
             f"with `python -m idc_helpers demo-data --out DIR`, or leave it unset: data is then looked up in this "
             f"order: {LOOKUP_ORDER}."
         )
+    # A folder passed as an argument needs no "from": the caller knows; the variable is worth naming.
+    where = "" if origin == "argument" else f", from {named}"
     if is_synthetic(path):
         from idc_helpers.demo_data import SYNTHETIC_LINE
 
-        source = DataSource(path, "demo", True, f"SYNTHETIC demo data in {path}, from {named}")
+        source = DataSource(path, "demo", True, f"SYNTHETIC demo data in {path}{where}")
         # The user named this folder (written with `demo-data`, which showed the whole notice): one line, not the banner.
         print(f"Data: {source}: {SYNTHETIC_LINE}", flush=True)
         return source
-    return DataSource(path, origin, False, f"data in {path}, from {named}")
+    return DataSource(path, origin, False, f"data in {path}{where}")
 
 
 def _announce(source: DataSource) -> DataSource:

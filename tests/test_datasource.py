@@ -63,7 +63,7 @@ def test_demo_folder_given_explicitly_is_synthetic_and_announced(work, tiny_data
     (tiny_dataset / DEMO_MARKER).write_text("synthetic")
     source = resolve_data_dir(tiny_dataset, cwd=work)
     assert source.origin == "demo" and source.synthetic and "SYNTHETIC" in source.description
-    assert "the folder given" in source.description
+    assert source.description == f"SYNTHETIC demo data in {tiny_dataset}"  # the caller named it
     out = capsys.readouterr().out
     # Named by the user (who wrote it with `demo-data` and saw the notice there): one line, not the 18-line banner.
     assert SYNTHETIC_NOTICE not in out and out.splitlines() == [f"Data: {source}: {SYNTHETIC_LINE}"]
