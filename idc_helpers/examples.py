@@ -17,6 +17,7 @@ import pandas as pd
 from idc_helpers import PATCH_SIZE
 from idc_helpers.loader import load_patches
 from idc_helpers.metrics import outcomes, stored_threshold
+from idc_helpers.plots import probability_text
 
 #: A pixel more saturated than this (HSV saturation, 0-255) counts as tissue: haematoxylin and eosin stain it purple
 #: and pink, while glass, the slide's edge and dust are grey.
@@ -108,8 +109,9 @@ def patient_mistakes(preds: pd.DataFrame, patients: Sequence[str], per_patient: 
         chosen.append(pd.concat([missed.head(take_missed), alarms.head(per_patient - take_missed)]))
     rows = pd.concat(chosen) if chosen else table.head(0)
     loaded = load_patches(rows, use_cache=False)
-    at = "" if threshold is None else f" (t {threshold:.2f})"
     short = {"false negative": "missed IDC", "false positive": "false alarm"}
-    titles = [f"{pid}: {short[o]}\np {p:.2f}{at}" for pid, o, p in
+    close = threshold is not None and any(round(p, 2) == round(threshold, 2) for p in loaded.frame["prob_idc"])
+    at = "" if threshold is None else f" (t {threshold:.3f})" if close else f" (t {threshold:.2f})"
+    titles = [f"{pid}: {short[o]}\np {probability_text(p, threshold)}{at}" for pid, o, p in
               loaded.frame[["patient_id", "outcome", "prob_idc"]].to_numpy()]
     return Examples(loaded.frame.reset_index(drop=True), loaded.images, titles)

@@ -29,6 +29,14 @@ SYNTHETIC_MARK = "SYNTHETIC DATA: not tissue, numbers mean nothing clinically"
 OUTCOMES = ("true positive", "false positive", "false negative", "true negative")
 
 
+def probability_text(prob: float, threshold: float | None = None) -> str:
+    """``prob`` with two decimals, or three where two would print it equal to ``threshold`` (0.031 against
+    0.033 must not read as "0.03, threshold 0.03")."""
+    if threshold is not None and round(prob, 2) == round(threshold, 2) and prob != threshold:
+        return f"{prob:.3f}"
+    return f"{prob:.2f}"
+
+
 def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     if ax is not None:
         return ax.figure, ax
@@ -387,10 +395,13 @@ def plot_gradcam_outcomes(examples: pd.DataFrame, images: np.ndarray, heatmaps: 
     groups = [(name, list(np.flatnonzero(outcome == name))) for name in OUTCOMES if (outcome == name).any()]
     if not groups:
         raise ValueError("no examples to draw")
-    titles = [f"p(IDC)={p:.2f}\npatient {pid}" for p, pid in zip(examples["prob_idc"], examples["patient_id"])]
+    titles = [f"p(IDC)={probability_text(p, threshold)}\npatient {pid}"
+              for p, pid in zip(examples["prob_idc"], examples["patient_id"])]
     n_cols = max(len(members) for _, members in groups)
     rule = {"true positive": ">=", "false positive": ">=", "false negative": "<", "true negative": "<"}
-    rows = [f"{n}s" + ("" if threshold is None else f"\np {rule[n]} {threshold:.2f}") for n, _ in groups]
+    shown = None if threshold is None else probability_text(threshold, threshold + 0.001) if any(
+        round(p, 2) == round(threshold, 2) for p in examples["prob_idc"]) else f"{threshold:.2f}"
+    rows = [f"{n}s" + ("" if threshold is None else f"\np {rule[n]} {shown}") for n, _ in groups]
     fig = _gradcam_grid(np.asarray(images), np.asarray(heatmaps), titles, rows, [m for _, m in groups], n_cols,
                         alpha)
     called = "" if threshold is None else f"\nCalled IDC when p(IDC) >= {threshold:.2f}, the run's threshold"

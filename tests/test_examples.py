@@ -82,3 +82,14 @@ def test_augmented_views_follow_each_original():
     assert shown.titles[:4] == ["original", "augmented 1", "augmented 2", "augmented 3"]
     assert (shown.images[0] == images[0]).all() and (shown.images[4] == images[1]).all()
     assert any(not np.array_equal(view, images[0]) for view in shown.images[1:4])
+
+
+def test_a_probability_beside_its_threshold_gets_a_third_decimal(tmp_path):
+    assert plots.probability_text(0.031, 0.033) == "0.031" and plots.probability_text(0.5, 0.033) == "0.50"
+    preds = _preds()
+    preds["path"] = [str(write_patch(tmp_path / p.lstrip("/"), np.zeros((50, 50, 3), np.uint8)))
+                     for p in preds["path"]]
+    preds = preds.assign(prob_idc=preds["prob_idc"].replace(0.1, 0.031), threshold=0.033)
+    preds["pred"] = (preds["prob_idc"] >= 0.033).astype(int)
+    shown = examples.patient_mistakes(preds, ["1"], per_patient=2)
+    assert shown.titles[0] == "1: missed IDC\np 0.031 (t 0.033)"
