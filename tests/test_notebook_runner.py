@@ -253,6 +253,14 @@ def test_smoke_run_of_the_series_on_demo_data(tmp_path, monkeypatch):
         assert not errors, path.name
     assert (root / "run" / "model.keras").is_file()
     assert (root / "predictions.csv").is_file() and (root / "metrics.json").is_file()
+    printed = {path.stem[:2]: "".join(o.get("text", "") for c in nbformat.read(path, as_version=4).cells
+                                      if c.cell_type == "code" for o in c.outputs) for path in executed}
+    # The data is named once per notebook; a folder that was given gets the one-line notice, not the banner.
+    assert printed["01"].count("Data: ") == 1 and "SYNTHETIC demo data in" in printed["01"]
+    assert "SYNTHETIC DEMO DATA  -" not in printed["01"] + printed["02"]
+    assert "from the folder given" not in printed["01"] + printed["02"]
+    figures_of = {p.name for p in (root / "figures").glob("*.png")}
+    assert {"02_threshold.png", "02_augmentation.png", "03_threshold.png", "03_worst_patients.png"} <= figures_of
     figures = {p.name for p in (root / "figures").glob("*.png")}
     assert {"01_patients_and_classes.png", "02_learning_curves.png", "03_roc_pr_confusion.png"} <= figures
     assert any(name.startswith("04_slide_") for name in figures)
