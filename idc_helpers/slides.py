@@ -304,7 +304,9 @@ def _draw_probability(axis: Axes, mosaic: SlideMosaic, threshold: float | None, 
                    + (f"\nred: called IDC (p >= {threshold:.2f})" if split else ""), fontsize="medium")
     # An inset colour bar follows the image's own height (the axes box around an equal-aspect image is taller).
     bar = axis.figure.colorbar(image, cax=axis.inset_axes([1.03, 0.0, 0.045, 1.0], label="<colorbar>"))
-    bar.set_label(_BAR_NAMES.get(mosaic.value_column, name) + (", linear scale" if split else ""), fontsize="small")
+    # Named on top, not along its side, where the label would sit beside the next panel's axis.
+    bar.ax.set_title(_BAR_NAMES.get(mosaic.value_column, name) + ("\nlinear" if split else ""), fontsize="x-small",
+                     loc="left")
     bar.ax.tick_params(labelsize="x-small")
     handles = []
     if _outline(axis, mosaic, np.nan_to_num(mosaic.truth, nan=0.0) > 0, colors="black"):

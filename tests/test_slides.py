@@ -207,7 +207,7 @@ def test_threshold_is_marked_on_the_colour_bar(slide_table):
     assert below[0, 2] > below[0, 0] and above[0, 0] > above[0, 2]  # blue just below the threshold, red above
     # The colour bar is linear (0.5 halfway up), not stretched so that the threshold sits in the middle.
     assert prob.norm(0.5) == pytest.approx(0.5) and prob.norm(0.3) == pytest.approx(0.3)
-    assert "linear scale" in bar.get_ylabel()
+    assert "linear" in bar.get_title(loc="left")
     # Legends lie under the panels, outside the tissue.
     for axis in (fig.axes[1], fig.axes[2]):
         anchor = axis.get_legend().get_bbox_to_anchor().transformed(axis.transAxes.inverted())
