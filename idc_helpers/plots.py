@@ -404,7 +404,7 @@ def plot_gradcam_outcomes(examples: pd.DataFrame, images: np.ndarray, heatmaps: 
     rows = [f"{n}s" + ("" if threshold is None else f"\np {rule[n]} {shown}") for n, _ in groups]
     fig = _gradcam_grid(np.asarray(images), np.asarray(heatmaps), titles, rows, [m for _, m in groups], n_cols,
                         alpha)
-    called = "" if threshold is None else f"\nCalled IDC when p(IDC) >= {threshold:.2f}, the run's threshold"
+    called = "" if threshold is None else f"\nCalled IDC when p(IDC) >= {shown}, the run's threshold"
     fig.suptitle("Grad-CAM of the IDC logit: one colour scale for every map (blue = no evidence for IDC)" + called,
                  fontsize="medium")
     return fig
