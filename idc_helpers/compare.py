@@ -14,8 +14,13 @@ from typing import Any, Protocol, Sequence
 
 import pandas as pd
 
+from idc_helpers.errors import UserError
 from idc_helpers.run import CONFIG_FILE, load_run, partial_dir
 from idc_helpers.training import train
+
+
+class CompareError(UserError, ValueError):
+    """The run beside a run was trained on other patients, so the two cannot be compared."""
 
 
 class _RunLike(Protocol):
@@ -40,7 +45,11 @@ def train_alongside(base: _RunLike, run_dir: str | os.PathLike[str], model_name:
     """
     out = sibling_run_dir(run_dir, model_name)
     if (out / CONFIG_FILE).is_file():
-        return load_run(out)
+        finished = load_run(out)
+        if finished.split != base.config["split"]["patients"]:
+            raise CompareError(f"{out} holds a {model_name} run on other patients than the run it should be compared "
+                               "with; choose another RUN_DIR (runs are never overwritten).")
+        return finished
     args = base.config["arguments"]
     resume = (partial_dir(out) / CONFIG_FILE).is_file()
     return train(args["data_dirs"], out, model_name=model_name, epochs=args["epochs"], split=args["split"],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from idc_helpers.compare import compare_runs, sibling_run_dir, train_alongside
+import pytest
+
+from idc_helpers.compare import CompareError, compare_runs, sibling_run_dir, train_alongside
 from idc_helpers.demo_data import write_demo_dataset
 from idc_helpers.training import train
 
@@ -22,3 +24,11 @@ def test_train_alongside_uses_the_same_patients_and_is_not_trained_twice(tmp_pat
     assert table["parameters"].tolist() == [105_234, 105_234]
     assert table.loc[0, "val roc auc"] == base.metrics["validation"]["roc_auc"]
     assert table.loc[1, "threshold"] == other.metrics["threshold"]
+
+    # A sibling trained on other patients (another test patient held out) is refused, not compared.
+    other_test = [p for p in base.split["train"]][:1]
+    other_split = train(data, tmp_path / "other", model_name="seed_cnn", epochs=1, batch_size=32, seed=3,
+                        test_patients=other_test, verbose=0)
+    assert other_split.split != base.split
+    with pytest.raises(CompareError, match="other patients"):
+        train_alongside(other_split, tmp_path / "run", "seed_cnn", verbose=0)
