@@ -191,7 +191,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                    "saved after every epoch; `train --resume RUN_DIR` continues an interrupted run.")
     p.add_argument("--data-dir", action="append", default=None, metavar="DIR",
                    help="dataset folder; repeat it to train on several folders as one dataset "
-                        "(default: see README, 'Where data comes from')")
+                        "(default: see docs/data.md, 'Where the data comes from')")
     p.add_argument("--out", default=None, metavar="RUN_DIR",
                    help="run folder to create (refuses to overwrite an existing one)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -293,12 +293,12 @@ def run_predict(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite to replace it.")
     from idc_helpers import prediction
-    from idc_helpers.demo_data import SYNTHETIC_NOTICE, is_synthetic
+    from idc_helpers.demo_data import SYNTHETIC_LINE, is_synthetic
     from idc_helpers.patch_index import build_index
     from idc_helpers.run import load_run
 
     if any(is_synthetic(folder) for folder in args.data_dir):
-        print(SYNTHETIC_NOTICE, flush=True)
+        print(f"SYNTHETIC demo data: {SYNTHETIC_LINE}", flush=True)
     index = build_index(args.data_dir)
     run = load_run(run_dir)
     params = run.metrics.get("context") or {"unavailable": "its metrics hold none (a bare .keras file or an older run)"}
@@ -320,7 +320,8 @@ def run_predict(args: argparse.Namespace) -> int:
             raise
         raise _output_failed(out, exc) from exc
     print(f"Wrote {len(table):,} predictions ({table['patient_id'].nunique()} patients, "
-          f"{int(table['pred'].sum()):,} predicted IDC at threshold {run.threshold:.3f}) to {out}")
+          f"{int(table['pred'].sum()):,} predicted IDC at threshold {run.threshold:.3f}"
+          + (f"; with slide context at {params['threshold']:.3f}" if args.context else "") + f") to {out}")
     if index.problems:
         folders = " ".join(f"--data-dir {d}" for d in args.data_dir)
         print(f"{len(index.problems)} files are not patches and were skipped "
@@ -340,8 +341,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
                    help="bootstrap resamples over patients (default 1000)")
     p.add_argument("--seed", type=arg_type("seed"), default=0, help="bootstrap seed")
     p.add_argument("--threshold", type=arg_type("threshold"), default=None,
-                   help="decide IDC when prob_idc >= THRESHOLD (default: the table's pred column, i.e. the run's "
-                        "threshold)")
+                   help="decide IDC when prob_idc >= THRESHOLD (default: the run's threshold, recorded in the "
+                        "table by `predict`)")
 
 
 class OutputPathError(UserError, OSError):
@@ -467,15 +468,14 @@ def _add_slide(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patient", required=True, help="patient id")
     p.add_argument("--out", required=True, help="image file to write (.png, .pdf, .svg, .jpg)")
     p.add_argument("--threshold", type=arg_type("threshold"), default=None,
-                   help="decision threshold marked on the colour bar (default: the one the table's pred column "
-                        "implies)")
+                   help="decision threshold marked on the colour bar (default: the run's, recorded in the table by "
+                        "`predict`)")
 
 
 def run_slide(args: argparse.Namespace) -> int:
     """``python -m idc_helpers slide``: one patient's slide with IDC overlays, into an image file (atomically)."""
     from pathlib import Path
 
-    import pandas as pd
     from matplotlib.backend_bases import FigureCanvasBase
 
     from idc_helpers import plots, slides
@@ -491,6 +491,7 @@ def run_slide(args: argparse.Namespace) -> int:
     rows = patient.rows
     mosaic = slides.slide_mosaic(rows, args.patient, scale=slides.scale_to_fit(rows, slides.CLI_MAX_SIDE),
                                  source=str(source))
+    # The run's threshold, recorded in the table by `predict` (else the one its decisions imply).
     threshold = args.threshold if args.threshold is not None else patient.threshold
 
     import matplotlib.pyplot as plt
@@ -506,8 +507,8 @@ def run_slide(args: argparse.Namespace) -> int:
     print(f"Patient {mosaic.patient_id}: {mosaic.n_patches:,} patches, {mosaic.n_idc:,} IDC; "
           f"patches span {width}x{height} slide px; figure written to {out}"
           + ("" if threshold is None else f"; threshold {threshold:.3f} marked on the colour bar"
-             + ("" if args.threshold is not None else " (the lowest prob_idc the table calls IDC; --threshold "
-                "gives another)")))
+             + ("" if args.threshold is not None else " (the run's, recorded in the predictions)"
+                if patient.recorded else " (the lowest prob_idc the table calls IDC; --threshold gives another)")))
     return 0
 
 
@@ -520,7 +521,7 @@ def _add_run_notebooks(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny parameters: a few minutes on a CPU")
     p.add_argument("--params", default=None, help="YAML or JSON file of parameters for every notebook")
     p.add_argument("--out", default="outputs", help="folder for executed notebooks, figures and metrics (default ./outputs)")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default: see README, 'Where data comes from')")
+    p.add_argument("--data-dir", default=None, help="dataset folder (default: see docs/data.md, 'Where the data comes from')")
     p.add_argument("--notebooks", default=None, metavar="DIR",
                    help="folder holding the notebook series and its params/ (default: this checkout's notebooks/, "
                         "or the copy installed with the package)")

@@ -13,7 +13,8 @@ API (all functions take a predictions table with at least ``patient_id, x, y, pr
     whole_slide_patients(table, min_neighbours=4, min_share=0.5, min_patches=25) -> list[str]
     fit_context(val_table, sigmas=DEFAULT_SIGMAS, window=None, criterion="f1", tune_on="all", ...) -> dict
                                                          # JSON-able params
-    apply_context(table, params) -> DataFrame            # copy + columns prob_idc_context (float), pred_context (0/1)
+    apply_context(table, params) -> DataFrame            # copy + prob_idc_context (float), pred_context (0/1),
+                                                         # threshold_context (the threshold, every row)
     ContextError (UserError): no tuning patient (or one class only), bad parameters, missing columns
 
 ``fit_context`` returns e.g. ``{"method": "gaussian_grid", "version": 1, "grid_px": 50, "sigma": 2.0,
@@ -266,10 +267,12 @@ def check_params(params: Mapping[str, Any]) -> None:
 
 
 def apply_context(table: pd.DataFrame, params: Mapping[str, Any], column: str = "prob_idc") -> pd.DataFrame:
-    """A copy of ``table`` with ``prob_idc_context`` (float64, smoothed ``column``) and ``pred_context``
-    (int8, ``prob_idc_context >= params["threshold"]``) added; ``params`` comes from :func:`fit_context`."""
+    """A copy of ``table`` with ``prob_idc_context`` (float64, smoothed ``column``), ``pred_context``
+    (int8, ``prob_idc_context >= params["threshold"]``) and ``threshold_context`` (that threshold, on every row)
+    added; ``params`` comes from :func:`fit_context`."""
     check_params(params)
     out = table.copy()
     out["prob_idc_context"] = smooth_probs(table, float(params["sigma"]), int(params["window"]), column)
     out["pred_context"] = (out["prob_idc_context"] >= float(params["threshold"])).astype(np.int8)
+    out["threshold_context"] = float(params["threshold"])
     return out

@@ -78,11 +78,13 @@ def resolve_data_dir(
     or ``~/.cache/idc_helpers``) and reused afterwards; it is kept out of ``./data`` so that it never blocks a
     later download there. Other download failures are raised (:class:`idc_helpers.kaggle_download.DownloadError`),
     not replaced by demo data: the user asked for the real data. ``expected_*`` define a complete copy (tests use
-    tiny ones). A synthetic result is announced with :data:`idc_helpers.demo_data.SYNTHETIC_NOTICE`.
+    tiny ones). Demo data chosen here is announced with :data:`idc_helpers.demo_data.SYNTHETIC_NOTICE` and a
+    ``Data:`` line; a synthetic folder that was named (argument or ``IDC_DATA_DIR``) with the one-line
+    :data:`idc_helpers.demo_data.SYNTHETIC_LINE`.
     """
     base = Path(cwd) if cwd is not None else Path.cwd()
     if explicit is not None and str(explicit) != "":
-        return _given_folder(base / Path(explicit).expanduser(), "argument", f"the folder given ({explicit})")
+        return _given_folder(base / Path(explicit).expanduser(), "argument", "the folder given")
     env_value = os.environ.get(DATA_DIR_ENV)
     if env_value:
         return _given_folder(base / Path(env_value).expanduser(), DATA_DIR_ENV, f"{DATA_DIR_ENV}={env_value}")
@@ -131,9 +133,16 @@ def _given_folder(path: Path, origin: str, named: str) -> DataSource:
             f"with `python -m idc_helpers demo-data --out DIR`, or leave it unset: data is then looked up in this "
             f"order: {LOOKUP_ORDER}."
         )
+    # A folder passed as an argument needs no "from": the caller knows; the variable is worth naming.
+    where = "" if origin == "argument" else f", from {named}"
     if is_synthetic(path):
-        return _announce(DataSource(path, "demo", True, f"SYNTHETIC demo data in {path}, from {named}"))
-    return DataSource(path, origin, False, f"data in {path}, from {named}")
+        from idc_helpers.demo_data import SYNTHETIC_LINE
+
+        source = DataSource(path, "demo", True, f"SYNTHETIC demo data in {path}{where}")
+        # The user named this folder (written with `demo-data`, which showed the whole notice): one line, not the banner.
+        print(f"Data: {source}: {SYNTHETIC_LINE}", flush=True)
+        return source
+    return DataSource(path, origin, False, f"data in {path}{where}")
 
 
 def _announce(source: DataSource) -> DataSource:

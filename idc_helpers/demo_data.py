@@ -69,6 +69,10 @@ def _banner(lines: list[str]) -> str:
 
 SYNTHETIC_NOTICE: str = _banner(_NOTICE_LINES)
 
+#: One line for a synthetic folder the user named (the banner above is shown where the demo data is written, or
+#: chosen for a user who named no data): a reminder, not the whole explanation again.
+SYNTHETIC_LINE: str = "not tissue, not patients; numbers and figures made from it mean nothing clinically."
+
 # Reference stain vectors in optical-density space (RGB), as in Macenko et al. 2009's normalisation reference:
 # haematoxylin absorbs red and green (nuclei look blue-purple), eosin mostly green (stroma looks pink).
 _H_REF = np.array([0.5626, 0.7201, 0.4062])

@@ -84,6 +84,29 @@ def pred_column(column: str) -> str:
     return "pred" + column[len("prob_idc"):] if column.startswith("prob_idc") else f"{column}_pred"
 
 
+def threshold_column(column: str) -> str:
+    """The column that records the threshold a probability column was decided at: ``prob_idc`` -> ``threshold``,
+    ``prob_idc_context`` -> ``threshold_context`` (written by ``predict`` beside the decisions)."""
+    return "threshold" + column[len("prob_idc"):] if column.startswith("prob_idc") else f"{column}_threshold"
+
+
+def stored_threshold(preds: pd.DataFrame, column: str = "prob_idc") -> float | None:
+    """The threshold a predictions table records for ``column`` (one value in its :func:`threshold_column`), or
+    ``None`` when the table has no such column, holds several values there, or its decisions disagree with it
+    (a table whose ``pred`` was replaced after ``predict`` wrote it)."""
+    name, decision = threshold_column(column), pred_column(column)
+    if name not in preds.columns or column not in preds.columns or len(preds) == 0:
+        return None
+    values = pd.unique(preds[name].to_numpy(dtype=np.float64))
+    if len(values) != 1 or not np.isfinite(values[0]):
+        return None
+    threshold = float(values[0])
+    if decision in preds.columns and \
+            not np.array_equal(preds[decision].to_numpy() == 1, preds[column].to_numpy(np.float64) >= threshold):
+        return None
+    return threshold
+
+
 def _labels_probs_preds(preds: pd.DataFrame, threshold: float | None,
                         column: str = "prob_idc") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels (int), probabilities (float) and 0/1 predictions, after checking values."""
@@ -97,6 +120,8 @@ def _labels_probs_preds(preds: pd.DataFrame, threshold: float | None,
     if not np.isfinite(probs).all() or probs.min() < 0 or probs.max() > 1:
         raise ValueError(f"column {column!r} must hold probabilities in [0, 1] (no NaN)")
     decision = pred_column(column)
+    if threshold is None:
+        threshold = stored_threshold(preds, column)  # the run's threshold, where the table records it
     if threshold is not None:
         predicted = (probs >= threshold).astype(np.int64)
     elif decision in preds.columns:
@@ -238,8 +263,8 @@ def evaluate(
         preds: one row per patch with ``patient_id``, ``label`` (0/1), ``prob_idc`` (in [0, 1]) and ``pred`` (0/1).
         n_bootstrap: patient resamples for the intervals (0 = no intervals).
         seed: seed of the resampling.
-        threshold: the decision threshold; predictions are ``prob_idc >= threshold`` (give the run's threshold, so
-            that the report records it). ``None``: the table's ``pred`` column decides.
+        threshold: the decision threshold; predictions are ``prob_idc >= threshold``. ``None``: the threshold the
+            table records (:func:`stored_threshold`, written by ``predict``), else its ``pred`` column decides.
         level: coverage of the percentile intervals.
         synthetic: whether the patches are synthetic demo data; written into the report as ``"synthetic"``.
         min_patients: fewer patients than this and the intervals are withheld (see the module docstring).
@@ -248,7 +273,7 @@ def evaluate(
 
     Returns:
         A JSON-ready dict: ``synthetic``, ``counts`` (patches, patients, idc, non_idc, idc_fraction), ``threshold``
-        (``None`` when the ``pred`` column decided), ``confusion_matrix`` (tn, fp, fn, tp), ``metrics`` (name ->
+        (``None`` when a ``pred`` column without a recorded threshold decided), ``confusion_matrix`` (tn, fp, fn, tp), ``metrics`` (name ->
         {value, ci_low, ci_high}; ``None`` where a metric is undefined, e.g. ROC AUC with one class, and where the
         interval is withheld) and ``bootstrap`` (unit, requested, used, skipped_one_class, seed, level, and
         ``withheld``: ``None`` or the reason no interval is given). A resample is skipped when its pooled patches
@@ -261,6 +286,7 @@ def evaluate(
     Precision and F1 follow sklearn's ``zero_division=0`` (0 when nothing is predicted IDC).
     """
     labels, probs, predicted = _labels_probs_preds(preds, threshold, column)
+    threshold = stored_threshold(preds, column) if threshold is None else threshold
     patient_ids = preds["patient_id"].astype(str).to_numpy()
     codes, uniques = pd.factorize(patient_ids)
     n_patients = len(uniques)
@@ -459,6 +485,30 @@ def pick_threshold(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | 
     raise ValueError(f"unknown criterion {criterion!r}: use 'f1' or 'youden'")
 
 
+def threshold_curve(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray,
+                    thresholds: Sequence[float] | np.ndarray | None = None) -> pd.DataFrame:
+    """Precision, recall (sensitivity), specificity and F1 of the IDC class at each threshold (predict IDC when
+    ``prob >= threshold``); default thresholds 0.00, 0.01, ..., 1.00. One row per threshold, in that order.
+
+    Precision is NaN where nothing is called IDC (undefined, so a plot leaves a gap) and F1 then 0.
+    """
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(probs, dtype=np.float64)
+    grid = np.linspace(0.0, 1.0, 101) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    # Counts at every threshold from the sorted scores: O(N log N), not one pass per threshold.
+    pos, neg = np.sort(s[y]), np.sort(s[~y])
+    tp = len(pos) - np.searchsorted(pos, grid, side="left")
+    fp = len(neg) - np.searchsorted(neg, grid, side="left")
+    called = tp + fp
+    precision = np.divide(tp, called, out=np.full(len(grid), np.nan), where=called > 0)
+    recall = tp / len(pos) if len(pos) else np.full(len(grid), np.nan)
+    specificity = 1.0 - fp / len(neg) if len(neg) else np.full(len(grid), np.nan)
+    denominator = 2 * tp + fp + (len(pos) - tp)
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(len(grid)), where=denominator > 0)
+    return pd.DataFrame({"threshold": grid, "precision": precision, "recall": recall, "specificity": specificity,
+                         "f1": f1})
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
@@ -474,7 +524,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines += [
         f"{counts['patches']:,} patches from {counts['patients']} patients; "
         f"IDC {counts['idc']:,} ({counts['idc_fraction']:.1%}), non-IDC {counts['non_idc']:,}",
-        "Threshold: " + ("'pred' column" if report.get("threshold") is None else f"{report['threshold']:.4f}"),
+        "Threshold: " + ("none recorded (the table's decisions)" if report.get("threshold") is None
+                         else f"{report['threshold']:.3f}"),
         "",
     ]
     width = max(len(label) for label in METRIC_LABELS.values())

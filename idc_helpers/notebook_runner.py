@@ -76,8 +76,8 @@ SMOKE_PARAMS = NOTEBOOK_DIR / "params" / "smoke.yaml"
 RUNNER_PARAMETERS: dict[str, tuple[str, ...]] = {
     "01_data_exploration": ("DATA_DIR", "OUT_DIR"),
     "02_training": ("DATA_DIR", "OUT_DIR", "RUN_DIR"),
-    "03_evaluation_and_gradcam": ("DATA_DIR", "OUT_DIR", "RUN_DIR", "PREDICTIONS"),
-    "04_whole_slide_heatmaps": ("OUT_DIR", "RUN_DIR", "PREDICTIONS"),
+    "03_evaluation_and_gradcam": ("DATA_DIR", "OUT_DIR", "RUN_DIR", "PREDICTIONS", "SLIDER"),
+    "04_whole_slide_heatmaps": ("OUT_DIR", "RUN_DIR", "PREDICTIONS", "SLIDER"),
 }
 # Set only by the runner: a parameters file may not move the outputs (use --out).
 _RESERVED = {"OUT_DIR", "RUN_DIR", "PREDICTIONS"}
@@ -294,17 +294,22 @@ def _prepare_output(series: _Series, out_dir: str | os.PathLike[str], log: Calla
     if not source.synthetic:
         log(f"Data: {source}")
     run_root = fresh_output_dir(out_dir)
+    # Data the notebooks find by themselves (the demo, chosen because no folder was named) is not passed on: a
+    # notebook then says where its data came from as it would when opened by hand, not "from the folder given".
+    chosen_for_user = source.synthetic and series.data_dir is None
     paths = {
-        "DATA_DIR": str(Path(source.path).resolve()),
+        "DATA_DIR": None if chosen_for_user else str(Path(source.path).resolve()),
         "OUT_DIR": str(run_root),
         "RUN_DIR": str(run_root / "run"),
         "PREDICTIONS": str(run_root / "predictions.csv"),
+        # Nobody moves a slider in a papermill run: the notebooks draw the static figure at the run's threshold.
+        "SLIDER": False,
     }
     # Each notebook gets the paths its parameters cell defines.
     runner = {name: {k: v for k, v in paths.items() if k in series.defined[name]} for name in series.names}
     plan = plan_parameters(series.overrides, series.defined, runner, source=_label(series.files))
     write_json(run_root / "parameters.json", {
-        "data": {"path": paths["DATA_DIR"], "origin": source.origin, "synthetic": bool(source.synthetic)},
+        "data": {"path": str(Path(source.path).resolve()), "origin": source.origin, "synthetic": bool(source.synthetic)},
         "parameter_files": [str(f) for f in series.files], "notebooks": plan,
     })
     log(f"Output folder: {run_root}")

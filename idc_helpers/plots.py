@@ -29,6 +29,14 @@ SYNTHETIC_MARK = "SYNTHETIC DATA: not tissue, numbers mean nothing clinically"
 OUTCOMES = ("true positive", "false positive", "false negative", "true negative")
 
 
+def probability_text(prob: float, threshold: float | None = None) -> str:
+    """``prob`` with two decimals, or three where two would print it equal to ``threshold`` (0.031 against
+    0.033 must not read as "0.03, threshold 0.03")."""
+    if threshold is not None and round(prob, 2) == round(threshold, 2) and prob != threshold:
+        return f"{prob:.3f}"
+    return f"{prob:.2f}"
+
+
 def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
     if ax is not None:
         return ax.figure, ax
@@ -149,6 +157,28 @@ def plot_confusion(data: Mapping[str, Any] | pd.DataFrame, *, ax: Axes | None = 
     return fig
 
 
+def plot_threshold_curve(curve: pd.DataFrame, *, chosen: float | None = None, current: float | None = None,
+                         ax: Axes | None = None, title: str = "F1, precision and recall against the threshold"
+                         ) -> Figure:
+    """F1, precision and recall of the IDC class against the decision threshold, from
+    :func:`idc_helpers.metrics.threshold_curve`; ``chosen`` (the run's threshold) is marked with its F1, 0.5 is
+    marked for comparison, and ``current`` (a slider's value) as a solid line."""
+    fig, ax = _new_axes(ax, (6.0, 4.0))
+    for name, style in (("f1", "-"), ("precision", "--"), ("recall", ":")):
+        ax.plot(curve["threshold"], curve[name], style, lw=2 if name == "f1" else 1.5, label=name.replace("f1", "F1"))
+    ax.axvline(0.5, color="grey", lw=1, ls="-.", label="0.5")
+    if chosen is not None:
+        f1 = float(np.interp(chosen, curve["threshold"], curve["f1"]))
+        ax.plot([chosen], [f1], "o", color="crimson", ms=8, zorder=5, label=f"chosen {chosen:.2f}: F1 {f1:.2f}")
+    if current is not None:
+        ax.axvline(current, color="black", lw=1.5, label=f"now {current:.2f}")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="threshold (IDC when p(IDC) >= threshold)", ylabel="score",
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="best")
+    return fig
+
+
 def plot_patients_and_classes(patients: pd.DataFrame) -> Figure:
     """Patches per patient (stacked IDC / non-IDC, sorted) and the histogram of the patients' IDC shares, from
     :func:`idc_helpers.patch_index.patient_table`."""
@@ -167,9 +197,16 @@ def plot_patients_and_classes(patients: pd.DataFrame) -> Figure:
 
 
 def plot_patches(images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str] | None = None, *,
-                 n_cols: int = 8, title: str | None = None) -> Figure:
-    """A grid of ``(50, 50, 3)`` uint8 patches with one small title each."""
+                 n_cols: int = 8, title: str | None = None,
+                 sizes: Sequence[tuple[int, int]] | None = None) -> Figure:
+    """A grid of ``(50, 50, 3)`` uint8 patches with one small title each.
+
+    ``sizes``: each patch's size in its file, ``(width, height)`` in pixels; where it is smaller than 50x50, the
+    padding the loader added is hatched and the file's own edge drawn as a dashed line, so that a reader sees where
+    the tissue ends and the padding starts.
+    """
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     n = len(images)
     n_cols = max(1, min(n_cols, n))
@@ -179,11 +216,19 @@ def plot_patches(images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str
     for ax in axes.flat[n:]:
         ax.axis("off")
     for i, (ax, image) in enumerate(zip(axes.flat, images)):
-        ax.imshow(image)
+        ax.imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
         # A thin frame shows the whole 50x50 input, so that white padding reads as part of the patch.
         ax.set(xticks=[], yticks=[])
         for spine in ax.spines.values():
             spine.set_color("grey")
+        if sizes is not None:
+            width, height = (int(v) for v in sizes[i])
+            full_w, full_h = image.shape[1], image.shape[0]
+            for x, y, w, h in ((width, 0, full_w - width, full_h), (0, height, width, full_h - height)):
+                if w > 0 and h > 0:
+                    ax.add_patch(Rectangle((x, y), w, h, fill=False, hatch="///", edgecolor="silver", lw=0))
+            if (width, height) != (full_w, full_h):
+                ax.add_patch(Rectangle((0, 0), width, height, fill=False, edgecolor="tab:blue", ls="--", lw=1.5))
         if titles is not None:
             ax.set_title(titles[i], fontsize=8)
     if title:
@@ -217,38 +262,35 @@ def selection_rule(history: Mapping[str, Sequence[float]], monitor: str) -> str:
 
 def plot_history(history: Mapping[str, Sequence[float]], *, monitor: str = "val_loss",
                  best_epoch: int | None = None) -> Figure:
-    """Learning curves: loss and accuracy (training beside validation), and the validation scores that chose the
-    kept epoch, with that epoch marked and the rule named in plain words (:func:`selection_rule`).
+    """Learning curves: the loss (training beside validation), and the validation scores that chose the kept epoch,
+    with that epoch marked and the rule named in plain words (:func:`selection_rule`).
 
     ``history``: ``history.json`` of a run or Keras ``History.history`` (name -> one value per epoch). ``monitor``:
     the name the run selected on (``config.json``'s ``monitor``); ``best_epoch`` (1-based, ``metrics.json``): the
-    kept epoch; default: the best ``monitor`` value. Validation accuracy is ``val_accuracy`` when the history has it,
-    else the balanced accuracy at threshold 0.5 (``val_balanced_accuracy``).
+    kept epoch; default: the best ``monitor`` value. The validation F1 is each epoch's F1 at the threshold chosen on
+    the validation patients that epoch (``val_f1``), which is how the kept model is used. Accuracy is left out on
+    purpose: training accuracy is measured on augmented, class-weighted batches, and any validation accuracy at a
+    fixed 0.5 says little about a model whose threshold is chosen elsewhere.
     """
     import matplotlib.pyplot as plt
 
-    val_accuracy = next((k for k in ("val_accuracy", "val_balanced_accuracy") if k in history), None)
     panels: list[tuple[str, list[tuple[str, str]]]] = [
-        ("loss", [("loss", "training"), ("val_loss", "validation")]),
-        ("accuracy", [("accuracy", "training (augmented, class-weighted)"),
-                      (val_accuracy or "", "validation" + (" balanced accuracy at 0.5"
-                                                           if val_accuracy == "val_balanced_accuracy" else ""))]),
+        ("loss", [("loss", "training (augmented, class-weighted)"), ("val_loss", "validation")]),
+        ("validation patients: what picks the epoch",
+         [("val_auc", "ROC AUC"), (monitor, f"{monitor} (selects)"), ("val_f1", "F1 at that epoch's threshold")]),
     ]
-    selection = [(k, label) for k, label in (("val_auc", "validation ROC AUC"), (monitor, f"{monitor} (selects)"))
-                 if k in history and not any(k == name for _, curves in panels for name, _ in curves)]
-    if selection:
-        panels.append(("what picks the epoch", list(dict(selection).items())))
-    panels = [(t, [(k, lab) for k, lab in curves if k in history]) for t, curves in panels]
+    panels = [(t, list(dict((k, lab) for k, lab in curves if k in history and not (t != "loss" and k == "val_loss")
+                            ).items())) for t, curves in panels]
     panels = [(t, curves) for t, curves in panels if curves]
     if not panels:
         raise ValueError("history has no metric to plot")
     best = best_epoch or _best_epoch(history, monitor)
     rule = selection_rule(history, monitor)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), layout="constrained", squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), layout="constrained", squeeze=False)
     for ax, (title, curves) in zip(axes[0], panels):
         for (key, label), style in zip(curves, ("o-", "s-", "^-")):
             values = np.asarray(history[key], dtype=float)
-            ax.plot(np.arange(1, len(values) + 1), values, style, ms=3, label=label)
+            ax.plot(np.arange(1, len(values) + 1), values, style, ms=4, label=label)
         if best is not None:
             ax.axvline(best, color="grey", ls=":", lw=1.5, label=f"kept: epoch {best}")
         ax.set(title=title, xlabel="epoch")
@@ -340,21 +382,29 @@ def plot_gradcam(images: np.ndarray, heatmaps: np.ndarray, *, titles: Sequence[s
 
 
 def plot_gradcam_outcomes(examples: pd.DataFrame, images: np.ndarray, heatmaps: np.ndarray, *,
-                          alpha: float = 0.4) -> Figure:
+                          alpha: float = 0.4, threshold: float | None = None) -> Figure:
     """Grad-CAM of example patches grouped by outcome (rows: true/false positives/negatives), all on one scale.
 
     ``examples``: rows of :func:`idc_helpers.metrics.confident_examples` (``outcome``, ``prob_idc``, ``patient_id``)
     aligned with ``images`` and ``heatmaps``. One colour scale for the whole figure, so that a patch in which the
     model found little IDC evidence (a confident true negative) shows a faint map, not its own "hot" spots.
+    ``threshold``: the decision threshold, named in the title and in each row's label (a false negative at
+    p(IDC) = 0.7 is one only because the run's threshold is higher).
     """
     outcome = examples["outcome"].to_numpy()
     groups = [(name, list(np.flatnonzero(outcome == name))) for name in OUTCOMES if (outcome == name).any()]
     if not groups:
         raise ValueError("no examples to draw")
-    titles = [f"p(IDC)={p:.2f}\npatient {pid}" for p, pid in zip(examples["prob_idc"], examples["patient_id"])]
+    titles = [f"p(IDC)={probability_text(p, threshold)}\npatient {pid}"
+              for p, pid in zip(examples["prob_idc"], examples["patient_id"])]
     n_cols = max(len(members) for _, members in groups)
-    fig = _gradcam_grid(np.asarray(images), np.asarray(heatmaps), titles, [f"{n}s" for n, _ in groups],
-                        [m for _, m in groups], n_cols, alpha)
-    fig.suptitle("Grad-CAM of the IDC logit: one colour scale for every map (blue = no evidence for IDC)",
+    rule = {"true positive": ">=", "false positive": ">=", "false negative": "<", "true negative": "<"}
+    shown = None if threshold is None else probability_text(threshold, threshold + 0.001) if any(
+        round(p, 2) == round(threshold, 2) for p in examples["prob_idc"]) else f"{threshold:.2f}"
+    rows = [f"{n}s" + ("" if threshold is None else f"\np {rule[n]} {shown}") for n, _ in groups]
+    fig = _gradcam_grid(np.asarray(images), np.asarray(heatmaps), titles, rows, [m for _, m in groups], n_cols,
+                        alpha)
+    called = "" if threshold is None else f"\nCalled IDC when p(IDC) >= {shown}, the run's threshold"
+    fig.suptitle("Grad-CAM of the IDC logit: one colour scale for every map (blue = no evidence for IDC)" + called,
                  fontsize="medium")
     return fig

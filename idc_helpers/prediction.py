@@ -9,11 +9,15 @@ x, y        int     1-based top-left pixel of the patch in the patient's slide
 label       int     true class from the file name (1 = IDC)
 prob_idc    float   the model's IDC probability in [0, 1]
 pred        int     ``prob_idc >= threshold`` (the run's threshold, chosen on validation patients)
+threshold   float   that threshold, the same on every row: the table carries the number it was decided at
 =========== ======= ================================================================
+
+``threshold`` is optional when reading (tables written before it existed decide by ``pred`` alone); where it is
+present, ``pred`` must agree with it. ``evaluate``, ``slide`` and the notebooks report this number.
 
 ``predict --context`` adds :data:`CONTEXT_COLUMNS`: ``prob_idc_context`` (the probability smoothed with the
 patch's neighbours on the slide, :mod:`idc_helpers.context`) and ``pred_context`` (at the context threshold
-chosen on the validation patients). Figures from them use the slide, not the patch alone.
+chosen on the validation patients, recorded in ``threshold_context``). Figures from them use the slide, not the patch alone.
 
 ``python -m idc_helpers predict --run RUN_DIR --data-dir DIR --out preds.csv`` writes it for every patch of a
 folder in the Kaggle layout (patients the model never saw, or a subset of the run's split with ``--subset``).
@@ -33,6 +37,7 @@ from idc_helpers.atomic import atomic_path
 from idc_helpers.errors import UserError
 from idc_helpers.inference import predict_probs
 from idc_helpers.loader import load_patches
+from idc_helpers.metrics import pred_column, threshold_column
 from idc_helpers.run import Run, load_run
 from idc_helpers.validation import InvalidInputError, check_patient_ids, check_table
 
@@ -55,8 +60,11 @@ PREDICTION_COLUMNS = ["path", "patient_id", "x", "y", "label", "prob_idc", "pred
 CONTEXT_COLUMNS = ["prob_idc_context", "pred_context"]
 #: Columns read as text whatever they hold (the other columns are checked as numbers after reading).
 TEXT_COLUMNS = {"path": str, "patient_id": str}
+#: The thresholds the decisions were made at, one value per table (optional when reading older tables).
+THRESHOLD_COLUMNS = ["threshold", "threshold_context"]
 _DTYPES = {"path": str, "patient_id": str, "x": np.int32, "y": np.int32, "label": np.int8, "prob_idc": np.float64,
-           "pred": np.int8, "prob_idc_context": np.float64, "pred_context": np.int8}
+           "pred": np.int8, "prob_idc_context": np.float64, "pred_context": np.int8, "threshold": np.float64,
+           "threshold_context": np.float64}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -94,6 +102,7 @@ def predict_frame(
     table = table.astype({"path": str, "patient_id": str, "x": np.int32, "y": np.int32, "label": np.int8})
     table["prob_idc"] = probs.astype(np.float64)
     table["pred"] = (probs >= threshold).astype(np.int8)
+    table["threshold"] = threshold
     return table.reset_index(drop=True)
 
 
@@ -109,10 +118,11 @@ def validate_predictions(df: pd.DataFrame, source: str = "predictions table") ->
     """Check a predictions table and return it with the dtypes of the format; raise :class:`PredictionsError` naming
     ``source`` and what is wrong.
 
-    Every column of :data:`PREDICTION_COLUMNS` (and :data:`CONTEXT_COLUMNS`, which come together) is checked value by
-    value by :func:`idc_helpers.validation.check_table`: text paths and patient ids of sane length, coordinates whole
-    numbers of at least 1, ``label`` and ``pred`` in {0, 1}, probabilities in [0, 1] without NaN; then one row per
-    path.
+    Every column of :data:`PREDICTION_COLUMNS` (and :data:`CONTEXT_COLUMNS`, which come together, and
+    :data:`THRESHOLD_COLUMNS`) is checked value by value by :func:`idc_helpers.validation.check_table`: text paths
+    and patient ids of sane length, coordinates whole numbers of at least 1, ``label`` and ``pred`` in {0, 1},
+    probabilities and thresholds in [0, 1] without NaN; then, where the table records a threshold, one value that
+    its decisions agree with; then one row per path.
     """
     missing = [c for c in PREDICTION_COLUMNS if c not in df.columns]
     if missing:
@@ -125,11 +135,32 @@ def validate_predictions(df: pd.DataFrame, source: str = "predictions table") ->
     except InvalidInputError as exc:
         raise PredictionsError(str(exc)) from None
     df = df.astype({c: t for c, t in _DTYPES.items() if c in df.columns and c not in ("path", "patient_id")})
+    problems = [p for prob in ("prob_idc", *context[:1]) for p in _threshold_problems(df, prob)]
+    if problems:
+        raise PredictionsError(f"{source}: {'; '.join(problems)}")
     duplicated = df["path"][df["path"].duplicated()]
     if len(duplicated):
         raise PredictionsError(f"{source}: {len(duplicated)} duplicated paths, one row per patch expected "
                                f"(e.g. {duplicated.iloc[0]})")
     return df
+
+
+def _threshold_problems(df: pd.DataFrame, prob: str) -> list[str]:
+    """What is wrong with the threshold column recorded for ``prob`` (none when the table has no such column)."""
+    name, decision = threshold_column(prob), pred_column(prob)
+    if name not in df.columns:
+        return []
+    if not pd.api.types.is_float_dtype(df[name]):
+        return [f"column {name!r} must be float (dtype {df[name].dtype})"]
+    values = pd.unique(df[name])
+    if len(df) and (len(values) != 1 or not 0.0 <= float(values[0]) <= 1.0):
+        return [f"column {name!r} must hold one threshold in [0, 1] on every row (found {values[:3].tolist()})"]
+    if pd.api.types.is_float_dtype(df[prob]) and pd.api.types.is_integer_dtype(df[decision]) and len(df):
+        wrong = int(((df[prob] >= float(values[0])).astype(int) != df[decision]).sum())
+        if wrong:
+            return [f"{wrong} rows of {decision!r} disagree with {prob} >= {name} ({float(values[0]):.3f}); "
+                    f"write the table again with `python -m idc_helpers predict`"]
+    return []
 
 
 def write_predictions(df: pd.DataFrame, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -140,7 +171,8 @@ def write_predictions(df: pd.DataFrame, path: str | os.PathLike[str], *, overwri
     validate_predictions(df)
     with atomic_path(path) as tmp:
         # Full precision (shortest repr): `prob_idc >= threshold` must give the same `pred` after reading back.
-        df[PREDICTION_COLUMNS + [c for c in CONTEXT_COLUMNS if c in df.columns]].to_csv(tmp, index=False)
+        columns = PREDICTION_COLUMNS + [c for c in CONTEXT_COLUMNS + THRESHOLD_COLUMNS if c in df.columns]
+        df[columns].to_csv(tmp, index=False)
     return path
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.errors import UserError
+from idc_helpers.metrics import stored_threshold
 from idc_helpers.validation import InvalidInputError, check_table
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ CHUNK_ROWS = 200_000
 
 
 # The words for a probability column on a figure.
+_BAR_NAMES = {"prob_idc": "p(IDC)", "prob_idc_context": "p(IDC) with slide context"}
 _VALUE_NAMES = {"prob_idc": "predicted IDC probability", "prob_idc_context": "IDC probability with slide context"}
 
 
@@ -143,11 +145,13 @@ def _no_such_patient(patient_id: str, known: Sequence[str], source: str) -> None
 
 @dataclass
 class PatientTable:
-    """One patient's rows of a predictions file (checked by :func:`patient_rows`) and the decision threshold the
-    whole file's decisions imply (:func:`decision_threshold`; None without ``prob_idc`` and ``pred``)."""
+    """One patient's rows of a predictions file (checked by :func:`patient_rows`) and the file's decision threshold:
+    the run's, which ``predict`` records in the table (``recorded`` True), else the one its decisions imply
+    (:func:`decision_threshold`; None without ``prob_idc`` and ``pred``)."""
 
     rows: pd.DataFrame
     threshold: float | None
+    recorded: bool = False
 
 
 def read_patient_rows(path: str | Path, patient_id: str) -> PatientTable:
@@ -158,7 +162,7 @@ def read_patient_rows(path: str | Path, patient_id: str) -> PatientTable:
     if not Path(path).is_file():
         raise SlideError(f"{source}: no such file; write one with `python -m idc_helpers predict` (or pass any CSV "
                          "with path, patient_id, x, y, label)")
-    parts, known, implied, start = [], set(), [], 1
+    parts, known, implied, recorded, start = [], set(), [], [], 1
     try:
         for chunk in pd.read_csv(path, dtype={"patient_id": str, "path": str}, chunksize=CHUNK_ROWS,
                                  float_precision="round_trip"):
@@ -167,6 +171,7 @@ def read_patient_rows(path: str | Path, patient_id: str) -> PatientTable:
             known.update(chunk["patient_id"].unique().tolist())
             parts.append(chunk[chunk["patient_id"] == str(patient_id)])
             implied.append(decision_threshold(chunk))
+            recorded.append(stored_threshold(chunk))
     except InvalidInputError as exc:
         raise SlideError(str(exc)) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
@@ -174,8 +179,11 @@ def read_patient_rows(path: str | Path, patient_id: str) -> PatientTable:
     rows = pd.concat(parts)
     if rows.empty:
         _no_such_patient(patient_id, known, source)
+    rows = patient_rows(rows, patient_id, source)
+    if recorded and None not in recorded and len(set(recorded)) == 1:
+        return PatientTable(rows, recorded[0], recorded=True)
     thresholds = [t for t in implied if t is not None]
-    return PatientTable(patient_rows(rows, patient_id, source), min(thresholds) if thresholds else None)
+    return PatientTable(rows, min(thresholds) if thresholds else None)
 
 
 def _check_size(rows: pd.DataFrame, width: int, height: int, scale: float, source: str) -> None:
@@ -302,9 +310,14 @@ def decision_threshold(table: pd.DataFrame, value_column: str = "prob_idc", pred
     return None if called.empty else float(called.min())
 
 
+#: Width of a slide figure in inches: about 1,000 px where a notebook shows it (100 dpi).
+FIGURE_WIDTH = 10.5
+
+
 def _slide_axes(mosaic: SlideMosaic, ax: Axes | Sequence[Axes] | None, n_panels: int,
-                panel_width: float) -> tuple[Figure, list[Axes]]:
-    """The given axes (one per panel), or a new figure sized for the slide's aspect."""
+                panel_width: float | None) -> tuple[Figure, list[Axes]]:
+    """The given axes (one per panel), or a new figure sized for the slide's aspect, :data:`FIGURE_WIDTH` wide
+    unless ``panel_width`` (inches) says otherwise."""
     import matplotlib.pyplot as plt
 
     if ax is not None:
@@ -312,13 +325,38 @@ def _slide_axes(mosaic: SlideMosaic, ax: Axes | Sequence[Axes] | None, n_panels:
         if len(axes) != n_panels:
             raise ValueError(f"{n_panels} panels need {n_panels} axes, got {len(axes)}")
         return axes[0].figure, axes
-    h, w = mosaic.truth.shape
-    # About 0.6 in of each panel's width goes to tick labels (and as much to a colour bar, where there is one); the
-    # height is sized for the widest image, so that a panel without a colour bar does not push its title off the top.
-    panel_height = min(max((panel_width - 0.6) * h / w, 1.5), 2.2 * panel_width)
-    fig, axes = plt.subplots(1, n_panels, figsize=(panel_width * n_panels + 1.0, panel_height + 1.3),
+    panel_width = panel_width or (FIGURE_WIDTH - 0.5) / n_panels
+    fig, axes = plt.subplots(1, n_panels, figsize=(panel_width * n_panels + 0.5,
+                                                   _panel_height(mosaic, panel_width)),
                              squeeze=False, layout="constrained")
     return fig, list(axes[0])
+
+
+def _panel_height(mosaic: SlideMosaic, panel_width: float) -> float:
+    """Figure height for panels ``panel_width`` inches wide: the image at its aspect (about 1.1 in of the width goes
+    to tick labels and a colour bar), plus room for a title above and a legend below."""
+    h, w = mosaic.truth.shape
+    return min(max((panel_width - 1.1) * h / w, 1.5), 2.2 * panel_width) + 2.0
+
+
+def threshold_colormap(threshold: float, n: int = 256):
+    """A colour map for probabilities on a *linear* 0-1 scale whose colours change at ``threshold``: blues below
+    it (darkest at 0), reds from it (darkest at 1), palest at the threshold itself."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    base = colormaps["coolwarm"]
+    values = np.linspace(0.0, 1.0, n)
+    below = 0.5 * values / threshold
+    above = 0.5 + 0.5 * (values - threshold) / (1.0 - threshold)
+    return ListedColormap(base(np.where(values < threshold, np.minimum(below, 0.499), np.maximum(above, 0.501))),
+                          name=f"split_at_{threshold:.3f}")
+
+
+def _legend_below(axis: Axes, handles: list) -> None:
+    """A legend under the axes (never over the tissue)."""
+    axis.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(handles),
+                fontsize="small", frameon=False)
 
 
 def _outline(axis: Axes, mosaic: SlideMosaic, mask: np.ndarray, **style) -> bool:
@@ -333,45 +371,54 @@ def _outline(axis: Axes, mosaic: SlideMosaic, mask: np.ndarray, **style) -> bool
 
 
 def _draw_probability(axis: Axes, mosaic: SlideMosaic, threshold: float | None, title: str | None) -> None:
-    """The probability panel: colours over faded tissue, split at ``threshold``, with the decision outlined."""
-    from matplotlib.colors import Normalize, TwoSlopeNorm
+    """The probability panel: colours over faded tissue, split at ``threshold`` on a linear colour bar, with the
+    decision outlined."""
+    from matplotlib.colors import Normalize
     from matplotlib.lines import Line2D
 
     # Faded grey tissue underneath so that the colours read as probabilities, not as stain.
     axis.imshow(cv2.cvtColor(mosaic.image, cv2.COLOR_RGB2GRAY), cmap="gray", vmin=-200, vmax=255,
                 extent=mosaic.extent)
     split = threshold is not None and 0.0 < threshold < 1.0
-    norm = TwoSlopeNorm(vmin=0.0, vcenter=threshold, vmax=1.0) if split else Normalize(0.0, 1.0)
-    image = axis.imshow(np.ma.masked_invalid(mosaic.prob), cmap="coolwarm" if split else "jet", norm=norm,
+    cmap = threshold_colormap(threshold) if split else "viridis"
+    image = axis.imshow(np.ma.masked_invalid(mosaic.prob), cmap=cmap, norm=Normalize(0.0, 1.0),
                         alpha=0.75 if split else 0.6, extent=mosaic.extent, interpolation="nearest")
     name = _VALUE_NAMES.get(mosaic.value_column, mosaic.value_column)
-    axis.set_title(title or (name[0].upper() + name[1:]
-                             + (f"\nred: called IDC (p >= {threshold:.2f}), blue: not" if split else "")))
-    bar = axis.figure.colorbar(image, ax=axis, label=name, shrink=0.8, pad=0.02)
+    axis.set_title(title or ("Predicted p(IDC)" if mosaic.value_column == "prob_idc" else name[0].upper() + name[1:])
+                   + (f"\nred: called IDC (p >= {threshold:.2f})" if split else ""), fontsize="medium")
+    # An inset colour bar follows the image's own height (the axes box around an equal-aspect image is taller).
+    bar = axis.figure.colorbar(image, cax=axis.inset_axes([1.03, 0.0, 0.045, 1.0], label="<colorbar>"))
+    # Named on top, not along its side, where the label would sit beside the next panel's axis.
+    bar.ax.set_title(_BAR_NAMES.get(mosaic.value_column, name) + ("\nlinear" if split else ""), fontsize="x-small",
+                     loc="left")
+    bar.ax.tick_params(labelsize="x-small")
     handles = []
     if _outline(axis, mosaic, np.nan_to_num(mosaic.truth, nan=0.0) > 0, colors="black"):
         handles.append(Line2D([], [], color="black", lw=1.2, label="true IDC outline"))
     if split:
-        bar.set_ticks([0.0, threshold, 1.0], labels=["0", f"threshold {threshold:.2f}", "1"])
+        # The colour bar is linear: its colours change at the threshold, wherever that lies.
+        ticks = [t for t in (0.0, 0.25, 0.5, 0.75, 1.0) if abs(t - threshold) > 0.07]
+        bar.set_ticks([*ticks, threshold], labels=[f"{t:g}" for t in ticks] + [f"threshold {threshold:.2f}"])
         bar.ax.axhline(threshold, color="black", lw=2)
         # The decision beside the probability: pale patches just above the threshold are called IDC too.
         if _outline(axis, mosaic, np.nan_to_num(mosaic.prob, nan=0.0) >= threshold, colors="darkred",
                     linestyles="dashed"):
             handles.append(Line2D([], [], color="darkred", lw=1.2, ls="--", label="called IDC"))
     if handles:
-        axis.legend(handles=handles, loc="upper right", fontsize="small")
+        _legend_below(axis, handles)
 
 
 def plot_slide(mosaic: SlideMosaic, *, ax: Axes | Sequence[Axes] | None = None,
                show: Sequence[str] = ("tissue", "truth", "prob"), threshold: float | None = None,
-               panel_width: float = 5.5, title: str | None = None) -> Figure:
+               panel_width: float | None = None, title: str | None = None) -> Figure:
     """Side-by-side panels of a :class:`SlideMosaic`; axes in slide pixels (as in the patch file names).
 
     ``show``: any of ``"tissue"`` (the rebuilt slide), ``"truth"`` (tissue with IDC patches tinted red and
     outlined) and ``"prob"`` (predicted IDC probability over faded tissue, true IDC outlined, with a colour bar).
     ``threshold``: the run's decision threshold; the colours then split there (blue: called non-IDC, red: called
-    IDC), the colour bar marks it and the called-IDC region is outlined. ``title``: the probability panel's title.
-    ``ax``: one axes per panel.
+    IDC) on a linear colour bar that marks it, and the called-IDC region is outlined. ``title``: the probability
+    panel's title. ``ax``: one axes per panel; without it the figure is :data:`FIGURE_WIDTH` inches wide (or
+    ``panel_width`` inches a panel). Legends sit under the panels, never over the tissue.
     """
     from matplotlib.patches import Patch
 
@@ -384,7 +431,7 @@ def plot_slide(mosaic: SlideMosaic, *, ax: Axes | Sequence[Axes] | None = None,
     for axis, panel in zip(axes, panels):
         if panel == "tissue":
             axis.imshow(mosaic.image, extent=mosaic.extent)
-            axis.set_title(f"Patient {mosaic.patient_id}: tissue ({mosaic.n_patches:,} patches)")
+            axis.set_title(f"Patient {mosaic.patient_id}\ntissue ({mosaic.n_patches:,} patches)", fontsize="medium")
         elif panel == "truth":
             axis.imshow(mosaic.image, extent=mosaic.extent)
             tint = np.zeros((*idc.shape, 4), dtype=np.float32)
@@ -392,12 +439,13 @@ def plot_slide(mosaic: SlideMosaic, *, ax: Axes | Sequence[Axes] | None = None,
             axis.imshow(tint, extent=mosaic.extent)
             _outline(axis, mosaic, idc, colors="red")
             share = mosaic.n_idc / mosaic.n_patches
-            axis.set_title(f"True IDC regions ({mosaic.n_idc:,} patches, {share:.0%})")
-            axis.legend(handles=[Patch(facecolor=(1, 0, 0, 0.35), edgecolor="red", label="IDC (label 1)")],
-                        loc="upper right", fontsize="small")
+            axis.set_title(f"True IDC regions\n{mosaic.n_idc:,} patches ({share:.0%})", fontsize="medium")
+            _legend_below(axis, [Patch(facecolor=(1, 0, 0, 0.35), edgecolor="red", label="IDC (label 1)")])
         else:
             _draw_probability(axis, mosaic, threshold, title)
-        axis.set(xlabel="x (slide pixels)", ylabel="y (slide pixels)")
+        axis.set_xlabel("x (slide pixels)", fontsize="small")
+        axis.set_ylabel("y (slide pixels)", fontsize="small")
+        axis.tick_params(labelsize="x-small")
     return fig
 
 
@@ -408,21 +456,22 @@ def scale_to_fit(rows: pd.DataFrame, max_side: int) -> float:
 
 
 def plot_raw_and_context(mosaic: SlideMosaic, table: pd.DataFrame, *, threshold: float,
-                         context_threshold: float, panel_width: float = 5.5) -> Figure:
-    """True IDC regions, the patch-only probability and the slide-context probability (``prob_idc_context``) of one
-    mosaic side by side, each split at its own threshold (the patch-only one is what the papers measured; the
-    context one uses the neighbouring patches on the slide)."""
+                         context_threshold: float, panel_width: float | None = None) -> Figure:
+    """The patch-only probability and the slide-context probability (``prob_idc_context``) of one mosaic side by
+    side, each split at its own threshold and with the true IDC regions outlined (the patch-only one is what the
+    papers measured; the context one uses the neighbouring patches on the slide). :data:`FIGURE_WIDTH` wide."""
     import matplotlib.pyplot as plt
 
-    h, w = mosaic.truth.shape
-    height = min(max((panel_width - 1.2) * h / w, 1.5), 2.2 * panel_width)
-    fig, axes = plt.subplots(1, 3, figsize=(3 * panel_width + 1.0, height + 1.2), layout="constrained")
-    plot_slide(mosaic, ax=axes[:2], show=("truth", "prob"), threshold=threshold,
-               title=f"Patch only (p >= {threshold:.2f} called IDC)")
+    panel_width = panel_width or (FIGURE_WIDTH - 0.5) / 2
+    fig, axes = plt.subplots(1, 2, figsize=(2 * panel_width + 0.5, _panel_height(mosaic, panel_width)),
+                             layout="constrained")
+    plot_slide(mosaic, ax=axes[0], show=("prob",), threshold=threshold,
+               title=f"Patch only\n(p >= {threshold:.2f} called IDC)")
     context = with_values(mosaic, table, "prob_idc_context")
     same = bool(np.allclose(np.nan_to_num(context.prob), np.nan_to_num(mosaic.prob)))
-    plot_slide(context, ax=axes[2], show=("prob",), threshold=context_threshold,
-               title=f"With slide context: neighbours on the slide\n(p >= {context_threshold:.2f} called IDC)"
-               + ("\nidentical: no smoothing did better on the validation patients" if same else ""))
-    fig.suptitle(f"Patient {mosaic.patient_id}")
+    plot_slide(context, ax=axes[1], show=("prob",), threshold=context_threshold,
+               title=("Identical with slide context: no smoothing\ndid better on the validation patients" if same
+                      else f"With slide context: neighbours on the slide\n(p >= {context_threshold:.2f} called IDC)"))
+    share = mosaic.n_idc / mosaic.n_patches
+    fig.suptitle(f"Patient {mosaic.patient_id}: {mosaic.n_patches:,} patches, {mosaic.n_idc:,} IDC ({share:.0%})")
     return fig

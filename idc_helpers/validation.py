@@ -224,6 +224,8 @@ TABLE_COLUMNS: dict[str, Column] = {
     "pred_context": Column("binary"),
     "prob_idc": Column("probability"),
     "prob_idc_context": Column("probability"),
+    "threshold": Column("probability"),
+    "threshold_context": Column("probability"),
 }
 
 _ALLOWED = {"text": "text of at most {max_chars:,} characters", "patient_id": "a patient id (digits only)",

@@ -9,7 +9,7 @@ import types
 import pytest
 
 from idc_helpers.datasource import DataSourceError, resolve_data_dir
-from idc_helpers.demo_data import DEMO_MARKER, SYNTHETIC_NOTICE
+from idc_helpers.demo_data import DEMO_MARKER, SYNTHETIC_LINE, SYNTHETIC_NOTICE
 from idc_helpers.kaggle_download import DestinationError
 from idc_helpers.patch_index import build_index
 from kaggle_server import FakeKaggle, build_archive, isolate_kaggle_env, make_patches
@@ -63,8 +63,10 @@ def test_demo_folder_given_explicitly_is_synthetic_and_announced(work, tiny_data
     (tiny_dataset / DEMO_MARKER).write_text("synthetic")
     source = resolve_data_dir(tiny_dataset, cwd=work)
     assert source.origin == "demo" and source.synthetic and "SYNTHETIC" in source.description
-    assert "the folder given" in source.description
-    assert capsys.readouterr().out.count(SYNTHETIC_NOTICE) == 1  # announced here, once
+    assert source.description == f"SYNTHETIC demo data in {tiny_dataset}"  # the caller named it
+    out = capsys.readouterr().out
+    # Named by the user (who wrote it with `demo-data` and saw the notice there): one line, not the 18-line banner.
+    assert SYNTHETIC_NOTICE not in out and out.splitlines() == [f"Data: {source}: {SYNTHETIC_LINE}"]
 
 
 def test_missing_folder_message_describes_the_whole_look_up_order(work):

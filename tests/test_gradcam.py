@@ -259,3 +259,21 @@ def test_a_model_that_augments_itself_gets_the_same_maps(name, tmp_path):
     np.testing.assert_allclose(gradcam(augmenting, images), heat, atol=1e-5)
     augmenting.save(tmp_path / "m.keras")
     np.testing.assert_allclose(gradcam(keras.models.load_model(tmp_path / "m.keras"), images), heat, atol=1e-5)
+
+
+def test_outcome_rows_name_the_threshold_that_made_them():
+    """A false negative at p(IDC) 0.7 is one only because the threshold is higher: the figure says which."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from idc_helpers import plots
+
+    examples = pd.DataFrame({"outcome": ["false negative", "true positive"], "prob_idc": [0.027, 0.9],
+                             "patient_id": ["1", "2"]})
+    fig = plots.plot_gradcam_outcomes(examples, np.zeros((2, 50, 50, 3), np.uint8), np.zeros((2, 50, 50)),
+                                      threshold=0.0333)
+    assert "p(IDC) >= 0.033, the run's threshold" in fig.get_suptitle()
+    labels = [text.get_text() for ax in fig.axes for text in ax.texts]  # the row labels
+    assert any("p >= 0.033" in label for label in labels) and any("p < 0.033" in label for label in labels)
+    assert any(ax.get_title().startswith("p(IDC)=0.027") for ax in fig.axes)  # 0.03 would read as the threshold
+    plt.close("all")

@@ -133,6 +133,22 @@ def test_runs_in_order_passes_paths_and_parameters(toy_series, tiny_dataset, tmp
     assert again[0].parents[1] != root and (root / "run" / "epochs.txt").read_text() == "2"
 
 
+def test_demo_chosen_for_the_user_is_not_passed_on(toy_series, tmp_path, monkeypatch):
+    """Without a data folder the notebooks find the demo by themselves, so none says "from the folder given"."""
+    for name in ("IDC_DATA_DIR", "KAGGLE_API_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    from idc_helpers import datasource
+
+    monkeypatch.setattr(datasource, "find_credentials", lambda: None)  # no ~/.kaggle credentials either
+    monkeypatch.setenv("IDC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    executed = run_notebooks(tmp_path / "out", notebook_dir=toy_series, notebooks=["01_a"], log=lambda m: None)
+    root = executed[0].parents[1]
+    assert json.loads((root / "from_01.json").read_text()) == [None, 0]
+    recorded = json.loads((root / "parameters.json").read_text())["data"]
+    assert recorded["synthetic"] is True and recorded["path"].startswith(str(tmp_path / "cache"))
+
+
 def test_a_failing_cell_names_notebook_and_cell(toy_series, tiny_dataset, tmp_path):
     with pytest.raises(NotebookFailed) as caught:
         run_notebooks(tmp_path / "out", data_dir=tiny_dataset, notebook_dir=toy_series, notebooks=["03_fails"],
@@ -191,6 +207,9 @@ def test_prepare_only_injects_ci_parameters_for_nbval(tiny_dataset, tmp_path):
     injected = next(c for c in training.cells if "injected-parameters" in c.metadata.get("tags", []))
     ci = load_params_file(params)
     assert f'RUN_DIR = "{root / "run"}"' in injected.source and f"EPOCHS = {ci['EPOCHS']}" in injected.source
+    for name in ("03_evaluation_and_gradcam", "04_whole_slide_heatmaps"):  # no slider without a screen
+        nb = nbformat.read(root / "notebooks" / f"{name}.ipynb", as_version=4)
+        assert "SLIDER = False" in next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])).source
 
 
 def test_a_regular_install_runs_the_series_from_any_folder(tmp_path, tiny_dataset):
@@ -234,6 +253,14 @@ def test_smoke_run_of_the_series_on_demo_data(tmp_path, monkeypatch):
         assert not errors, path.name
     assert (root / "run" / "model.keras").is_file()
     assert (root / "predictions.csv").is_file() and (root / "metrics.json").is_file()
+    printed = {path.stem[:2]: "".join(o.get("text", "") for c in nbformat.read(path, as_version=4).cells
+                                      if c.cell_type == "code" for o in c.outputs) for path in executed}
+    # The data is named once per notebook; a folder that was given gets the one-line notice, not the banner.
+    assert printed["01"].count("Data: ") == 1 and "SYNTHETIC demo data in" in printed["01"]
+    assert "SYNTHETIC DEMO DATA  -" not in printed["01"] + printed["02"]
+    assert "from the folder given" not in printed["01"] + printed["02"]
+    figures_of = {p.name for p in (root / "figures").glob("*.png")}
+    assert {"02_threshold.png", "02_augmentation.png", "03_threshold.png", "03_worst_patients.png"} <= figures_of
     figures = {p.name for p in (root / "figures").glob("*.png")}
     assert {"01_patients_and_classes.png", "02_learning_curves.png", "03_roc_pr_confusion.png"} <= figures
     assert any(name.startswith("04_slide_") for name in figures)

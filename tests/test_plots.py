@@ -61,18 +61,21 @@ def test_confusion_matrix_counts_and_shares():
 
 def test_learning_curves_show_validation_and_name_the_rule():
     """What decides (validation AUC, the selection score) is plotted, validation beside training, and the legend says
-    the rule in words read from the history, not the bare name 'val_selection'."""
+    the rule in words read from the history, not the bare name 'val_selection'. No accuracy at a fixed 0.5: the F1
+    shown is each epoch's F1 at its own validation threshold."""
     auc = np.array([0.80, 0.90, 0.88])
     loss = np.array([0.60, 0.40, 0.50])
     history = {"loss": [0.7, 0.5, 0.45], "accuracy": [0.7, 0.8, 0.85], "val_loss": list(loss),
-               "val_auc": list(auc), "val_balanced_accuracy": [0.7, 0.8, 0.79],
+               "val_auc": list(auc), "val_balanced_accuracy": [0.52, 0.53, 0.52], "val_f1": [0.6, 0.7, 0.69],
                "val_selection": list(auc - 0.01 * loss), "lr": [1e-3] * 3}
     fig = plots.plot_history(history, monitor="val_selection", best_epoch=2)
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["loss", "accuracy", "what picks the epoch"]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["loss", "validation patients: what picks the epoch"]
     labels = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
-    assert "validation" in labels[0] and any("validation balanced accuracy" in x for x in labels[1])
-    assert "validation ROC AUC" in labels[2] and "val_selection (selects)" in labels[2]
+    assert "validation" in labels[0] and "training (augmented, class-weighted)" in labels[0]
+    assert labels[1][:3] == ["ROC AUC", "val_selection (selects)", "F1 at that epoch's threshold"]
+    plotted = [tuple(np.round(line.get_ydata(), 3)) for ax in fig.axes for line in ax.get_lines()]
+    assert (0.52, 0.53, 0.52) not in plotted and (0.7, 0.8, 0.85) not in plotted  # no accuracy panel
     assert "kept: epoch 2" in _legend_texts(fig)
     assert "highest validation ROC AUC - 0.01 x validation loss" in fig._suptitle.get_text()
     assert plots.selection_rule({**history, "val_selection": list(auc - 0.05 * loss)}, "val_selection") == (

@@ -39,7 +39,8 @@ def preds(model, tiny_dataset, tmp_cache) -> pd.DataFrame:
 
 def test_one_row_per_patch(preds, tiny_dataset):
     frame = build_index(tiny_dataset).frame
-    assert list(preds.columns) == PREDICTION_COLUMNS
+    assert list(preds.columns) == [*PREDICTION_COLUMNS, "threshold"]
+    assert (preds["threshold"] == 0.5).all()  # the table carries the threshold its decisions were made at
     assert len(preds) == len(frame) == 36 and preds["path"].is_unique
     assert preds["path"].tolist() == frame["path"].tolist()
     assert preds["label"].tolist() == frame["label"].tolist()
@@ -79,6 +80,8 @@ def test_write_read_round_trip(preds, tmp_path):
     (lambda df: df.assign(path="p" * 200_000), r"row 1 holds 'ppp.*'\.\.\. \(200,000 characters\).*at most 4,096"),
     (lambda df: df.assign(patient_id=" 8863"), "column 'patient_id' row 1 holds ' 8863'"),
     (lambda df: pd.concat([df, df.iloc[:1]]), "duplicated paths"),
+    (lambda df: df.assign(threshold=np.linspace(0.1, 0.9, len(df))), "one threshold"),
+    (lambda df: df.assign(threshold=0.5, pred=1 - df["pred"]), "disagree with prob_idc >= threshold"),
 ])
 def test_validate_names_the_problem(preds, breakage, message):
     with pytest.raises(PredictionsError, match=message):
@@ -88,10 +91,13 @@ def test_validate_names_the_problem(preds, breakage, message):
 def test_cli_train_then_predict(tmp_path, tmp_cache, capsys):
     data = tmp_path / "demo"
     assert main(["demo-data", str(data), "--patients", "5"]) == 0
+    assert "SYNTHETIC DEMO DATA" in capsys.readouterr().out
     run_dir = tmp_path / "run"
     assert main(["train", "--data-dir", str(data), "--out", str(run_dir), "--model", "seed_cnn", "--epochs", "1",
                  "--max-patches", "400", "--batch-size", "64"]) == 0
-    assert "SYNTHETIC" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # A synthetic folder the user named gets one line; the banner was shown once, by demo-data.
+    assert "SYNTHETIC" in out and "SYNTHETIC DEMO DATA" not in out
 
     # Training refuses to overwrite the run; exit status 2 and a message naming the fix.
     assert main(["train", "--data-dir", str(data), "--out", str(run_dir), "--epochs", "1"]) == 2
@@ -202,3 +208,46 @@ def test_a_full_disk_is_exit_3_in_one_line_for_every_command(tmp_path, monkeypat
     assert cli.main(["index", "--data-dir", str(tmp_path)]) == 3
     err = capsys.readouterr().err
     assert err.startswith("error: the disk is full") and str(tmp_path / "cache") in err and err.count("\n") == 1
+
+
+def test_predict_evaluate_and_slide_name_the_same_threshold(tmp_path, tmp_cache, capsys):
+    """One run, one threshold: the predictions file records it, and every command that reads it reports it."""
+    import re
+
+    from idc_helpers.demo_data import write_demo_dataset
+    from idc_helpers.training import train
+
+    data = write_demo_dataset(tmp_path / "demo", n_patients=6, seed=0, grid=(8, 6))
+    result = train(data, tmp_path / "run", model_name="seed_cnn", epochs=1, batch_size=32, verbose=0)
+    shown = f"{result.metrics['threshold']:.3f}"
+    out = tmp_path / "preds.csv"
+    capsys.readouterr()
+    assert main(["predict", "--run", str(result.run_dir), "--data-dir", str(data), "--out", str(out),
+                 "--subset", "test", "--context"]) == 0
+    assert f"at threshold {shown}" in capsys.readouterr().out
+    table = read_predictions(out)
+    assert set(table["threshold"]) == {result.metrics["threshold"]}
+    assert set(table["threshold_context"]) == {result.metrics["context"]["threshold"]}
+
+    report = tmp_path / "report.json"
+    assert main(["evaluate", "--predictions", str(out), "--bootstrap", "0", "--out", str(report)]) == 0
+    printed = re.findall(r"Threshold: (\S+)", capsys.readouterr().out)
+    assert printed[0] == shown and printed[1] == f"{result.metrics['context']['threshold']:.3f}"
+    saved = json.loads(report.read_text())
+    assert saved["threshold"] == result.metrics["threshold"]
+    assert saved["context"]["threshold"] == result.metrics["context"]["threshold"]
+
+    patient = table["patient_id"].iloc[0]
+    assert main(["slide", "--predictions", str(out), "--patient", patient, "--out", str(tmp_path / "s.png")]) == 0
+    assert f"threshold {shown} marked on the colour bar (the run's" in capsys.readouterr().out
+
+
+def test_a_table_whose_decisions_were_replaced_reports_no_stale_threshold(preds):
+    from idc_helpers.metrics import evaluate, stored_threshold
+
+    assert stored_threshold(preds) == 0.5 and evaluate(preds, n_bootstrap=0)["threshold"] == 0.5
+    replaced = preds.assign(pred=1 - preds["pred"])  # e.g. decisions from another rule, threshold column left over
+    assert stored_threshold(replaced) is None
+    report = evaluate(replaced, n_bootstrap=0)
+    assert report["threshold"] is None
+    assert report["confusion_matrix"]["tp"] == int(((replaced["label"] == 1) & (replaced["pred"] == 1)).sum())

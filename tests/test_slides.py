@@ -100,8 +100,8 @@ def test_plot_slide_panels(slide_table):
 
     fig = plot_slide(slide_mosaic(slide_table, PATIENT))
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[0].startswith("Patient 42") and titles[1].startswith("True IDC") and "probability" in titles[2]
-    assert any(ax.get_label() == "<colorbar>" for ax in fig.axes)
+    assert titles[0].startswith("Patient 42") and titles[1].startswith("True IDC") and "p(IDC)" in titles[2]
+    assert _colour_bars(fig)
     assert fig.axes[0].get_xlabel() == "x (slide pixels)"
     fig = plot_slide(slide_mosaic(slide_table.drop(columns="prob_idc"), PATIENT))
     assert len(fig.axes) == 2  # no probability panel without probabilities
@@ -198,7 +198,7 @@ def test_threshold_is_marked_on_the_colour_bar(slide_table):
 
     assert decision_threshold(slide_table) == pytest.approx(0.80)  # the lowest probability called IDC
     fig = plot_slide(slide_mosaic(slide_table, PATIENT), threshold=0.3)
-    bar = next(ax for ax in fig.axes if ax.get_label() == "<colorbar>")
+    bar = _colour_bars(fig)[0]
     assert "threshold 0.30" in [t.get_text() for t in bar.get_yticklabels()]
     assert "called IDC (p >= 0.30)" in fig.axes[2].get_title()
     legend = [t.get_text() for t in fig.axes[2].get_legend().get_texts()]
@@ -206,6 +206,14 @@ def test_threshold_is_marked_on_the_colour_bar(slide_table):
     prob = fig.axes[2].images[-1]
     below, above = prob.to_rgba(np.array([0.29])), prob.to_rgba(np.array([0.31]))
     assert below[0, 2] > below[0, 0] and above[0, 0] > above[0, 2]  # blue just below the threshold, red above
+    # The colour bar is linear (0.5 halfway up), not stretched so that the threshold sits in the middle.
+    assert prob.norm(0.5) == pytest.approx(0.5) and prob.norm(0.3) == pytest.approx(0.3)
+    assert "linear" in bar.get_title(loc="left")
+    # Legends lie under the panels, outside the tissue.
+    for axis in (fig.axes[1], fig.axes[2]):
+        anchor = axis.get_legend().get_bbox_to_anchor().transformed(axis.transAxes.inverted())
+        assert anchor.y1 < 0
+    assert fig.get_figwidth() * 100 <= 1100
     plt.close("all")
 
 
@@ -259,13 +267,14 @@ def test_raw_and_context_maps_side_by_side(slide_table):
     assert context.value_column == "prob_idc_context" and context.image is mosaic.image
     fig = plot_raw_and_context(mosaic, table, threshold=0.5, context_threshold=0.4)
     titles = [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"]
-    assert titles[0].startswith("True IDC") and titles[1].startswith("Patch only")
-    assert titles[2].startswith("With slide context") and "0.40" in titles[2] and "identical" not in titles[2]
+    assert titles[0].startswith("Patch only") and "0.50" in titles[0]
+    assert titles[1].startswith("With slide context") and "0.40" in titles[1] and "Identical" not in titles[1]
     same = plot_raw_and_context(mosaic, table.assign(prob_idc_context=table["prob_idc"]), threshold=0.5,
                                 context_threshold=0.5)
-    assert "identical: no smoothing did better" in [ax for ax in same.axes if ax.get_label() != "<colorbar>"][2].get_title()
-    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
-    assert [t.get_text() for t in bars[1].get_yticklabels()][1] == "threshold 0.40"
+    assert "Identical with slide context" in [ax for ax in same.axes if ax.get_label() != "<colorbar>"][1].get_title()
+    bars = _colour_bars(fig)
+    assert [t.get_text() for t in bars[1].get_yticklabels()][-1] == "threshold 0.40"
+    assert fig.get_figwidth() * 100 <= 1100  # readable where a notebook shows it (about 1,000 px at 100 dpi)
     plt.close("all")
 
 
@@ -323,3 +332,8 @@ def test_slide_holds_one_patch_at_a_time(slide_table, monkeypatch):
     monkeypatch.setattr(slides, "_read_rgb", tracked)
     mosaic = slide_mosaic(slide_table, PATIENT)
     assert mosaic.n_patches == 5 and len(most) == 5 and max(most) <= 2  # the patch painted last and the next one
+
+
+def _colour_bars(fig) -> list:
+    """The colour bars of a figure, inset in their panels."""
+    return [child for ax in fig.axes for child in [ax, *ax.child_axes] if child.get_label() == "<colorbar>"]

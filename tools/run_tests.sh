@@ -2,7 +2,7 @@
 # The project's test command (README, "Run the tests"; CI runs it through .ci/run):
 #  1. the whole pytest suite, the `slow` tests included (the notebook runner's smoke series, the real-sample
 #     quality test): unit tests on generated data, real-data tests on ../shared/data/idc_sample when present,
-#     the Kaggle download against a local server, the README's command chain, a regular install;
+#     the Kaggle download against a local server, the commands printed in README.md and docs/, a regular install;
 #  2. the four notebooks, in order, through nbval: papermill first writes them with small CI parameters
 #     (notebooks/params/ci.yaml) and the run folder chained from 02 to 03 and 04, then `pytest --nbval-lax`
 #     executes every cell and compares the cells marked `# NBVAL_CHECK_OUTPUT`. A failing cell fails the run.
