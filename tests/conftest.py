@@ -109,3 +109,17 @@ def small_mount(tmp_path):
 
     yield make
     subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    """Six small synthetic patients (about 200 patches): a 4 / 1 / 1 patient split."""
+    from idc_helpers.demo_data import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", n_patients=6, seed=0, grid=(8, 6))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    """A decoded-patch cache shared by the tests of one module."""
+    return tmp_path_factory.mktemp("cache")

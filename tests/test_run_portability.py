@@ -32,18 +32,6 @@ SETTINGS = {
 TRAIN = dict(model_name="idc_net", epochs=2, batch_size=32, seed=0, augment="mild", verbose=0)
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    from idc_helpers.demo_data import write_demo_dataset
-
-    return write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", n_patients=6, seed=0, grid=(8, 6))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
     return subprocess.run([sys.executable, "-m", "idc_helpers", *args], env=env, capture_output=True, text=True,

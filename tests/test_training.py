@@ -35,19 +35,6 @@ QUICK = dict(model_name="seed_cnn", epochs=1, batch_size=32, seed=0, verbose=0)
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    """Six small synthetic patients (about 200 patches): a 4 / 1 / 1 patient split."""
-    from idc_helpers.demo_data import write_demo_dataset
-
-    return write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", n_patients=6, seed=0, grid=(8, 6))
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def run(demo_dir, cache_dir, tmp_path_factory):
     return train(demo_dir, tmp_path_factory.mktemp("runs") / "run", cache_dir=cache_dir, **QUICK)
 
