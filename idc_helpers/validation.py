@@ -326,14 +326,44 @@ def check_plain_data(value: Any, where: str) -> None:
 
 #: Notebook parameters that are numbers of :data:`NUMBERS` (``None`` keeps a notebook's default).
 NOTEBOOK_NUMBERS = {"EPOCHS": "epochs", "MAX_PATCHES": "max_patches", "BATCH_SIZE": "batch_size", "SEED": "seed",
-                    "N_BOOTSTRAP": "bootstrap"}
+                    "N_BOOTSTRAP": "bootstrap", "N_PATIENTS": "n_patients", "GALLERY_SIZE": "n_patients",
+                    "GRADCAM_EXAMPLES": "n_patients"}
+_MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+def _is_patient_id(value: Any) -> bool:
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    return isinstance(text, str) and len(text) <= MAX_ID_CHARS and PATIENT_ID.fullmatch(text) is not None
+
+
+#: Notebook parameters of other kinds: what each may hold (``None`` always keeps a notebook's default).
+NOTEBOOK_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "DATA_DIR": ("a folder name (text)", lambda v: isinstance(v, str) and 0 < len(v) <= MAX_PATH_CHARS),
+    "PATIENT": ("a patient id", _is_patient_id),
+    "PATIENTS": ("a list of patient ids", lambda v: isinstance(v, list) and all(map(_is_patient_id, v))),
+    "MODEL": ("a model name (text)", lambda v: isinstance(v, str) and _MODEL_NAME.fullmatch(v) is not None),
+    "COMPARE_WITH": ("a model name (text)", lambda v: isinstance(v, str) and _MODEL_NAME.fullmatch(v) is not None),
+    "SPLIT": ("patients or janowczyk2016", lambda v: v in ("patients", "janowczyk2016")),
+    "SLIDER": ("true or false", lambda v: isinstance(v, bool)),
+    "TTA": ("true or false", lambda v: isinstance(v, bool)),
+    "SCALE": ("a number in (0, 1]", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and 0 < v <= 1),
+}
 
 
 def check_parameter(name: str, value: Any, source: str) -> None:
-    """A notebook parameter from a parameters file: plain data (:func:`check_plain_data`), and a number of
-    :data:`NOTEBOOK_NUMBERS` within its range; ``source`` names the file."""
+    """A notebook parameter from a parameters file: plain data (:func:`check_plain_data`), then a number of
+    :data:`NOTEBOOK_NUMBERS` within its range or a value of :data:`NOTEBOOK_KINDS` of its kind; ``source`` names
+    the file."""
     check_plain_data(value, f"{source}: {name}")
-    if name not in NOTEBOOK_NUMBERS or value is None:
+    if value is None:
+        return
+    if name in NOTEBOOK_KINDS:
+        allowed, accepts = NOTEBOOK_KINDS[name]
+        if not accepts(value):
+            raise InvalidInputError(f"{source}: {name} {shown(value)} is not allowed: use {allowed} or null")
+        return
+    if name not in NOTEBOOK_NUMBERS:
         return
     rule = NOTEBOOK_NUMBERS[name]
     try:

@@ -277,6 +277,11 @@ def test_smoke_run_of_the_series_on_demo_data(tmp_path, monkeypatch):
     ("EPOCHS: -1\n", "EPOCHS -1 is not allowed: use a whole number of at least 1"),
     ("02_b:\n  EPOCHS: 2.5\n", "[02_b]: EPOCHS 2.5 is not allowed"),
     ("SEED: [1, 2020-01-01]\n", "SEED[1]: datetime.date(2020, 1, 1)"),
+    ("DATA_DIR: [1, {a: b}]\n", "DATA_DIR [1, {'a': 'b'}] is not allowed: use a folder name (text) or null"),
+    ("SLIDER: 'yes'\n", "SLIDER 'yes' is not allowed: use true or false or null"),
+    ("02_b:\n  GRADCAM_EXAMPLES: 0\n", "GRADCAM_EXAMPLES 0 is not allowed: use a whole number of at least 1"),
+    ("PATIENTS: [8863, ' 8864']\n", "PATIENTS [8863, ' 8864'] is not allowed: use a list of patient ids or null"),
+    ("SCALE: 0\n", "SCALE 0 is not allowed: use a number in (0, 1] or null"),
 ])
 def test_a_parameters_file_holds_plain_data_only(toy_series, tiny_dataset, tmp_path, monkeypatch, capsys, text,
                                                  named):
