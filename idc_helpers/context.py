@@ -42,10 +42,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn import metrics as skm
 
 from .errors import UserError
-from .metrics import pick_threshold
+from .metrics import binary_scores, pick_threshold
 
 #: Patch side in pixels: the Kaggle patches lie on a 50-px grid (x, y are multiples of 50 plus 1).
 GRID_PX = 50
@@ -182,10 +181,6 @@ def whole_slide_patients(table: pd.DataFrame, min_neighbours: int = 4, min_share
     return sorted(map(str, keep.index))
 
 
-def _f1_at(labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
-    return float(skm.f1_score(labels, (probs >= threshold).astype(np.int64), zero_division=0))
-
-
 def fit_context(val_table: pd.DataFrame, sigmas: Sequence[float] = DEFAULT_SIGMAS, window: int | None = None,
                 criterion: str = "f1", column: str = "prob_idc", tune_on: str = "all", min_neighbours: int = 4,
                 min_share: float = 0.5, min_patches: int = 25) -> dict[str, Any]:
@@ -234,12 +229,10 @@ def fit_context(val_table: pd.DataFrame, sigmas: Sequence[float] = DEFAULT_SIGMA
         win = default_window(sigma) if window is None else int(window)
         probs = smooth_probs(tuning, sigma, win, column)
         threshold = pick_threshold(labels, probs, criterion)
-        predicted = (probs >= threshold).astype(np.int64)
+        scores = binary_scores(labels, (probs >= threshold).astype(np.int64), probs)
         candidates.append({
             "sigma": sigma, "window": win if sigma > 0 else 1, "threshold": float(threshold),
-            "f1": _f1_at(labels, probs, threshold),
-            "balanced_accuracy": float(skm.balanced_accuracy_score(labels, predicted)),
-            "roc_auc": float(skm.roc_auc_score(labels, probs)),
+            "f1": scores["f1"], "balanced_accuracy": scores["balanced_accuracy"], "roc_auc": scores["roc_auc"],
         })
     score = "f1" if criterion == "f1" else "balanced_accuracy"
     best = max(candidates, key=lambda c: (c[score], -c["sigma"]))

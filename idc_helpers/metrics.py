@@ -13,7 +13,7 @@ patients can only recombine the same few slides, and its spread says nothing abo
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -171,16 +171,29 @@ def _patient_cells(patient_codes: np.ndarray, n_patients: int, labels: np.ndarra
     return np.bincount(patient_codes * 4 + cell, minlength=n_patients * 4).reshape(n_patients, 4)
 
 
+def patient_resamples(n_patients: int, n_bootstrap: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """The bootstrap over patients: ``n_bootstrap`` times, how often each of ``n_patients`` patients is drawn when
+    ``n_patients`` are drawn with replacement, a ``(n_patients,)`` int64 array. A paired bootstrap applies each
+    array to both tables."""
+    for _ in range(n_bootstrap):
+        yield np.bincount(rng.integers(0, n_patients, size=n_patients), minlength=n_patients)
+
+
+def _percentile_interval(samples: Sequence[float] | np.ndarray, level: float) -> tuple[float, float]:
+    """The central ``level`` percentile interval of bootstrap ``samples``."""
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = (float(v) for v in np.percentile(samples, [tail, 100.0 - tail]))
+    return low, high
+
+
 def _bootstrap(per_patient: np.ndarray, codes: np.ndarray, labels: np.ndarray, probs: np.ndarray,
                n_bootstrap: int, rng: np.random.Generator, samples: dict[str, list[float]],
                progress: Progress | None = None) -> int:
     """Append each metric of ``n_bootstrap`` patient resamples to ``samples``; returns how many were usable."""
-    n_patients = len(per_patient)
     used = 0
-    for i in range(n_bootstrap):
+    for i, counts in enumerate(patient_resamples(len(per_patient), n_bootstrap, rng)):
         if progress is not None and i % _RESAMPLES_PER_BATCH == 0:
             progress(i, n_bootstrap)
-        counts = np.bincount(rng.integers(0, n_patients, size=n_patients), minlength=n_patients)
         cells = counts @ per_patient
         if cells[0] + cells[1] == 0 or cells[2] + cells[3] == 0:
             continue  # one class only: AUCs, recall or specificity are undefined
@@ -226,13 +239,13 @@ def _bootstrap_histograms(per_patient: np.ndarray, codes: np.ndarray, labels: np
     n_patients = len(per_patient)
     bins = int(np.clip(2**23 // n_patients, 256, HISTOGRAM_BINS))  # at most 64 MB a histogram
     positive, negative = _histograms(codes, n_patients, labels, probs, bins)
+    resamples = patient_resamples(n_patients, n_bootstrap, rng)
     used = 0
     for start in range(0, n_bootstrap, _RESAMPLES_PER_BATCH):
         if progress is not None:
             progress(start, n_bootstrap)
         k = min(_RESAMPLES_PER_BATCH, n_bootstrap - start)
-        counts = np.stack([np.bincount(rng.integers(0, n_patients, size=n_patients), minlength=n_patients)
-                           for _ in range(k)]).astype(np.float64)
+        counts = np.stack([next(resamples) for _ in range(k)]).astype(np.float64)
         auc, ap = _ranking_from_histograms(counts @ positive, counts @ negative)
         for row, cells in enumerate(counts.astype(np.int64) @ per_patient):
             if cells[0] + cells[1] == 0 or cells[2] + cells[3] == 0:
@@ -329,12 +342,11 @@ def evaluate(
 def _with_intervals(point: Mapping[str, float | None], samples: Mapping[str, list[float]], used: int,
                     level: float) -> dict[str, dict[str, float | None]]:
     """name -> {value, ci_low, ci_high}: percentile intervals of the resamples (``None`` without any)."""
-    tail = (1.0 - level) / 2.0 * 100.0
     report: dict[str, dict[str, float | None]] = {}
     for name in METRIC_LABELS:
         low = high = None
         if used and point[name] is not None:
-            low, high = (float(v) for v in np.percentile(samples[name], [tail, 100.0 - tail]))
+            low, high = _percentile_interval(samples[name], level)
         report[name] = {"value": point[name], "ci_low": low, "ci_high": high}
     return report
 
@@ -404,19 +416,16 @@ def paired_difference(base: pd.DataFrame, other: pd.DataFrame, *, n_bootstrap: i
     point = scores(None)
     samples = []
     if n_patients >= MIN_PATIENTS_FOR_INTERVAL:
-        rng = np.random.default_rng(seed)
-        for _ in range(n_bootstrap):
-            counts = np.bincount(rng.integers(0, n_patients, size=n_patients), minlength=n_patients)
+        for counts in patient_resamples(n_patients, n_bootstrap, np.random.default_rng(seed)):
             drawn = labels[counts[codes] > 0]
             if drawn.min() == drawn.max():
                 continue  # one class only: the metrics are undefined
             samples.append(scores(counts))
-    tail = (1.0 - level) / 2.0 * 100.0
     result: dict[str, dict[str, float | None]] = {}
     for i, name in enumerate(PAIRED_METRICS):
         low = high = None
         if samples:
-            low, high = (float(v) for v in np.percentile(np.array(samples)[:, i], [tail, 100.0 - tail]))
+            low, high = _percentile_interval(np.array(samples)[:, i], level)
         result[name] = {"value": float(point[i]), "ci_low": low, "ci_high": high}
     return result
 
@@ -452,6 +461,60 @@ def per_patient_metrics(preds: pd.DataFrame, *, threshold: float | None = None) 
     return pd.DataFrame(rows, columns=[
         "patient_id", "n_patches", "n_idc", "predicted_idc", "accuracy", "specificity", "f1", "roc_auc",
         "mean_prob_idc"])
+
+
+def ranking_scores(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray) -> dict[str, float]:
+    """ROC AUC and PR AUC (average precision) of IDC probabilities ``probs`` against 0/1 ``labels`` (both ``(N,)``);
+    NaN when the labels hold one class only."""
+    y = np.asarray(labels).astype(np.int64)
+    s = np.asarray(probs, dtype=np.float64)
+    if not 0 < y.sum() < len(y):
+        return {"roc_auc": math.nan, "pr_auc": math.nan}
+    return {"roc_auc": float(skm.roc_auc_score(y, s)), "pr_auc": float(skm.average_precision_score(y, s))}
+
+
+def binary_scores(labels: Sequence[int] | np.ndarray, pred: Sequence[int] | np.ndarray,
+                  probs: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:
+    """F1, balanced accuracy, accuracy, precision, recall, specificity and the confusion cells (``tn, fp, fn, tp``)
+    of 0/1 predictions ``pred`` against 0/1 ``labels`` (both ``(N,)``); with ``probs``, also :func:`ranking_scores`.
+
+    Precision, recall, F1 and specificity are 0 where undefined (sklearn's ``zero_division=0``)."""
+    y = np.asarray(labels).astype(np.int64)
+    p = np.asarray(pred).astype(np.int64)
+    tn, fp, fn, tp = (int(c) for c in skm.confusion_matrix(y, p, labels=[0, 1]).ravel())
+    values: dict[str, Any] = {} if probs is None else ranking_scores(y, probs)
+    values.update({
+        "f1": float(skm.f1_score(y, p, zero_division=0)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y, p)),
+        "accuracy": float(skm.accuracy_score(y, p)),
+        "precision": float(skm.precision_score(y, p, zero_division=0)),
+        "recall": float(skm.recall_score(y, p, zero_division=0)),
+        "specificity": tn / (tn + fp) if tn + fp else 0.0,
+        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+    })
+    return values
+
+
+def log_loss(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray) -> float:
+    """Mean binary cross-entropy (nats) of IDC probabilities ``probs`` against 0/1 ``labels``, probabilities clipped
+    to [1e-7, 1 - 1e-7] as Keras does."""
+    return float(skm.log_loss(labels, np.clip(np.asarray(probs), 1e-7, 1 - 1e-7), labels=[0, 1]))
+
+
+def roc_points(labels: Sequence[int] | np.ndarray,
+               probs: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The ROC curve of ``probs`` against 0/1 ``labels``: false positive rates, true positive rates (both
+    ``(k,)``, from (0, 0) to (1, 1)) and the area under it."""
+    fpr, tpr, _ = skm.roc_curve(labels, probs, pos_label=1)
+    return fpr, tpr, float(skm.auc(fpr, tpr))
+
+
+def pr_points(labels: Sequence[int] | np.ndarray,
+              probs: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The precision-recall curve of ``probs`` against 0/1 ``labels``: precisions, recalls (both ``(k,)``,
+    recall decreasing) and the average precision."""
+    precision, recall, _ = skm.precision_recall_curve(labels, probs, pos_label=1)
+    return precision, recall, float(skm.average_precision_score(labels, probs, pos_label=1))
 
 
 def pick_threshold(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray,

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import numpy as np
 import pandas as pd
-from sklearn import metrics as skm
+from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
+
+from idc_helpers import metrics
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -93,11 +95,12 @@ def plot_roc(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None, tit
     fig, ax = _new_axes(ax, (5.0, 5.0))
     for name, curve in _named_curves(data).items():
         labels, probs, pred = _scores(curve)
-        display = skm.RocCurveDisplay.from_predictions(labels, probs, ax=ax, name=name or "model")
+        fpr_curve, tpr_curve, auc = metrics.roc_points(labels, probs)
+        display = RocCurveDisplay(fpr=fpr_curve, tpr=tpr_curve, roc_auc=auc, name=name or "model").plot(ax=ax)
         display.line_.set_linewidth(2)
         if pred is not None:
-            tpr = skm.recall_score(labels, pred, zero_division=0)
-            fpr = 1.0 - skm.recall_score(labels, pred, pos_label=0, zero_division=0)
+            scores = metrics.binary_scores(labels, pred)
+            tpr, fpr = scores["recall"], 1.0 - scores["specificity"]
             ax.plot(fpr, tpr, "o", color=display.line_.get_color(), ms=7, mec="black",
                     label=f"{name + ' ' if name else ''}threshold (TPR {tpr:.2f}, FPR {fpr:.2f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance (AUC = 0.5)")
@@ -116,11 +119,13 @@ def plot_pr(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None,
     prevalence = None
     for name, curve in _named_curves(data).items():
         labels, probs, pred = _scores(curve)
-        display = skm.PrecisionRecallDisplay.from_predictions(labels, probs, ax=ax, name=name or "model")
+        precisions, recalls, average_precision = metrics.pr_points(labels, probs)
+        display = PrecisionRecallDisplay(precisions, recalls, average_precision=average_precision,
+                                         name=name or "model").plot(ax=ax)
         display.line_.set_linewidth(2)
         if pred is not None:
-            precision = skm.precision_score(labels, pred, zero_division=0)
-            recall = skm.recall_score(labels, pred, zero_division=0)
+            scores = metrics.binary_scores(labels, pred)
+            precision, recall = scores["precision"], scores["recall"]
             ax.plot(recall, precision, "o", color=display.line_.get_color(), ms=7, mec="black",
                     label=f"{name + ' ' if name else ''}threshold (P {precision:.2f}, R {recall:.2f})")
         prevalence = float(np.mean(labels))
@@ -141,14 +146,14 @@ def plot_confusion(data: Mapping[str, Any] | pd.DataFrame, *, ax: Axes | None = 
     and ``pred``.
     """
     if isinstance(data, pd.DataFrame):
-        cm = skm.confusion_matrix(data["label"].astype(int), data["pred"].astype(int), labels=[0, 1])
+        cells = metrics.binary_scores(data["label"].astype(int), data["pred"].astype(int))["confusion_matrix"]
     else:
         cells = data.get("confusion_matrix", data)
-        cm = np.array([[cells["tn"], cells["fp"]], [cells["fn"], cells["tp"]]])
+    cm = np.array([[cells["tn"], cells["fp"]], [cells["fn"], cells["tp"]]])
     fig, ax = _new_axes(ax, (4.6, 4.0))
     totals = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, totals, out=np.zeros(cm.shape, dtype=float), where=totals > 0)
-    display = skm.ConfusionMatrixDisplay(share, display_labels=list(CLASS_NAMES))
+    display = ConfusionMatrixDisplay(share, display_labels=list(CLASS_NAMES))
     display.plot(ax=ax, cmap="Blues", colorbar=False, im_kw={"vmin": 0, "vmax": 1})
     for (i, j), text in np.ndenumerate(display.text_):
         text.set_text(f"{cm[i, j]:,}\n{share[i, j]:.1%}")

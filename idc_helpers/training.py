@@ -41,7 +41,7 @@ from idc_helpers.datasource import resolve_data_dir
 from idc_helpers.errors import DiskFullError, IdcError, UserError, is_disk_full
 from idc_helpers.inference import predict_probs
 from idc_helpers.loader import load_patches
-from idc_helpers.metrics import pick_threshold
+from idc_helpers.metrics import binary_scores, log_loss, pick_threshold, ranking_scores
 from idc_helpers.model_file import load_model_file
 from idc_helpers.patch_index import build_index
 from idc_helpers.run import (
@@ -260,20 +260,19 @@ def _check_split(patients: dict[str, list[str]], split: str, frame: pd.DataFrame
 
 
 def _validation_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
-    from sklearn import metrics as skm
-
-    both = 0 < labels.sum() < len(labels)
+    ranking = ranking_scores(labels, probs)
     scores = {
-        "val_loss": float(skm.log_loss(labels, np.clip(probs, 1e-7, 1 - 1e-7), labels=[0, 1])),
-        "val_auc": float(skm.roc_auc_score(labels, probs)) if both else float("nan"),
-        "val_pr_auc": float(skm.average_precision_score(labels, probs)) if both else float("nan"),
-        "val_balanced_accuracy": float(skm.balanced_accuracy_score(labels, probs >= 0.5)),
+        "val_loss": log_loss(labels, probs),
+        "val_auc": ranking["roc_auc"],
+        "val_pr_auc": ranking["pr_auc"],
+        "val_balanced_accuracy": binary_scores(labels, probs >= 0.5)["balanced_accuracy"],
     }
     auc = scores["val_auc"]
     scores["val_selection"] = (auc if np.isfinite(auc) else 0.0) - SELECTION_LOSS_WEIGHT * scores["val_loss"]
     # Best achievable F1 on validation: what the stored threshold will give.
+    both = 0 < labels.sum() < len(labels)
     threshold = pick_threshold(labels, probs, THRESHOLD_RULE) if both else 0.5
-    scores["val_f1"] = float(skm.f1_score(labels, probs >= threshold, zero_division=0))
+    scores["val_f1"] = binary_scores(labels, probs >= threshold)["f1"]
     return scores
 
 
@@ -463,16 +462,18 @@ def validation_probs(model: keras.Model, data: TrainingData) -> np.ndarray:
     return predict_probs(model, data.images, indices=data.val_idx, batch_size=512)
 
 
+#: The validation scores :func:`choose_threshold` records, in this order.
+_VALIDATION_SCORES = ("roc_auc", "pr_auc", "f1", "balanced_accuracy", "accuracy", "precision", "recall",
+                      "confusion_matrix")
+
+
 def choose_threshold(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
     """The threshold chosen on the validation patients' patches (:data:`THRESHOLD_RULE`) from their
     probabilities ``probs`` (aligned with ``data.val_idx``), and the validation metrics at it; test patients play
     no part."""
-    from sklearn import metrics as skm
-
     y = data.labels[data.val_idx]
     threshold = pick_threshold(y, probs, THRESHOLD_RULE)
-    pred = (probs >= threshold).astype(np.int64)
-    tn, fp, fn, tp = skm.confusion_matrix(y, pred, labels=[0, 1]).ravel()
+    scores = binary_scores(y, (probs >= threshold).astype(np.int64), probs)
     return {
         "threshold": threshold,
         "threshold_rule": f"maximise the IDC F1 on the validation patients' patches ({THRESHOLD_RULE})",
@@ -480,14 +481,7 @@ def choose_threshold(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
         "validation": {
             "patients": len(data.patients["val"]), "patches": int(len(y)), "idc_patches": int(y.sum()),
             "threshold": threshold,
-            "roc_auc": float(skm.roc_auc_score(y, probs)),
-            "pr_auc": float(skm.average_precision_score(y, probs)),
-            "f1": float(skm.f1_score(y, pred, zero_division=0)),
-            "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
-            "accuracy": float(skm.accuracy_score(y, pred)),
-            "precision": float(skm.precision_score(y, pred, zero_division=0)),
-            "recall": float(skm.recall_score(y, pred, zero_division=0)),
-            "confusion_matrix": {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)},
+            **{key: scores[key] for key in _VALIDATION_SCORES},
         },
     }
 

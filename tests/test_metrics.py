@@ -22,8 +22,9 @@ from idc_helpers.cli import main, run_evaluate  # noqa: E402
 from idc_helpers.demo_data import DEMO_MARKER  # noqa: E402
 from idc_helpers.errors import UserError  # noqa: E402
 from idc_helpers.metrics import (  # noqa: E402
-    METRIC_LABELS, MIN_PATIENTS_FOR_INTERVAL, PUBLISHED, _metric_values, comparison_table, evaluate, format_report,
-    paired_difference, per_patient_metrics, pick_threshold)
+    METRIC_LABELS, MIN_PATIENTS_FOR_INTERVAL, PUBLISHED, _metric_values, binary_scores, comparison_table, evaluate,
+    format_report, log_loss, paired_difference, patient_resamples, per_patient_metrics, pick_threshold, pr_points,
+    ranking_scores, roc_points)
 
 COLUMNS = ["path", "patient_id", "x", "y", "label", "prob_idc", "pred"]
 
@@ -394,3 +395,33 @@ def test_evaluate_shows_its_progress_on_long_work(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(cli, "_LONG_BOOTSTRAP", 10**12)
     assert main(["evaluate", "--predictions", str(csv), "--bootstrap", "50"]) == 0
     assert capsys.readouterr().err == ""  # short work: nothing on stderr
+
+
+def test_binary_scores_match_sklearn_and_count_the_confusion_cells():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    pred = np.array([0, 1, 0, 1, 1, 0, 1, 0])
+    probs = np.array([0.1, 0.6, 0.2, 0.9, 0.7, 0.4, 0.8, 0.3])
+    scores = binary_scores(labels, pred, probs)
+    assert scores["confusion_matrix"] == {"tn": 3, "fp": 1, "fn": 1, "tp": 3}
+    assert scores["f1"] == pytest.approx(skm.f1_score(labels, pred))
+    assert scores["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, pred))
+    assert scores["specificity"] == pytest.approx(0.75)
+    assert scores["roc_auc"] == pytest.approx(skm.roc_auc_score(labels, probs))
+    assert "roc_auc" not in binary_scores(labels, pred)
+    assert log_loss(labels, probs) == pytest.approx(skm.log_loss(labels, probs))
+
+
+def test_ranking_scores_are_nan_for_one_class_and_curves_end_at_the_corners():
+    assert all(np.isnan(v) for v in ranking_scores([1, 1, 1], [0.2, 0.5, 0.9]).values())
+    labels, probs = np.array([0, 1, 0, 1, 1]), np.array([0.1, 0.8, 0.4, 0.35, 0.9])
+    fpr, tpr, auc = roc_points(labels, probs)
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert auc == pytest.approx(skm.roc_auc_score(labels, probs))
+    precision, recall, ap = pr_points(labels, probs)
+    assert recall[0] == 1 and recall[-1] == 0 and ap == pytest.approx(skm.average_precision_score(labels, probs))
+
+
+def test_patient_resamples_draw_as_many_patients_as_there_are():
+    draws = list(patient_resamples(7, 20, np.random.default_rng(3)))
+    assert len(draws) == 20 and all(d.shape == (7,) and d.sum() == 7 for d in draws)
+    assert len({tuple(d) for d in draws}) > 1
