@@ -39,12 +39,10 @@ def _exit_code_help() -> str:
     return "exit status:\n" + "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())
 
 
-def _prefer(new, old, old_spelling: str, new_spelling: str):
-    """The value of an option, or else of its old spelling, which still works but says what replaces it."""
-    if old is None:
-        return new
-    print(f"{old_spelling} is deprecated: use {new_spelling}.", file=sys.stderr)
-    return new if new is not None else old
+def _refuse_old_spelling(old: object, old_spelling: str, new_spelling: str) -> None:
+    """Refuse an old spelling that was given (``old`` not ``None``) with a line naming the word that replaced it."""
+    if old is not None:
+        raise UserError(f"{old_spelling} is no longer accepted: use {new_spelling}.")
 
 
 # The commands that run a model: TensorFlow is imported for them up front, quietly.
@@ -81,7 +79,7 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
                     "the Colab secrets; without any, the request is sent anonymously.")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="folder that will hold the patient folders (default: ./data)")
-    p.add_argument("--dest", default=None, help=argparse.SUPPRESS)  # old spelling of --out
+    p.add_argument("--dest", default=None, help=argparse.SUPPRESS)  # refused: now --out
     p.add_argument("--force", action="store_true", help="download again even when a complete copy is there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -90,8 +88,8 @@ def run_download(args: argparse.Namespace) -> int:
     """``python -m idc_helpers download [--out DIR] [--force]``: a verified copy of the dataset in ``DIR``."""
     from idc_helpers.kaggle_download import download_dataset
 
-    out = _prefer(args.out, args.dest, "download --dest DIR", "--out DIR")
-    download_dataset(out or "data", force=args.force, progress=not args.no_progress)
+    _refuse_old_spelling(args.dest, "download --dest DIR", "download --out DIR")
+    download_dataset(args.out or "data", force=args.force, progress=not args.no_progress)
     return 0
 
 
@@ -110,8 +108,7 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data-dir", action="append", default=None, metavar="DIR",
                    help="folder in the Kaggle layout (<patient>/<0|1>/*.png); repeat for several folders")
-    p.add_argument("data_dir_positional", nargs="?", default=None, metavar="DATA_DIR",
-                   help="deprecated spelling of --data-dir DATA_DIR")
+    p.add_argument("data_dir_positional", nargs="?", default=None, help=argparse.SUPPRESS)  # refused: now --data-dir
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--cache-dir", default=None, help="decoded-patch cache (default: $IDC_CACHE_DIR or ~/.cache/idc_helpers)")
     p.add_argument("--no-decode", action="store_true", help="check names and headers only, do not decode the patches")
@@ -123,10 +120,8 @@ def run_index(args: argparse.Namespace) -> int:
 
     from idc_helpers.health import format_report, health_report
 
+    _refuse_old_spelling(args.data_dir_positional, "index DATA_DIR", "index --data-dir DATA_DIR")
     data_dirs = list(args.data_dir or [])
-    if args.data_dir_positional is not None:
-        print("index DATA_DIR is deprecated: use index --data-dir DATA_DIR.", file=sys.stderr)
-        data_dirs.append(args.data_dir_positional)
     if not data_dirs:
         raise UserError("index needs a dataset folder: index --data-dir DIR (repeat --data-dir for several).")
     report = health_report(data_dirs, cache_dir=args.cache_dir, decode=not args.no_decode,
@@ -144,11 +139,11 @@ def _add_demo_data(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo-data", help="write a small SYNTHETIC dataset in the Kaggle layout")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (must not exist or be empty)")
-    p.add_argument("dest", nargs="?", default=None, help=argparse.SUPPRESS)  # old positional form of --out
+    p.add_argument("dest", nargs="?", default=None, help=argparse.SUPPRESS)  # refused: now --out
     p.add_argument("--n-patients", type=arg_type("n_patients"), default=None, metavar="N",
                    help=f"number of synthetic patients (default {DEFAULT_PATIENTS})")
     p.add_argument("--patients", type=arg_type("n_patients"), default=None,
-                   help=argparse.SUPPRESS)  # old spelling of --n-patients
+                   help=argparse.SUPPRESS)  # refused: now --n-patients
     p.add_argument("--seed", type=arg_type("seed"), default=0, help="random seed (same seed, same files)")
 
 
@@ -160,8 +155,9 @@ def run_demo_data(args: argparse.Namespace) -> int:
     from idc_helpers.demo_data import DEFAULT_PATIENTS, SYNTHETIC_NOTICE, write_demo_dataset
     from idc_helpers.patch_index import build_index, dataset_summary
 
-    out = _prefer(args.out, args.dest, "demo-data DIR", "demo-data --out DIR")
-    n_patients = _prefer(args.n_patients, args.patients, "demo-data --patients N", "--n-patients N")
+    _refuse_old_spelling(args.dest, "demo-data DIR", "demo-data --out DIR")
+    _refuse_old_spelling(args.patients, "demo-data --patients N", "demo-data --n-patients N")
+    out, n_patients = args.out, args.n_patients
     if out is None:
         raise UserError("demo-data needs --out DIR, the folder to write the synthetic dataset to.")
     start = time.perf_counter()
@@ -265,7 +261,7 @@ def run_train(args: argparse.Namespace) -> int:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predict every patch of a dataset folder with a trained run")
     p.add_argument("--run", default=None, metavar="RUN_DIR", help="run folder written by `train` (or a .keras file)")
-    p.add_argument("--model", default=None, dest="model_folder", help=argparse.SUPPRESS)  # old spelling of --run
+    p.add_argument("--model", default=None, dest="model_folder", help=argparse.SUPPRESS)  # refused: now --run
     p.add_argument("--data-dir", action="append", required=True, metavar="DIR",
                    help="dataset folder in the Kaggle layout; repeat it for several folders")
     p.add_argument("--out", required=True, help="predictions CSV to write")
@@ -286,7 +282,8 @@ def run_predict(args: argparse.Namespace) -> int:
     """``python -m idc_helpers predict``: write the predictions CSV."""
     from pathlib import Path
 
-    run_dir = _prefer(args.run, args.model_folder, "predict --model RUN_DIR", "--run RUN_DIR")
+    _refuse_old_spelling(args.model_folder, "predict --model RUN_DIR", "predict --run RUN_DIR")
+    run_dir = args.run
     if run_dir is None:
         raise UserError("predict needs --run RUN_DIR, a run folder written by `python -m idc_helpers train`.")
     out = Path(_check_out_file(args.out))

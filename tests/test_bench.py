@@ -127,10 +127,13 @@ def test_quality_augment_option_reaches_training_and_the_config(demo_dir, tmp_pa
     assert wide_run["model_kwargs"] == {"width": 2}
     assert quality.main([*common, "--width", "2", "--out", str(tmp_path / "narrow")]) == 2
     assert "with --models idc_net alone" in capsys.readouterr().err and not (tmp_path / "narrow").exists()
-    # The old spelling cannot contradict the new one.
-    assert quality.main([*common, "--no-augment", "--augment", "mild", "--out", str(tmp_path / "other")]) == 2
-    assert "--no-augment contradicts --augment mild" in capsys.readouterr().err
-    assert not (tmp_path / "other").exists()
+
+
+def test_quality_refuses_the_old_no_augment_with_one_line_naming_the_new_word(tmp_path, capsys):
+    out = tmp_path / "cv"
+    assert quality.main(["--data-dir", str(tmp_path), "--no-augment", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == "error: --no-augment is no longer accepted: use --augment none.\n"
+    assert not out.exists()
 
 
 def test_quality_refuses_a_label_smoothing_outside_0_to_1_before_writing_anything(tmp_path, capsys):

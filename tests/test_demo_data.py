@@ -237,10 +237,11 @@ def test_cli_writes_prints_the_notice_and_refuses_a_second_time(tmp_path, capsys
     assert "at least 1" in capsys.readouterr().err
 
 
-def test_cli_old_spellings_still_work_with_a_deprecation_line(tmp_path, capsys):
+def test_cli_refuses_the_old_spellings_with_one_line_naming_the_new_word(tmp_path, capsys):
     dest = tmp_path / "old"
-    assert main(["demo-data", str(dest), "--patients", "1", "--seed", "3"]) == 0
-    err = capsys.readouterr().err
-    assert "demo-data DIR is deprecated: use demo-data --out DIR." in err
-    assert "--patients N is deprecated: use --n-patients N." in err
-    assert len(build_index(dest).frame["patient_id"].unique()) == 1
+    assert main(["demo-data", str(dest), "--seed", "3"]) == 2
+    assert capsys.readouterr().err == "error: demo-data DIR is no longer accepted: use demo-data --out DIR.\n"
+    assert main(["demo-data", "--out", str(dest), "--patients", "1"]) == 2
+    assert capsys.readouterr().err == ("error: demo-data --patients N is no longer accepted: "
+                                       "use demo-data --n-patients N.\n")
+    assert not dest.exists()

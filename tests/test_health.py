@@ -113,7 +113,7 @@ def test_missing_folder_exits_2_with_message(tmp_path, capsys):
 
 def test_empty_folder_exits_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert main(["index", str(tmp_path / "empty")]) == 2
+    assert main(["index", "--data-dir", str(tmp_path / "empty")]) == 2
     assert "No patient folders" in capsys.readouterr().err
 
 
@@ -127,10 +127,11 @@ def test_module_entry_point(tiny_dataset, tmp_path):
     assert "decoding" not in result.stderr  # no progress bar when stderr is not a terminal
 
 
-def test_old_positional_form_still_works_with_a_deprecation_line(tiny_dataset, tmp_path, capsys):
-    assert main(["index", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache")]) == 0
+def test_old_positional_form_is_refused_with_one_line_naming_data_dir(tiny_dataset, tmp_path, capsys):
+    assert main(["index", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache")]) == 2
     captured = capsys.readouterr()
-    assert "Problems: none found." in captured.out and "deprecated: use index --data-dir" in captured.err
+    assert captured.out == ""
+    assert captured.err == "error: index DATA_DIR is no longer accepted: use index --data-dir DATA_DIR.\n"
     assert main(["index"]) == 2 and "--data-dir" in capsys.readouterr().err
 
 

@@ -358,7 +358,7 @@ def test_cli_prints_one_line_without_traceback(server, home, tmp_path, capsys):
     assert err.startswith("error: Kaggle refused an anonymous download") and "Traceback" not in err
     assert err.count("\n") == 1
     assert main(["download", "--dest", str(tmp_path / "data"), "--no-progress"]) == 2  # the old spelling
-    assert capsys.readouterr().err.startswith("download --dest DIR is deprecated: use --out DIR.\nerror: Kaggle")
+    assert capsys.readouterr().err == "error: download --dest DIR is no longer accepted: use download --out DIR.\n"
 
 
 def test_cli_outside_failure_exits_3(server, env_credentials, tmp_path, capsys):

@@ -90,7 +90,7 @@ def test_validate_names_the_problem(preds, breakage, message):
 
 def test_cli_train_then_predict(tmp_path, tmp_cache, capsys):
     data = tmp_path / "demo"
-    assert main(["demo-data", str(data), "--patients", "5"]) == 0
+    assert main(["demo-data", "--out", str(data), "--n-patients", "5"]) == 0
     assert "SYNTHETIC DEMO DATA" in capsys.readouterr().out
     run_dir = tmp_path / "run"
     assert main(["train", "--data-dir", str(data), "--out", str(run_dir), "--model", "seed_cnn", "--epochs", "1",
@@ -111,10 +111,14 @@ def test_cli_train_then_predict(tmp_path, tmp_cache, capsys):
     assert ((table["prob_idc"] >= run.threshold).astype(int) == table["pred"]).all()
 
     test_out = tmp_path / "test.csv"
-    # The old spelling still works, with a deprecation line.
-    assert main(["predict", "--model", str(run_dir), "--data-dir", str(data), "--out", str(test_out),
+    # The old spelling is refused with one line naming the new word.
+    assert main(["predict", "--model", str(run_dir), "--data-dir", str(data), "--out", str(test_out)]) == 2
+    assert capsys.readouterr().err == ("error: predict --model RUN_DIR is no longer accepted: "
+                                       "use predict --run RUN_DIR.\n")
+    assert not test_out.exists()
+    assert main(["predict", "--run", str(run_dir), "--data-dir", str(data), "--out", str(test_out),
                  "--subset", "test", "--tta"]) == 0
-    assert "deprecated" in capsys.readouterr().err
+    capsys.readouterr()
     assert set(read_predictions(test_out)["patient_id"]) == set(run.split["test"])
     assert main(["predict", "--run", str(run_dir), "--data-dir", str(data), "--out", str(test_out)]) == 2
     err = capsys.readouterr().err

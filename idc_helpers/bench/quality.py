@@ -27,6 +27,7 @@ folders (outside the repository; no patch is copied). A patient id found in two 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -369,7 +370,7 @@ def run_quality(
     ``train``). Folds run in order, each model in turn within a fold, so an interrupted run has all models on the
     same folds; ``only_folds`` runs a subset of them (the pooled tables then say how many folds they hold).
     ``train_options``: extra keyword arguments of :func:`idc_helpers.training.train` (for example
-    ``{"augment": False}``), recorded in the config.
+    ``{"augment": "none"}``), recorded in the config.
 
     Raises:
         QualityBenchError: ``out_dir`` holds a run with other settings, or the folders cannot be merged.
@@ -448,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--augment", default=None, choices=AUGMENT_CHOICES,
                         help="training augmentation strength (default: train's, 'mild'); 'light' and 'strong' are "
                              "Tellez et al. 2019's HED-light and HED-strong stain jitter")
-    parser.add_argument("--no-augment", action="store_true", help="old spelling of --augment none")
+    parser.add_argument("--no-augment", action="store_true", help=argparse.SUPPRESS)  # refused: now --augment none
     parser.add_argument("--label-smoothing", type=float, default=None, metavar="EPS",
                         help="train with targets smoothed by EPS (default: train's, none)")
     parser.add_argument("--width", type=int, default=None, metavar="W",
@@ -466,12 +467,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODEL_NAMES)}", file=sys.stderr)
         return 2
     only = [int(f) for f in args.only_folds.split(",")] if args.only_folds else None
-    if args.no_augment and args.augment not in (None, "none"):
-        print(f"error: --no-augment contradicts --augment {args.augment}; give only --augment", file=sys.stderr)
+    if args.no_augment:
+        print("error: --no-augment is no longer accepted: use --augment none.", file=sys.stderr)
         return 2
-    # --no-augment keeps recording False, so result folders written with it still resume.
-    options: dict[str, Any] = ({"augment": False} if args.no_augment
-                               else {"augment": args.augment} if args.augment is not None else {})
+    options: dict[str, Any] = {"augment": args.augment} if args.augment is not None else {}
     if args.width is not None:  # only when given, so folders written before the option still resume
         if args.width < 1 or models != ["idc_net"]:
             print(f"error: --width {args.width}: give a whole number of at least 1, with --models idc_net alone",
