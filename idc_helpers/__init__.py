@@ -5,6 +5,7 @@ Modules, one concern each:
 - ``errors``, ``atomic``: the error classes every command reports the same way; atomic files and folders.
 - ``validation``: every check of user input (numbers, names, tables, parameter files), shared by the command line,
   the notebooks and a resumed run.
+- ``png``: the PNG header reader (an image's size from its first 33 bytes, checked) the download and the index share.
 - ``kaggle_download``: fetch the Kaggle dataset (anonymously where allowed), verified, into a complete folder.
 - ``datasource``: decide which data a run uses (argument, ``IDC_DATA_DIR``, ``./data``, Kaggle, demo) and say
   so, with the synthetic-data notice whenever the data is the demo.
@@ -19,7 +20,8 @@ Modules, one concern each:
 - ``training``: train with a patient split, a checkpoint every epoch, resume, threshold chosen on validation patients.
 - ``prediction``: the predictions table (one row per patch), the hand-off to everything downstream.
 - ``context``: slide-context smoothing of predictions from the patch coordinates.
-- ``metrics``: patch-level metrics with intervals over patients (imports nothing of the package).
+- ``metrics``: every score (F1, balanced accuracy, AUCs, curves, threshold search, the bootstrap over patients), the
+  only module that calls scikit-learn's scorers (imports nothing of the package).
 - ``plots``, ``gradcam``, ``slides``: figures, Grad-CAM maps, slide mosaics and heatmaps.
 - ``notebook_runner``: the notebook series end to end (the notebooks ship inside the package, so a regular
   install runs them from any folder); ``cli``: every command's arguments and handler.

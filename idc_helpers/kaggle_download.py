@@ -31,7 +31,6 @@ import re
 import shutil
 import socket
 import stat
-import struct
 import sys
 import warnings
 import zipfile
@@ -43,6 +42,7 @@ from typing import Any
 from idc_helpers import KAGGLE_DATASET, KAGGLE_PATCHES, KAGGLE_PATIENTS, PATCH_SIZE
 from idc_helpers.atomic import install_dir, recover_dir
 from idc_helpers.errors import ExternalError, UserError
+from idc_helpers.png import PNG_HEADER_BYTES, PngHeaderError, read_png_header
 
 EXPECTED_PATIENTS = KAGGLE_PATIENTS
 EXPECTED_PATCHES = KAGGLE_PATCHES
@@ -67,7 +67,6 @@ _BLOCK = 4096
 MAX_PATCH_BYTES = 65_536
 # A PNG hardly deflates further; a member that inflates more than this is hostile, whatever its size.
 MAX_COMPRESSION_RATIO = 50
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _CREDENTIALS_HELP = (
     "To fix this: sign in at https://www.kaggle.com, open " + SETTINGS_URL + " and, under 'API', click "
@@ -576,9 +575,10 @@ def _check_patch_bytes(name: str, data: bytes) -> None:
     """A patch is a PNG whose header says at most 50x50 pixels; read nothing else from it."""
     if len(data) > MAX_PATCH_BYTES:
         raise _Refused(f"{name!r} holds more than {MAX_PATCH_BYTES:,} bytes")
-    if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 24:
-        raise _Refused(f"{name!r} is named like a patch but is not a PNG image")
-    width, height = struct.unpack(">II", data[16:24])
+    try:
+        width, height = read_png_header(data[:PNG_HEADER_BYTES])
+    except PngHeaderError:
+        raise _Refused(f"{name!r} is named like a patch but is not a PNG image") from None
     if not (1 <= width <= PATCH_SIZE and 1 <= height <= PATCH_SIZE):
         raise _Refused(f"{name!r} is a {width}x{height} image; a patch is at most {PATCH_SIZE}x{PATCH_SIZE}")
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import struct
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -29,10 +27,11 @@ import pandas as pd
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.errors import UserError
+from idc_helpers.png import (  # the header problem kinds are patch problem kinds too
+    EMPTY, NOT_PNG, PNG_HEADER_BYTES, PNG_SIGNATURE, TRUNCATED, PngHeaderError, read_png_header)
 
 FILENAME_RE = re.compile(r"^(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$", re.ASCII)
 PATIENT_RE = re.compile(r"\d+", re.ASCII)
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 INDEX_COLUMNS = ["path", "patient_id", "x", "y", "label", "width", "height"]
 
 # The patch grid: x and y are GRID_OFFSET + k * GRID_STEP (1, 51, 101, ...).
@@ -44,15 +43,10 @@ MAX_COORDINATE = 20_001
 # Real patch files are 2-10 kB; a 50x50 PNG of any colour type and depth, even stored uncompressed with large
 # ancillary chunks, stays far below this. Larger files are not patches and are never read whole.
 MAX_PATCH_FILE_BYTES = 2 << 20
-# Signature, IHDR length and type, the 13 IHDR bytes and its CRC.
-PNG_HEADER_BYTES = 33
 
 # Problem kinds, in the words the health check prints.
 MISNAMED = "misnamed"
 MISLABELLED = "mislabelled"
-NOT_PNG = "not a PNG"
-EMPTY = "empty"
-TRUNCATED = "truncated or corrupt"
 WRONG_PATIENT = "wrong patient folder"
 UNEXPECTED = "unexpected entry"
 UNREADABLE = "unreadable"
@@ -61,10 +55,6 @@ NOT_A_FILE = "not a regular file"
 OFF_GRID = "off the patch grid"
 CONFLICTING_LABELS = "conflicting labels"
 DUPLICATE = "duplicate"
-
-# Valid bit depths for each PNG colour type (PNG specification, IHDR).
-_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
-
 
 @dataclass(frozen=True)
 class Problem:
@@ -101,13 +91,8 @@ class DatasetFolderError(UserError, FileNotFoundError):
     """The dataset folder is missing or holds no patient folders."""
 
 
-class PatchFileError(ValueError):
+class PatchFileError(PngHeaderError):
     """A file whose first bytes show it is not a usable patch; ``kind`` is a problem kind, ``reason`` says why."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
 
 
 def parse_patch_name(name: str) -> tuple[str, int, int, int] | None:
@@ -119,31 +104,16 @@ def parse_patch_name(name: str) -> tuple[str, int, int, int] | None:
 
 
 def parse_png_header(head: bytes) -> tuple[int, int]:
-    """``(width, height)`` from the first :data:`PNG_HEADER_BYTES` bytes of a file, after checking that they are a
-    valid PNG signature and IHDR chunk (CRC, bit depth and colour type included).
+    """``(width, height)`` from the first :data:`PNG_HEADER_BYTES` bytes of a file, read by
+    :func:`idc_helpers.png.read_png_header`.
 
-    Raises :class:`PatchFileError` (kind ``empty``, ``not a PNG`` or ``truncated or corrupt``) otherwise. Sizes are
-    not judged here (see :func:`check_png_header`).
+    Raises :class:`PatchFileError` (kind ``empty``, ``not a PNG`` or ``truncated or corrupt``) when they are not a
+    valid PNG header. Sizes are not judged here (see :func:`check_png_header`).
     """
-    if not head:
-        raise PatchFileError(EMPTY, "the file is empty (0 bytes)")
-    if not head.startswith(PNG_SIGNATURE[:len(head)]) or (len(head) >= 16 and head[12:16] != b"IHDR"):
-        raise PatchFileError(NOT_PNG, "the file does not start with a PNG header")
-    if len(head) < PNG_HEADER_BYTES:
-        raise PatchFileError(TRUNCATED, f"the file ends inside its PNG header ({len(head)} bytes)")
-    length, = struct.unpack(">I", head[8:12])
-    crc, = struct.unpack(">I", head[29:33])
-    if length != 13 or zlib.crc32(head[12:29]) != crc:
-        raise PatchFileError(TRUNCATED, "the PNG header is damaged (length or checksum wrong)")
-    width, height, depth, colour, compression, filter_method, interlace = struct.unpack(">IIBBBBB", head[16:29])
-    if width == 0 or height == 0 or width >= 1 << 31 or height >= 1 << 31:
-        raise PatchFileError(TRUNCATED, f"the PNG header gives an impossible size {width}x{height}")
-    if depth not in _PNG_DEPTHS.get(colour, ()) or compression or filter_method or interlace > 1:
-        raise PatchFileError(
-            NOT_PNG, f"the PNG header is invalid (colour type {colour}, bit depth {depth}, compression "
-                     f"{compression}, filter {filter_method}, interlace {interlace})",
-        )
-    return int(width), int(height)
+    try:
+        return read_png_header(head)
+    except PngHeaderError as exc:
+        raise PatchFileError(exc.kind, exc.reason) from None
 
 
 def check_png_header(head: bytes, file_size: int | None = None) -> tuple[int, int]:
