@@ -27,8 +27,7 @@ import pandas as pd
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.errors import UserError
-from idc_helpers.png import (  # the header problem kinds are patch problem kinds too
-    EMPTY, NOT_PNG, PNG_HEADER_BYTES, PNG_SIGNATURE, TRUNCATED, PngHeaderError, read_png_header)
+from idc_helpers.png import NOT_PNG, PNG_HEADER_BYTES, PngHeaderError, read_png_header
 
 FILENAME_RE = re.compile(r"^(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$", re.ASCII)
 PATIENT_RE = re.compile(r"\d+", re.ASCII)

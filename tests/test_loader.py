@@ -16,13 +16,14 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
 from conftest import REPO_ROOT, patch_name, write_patch
+from PIL import Image
+from test_patch_index import _run_with_alarm, make_png
+
 from idc_helpers import loader
 from idc_helpers.errors import ExternalError, UserError
-from idc_helpers.patch_index import EMPTY, NOT_PNG, TRUNCATED, UNREADABLE, build_index
-from test_patch_index import _run_with_alarm, make_png
+from idc_helpers.patch_index import NOT_PNG, UNREADABLE, build_index
+from idc_helpers.png import EMPTY, TRUNCATED
 
 RGB = (200, 100, 50)
 
