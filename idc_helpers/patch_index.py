@@ -27,7 +27,10 @@ import pandas as pd
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.errors import UserError
+from idc_helpers.png import EMPTY as EMPTY  # the header problem kinds are patch problem kinds too
 from idc_helpers.png import NOT_PNG, PNG_HEADER_BYTES, PngHeaderError, read_png_header
+from idc_helpers.png import PNG_SIGNATURE as PNG_SIGNATURE
+from idc_helpers.png import TRUNCATED as TRUNCATED
 
 FILENAME_RE = re.compile(r"^(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<label>[01])\.png$", re.ASCII)
 PATIENT_RE = re.compile(r"\d+", re.ASCII)
