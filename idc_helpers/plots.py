@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay
 
 from idc_helpers import metrics
 
@@ -89,19 +88,18 @@ def _named_curves(data: Scores | Mapping[str, Scores]) -> dict[str, Scores]:
 
 
 def plot_roc(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None, title: str = "ROC curve") -> Figure:
-    """ROC curve(s) (scikit-learn's ``RocCurveDisplay``) with the AUC in the legend and, when a table has a ``pred``
+    """ROC curve(s) with the AUC in the legend and, when a table has a ``pred``
     column, its operating point. ``data``: a predictions table, a ``(labels, probs)`` pair, or a dict name -> either.
     """
     fig, ax = _new_axes(ax, (5.0, 5.0))
     for name, curve in _named_curves(data).items():
         labels, probs, pred = _scores(curve)
         fpr_curve, tpr_curve, auc = metrics.roc_points(labels, probs)
-        display = RocCurveDisplay(fpr=fpr_curve, tpr=tpr_curve, roc_auc=auc, name=name or "model").plot(ax=ax)
-        display.line_.set_linewidth(2)
+        (line,) = ax.plot(fpr_curve, tpr_curve, lw=2, label=f"{name or 'model'} (AUC = {auc:.2f})")
         if pred is not None:
             scores = metrics.binary_scores(labels, pred)
             tpr, fpr = scores["recall"], 1.0 - scores["specificity"]
-            ax.plot(fpr, tpr, "o", color=display.line_.get_color(), ms=7, mec="black",
+            ax.plot(fpr, tpr, "o", color=line.get_color(), ms=7, mec="black",
                     label=f"{name + ' ' if name else ''}threshold (TPR {tpr:.2f}, FPR {fpr:.2f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance (AUC = 0.5)")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal", title=title,
@@ -113,20 +111,19 @@ def plot_roc(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None, tit
 
 def plot_pr(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None,
             title: str = "Precision-recall curve") -> Figure:
-    """Precision-recall curve(s) (``PrecisionRecallDisplay``) with the average precision and the chance level (the
-    IDC fraction). Same inputs as :func:`plot_roc`."""
+    """Precision-recall curve(s), drawn as steps, with the average precision and the chance level (the IDC
+    fraction). Same inputs as :func:`plot_roc`."""
     fig, ax = _new_axes(ax, (5.0, 5.0))
     prevalence = None
     for name, curve in _named_curves(data).items():
         labels, probs, pred = _scores(curve)
         precisions, recalls, average_precision = metrics.pr_points(labels, probs)
-        display = PrecisionRecallDisplay(precisions, recalls, average_precision=average_precision,
-                                         name=name or "model").plot(ax=ax)
-        display.line_.set_linewidth(2)
+        (line,) = ax.plot(recalls, precisions, lw=2, drawstyle="steps-post",
+                          label=f"{name or 'model'} (AP = {average_precision:.2f})")
         if pred is not None:
             scores = metrics.binary_scores(labels, pred)
             precision, recall = scores["precision"], scores["recall"]
-            ax.plot(recall, precision, "o", color=display.line_.get_color(), ms=7, mec="black",
+            ax.plot(recall, precision, "o", color=line.get_color(), ms=7, mec="black",
                     label=f"{name + ' ' if name else ''}threshold (P {precision:.2f}, R {recall:.2f})")
         prevalence = float(np.mean(labels))
     if prevalence is not None:
@@ -140,7 +137,7 @@ def plot_pr(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None,
 
 def plot_confusion(data: Mapping[str, Any] | pd.DataFrame, *, ax: Axes | None = None,
                    title: str = "Confusion matrix") -> Figure:
-    """Confusion matrix (``ConfusionMatrixDisplay``) coloured by the share of each true class, with counts.
+    """Confusion matrix coloured by the share of each true class, with counts.
 
     ``data``: a report of :func:`idc_helpers.metrics.evaluate`, a dict with tn, fp, fn, tp, or a table with ``label``
     and ``pred``.
@@ -153,12 +150,13 @@ def plot_confusion(data: Mapping[str, Any] | pd.DataFrame, *, ax: Axes | None = 
     fig, ax = _new_axes(ax, (4.6, 4.0))
     totals = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, totals, out=np.zeros(cm.shape, dtype=float), where=totals > 0)
-    display = ConfusionMatrixDisplay(share, display_labels=list(CLASS_NAMES))
-    display.plot(ax=ax, cmap="Blues", colorbar=False, im_kw={"vmin": 0, "vmax": 1})
-    for (i, j), text in np.ndenumerate(display.text_):
-        text.set_text(f"{cm[i, j]:,}\n{share[i, j]:.1%}")
-    ax.set(xlabel="Predicted", ylabel="True", title=title)
-    fig.colorbar(display.im_, ax=ax, label="share of the true class", shrink=0.8)
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), value in np.ndenumerate(share):
+        ax.text(j, i, f"{cm[i, j]:,}\n{value:.1%}", ha="center", va="center",
+                color="white" if value > 0.5 else "#08306b")
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=list(CLASS_NAMES), yticklabels=list(CLASS_NAMES),
+           xlabel="Predicted", ylabel="True", title=title)
+    fig.colorbar(image, ax=ax, label="share of the true class", shrink=0.8)
     return fig
 
 
