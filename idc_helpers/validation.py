@@ -83,6 +83,8 @@ NUMBERS: dict[str, Number] = {
 def shown(value: Any, limit: int = 50) -> str:
     """``value`` as a message shows it: its repr (numpy scalars as Python ones), long text cut with its length."""
     value = value.item() if type(value).__module__ == "numpy" and hasattr(value, "item") else value
+    if value is None:  # an empty cell: pandas 2 keeps None in a text column where pandas 3 has NaN
+        value = float("nan")
     if isinstance(value, str) and len(value) > limit:
         return f"{value[:limit]!r}... ({len(value):,} characters)"
     text = repr(value)
