@@ -96,11 +96,9 @@ def _safe_bases() -> tuple[type, ...]:
             keras.losses.Loss, keras.metrics.Metric, keras.DTypePolicy)
 
 
-def _check_object(entry: dict[str, Any]) -> str | None:
-    """Why ``entry`` is refused, or None when it names a class a model is made of."""
+def _check_object(entry: dict[str, Any], safe_bases: tuple[type, ...]) -> str | None:
+    """Why ``entry`` is refused, or None when it names a class a model is made of (a subclass of ``safe_bases``)."""
     import keras
-
-    import idc_helpers.models  # noqa: F401  - registers the package's classes
 
     class_name, module = entry.get("class_name"), entry.get("module")
     registered = entry.get("registered_name")
@@ -121,7 +119,7 @@ def _check_object(entry: dict[str, Any]) -> str | None:
         found = getattr(importlib.import_module(module), class_name)
     except (ImportError, AttributeError):
         return f"Keras has no {module}.{class_name}"
-    if not inspect.isclass(found) or not issubclass(found, _safe_bases()):
+    if not inspect.isclass(found) or not issubclass(found, safe_bases):
         return f"{module}.{class_name} is not a layer, model, optimizer, loss, metric or weight setting"
     return None
 
@@ -129,9 +127,12 @@ def _check_object(entry: dict[str, Any]) -> str | None:
 def check_model_file(path: str | os.PathLike[str]) -> None:
     """Raise :class:`ModelFileError` unless ``path`` is a ``.keras`` archive naming only classes a model is made of
     (see the module's docstring). Reads the archive's config; runs nothing from it."""
+    import idc_helpers.models  # noqa: F401  - registers the package's classes before they are looked up
+
     path = Path(path)
+    safe_bases = _safe_bases()
     for where, entry in _objects(_read_config(path)):
-        why = _check_object(entry)
+        why = _check_object(entry, safe_bases)
         if why:
             raise _refuse(path, f"{why} (at {where})")
 
@@ -142,10 +143,8 @@ def load_model_file(path: str | os.PathLike[str], *, compile: bool = False) -> k
     ``compile=True`` restores its optimizer state too (a checkpoint to resume)."""
     import keras
 
-    import idc_helpers.models  # noqa: F401  - registers TrainingAugmentation and the losses before loading
-
     path = Path(path)
-    check_model_file(path)
+    check_model_file(path)  # also registers the package's layers and losses, which Keras needs to load the model
     try:
         return keras.models.load_model(path, compile=compile, safe_mode=True)
     except Exception as exc:  # noqa: BLE001 - whatever Keras raises, the user gets one line naming the file

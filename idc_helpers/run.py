@@ -47,7 +47,8 @@ CHECKPOINT_STATE_FILE = "checkpoint.json"
 CHECKPOINT_PREFIXES = ("checkpoint-", "best-")
 
 
-_CHECKPOINT_NAME = {"model": re.compile(r"checkpoint-[0-9]{3,6}\.keras"), "best": re.compile(r"best-[0-9]{3,6}\.weights\.h5")}
+_CHECKPOINT_NAME = {"model": re.compile(r"checkpoint-[0-9]{3,6}\.keras"),
+                    "best": re.compile(r"best-[0-9]{3,6}\.weights\.h5")}
 
 
 def checkpoint_names(epoch: int) -> dict[str, str]:
