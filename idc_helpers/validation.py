@@ -156,7 +156,7 @@ def check_patient_ids(ids: Iterable[Any], source: str) -> list[str]:
     checked = []
     for value in ids:
         text = str(value)
-        if len(text) > MAX_ID_CHARS or not PATIENT_ID.fullmatch(text):
+        if not _is_patient_id(text):
             raise InvalidInputError(f"patient id {shown(text)} ({source}) is not allowed: use the digits of a patient "
                                     "folder's name, e.g. 8863, with nothing before or after")
         checked.append(text)
