@@ -17,8 +17,9 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 _OLD_SUFFIX = ".old"
 
@@ -62,8 +63,9 @@ def atomic_path(target: str | os.PathLike[str], suffix: str | None = None) -> It
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_temporary_file(target.parent, f".{target.name}.",
-                              suffix if suffix is not None else target.suffix + ".tmp")
+    tmp = _new_temporary_file(
+        target.parent, f".{target.name}.", suffix if suffix is not None else target.suffix + ".tmp"
+    )
     try:
         yield tmp
         _fsync_path(tmp)

@@ -46,35 +46,37 @@ def setup_cell_source() -> str:
     ``colab_setup.sh`` and, when ``MOUNT_DRIVE`` is set to True, mount Google Drive (a run folder there survives a
     disconnect; see :data:`DRIVE_RUN_DIR`). Elsewhere the package is expected to be installed (``pip install -e .``).
     """
-    return "\n".join([
-        "import os",
-        "import sys",
-        "",
-        "# Before TensorFlow loads: hide its C++ start-up lines (CUDA probing on a CPU machine, oneDNN notices).",
-        'os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")',
-        'IS_COLAB = "google.colab" in sys.modules',
-        "MOUNT_DRIVE = False  # Colab: True mounts Google Drive, so that a RUN_DIR there survives a disconnect",
-        "if IS_COLAB:",
-        "    # Colab starts empty: fetch the project, install it (and what Colab lacks), then work from its",
-        "    # notebooks/ folder so that relative paths mean the same as on your own machine.",
-        "    import importlib",
-        "",
-        f'    REPO_URL = "{repository_url()}"',
-        f'    REPO_DIR = "{COLAB_CLONE_DIR}"',
-        "    if not os.path.isdir(REPO_DIR):",
-        f"        !git clone --depth 1 --branch {BRANCH} {{REPO_URL}} {{REPO_DIR}}",
-        "    !bash {REPO_DIR}/colab_setup.sh",
-        "    %cd {REPO_DIR}/notebooks",
-        "    importlib.invalidate_caches()  # the package was installed after this kernel started",
-        "    if MOUNT_DRIVE:",
-        "        from google.colab import drive",
-        "",
-        '        drive.mount("/content/drive")',
-        "",
-        "from idc_helpers.colab import import_tensorflow_quietly",
-        "",
-        "import_tensorflow_quietly()",
-    ])
+    return "\n".join(
+        [
+            "import os",
+            "import sys",
+            "",
+            "# Before TensorFlow loads: hide its C++ start-up lines (CUDA probing on a CPU machine, oneDNN notices).",
+            'os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")',
+            'IS_COLAB = "google.colab" in sys.modules',
+            "MOUNT_DRIVE = False  # Colab: True mounts Google Drive, so that a RUN_DIR there survives a disconnect",
+            "if IS_COLAB:",
+            "    # Colab starts empty: fetch the project, install it (and what Colab lacks), then work from its",
+            "    # notebooks/ folder so that relative paths mean the same as on your own machine.",
+            "    import importlib",
+            "",
+            f'    REPO_URL = "{repository_url()}"',
+            f'    REPO_DIR = "{COLAB_CLONE_DIR}"',
+            "    if not os.path.isdir(REPO_DIR):",
+            f"        !git clone --depth 1 --branch {BRANCH} {{REPO_URL}} {{REPO_DIR}}",
+            "    !bash {REPO_DIR}/colab_setup.sh",
+            "    %cd {REPO_DIR}/notebooks",
+            "    importlib.invalidate_caches()  # the package was installed after this kernel started",
+            "    if MOUNT_DRIVE:",
+            "        from google.colab import drive",
+            "",
+            '        drive.mount("/content/drive")',
+            "",
+            "from idc_helpers.colab import import_tensorflow_quietly",
+            "",
+            "import_tensorflow_quietly()",
+        ]
+    )
 
 
 def import_tensorflow_quietly() -> None:

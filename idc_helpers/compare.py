@@ -9,8 +9,9 @@ a test patient.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import pandas as pd
 
@@ -35,8 +36,9 @@ def sibling_run_dir(run_dir: str | os.PathLike[str], model_name: str) -> Path:
     return run_dir.with_name(f"{run_dir.name}-{model_name}")
 
 
-def train_alongside(base: _RunLike, run_dir: str | os.PathLike[str], model_name: str, *,
-                    verbose: int | str = 2) -> _RunLike:
+def train_alongside(
+    base: _RunLike, run_dir: str | os.PathLike[str], model_name: str, *, verbose: int | str = 2
+) -> _RunLike:
     """The run of ``model_name`` with the data, split, seed, epochs, subsample and batch size of ``base`` (a
     :class:`~idc_helpers.training.TrainResult` or :class:`~idc_helpers.run.Run`), in :func:`sibling_run_dir`.
 
@@ -47,31 +49,49 @@ def train_alongside(base: _RunLike, run_dir: str | os.PathLike[str], model_name:
     if (out / CONFIG_FILE).is_file():
         finished = load_run(out)
         if finished.split != base.config["split"]["patients"]:
-            raise CompareError(f"{out} holds a {model_name} run on other patients than the run it should be compared "
-                               "with; choose another RUN_DIR (runs are never overwritten).")
+            raise CompareError(
+                f"{out} holds a {model_name} run on other patients than the run it should be compared "
+                "with; choose another RUN_DIR (runs are never overwritten)."
+            )
         return finished
     args = base.config["arguments"]
     resume = (partial_dir(out) / CONFIG_FILE).is_file()
-    return train(args["data_dirs"], out, model_name=model_name, epochs=args["epochs"], split=args["split"],
-                 unlisted=args["unlisted"], max_patches=args["max_patches"], seed=args["seed"],
-                 batch_size=args["batch_size"], augment=args["augment"], test_patients=args["test_patients"],
-                 resume=resume, verbose=verbose)
+    return train(
+        args["data_dirs"],
+        out,
+        model_name=model_name,
+        epochs=args["epochs"],
+        split=args["split"],
+        unlisted=args["unlisted"],
+        max_patches=args["max_patches"],
+        seed=args["seed"],
+        batch_size=args["batch_size"],
+        augment=args["augment"],
+        test_patients=args["test_patients"],
+        resume=resume,
+        verbose=verbose,
+    )
 
 
 def compare_runs(runs: Sequence[_RunLike]) -> pd.DataFrame:
     """One row per run: model, parameters, epochs run and kept, training seconds, and the validation patients'
-    ROC AUC, F1, precision, recall and balanced accuracy at the run's own threshold (from ``metrics.json``)."""
+    ROC AUC, F1, precision, recall and balanced accuracy at the run's own threshold (from ``metrics.json``).
+    """
     rows = []
     for run in runs:
         metrics, validation = run.metrics, run.metrics.get("validation", {})
-        rows.append({
-            "model": run.config["model"],
-            "parameters": run.model.count_params(),
-            "epochs run": metrics.get("epochs_run"),
-            "kept epoch": metrics.get("best_epoch"),
-            "training s": None if metrics.get("train_seconds") is None else round(metrics["train_seconds"]),
-            "threshold": metrics.get("threshold"),
-            **{f"val {name.replace('_', ' ')}": validation.get(name)
-               for name in ("roc_auc", "f1", "precision", "recall", "balanced_accuracy")},
-        })
+        rows.append(
+            {
+                "model": run.config["model"],
+                "parameters": run.model.count_params(),
+                "epochs run": metrics.get("epochs_run"),
+                "kept epoch": metrics.get("best_epoch"),
+                "training s": None if metrics.get("train_seconds") is None else round(metrics["train_seconds"]),
+                "threshold": metrics.get("threshold"),
+                **{
+                    f"val {name.replace('_', ' ')}": validation.get(name)
+                    for name in ("roc_auc", "f1", "precision", "recall", "balanced_accuracy")
+                },
+            }
+        )
     return pd.DataFrame(rows)

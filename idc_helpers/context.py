@@ -38,7 +38,8 @@ tuning to the patients :func:`whole_slide_patients` accepts (measured worse: doc
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -67,7 +68,8 @@ def _check_columns(table: pd.DataFrame, columns: Sequence[str], what: str) -> No
     if missing:
         raise ContextError(
             f"{what}: missing column(s) {', '.join(missing)}; slide context needs patient_id, x, y and the "
-            "probabilities of a predictions table written by `python -m idc_helpers predict`.")
+            "probabilities of a predictions table written by `python -m idc_helpers predict`."
+        )
 
 
 def default_window(sigma: float) -> int:
@@ -87,8 +89,8 @@ def _convolve_separable(grid: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """``grid`` (H, W) convolved with ``kernel`` along both axes, zeros outside (same shape)."""
     r = len(kernel) // 2
     padded = np.pad(grid, r)
-    rows = sum(k * padded[:, i:i + grid.shape[1]] for i, k in enumerate(kernel))  # (H + 2r, W)
-    return sum(k * rows[i:i + grid.shape[0], :] for i, k in enumerate(kernel))
+    rows = sum(k * padded[:, i : i + grid.shape[1]] for i, k in enumerate(kernel))  # (H + 2r, W)
+    return sum(k * rows[i : i + grid.shape[0], :] for i, k in enumerate(kernel))
 
 
 def _grid_cells(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -96,8 +98,7 @@ def _grid_cells(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     return (table["x"].to_numpy(np.int64) // GRID_PX), (table["y"].to_numpy(np.int64) // GRID_PX)
 
 
-def smooth_probs(table: pd.DataFrame, sigma: float, window: int | None = None,
-                 column: str = "prob_idc") -> np.ndarray:
+def smooth_probs(table: pd.DataFrame, sigma: float, window: int | None = None, column: str = "prob_idc") -> np.ndarray:
     """Each patch's ``column`` averaged with its neighbours' on the same patient's slide.
 
     Args:
@@ -132,7 +133,8 @@ def smooth_probs(table: pd.DataFrame, sigma: float, window: int | None = None,
 
 def _neighbour_sums(table: pd.DataFrame, values: np.ndarray) -> np.ndarray:
     """Each patch's sum of ``values`` over its 8 grid neighbours on the same patient's slide (neighbours absent
-    from the table add nothing): ``(N,)`` float64 in the table's row order."""
+    from the table add nothing): ``(N,)`` float64 in the table's row order.
+    """
     gx, gy = _grid_cells(table)
     out = np.zeros(len(table), dtype=np.float64)
     ones = np.ones(3)
@@ -167,8 +169,9 @@ def label_boundary(table: pd.DataFrame, column: str = "label") -> np.ndarray:
     return other > 0
 
 
-def whole_slide_patients(table: pd.DataFrame, min_neighbours: int = 4, min_share: float = 0.5,
-                         min_patches: int = 25) -> list[str]:
+def whole_slide_patients(
+    table: pd.DataFrame, min_neighbours: int = 4, min_share: float = 0.5, min_patches: int = 25
+) -> list[str]:
     """Patients whose patches form a slide: at least ``min_patches`` patches, and at least ``min_share`` of them
     with ``min_neighbours`` or more of their 8 neighbours present.
 
@@ -181,9 +184,17 @@ def whole_slide_patients(table: pd.DataFrame, min_neighbours: int = 4, min_share
     return sorted(map(str, keep.index))
 
 
-def fit_context(val_table: pd.DataFrame, sigmas: Sequence[float] = DEFAULT_SIGMAS, window: int | None = None,
-                criterion: str = "f1", column: str = "prob_idc", tune_on: str = "all", min_neighbours: int = 4,
-                min_share: float = 0.5, min_patches: int = 25) -> dict[str, Any]:
+def fit_context(
+    val_table: pd.DataFrame,
+    sigmas: Sequence[float] = DEFAULT_SIGMAS,
+    window: int | None = None,
+    criterion: str = "f1",
+    column: str = "prob_idc",
+    tune_on: str = "all",
+    min_neighbours: int = 4,
+    min_share: float = 0.5,
+    min_patches: int = 25,
+) -> dict[str, Any]:
     """Choose the smoothing width and the context threshold on validation patients.
 
     For every ``sigma`` the probabilities of the tuning patients are smoothed, the threshold maximising
@@ -218,28 +229,45 @@ def fit_context(val_table: pd.DataFrame, sigmas: Sequence[float] = DEFAULT_SIGMA
             f"none of the {val_table['patient_id'].nunique()} validation patients has a whole slide (at least "
             f"{min_patches} patches, {min_share:.0%} of them with >= {min_neighbours} of 8 neighbours), so slide "
             "context cannot be tuned on whole slides: keep some whole-slide patients (e.g. from idc_sample) for "
-            "validation, or tune on all validation patients (tune_on='all').")
+            "validation, or tune on all validation patients (tune_on='all')."
+        )
     tuning = val_table[val_table["patient_id"].astype(str).isin(patients)]
     labels = tuning["label"].to_numpy(np.int64)
     if not 0 < labels.sum() < len(labels):
-        raise ContextError(f"the validation patients {', '.join(patients[:10])} hold one class only: "
-                           "slide context needs IDC and non-IDC patches to choose a threshold.")
+        raise ContextError(
+            f"the validation patients {', '.join(patients[:10])} hold one class only: "
+            "slide context needs IDC and non-IDC patches to choose a threshold."
+        )
     candidates = []
-    for sigma in sorted(set(float(s) for s in sigmas)):
+    for sigma in sorted({float(s) for s in sigmas}):
         win = default_window(sigma) if window is None else int(window)
         probs = smooth_probs(tuning, sigma, win, column)
         threshold = pick_threshold(labels, probs, criterion)
         scores = binary_scores(labels, (probs >= threshold).astype(np.int64), probs)
-        candidates.append({
-            "sigma": sigma, "window": win if sigma > 0 else 1, "threshold": float(threshold),
-            "f1": scores["f1"], "balanced_accuracy": scores["balanced_accuracy"], "roc_auc": scores["roc_auc"],
-        })
+        candidates.append(
+            {
+                "sigma": sigma,
+                "window": win if sigma > 0 else 1,
+                "threshold": float(threshold),
+                "f1": scores["f1"],
+                "balanced_accuracy": scores["balanced_accuracy"],
+                "roc_auc": scores["roc_auc"],
+            }
+        )
     score = "f1" if criterion == "f1" else "balanced_accuracy"
     best = max(candidates, key=lambda c: (c[score], -c["sigma"]))
     return {
-        "method": _METHOD, "version": PARAMS_VERSION, "grid_px": GRID_PX,
-        "sigma": best["sigma"], "window": best["window"], "threshold": best["threshold"], "criterion": criterion,
-        "tuned_on": tune_on, "patients": patients, "n_patches": int(len(tuning)), "candidates": candidates,
+        "method": _METHOD,
+        "version": PARAMS_VERSION,
+        "grid_px": GRID_PX,
+        "sigma": best["sigma"],
+        "window": best["window"],
+        "threshold": best["threshold"],
+        "criterion": criterion,
+        "tuned_on": tune_on,
+        "patients": patients,
+        "n_patches": len(tuning),
+        "candidates": candidates,
         "whole_slide_rule": {"min_neighbours": min_neighbours, "min_share": min_share, "min_patches": min_patches},
     }
 
@@ -248,21 +276,27 @@ def check_params(params: Mapping[str, Any]) -> None:
     """Raise :class:`ContextError` unless ``params`` is a parameter dict written by :func:`fit_context`."""
     missing = [k for k in _PARAM_KEYS if k not in params]
     if missing:
-        raise ContextError(f"slide-context parameters lack {', '.join(missing)}: fit them with fit_context "
-                           "(train stores them in the run's metrics.json)")
+        raise ContextError(
+            f"slide-context parameters lack {', '.join(missing)}: fit them with fit_context "
+            "(train stores them in the run's metrics.json)"
+        )
     if params["method"] != _METHOD or params["version"] != PARAMS_VERSION or params["grid_px"] != GRID_PX:
-        raise ContextError(f"slide-context parameters of an unknown kind ({params['method']!r} version "
-                           f"{params['version']}, grid {params['grid_px']} px); this version reads {_METHOD!r} "
-                           f"version {PARAMS_VERSION}, grid {GRID_PX} px: refit them with fit_context")
+        raise ContextError(
+            f"slide-context parameters of an unknown kind ({params['method']!r} version "
+            f"{params['version']}, grid {params['grid_px']} px); this version reads {_METHOD!r} "
+            f"version {PARAMS_VERSION}, grid {GRID_PX} px: refit them with fit_context"
+        )
     if not 0.0 <= float(params["threshold"]) <= 1.0 or float(params["sigma"]) < 0:
-        raise ContextError(f"slide-context parameters out of range: sigma {params['sigma']}, "
-                           f"threshold {params['threshold']}")
+        raise ContextError(
+            f"slide-context parameters out of range: sigma {params['sigma']}, threshold {params['threshold']}"
+        )
 
 
 def apply_context(table: pd.DataFrame, params: Mapping[str, Any], column: str = "prob_idc") -> pd.DataFrame:
     """A copy of ``table`` with ``prob_idc_context`` (float64, smoothed ``column``), ``pred_context``
     (int8, ``prob_idc_context >= params["threshold"]``) and ``threshold_context`` (that threshold, on every row)
-    added; ``params`` comes from :func:`fit_context`."""
+    added; ``params`` comes from :func:`fit_context`.
+    """
     check_params(params)
     out = table.copy()
     out["prob_idc_context"] = smooth_probs(table, float(params["sigma"]), int(params["window"]), column)

@@ -96,8 +96,11 @@ def resolve_data_dir(
 
     reasons = [f"no folder given (argument or {DATA_DIR_ENV})"]
     patients, patches = count_copy(local)
-    reasons.append(f"{local} holds {patients} patients and {patches:,} patches, not a complete copy"
-                   if local.exists() else f"no dataset in {local}")
+    reasons.append(
+        f"{local} holds {patients} patients and {patches:,} patches, not a complete copy"
+        if local.exists()
+        else f"no dataset in {local}"
+    )
     if download:
         credentials = find_credentials()
         anonymous = in_colab() if anonymous is None else anonymous
@@ -107,8 +110,9 @@ def resolve_data_dir(
             except KaggleCredentialsError:
                 if credentials is not None:
                     raise
-                reasons.append("Kaggle refused an anonymous download: add a Kaggle API token (see "
-                               f"`{DOWNLOAD_COMMAND} --help`)")
+                reasons.append(
+                    f"Kaggle refused an anonymous download: add a Kaggle API token (see `{DOWNLOAD_COMMAND} --help`)"
+                )
             else:
                 how = credentials or "anonymously"
                 return DataSource(path, "kaggle", False, f"the Kaggle dataset, downloaded into {path} ({how})")

@@ -138,9 +138,13 @@ def write_demo_dataset(
         for k, stream in enumerate(streams):
             patient_id = str(FIRST_PATIENT_ID + k)
             rng = np.random.default_rng(stream)
-            cols, rows = grid if grid is not None else (
-                int(rng.integers(_COLS_RANGE[0], _COLS_RANGE[1] + 1)),
-                int(rng.integers(_ROWS_RANGE[0], _ROWS_RANGE[1] + 1)),
+            cols, rows = (
+                grid
+                if grid is not None
+                else (
+                    int(rng.integers(_COLS_RANGE[0], _COLS_RANGE[1] + 1)),
+                    int(rng.integers(_ROWS_RANGE[0], _ROWS_RANGE[1] + 1)),
+                )
             )
             slide = _render_slide(rng, cols, rows, cut=_cut_for(k, rng))
             counts.append((patient_id, *_write_patches(slide, tmp / patient_id, patient_id)))
@@ -163,7 +167,8 @@ def _check_destination(dest: Path, overwrite: bool) -> bool:
             + (
                 "; it holds an earlier demo dataset, so you may also delete it, or pass overwrite=True "
                 "to write_demo_dataset() to replace it."
-                if is_synthetic(dest) else "."
+                if is_synthetic(dest)
+                else "."
             )
         )
     if not is_synthetic(dest):
@@ -208,9 +213,9 @@ def _write_patches(slide: _Slide, patient_dir: Path, patient_id: str) -> tuple[i
     idc_frac = _cell_fraction(slide.idc, PATCH_SIZE)
     bgr = np.ascontiguousarray(slide.image[..., ::-1])
     n = n_idc = n_small = 0
-    for j, i in zip(*np.nonzero(tissue_frac >= _MIN_TISSUE)):
+    for j, i in zip(*np.nonzero(tissue_frac >= _MIN_TISSUE), strict=False):
         x0, y0 = i * PATCH_SIZE, j * PATCH_SIZE
-        patch = bgr[y0:y0 + PATCH_SIZE, x0:x0 + PATCH_SIZE]
+        patch = bgr[y0 : y0 + PATCH_SIZE, x0 : x0 + PATCH_SIZE]
         label = int(idc_frac[j, i] >= 0.5)
         name = f"{patient_id}_idx5_x{x0 + 1}_y{y0 + 1}_class{label}.png"
         path = patient_dir / str(label) / name
@@ -269,20 +274,37 @@ def _fibres(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
 def _line_kernel(angle: float, length: float, width: float) -> np.ndarray:
     """An anisotropic Gaussian kernel, ``length``/``width`` sigmas in px, long axis at ``angle`` radians."""
     r = int(np.ceil(2.5 * length))
-    yy, xx = np.mgrid[-r:r + 1, -r:r + 1].astype(np.float32)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1].astype(np.float32)
     along = xx * np.cos(angle) + yy * np.sin(angle)
     across = -xx * np.sin(angle) + yy * np.cos(angle)
     k = np.exp(-0.5 * ((along / length) ** 2 + (across / width) ** 2))
     return (k / k.sum()).astype(np.float32)
 
 
-def _draw_ellipses(canvas: np.ndarray, xs: np.ndarray, ys: np.ndarray, a: np.ndarray, b: np.ndarray,
-                   angles: np.ndarray, values: np.ndarray) -> None:
+def _draw_ellipses(
+    canvas: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    angles: np.ndarray,
+    values: np.ndarray,
+) -> None:
     """Filled, anti-aliased ellipses on a uint8 canvas: centres, semi-axes in px, angles in degrees, values 0-255."""
     f = 16  # cv2's shift=4: 4 fractional bits, so centres and axes keep sub-pixel precision
-    for x, y, ax, bx, ang, v in zip(xs, ys, a, b, angles, values):
-        cv2.ellipse(canvas, (int(x * f), int(y * f)), (max(int(ax * f), 1), max(int(bx * f), 1)),
-                    float(ang), 0, 360, int(v), -1, cv2.LINE_AA, 4)
+    for x, y, ax, bx, ang, v in zip(xs, ys, a, b, angles, values, strict=True):
+        cv2.ellipse(
+            canvas,
+            (int(x * f), int(y * f)),
+            (max(int(ax * f), 1), max(int(bx * f), 1)),
+            float(ang),
+            0,
+            360,
+            int(v),
+            -1,
+            cv2.LINE_AA,
+            4,
+        )
 
 
 def _random_points(rng: np.random.Generator, mask: np.ndarray, density: float) -> tuple[np.ndarray, np.ndarray]:
@@ -366,8 +388,7 @@ def _render_slide(rng: np.random.Generator, cols: int, rows: int, cut: tuple[str
     margin = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (31, 31))
     benign = tissue & ~(cv2.dilate(idc.astype(np.uint8), margin) > 0)
     # Much of real breast tissue away from a tumour is fat.
-    fat = _top_share(_smooth_noise(rng, shape, 70) + 0.3 * _smooth_noise(rng, shape, 20), benign,
-                     rng.uniform(0.1, 0.4))
+    fat = _top_share(_smooth_noise(rng, shape, 70) + 0.3 * _smooth_noise(rng, shape, 20), benign, rng.uniform(0.1, 0.4))
     benign_stroma = benign & ~fat
 
     # Concentrations of haematoxylin (c_h) and eosin (c_e), in optical-density units along each stain vector.
@@ -384,15 +405,29 @@ def _render_slide(rng: np.random.Generator, cols: int, rows: int, cut: tuple[str
     nuclei = np.zeros(shape, np.uint8)  # darkness of nuclear haematoxylin, 0-255
     # Stroma: sparse, small, elongated fibroblast nuclei.
     xs, ys = _random_points(rng, benign_stroma, 1 / 250)
-    _draw_ellipses(nuclei, xs, ys, rng.uniform(1.2, 2.4, xs.size), rng.uniform(0.5, 0.9, xs.size),
-                   rng.uniform(0, 180, xs.size), rng.integers(130, 210, xs.size))
+    _draw_ellipses(
+        nuclei,
+        xs,
+        ys,
+        rng.uniform(1.2, 2.4, xs.size),
+        rng.uniform(0.5, 0.9, xs.size),
+        rng.uniform(0, 180, xs.size),
+        rng.integers(130, 210, xs.size),
+    )
     _draw_lobules(rng, benign_stroma, nuclei, c_h, c_e)
     # Lymphocyte aggregates: small, round, very dark nuclei; another purple thing that is not IDC.
-    for x0, y0 in zip(*_random_points(rng, benign_stroma, rng.uniform(0, 5) / (h * w))):
+    for x0, y0 in zip(*_random_points(rng, benign_stroma, rng.uniform(0, 5) / (h * w)), strict=False):
         n = int(rng.integers(60, 200))
         spread = rng.uniform(8, 20)
-        _draw_ellipses(nuclei, x0 + rng.normal(0, spread, n), y0 + rng.normal(0, spread, n),
-                       rng.uniform(0.9, 1.3, n), rng.uniform(0.9, 1.3, n), np.zeros(n), rng.integers(200, 250, n))
+        _draw_ellipses(
+            nuclei,
+            x0 + rng.normal(0, spread, n),
+            y0 + rng.normal(0, spread, n),
+            rng.uniform(0.9, 1.3, n),
+            rng.uniform(0.9, 1.3, n),
+            np.zeros(n),
+            rng.integers(200, 250, n),
+        )
 
     # IDC: nests of crowded, large, irregular, dark nuclei in purple cytoplasm, between thin strands of stroma.
     # The share of nests drifts across the tumour, so some IDC is sparse and pinker: not every IDC patch is easy.
@@ -403,11 +438,25 @@ def _render_slide(rng: np.random.Generator, cols: int, rows: int, cut: tuple[str
     c_e = c_e * (1 - nest_f) + rng.uniform(0.2, 0.32) * nest_f
     xs, ys = _random_points(rng, nests, rng.uniform(1 / 16, 1 / 11))
     a = rng.uniform(1.3, 3.0, xs.size)
-    _draw_ellipses(nuclei, xs, ys, a, a * rng.uniform(0.55, 1.0, xs.size), rng.uniform(0, 180, xs.size),
-                   rng.integers(150, 256, xs.size))
+    _draw_ellipses(
+        nuclei,
+        xs,
+        ys,
+        a,
+        a * rng.uniform(0.55, 1.0, xs.size),
+        rng.uniform(0, 180, xs.size),
+        rng.integers(150, 256, xs.size),
+    )
     xs, ys = _random_points(rng, idc & ~nests, 1 / 90)  # the stroma between nests is cellular too
-    _draw_ellipses(nuclei, xs, ys, rng.uniform(1.2, 2.4, xs.size), rng.uniform(0.7, 1.4, xs.size),
-                   rng.uniform(0, 180, xs.size), rng.integers(150, 230, xs.size))
+    _draw_ellipses(
+        nuclei,
+        xs,
+        ys,
+        rng.uniform(1.2, 2.4, xs.size),
+        rng.uniform(0.7, 1.4, xs.size),
+        rng.uniform(0, 180, xs.size),
+        rng.integers(150, 230, xs.size),
+    )
 
     # Chromatin grain, then everything outside the tissue becomes glass (with a slightly soft edge).
     grain = 1.0 + 0.3 * rng.standard_normal(shape, dtype=np.float32)
@@ -419,25 +468,33 @@ def _render_slide(rng: np.random.Generator, cols: int, rows: int, cut: tuple[str
     return _Slide(image=_stain(rng, c_h * soft, c_e * soft), tissue=tissue, idc=drawn & tissue)
 
 
-def _draw_lobules(rng: np.random.Generator, where: np.ndarray, nuclei: np.ndarray, c_h: np.ndarray,
-                  c_e: np.ndarray) -> None:
+def _draw_lobules(
+    rng: np.random.Generator, where: np.ndarray, nuclei: np.ndarray, c_h: np.ndarray, c_e: np.ndarray
+) -> None:
     """Benign lobules: clusters of small acini, each a ring of epithelial nuclei around a lumen (in place)."""
     h, w = where.shape
     epi = np.zeros(where.shape, np.uint8)
     lumen = np.zeros(where.shape, np.uint8)
     lx, ly = _random_points(rng, where, rng.uniform(4, 10) / (h * w))
-    for x0, y0 in zip(lx, ly):
+    for x0, y0 in zip(lx, ly, strict=True):
         n = int(rng.integers(4, 14))
         ax, ay = x0 + rng.normal(0, 22, n), y0 + rng.normal(0, 22, n)
         r = rng.uniform(6, 12, n)
         ang = rng.uniform(0, 180, n)
         _draw_ellipses(epi, ax, ay, r, r * rng.uniform(0.6, 1.0, n), ang, np.full(n, 255))
         _draw_ellipses(lumen, ax, ay, r * 0.6, r * 0.4, ang, np.full(n, 255))
-        for x1, y1, r1 in zip(ax, ay, r):
+        for x1, y1, r1 in zip(ax, ay, r, strict=True):
             t = rng.uniform(0, 2 * np.pi, int(r1 * 3))
             rr = r1 * rng.uniform(0.7, 0.95, t.size)
-            _draw_ellipses(nuclei, x1 + rr * np.cos(t), y1 + rr * np.sin(t), rng.uniform(1.0, 1.7, t.size),
-                           rng.uniform(0.8, 1.3, t.size), rng.uniform(0, 180, t.size), rng.integers(170, 230, t.size))
+            _draw_ellipses(
+                nuclei,
+                x1 + rr * np.cos(t),
+                y1 + rr * np.sin(t),
+                rng.uniform(1.0, 1.7, t.size),
+                rng.uniform(0.8, 1.3, t.size),
+                rng.uniform(0, 180, t.size),
+                rng.integers(170, 230, t.size),
+            )
     epi_f = (epi.astype(np.float32) / 255) * where
     lumen_f = (lumen.astype(np.float32) / 255) * where
     c_h += 0.25 * epi_f
@@ -447,7 +504,8 @@ def _draw_lobules(rng: np.random.Generator, where: np.ndarray, nuclei: np.ndarra
 
 def _stain(rng: np.random.Generator, c_h: np.ndarray, c_e: np.ndarray) -> np.ndarray:
     """Beer-Lambert colour of stain concentrations with this patient's stain vectors, strengths and glass:
-    (H, W) float32 x 2 -> (H, W, 3) uint8 RGB."""
+    (H, W) float32 x 2 -> (H, W, 3) uint8 RGB.
+    """
     h_vec = _unit(_H_REF + rng.normal(0, 0.04, 3)) * rng.uniform(0.75, 1.3)
     e_vec = _unit(_E_REF + rng.normal(0, 0.05, 3)) * rng.uniform(0.75, 1.3)
     od = c_h[..., None] * h_vec.astype(np.float32) + c_e[..., None] * e_vec.astype(np.float32)

@@ -7,8 +7,8 @@ cache: a gallery is a handful of files) and one short title per patch, ready for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -36,8 +36,8 @@ class Examples:
 def tissue_share(images: np.ndarray, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
     """(N,) float: the share of each patch's own pixels (its file's ``(width, height)``, top-left) that is tissue."""
     shares = np.zeros(len(images))
-    for i, (image, (width, height)) in enumerate(zip(images, sizes)):
-        own = np.ascontiguousarray(image[:int(height), :int(width)])
+    for i, (image, (width, height)) in enumerate(zip(images, sizes, strict=True)):
+        own = np.ascontiguousarray(image[: int(height), : int(width)])
         if own.size:
             shares[i] = float((cv2.cvtColor(own, cv2.COLOR_RGB2HSV)[..., 1] > TISSUE_SATURATION).mean())
     return shares
@@ -62,14 +62,14 @@ def border_examples(frame: pd.DataFrame, n: int = 8, *, seed: int = 0, pool: int
     first = ranked[ranked["tissue"] > 0.05].groupby(["width", "height"], sort=False).head(1)
     chosen = pd.concat([first, ranked.drop(first.index)]).head(n)
     titles = [f"{w}x{h}, class {c}" for w, h, c in chosen[["width", "height", "label"]].to_numpy()]
-    return Examples(chosen.drop(columns="row").reset_index(drop=True), loaded.images[chosen["row"].to_numpy()],
-                    titles)
+    return Examples(chosen.drop(columns="row").reset_index(drop=True), loaded.images[chosen["row"].to_numpy()], titles)
 
 
 def augmented_views(images: np.ndarray, n_views: int = 5, *, seed: int = 0, strength: str = "mild") -> Examples:
     """Each patch of ``images`` ``(N, 50, 50, 3) uint8`` followed by ``n_views`` random augmentations of it, as
     training draws them (:func:`idc_helpers.pipeline.augment_batch`: a flip/rotation and stain jitter of
-    ``strength``); one row of ``n_views + 1`` per patch."""
+    ``strength``); one row of ``n_views + 1`` per patch.
+    """
     from idc_helpers.pipeline import augment_batch
 
     rows, titles = [], []
@@ -84,7 +84,8 @@ def augmented_views(images: np.ndarray, n_views: int = 5, *, seed: int = 0, stre
 def worst_patients(per_patient: pd.DataFrame, n: int = 3, *, min_idc: int = 10) -> pd.DataFrame:
     """The ``n`` patients with the lowest F1 among those with at least ``min_idc`` IDC patches (a patient with a
     handful of IDC patches has an F1 that a single patch swings), from
-    :func:`idc_helpers.metrics.per_patient_metrics`; the lowest first."""
+    :func:`idc_helpers.metrics.per_patient_metrics`; the lowest first.
+    """
     eligible = per_patient[per_patient["n_idc"] >= min_idc]
     if eligible.empty:
         eligible = per_patient[per_patient["n_idc"] > 0]
@@ -112,6 +113,8 @@ def patient_mistakes(preds: pd.DataFrame, patients: Sequence[str], per_patient: 
     short = {"false negative": "missed IDC", "false positive": "false alarm"}
     close = threshold is not None and any(round(p, 2) == round(threshold, 2) for p in loaded.frame["prob_idc"])
     at = "" if threshold is None else f" (t {threshold:.3f})" if close else f" (t {threshold:.2f})"
-    titles = [f"{pid}: {short[o]}\np {probability_text(p, threshold)}{at}" for pid, o, p in
-              loaded.frame[["patient_id", "outcome", "prob_idc"]].to_numpy()]
+    titles = [
+        f"{pid}: {short[o]}\np {probability_text(p, threshold)}{at}"
+        for pid, o, p in loaded.frame[["patient_id", "outcome", "prob_idc"]].to_numpy()
+    ]
     return Examples(loaded.frame.reset_index(drop=True), loaded.images, titles)

@@ -46,8 +46,11 @@ def default_gradcam_layer(model: keras.Model, min_size: int = MIN_DEFAULT_MAP_SI
         raise ValueError("the model has no convolution layer for Grad-CAM")
     big = [i for i in convs if min(layers[i].output.shape[1:3]) >= min_size]
     index = big[-1] if big else convs[0]
-    while (index + 1 < len(layers) and type(layers[index + 1]).__name__ in _BLOCK_FOLLOWERS
-           and _called_on(layers[index + 1], layers[index])):
+    while (
+        index + 1 < len(layers)
+        and type(layers[index + 1]).__name__ in _BLOCK_FOLLOWERS
+        and _called_on(layers[index + 1], layers[index])
+    ):
         index += 1
     return layers[index].name
 
@@ -79,14 +82,17 @@ def _grad_model(model: keras.Model, layer_name: str) -> tuple[keras.Model, Any]:
     elif type(last).__name__ == "Dense" and activation in ("softmax", "sigmoid", "linear"):
         logits, dense = tensors[last.name][0], last  # the Dense layer is recomputed without its activation
     else:
-        raise ValueError(f"cannot find the pre-softmax score: name the Dense layer before the softmax "
-                         f"{LOGITS_LAYER!r}, or end the model with a Dense layer (softmax, sigmoid or linear)")
+        raise ValueError(
+            f"cannot find the pre-softmax score: name the Dense layer before the softmax "
+            f"{LOGITS_LAYER!r}, or end the model with a Dense layer (softmax, sigmoid or linear)"
+        )
     return keras.Model(inputs, [tensors[layer_name][1], logits]), dense
 
 
 def _idc_score(z: Any, class_index: int) -> Any:
     """The logit of p(class): with two softmax outputs the log-odds ``z_c - z_other``, with one sigmoid unit the unit
-    itself (negated for class 0), with more classes ``z_c``; shape (B,)."""
+    itself (negated for class 0), with more classes ``z_c``; shape (B,).
+    """
     if z.shape[-1] == 1:
         return z[:, 0] if class_index == 1 else -z[:, 0]
     if z.shape[-1] == 2:
@@ -94,8 +100,9 @@ def _idc_score(z: Any, class_index: int) -> Any:
     return z[:, class_index]
 
 
-def gradcam(model: keras.Model, images: np.ndarray, *, layer_name: str | None = None, class_index: int = 1,
-            batch_size: int = 64) -> np.ndarray:
+def gradcam(
+    model: keras.Model, images: np.ndarray, *, layer_name: str | None = None, class_index: int = 1, batch_size: int = 64
+) -> np.ndarray:
     """Grad-CAM maps of ``class_index`` (1 = IDC) for ``(N, H, W, 3)`` patches (one ``(H, W, 3)`` patch: N = 1).
 
     Returns ``(N, H, W)`` float32 >= 0: the ReLU of the layer's feature maps weighted by the gradient of the class
@@ -112,14 +119,15 @@ def gradcam(model: keras.Model, images: np.ndarray, *, layer_name: str | None = 
     try:
         layer = model.get_layer(layer_name)
     except ValueError:
-        raise ValueError(f"no layer named {layer_name!r}; convolution layers: "
-                         f"{', '.join(conv_layer_names(model))}") from None
+        raise ValueError(
+            f"no layer named {layer_name!r}; convolution layers: {', '.join(conv_layer_names(model))}"
+        ) from None
     if len(layer.output.shape) != 4:
         raise ValueError(f"layer {layer_name!r} has output shape {layer.output.shape}; Grad-CAM needs a 4-D map")
     grad_model, dense = _grad_model(model, layer_name)
     maps = []
     for begin in range(0, len(images), batch_size):
-        batch = tf.convert_to_tensor(images[begin:begin + batch_size], dtype=tf.float32)
+        batch = tf.convert_to_tensor(images[begin : begin + batch_size], dtype=tf.float32)
         with tf.GradientTape() as tape:
             features, z = grad_model(batch, training=False)
             if dense is not None:
@@ -128,12 +136,14 @@ def gradcam(model: keras.Model, images: np.ndarray, *, layer_name: str | None = 
         weights = tf.reduce_mean(tape.gradient(score, features), axis=(1, 2))
         maps.append(tf.nn.relu(tf.einsum("bhwc,bc->bhw", features, weights)).numpy())
     centres = receptive_field_centres(model, layer_name, images.shape[1:3])
-    return np.maximum(upsample(np.concatenate(maps).astype(np.float64), images.shape[1:3], centres), 0.0
-                      ).astype(np.float32)
+    return np.maximum(upsample(np.concatenate(maps).astype(np.float64), images.shape[1:3], centres), 0.0).astype(
+        np.float32
+    )
 
 
-def receptive_field_centres(model: keras.Model, layer_name: str, input_hw: tuple[int, int]
-                            ) -> tuple[tuple[float, float], tuple[float, float]] | None:
+def receptive_field_centres(
+    model: keras.Model, layer_name: str, input_hw: tuple[int, int]
+) -> tuple[tuple[float, float], tuple[float, float]] | None:
     """Where the cells of ``layer_name``'s map sit in the input: cell i is centred on pixel ``start + i * step``.
 
     Returns ``((start_y, start_x), (step_y, step_x))`` from the kernels, strides and paddings of the layers from the
@@ -195,10 +205,12 @@ def _interpolation_matrix(n_out: int, n_cells: int, start: float, step: float) -
     return matrix
 
 
-def upsample(cams: np.ndarray, out_hw: tuple[int, int],
-             centres: tuple[tuple[float, float], tuple[float, float]] | None) -> np.ndarray:
+def upsample(
+    cams: np.ndarray, out_hw: tuple[int, int], centres: tuple[tuple[float, float], tuple[float, float]] | None
+) -> np.ndarray:
     """``(N, h, w)`` maps -> ``(N, H, W)``, bilinear, cell centres at ``centres`` (from
-    :func:`receptive_field_centres`; ``None``: spread evenly over the patch, as an image resize does)."""
+    :func:`receptive_field_centres`; ``None``: spread evenly over the patch, as an image resize does).
+    """
     h, w = cams.shape[1:]
     if centres is None:
         centres = ((out_hw[0] / h / 2 - 0.5, out_hw[1] / w / 2 - 0.5), (out_hw[0] / h, out_hw[1] / w))
@@ -208,8 +220,9 @@ def upsample(cams: np.ndarray, out_hw: tuple[int, int],
     return np.einsum("yi,nij,xj->nyx", rows, cams, cols)
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "jet",
-            vmax: float = 1.0) -> np.ndarray:
+def overlay(
+    image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "jet", vmax: float = 1.0
+) -> np.ndarray:
     """Blend a heatmap over a patch: ``(H, W, 3)`` uint8 RGB + ``(H, W)`` -> ``(H, W, 3)`` uint8 RGB.
 
     The heatmap is coloured on the scale 0..``vmax`` (values above are clipped). Batches work too: ``(N, H, W, 3)``

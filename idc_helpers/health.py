@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.loader import load_patches
@@ -52,7 +52,7 @@ def health_report(
         "data_dir": str(index.root),
         "data_dirs": [str(root) for root in index.roots],
         **dataset_summary(frame),
-        "files_indexed": int(len(index.frame)),
+        "files_indexed": len(index.frame),
         "decoded": bool(decode),
         "cache": cache,
         "problems": [asdict(p) for p in problems],
@@ -63,7 +63,8 @@ def health_report(
 
 def format_report(report: dict) -> str:
     """The report as a human-readable table (file names relative to their data folder), safe to print even when a
-    file name is not valid UTF-8."""
+    file name is not valid UTF-8.
+    """
     roots = [Path(d) for d in report.get("data_dirs", [report["data_dir"]])]
     n = report["patches"]
     lines = [f"Dataset: {', '.join(map(str, roots))}", ""]
@@ -76,8 +77,11 @@ def format_report(report: dict) -> str:
     row("patches", n, checked)
     row("  non-IDC (class 0)", report["non_idc"], _percent(report["non_idc"], n))
     row("  IDC (class 1)", report["idc"], _percent(report["idc"], n))
-    row(f"not {PATCH_SIZE}x{PATCH_SIZE}", report["not_50x50"],
-        "slide-border patches, padded with white at the bottom/right when loaded" if report["not_50x50"] else "")
+    row(
+        f"not {PATCH_SIZE}x{PATCH_SIZE}",
+        report["not_50x50"],
+        "slide-border patches, padded with white at the bottom/right when loaded" if report["not_50x50"] else "",
+    )
     for size, count in report["not_50x50_sizes"].items():
         row(f"  {size}", count)
     if report["cache"]:

@@ -33,16 +33,16 @@ def predict_probs(
     rows = np.arange(len(images)) if indices is None else np.asarray(indices)
     out = np.empty(len(rows), dtype=np.float32)
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         # A contiguous slice of a memmap is a cheap view; fancy indexing copies only this batch.
-        batch = images[chunk[0]:chunk[-1] + 1] if _contiguous(chunk) else images[chunk]
+        batch = images[chunk[0] : chunk[-1] + 1] if _contiguous(chunk) else images[chunk]
         batch = np.asarray(batch, dtype=np.float32)
         views = dihedral_views(batch) if tta else [batch]
         total = np.zeros(len(chunk), dtype=np.float64)
         for view in views:
             probs = model.predict_on_batch(np.ascontiguousarray(view))
             total += np.asarray(probs, dtype=np.float64)[:, 1]
-        out[start:start + len(chunk)] = total / len(views)
+        out[start : start + len(chunk)] = total / len(views)
     return out
 
 

@@ -157,11 +157,14 @@ def _find_credentials(notes: list[str]) -> Credentials | None:
 
     username, key = os.environ.get("KAGGLE_USERNAME"), os.environ.get("KAGGLE_KEY")
     if username and key:
-        return Credentials(source="the KAGGLE_USERNAME and KAGGLE_KEY environment variables", username=username,
-                           key=key)
+        return Credentials(
+            source="the KAGGLE_USERNAME and KAGGLE_KEY environment variables", username=username, key=key
+        )
     if username or key:
-        notes.append(f"{'KAGGLE_USERNAME' if username else 'KAGGLE_KEY'} is set but "
-                     f"{'KAGGLE_KEY' if username else 'KAGGLE_USERNAME'} is not.")
+        notes.append(
+            f"{'KAGGLE_USERNAME' if username else 'KAGGLE_KEY'} is set but "
+            f"{'KAGGLE_KEY' if username else 'KAGGLE_USERNAME'} is not."
+        )
 
     for path in kaggle_json_paths():
         if path.is_file():
@@ -192,10 +195,12 @@ def _colab_credentials(notes: list[str]) -> Credentials | None:
     def secret(name: str) -> str | None:
         try:
             return userdata.get(name) or None
-        except Exception as exc:  # noqa: BLE001 - Colab raises its own classes (not found, no access, timeout)
+        except Exception as exc:
             if type(exc).__name__ == "NotebookAccessError":
-                notes.append(f"The Colab secret {name} exists but this notebook may not read it: switch on "
-                             "'Notebook access' for it in the secrets panel.")
+                notes.append(
+                    f"The Colab secret {name} exists but this notebook may not read it: switch on "
+                    "'Notebook access' for it in the secrets panel."
+                )
             return None
 
     token = secret("KAGGLE_API_TOKEN")
@@ -209,7 +214,8 @@ def _colab_credentials(notes: list[str]) -> Credentials | None:
 
 def count_copy(path: str | os.PathLike[str]) -> tuple[int, int]:
     """Return ``(patient folders, patches)`` of a folder in the Kaggle layout: numeric folders and the
-    ``*.png`` files in their ``0/`` and ``1/`` subfolders. Other entries are not counted. ``(0, 0)`` if missing."""
+    ``*.png`` files in their ``0/`` and ``1/`` subfolders. Other entries are not counted. ``(0, 0)`` if missing.
+    """
     root = Path(path)
     if not root.is_dir():
         return 0, 0
@@ -228,8 +234,12 @@ def count_copy(path: str | os.PathLike[str]) -> tuple[int, int]:
     return patients, patches
 
 
-def is_complete_copy(path: str | os.PathLike[str], *, expected_patients: int = EXPECTED_PATIENTS,
-                     expected_patches: int = EXPECTED_PATCHES) -> bool:
+def is_complete_copy(
+    path: str | os.PathLike[str],
+    *,
+    expected_patients: int = EXPECTED_PATIENTS,
+    expected_patches: int = EXPECTED_PATCHES,
+) -> bool:
     """True when ``path`` holds exactly the expected patient folders and patches (the whole dataset by default)."""
     return count_copy(path) == (expected_patients, expected_patches)
 
@@ -268,8 +278,10 @@ def download_dataset(
                 return dest
             replacing = True
         elif not dest.is_dir():
-            raise DestinationError(f"{dest} exists and is not a folder, so the dataset cannot be put there. "
-                                   "Choose another place with --out (download_dataset(dest=...)).")
+            raise DestinationError(
+                f"{dest} exists and is not a folder, so the dataset cannot be put there. "
+                "Choose another place with --out (download_dataset(dest=...))."
+            )
         elif any(dest.iterdir()):
             raise DestinationError(_not_empty_message(dest, expected_patients, expected_patches))
 
@@ -308,14 +320,18 @@ def _missing_credentials_message(notes: list[str]) -> str:
     return (
         "No Kaggle API credentials found (looked at the KAGGLE_API_TOKEN, KAGGLE_USERNAME and KAGGLE_KEY "
         f"environment variables, ~/.kaggle/access_token, the kaggle.json files {places}{colab}). "
-        + " ".join(notes) + (" " if notes else "") + _CREDENTIALS_HELP
+        + " ".join(notes)
+        + (" " if notes else "")
+        + _CREDENTIALS_HELP
         + " Without credentials, use a copy you already have (IDC_DATA_DIR=/path/to/it) or the synthetic demo data."
     )
 
 
 def _anonymous_refused_message(status: int | None, notes: list[str], dest: Path) -> str:
-    return (f"Kaggle refused an anonymous download (HTTP {status}); nothing was written to {dest}. "
-            + _missing_credentials_message(notes))
+    return (
+        f"Kaggle refused an anonymous download (HTTP {status}); nothing was written to {dest}. "
+        + _missing_credentials_message(notes)
+    )
 
 
 def _not_empty_message(dest: Path, expected_patients: int, expected_patches: int) -> str:
@@ -362,8 +378,12 @@ def _claim_work_dir(dest: Path) -> Path:
     work = _work_dir(dest)
     if work.exists():
         owner = _read_owner(work)
-        if owner and owner.get("host") == socket.gethostname() and owner.get("pid") != os.getpid() \
-                and _pid_alive(owner.get("pid")):
+        if (
+            owner
+            and owner.get("host") == socket.gethostname()
+            and owner.get("pid") != os.getpid()
+            and _pid_alive(owner.get("pid"))
+        ):
             raise DestinationError(
                 f"Another download into {dest} is running (process {owner['pid']}, work folder {work}). Wait for "
                 "it to finish; if no download is running, delete that folder and run again."
@@ -374,8 +394,7 @@ def _claim_work_dir(dest: Path) -> Path:
         work.mkdir()
     except FileExistsError:
         raise DestinationError(f"Another download into {dest} has just started ({work}); wait for it.") from None
-    (work / _OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}),
-                                    encoding="utf-8")
+    (work / _OWNER_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}), encoding="utf-8")
     return work
 
 
@@ -395,10 +414,19 @@ def _pid_alive(pid: Any) -> bool:
 # --- download -------------------------------------------------------------------------------------------------
 
 
-def _fetch_archive(dataset: str, credentials: Credentials | None, archive: Path, dest: Path, *, progress: bool,
-                   timeout: float, notes: list[str]) -> None:
+def _fetch_archive(
+    dataset: str,
+    credentials: Credentials | None,
+    archive: Path,
+    dest: Path,
+    *,
+    progress: bool,
+    timeout: float,
+    notes: list[str],
+) -> None:
     """Stream the dataset archive into ``archive`` through kagglesdk (anonymously when ``credentials`` is None),
-    mapping failures to our exceptions."""
+    mapping failures to our exceptions.
+    """
     import requests
     from kagglesdk import KaggleClient
     from kagglesdk.datasets.types.dataset_api_service import ApiDownloadDatasetRequest
@@ -407,7 +435,7 @@ def _fetch_archive(dataset: str, credentials: Credentials | None, archive: Path,
 
     try:
         endpoint = get_endpoint(get_env())
-    except Exception as exc:  # noqa: BLE001 - kagglesdk raises a bare Exception for an unknown environment name
+    except Exception as exc:
         raise DownloadError(f"{exc}. Unset KAGGLE_API_ENVIRONMENT to download from kaggle.com.") from None
     owner, slug = dataset.split("/", 1)
     request = ApiDownloadDatasetRequest()
@@ -417,8 +445,11 @@ def _fetch_archive(dataset: str, credentials: Credentials | None, archive: Path,
     try:
         # With no credentials kagglesdk sends the request without an Authorization header (it would look for a
         # token and ~/.kaggle/kaggle.json itself, which _find_credentials has already found absent).
-        given = {"username": credentials.username, "password": credentials.key, "api_token": credentials.token} \
-            if credentials is not None else {}
+        given = (
+            {"username": credentials.username, "password": credentials.key, "api_token": credentials.token}
+            if credentials is not None
+            else {}
+        )
         with KaggleClient(**given) as client:
             _set_default_timeout(client, timeout)
             # The server answers with a redirect to the archive, which requests follows; the body is streamed.
@@ -426,8 +457,18 @@ def _fetch_archive(dataset: str, credentials: Credentials | None, archive: Path,
             total = int(response.headers.get("Content-Length") or 0)
             if total:
                 _check_free_space(archive.parent, total + total * EXTRACTED_BYTES // ARCHIVE_BYTES, dest)
-            with open(archive, "wb") as out, tqdm(total=total or None, unit="B", unit_scale=True, unit_divisor=1024,
-                                                  desc="download", disable=not progress, mininterval=1) as bar:
+            with (
+                open(archive, "wb") as out,
+                tqdm(
+                    total=total or None,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc="download",
+                    disable=not progress,
+                    mininterval=1,
+                ) as bar,
+            ):
                 for chunk in response.iter_content(chunk_size=1 << 16):
                     out.write(chunk)
                     done += len(chunk)
@@ -483,24 +524,29 @@ def _interrupted_message(done: int, total: int, exc: object, dest: Path) -> str:
     )
 
 
-def _http_error(exc: Any, credentials: Credentials | None, dataset: str, dest: Path,
-                notes: list[str]) -> DownloadError:
+def _http_error(exc: Any, credentials: Credentials | None, dataset: str, dest: Path, notes: list[str]) -> DownloadError:
     status = exc.response.status_code if exc.response is not None else None
     if exc.response is not None and exc.response.history:
         # The API accepted us and redirected; the storage link itself failed (it expires after a while).
-        return DownloadError(f"Kaggle's download link for {dataset} failed (HTTP {status}). Nothing was written to "
-                             f"{dest}; run again to get a fresh link.")
+        return DownloadError(
+            f"Kaggle's download link for {dataset} failed (HTTP {status}). Nothing was written to "
+            f"{dest}; run again to get a fresh link."
+        )
     if status in (401, 403) and credentials is None:
         return KaggleCredentialsError(_anonymous_refused_message(status, notes, dest))
     if status in (401, 403):
-        extra = (f" HTTP 403 can also mean your account may not download this dataset yet: open {DATASET_URL} "
-                 "while signed in, accept any terms shown, and verify your phone number if Kaggle asks."
-                 if status == 403 else "")
+        extra = (
+            f" HTTP 403 can also mean your account may not download this dataset yet: open {DATASET_URL} "
+            "while signed in, accept any terms shown, and verify your phone number if Kaggle asks."
+            if status == 403
+            else ""
+        )
         return KaggleCredentialsError(
             f"Kaggle rejected the credentials ({credentials}; HTTP {status}). The key may be mistyped, expired or "
             f"revoked: create a new token at {SETTINGS_URL} (API > Create New Token) and replace the old one. "
             "Environment variables and API tokens take precedence over kaggle.json, so remove stale ones."
-            + extra + f" Nothing was written to {dest}."
+            + extra
+            + f" Nothing was written to {dest}."
         )
     if status == 404:
         return DownloadError(f"Kaggle has no dataset {dataset!r} (HTTP 404); check the name at {DATASET_URL}.")
@@ -564,11 +610,11 @@ class _Refused(Exception):
 
 def _check_declared_size(info: zipfile.ZipInfo) -> None:
     if info.file_size > MAX_PATCH_BYTES:
-        raise _Refused(f"{info.filename!r} would be {info.file_size:,} bytes; a patch is at most "
-                       f"{MAX_PATCH_BYTES:,}")
+        raise _Refused(f"{info.filename!r} would be {info.file_size:,} bytes; a patch is at most {MAX_PATCH_BYTES:,}")
     if info.compress_size and info.file_size > MAX_COMPRESSION_RATIO * info.compress_size:
-        raise _Refused(f"{info.filename!r} inflates {info.file_size / info.compress_size:.0f}-fold; a PNG hardly "
-                       "compresses")
+        raise _Refused(
+            f"{info.filename!r} inflates {info.file_size / info.compress_size:.0f}-fold; a PNG hardly compresses"
+        )
 
 
 def _check_patch_bytes(name: str, data: bytes) -> None:
@@ -612,10 +658,12 @@ def _write_members(zf: zipfile.ZipFile, kept: dict[str, zipfile.ZipInfo], out: P
         target.write_bytes(data)
 
 
-def _extract_verified(archive: Path, out: Path, dest: Path, *, progress: bool, expected_patients: int,
-                      expected_patches: int) -> None:
+def _extract_verified(
+    archive: Path, out: Path, dest: Path, *, progress: bool, expected_patients: int, expected_patches: int
+) -> None:
     """Check the archive's members, layout and counts, extract each patch once into ``out`` (each checked by
-    :func:`_check_declared_size` before and :func:`_check_patch_bytes` after reading, CRC-checked), recount."""
+    :func:`_check_declared_size` before and :func:`_check_patch_bytes` after reading, CRC-checked), recount.
+    """
 
     def corrupt(reason: object) -> ArchiveError:
         return ArchiveError(
@@ -657,5 +705,7 @@ def _extract_verified(archive: Path, out: Path, dest: Path, *, progress: bool, e
             raise corrupt(f"{exc.name}: {exc.__cause__}") from None
     if not is_complete_copy(out, expected_patients=expected_patients, expected_patches=expected_patches):
         found = count_copy(out)
-        raise ArchiveError(f"After extraction {out} holds {found[0]} patients and {found[1]:,} patches instead of "
-                           f"{expected_patients} and {expected_patches:,}; nothing was written to {dest}. Run again.")
+        raise ArchiveError(
+            f"After extraction {out} holds {found[0]} patients and {found[1]:,} patches instead of "
+            f"{expected_patients} and {expected_patches:,}; nothing was written to {dest}. Run again."
+        )

@@ -33,10 +33,10 @@ import stat
 import threading
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -45,11 +45,17 @@ import pandas as pd
 from idc_helpers import PATCH_SIZE, __version__
 from idc_helpers.atomic import atomic_path, write_json
 from idc_helpers.errors import ExternalError, UserError
-from idc_helpers.validation import user_path
 from idc_helpers.patch_index import (
-    MAX_PATCH_FILE_BYTES, PNG_HEADER_BYTES, TRUNCATED, UNREADABLE, WRONG_SIZE, PatchFileError, Problem,
+    MAX_PATCH_FILE_BYTES,
+    PNG_HEADER_BYTES,
+    TRUNCATED,
+    UNREADABLE,
+    WRONG_SIZE,
+    PatchFileError,
+    Problem,
     check_png_header,
 )
+from idc_helpers.validation import user_path
 
 # Bump when decoding (padding, colour handling) or the cache layout changes: old cache files then stop matching.
 CACHE_FORMAT = 1
@@ -138,7 +144,8 @@ class LoadedPatches:
 
 class RowSelectionError(UserError, IndexError, ValueError, TypeError):
     """A selection of rows that does not fit the array: a mask of another length, positions out of range, or
-    values that are neither booleans nor integers (catchable as any of the builtin errors it once was)."""
+    values that are neither booleans nor integers (catchable as any of the builtin errors it once was).
+    """
 
 
 def check_rows(rows: np.ndarray | pd.Series | Sequence[int], n: int) -> np.ndarray:
@@ -248,8 +255,7 @@ def load_patches(
         cached, images, failures = _write_entry(npy, paths, workers, progress)
         if cached is None:
             prune_cache(cache_dir, keep=npy)
-            return _result(images, frame, _keep_mask(len(paths), failures), failures, from_cache=False,
-                           cache_path=npy)
+            return _result(images, frame, _keep_mask(len(paths), failures), failures, from_cache=False, cache_path=npy)
     images, failures = cached
     _mark_used(npy)
     remove_orphans(cache_dir)
@@ -350,10 +356,15 @@ def _fallback_in_memory(frame, paths, workers, progress, cache_dir: Path, exc: O
     reason = f"The decoded-patch cache folder {cache_dir} cannot be written ({exc.strerror or exc})"
     fix = "pass --cache-dir DIR (or set IDC_CACHE_DIR; cache_dir= in Python) to a writable folder"
     if needed > IN_MEMORY_FALLBACK_BYTES:
-        raise CacheError(f"{reason}. Decoding {len(paths):,} patches into memory instead would take "
-                         f"{_size_text(needed)}: {fix} with {_size_text(needed)} free.") from exc
-    warnings.warn(f"{reason}; decoding {len(paths):,} patches into memory ({_size_text(needed)}) instead. "
-                  f"To cache them, {fix}.", CacheWarning, stacklevel=3)
+        raise CacheError(
+            f"{reason}. Decoding {len(paths):,} patches into memory instead would take "
+            f"{_size_text(needed)}: {fix} with {_size_text(needed)} free."
+        ) from exc
+    warnings.warn(
+        f"{reason}; decoding {len(paths):,} patches into memory ({_size_text(needed)}) instead. To cache them, {fix}.",
+        CacheWarning,
+        stacklevel=3,
+    )
     return _load_in_memory(frame, paths, workers, progress)
 
 
@@ -496,9 +507,9 @@ def _decode_all(
         buf = getattr(local, "buf", None)
         if buf is None:
             buf = local.buf = np.empty((_CHUNK_ROWS, *PATCH_SHAPE), np.uint8)
-        chunk = paths[start:start + _CHUNK_ROWS]
-        failed = _decode_chunk(chunk, buf, stats[start:start + len(chunk)])
-        sink(start, buf[:len(chunk)])
+        chunk = paths[start : start + _CHUNK_ROWS]
+        failed = _decode_chunk(chunk, buf, stats[start : start + len(chunk)])
+        sink(start, buf[: len(chunk)])
         return len(chunk), [(start + j, exc) for j, exc in failed]
 
     from tqdm import tqdm
@@ -523,7 +534,7 @@ def _decode_all(
 
 def _memory_sink(images: np.ndarray):
     def sink(start: int, rows: np.ndarray) -> None:
-        images[start:start + len(rows)] = rows
+        images[start : start + len(rows)] = rows
 
     return sink
 
@@ -604,21 +615,20 @@ def _open_cache(npy: Path, paths: list[str]) -> tuple[np.ndarray, list[tuple[int
 
 def _mark_used(npy: Path) -> None:
     # The metadata file's mtime records the last use, for prune_cache; a read-only cache folder is fine.
-    try:
+    with contextlib.suppress(OSError):
         os.utime(npy.with_suffix(".json"))
-    except OSError:
-        pass
 
 
 def _write_entry(npy: Path, paths: list[str], workers: int, progress: bool):
     """Write the entry under its exclusive lock; ``(cached, None, None)`` when another process wrote it meanwhile,
-    else ``(None, images, failures)`` with the images mapped from the new file."""
+    else ``(None, images, failures)`` with the images mapped from the new file.
+    """
     with _locked(npy.with_suffix(_LOCK_SUFFIX), fcntl.LOCK_EX) as held:
         cached = _open_cache(npy, paths)
         if cached is not None:
             return cached, None, None
         if held:  # nobody else can be writing this entry: its temporary files are a killed writer's
-            for path, _ in _temp_files(npy.parent, key=npy.stem[len(_CACHE_PREFIX):]):
+            for path, _ in _temp_files(npy.parent, key=npy.stem[len(_CACHE_PREFIX) :]):
                 path.unlink(missing_ok=True)
         try:
             images, failures = _write_cache(npy, paths, workers, progress)
@@ -660,7 +670,8 @@ def _write_cache(npy: Path, paths: list[str], workers: int, progress: bool):
 
 def _publish(npy: Path, tmp: Path, stats: np.ndarray, failures: list[tuple[int, PatchReadError]]) -> None:
     """Older entry out, then the stats and metadata, the images last: the images' ``.npy`` appearing is what marks
-    the entry complete, so a crash never pairs new metadata with old images."""
+    the entry complete, so a crash never pairs new metadata with old images.
+    """
     meta = {
         "format": CACHE_FORMAT,
         "rows": len(stats),
@@ -699,7 +710,8 @@ def _preallocate(path: Path, n: int) -> int:
 
 def _cache_write_error(exc: OSError, folder: Path, needed: int) -> OSError:
     """The one-line error for a failed cache write: disk full (how much is needed and free), folder unusable, or
-    the original error when it is neither."""
+    the original error when it is neither.
+    """
     # numpy reports a short write on a full disk as "N requested and M written", without an errno.
     if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "requested and" in str(exc):
         error = CacheSpaceError(
@@ -710,8 +722,7 @@ def _cache_write_error(exc: OSError, folder: Path, needed: int) -> OSError:
         error.errno = errno.ENOSPC
         return error
     # ENOENT/EINVAL for a file just created in a folder that exists: a pseudo file system such as /proc.
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOENT,
-                     errno.EINVAL):
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOENT, errno.EINVAL):
         error = CacheError(
             f"The decoded-patch cache folder {folder} cannot be written ({exc.strerror}): pass --cache-dir DIR "
             "(or set IDC_CACHE_DIR; cache_dir= in Python) to a writable folder."
@@ -747,7 +758,7 @@ def _drop_rows(path: Path, keep: np.ndarray) -> None:
     source_offset = int(source.offset)
     del source
     positions = np.flatnonzero(keep)
-    compact = path.with_name(path.name[:-len(".tmp")] + ".compact.tmp")
+    compact = path.with_name(path.name[: -len(".tmp")] + ".compact.tmp")
     try:
         target_offset = _preallocate(compact, len(positions))
         runs = np.split(positions, np.flatnonzero(np.diff(positions) != 1) + 1) if len(positions) else []
@@ -783,8 +794,11 @@ def _fsync(path: Path) -> None:
 def _refuse_cache_inside_data(cache_dir: Path, paths: list[str]) -> None:
     # Kaggle layout <root>/<patient>/<0|1>/<file>: a dataset root is three levels above a patch. Several folders
     # may be loaded at once; the split of each path costs well under a microsecond, so all are checked.
-    roots = {parts[0] for parts in (path.rsplit(os.sep, 3) for path in paths)
-             if len(parts) == 4 and parts[2] in ("0", "1") and parts[1].isascii() and parts[1].isdigit()}
+    roots = {
+        parts[0]
+        for parts in (path.rsplit(os.sep, 3) for path in paths)
+        if len(parts) == 4 and parts[2] in ("0", "1") and parts[1].isascii() and parts[1].isdigit()
+    }
     for root in roots:
         data_root = Path(root or os.sep).absolute()
         if cache_dir == data_root or data_root in cache_dir.parents:

@@ -13,7 +13,8 @@ patients can only recombine the same few slides, and its spread says nothing abo
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,14 +50,34 @@ _RESAMPLES_PER_BATCH = 64
 #: Published results on this dataset (fractions, ``None`` where the paper gives no figure), and on what test set.
 #: ``patient_level`` says whether the test patients were unseen in training.
 PUBLISHED: tuple[dict[str, Any], ...] = (
-    {"model": "seed CNN (published, leaky patch split)", "test set": "random patches", "f1": 0.7533,
-     "balanced_accuracy": 0.8314, "patient_level": False},
-    {"model": "Cruz-Roa et al. 2014", "test set": "49 patients", "f1": 0.718, "balanced_accuracy": 0.8423,
-     "patient_level": True},
-    {"model": "Janowczyk & Madabhushi 2016", "test set": "49 patients", "f1": 0.7648, "balanced_accuracy": None,
-     "patient_level": True},
-    {"model": "Romero et al. 2019", "test set": "49 patients", "f1": None, "balanced_accuracy": 0.89,
-     "patient_level": True},
+    {
+        "model": "seed CNN (published, leaky patch split)",
+        "test set": "random patches",
+        "f1": 0.7533,
+        "balanced_accuracy": 0.8314,
+        "patient_level": False,
+    },
+    {
+        "model": "Cruz-Roa et al. 2014",
+        "test set": "49 patients",
+        "f1": 0.718,
+        "balanced_accuracy": 0.8423,
+        "patient_level": True,
+    },
+    {
+        "model": "Janowczyk & Madabhushi 2016",
+        "test set": "49 patients",
+        "f1": 0.7648,
+        "balanced_accuracy": None,
+        "patient_level": True,
+    },
+    {
+        "model": "Romero et al. 2019",
+        "test set": "49 patients",
+        "f1": None,
+        "balanced_accuracy": 0.89,
+        "patient_level": True,
+    },
 )
 
 #: ``progress(done, total)``: what :func:`evaluate` calls now and then during a long bootstrap.
@@ -80,20 +101,23 @@ def _check_columns(preds: pd.DataFrame, required: Sequence[str], source: str = "
 
 def pred_column(column: str) -> str:
     """The decision column that goes with a probability column: ``prob_idc`` -> ``pred``,
-    ``prob_idc_context`` -> ``pred_context``."""
-    return "pred" + column[len("prob_idc"):] if column.startswith("prob_idc") else f"{column}_pred"
+    ``prob_idc_context`` -> ``pred_context``.
+    """
+    return "pred" + column[len("prob_idc") :] if column.startswith("prob_idc") else f"{column}_pred"
 
 
 def threshold_column(column: str) -> str:
     """The column that records the threshold a probability column was decided at: ``prob_idc`` -> ``threshold``,
-    ``prob_idc_context`` -> ``threshold_context`` (written by ``predict`` beside the decisions)."""
-    return "threshold" + column[len("prob_idc"):] if column.startswith("prob_idc") else f"{column}_threshold"
+    ``prob_idc_context`` -> ``threshold_context`` (written by ``predict`` beside the decisions).
+    """
+    return "threshold" + column[len("prob_idc") :] if column.startswith("prob_idc") else f"{column}_threshold"
 
 
 def stored_threshold(preds: pd.DataFrame, column: str = "prob_idc") -> float | None:
     """The threshold a predictions table records for ``column`` (one value in its :func:`threshold_column`), or
     ``None`` when the table has no such column, holds several values there, or its decisions disagree with it
-    (a table whose ``pred`` was replaced after ``predict`` wrote it)."""
+    (a table whose ``pred`` was replaced after ``predict`` wrote it).
+    """
     name, decision = threshold_column(column), pred_column(column)
     if name not in preds.columns or column not in preds.columns or len(preds) == 0:
         return None
@@ -101,14 +125,16 @@ def stored_threshold(preds: pd.DataFrame, column: str = "prob_idc") -> float | N
     if len(values) != 1 or not np.isfinite(values[0]):
         return None
     threshold = float(values[0])
-    if decision in preds.columns and \
-            not np.array_equal(preds[decision].to_numpy() == 1, preds[column].to_numpy(np.float64) >= threshold):
+    if decision in preds.columns and not np.array_equal(
+        preds[decision].to_numpy() == 1, preds[column].to_numpy(np.float64) >= threshold
+    ):
         return None
     return threshold
 
 
-def _labels_probs_preds(preds: pd.DataFrame, threshold: float | None,
-                        column: str = "prob_idc") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _labels_probs_preds(
+    preds: pd.DataFrame, threshold: float | None, column: str = "prob_idc"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels (int), probabilities (float) and 0/1 predictions, after checking values."""
     _check_columns(preds, ("patient_id", "label", column))
     if len(preds) == 0:
@@ -144,13 +170,15 @@ def _metric_values(
     """
     # One call gives precision, recall and F1 of both classes; the recall of non-IDC is the specificity.
     precision, recall, f1, _ = skm.precision_recall_fscore_support(
-        _CELL_LABELS, _CELL_PREDS, labels=[0, 1], sample_weight=cells, zero_division=0)
+        _CELL_LABELS, _CELL_PREDS, labels=[0, 1], sample_weight=cells, zero_division=0
+    )
     has_negatives, has_positives = cells[0] + cells[1] > 0, cells[2] + cells[3] > 0
     both = has_negatives and has_positives
     values: dict[str, float | None] = {
         "f1": float(f1[1]),
-        "balanced_accuracy": (float(skm.balanced_accuracy_score(_CELL_LABELS, _CELL_PREDS, sample_weight=cells))
-                              if both else None),
+        "balanced_accuracy": (
+            float(skm.balanced_accuracy_score(_CELL_LABELS, _CELL_PREDS, sample_weight=cells)) if both else None
+        ),
         "accuracy": float(skm.accuracy_score(_CELL_LABELS, _CELL_PREDS, sample_weight=cells)),
         "precision": float(precision[1]),
         # sklearn would give 0 (or a warning) for metrics of an absent class; they are undefined, not 0.
@@ -174,7 +202,8 @@ def _patient_cells(patient_codes: np.ndarray, n_patients: int, labels: np.ndarra
 def patient_resamples(n_patients: int, n_bootstrap: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
     """The bootstrap over patients: ``n_bootstrap`` times, how often each of ``n_patients`` patients is drawn when
     ``n_patients`` are drawn with replacement, a ``(n_patients,)`` int64 array. A paired bootstrap applies each
-    array to both tables."""
+    array to both tables.
+    """
     for _ in range(n_bootstrap):
         yield np.bincount(rng.integers(0, n_patients, size=n_patients), minlength=n_patients)
 
@@ -186,9 +215,16 @@ def _percentile_interval(samples: Sequence[float] | np.ndarray, level: float) ->
     return low, high
 
 
-def _bootstrap(per_patient: np.ndarray, codes: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-               n_bootstrap: int, rng: np.random.Generator, samples: dict[str, list[float]],
-               progress: Progress | None = None) -> int:
+def _bootstrap(
+    per_patient: np.ndarray,
+    codes: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    n_bootstrap: int,
+    rng: np.random.Generator,
+    samples: dict[str, list[float]],
+    progress: Progress | None = None,
+) -> int:
     """Append each metric of ``n_bootstrap`` patient resamples to ``samples``; returns how many were usable."""
     used = 0
     for i, counts in enumerate(patient_resamples(len(per_patient), n_bootstrap, rng)):
@@ -205,10 +241,12 @@ def _bootstrap(per_patient: np.ndarray, codes: np.ndarray, labels: np.ndarray, p
     return used
 
 
-def _histograms(codes: np.ndarray, n_patients: int, labels: np.ndarray, probs: np.ndarray,
-                bins: int) -> tuple[np.ndarray, np.ndarray]:
+def _histograms(
+    codes: np.ndarray, n_patients: int, labels: np.ndarray, probs: np.ndarray, bins: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-patient counts of IDC and of non-IDC patches in ``bins`` equal probability bins: two (n_patients, bins)
-    float64 arrays."""
+    float64 arrays.
+    """
     which = np.minimum((probs * bins).astype(np.int64), bins - 1)
     cell = codes.astype(np.int64) * bins + which
     size = n_patients * bins
@@ -219,7 +257,8 @@ def _histograms(codes: np.ndarray, n_patients: int, labels: np.ndarray, probs: n
 
 def _ranking_from_histograms(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """ROC AUC and average precision of rows of pooled histograms ``(k, bins)``, patches of one bin tied (as
-    sklearn scores equal probabilities): two ``(k,)`` arrays."""
+    sklearn scores equal probabilities): two ``(k,)`` arrays.
+    """
     n_pos, n_neg = positive.sum(axis=1), negative.sum(axis=1)
     below = np.cumsum(positive, axis=1) - positive  # IDC patches in lower bins
     # A pair (IDC, non-IDC) is ranked right when the IDC patch lies higher; a tie counts one half.
@@ -231,11 +270,19 @@ def _ranking_from_histograms(positive: np.ndarray, negative: np.ndarray) -> tupl
     return auc, ap
 
 
-def _bootstrap_histograms(per_patient: np.ndarray, codes: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                          n_bootstrap: int, rng: np.random.Generator, samples: dict[str, list[float]],
-                          progress: Progress | None = None) -> int:
+def _bootstrap_histograms(
+    per_patient: np.ndarray,
+    codes: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    n_bootstrap: int,
+    rng: np.random.Generator,
+    samples: dict[str, list[float]],
+    progress: Progress | None = None,
+) -> int:
     """:func:`_bootstrap` with the ranking metrics of each resample from per-patient histograms (see
-    :data:`HISTOGRAM_BOOTSTRAP_PATCHES`), resamples taken in batches; returns how many were usable."""
+    :data:`HISTOGRAM_BOOTSTRAP_PATCHES`), resamples taken in batches; returns how many were usable.
+    """
     n_patients = len(per_patient)
     bins = int(np.clip(2**23 // n_patients, 256, HISTOGRAM_BINS))  # at most 64 MB a histogram
     positive, negative = _histograms(codes, n_patients, labels, probs, bins)
@@ -250,8 +297,7 @@ def _bootstrap_histograms(per_patient: np.ndarray, codes: np.ndarray, labels: np
         for row, cells in enumerate(counts.astype(np.int64) @ per_patient):
             if cells[0] + cells[1] == 0 or cells[2] + cells[3] == 0:
                 continue  # one class only: AUCs, recall or specificity are undefined
-            values = {**_metric_values(cells, None, None, None), "roc_auc": float(auc[row]),
-                      "pr_auc": float(ap[row])}
+            values = {**_metric_values(cells, None, None, None), "roc_auc": float(auc[row]), "pr_auc": float(ap[row])}
             for name, value in values.items():
                 samples[name].append(value)  # type: ignore[arg-type]
             used += 1
@@ -310,14 +356,17 @@ def evaluate(
 
     withheld = None
     if n_bootstrap > 0 and n_patients < min_patients:
-        withheld = (f"only {n_patients} patient{'s' if n_patients != 1 else ''}: an interval over patients needs at "
-                    f"least {min_patients}, so none can be estimated")
+        withheld = (
+            f"only {n_patients} patient{'s' if n_patients != 1 else ''}: an interval over patients needs at "
+            f"least {min_patients}, so none can be estimated"
+        )
     used = 0
     samples: dict[str, list[float]] = {name: [] for name in METRIC_LABELS}
     if withheld is None:
         if len(labels) > HISTOGRAM_BOOTSTRAP_PATCHES:
-            used = _bootstrap_histograms(per_patient, codes, labels, probs, n_bootstrap,
-                                         np.random.default_rng(seed), samples, progress)
+            used = _bootstrap_histograms(
+                per_patient, codes, labels, probs, n_bootstrap, np.random.default_rng(seed), samples, progress
+            )
         else:
             used = _bootstrap_sorted(per_patient, codes, labels, probs, n_bootstrap, seed, samples, progress)
         if progress is not None:
@@ -328,20 +377,32 @@ def evaluate(
     return {
         "synthetic": None if synthetic is None else bool(synthetic),
         "column": column,
-        "counts": {"patches": int(len(labels)), "patients": int(n_patients), "idc": n_idc,
-                   "non_idc": int(len(labels) - n_idc), "idc_fraction": n_idc / len(labels)},
+        "counts": {
+            "patches": len(labels),
+            "patients": int(n_patients),
+            "idc": n_idc,
+            "non_idc": int(len(labels) - n_idc),
+            "idc_fraction": n_idc / len(labels),
+        },
         "threshold": None if threshold is None else float(threshold),
         "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
         "metrics": _with_intervals(point, samples, used, level),
-        "bootstrap": {"unit": "patient", "requested": int(n_bootstrap), "used": used,
-                      "skipped_one_class": int(n_bootstrap - used) if withheld is None else 0, "seed": int(seed),
-                      "level": float(level), "withheld": withheld},
+        "bootstrap": {
+            "unit": "patient",
+            "requested": int(n_bootstrap),
+            "used": used,
+            "skipped_one_class": int(n_bootstrap - used) if withheld is None else 0,
+            "seed": int(seed),
+            "level": float(level),
+            "withheld": withheld,
+        },
     }
 
 
-def _with_intervals(point: Mapping[str, float | None], samples: Mapping[str, list[float]], used: int,
-                    level: float) -> dict[str, dict[str, float | None]]:
-    """name -> {value, ci_low, ci_high}: percentile intervals of the resamples (``None`` without any)."""
+def _with_intervals(
+    point: Mapping[str, float | None], samples: Mapping[str, list[float]], used: int, level: float
+) -> dict[str, dict[str, float | None]]:
+    """Name -> {value, ci_low, ci_high}: percentile intervals of the resamples (``None`` without any)."""
     report: dict[str, dict[str, float | None]] = {}
     for name in METRIC_LABELS:
         low = high = None
@@ -351,9 +412,16 @@ def _with_intervals(point: Mapping[str, float | None], samples: Mapping[str, lis
     return report
 
 
-def _bootstrap_sorted(per_patient: np.ndarray, codes: np.ndarray, labels: np.ndarray, probs: np.ndarray,
-                      n_bootstrap: int, seed: int, samples: dict[str, list[float]],
-                      progress: Progress | None = None) -> int:
+def _bootstrap_sorted(
+    per_patient: np.ndarray,
+    codes: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    n_bootstrap: int,
+    seed: int,
+    samples: dict[str, list[float]],
+    progress: Progress | None = None,
+) -> int:
     """:func:`_bootstrap` on the patches sorted by probability (same results, faster); returns the resamples used."""
     # sklearn sorts scores with a stable sort on every call; on already sorted input that is a linear pass,
     # which makes the ranking metrics of each resample about twice as fast.
@@ -361,8 +429,7 @@ def _bootstrap_sorted(per_patient: np.ndarray, codes: np.ndarray, labels: np.nda
     rng = np.random.default_rng(seed)
     # The inputs were checked by the caller; sklearn's own checks would otherwise cost more than the metrics here.
     with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
-        return _bootstrap(per_patient, codes[order], labels[order], probs[order], n_bootstrap, rng, samples,
-                          progress)
+        return _bootstrap(per_patient, codes[order], labels[order], probs[order], n_bootstrap, rng, samples, progress)
 
 
 #: Metrics :func:`paired_difference` compares.
@@ -378,8 +445,9 @@ def _cell_f1_bac(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f1, bac
 
 
-def paired_difference(base: pd.DataFrame, other: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0,
-                      level: float = 0.95) -> dict[str, dict[str, float | None]]:
+def paired_difference(
+    base: pd.DataFrame, other: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, dict[str, float | None]]:
     """``other`` minus ``base`` for F1, balanced accuracy and ROC AUC (:data:`PAIRED_METRICS`), on the same
     patches, with a paired bootstrap interval over patients (each resample draws the same patients for both).
 
@@ -390,8 +458,9 @@ def paired_difference(base: pd.DataFrame, other: pd.DataFrame, *, n_bootstrap: i
     difference of two unpaired ones, because both tables share the patients that make one fold easy or hard.
     """
     key = "path" if "path" in base.columns and "path" in other.columns else "patient_id"
-    if len(base) != len(other) or not np.array_equal(base[key].astype(str).to_numpy(),
-                                                     other[key].astype(str).to_numpy()):
+    if len(base) != len(other) or not np.array_equal(
+        base[key].astype(str).to_numpy(), other[key].astype(str).to_numpy()
+    ):
         raise ValueError(f"paired_difference needs the same patches in the same order (column {key!r} differs)")
     labels = base["label"].to_numpy(np.int64)
     if not np.array_equal(labels, other["label"].to_numpy(np.int64)):
@@ -404,12 +473,11 @@ def paired_difference(base: pd.DataFrame, other: pd.DataFrame, *, n_bootstrap: i
     def scores(counts: np.ndarray | None) -> np.ndarray:
         weights = None if counts is None else counts[codes]
         out = []
-        for (probs, _), cells in zip(tables, per_patient):
+        for (probs, _), cells in zip(tables, per_patient, strict=True):
             pooled = cells.sum(axis=0) if counts is None else counts @ cells
             f1, bac = _cell_f1_bac(pooled)
             keep = slice(None) if weights is None else weights > 0
-            auc = skm.roc_auc_score(labels[keep], probs[keep], sample_weight=None if weights is None
-                                    else weights[keep])
+            auc = skm.roc_auc_score(labels[keep], probs[keep], sample_weight=None if weights is None else weights[keep])
             out.append((float(f1), float(bac), float(auc)))
         return np.array(out[1]) - np.array(out[0])
 
@@ -439,33 +507,51 @@ def per_patient_metrics(preds: pd.DataFrame, *, threshold: float | None = None) 
     unless the patient has both classes. Sorted by patient id.
     """
     labels, probs, predicted = _labels_probs_preds(preds, threshold)
-    frame = pd.DataFrame({
-        "patient_id": preds["patient_id"].astype(str).to_numpy(),
-        "label": labels, "prob": probs, "pred": predicted,
-    })
+    frame = pd.DataFrame(
+        {
+            "patient_id": preds["patient_id"].astype(str).to_numpy(),
+            "label": labels,
+            "prob": probs,
+            "pred": predicted,
+        }
+    )
     rows = []
     for patient, group in frame.groupby("patient_id", sort=True):
         y, s, p = group["label"].to_numpy(), group["prob"].to_numpy(), group["pred"].to_numpy()
         has_both = 0 < y.sum() < len(y)
-        rows.append({
-            "patient_id": patient,
-            "n_patches": len(y),
-            "n_idc": int(y.sum()),
-            "predicted_idc": int(p.sum()),
-            "accuracy": skm.accuracy_score(y, p),
-            "specificity": float(np.mean(p[y == 0] == 0)) if (y == 0).any() else math.nan,
-            "f1": skm.f1_score(y, p, zero_division=0) if y.any() else math.nan,
-            "roc_auc": skm.roc_auc_score(y, s) if has_both else math.nan,
-            "mean_prob_idc": float(s.mean()),
-        })
-    return pd.DataFrame(rows, columns=[
-        "patient_id", "n_patches", "n_idc", "predicted_idc", "accuracy", "specificity", "f1", "roc_auc",
-        "mean_prob_idc"])
+        rows.append(
+            {
+                "patient_id": patient,
+                "n_patches": len(y),
+                "n_idc": int(y.sum()),
+                "predicted_idc": int(p.sum()),
+                "accuracy": skm.accuracy_score(y, p),
+                "specificity": float(np.mean(p[y == 0] == 0)) if (y == 0).any() else math.nan,
+                "f1": skm.f1_score(y, p, zero_division=0) if y.any() else math.nan,
+                "roc_auc": skm.roc_auc_score(y, s) if has_both else math.nan,
+                "mean_prob_idc": float(s.mean()),
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "patient_id",
+            "n_patches",
+            "n_idc",
+            "predicted_idc",
+            "accuracy",
+            "specificity",
+            "f1",
+            "roc_auc",
+            "mean_prob_idc",
+        ],
+    )
 
 
 def ranking_scores(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray) -> dict[str, float]:
     """ROC AUC and PR AUC (average precision) of IDC probabilities ``probs`` against 0/1 ``labels`` (both ``(N,)``);
-    NaN when the labels hold one class only."""
+    NaN when the labels hold one class only.
+    """
     y = np.asarray(labels).astype(np.int64)
     s = np.asarray(probs, dtype=np.float64)
     if not 0 < y.sum() < len(y):
@@ -473,52 +559,64 @@ def ranking_scores(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | 
     return {"roc_auc": float(skm.roc_auc_score(y, s)), "pr_auc": float(skm.average_precision_score(y, s))}
 
 
-def binary_scores(labels: Sequence[int] | np.ndarray, pred: Sequence[int] | np.ndarray,
-                  probs: Sequence[float] | np.ndarray | None = None) -> dict[str, Any]:
+def binary_scores(
+    labels: Sequence[int] | np.ndarray,
+    pred: Sequence[int] | np.ndarray,
+    probs: Sequence[float] | np.ndarray | None = None,
+) -> dict[str, Any]:
     """F1, balanced accuracy, accuracy, precision, recall, specificity and the confusion cells (``tn, fp, fn, tp``)
     of 0/1 predictions ``pred`` against 0/1 ``labels`` (both ``(N,)``); with ``probs``, also :func:`ranking_scores`.
 
-    Precision, recall, F1 and specificity are 0 where undefined (sklearn's ``zero_division=0``)."""
+    Precision, recall, F1 and specificity are 0 where undefined (sklearn's ``zero_division=0``).
+    """
     y = np.asarray(labels).astype(np.int64)
     p = np.asarray(pred).astype(np.int64)
     tn, fp, fn, tp = (int(c) for c in skm.confusion_matrix(y, p, labels=[0, 1]).ravel())
     values: dict[str, Any] = {} if probs is None else ranking_scores(y, probs)
-    values.update({
-        "f1": float(skm.f1_score(y, p, zero_division=0)),
-        "balanced_accuracy": float(skm.balanced_accuracy_score(y, p)),
-        "accuracy": float(skm.accuracy_score(y, p)),
-        "precision": float(skm.precision_score(y, p, zero_division=0)),
-        "recall": float(skm.recall_score(y, p, zero_division=0)),
-        "specificity": tn / (tn + fp) if tn + fp else 0.0,
-        "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
-    })
+    values.update(
+        {
+            "f1": float(skm.f1_score(y, p, zero_division=0)),
+            "balanced_accuracy": float(skm.balanced_accuracy_score(y, p)),
+            "accuracy": float(skm.accuracy_score(y, p)),
+            "precision": float(skm.precision_score(y, p, zero_division=0)),
+            "recall": float(skm.recall_score(y, p, zero_division=0)),
+            "specificity": tn / (tn + fp) if tn + fp else 0.0,
+            "confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+        }
+    )
     return values
 
 
 def log_loss(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray) -> float:
     """Mean binary cross-entropy (nats) of IDC probabilities ``probs`` against 0/1 ``labels``, probabilities clipped
-    to [1e-7, 1 - 1e-7] as Keras does."""
+    to [1e-7, 1 - 1e-7] as Keras does.
+    """
     return float(skm.log_loss(labels, np.clip(np.asarray(probs), 1e-7, 1 - 1e-7), labels=[0, 1]))
 
 
-def roc_points(labels: Sequence[int] | np.ndarray,
-               probs: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def roc_points(
+    labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
     """The ROC curve of ``probs`` against 0/1 ``labels``: false positive rates, true positive rates (both
-    ``(k,)``, from (0, 0) to (1, 1)) and the area under it."""
+    ``(k,)``, from (0, 0) to (1, 1)) and the area under it.
+    """
     fpr, tpr, _ = skm.roc_curve(labels, probs, pos_label=1)
     return fpr, tpr, float(skm.auc(fpr, tpr))
 
 
-def pr_points(labels: Sequence[int] | np.ndarray,
-              probs: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def pr_points(
+    labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
     """The precision-recall curve of ``probs`` against 0/1 ``labels``: precisions, recalls (both ``(k,)``,
-    recall decreasing) and the average precision."""
+    recall decreasing) and the average precision.
+    """
     precision, recall, _ = skm.precision_recall_curve(labels, probs, pos_label=1)
     return precision, recall, float(skm.average_precision_score(labels, probs, pos_label=1))
 
 
-def pick_threshold(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray,
-                   criterion: str = "f1") -> float:
+def pick_threshold(
+    labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray, criterion: str = "f1"
+) -> float:
     """The decision threshold (predict IDC when ``prob >= threshold``) that maximises ``criterion`` on this data.
 
     Meant for the *validation* patients; never pick it on test. ``criterion`` is ``"f1"`` (F1 of the IDC class,
@@ -548,8 +646,11 @@ def pick_threshold(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | 
     raise ValueError(f"unknown criterion {criterion!r}: use 'f1' or 'youden'")
 
 
-def threshold_curve(labels: Sequence[int] | np.ndarray, probs: Sequence[float] | np.ndarray,
-                    thresholds: Sequence[float] | np.ndarray | None = None) -> pd.DataFrame:
+def threshold_curve(
+    labels: Sequence[int] | np.ndarray,
+    probs: Sequence[float] | np.ndarray,
+    thresholds: Sequence[float] | np.ndarray | None = None,
+) -> pd.DataFrame:
     """Precision, recall (sensitivity), specificity and F1 of the IDC class at each threshold (predict IDC when
     ``prob >= threshold``); default thresholds 0.00, 0.01, ..., 1.00. One row per threshold, in that order.
 
@@ -568,8 +669,9 @@ def threshold_curve(labels: Sequence[int] | np.ndarray, probs: Sequence[float] |
     specificity = 1.0 - fp / len(neg) if len(neg) else np.full(len(grid), np.nan)
     denominator = 2 * tp + fp + (len(pos) - tp)
     f1 = np.divide(2 * tp, denominator, out=np.zeros(len(grid)), where=denominator > 0)
-    return pd.DataFrame({"threshold": grid, "precision": precision, "recall": recall, "specificity": specificity,
-                         "f1": f1})
+    return pd.DataFrame(
+        {"threshold": grid, "precision": precision, "recall": recall, "specificity": specificity, "f1": f1}
+    )
 
 
 def _fmt(value: float | None) -> str:
@@ -582,13 +684,18 @@ def format_report(report: Mapping[str, Any]) -> str:
     level = round(boot["level"] * 100)
     lines = ["SYNTHETIC demo data: these numbers say nothing about real tissue", ""] if report.get("synthetic") else []
     if report.get("column", "prob_idc") != "prob_idc":
-        lines += [f"Scores: {report['column']} (uses each patch's neighbours on the slide: not comparable with "
-                  "patch-only figures)", ""]
+        lines += [
+            f"Scores: {report['column']} (uses each patch's neighbours on the slide: not comparable with "
+            "patch-only figures)",
+            "",
+        ]
     lines += [
         f"{counts['patches']:,} patches from {counts['patients']} patients; "
         f"IDC {counts['idc']:,} ({counts['idc_fraction']:.1%}), non-IDC {counts['non_idc']:,}",
-        "Threshold: " + ("none recorded (the table's decisions)" if report.get("threshold") is None
-                         else f"{report['threshold']:.3f}"),
+        "Threshold: "
+        + (
+            "none recorded (the table's decisions)" if report.get("threshold") is None else f"{report['threshold']:.3f}"
+        ),
         "",
     ]
     width = max(len(label) for label in METRIC_LABELS.values())
@@ -602,8 +709,11 @@ def format_report(report: Mapping[str, Any]) -> str:
     if boot.get("withheld"):
         lines += ["", f"No {level}% interval: {boot['withheld']}."]
     elif boot["requested"]:
-        lines += ["", f"Bootstrap: {boot['used']} of {boot['requested']} patient resamples used"
-                  + (f" ({boot['skipped_one_class']} had one class only)" if boot["skipped_one_class"] else "")]
+        lines += [
+            "",
+            f"Bootstrap: {boot['used']} of {boot['requested']} patient resamples used"
+            + (f" ({boot['skipped_one_class']} had one class only)" if boot["skipped_one_class"] else ""),
+        ]
     lines += [
         "",
         "Confusion matrix (rows: true, columns: predicted)",
@@ -620,21 +730,31 @@ def comparison_table(report: Mapping[str, Any], *, model: str, test_set: str) ->
     ``model`` and ``test_set`` describe this run (e.g. ``"idc_net"``, ``"4 test patients, patients split"``); a
     report of synthetic data says so in both cells, at the start, so that a narrow column cannot cut it off.
     """
+
     def percent(value: float | None) -> float:
         return math.nan if value is None else round(100.0 * value, 2)
 
-    rows = [{"model": r["model"], "test set": r["test set"], "F1 (%)": percent(r["f1"]),
-             "balanced accuracy (%)": percent(r["balanced_accuracy"]),
-             "unseen patients": "yes" if r["patient_level"] else "no"} for r in PUBLISHED]
+    rows = [
+        {
+            "model": r["model"],
+            "test set": r["test set"],
+            "F1 (%)": percent(r["f1"]),
+            "balanced accuracy (%)": percent(r["balanced_accuracy"]),
+            "unseen patients": "yes" if r["patient_level"] else "no",
+        }
+        for r in PUBLISHED
+    ]
     ours = report["metrics"]
     synthetic = bool(report.get("synthetic"))
-    rows.append({
-        "model": ("SYNTHETIC data: " if synthetic else "this run: ") + model,
-        "test set": ("SYNTHETIC, " if synthetic else "") + test_set,
-        "F1 (%)": percent(ours["f1"]["value"]),
-        "balanced accuracy (%)": percent(ours["balanced_accuracy"]["value"]),
-        "unseen patients": "yes",
-    })
+    rows.append(
+        {
+            "model": ("SYNTHETIC data: " if synthetic else "this run: ") + model,
+            "test set": ("SYNTHETIC, " if synthetic else "") + test_set,
+            "F1 (%)": percent(ours["f1"]["value"]),
+            "balanced accuracy (%)": percent(ours["balanced_accuracy"]["value"]),
+            "unseen patients": "yes",
+        }
+    )
     return pd.DataFrame(rows)
 
 
@@ -644,14 +764,16 @@ OUTCOME_NAMES = {(1, 1): "true positive", (0, 1): "false positive", (1, 0): "fal
 
 def outcomes(preds: pd.DataFrame) -> pd.Series:
     """Each patch's outcome ("true positive", "false positive", "false negative", "true negative") from ``label``
-    and ``pred``, aligned with ``preds``."""
-    keys = zip(preds["label"].astype(int), preds["pred"].astype(int))
+    and ``pred``, aligned with ``preds``.
+    """
+    keys = zip(preds["label"].astype(int), preds["pred"].astype(int), strict=True)
     return pd.Series([OUTCOME_NAMES[k] for k in keys], index=preds.index, name="outcome")
 
 
 def confident_examples(preds: pd.DataFrame, threshold: float, *, per_outcome: int = 6) -> pd.DataFrame:
     """The ``per_outcome`` patches of each outcome farthest from ``threshold`` (the most confident ones), with an
-    ``outcome`` column, in the order true positives, false positives, false negatives, true negatives."""
+    ``outcome`` column, in the order true positives, false positives, false negatives, true negatives.
+    """
     table = preds.assign(outcome=outcomes(preds), confidence=(preds["prob_idc"] - threshold).abs())
     table = table.sort_values("confidence", ascending=False, kind="stable").groupby("outcome").head(per_outcome)
     order = {name: i for i, name in enumerate(OUTCOME_NAMES.values())}

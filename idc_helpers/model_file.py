@@ -26,8 +26,9 @@ import json
 import os
 import re
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from idc_helpers.errors import UserError
 
@@ -49,8 +50,10 @@ class ModelFileError(UserError, ValueError):
 
 
 def _refuse(path: Path, why: str) -> ModelFileError:
-    return ModelFileError(f"Refusing the model file {path}: {why}. Load only models written by "
-                          "`python -m idc_helpers train`, or train one yourself.")
+    return ModelFileError(
+        f"Refusing the model file {path}: {why}. Load only models written by "
+        "`python -m idc_helpers train`, or train one yourself."
+    )
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -66,8 +69,11 @@ def _read_config(path: Path) -> dict[str, Any]:
                 raise _refuse(path, f"it holds {names}, not the members Keras writes ({sorted(MEMBER_LIMITS)})")
             for info in members:
                 if info.file_size > MEMBER_LIMITS[info.filename]:
-                    raise _refuse(path, f"its {info.filename} is {info.file_size:,} bytes, over the "
-                                        f"{MEMBER_LIMITS[info.filename]:,} allowed")
+                    raise _refuse(
+                        path,
+                        f"its {info.filename} is {info.file_size:,} bytes, over the "
+                        f"{MEMBER_LIMITS[info.filename]:,} allowed",
+                    )
             config = json.loads(archive.read("config.json").decode("utf-8"))
     except (zipfile.BadZipFile, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _refuse(path, f"it is not a readable .keras archive ({type(exc).__name__}: {exc})") from None
@@ -91,9 +97,18 @@ def _objects(node: Any, where: str = "config") -> Iterator[tuple[str, dict[str, 
 def _safe_bases() -> tuple[type, ...]:
     import keras
 
-    return (keras.layers.Layer, keras.Model, keras.initializers.Initializer, keras.regularizers.Regularizer,
-            keras.constraints.Constraint, keras.optimizers.Optimizer, keras.optimizers.schedules.LearningRateSchedule,
-            keras.losses.Loss, keras.metrics.Metric, keras.DTypePolicy)
+    return (
+        keras.layers.Layer,
+        keras.Model,
+        keras.initializers.Initializer,
+        keras.regularizers.Regularizer,
+        keras.constraints.Constraint,
+        keras.optimizers.Optimizer,
+        keras.optimizers.schedules.LearningRateSchedule,
+        keras.losses.Loss,
+        keras.metrics.Metric,
+        keras.DTypePolicy,
+    )
 
 
 def _check_object(entry: dict[str, Any], safe_bases: tuple[type, ...]) -> str | None:
@@ -126,7 +141,8 @@ def _check_object(entry: dict[str, Any], safe_bases: tuple[type, ...]) -> str | 
 
 def check_model_file(path: str | os.PathLike[str]) -> None:
     """Raise :class:`ModelFileError` unless ``path`` is a ``.keras`` archive naming only classes a model is made of
-    (see the module's docstring). Reads the archive's config; runs nothing from it."""
+    (see the module's docstring). Reads the archive's config; runs nothing from it.
+    """
     import idc_helpers.models  # noqa: F401  - registers the package's classes before they are looked up
 
     path = Path(path)
@@ -140,14 +156,17 @@ def check_model_file(path: str | os.PathLike[str]) -> None:
 def load_model_file(path: str | os.PathLike[str], *, compile: bool = False) -> keras.Model:
     """The model in ``path`` (a ``.keras`` file), checked by :func:`check_model_file` and loaded in safe mode, in
     any process: whatever placement of augmentation and mixed-precision policy it was trained with.
-    ``compile=True`` restores its optimizer state too (a checkpoint to resume)."""
+    ``compile=True`` restores its optimizer state too (a checkpoint to resume).
+    """
     import keras
 
     path = Path(path)
     check_model_file(path)  # also registers the package's layers and losses, which Keras needs to load the model
     try:
         return keras.models.load_model(path, compile=compile, safe_mode=True)
-    except Exception as exc:  # noqa: BLE001 - whatever Keras raises, the user gets one line naming the file
+    except Exception as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelFileError(f"The model file {path} cannot be loaded ({type(exc).__name__}: {detail[:300]}); "
-                             "it may be damaged or from another version of this package: train it again.") from None
+        raise ModelFileError(
+            f"The model file {path} cannot be loaded ({type(exc).__name__}: {detail[:300]}); "
+            "it may be damaged or from another version of this package: train it again."
+        ) from None

@@ -36,7 +36,8 @@ Mixed precision: on GPUs that gain from it (compute capability 7.0 or more) the 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import keras
 from keras import layers
@@ -53,9 +54,17 @@ AUGMENT_LAYER = "augment"
 DEFAULT_MODEL = "idc_net"
 DEFAULT_LEARNING_RATE = {"seed_cnn": 1e-3, "idc_net": 2e-3}
 # Values of IDC_MIXED_PRECISION / ``mixed_precision=`` and the Keras dtype policy each one means.
-_PRECISION_WORDS = {"0": "float32", "off": "float32", "false": "float32", "no": "float32", "float32": "float32",
-                    "float16": "mixed_float16", "mixed_float16": "mixed_float16",
-                    "bfloat16": "mixed_bfloat16", "mixed_bfloat16": "mixed_bfloat16"}
+_PRECISION_WORDS = {
+    "0": "float32",
+    "off": "float32",
+    "false": "float32",
+    "no": "float32",
+    "float32": "float32",
+    "float16": "mixed_float16",
+    "mixed_float16": "mixed_float16",
+    "bfloat16": "mixed_bfloat16",
+    "mixed_bfloat16": "mixed_bfloat16",
+}
 
 
 class UnknownModelError(UserError, ValueError):
@@ -78,8 +87,10 @@ def precision_policy(mixed_precision: bool | str | None = None) -> str:
     if isinstance(mixed_precision, str) and mixed_precision.strip().lower() not in ("1", "on", "true", "auto", ""):
         word = mixed_precision.strip().lower()
         if word not in _PRECISION_WORDS:
-            raise UserError(f"unknown mixed precision setting {mixed_precision!r} (from IDC_MIXED_PRECISION or "
-                            f"mixed_precision=); use one of 0, auto, {', '.join(sorted(set(_PRECISION_WORDS) - {'0'}))}")
+            raise UserError(
+                f"unknown mixed precision setting {mixed_precision!r} (from IDC_MIXED_PRECISION or "
+                f"mixed_precision=); use one of 0, auto, {', '.join(sorted(set(_PRECISION_WORDS) - {'0'}))}"
+            )
         return _PRECISION_WORDS[word]
     capability = _gpu_compute_capability()
     if capability >= (8, 0):
@@ -100,8 +111,9 @@ def augmentation_placement(placement: str | None = None) -> str:
     if word in ("pipeline", "model"):
         return word
     if word not in ("auto", ""):
-        raise UserError(f"unknown augmentation placement {word!r} (from IDC_AUGMENT_ON or placement=); "
-                        "use pipeline, model or auto")
+        raise UserError(
+            f"unknown augmentation placement {word!r} (from IDC_AUGMENT_ON or placement=); use pipeline, model or auto"
+        )
     return "model" if _has_gpu() else "pipeline"
 
 
@@ -140,8 +152,9 @@ class TrainingAugmentation(layers.Layer):
         if self.strength == "none":
             raise UserError("TrainingAugmentation needs a strength other than 'none'")
         self.seed = int(seed)
-        self.batches_seen = self.add_weight(name="batches_seen", shape=(), dtype="int64", initializer="zeros",
-                                            trainable=False)
+        self.batches_seen = self.add_weight(
+            name="batches_seen", shape=(), dtype="int64", initializer="zeros", trainable=False
+        )
 
     def call(self, inputs, training=None):
         import tensorflow as tf
@@ -176,8 +189,7 @@ def _head(x: keras.KerasTensor) -> keras.KerasTensor:
     return layers.Activation("softmax", dtype="float32", name=PROBS_LAYER)(logits)
 
 
-def build_seed_cnn(*, policy: str = "float32", augment: bool | str | None = None,
-                   augment_seed: int = 0) -> keras.Model:
+def build_seed_cnn(*, policy: str = "float32", augment: bool | str | None = None, augment_seed: int = 0) -> keras.Model:
     """The reference CNN: ``(N, 50, 50, 3)`` 0..255 -> ``(N, 2)`` class probabilities; 105,234 parameters.
 
     Output shapes 48, 46, 23, 21, 19, 9, 7, 5, 2 (conv1, conv2, pool1, conv3, conv4, pool2, conv5, conv6, pool3).
@@ -187,8 +199,9 @@ def build_seed_cnn(*, policy: str = "float32", augment: bool | str | None = None
     inputs, x = _inputs(policy, augment, augment_seed)
     for block, filters in enumerate((16, 32, 64)):
         for j in range(2):
-            x = layers.Conv2D(filters, 3, padding="valid", activation="relu", name=f"conv{2 * block + j + 1}",
-                              dtype=policy)(x)
+            x = layers.Conv2D(
+                filters, 3, padding="valid", activation="relu", name=f"conv{2 * block + j + 1}", dtype=policy
+            )(x)
         x = layers.MaxPooling2D(2, name=f"pool{block + 1}", dtype=policy)(x)
     x = layers.Flatten(name="flatten", dtype=policy)(x)
     x = layers.Dense(128, activation="relu", name="dense", dtype=policy)(x)
@@ -238,7 +251,8 @@ def build_model(name: str = DEFAULT_MODEL, *, mixed_precision: bool | str | None
     :func:`idc_helpers.pipeline.augment_setting`: a :class:`TrainingAugmentation` layer after the input, which
     augments while training and is the identity otherwise; default none) and ``augment_seed``; ``idc_net`` also
     ``width``, ``dropout``, ``bn_momentum``, ``bn_epsilon``. A name not in :data:`MODEL_NAMES` raises
-    :class:`UnknownModelError`."""
+    :class:`UnknownModelError`.
+    """
     try:
         builder = _BUILDERS[name]
     except (KeyError, TypeError):
@@ -257,14 +271,17 @@ class LabelSmoothingError(UserError, ValueError):
 
 def label_smoothing_setting(label_smoothing: float) -> float:
     """``label_smoothing`` as a float in [0, 1) (0: plain cross-entropy); anything else raises
-    :class:`LabelSmoothingError`. At 1 every target would be uniform, leaving nothing to learn."""
+    :class:`LabelSmoothingError`. At 1 every target would be uniform, leaving nothing to learn.
+    """
     try:
         eps = float(label_smoothing)
     except (TypeError, ValueError):
         eps = float("nan")
     if isinstance(label_smoothing, bool) or not 0.0 <= eps < 1.0:  # NaN fails the comparison too
-        raise LabelSmoothingError(f"label smoothing must be a number in [0, 1), got {label_smoothing!r}; "
-                                  "0.1 is the usual choice, 0 turns it off")
+        raise LabelSmoothingError(
+            f"label smoothing must be a number in [0, 1), got {label_smoothing!r}; "
+            "0.1 is the usual choice, 0 turns it off"
+        )
     return eps
 
 
@@ -272,7 +289,8 @@ def label_smoothing_setting(label_smoothing: float) -> float:
 class SmoothedSparseCrossentropy(keras.losses.Loss):
     """Cross-entropy of softmax outputs ``(N, C)`` against integer labels ``(N,)`` smoothed to
     ``(1 - smoothing) * one_hot + smoothing / C`` (Szegedy et al. 2016): the model is never pushed to certainty,
-    which can keep its probabilities less extreme on patients unlike the training ones."""
+    which can keep its probabilities less extreme on patients unlike the training ones.
+    """
 
     def __init__(self, smoothing: float = 0.1, name: str = "smoothed_sparse_crossentropy", **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
@@ -305,8 +323,11 @@ def compile_model(
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
         optimizer=optimizer,
-        loss=(SmoothedSparseCrossentropy(label_smoothing) if label_smoothing
-              else keras.losses.SparseCategoricalCrossentropy()),
+        loss=(
+            SmoothedSparseCrossentropy(label_smoothing)
+            if label_smoothing
+            else keras.losses.SparseCategoricalCrossentropy()
+        ),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
     return model
@@ -339,6 +360,6 @@ def recompute_batch_norm(model: keras.Model, batches: Iterable[Any], *, max_batc
             model(images, training=True)
             used += 1
     finally:
-        for layer, momentum in zip(norms, momenta):
+        for layer, momentum in zip(norms, momenta, strict=True):
             layer.momentum = momentum
     return used

@@ -39,10 +39,11 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from idc_helpers.errors import IdcError, UserError
 from idc_helpers.validation import check_parameter
@@ -66,7 +67,8 @@ def _has_series(folder: Path) -> bool:
 
 def default_notebook_dir() -> Path:
     """Where the notebook series is: the checkout's ``notebooks/`` when this package runs from a checkout, else
-    the copy inside the installed package (which may be missing only in a broken install)."""
+    the copy inside the installed package (which may be missing only in a broken install).
+    """
     return CHECKOUT_NOTEBOOK_DIR if _has_series(CHECKOUT_NOTEBOOK_DIR) else PACKAGED_NOTEBOOK_DIR
 
 
@@ -153,7 +155,9 @@ def plan_parameters(
             if key in _RESERVED:
                 problems.append(f"{key}{where} is set by the runner; use --out to choose where outputs go")
             elif key not in names:
-                problems.append(f"{key}{where} is not a parameter of {'any notebook' if not where else 'that notebook'}")
+                problems.append(
+                    f"{key}{where} is not a parameter of {'any notebook' if not where else 'that notebook'}"
+                )
     if problems:
         raise ParametersError(f"{source}: " + "; ".join(problems) + f". Known parameters: {', '.join(sorted(known))}")
 
@@ -240,7 +244,8 @@ def _find_sources(notebook_dir: Path, notebooks: Sequence[str] | None) -> tuple[
     if missing:
         raise NotebooksNotFoundError(
             f"notebooks not found: {', '.join(missing)}. Reinstall the package (`pip install .` in a checkout "
-            "copies them into it) or point --notebooks at a folder holding the series.")
+            "copies them into it) or point --notebooks at a folder holding the series."
+        )
     return names, sources
 
 
@@ -259,7 +264,8 @@ def _merge_parameter_files(files: Sequence[Path]) -> dict[str, Any]:
 
 def _check_values(key: Any, value: Any, path: Path) -> None:
     """Every value of a parameters file is plain data in range (:func:`idc_helpers.validation.check_parameter`);
-    a notebook's section (a map) is checked name by name."""
+    a notebook's section (a map) is checked name by name.
+    """
     if not isinstance(key, str):
         raise ParametersError(f"{path}: the name {key!r} is not allowed: parameter names are text")
     check_parameter(key, value, str(path))
@@ -268,8 +274,13 @@ def _check_values(key: Any, value: Any, path: Path) -> None:
             check_parameter(name, item, f"{path} [{key}]")
 
 
-def _plan_series(notebook_dir: Path, notebooks: Sequence[str] | None, smoke: bool,
-                 params_file: str | os.PathLike[str] | None, data_dir: str | os.PathLike[str] | None) -> _Series:
+def _plan_series(
+    notebook_dir: Path,
+    notebooks: Sequence[str] | None,
+    smoke: bool,
+    params_file: str | os.PathLike[str] | None,
+    data_dir: str | os.PathLike[str] | None,
+) -> _Series:
     """Find the notebooks and check every parameter name, before anything is downloaded or created."""
     names, sources = _find_sources(notebook_dir, notebooks)
     files = ([notebook_dir / "params" / "smoke.yaml"] if smoke else []) + ([Path(params_file)] if params_file else [])
@@ -284,8 +295,9 @@ def _label(files: Sequence[Path]) -> str:
     return " + ".join(str(f) for f in files) or "parameters"
 
 
-def _prepare_output(series: _Series, out_dir: str | os.PathLike[str], log: Callable[[str], object]
-                    ) -> tuple[Path, dict[str, dict[str, Any]]]:
+def _prepare_output(
+    series: _Series, out_dir: str | os.PathLike[str], log: Callable[[str], object]
+) -> tuple[Path, dict[str, dict[str, Any]]]:
     """Resolve the data once, create the fresh output folder, record and return the per-notebook parameters."""
     from idc_helpers.atomic import write_json
     from idc_helpers.datasource import resolve_data_dir
@@ -308,34 +320,50 @@ def _prepare_output(series: _Series, out_dir: str | os.PathLike[str], log: Calla
     # Each notebook gets the paths its parameters cell defines.
     runner = {name: {k: v for k, v in paths.items() if k in series.defined[name]} for name in series.names}
     plan = plan_parameters(series.overrides, series.defined, runner, source=_label(series.files))
-    write_json(run_root / "parameters.json", {
-        "data": {"path": str(Path(source.path).resolve()), "origin": source.origin, "synthetic": bool(source.synthetic)},
-        "parameter_files": [str(f) for f in series.files], "notebooks": plan,
-    })
+    write_json(
+        run_root / "parameters.json",
+        {
+            "data": {
+                "path": str(Path(source.path).resolve()),
+                "origin": source.origin,
+                "synthetic": bool(source.synthetic),
+            },
+            "parameter_files": [str(f) for f in series.files],
+            "notebooks": plan,
+        },
+    )
     log(f"Output folder: {run_root}")
     return run_root, plan
 
 
-def _execute(name: str, source: Path, target: Path, parameters: dict[str, Any], *, cwd: Path,
-             prepare_only: bool) -> None:
+def _execute(
+    name: str, source: Path, target: Path, parameters: dict[str, Any], *, cwd: Path, prepare_only: bool
+) -> None:
     """Run (or only parameterise) one notebook with papermill; a failure becomes :class:`NotebookFailed`."""
     import papermill
 
     try:
         papermill.execute_notebook(
-            str(source), str(target), parameters=parameters, prepare_only=prepare_only, cwd=str(cwd),
-            progress_bar=sys.stderr.isatty(), request_save_on_cell_execute=True,
+            str(source),
+            str(target),
+            parameters=parameters,
+            prepare_only=prepare_only,
+            cwd=str(cwd),
+            progress_bar=sys.stderr.isatty(),
+            request_save_on_cell_execute=True,
             kernel_manager_class=_current_env_kernel_manager(),
         )
     except papermill.PapermillExecutionError as err:
         first_line = next((ln for ln in err.source.splitlines() if ln.strip()), "")
         raise NotebookFailed(
             f"{name}.ipynb failed in cell [{err.exec_count}] ({first_line.strip()!r}): {err.ename}: {err.evalue}\n"
-            f"The executed notebook, with the traceback, is {target}", target,
+            f"The executed notebook, with the traceback, is {target}",
+            target,
         ) from None
     except Exception as err:  # the kernel died (e.g. out of memory), a timeout, an unreadable notebook...
-        raise NotebookFailed(f"{name}.ipynb stopped: {type(err).__name__}: {err}\n"
-                             f"What ran is saved in {target}", target) from err
+        raise NotebookFailed(
+            f"{name}.ipynb stopped: {type(err).__name__}: {err}\nWhat ran is saved in {target}", target
+        ) from err
 
 
 def _report(run_root: Path, executed_dir: Path, prepare_only: bool, log: Callable[[str], object]) -> None:

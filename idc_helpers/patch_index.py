@@ -18,9 +18,9 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,6 +57,7 @@ NOT_A_FILE = "not a regular file"
 OFF_GRID = "off the patch grid"
 CONFLICTING_LABELS = "conflicting labels"
 DUPLICATE = "duplicate"
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -125,22 +126,25 @@ def check_png_header(head: bytes, file_size: int | None = None) -> tuple[int, in
     """
     if file_size is not None and file_size > MAX_PATCH_FILE_BYTES:
         raise PatchFileError(
-            WRONG_SIZE, f"the file is {file_size / 1e6:.1f} MB; a {PATCH_SIZE}x{PATCH_SIZE} patch is a few kB. "
-                        "Replace it with the dataset's original file or remove it",
+            WRONG_SIZE,
+            f"the file is {file_size / 1e6:.1f} MB; a {PATCH_SIZE}x{PATCH_SIZE} patch is a few kB. "
+            "Replace it with the dataset's original file or remove it",
         )
     width, height = parse_png_header(head)
     if width > PATCH_SIZE or height > PATCH_SIZE:
         raise PatchFileError(
-            WRONG_SIZE, f"is {width}x{height} pixels, larger than the {PATCH_SIZE}x{PATCH_SIZE} patches of this "
-                        "dataset; left out rather than cropped (or decoded), since which part is the patch is "
-                        "unknown. Replace it with the dataset's original file",
+            WRONG_SIZE,
+            f"is {width}x{height} pixels, larger than the {PATCH_SIZE}x{PATCH_SIZE} patches of this "
+            "dataset; left out rather than cropped (or decoded), since which part is the patch is "
+            "unknown. Replace it with the dataset's original file",
         )
     return width, height
 
 
 def read_png_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """Return ``(width, height)`` from a PNG header (any size); raises ``ValueError`` with the reason when the file
-    is empty, not a PNG, or its header is damaged, and ``OSError`` when it is not a regular file."""
+    is empty, not a PNG, or its header is damaged, and ``OSError`` when it is not a regular file.
+    """
     head, _ = _read_head(os.fspath(path))
     return parse_png_header(head)
 
@@ -165,11 +169,20 @@ def build_index(
     problems: list[Problem] = []
     for order, folder in enumerate(roots):
         found, found_problems = _scan_root(folder, read_headers)
-        rows.extend(row + (order,) for row in found)
+        rows.extend((*row, order) for row in found)
         problems.extend(found_problems)
     frame = pd.DataFrame(rows, columns=[*INDEX_COLUMNS, "_root"])
-    frame = frame.astype({"path": str, "patient_id": str, "x": np.int32, "y": np.int32, "label": np.int8,
-                          "width": np.int16, "height": np.int16})
+    frame = frame.astype(
+        {
+            "path": str,
+            "patient_id": str,
+            "x": np.int32,
+            "y": np.int32,
+            "label": np.int8,
+            "width": np.int16,
+            "height": np.int16,
+        }
+    )
     frame["_pid"] = frame["patient_id"].astype(np.int64)
     frame = frame.sort_values(["_pid", "y", "x", "label", "_root"], kind="stable")
     frame = frame.drop(columns=["_pid", "_root"]).reset_index(drop=True)
@@ -194,8 +207,10 @@ def check_index(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[Problem]]:
     on_grid = ((x - GRID_OFFSET) % GRID_STEP == 0) & ((y - GRID_OFFSET) % GRID_STEP == 0)
     in_range = (x >= 1) & (y >= 1) & (x <= MAX_COORDINATE) & (y <= MAX_COORDINATE)
     bad = ~(on_grid & in_range)
-    problems = [_off_grid_problem(path, int(a), int(b), bool(r))
-                for path, a, b, r in zip(frame["path"][bad], x[bad], y[bad], in_range[bad])]
+    problems = [
+        _off_grid_problem(path, int(a), int(b), bool(r))
+        for path, a, b, r in zip(frame["path"][bad], x[bad], y[bad], in_range[bad], strict=True)
+    ]
     kept = frame[~bad]
     keys = ["patient_id", "x", "y"]
     repeated = kept[kept.duplicated(keys, keep=False)]
@@ -228,10 +243,8 @@ def patient_table(frame: pd.DataFrame) -> pd.DataFrame:
 def dataset_summary(frame: pd.DataFrame) -> dict:
     """Headline statistics of an index: patients, patches, per-class counts, IDC share, patch sizes."""
     not_full = (frame["width"] != PATCH_SIZE) | (frame["height"] != PATCH_SIZE)
-    sizes = (
-        frame.loc[not_full].groupby(["width", "height"]).size().sort_values(ascending=False)
-    )
-    n = int(len(frame))
+    sizes = frame.loc[not_full].groupby(["width", "height"]).size().sort_values(ascending=False)
+    n = len(frame)
     n_idc = int((frame["label"] == 1).sum())
     return {
         "patients": int(frame["patient_id"].nunique()),
@@ -269,7 +282,8 @@ def _resolve_root(root: str | os.PathLike[str]) -> Path:
 
 def _refuse_one_patient(root: Path, subfolders: list[os.DirEntry]) -> None:
     """A folder whose only subfolders are the class folders 0/ and 1/ is one patient's folder, not a dataset: say so
-    (its class folders would otherwise pass for patients 0 and 1 holding stray files)."""
+    (its class folders would otherwise pass for patients 0 and 1 holding stray files).
+    """
     names = {entry.name for entry in subfolders}
     if not names or not names <= {"0", "1"}:
         return
@@ -279,7 +293,8 @@ def _refuse_one_patient(root: Path, subfolders: list[os.DirEntry]) -> None:
         raise DatasetFolderError(
             f"{printable(str(root))} is the folder of one patient (it holds the class folders "
             f"{' and '.join(sorted(n + '/' for n in names))}), not a dataset folder; give the folder that holds the "
-            f"patient folders, e.g. --data-dir {printable(str(root.parent))}")
+            f"patient folders, e.g. --data-dir {printable(str(root.parent))}"
+        )
 
 
 def _scan_root(root: Path, read_headers: bool) -> tuple[list[tuple], list[Problem]]:
@@ -293,8 +308,13 @@ def _scan_root(root: Path, read_headers: bool) -> tuple[list[tuple], list[Proble
             if _is_dir(entry) and PATIENT_RE.fullmatch(entry.name):
                 patient_dirs.append(entry)
             elif _is_dir(entry):
-                problems.append(Problem(entry.path, UNEXPECTED, "folder name is not a numeric patient id; skipped. "
-                                                              "Move it out of the dataset folder"))
+                problems.append(
+                    Problem(
+                        entry.path,
+                        UNEXPECTED,
+                        "folder name is not a numeric patient id; skipped. Move it out of the dataset folder",
+                    )
+                )
     _refuse_one_patient(root, patient_dirs)
     if not patient_dirs:
         raise DatasetFolderError(
@@ -306,11 +326,21 @@ def _scan_root(root: Path, read_headers: bool) -> tuple[list[tuple], list[Proble
     for patient_dir in sorted(patient_dirs, key=lambda e: e.name):
         for class_dir in _list_folder(patient_dir.path, problems):
             if not _is_dir(class_dir):
-                problems.append(Problem(class_dir.path, UNEXPECTED, "expected only the class folders 0/ and 1/; "
-                                                                     "skipped. Move it out of the patient folder"))
+                problems.append(
+                    Problem(
+                        class_dir.path,
+                        UNEXPECTED,
+                        "expected only the class folders 0/ and 1/; skipped. Move it out of the patient folder",
+                    )
+                )
             elif class_dir.name not in ("0", "1"):
-                problems.append(Problem(class_dir.path, UNEXPECTED, "class folder must be 0 or 1; skipped. Move its "
-                                                                     "patches into 0/ or 1/"))
+                problems.append(
+                    Problem(
+                        class_dir.path,
+                        UNEXPECTED,
+                        "class folder must be 0 or 1; skipped. Move its patches into 0/ or 1/",
+                    )
+                )
             else:
                 _scan_class_dir(class_dir.path, patient_dir.name, int(class_dir.name), read_headers, rows, problems)
     return rows, problems
@@ -320,8 +350,13 @@ def _scan_class_dir(folder: str, patient: str, label: int, read_headers: bool, r
     for entry in _list_folder(folder, problems):
         what = _not_a_regular_file(entry)
         if what is not None:
-            problems.append(Problem(entry.path, NOT_A_FILE, f"is {what}, not a patch file; never opened, left "
-                                                            "out. Remove it or replace it with the patch file"))
+            problems.append(
+                Problem(
+                    entry.path,
+                    NOT_A_FILE,
+                    f"is {what}, not a patch file; never opened, left out. Remove it or replace it with the patch file",
+                )
+            )
             continue
         row, problem = _check_file(entry, patient, label, read_headers)
         if problem is not None:
@@ -343,8 +378,13 @@ def _list_folder(folder: str, problems: list[Problem]) -> list[os.DirEntry]:
         with os.scandir(folder) as entries:
             return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
     except OSError as exc:
-        problems.append(Problem(folder, UNREADABLE, f"the folder cannot be read ({exc.strerror}); its patches are "
-                                                    "left out. Check its permissions"))
+        problems.append(
+            Problem(
+                folder,
+                UNREADABLE,
+                f"the folder cannot be read ({exc.strerror}); its patches are left out. Check its permissions",
+            )
+        )
         return []
 
 
@@ -358,9 +398,13 @@ def _not_a_regular_file(entry: os.DirEntry) -> str | None:
         return "a symbolic link to nothing" if entry.is_symlink() else "gone (deleted while scanning)"
     except OSError as exc:
         return f"an entry that cannot be examined ({exc.strerror})"
-    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
+    for test, what in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return what
     return "a special file"
@@ -368,23 +412,33 @@ def _not_a_regular_file(entry: os.DirEntry) -> str | None:
 
 def _check_file(entry: os.DirEntry, patient: str, folder_label: int, read_headers: bool):
     if not _is_utf8(entry.name):
-        return None, Problem(entry.path, MISNAMED, f"the name {printable(entry.name)!r} is not valid UTF-8; rename "
-                                                   "it to <patient>_idx5_x<X>_y<Y>_class<0|1>.png or remove it")
+        return None, Problem(
+            entry.path,
+            MISNAMED,
+            f"the name {printable(entry.name)!r} is not valid UTF-8; rename "
+            "it to <patient>_idx5_x<X>_y<Y>_class<0|1>.png or remove it",
+        )
     parsed = parse_patch_name(entry.name)
     if parsed is None:
         if not entry.name.lower().endswith(".png"):
             return None, Problem(entry.path, NOT_PNG, "not a .png file; left out. Move it out of the dataset folder")
         return None, Problem(
-            entry.path, MISNAMED,
+            entry.path,
+            MISNAMED,
             "name does not match <patient>_idx5_x<X>_y<Y>_class<0|1>.png; rename it or remove it",
         )
     name_patient, x, y, label = parsed
     if name_patient != patient:
-        return None, Problem(entry.path, WRONG_PATIENT, f"name says patient {name_patient} but it is in folder "
-                                                        f"{patient}; left out. Move it to {name_patient}/{label}/")
+        return None, Problem(
+            entry.path,
+            WRONG_PATIENT,
+            f"name says patient {name_patient} but it is in folder "
+            f"{patient}; left out. Move it to {name_patient}/{label}/",
+        )
     if label != folder_label:
         return None, Problem(
-            entry.path, MISLABELLED,
+            entry.path,
+            MISLABELLED,
             f"name says class{label} but the file is in folder {folder_label}/; the label is ambiguous, left out",
         )
     width = height = PATCH_SIZE
@@ -396,8 +450,9 @@ def _check_file(entry: os.DirEntry, patient: str, folder_label: int, read_header
             fix = "" if exc.kind == WRONG_SIZE else ". Re-download the dataset or remove the file"
             return None, Problem(entry.path, exc.kind, f"{exc.reason}; left out{fix}")
         except OSError as exc:
-            return None, Problem(entry.path, UNREADABLE, f"cannot be read ({exc.strerror}); left out. Check its "
-                                                         "permissions")
+            return None, Problem(
+                entry.path, UNREADABLE, f"cannot be read ({exc.strerror}); left out. Check its permissions"
+            )
     return (entry.path, patient, x, y, label, width, height), None
 
 
@@ -418,11 +473,19 @@ def _read_head(path: str) -> tuple[bytes, int]:
 
 def _off_grid_problem(path: str, x: int, y: int, in_range: bool) -> Problem:
     if not in_range:
-        return Problem(path, OFF_GRID, f"x={x}, y={y} is outside any slide (1..{MAX_COORDINATE:,} pixels); not a "
-                                       "patch of this dataset: left out. Remove it or restore the original name")
-    return Problem(path, OFF_GRID, f"x={x}, y={y} is not on the {GRID_STEP}-pixel patch grid (x and y are "
-                                   f"{GRID_OFFSET}, {GRID_OFFSET + GRID_STEP}, {GRID_OFFSET + 2 * GRID_STEP}, ...); "
-                                   "left out. Restore the original name or remove the file")
+        return Problem(
+            path,
+            OFF_GRID,
+            f"x={x}, y={y} is outside any slide (1..{MAX_COORDINATE:,} pixels); not a "
+            "patch of this dataset: left out. Remove it or restore the original name",
+        )
+    return Problem(
+        path,
+        OFF_GRID,
+        f"x={x}, y={y} is not on the {GRID_STEP}-pixel patch grid (x and y are "
+        f"{GRID_OFFSET}, {GRID_OFFSET + GRID_STEP}, {GRID_OFFSET + 2 * GRID_STEP}, ...); "
+        "left out. Restore the original name or remove the file",
+    )
 
 
 def _repeated_position_problems(group: pd.DataFrame) -> list[Problem]:
@@ -430,12 +493,25 @@ def _repeated_position_problems(group: pd.DataFrame) -> list[Problem]:
     patient, x, y = group.iloc[0][["patient_id", "x", "y"]]
     paths = group["path"].tolist()
     if group["label"].nunique() > 1:
-        return [Problem(path, CONFLICTING_LABELS,
-                        f"patient {patient} at x={x}, y={y} is labelled both 0 and 1 (also: "
-                        f"{', '.join(p for p in paths if p != path)}); every copy left out. Keep the one with the "
-                        "right label and remove the other") for path in paths]
-    return [Problem(path, DUPLICATE, f"the same patch (patient {patient}, x={x}, y={y}) as {paths[0]}, which is "
-                                     "kept; this copy is left out. Remove one of them") for path in paths[1:]]
+        return [
+            Problem(
+                path,
+                CONFLICTING_LABELS,
+                f"patient {patient} at x={x}, y={y} is labelled both 0 and 1 (also: "
+                f"{', '.join(p for p in paths if p != path)}); every copy left out. Keep the one with the "
+                "right label and remove the other",
+            )
+            for path in paths
+        ]
+    return [
+        Problem(
+            path,
+            DUPLICATE,
+            f"the same patch (patient {patient}, x={x}, y={y}) as {paths[0]}, which is "
+            "kept; this copy is left out. Remove one of them",
+        )
+        for path in paths[1:]
+    ]
 
 
 def _is_utf8(name: str) -> bool:
@@ -447,5 +523,5 @@ def _is_utf8(name: str) -> bool:
 
 
 def printable(text: str) -> str:
-    """``text`` (a path or name) safe to print and encode: bytes that are not UTF-8 shown as ``\\xNN``."""
+    r"""``text`` (a path or name) safe to print and encode: bytes that are not UTF-8 shown as ``\\xNN``."""
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -22,8 +22,9 @@ TensorFlow is imported by the functions that build tensors, so importing this mo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -42,7 +43,8 @@ class PipelineArgumentError(UserError, ValueError):
 
 def dihedral_views(images: np.ndarray) -> list[np.ndarray]:
     """The 8 flips/rotations of ``(N, H, W, C)`` images: rotation by ``k`` quarter turns (k = 0..3), each without
-    and with a left-right mirror; identity first. Histology has no preferred orientation."""
+    and with a left-right mirror; identity first. Histology has no preferred orientation.
+    """
     views = []
     for k in range(4):
         rotated = np.rot90(images, k, axes=(1, 2))
@@ -85,15 +87,17 @@ AUGMENT_CHOICES: tuple[str, ...] = ("none", "geometry", *AUGMENT_STRENGTHS)
 
 def augment_setting(augment: bool | str | None) -> str:
     """The canonical name of an ``augment`` argument: ``False``/``None``/``"none"`` -> ``"none"``, ``True`` ->
-    ``"mild"``, ``"geometry"`` (flips/rotations only), ``"mild"``, ``"light"``, ``"strong"``."""
+    ``"mild"``, ``"geometry"`` (flips/rotations only), ``"mild"``, ``"light"``, ``"strong"``.
+    """
     if augment is None or augment is False:
         return "none"
     if augment is True:
         return "mild"
     if isinstance(augment, str) and augment.lower() in AUGMENT_CHOICES:
         return augment.lower()
-    raise PipelineArgumentError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENT_CHOICES)} "
-                                "(or True / False)")
+    raise PipelineArgumentError(
+        f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENT_CHOICES)} (or True / False)"
+    )
 
 
 def make_dataset(
@@ -136,13 +140,16 @@ def make_dataset(
     setting = augment_setting(augment)
     batch_size, initial_epoch = int(batch_size), int(initial_epoch)
     if dtype not in ("float32", "uint8") or (dtype == "uint8" and setting != "none"):
-        raise PipelineArgumentError(f"dtype must be 'float32', or 'uint8' without augmentation; got {dtype!r} "
-                                    f"with augment={augment!r}")
+        raise PipelineArgumentError(
+            f"dtype must be 'float32', or 'uint8' without augmentation; got {dtype!r} with augment={augment!r}"
+        )
     n_batches = _n_batches(len(positions), batch_size, drop_remainder)
     steps = n_batches if steps_per_epoch is None else int(steps_per_epoch)
     if not 1 <= steps <= n_batches:
-        raise PipelineArgumentError(f"steps_per_epoch must lie in [1, {n_batches}] (batches in one pass over "
-                                    f"{len(positions)} rows), got {steps_per_epoch}")
+        raise PipelineArgumentError(
+            f"steps_per_epoch must lie in [1, {n_batches}] (batches in one pass over "
+            f"{len(positions)} rows), got {steps_per_epoch}"
+        )
     ds = _row_batches(positions, int(seed), shuffle, batch_size, n_batches, steps, repeat, initial_epoch)
     gather = _gatherer(images, labels_arr)
     static_batch = batch_size if drop_remainder or len(positions) == batch_size * n_batches else None
@@ -161,10 +168,19 @@ def make_dataset(
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
 
-def _row_batches(positions: np.ndarray, seed: int, shuffle: bool, batch_size: int, n_batches: int, steps: int,
-                 repeat: bool, initial_epoch: int) -> tf.data.Dataset:
+def _row_batches(
+    positions: np.ndarray,
+    seed: int,
+    shuffle: bool,
+    batch_size: int,
+    n_batches: int,
+    steps: int,
+    repeat: bool,
+    initial_epoch: int,
+) -> tf.data.Dataset:
     """``(rows int64 (B,), batch seed int64 (2,))`` for the first ``steps`` batches of each epoch: one epoch, or
-    endless epochs from ``initial_epoch`` with ``repeat``."""
+    endless epochs from ``initial_epoch`` with ``repeat``.
+    """
     import tensorflow as tf
 
     if initial_epoch < 0:
@@ -186,10 +202,9 @@ def _row_batches(positions: np.ndarray, seed: int, shuffle: bool, batch_size: in
         order.set_shape([len(positions)])
 
         def batch(b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-            rows = order[b * batch_size:(b + 1) * batch_size]
+            rows = order[b * batch_size : (b + 1) * batch_size]
             # Sorted within the batch: a memmap is then read in file order.
-            return (tf.sort(rows) if shuffle else rows), tf.stack([tf.constant(seed, tf.int64),
-                                                                    epoch * n_batches + b])
+            return (tf.sort(rows) if shuffle else rows), tf.stack([tf.constant(seed, tf.int64), epoch * n_batches + b])
 
         return tf.data.Dataset.range(steps).map(batch)
 
@@ -199,7 +214,8 @@ def _row_batches(positions: np.ndarray, seed: int, shuffle: bool, batch_size: in
 
 def epoch_order(positions: np.ndarray, seed: int, epoch: int, *, shuffle: bool = True) -> np.ndarray:
     """The rows of epoch ``epoch`` in the order :func:`make_dataset` draws them: ``positions`` ``(M,)`` int64
-    permuted by ``np.random.default_rng([seed, epoch])`` (unchanged without ``shuffle``)."""
+    permuted by ``np.random.default_rng([seed, epoch])`` (unchanged without ``shuffle``).
+    """
     positions = np.asarray(positions, dtype=np.int64)
     return np.random.default_rng([seed, epoch]).permutation(positions) if shuffle else positions
 
@@ -245,8 +261,10 @@ def augment_batch(
     x = tf.gather(tf.reshape(x, [-1, 3]), source)  # (B, 2500, 3)
     if not jitter:
         return tf.reshape(tf.cast(x, tf.float32), [n, PATCH_SIZE, PATCH_SIZE, 3])
-    return tf.reshape(_colour_jitter(tf.cast(x, tf.float32), strength, stain_seed, shift_seed, colour_seed),
-                      [n, PATCH_SIZE, PATCH_SIZE, 3])
+    return tf.reshape(
+        _colour_jitter(tf.cast(x, tf.float32), strength, stain_seed, shift_seed, colour_seed),
+        [n, PATCH_SIZE, PATCH_SIZE, 3],
+    )
 
 
 def _colour_jitter(x: tf.Tensor, s: StainJitter, stain_seed, shift_seed, colour_seed) -> tf.Tensor:

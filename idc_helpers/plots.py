@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any, Mapping, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import pandas as pd
@@ -32,7 +33,8 @@ OUTCOMES = ("true positive", "false positive", "false negative", "true negative"
 
 def probability_text(prob: float, threshold: float | None = None) -> str:
     """``prob`` with two decimals, or three where two would print it equal to ``threshold`` (0.031 against
-    0.033 must not read as "0.03, threshold 0.03")."""
+    0.033 must not read as "0.03, threshold 0.03").
+    """
     if threshold is not None and round(prob, 2) == round(threshold, 2) and prob != threshold:
         return f"{prob:.3f}"
     return f"{prob:.2f}"
@@ -49,18 +51,32 @@ def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Ax
 
 def mark_synthetic(fig: Figure) -> Figure:
     """Stamp ``fig`` with :data:`SYNTHETIC_MARK`: in red above everything (before any title it had, so the layout
-    makes room for it) and as a large faint diagonal word across the figure."""
+    makes room for it) and as a large faint diagonal word across the figure.
+    """
     existing = fig.get_suptitle()
-    fig.suptitle(SYNTHETIC_MARK + (f"\n{existing}" if existing else ""), color="crimson", fontweight="bold",
-                 fontsize="large")
-    fig.text(0.5, 0.5, "SYNTHETIC", ha="center", va="center", fontsize=60, color="crimson", alpha=0.15,
-             rotation=25, fontweight="bold", zorder=10)
+    fig.suptitle(
+        SYNTHETIC_MARK + (f"\n{existing}" if existing else ""), color="crimson", fontweight="bold", fontsize="large"
+    )
+    fig.text(
+        0.5,
+        0.5,
+        "SYNTHETIC",
+        ha="center",
+        va="center",
+        fontsize=60,
+        color="crimson",
+        alpha=0.15,
+        rotation=25,
+        fontweight="bold",
+        zorder=10,
+    )
     return fig
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], *, synthetic: bool, dpi: int = 120) -> None:
     """Write ``fig`` to ``path`` (atomically; the format from the suffix), first marked SYNTHETIC when ``synthetic``
-    (the mark then shows in the notebook too)."""
+    (the mark then shows in the notebook too).
+    """
     from idc_helpers.atomic import atomic_path
 
     if synthetic:
@@ -99,44 +115,74 @@ def plot_roc(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None, tit
         if pred is not None:
             scores = metrics.binary_scores(labels, pred)
             tpr, fpr = scores["recall"], 1.0 - scores["specificity"]
-            ax.plot(fpr, tpr, "o", color=line.get_color(), ms=7, mec="black",
-                    label=f"{name + ' ' if name else ''}threshold (TPR {tpr:.2f}, FPR {fpr:.2f})")
+            ax.plot(
+                fpr,
+                tpr,
+                "o",
+                color=line.get_color(),
+                ms=7,
+                mec="black",
+                label=f"{name + ' ' if name else ''}threshold (TPR {tpr:.2f}, FPR {fpr:.2f})",
+            )
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance (AUC = 0.5)")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal", title=title,
-           xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)")
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        aspect="equal",
+        title=title,
+        xlabel="False positive rate (1 - specificity)",
+        ylabel="True positive rate (sensitivity)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
     return fig
 
 
-def plot_pr(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None,
-            title: str = "Precision-recall curve") -> Figure:
+def plot_pr(
+    data: Scores | Mapping[str, Scores], *, ax: Axes | None = None, title: str = "Precision-recall curve"
+) -> Figure:
     """Precision-recall curve(s), drawn as steps, with the average precision and the chance level (the IDC
-    fraction). Same inputs as :func:`plot_roc`."""
+    fraction). Same inputs as :func:`plot_roc`.
+    """
     fig, ax = _new_axes(ax, (5.0, 5.0))
     prevalence = None
     for name, curve in _named_curves(data).items():
         labels, probs, pred = _scores(curve)
         precisions, recalls, average_precision = metrics.pr_points(labels, probs)
-        (line,) = ax.plot(recalls, precisions, lw=2, drawstyle="steps-post",
-                          label=f"{name or 'model'} (AP = {average_precision:.2f})")
+        (line,) = ax.plot(
+            recalls, precisions, lw=2, drawstyle="steps-post", label=f"{name or 'model'} (AP = {average_precision:.2f})"
+        )
         if pred is not None:
             scores = metrics.binary_scores(labels, pred)
             precision, recall = scores["precision"], scores["recall"]
-            ax.plot(recall, precision, "o", color=line.get_color(), ms=7, mec="black",
-                    label=f"{name + ' ' if name else ''}threshold (P {precision:.2f}, R {recall:.2f})")
+            ax.plot(
+                recall,
+                precision,
+                "o",
+                color=line.get_color(),
+                ms=7,
+                mec="black",
+                label=f"{name + ' ' if name else ''}threshold (P {precision:.2f}, R {recall:.2f})",
+            )
         prevalence = float(np.mean(labels))
     if prevalence is not None:
         ax.axhline(prevalence, ls="--", color="grey", lw=1, label=f"chance (IDC fraction {prevalence:.2f})")
-    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), aspect="equal", title=title,
-           xlabel="Recall (sensitivity)", ylabel="Precision (PPV)")
+    ax.set(
+        xlim=(-0.01, 1.01),
+        ylim=(-0.01, 1.01),
+        aspect="equal",
+        title=title,
+        xlabel="Recall (sensitivity)",
+        ylabel="Precision (PPV)",
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize="small")
     return fig
 
 
-def plot_confusion(data: Mapping[str, Any] | pd.DataFrame, *, ax: Axes | None = None,
-                   title: str = "Confusion matrix") -> Figure:
+def plot_confusion(
+    data: Mapping[str, Any] | pd.DataFrame, *, ax: Axes | None = None, title: str = "Confusion matrix"
+) -> Figure:
     """Confusion matrix coloured by the share of each true class, with counts.
 
     ``data``: a report of :func:`idc_helpers.metrics.evaluate`, a dict with tn, fp, fn, tp, or a table with ``label``
@@ -152,20 +198,34 @@ def plot_confusion(data: Mapping[str, Any] | pd.DataFrame, *, ax: Axes | None = 
     share = np.divide(cm, totals, out=np.zeros(cm.shape, dtype=float), where=totals > 0)
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for (i, j), value in np.ndenumerate(share):
-        ax.text(j, i, f"{cm[i, j]:,}\n{value:.1%}", ha="center", va="center",
-                color="white" if value > 0.5 else "#08306b")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=list(CLASS_NAMES), yticklabels=list(CLASS_NAMES),
-           xlabel="Predicted", ylabel="True", title=title)
+        ax.text(
+            j, i, f"{cm[i, j]:,}\n{value:.1%}", ha="center", va="center", color="white" if value > 0.5 else "#08306b"
+        )
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=list(CLASS_NAMES),
+        yticklabels=list(CLASS_NAMES),
+        xlabel="Predicted",
+        ylabel="True",
+        title=title,
+    )
     fig.colorbar(image, ax=ax, label="share of the true class", shrink=0.8)
     return fig
 
 
-def plot_threshold_curve(curve: pd.DataFrame, *, chosen: float | None = None, current: float | None = None,
-                         ax: Axes | None = None, title: str = "F1, precision and recall against the threshold"
-                         ) -> Figure:
+def plot_threshold_curve(
+    curve: pd.DataFrame,
+    *,
+    chosen: float | None = None,
+    current: float | None = None,
+    ax: Axes | None = None,
+    title: str = "F1, precision and recall against the threshold",
+) -> Figure:
     """F1, precision and recall of the IDC class against the decision threshold, from
     :func:`idc_helpers.metrics.threshold_curve`; ``chosen`` (the run's threshold) is marked with its F1, 0.5 is
-    marked for comparison, and ``current`` (a slider's value) as a solid line."""
+    marked for comparison, and ``current`` (a slider's value) as a solid line.
+    """
     fig, ax = _new_axes(ax, (6.0, 4.0))
     for name, style in (("f1", "-"), ("precision", "--"), ("recall", ":")):
         ax.plot(curve["threshold"], curve[name], style, lw=2 if name == "f1" else 1.5, label=name.replace("f1", "F1"))
@@ -175,8 +235,7 @@ def plot_threshold_curve(curve: pd.DataFrame, *, chosen: float | None = None, cu
         ax.plot([chosen], [f1], "o", color="crimson", ms=8, zorder=5, label=f"chosen {chosen:.2f}: F1 {f1:.2f}")
     if current is not None:
         ax.axvline(current, color="black", lw=1.5, label=f"now {current:.2f}")
-    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="threshold (IDC when p(IDC) >= threshold)", ylabel="score",
-           title=title)
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="threshold (IDC when p(IDC) >= threshold)", ylabel="score", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="best")
     return fig
@@ -184,7 +243,8 @@ def plot_threshold_curve(curve: pd.DataFrame, *, chosen: float | None = None, cu
 
 def plot_patients_and_classes(patients: pd.DataFrame) -> Figure:
     """Patches per patient (stacked IDC / non-IDC, sorted) and the histogram of the patients' IDC shares, from
-    :func:`idc_helpers.patch_index.patient_table`."""
+    :func:`idc_helpers.patch_index.patient_table`.
+    """
     import matplotlib.pyplot as plt
 
     ordered = patients.sort_values("n_patches", ascending=False).reset_index(drop=True)
@@ -199,9 +259,14 @@ def plot_patients_and_classes(patients: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_patches(images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str] | None = None, *,
-                 n_cols: int = 8, title: str | None = None,
-                 sizes: Sequence[tuple[int, int]] | None = None) -> Figure:
+def plot_patches(
+    images: Sequence[np.ndarray] | np.ndarray,
+    titles: Sequence[str] | None = None,
+    *,
+    n_cols: int = 8,
+    title: str | None = None,
+    sizes: Sequence[tuple[int, int]] | None = None,
+) -> Figure:
     """A grid of ``(50, 50, 3)`` uint8 patches with one small title each.
 
     ``sizes``: each patch's size in its file, ``(width, height)`` in pixels; where it is smaller than 50x50, the
@@ -214,11 +279,12 @@ def plot_patches(images: Sequence[np.ndarray] | np.ndarray, titles: Sequence[str
     n = len(images)
     n_cols = max(1, min(n_cols, n))
     n_rows = max(1, math.ceil(n / n_cols))
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.5 * n_cols, 1.7 * n_rows + 0.5), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(1.5 * n_cols, 1.7 * n_rows + 0.5), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat[n:]:
         ax.axis("off")
-    for i, (ax, image) in enumerate(zip(axes.flat, images)):
+    for i, (ax, image) in enumerate(zip(axes.flat, images, strict=False)):
         ax.imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
         # A thin frame shows the whole 50x50 input, so that white padding reads as part of the patch.
         ax.set(xticks=[], yticks=[])
@@ -258,13 +324,18 @@ def selection_rule(history: Mapping[str, Sequence[float]], monitor: str) -> str:
         if ok.any():
             weight = float(np.median((auc[ok] - sel[ok]) / loss[ok]))
             return f"highest validation ROC AUC - {weight:.3g} x validation loss"
-    words = {"val_auc": "highest validation ROC AUC", "val_loss": "lowest validation loss",
-             "val_f1": "highest validation F1", "val_pr_auc": "highest validation PR AUC"}
+    words = {
+        "val_auc": "highest validation ROC AUC",
+        "val_loss": "lowest validation loss",
+        "val_f1": "highest validation F1",
+        "val_pr_auc": "highest validation PR AUC",
+    }
     return words.get(monitor, ("lowest " if "loss" in monitor else "highest ") + monitor.replace("_", " "))
 
 
-def plot_history(history: Mapping[str, Sequence[float]], *, monitor: str = "val_loss",
-                 best_epoch: int | None = None) -> Figure:
+def plot_history(
+    history: Mapping[str, Sequence[float]], *, monitor: str = "val_loss", best_epoch: int | None = None
+) -> Figure:
     """Learning curves: the loss (training beside validation), and the validation scores that chose the kept epoch,
     with that epoch marked and the rule named in plain words (:func:`selection_rule`).
 
@@ -279,19 +350,23 @@ def plot_history(history: Mapping[str, Sequence[float]], *, monitor: str = "val_
 
     panels: list[tuple[str, list[tuple[str, str]]]] = [
         ("loss", [("loss", "training (augmented, class-weighted)"), ("val_loss", "validation")]),
-        ("validation patients: what picks the epoch",
-         [("val_auc", "ROC AUC"), (monitor, f"{monitor} (selects)"), ("val_f1", "F1 at that epoch's threshold")]),
+        (
+            "validation patients: what picks the epoch",
+            [("val_auc", "ROC AUC"), (monitor, f"{monitor} (selects)"), ("val_f1", "F1 at that epoch's threshold")],
+        ),
     ]
-    panels = [(t, list(dict((k, lab) for k, lab in curves if k in history and not (t != "loss" and k == "val_loss")
-                            ).items())) for t, curves in panels]
+    panels = [
+        (t, list({k: lab for k, lab in curves if k in history and not (t != "loss" and k == "val_loss")}.items()))
+        for t, curves in panels
+    ]
     panels = [(t, curves) for t, curves in panels if curves]
     if not panels:
         raise ValueError("history has no metric to plot")
     best = best_epoch or _best_epoch(history, monitor)
     rule = selection_rule(history, monitor)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), layout="constrained", squeeze=False)
-    for ax, (title, curves) in zip(axes[0], panels):
-        for (key, label), style in zip(curves, ("o-", "s-", "^-")):
+    for ax, (title, curves) in zip(axes[0], panels, strict=False):
+        for (key, label), style in zip(curves, ("o-", "s-", "^-"), strict=False):
             values = np.asarray(history[key], dtype=float)
             ax.plot(np.arange(1, len(values) + 1), values, style, ms=4, label=label)
         if best is not None:
@@ -318,14 +393,38 @@ def plot_per_patient(table: pd.DataFrame, *, metric: str = "f1") -> Figure:
     has_idc = table["n_idc"] > 0
     true_share, pred_share = table["n_idc"] / table["n_patches"], table["predicted_idc"] / table["n_patches"]
     sizes = 15 + 80 * table["n_patches"] / table["n_patches"].max()
-    points = left.scatter(true_share[has_idc], pred_share[has_idc], s=sizes[has_idc], c=table.loc[has_idc, metric],
-                          cmap="viridis", vmin=0, vmax=1, edgecolor="black", lw=0.5, label=f"with IDC (colour: {metric})")
+    points = left.scatter(
+        true_share[has_idc],
+        pred_share[has_idc],
+        s=sizes[has_idc],
+        c=table.loc[has_idc, metric],
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        edgecolor="black",
+        lw=0.5,
+        label=f"with IDC (colour: {metric})",
+    )
     if (~has_idc).any():
-        left.scatter(true_share[~has_idc], pred_share[~has_idc], s=sizes[~has_idc], facecolor="none",
-                     edgecolor="dimgrey", lw=1.2, marker="D", label="no IDC")
+        left.scatter(
+            true_share[~has_idc],
+            pred_share[~has_idc],
+            s=sizes[~has_idc],
+            facecolor="none",
+            edgecolor="dimgrey",
+            lw=1.2,
+            marker="D",
+            label="no IDC",
+        )
     left.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
-    left.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), aspect="equal", xlabel="true IDC share of patches",
-             ylabel="predicted IDC share of patches", title="IDC share per patient (size = patches)")
+    left.set(
+        xlim=(-0.03, 1.03),
+        ylim=(-0.03, 1.03),
+        aspect="equal",
+        xlabel="true IDC share of patches",
+        ylabel="predicted IDC share of patches",
+        title="IDC share per patient (size = patches)",
+    )
     left.legend(loc="upper left", fontsize="small")
     fig.colorbar(points, ax=left, label=metric, shrink=0.8)
 
@@ -333,20 +432,35 @@ def plot_per_patient(table: pd.DataFrame, *, metric: str = "f1") -> Figure:
     order = np.argsort(value.fillna(-1).to_numpy(), kind="stable")
     ordered, shown, idc = table.iloc[order], value.iloc[order], has_idc.iloc[order]
     positions = np.arange(len(ordered))
-    right.barh(positions, shown.fillna(0), color=np.where(idc, "tab:blue", "lightgrey"),
-               edgecolor=np.where(idc, "tab:blue", "dimgrey"), hatch=None)
-    for y, v, with_idc in zip(positions, shown, idc):
+    right.barh(
+        positions,
+        shown.fillna(0),
+        color=np.where(idc, "tab:blue", "lightgrey"),
+        edgecolor=np.where(idc, "tab:blue", "dimgrey"),
+        hatch=None,
+    )
+    for y, v, with_idc in zip(positions, shown, idc, strict=True):
         text = f"{metric} {v:.2f}" if with_idc else f"no IDC: specificity {v:.2f}"
         right.text(0.01, y, "n/a" if np.isnan(v) else text, va="center", fontsize="small")
     right.set_yticks(positions, [f"patient {p}" for p in ordered["patient_id"].astype(str)], fontsize="small")
-    right.set(xlim=(0, 1), xlabel=f"{metric} (patients with IDC) or specificity (patients without)",
-              title=f"Every test patient ({len(table)})")
+    right.set(
+        xlim=(0, 1),
+        xlabel=f"{metric} (patients with IDC) or specificity (patients without)",
+        title=f"Every test patient ({len(table)})",
+    )
     right.grid(axis="x", alpha=0.3)
     return fig
 
 
-def _gradcam_grid(images: np.ndarray, heatmaps: np.ndarray, titles: Sequence[str], row_labels: Sequence[str],
-                  rows: Sequence[Sequence[int]], n_cols: int, alpha: float) -> Figure:
+def _gradcam_grid(
+    images: np.ndarray,
+    heatmaps: np.ndarray,
+    titles: Sequence[str],
+    row_labels: Sequence[str],
+    rows: Sequence[Sequence[int]],
+    n_cols: int,
+    alpha: float,
+) -> Figure:
     """Patches above their Grad-CAM overlays, one pair of rows per group, on one colour scale with a colour bar."""
     import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
@@ -355,28 +469,49 @@ def _gradcam_grid(images: np.ndarray, heatmaps: np.ndarray, titles: Sequence[str
     from idc_helpers.gradcam import overlay
 
     vmax = float(np.max(heatmaps)) if len(heatmaps) and np.max(heatmaps) > 0 else 1.0
-    fig, axes = plt.subplots(2 * len(rows), n_cols, figsize=(1.9 * n_cols + 1.2, 2.1 * 2 * len(rows)),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        2 * len(rows), n_cols, figsize=(1.9 * n_cols + 1.2, 2.1 * 2 * len(rows)), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat:
         ax.axis("off")
-    for r, (members, label) in enumerate(zip(rows, row_labels)):
+    for r, (members, label) in enumerate(zip(rows, row_labels, strict=True)):
         for c, i in enumerate(members[:n_cols]):
             axes[2 * r, c].imshow(images[i])
             axes[2 * r, c].set_title(titles[i], fontsize="small")
             axes[2 * r + 1, c].imshow(overlay(images[i], heatmaps[i], alpha=alpha, vmax=vmax))
             axes[2 * r + 1, c].set_title(f"peak {heatmaps[i].max() / vmax:.0%}", fontsize="small")
-        axes[2 * r, 0].text(-0.15, 0.5, label, transform=axes[2 * r, 0].transAxes, rotation=90, ha="right",
-                            va="center", fontsize="medium", fontweight="bold")
-    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), "jet"), ax=axes[:, -1].tolist(), shrink=0.6,
-                       label="evidence for IDC, share of the figure's largest")
+        axes[2 * r, 0].text(
+            -0.15,
+            0.5,
+            label,
+            transform=axes[2 * r, 0].transAxes,
+            rotation=90,
+            ha="right",
+            va="center",
+            fontsize="medium",
+            fontweight="bold",
+        )
+    bar = fig.colorbar(
+        ScalarMappable(Normalize(0, 1), "jet"),
+        ax=axes[:, -1].tolist(),
+        shrink=0.6,
+        label="evidence for IDC, share of the figure's largest",
+    )
     bar.set_ticks([0, 0.5, 1], labels=["none", "half", "largest"])
     return fig
 
 
-def plot_gradcam(images: np.ndarray, heatmaps: np.ndarray, *, titles: Sequence[str] | None = None,
-                 alpha: float = 0.4, n_cols: int = 6) -> Figure:
+def plot_gradcam(
+    images: np.ndarray,
+    heatmaps: np.ndarray,
+    *,
+    titles: Sequence[str] | None = None,
+    alpha: float = 0.4,
+    n_cols: int = 6,
+) -> Figure:
     """Patches (top) and their Grad-CAM overlays (below), for ``(N, 50, 50, 3)`` uint8 and ``(N, 50, 50)`` maps
-    from :func:`idc_helpers.gradcam.gradcam`; every map on one colour scale (the largest value in the figure)."""
+    from :func:`idc_helpers.gradcam.gradcam`; every map on one colour scale (the largest value in the figure).
+    """
     n = len(images)
     n_cols = max(1, min(n_cols, n))
     rows = [list(range(b, min(b + n_cols, n))) for b in range(0, n, n_cols)]
@@ -384,8 +519,14 @@ def plot_gradcam(images: np.ndarray, heatmaps: np.ndarray, *, titles: Sequence[s
     return _gradcam_grid(np.asarray(images), np.asarray(heatmaps), titles, [""] * len(rows), rows, n_cols, alpha)
 
 
-def plot_gradcam_outcomes(examples: pd.DataFrame, images: np.ndarray, heatmaps: np.ndarray, *,
-                          alpha: float = 0.4, threshold: float | None = None) -> Figure:
+def plot_gradcam_outcomes(
+    examples: pd.DataFrame,
+    images: np.ndarray,
+    heatmaps: np.ndarray,
+    *,
+    alpha: float = 0.4,
+    threshold: float | None = None,
+) -> Figure:
     """Grad-CAM of example patches grouped by outcome (rows: true/false positives/negatives), all on one scale.
 
     ``examples``: rows of :func:`idc_helpers.metrics.confident_examples` (``outcome``, ``prob_idc``, ``patient_id``)
@@ -398,16 +539,24 @@ def plot_gradcam_outcomes(examples: pd.DataFrame, images: np.ndarray, heatmaps: 
     groups = [(name, list(np.flatnonzero(outcome == name))) for name in OUTCOMES if (outcome == name).any()]
     if not groups:
         raise ValueError("no examples to draw")
-    titles = [f"p(IDC)={probability_text(p, threshold)}\npatient {pid}"
-              for p, pid in zip(examples["prob_idc"], examples["patient_id"])]
+    titles = [
+        f"p(IDC)={probability_text(p, threshold)}\npatient {pid}"
+        for p, pid in zip(examples["prob_idc"], examples["patient_id"], strict=True)
+    ]
     n_cols = max(len(members) for _, members in groups)
     rule = {"true positive": ">=", "false positive": ">=", "false negative": "<", "true negative": "<"}
-    shown = None if threshold is None else probability_text(threshold, threshold + 0.001) if any(
-        round(p, 2) == round(threshold, 2) for p in examples["prob_idc"]) else f"{threshold:.2f}"
+    shown = (
+        None
+        if threshold is None
+        else probability_text(threshold, threshold + 0.001)
+        if any(round(p, 2) == round(threshold, 2) for p in examples["prob_idc"])
+        else f"{threshold:.2f}"
+    )
     rows = [f"{n}s" + ("" if threshold is None else f"\np {rule[n]} {shown}") for n, _ in groups]
-    fig = _gradcam_grid(np.asarray(images), np.asarray(heatmaps), titles, rows, [m for _, m in groups], n_cols,
-                        alpha)
+    fig = _gradcam_grid(np.asarray(images), np.asarray(heatmaps), titles, rows, [m for _, m in groups], n_cols, alpha)
     called = "" if threshold is None else f"\nCalled IDC when p(IDC) >= {shown}, the run's threshold"
-    fig.suptitle("Grad-CAM of the IDC logit: one colour scale for every map (blue = no evidence for IDC)" + called,
-                 fontsize="medium")
+    fig.suptitle(
+        "Grad-CAM of the IDC logit: one colour scale for every map (blue = no evidence for IDC)" + called,
+        fontsize="medium",
+    )
     return fig

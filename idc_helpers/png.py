@@ -24,7 +24,8 @@ _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: 
 
 class PngHeaderError(ValueError):
     """Bytes that do not start a valid PNG; ``kind`` is :data:`EMPTY`, :data:`NOT_PNG` or :data:`TRUNCATED`,
-    ``reason`` says why."""
+    ``reason`` says why.
+    """
 
     def __init__(self, kind: str, reason: str) -> None:
         super().__init__(reason)
@@ -40,12 +41,12 @@ def read_png_header(head: bytes) -> tuple[int, int]:
     """
     if not head:
         raise PngHeaderError(EMPTY, "the file is empty (0 bytes)")
-    if not head.startswith(PNG_SIGNATURE[:len(head)]) or (len(head) >= 16 and head[12:16] != b"IHDR"):
+    if not head.startswith(PNG_SIGNATURE[: len(head)]) or (len(head) >= 16 and head[12:16] != b"IHDR"):
         raise PngHeaderError(NOT_PNG, "the file does not start with a PNG header")
     if len(head) < PNG_HEADER_BYTES:
         raise PngHeaderError(TRUNCATED, f"the file ends inside its PNG header ({len(head)} bytes)")
-    length, = struct.unpack(">I", head[8:12])
-    crc, = struct.unpack(">I", head[29:33])
+    (length,) = struct.unpack(">I", head[8:12])
+    (crc,) = struct.unpack(">I", head[29:33])
     if length != 13 or zlib.crc32(head[12:29]) != crc:
         raise PngHeaderError(TRUNCATED, "the PNG header is damaged (length or checksum wrong)")
     width, height, depth, colour, compression, filter_method, interlace = struct.unpack(">IIBBBBB", head[16:29])
@@ -53,7 +54,8 @@ def read_png_header(head: bytes) -> tuple[int, int]:
         raise PngHeaderError(TRUNCATED, f"the PNG header gives an impossible size {width}x{height}")
     if depth not in _PNG_DEPTHS.get(colour, ()) or compression or filter_method or interlace > 1:
         raise PngHeaderError(
-            NOT_PNG, f"the PNG header is invalid (colour type {colour}, bit depth {depth}, compression "
-                     f"{compression}, filter {filter_method}, interlace {interlace})",
+            NOT_PNG,
+            f"the PNG header is invalid (colour type {colour}, bit depth {depth}, compression "
+            f"{compression}, filter {filter_method}, interlace {interlace})",
         )
     return int(width), int(height)

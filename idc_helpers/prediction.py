@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,7 @@ from idc_helpers.validation import InvalidInputError, check_patient_ids, check_t
 
 if TYPE_CHECKING:
     import keras
+
 
 class PredictionsError(UserError, ValueError):
     """A predictions table that breaks the format, or a selection of patients that selects nothing usable."""
@@ -62,9 +64,19 @@ CONTEXT_COLUMNS = ["prob_idc_context", "pred_context"]
 TEXT_COLUMNS = {"path": str, "patient_id": str}
 #: The thresholds the decisions were made at, one value per table (optional when reading older tables).
 THRESHOLD_COLUMNS = ["threshold", "threshold_context"]
-_DTYPES = {"path": str, "patient_id": str, "x": np.int32, "y": np.int32, "label": np.int8, "prob_idc": np.float64,
-           "pred": np.int8, "prob_idc_context": np.float64, "pred_context": np.int8, "threshold": np.float64,
-           "threshold_context": np.float64}
+_DTYPES = {
+    "path": str,
+    "patient_id": str,
+    "x": np.int32,
+    "y": np.int32,
+    "label": np.int8,
+    "prob_idc": np.float64,
+    "pred": np.int8,
+    "prob_idc_context": np.float64,
+    "pred_context": np.int8,
+    "threshold": np.float64,
+    "threshold_context": np.float64,
+}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -94,10 +106,14 @@ def predict_frame(
     if loaded.problems:
         names = "; ".join(str(p) for p in loaded.problems[:10])
         more = f" (and {len(loaded.problems) - 10} more)" if len(loaded.problems) > 10 else ""
-        warnings.warn(f"{len(loaded.problems)} patches could not be decoded and have no prediction: {names}{more}",
-                      stacklevel=2)
-    probs = predict_probs(model, loaded.images, tta=tta, batch_size=batch_size) if len(loaded.frame) else \
-        np.empty(0, dtype=np.float32)
+        warnings.warn(
+            f"{len(loaded.problems)} patches could not be decoded and have no prediction: {names}{more}", stacklevel=2
+        )
+    probs = (
+        predict_probs(model, loaded.images, tta=tta, batch_size=batch_size)
+        if len(loaded.frame)
+        else np.empty(0, dtype=np.float32)
+    )
     table = loaded.frame[["path", "patient_id", "x", "y", "label"]].copy()
     table = table.astype({"path": str, "patient_id": str, "x": np.int32, "y": np.int32, "label": np.int8})
     table["prob_idc"] = probs.astype(np.float64)
@@ -140,8 +156,9 @@ def validate_predictions(df: pd.DataFrame, source: str = "predictions table") ->
         raise PredictionsError(f"{source}: {'; '.join(problems)}")
     duplicated = df["path"][df["path"].duplicated()]
     if len(duplicated):
-        raise PredictionsError(f"{source}: {len(duplicated)} duplicated paths, one row per patch expected "
-                               f"(e.g. {duplicated.iloc[0]})")
+        raise PredictionsError(
+            f"{source}: {len(duplicated)} duplicated paths, one row per patch expected (e.g. {duplicated.iloc[0]})"
+        )
     return df
 
 
@@ -158,8 +175,10 @@ def _threshold_problems(df: pd.DataFrame, prob: str) -> list[str]:
     if pd.api.types.is_float_dtype(df[prob]) and pd.api.types.is_integer_dtype(df[decision]) and len(df):
         wrong = int(((df[prob] >= float(values[0])).astype(int) != df[decision]).sum())
         if wrong:
-            return [f"{wrong} rows of {decision!r} disagree with {prob} >= {name} ({float(values[0]):.3f}); "
-                    f"write the table again with `python -m idc_helpers predict`"]
+            return [
+                f"{wrong} rows of {decision!r} disagree with {prob} >= {name} ({float(values[0]):.3f}); "
+                f"write the table again with `python -m idc_helpers predict`"
+            ]
     return []
 
 
@@ -194,8 +213,9 @@ def read_predictions(path: str | os.PathLike[str]) -> pd.DataFrame:
 # Which patches
 
 
-def select_patients(frame: pd.DataFrame, *, run: Run | None = None, subset: str | None = None,
-                    patients: Sequence[str] | None = None) -> pd.DataFrame:
+def select_patients(
+    frame: pd.DataFrame, *, run: Run | None = None, subset: str | None = None, patients: Sequence[str] | None = None
+) -> pd.DataFrame:
     """Rows of ``frame`` for a subset of the run's split (``train``/``val``/``test``) and/or given patient ids.
 
     Raises :class:`PredictionsError` naming the patients asked for and those the folder holds when the
@@ -207,16 +227,22 @@ def select_patients(frame: pd.DataFrame, *, run: Run | None = None, subset: str 
     if subset is not None:
         lists = run.split if run is not None else {}
         if subset not in lists:
-            raise PredictionsError(f"--subset {subset}: the model has no stored patient split; "
-                                   "give the run folder written by `train`, not a bare .keras file")
+            raise PredictionsError(
+                f"--subset {subset}: the model has no stored patient split; "
+                "give the run folder written by `train`, not a bare .keras file"
+            )
         if not lists[subset]:
-            raise PredictionsError(f"the run has no {subset} patients (its split left that subset empty); "
-                                   "select patients with --patients instead")
+            raise PredictionsError(
+                f"the run has no {subset} patients (its split left that subset empty); "
+                "select patients with --patients instead"
+            )
         keep &= frame["patient_id"].isin(lists[subset]).to_numpy()
         if not keep.any():
-            raise PredictionsError(f"the dataset folder holds none of the {subset} patients of the run "
-                                   f"({_listing(lists[subset])}); it holds {held}. Give the folder the run was "
-                                   "trained on with --data-dir.")
+            raise PredictionsError(
+                f"the dataset folder holds none of the {subset} patients of the run "
+                f"({_listing(lists[subset])}); it holds {held}. Give the folder the run was "
+                "trained on with --data-dir."
+            )
     if patients:
         wanted = check_patient_ids(patients, "patients")
         unknown = sorted(set(wanted) - set(present), key=_patient_order)

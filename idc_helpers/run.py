@@ -24,9 +24,10 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from idc_helpers.atomic import atomic_path, install_dir, write_json
 from idc_helpers.errors import UserError
@@ -47,8 +48,10 @@ CHECKPOINT_STATE_FILE = "checkpoint.json"
 CHECKPOINT_PREFIXES = ("checkpoint-", "best-")
 
 
-_CHECKPOINT_NAME = {"model": re.compile(r"checkpoint-[0-9]{3,6}\.keras"),
-                    "best": re.compile(r"best-[0-9]{3,6}\.weights\.h5")}
+_CHECKPOINT_NAME = {
+    "model": re.compile(r"checkpoint-[0-9]{3,6}\.keras"),
+    "best": re.compile(r"best-[0-9]{3,6}\.weights\.h5"),
+}
 
 
 def checkpoint_names(epoch: int) -> dict[str, str]:
@@ -59,17 +62,23 @@ def checkpoint_names(epoch: int) -> dict[str, str]:
 def checkpoint_file(folder: Path, state: dict[str, Any], kind: str) -> Path:
     """The checkpoint file of ``kind`` (``"model"`` or ``"best"``) that a checkpoint state names: only a plain
     name of the form :func:`checkpoint_names` writes, of a regular file inside ``folder``; anything else (a path,
-    a link, another name) raises :class:`RunFolderError`, so an edited ``checkpoint.json`` reads nothing else."""
+    a link, another name) raises :class:`RunFolderError`, so an edited ``checkpoint.json`` reads nothing else.
+    """
     name = state.get(kind)
     state_file = folder / CHECKPOINT_STATE_FILE
     if not isinstance(name, str) or not _CHECKPOINT_NAME[kind].fullmatch(name):
-        raise RunFolderError(f"{state_file} names {name!r} as its {kind} file, not a checkpoint file name like "
-                             f"{checkpoint_names(1)[kind]!r}; the checkpoint is damaged: delete {folder} and train again.")
+        raise RunFolderError(
+            f"{state_file} names {name!r} as its {kind} file, not a checkpoint file name like "
+            f"{checkpoint_names(1)[kind]!r}; the checkpoint is damaged: delete {folder} and train again."
+        )
     path = folder / name
     if path.is_symlink() or not path.is_file():
-        raise RunFolderError(f"{path}, named by {state_file}, is missing or not a regular file; the checkpoint is "
-                             f"damaged: delete {folder} and train again.")
+        raise RunFolderError(
+            f"{path}, named by {state_file}, is missing or not a regular file; the checkpoint is "
+            f"damaged: delete {folder} and train again."
+        )
     return path
+
 
 class RunExistsError(UserError, FileExistsError):
     """The run folder already exists (or an interrupted run of it does); runs are never overwritten."""
@@ -101,21 +110,24 @@ class Run:
 
 def run_path(run_dir: str | os.PathLike[str]) -> Path:
     """``run_dir`` as an absolute path; a symbolic link (a folder on another disk, on Drive) is followed to the
-    folder it names, so that the run is built beside that folder and renamed into it."""
+    folder it names, so that the run is built beside that folder and renamed into it.
+    """
     path = Path(os.path.abspath(Path(run_dir).expanduser()))
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def partial_dir(run_dir: str | os.PathLike[str]) -> Path:
     """The hidden folder beside ``run_dir`` (a link followed) where the run is built and checkpointed:
-    ``.<name>.partial``."""
+    ``.<name>.partial``.
+    """
     run_dir = run_path(run_dir)
     return run_dir.parent / f".{run_dir.name}.partial"
 
 
 def has_interrupted_run(run_dir: str | os.PathLike[str]) -> bool:
     """True when an interrupted run of ``run_dir`` waits in its :func:`partial_dir` (``train --resume`` continues
-    it; it may hold no checkpoint yet, when it was killed during its first epoch)."""
+    it; it may hold no checkpoint yet, when it was killed during its first epoch).
+    """
     return (partial_dir(run_dir) / CONFIG_FILE).is_file()
 
 
@@ -124,7 +136,8 @@ LOCK_FILE = ".lock"
 
 def run_writer(partial: Path) -> int | None:
     """The process id of the ``train`` writing the partial run ``partial`` right now (it holds the lock of
-    :func:`claim_run`), or None when no live process does (an interrupted run, or a file system without locks)."""
+    :func:`claim_run`), or None when no live process does (an interrupted run, or a file system without locks).
+    """
     try:
         fd = os.open(partial / LOCK_FILE, os.O_RDONLY)
     except OSError:
@@ -144,7 +157,8 @@ def run_writer(partial: Path) -> int | None:
 @contextlib.contextmanager
 def claim_run(partial: Path, run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on the partial run ``partial`` (its lock file names this process): two processes
-    never train into the same one; :class:`RunBusyError` naming the other one's pid otherwise."""
+    never train into the same one; :class:`RunBusyError` naming the other one's pid otherwise.
+    """
     fd = os.open(partial / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -164,13 +178,13 @@ def claim_run(partial: Path, run_dir: Path) -> Iterator[None]:
 def busy_message(run_dir: Path, pid: int | None) -> str:
     """What a second ``train`` on ``run_dir`` is told while the process ``pid`` (when known) writes it."""
     who = f" (pid {pid})" if pid else ""
-    return (f"another train is writing {run_dir}{who}; wait for it to finish, or choose another --out for a new "
-            "run.")
+    return f"another train is writing {run_dir}{who}; wait for it to finish, or choose another --out for a new run."
 
 
 def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
     """Return ``run_dir`` as an absolute path; raise :class:`RunExistsError` when it exists and is not empty, or
-    when an interrupted run of it waits in its :func:`partial_dir`."""
+    when an interrupted run of it waits in its :func:`partial_dir`.
+    """
     _check_link(Path(os.path.abspath(Path(run_dir).expanduser())))
     out = run_path(run_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -191,27 +205,33 @@ def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent  # the nearest folder that exists: the missing ones are created
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise RunFolderError(f"Cannot create the run folder {out}: {parent} is not a folder you can write to; "
-                             "choose another --out.")
+        raise RunFolderError(
+            f"Cannot create the run folder {out}: {parent} is not a folder you can write to; choose another --out."
+        )
     return out
 
 
 def _check_link(path: Path) -> None:
     """A symbolic link given as the run folder must name a folder: :class:`RunFolderError` for a dangling link or a
-    link to a file, before any work."""
+    link to a file, before any work.
+    """
     if not path.is_symlink():
         return
     target = Path(os.path.realpath(path))
     if not target.exists():
-        raise RunFolderError(f"--out {path} is a symbolic link to {target}, which does not exist; create that folder "
-                             "first or choose another --out.")
+        raise RunFolderError(
+            f"--out {path} is a symbolic link to {target}, which does not exist; create that folder "
+            "first or choose another --out."
+        )
     if not target.is_dir():
-        raise RunFolderError(f"--out {path} is a symbolic link to the file {target}, not to a folder; choose "
-                             "another --out.")
+        raise RunFolderError(
+            f"--out {path} is a symbolic link to the file {target}, not to a folder; choose another --out."
+        )
 
 
-def write_run_files(folder: Path, model: keras.Model, history: dict[str, Any], config: dict[str, Any],
-                    metrics: dict[str, Any]) -> None:
+def write_run_files(
+    folder: Path, model: keras.Model, history: dict[str, Any], config: dict[str, Any], metrics: dict[str, Any]
+) -> None:
     """Write the four :data:`RUN_FILES` into ``folder`` (each one atomically)."""
     with atomic_path(folder / MODEL_FILE, suffix=".keras") as tmp:  # Keras wants the suffix
         model.save(tmp)
@@ -261,11 +281,19 @@ def load_run(run_dir: str | os.PathLike[str], *, compile: bool = False) -> Run:
     model_path = path / MODEL_FILE
     if not model_path.is_file():
         partial = partial_dir(path)
-        hint = (f"its interrupted run is in {partial}; finish it with `python -m idc_helpers train --resume {path}`"
-                if has_interrupted_run(path) else "write one with `python -m idc_helpers train --out RUN_DIR`")
+        hint = (
+            f"its interrupted run is in {partial}; finish it with `python -m idc_helpers train --resume {path}`"
+            if has_interrupted_run(path)
+            else "write one with `python -m idc_helpers train --out RUN_DIR`"
+        )
         raise RunFolderError(f"No trained model at {model_path}: {path} is not a finished run folder; {hint}.")
     config = read_json(path / CONFIG_FILE)
     metrics = read_json(path / METRICS_FILE)
     model = load_model_file(model_path, compile=compile)
-    return Run(run_dir=Path(os.path.abspath(path)), model=model, config=config, metrics=metrics,
-               threshold=float(metrics.get("threshold", 0.5)))
+    return Run(
+        run_dir=Path(os.path.abspath(path)),
+        model=model,
+        config=config,
+        metrics=metrics,
+        threshold=float(metrics.get("threshold", 0.5)),
+    )

@@ -17,9 +17,10 @@ or a picture too large to hold (:data:`MAX_MOSAIC_PIXELS`) is refused with a mes
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -107,8 +108,9 @@ def _patch_size(path: str) -> tuple[int, int]:
 
     try:
         if not Path(path).is_file():
-            raise SlideError(f"{path}: patch file not found; the table's 'path' column must point at the dataset's "
-                             "files")
+            raise SlideError(
+                f"{path}: patch file not found; the table's 'path' column must point at the dataset's files"
+            )
         return read_png_size(path)
     except (OSError, ValueError) as exc:
         if isinstance(exc, SlideError):
@@ -118,7 +120,8 @@ def _patch_size(path: str) -> tuple[int, int]:
 
 def patient_rows(table: pd.DataFrame, patient_id: str, source: str = "table") -> pd.DataFrame:
     """The rows of one patient, after checking the columns and that no two share a position (:class:`SlideError`
-    naming ``source`` otherwise)."""
+    naming ``source`` otherwise).
+    """
     missing = [c for c in ("patient_id", "x", "y", "label") if c not in table.columns]
     if missing:
         raise SlideError(f"{source}: missing column(s) {', '.join(missing)}; expected {', '.join(SLIDE_COLUMNS)}")
@@ -147,7 +150,8 @@ def _no_such_patient(patient_id: str, known: Sequence[str], source: str) -> None
 class PatientTable:
     """One patient's rows of a predictions file (checked by :func:`patient_rows`) and the file's decision threshold:
     the run's, which ``predict`` records in the table (``recorded`` True), else the one its decisions imply
-    (:func:`decision_threshold`; None without ``prob_idc`` and ``pred``)."""
+    (:func:`decision_threshold`; None without ``prob_idc`` and ``pred``).
+    """
 
     rows: pd.DataFrame
     threshold: float | None
@@ -157,15 +161,19 @@ class PatientTable:
 def read_patient_rows(path: str | Path, patient_id: str) -> PatientTable:
     """Read the rows of one patient from a predictions CSV (or any table with ``path, patient_id, x, y, label``) in
     chunks of :data:`CHUNK_ROWS`, so that memory follows that patient, not the file; :class:`SlideError` naming the
-    file when it cannot be read or holds no such patient."""
+    file when it cannot be read or holds no such patient.
+    """
     source = str(path)
     if not Path(path).is_file():
-        raise SlideError(f"{source}: no such file; write one with `python -m idc_helpers predict` (or pass any CSV "
-                         "with path, patient_id, x, y, label)")
+        raise SlideError(
+            f"{source}: no such file; write one with `python -m idc_helpers predict` (or pass any CSV "
+            "with path, patient_id, x, y, label)"
+        )
     parts, known, implied, recorded, start = [], set(), [], [], 1
     try:
-        for chunk in pd.read_csv(path, dtype={"patient_id": str, "path": str}, chunksize=CHUNK_ROWS,
-                                 float_precision="round_trip"):
+        for chunk in pd.read_csv(
+            path, dtype={"patient_id": str, "path": str}, chunksize=CHUNK_ROWS, float_precision="round_trip"
+        ):
             chunk = check_table(chunk, ("patient_id", "x", "y", "label"), source, first_row=start)
             start += len(chunk)
             known.update(chunk["patient_id"].unique().tolist())
@@ -198,15 +206,23 @@ def _check_size(rows: pd.DataFrame, width: int, height: int, scale: float, sourc
         raise SlideError(
             f"{source}: the patches of patient {patient} span {width:,} x {height:,} slide pixels, more than any "
             f"real slide (at most {MAX_SLIDE_SIDE:,}); check the coordinates in the file names of the outlying "
-            f"patches{named}")
+            f"patches{named}"
+        )
     raise SlideError(
         f"{source}: a mosaic of patient {patient} at scale {scale:g} would be {pixels:,} pixels (at most "
-        f"{MAX_MOSAIC_PIXELS:,}); pass a smaller scale")
+        f"{MAX_MOSAIC_PIXELS:,}); pass a smaller scale"
+    )
 
 
-def slide_mosaic(table: pd.DataFrame, patient_id: str, *, value_column: str | None = "prob_idc",
-                 scale: float = 1.0, images: Sequence[np.ndarray] | None = None,
-                 source: str = "table") -> SlideMosaic:
+def slide_mosaic(
+    table: pd.DataFrame,
+    patient_id: str,
+    *,
+    value_column: str | None = "prob_idc",
+    scale: float = 1.0,
+    images: Sequence[np.ndarray] | None = None,
+    source: str = "table",
+) -> SlideMosaic:
     """Rebuild one patient's slide from a patch index or predictions table.
 
     Args:
@@ -242,27 +258,42 @@ def slide_mosaic(table: pd.DataFrame, patient_id: str, *, value_column: str | No
     values = rows[value_column].to_numpy(dtype=np.float32) if has_values else None
     labels = rows["label"].to_numpy()
     left, top = np.rint((xs - x0) * scale), np.rint((ys - y0) * scale)
-    cells = np.stack([top, np.rint((ys - y0 + sizes[:, 1]) * scale), left,
-                      np.rint((xs - x0 + sizes[:, 0]) * scale)], axis=1).astype(np.int64)
+    cells = np.stack(
+        [top, np.rint((ys - y0 + sizes[:, 1]) * scale), left, np.rint((xs - x0 + sizes[:, 0]) * scale)], axis=1
+    ).astype(np.int64)
     for k, (top, bottom, left, right) in enumerate(cells):
         if bottom <= top or right <= left:
             continue  # a sliver that rounds to nothing at this scale
-        pixels = patch(k)[:sizes[k, 1], :sizes[k, 0]]  # one patch in memory at a time
-        image[top:bottom, left:right] = pixels if scale == 1.0 else cv2.resize(
-            pixels, (int(right - left), int(bottom - top)), interpolation=cv2.INTER_AREA)
+        pixels = patch(k)[: sizes[k, 1], : sizes[k, 0]]  # one patch in memory at a time
+        image[top:bottom, left:right] = (
+            pixels
+            if scale == 1.0
+            else cv2.resize(pixels, (int(right - left), int(bottom - top)), interpolation=cv2.INTER_AREA)
+        )
     truth = _paint(size, cells, labels.astype(np.float32))
     prob = _paint(size, cells, values) if has_values else None
     return SlideMosaic(
-        patient_id=str(patient_id), image=image, truth=truth, prob=prob, origin=(x0 + 1, y0 + 1),
-        scale=float(scale), n_patches=len(rows), n_idc=int(labels.sum()),
-        value_column=value_column if has_values else None, span=(width, height), cells=cells, rows=rows.index,
+        patient_id=str(patient_id),
+        image=image,
+        truth=truth,
+        prob=prob,
+        origin=(x0 + 1, y0 + 1),
+        scale=float(scale),
+        n_patches=len(rows),
+        n_idc=int(labels.sum()),
+        value_column=value_column if has_values else None,
+        span=(width, height),
+        cells=cells,
+        rows=rows.index,
     )
 
 
-def _patch_source(table: pd.DataFrame, rows: pd.DataFrame, patient_id: str,
-                  images: Sequence[np.ndarray] | None) -> Callable[[int], np.ndarray]:
+def _patch_source(
+    table: pd.DataFrame, rows: pd.DataFrame, patient_id: str, images: Sequence[np.ndarray] | None
+) -> Callable[[int], np.ndarray]:
     """``patch(k)``: the pixels of the ``k``-th row of ``rows``, (h, w, 3) uint8, from ``images`` (aligned with
-    ``table``) or read from its file at its real size."""
+    ``table``) or read from its file at its real size.
+    """
     if images is None:
         paths = rows["path"].astype(str).tolist()
         return lambda k: _read_rgb(paths[k])
@@ -274,7 +305,8 @@ def _patch_source(table: pd.DataFrame, rows: pd.DataFrame, patient_id: str,
 
 def _patch_sizes(rows: pd.DataFrame, patch: Callable[[int], np.ndarray], from_files: bool) -> np.ndarray:
     """``(n, 2)`` width and height of each patch: the table's ``width``/``height`` columns, else the PNG headers
-    (files), else the given images' shapes (padded patches drawn padded)."""
+    (files), else the given images' shapes (padded patches drawn padded).
+    """
     if "width" in rows.columns and "height" in rows.columns:
         return np.stack([rows["width"].to_numpy(np.int64), rows["height"].to_numpy(np.int64)], axis=1)
     if from_files:
@@ -285,14 +317,15 @@ def _patch_sizes(rows: pd.DataFrame, patch: Callable[[int], np.ndarray], from_fi
 def _paint(size: tuple[int, int], cells: np.ndarray, values: np.ndarray) -> np.ndarray:
     """(H, W) float32 map: each patch's cell filled with its value, NaN where there is no patch."""
     out = np.full(size, np.nan, dtype=np.float32)
-    for (top, bottom, left, right), value in zip(cells, values):
+    for (top, bottom, left, right), value in zip(cells, values, strict=True):
         out[top:bottom, left:right] = value
     return out
 
 
 def with_values(mosaic: SlideMosaic, table: pd.DataFrame, value_column: str) -> SlideMosaic:
     """The same mosaic with its ``prob`` map painted from another column of the table it was built from (e.g.
-    ``prob_idc_context``), without reading a patch again."""
+    ``prob_idc_context``), without reading a patch again.
+    """
     if mosaic.cells is None or mosaic.rows is None:
         raise ValueError("this mosaic does not record where its patches lie; build it with slide_mosaic")
     if value_column not in table.columns:
@@ -303,7 +336,8 @@ def with_values(mosaic: SlideMosaic, table: pd.DataFrame, value_column: str) -> 
 
 def decision_threshold(table: pd.DataFrame, value_column: str = "prob_idc", pred_column: str = "pred") -> float | None:
     """The threshold a predictions table's decisions imply: the lowest ``value_column`` called IDC in
-    ``pred_column`` (``None`` without such columns or without any IDC call)."""
+    ``pred_column`` (``None`` without such columns or without any IDC call).
+    """
     if value_column not in table.columns or pred_column not in table.columns:
         return None
     called = table.loc[table[pred_column].astype(int) == 1, value_column]
@@ -314,10 +348,12 @@ def decision_threshold(table: pd.DataFrame, value_column: str = "prob_idc", pred
 FIGURE_WIDTH = 10.5
 
 
-def _slide_axes(mosaic: SlideMosaic, ax: Axes | Sequence[Axes] | None, n_panels: int,
-                panel_width: float | None) -> tuple[Figure, list[Axes]]:
+def _slide_axes(
+    mosaic: SlideMosaic, ax: Axes | Sequence[Axes] | None, n_panels: int, panel_width: float | None
+) -> tuple[Figure, list[Axes]]:
     """The given axes (one per panel), or a new figure sized for the slide's aspect, :data:`FIGURE_WIDTH` wide
-    unless ``panel_width`` (inches) says otherwise."""
+    unless ``panel_width`` (inches) says otherwise.
+    """
     import matplotlib.pyplot as plt
 
     if ax is not None:
@@ -326,22 +362,28 @@ def _slide_axes(mosaic: SlideMosaic, ax: Axes | Sequence[Axes] | None, n_panels:
             raise ValueError(f"{n_panels} panels need {n_panels} axes, got {len(axes)}")
         return axes[0].figure, axes
     panel_width = panel_width or (FIGURE_WIDTH - 0.5) / n_panels
-    fig, axes = plt.subplots(1, n_panels, figsize=(panel_width * n_panels + 0.5,
-                                                   _panel_height(mosaic, panel_width)),
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        n_panels,
+        figsize=(panel_width * n_panels + 0.5, _panel_height(mosaic, panel_width)),
+        squeeze=False,
+        layout="constrained",
+    )
     return fig, list(axes[0])
 
 
 def _panel_height(mosaic: SlideMosaic, panel_width: float) -> float:
     """Figure height for panels ``panel_width`` inches wide: the image at its aspect (about 1.1 in of the width goes
-    to tick labels and a colour bar), plus room for a title above and a legend below."""
+    to tick labels and a colour bar), plus room for a title above and a legend below.
+    """
     h, w = mosaic.truth.shape
     return min(max((panel_width - 1.1) * h / w, 1.5), 2.2 * panel_width) + 2.0
 
 
 def threshold_colormap(threshold: float, n: int = 256):
     """A colour map for probabilities on a *linear* 0-1 scale whose colours change at ``threshold``: blues below
-    it (darkest at 0), reds from it (darkest at 1), palest at the threshold itself."""
+    it (darkest at 0), reds from it (darkest at 1), palest at the threshold itself.
+    """
     from matplotlib import colormaps
     from matplotlib.colors import ListedColormap
 
@@ -349,14 +391,22 @@ def threshold_colormap(threshold: float, n: int = 256):
     values = np.linspace(0.0, 1.0, n)
     below = 0.5 * values / threshold
     above = 0.5 + 0.5 * (values - threshold) / (1.0 - threshold)
-    return ListedColormap(base(np.where(values < threshold, np.minimum(below, 0.499), np.maximum(above, 0.501))),
-                          name=f"split_at_{threshold:.3f}")
+    return ListedColormap(
+        base(np.where(values < threshold, np.minimum(below, 0.499), np.maximum(above, 0.501))),
+        name=f"split_at_{threshold:.3f}",
+    )
 
 
 def _legend_below(axis: Axes, handles: list) -> None:
     """A legend under the axes (never over the tissue)."""
-    axis.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(handles),
-                fontsize="small", frameon=False)
+    axis.legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.16),
+        ncol=len(handles),
+        fontsize="small",
+        frameon=False,
+    )
 
 
 def _outline(axis: Axes, mosaic: SlideMosaic, mask: np.ndarray, **style) -> bool:
@@ -365,32 +415,49 @@ def _outline(axis: Axes, mosaic: SlideMosaic, mask: np.ndarray, **style) -> bool
         return False
     h, w = mask.shape
     left, _, _, top = mosaic.extent
-    axis.contour(left + (np.arange(w) + 0.5) / mosaic.scale, top + (np.arange(h) + 0.5) / mosaic.scale,
-                 mask.astype(np.float32), levels=[0.5], linewidths=1.2, **style)
+    axis.contour(
+        left + (np.arange(w) + 0.5) / mosaic.scale,
+        top + (np.arange(h) + 0.5) / mosaic.scale,
+        mask.astype(np.float32),
+        levels=[0.5],
+        linewidths=1.2,
+        **style,
+    )
     return True
 
 
 def _draw_probability(axis: Axes, mosaic: SlideMosaic, threshold: float | None, title: str | None) -> None:
     """The probability panel: colours over faded tissue, split at ``threshold`` on a linear colour bar, with the
-    decision outlined."""
+    decision outlined.
+    """
     from matplotlib.colors import Normalize
     from matplotlib.lines import Line2D
 
     # Faded grey tissue underneath so that the colours read as probabilities, not as stain.
-    axis.imshow(cv2.cvtColor(mosaic.image, cv2.COLOR_RGB2GRAY), cmap="gray", vmin=-200, vmax=255,
-                extent=mosaic.extent)
+    axis.imshow(cv2.cvtColor(mosaic.image, cv2.COLOR_RGB2GRAY), cmap="gray", vmin=-200, vmax=255, extent=mosaic.extent)
     split = threshold is not None and 0.0 < threshold < 1.0
     cmap = threshold_colormap(threshold) if split else "viridis"
-    image = axis.imshow(np.ma.masked_invalid(mosaic.prob), cmap=cmap, norm=Normalize(0.0, 1.0),
-                        alpha=0.75 if split else 0.6, extent=mosaic.extent, interpolation="nearest")
+    image = axis.imshow(
+        np.ma.masked_invalid(mosaic.prob),
+        cmap=cmap,
+        norm=Normalize(0.0, 1.0),
+        alpha=0.75 if split else 0.6,
+        extent=mosaic.extent,
+        interpolation="nearest",
+    )
     name = _VALUE_NAMES.get(mosaic.value_column, mosaic.value_column)
-    axis.set_title(title or ("Predicted p(IDC)" if mosaic.value_column == "prob_idc" else name[0].upper() + name[1:])
-                   + (f"\nred: called IDC (p >= {threshold:.2f})" if split else ""), fontsize="medium")
+    axis.set_title(
+        title
+        or ("Predicted p(IDC)" if mosaic.value_column == "prob_idc" else name[0].upper() + name[1:])
+        + (f"\nred: called IDC (p >= {threshold:.2f})" if split else ""),
+        fontsize="medium",
+    )
     # An inset colour bar follows the image's own height (the axes box around an equal-aspect image is taller).
     bar = axis.figure.colorbar(image, cax=axis.inset_axes([1.03, 0.0, 0.045, 1.0], label="<colorbar>"))
     # Named on top, not along its side, where the label would sit beside the next panel's axis.
-    bar.ax.set_title(_BAR_NAMES.get(mosaic.value_column, name) + ("\nlinear" if split else ""), fontsize="x-small",
-                     loc="left")
+    bar.ax.set_title(
+        _BAR_NAMES.get(mosaic.value_column, name) + ("\nlinear" if split else ""), fontsize="x-small", loc="left"
+    )
     bar.ax.tick_params(labelsize="x-small")
     handles = []
     if _outline(axis, mosaic, np.nan_to_num(mosaic.truth, nan=0.0) > 0, colors="black"):
@@ -401,16 +468,23 @@ def _draw_probability(axis: Axes, mosaic: SlideMosaic, threshold: float | None, 
         bar.set_ticks([*ticks, threshold], labels=[f"{t:g}" for t in ticks] + [f"threshold {threshold:.2f}"])
         bar.ax.axhline(threshold, color="black", lw=2)
         # The decision beside the probability: pale patches just above the threshold are called IDC too.
-        if _outline(axis, mosaic, np.nan_to_num(mosaic.prob, nan=0.0) >= threshold, colors="darkred",
-                    linestyles="dashed"):
+        if _outline(
+            axis, mosaic, np.nan_to_num(mosaic.prob, nan=0.0) >= threshold, colors="darkred", linestyles="dashed"
+        ):
             handles.append(Line2D([], [], color="darkred", lw=1.2, ls="--", label="called IDC"))
     if handles:
         _legend_below(axis, handles)
 
 
-def plot_slide(mosaic: SlideMosaic, *, ax: Axes | Sequence[Axes] | None = None,
-               show: Sequence[str] = ("tissue", "truth", "prob"), threshold: float | None = None,
-               panel_width: float | None = None, title: str | None = None) -> Figure:
+def plot_slide(
+    mosaic: SlideMosaic,
+    *,
+    ax: Axes | Sequence[Axes] | None = None,
+    show: Sequence[str] = ("tissue", "truth", "prob"),
+    threshold: float | None = None,
+    panel_width: float | None = None,
+    title: str | None = None,
+) -> Figure:
     """Side-by-side panels of a :class:`SlideMosaic`; axes in slide pixels (as in the patch file names).
 
     ``show``: any of ``"tissue"`` (the rebuilt slide), ``"truth"`` (tissue with IDC patches tinted red and
@@ -428,7 +502,7 @@ def plot_slide(mosaic: SlideMosaic, *, ax: Axes | Sequence[Axes] | None = None,
         raise ValueError(f"show must name some of 'tissue', 'truth', 'prob' (got {list(show)})")
     fig, axes = _slide_axes(mosaic, ax, len(panels), panel_width)
     idc = np.nan_to_num(mosaic.truth, nan=0.0) > 0
-    for axis, panel in zip(axes, panels):
+    for axis, panel in zip(axes, panels, strict=False):
         if panel == "tissue":
             axis.imshow(mosaic.image, extent=mosaic.extent)
             axis.set_title(f"Patient {mosaic.patient_id}\ntissue ({mosaic.n_patches:,} patches)", fontsize="medium")
@@ -455,23 +529,40 @@ def scale_to_fit(rows: pd.DataFrame, max_side: int) -> float:
     return min(1.0, max_side / span)
 
 
-def plot_raw_and_context(mosaic: SlideMosaic, table: pd.DataFrame, *, threshold: float,
-                         context_threshold: float, panel_width: float | None = None) -> Figure:
+def plot_raw_and_context(
+    mosaic: SlideMosaic,
+    table: pd.DataFrame,
+    *,
+    threshold: float,
+    context_threshold: float,
+    panel_width: float | None = None,
+) -> Figure:
     """The patch-only probability and the slide-context probability (``prob_idc_context``) of one mosaic side by
     side, each split at its own threshold and with the true IDC regions outlined (the patch-only one is what the
-    papers measured; the context one uses the neighbouring patches on the slide). :data:`FIGURE_WIDTH` wide."""
+    papers measured; the context one uses the neighbouring patches on the slide). :data:`FIGURE_WIDTH` wide.
+    """
     import matplotlib.pyplot as plt
 
     panel_width = panel_width or (FIGURE_WIDTH - 0.5) / 2
-    fig, axes = plt.subplots(1, 2, figsize=(2 * panel_width + 0.5, _panel_height(mosaic, panel_width)),
-                             layout="constrained")
-    plot_slide(mosaic, ax=axes[0], show=("prob",), threshold=threshold,
-               title=f"Patch only\n(p >= {threshold:.2f} called IDC)")
+    fig, axes = plt.subplots(
+        1, 2, figsize=(2 * panel_width + 0.5, _panel_height(mosaic, panel_width)), layout="constrained"
+    )
+    plot_slide(
+        mosaic, ax=axes[0], show=("prob",), threshold=threshold, title=f"Patch only\n(p >= {threshold:.2f} called IDC)"
+    )
     context = with_values(mosaic, table, "prob_idc_context")
     same = bool(np.allclose(np.nan_to_num(context.prob), np.nan_to_num(mosaic.prob)))
-    plot_slide(context, ax=axes[1], show=("prob",), threshold=context_threshold,
-               title=("Identical with slide context: no smoothing\ndid better on the validation patients" if same
-                      else f"With slide context: neighbours on the slide\n(p >= {context_threshold:.2f} called IDC)"))
+    plot_slide(
+        context,
+        ax=axes[1],
+        show=("prob",),
+        threshold=context_threshold,
+        title=(
+            "Identical with slide context: no smoothing\ndid better on the validation patients"
+            if same
+            else f"With slide context: neighbours on the slide\n(p >= {context_threshold:.2f} called IDC)"
+        ),
+    )
     share = mosaic.n_idc / mosaic.n_patches
     fig.suptitle(f"Patient {mosaic.patient_id}: {mosaic.n_patches:,} patches, {mosaic.n_idc:,} IDC ({share:.0%})")
     return fig

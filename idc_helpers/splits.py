@@ -11,12 +11,14 @@ measured on such a leaky split).
 
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from idc_helpers.errors import UserError
+
 
 class SplitError(UserError, ValueError):
     """A split that cannot be made as asked (unknown name, bad fractions or fold count, overlapping subsets)."""
@@ -30,25 +32,172 @@ _CANDIDATES = 2000
 
 JANOWCZYK2016: dict[str, tuple[str, ...]] = {
     "train": (
-    "10304", "9346", "9029", "12911", "9043", "9044", "12884", "12752", "12819", "12890", "9024", "9124",
-    "9178", "10291", "12871", "9257", "9323", "8974", "10302", "12932", "9266", "9325", "10285", "14079",
-    "14304", "9037", "8980", "10264", "12749", "12891", "8915", "15633", "13024", "10288", "9081", "12820",
-    "12930", "9255", "12882", "9267", "9177", "8865", "10262", "8957", "12811", "12901", "9259", "13692",
-    "14213", "12931", "10256", "10254", "9174", "9041", "9175", "9321", "12818", "8951", "9173", "9126",
-    "12872", "10275", "12900", "10293", "10308", "10268", "12869", "9320", "9228", "8975", "10258", "8955",
-    "13689", "9256", "14212", "9383", "12822", "9123", "9265", "9083", "12750", "10257", "8913", "15902",
+        "10304",
+        "9346",
+        "9029",
+        "12911",
+        "9043",
+        "9044",
+        "12884",
+        "12752",
+        "12819",
+        "12890",
+        "9024",
+        "9124",
+        "9178",
+        "10291",
+        "12871",
+        "9257",
+        "9323",
+        "8974",
+        "10302",
+        "12932",
+        "9266",
+        "9325",
+        "10285",
+        "14079",
+        "14304",
+        "9037",
+        "8980",
+        "10264",
+        "12749",
+        "12891",
+        "8915",
+        "15633",
+        "13024",
+        "10288",
+        "9081",
+        "12820",
+        "12930",
+        "9255",
+        "12882",
+        "9267",
+        "9177",
+        "8865",
+        "10262",
+        "8957",
+        "12811",
+        "12901",
+        "9259",
+        "13692",
+        "14213",
+        "12931",
+        "10256",
+        "10254",
+        "9174",
+        "9041",
+        "9175",
+        "9321",
+        "12818",
+        "8951",
+        "9173",
+        "9126",
+        "12872",
+        "10275",
+        "12900",
+        "10293",
+        "10308",
+        "10268",
+        "12869",
+        "9320",
+        "9228",
+        "8975",
+        "10258",
+        "8955",
+        "13689",
+        "9256",
+        "14212",
+        "9383",
+        "12822",
+        "9123",
+        "9265",
+        "9083",
+        "12750",
+        "10257",
+        "8913",
+        "15902",
     ),
     "val": (
-    "13688", "9381", "16554", "12867", "12880", "9076", "12626", "10299", "8959", "9023", "15473", "12896",
-    "13591", "13461", "9078", "9324", "9022", "8956", "9036", "10260", "10269", "10261", "8917", "10277",
-    "12875", "16896", "9345", "8914", "8867",
+        "13688",
+        "9381",
+        "16554",
+        "12867",
+        "12880",
+        "9076",
+        "12626",
+        "10299",
+        "8959",
+        "9023",
+        "15473",
+        "12896",
+        "13591",
+        "13461",
+        "9078",
+        "9324",
+        "9022",
+        "8956",
+        "9036",
+        "10260",
+        "10269",
+        "10261",
+        "8917",
+        "10277",
+        "12875",
+        "16896",
+        "9345",
+        "8914",
+        "8867",
     ),
     "test": (
-    "12909", "9382", "9075", "9290", "12881", "12895", "8864", "14191", "10259", "10274", "10303", "12907",
-    "9225", "13402", "10295", "10306", "9176", "13023", "12821", "10307", "9322", "9073", "12905", "13106",
-    "12906", "13401", "13403", "10292", "9261", "8916", "8918", "9254", "15515", "13458", "16550", "9250",
-    "9347", "14081", "12826", "13460", "10276", "10273", "14189", "9181", "13687", "10286", "10255", "10301",
-    "9125",
+        "12909",
+        "9382",
+        "9075",
+        "9290",
+        "12881",
+        "12895",
+        "8864",
+        "14191",
+        "10259",
+        "10274",
+        "10303",
+        "12907",
+        "9225",
+        "13402",
+        "10295",
+        "10306",
+        "9176",
+        "13023",
+        "12821",
+        "10307",
+        "9322",
+        "9073",
+        "12905",
+        "13106",
+        "12906",
+        "13401",
+        "13403",
+        "10292",
+        "9261",
+        "8916",
+        "8918",
+        "9254",
+        "15515",
+        "13458",
+        "16550",
+        "9250",
+        "9347",
+        "14081",
+        "12826",
+        "13460",
+        "10276",
+        "10273",
+        "14189",
+        "9181",
+        "13687",
+        "10286",
+        "10255",
+        "10301",
+        "9125",
     ),
 }
 
@@ -96,7 +245,7 @@ def _counts(fractions: Mapping[str, float], n: int) -> dict[str, int]:
             donor = int(np.argmax(counts))
             counts[donor] -= 1
             counts[i] += 1
-    return dict(zip(names, counts.tolist()))
+    return dict(zip(names, counts.tolist(), strict=True))
 
 
 def _imbalance(groups: np.ndarray, n: np.ndarray, idc: np.ndarray, n_groups: int) -> float:
@@ -158,10 +307,12 @@ def _best_assignment(base: np.ndarray, table: pd.DataFrame, n_groups: int, seed:
     return best
 
 
-def make_split(frame: pd.DataFrame, name: str = "patients", seed: int = 0,
-               unlisted: Literal["train", "drop"] = "train") -> dict[str, list[str]]:
+def make_split(
+    frame: pd.DataFrame, name: str = "patients", seed: int = 0, unlisted: Literal["train", "drop"] = "train"
+) -> dict[str, list[str]]:
     """The named split: ``"janowczyk2016"`` (published; ``unlisted`` as in :func:`janowczyk2016_split`) or
-    ``"patients"`` (seeded, stratified 70/15/15)."""
+    ``"patients"`` (seeded, stratified 70/15/15).
+    """
     if name == "janowczyk2016":
         return janowczyk2016_split(frame, unlisted=unlisted)
     if name == "patients":
@@ -192,9 +343,13 @@ def split_summary(frame: pd.DataFrame, split: Mapping[str, list[str]]) -> pd.Dat
     rows = []
     for name, ids in split.items():
         part = frame[subset == name]
-        rows.append({
-            "subset": name, "patients": len(ids), "patches": len(part),
-            "idc": int((part["label"] == 1).sum()),
-            "idc_fraction": float((part["label"] == 1).mean()) if len(part) else float("nan"),
-        })
+        rows.append(
+            {
+                "subset": name,
+                "patients": len(ids),
+                "patches": len(part),
+                "idc": int((part["label"] == 1).sum()),
+                "idc_fraction": float((part["label"] == 1).mean()) if len(part) else float("nan"),
+            }
+        )
     return pd.DataFrame(rows)

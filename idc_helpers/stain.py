@@ -68,13 +68,15 @@ def stain_stats(images: np.ndarray, *, min_od: float = TISSUE_MIN_OD, batch: int
     total = np.zeros(3, dtype=np.float64)
     count = 0
     for start in range(0, len(images), batch):
-        od = optical_density(images[start:start + batch]).reshape(-1, 3)
+        od = optical_density(images[start : start + batch]).reshape(-1, 3)
         tissue = od[od.sum(axis=1) >= min_od]
         total += tissue.sum(axis=0, dtype=np.float64)
         count += len(tissue)
     if count == 0:
-        raise StainError(f"none of the {len(images)} patches holds a tissue pixel (optical density >= {min_od}); "
-                         "there is no stain to measure")
+        raise StainError(
+            f"none of the {len(images)} patches holds a tissue pixel (optical density >= {min_od}); "
+            "there is no stain to measure"
+        )
     mean = total / count
     return StainStats(mean_od=(float(mean[0]), float(mean[1]), float(mean[2])), tissue_pixels=int(count))
 
@@ -93,12 +95,14 @@ def normalise_stain(images: np.ndarray, source: StainStats, target: StainStats, 
     images = _check(images)
     src, tgt = np.asarray(source.mean_od, dtype=np.float32), np.asarray(target.mean_od, dtype=np.float32)
     if np.any(src <= 0) or np.any(tgt <= 0):
-        raise StainError(f"a channel has no optical density to rescale (mean {src.round(3).tolist()} -> "
-                         f"{tgt.round(3).tolist()}); these patches hold no stained tissue")
+        raise StainError(
+            f"a channel has no optical density to rescale (mean {src.round(3).tolist()} -> "
+            f"{tgt.round(3).tolist()}); these patches hold no stained tissue"
+        )
     factor = tgt / src
     out = np.empty(images.shape, dtype=np.uint8)
     for start in range(0, len(images), batch):
-        od = optical_density(images[start:start + batch]) * factor
+        od = optical_density(images[start : start + batch]) * factor
         rgb = 256.0 * np.exp(-od) - 1.0
-        out[start:start + batch] = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+        out[start : start + batch] = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
     return out

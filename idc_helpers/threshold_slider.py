@@ -67,22 +67,46 @@ class ThresholdView:
             fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2), layout="constrained", width_ratios=[1.4, 1])
             curve_ax, confusion_ax = axes
         else:  # the slide across the top, the curve and the confusion matrix under it
-            fig, named = plt.subplot_mosaic([["slide", "slide"], ["curve", "confusion"]], figsize=(10.5, 8.4),
-                                            layout="constrained", width_ratios=[1.4, 1], height_ratios=[1.1, 1])
-            slides.plot_slide(self.mosaic, ax=named["slide"], show=("prob",), threshold=threshold,
-                              title=f"Patient {self.mosaic.patient_id}: red = called IDC at {threshold:.2f}")
+            fig, named = plt.subplot_mosaic(
+                [["slide", "slide"], ["curve", "confusion"]],
+                figsize=(10.5, 8.4),
+                layout="constrained",
+                width_ratios=[1.4, 1],
+                height_ratios=[1.1, 1],
+            )
+            slides.plot_slide(
+                self.mosaic,
+                ax=named["slide"],
+                show=("prob",),
+                threshold=threshold,
+                title=f"Patient {self.mosaic.patient_id}: red = called IDC at {threshold:.2f}",
+            )
             curve_ax, confusion_ax = named["curve"], named["confusion"]
-        plots.plot_threshold_curve(self.curve, chosen=self.threshold, current=threshold, ax=curve_ax,
-                                   title="Scores against the threshold")
+        plots.plot_threshold_curve(
+            self.curve, chosen=self.threshold, current=threshold, ax=curve_ax, title="Scores against the threshold"
+        )
         plots.plot_confusion(self.report, ax=confusion_ax, title=f"At threshold {threshold:.2f}")
         values = self.report["metrics"]
-        scores = ", ".join(f"{label} {values[name]['value']:.2f}" for name, label in
-                           (("f1", "F1"), ("precision", "precision"), ("recall", "recall"),
-                            ("balanced_accuracy", "balanced accuracy")) if values[name]["value"] is not None)
-        who = f"patient {self.mosaic.patient_id}" if self.mosaic is not None else \
-            f"{self.report['counts']['patients']} patients"
-        fig.suptitle(f"Threshold {threshold:.2f} ({who}, {self.report['counts']['patches']:,} patches): {scores}"
-                     f"\nThe run chose {self.threshold:.2f} on its validation patients", fontsize="medium")
+        scores = ", ".join(
+            f"{label} {values[name]['value']:.2f}"
+            for name, label in (
+                ("f1", "F1"),
+                ("precision", "precision"),
+                ("recall", "recall"),
+                ("balanced_accuracy", "balanced accuracy"),
+            )
+            if values[name]["value"] is not None
+        )
+        who = (
+            f"patient {self.mosaic.patient_id}"
+            if self.mosaic is not None
+            else f"{self.report['counts']['patients']} patients"
+        )
+        fig.suptitle(
+            f"Threshold {threshold:.2f} ({who}, {self.report['counts']['patches']:,} patches): {scores}"
+            f"\nThe run chose {self.threshold:.2f} on its validation patients",
+            fontsize="medium",
+        )
         return fig
 
     def widget(self):
@@ -91,8 +115,15 @@ class ThresholdView:
         import matplotlib.pyplot as plt
         from IPython.display import display
 
-        slider = widgets.FloatSlider(value=round(self.threshold, 2), min=0.0, max=1.0, step=0.01,
-                                     description="threshold", readout_format=".2f", continuous_update=False)
+        slider = widgets.FloatSlider(
+            value=round(self.threshold, 2),
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            description="threshold",
+            readout_format=".2f",
+            continuous_update=False,
+        )
         output = widgets.Output()
 
         def redraw(change: Any = None) -> None:
@@ -110,7 +141,8 @@ class ThresholdView:
 
     def show(self, interactive: bool = True, *, save_to: str | os.PathLike[str] | None = None) -> None:
         """Display the slider (``interactive`` and ipywidgets installed) or the static figure at the run's threshold,
-        written to ``save_to`` too when given (:func:`idc_helpers.plots.save_figure`)."""
+        written to ``save_to`` too when given (:func:`idc_helpers.plots.save_figure`).
+        """
         import matplotlib.pyplot as plt
         from IPython.display import display
 

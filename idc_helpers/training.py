@@ -26,10 +26,11 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -111,7 +112,8 @@ class TrainResult:
 @dataclass
 class TrainingData:
     """The decoded train and validation patches: ``images`` ``(N, 50, 50, 3)`` uint8 (often a memmap), ``labels``
-    ``(N,)`` int32, row positions of each subset, the patient lists, and what ``config.json`` records of the data."""
+    ``(N,)`` int32, row positions of each subset, the patient lists, and what ``config.json`` records of the data.
+    """
 
     images: np.ndarray
     labels: np.ndarray
@@ -128,7 +130,10 @@ class TrainingData:
 
 
 def resolve_split(
-    frame: pd.DataFrame, split: str = "patients", seed: int = 0, test_patients: Sequence[str] | None = None,
+    frame: pd.DataFrame,
+    split: str = "patients",
+    seed: int = 0,
+    test_patients: Sequence[str] | None = None,
     unlisted: Literal["train", "drop"] = "train",
 ) -> dict[str, list[str]]:
     """Patient ids per subset ``{"train", "val", "test"}``.
@@ -161,7 +166,8 @@ def resolve_split(
 
 def subsample_patches(frame: pd.DataFrame, max_patches: int | None, seed: int = 0) -> pd.DataFrame:
     """At most ``max_patches`` rows, the same share from every patient (and class), chosen at random but
-    deterministically from ``seed``; rows keep their order. The patient split is not affected."""
+    deterministically from ``seed``; rows keep their order. The patient split is not affected.
+    """
     if max_patches is None or max_patches >= len(frame):
         return frame
     if max_patches < 1:
@@ -170,9 +176,10 @@ def subsample_patches(frame: pd.DataFrame, max_patches: int | None, seed: int = 
     rng = np.random.default_rng(seed)
     keep: list[np.ndarray] = []
     # Groups in a fixed order so the same frame and seed give the same rows.
-    for _, rows in sorted(frame.groupby(["patient_id", "label"], sort=False).indices.items(),
-                          key=lambda kv: (int(kv[0][0]), kv[0][1])):
-        n = max(1, int(round(len(rows) * share)))
+    for _, rows in sorted(
+        frame.groupby(["patient_id", "label"], sort=False).indices.items(), key=lambda kv: (int(kv[0][0]), kv[0][1])
+    ):
+        n = max(1, round(len(rows) * share))
         keep.append(rng.choice(rows, size=min(n, len(rows)), replace=False))
     chosen = np.sort(np.concatenate(keep))
     return frame.iloc[chosen].reset_index(drop=True)
@@ -226,15 +233,25 @@ def prepare_data(
             "Use more patients (or another --seed / --split)."
         )
     record = {
-        "data_dirs": [str(s.path) for s in sources], "origins": [s.origin for s in sources],
-        "synthetic": synthetic, "patches_in_folders": int(len(index.frame)), "files_left_out": len(index.problems),
+        "data_dirs": [str(s.path) for s in sources],
+        "origins": [s.origin for s in sources],
+        "synthetic": synthetic,
+        "patches_in_folders": len(index.frame),
+        "files_left_out": len(index.problems),
         "patches_not_decoded": len(loaded.problems),
         "patches": {name: int((subset == name).sum()) for name in ("train", "val")},
         "idc_patches": {name: int(labels[subset == name].sum()) for name in ("train", "val")},
     }
-    return TrainingData(images=loaded.images, labels=labels, train_idx=np.flatnonzero(subset == "train"),
-                        val_idx=val_idx, patients=patients, record=record, synthetic=synthetic,
-                        frame=loaded.frame)
+    return TrainingData(
+        images=loaded.images,
+        labels=labels,
+        train_idx=np.flatnonzero(subset == "train"),
+        val_idx=val_idx,
+        patients=patients,
+        record=record,
+        synthetic=synthetic,
+        frame=loaded.frame,
+    )
 
 
 def _check_split(patients: dict[str, list[str]], split: str, frame: pd.DataFrame) -> None:
@@ -246,8 +263,10 @@ def _check_split(patients: dict[str, list[str]], split: str, frame: pd.DataFrame
     if split == "janowczyk2016":
         listed = set().union(*splits.JANOWCZYK2016.values())
         outside = sorted(set(frame["patient_id"]) - listed, key=int)
-        cause = (f"{len(outside)} of the {n} patients of this data are not in the published janowczyk2016 lists "
-                 f"(e.g. {', '.join(outside[:5])}), and none of the listed ones falls in {' or '.join(empty)}")
+        cause = (
+            f"{len(outside)} of the {n} patients of this data are not in the published janowczyk2016 lists "
+            f"(e.g. {', '.join(outside[:5])}), and none of the listed ones falls in {' or '.join(empty)}"
+        )
         fix = "use --split patients, or give --test-patients"
     else:
         cause = f"the {n} patients are too few to fill every subset"
@@ -279,7 +298,8 @@ def _validation_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float
 @dataclass
 class LoopState:
     """What the training loop carries from epoch to epoch, saved in every checkpoint: epochs done, the history
-    so far, the best epoch (1-based) and its :data:`MONITOR` value, epochs since it, and whether training stopped."""
+    so far, the best epoch (1-based) and its :data:`MONITOR` value, epochs since it, and whether training stopped.
+    """
 
     epochs_done: int = 0
     history: dict[str, list[float]] | None = None
@@ -290,16 +310,28 @@ class LoopState:
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"epochs_done": self.epochs_done, "history": self.history or {}, "best_epoch": self.best_epoch,
-                "best_value": self.best_value if np.isfinite(self.best_value) else None, "wait": self.wait,
-                "stopped": self.stopped, "seconds": self.seconds}
+        return {
+            "epochs_done": self.epochs_done,
+            "history": self.history or {},
+            "best_epoch": self.best_epoch,
+            "best_value": self.best_value if np.isfinite(self.best_value) else None,
+            "wait": self.wait,
+            "stopped": self.stopped,
+            "seconds": self.seconds,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LoopState:
         best = data.get("best_value")
-        return cls(epochs_done=int(data["epochs_done"]), history={k: list(v) for k, v in data["history"].items()},
-                   best_epoch=int(data["best_epoch"]), best_value=-np.inf if best is None else float(best),
-                   wait=int(data["wait"]), stopped=bool(data["stopped"]), seconds=float(data.get("seconds", 0.0)))
+        return cls(
+            epochs_done=int(data["epochs_done"]),
+            history={k: list(v) for k, v in data["history"].items()},
+            best_epoch=int(data["best_epoch"]),
+            best_value=-np.inf if best is None else float(best),
+            wait=int(data["wait"]),
+            stopped=bool(data["stopped"]),
+            seconds=float(data.get("seconds", 0.0)),
+        )
 
 
 def _unsaved_variables(model: keras.Model) -> list:
@@ -317,15 +349,18 @@ def _model_state(model: keras.Model) -> list[list]:
 def _restore_model_state(model: keras.Model, state: Sequence[list]) -> None:
     variables = _unsaved_variables(model)
     if len(variables) != len(state):
-        raise RunFolderError(f"the checkpoint holds {len(state)} random-seed states where the model has "
-                             f"{len(variables)}; it was not written by this version: delete the partial run.")
-    for v, value in zip(variables, state):
+        raise RunFolderError(
+            f"the checkpoint holds {len(state)} random-seed states where the model has "
+            f"{len(variables)}; it was not written by this version: delete the partial run."
+        )
+    for v, value in zip(variables, state, strict=True):
         v.assign(np.asarray(value, dtype=v.dtype))
 
 
 def _make_loop_callback(data: TrainingData, folder: Path, state: LoopState, patience: int):
     """The callback that scores each epoch on the validation patients, tracks the best epoch, stops early, and
-    writes the end-of-epoch checkpoint into the partial run ``folder``."""
+    writes the end-of-epoch checkpoint into the partial run ``folder``.
+    """
     import keras
 
     class TrainingLoop(keras.callbacks.Callback):
@@ -364,7 +399,8 @@ def _make_loop_callback(data: TrainingData, folder: Path, state: LoopState, pati
 
 def save_checkpoint(folder: Path, model: keras.Model, best_weights: list[np.ndarray] | None, state: LoopState) -> None:
     """Write the end-of-epoch checkpoint: the model with its optimizer state, the best weights so far, then the
-    loop state naming both (written last, so a kill at any moment leaves the previous checkpoint intact)."""
+    loop state naming both (written last, so a kill at any moment leaves the previous checkpoint intact).
+    """
     import keras
 
     names = checkpoint_names(state.epochs_done)
@@ -382,7 +418,8 @@ def save_checkpoint(folder: Path, model: keras.Model, best_weights: list[np.ndar
 
 def load_checkpoint(folder: Path) -> tuple[keras.Model, list[np.ndarray], LoopState] | None:
     """The last checkpoint of a partial run: model (compiled, with its optimizer state), best weights, loop state;
-    None when the run was interrupted before its first epoch ended."""
+    None when the run was interrupted before its first epoch ended.
+    """
     import keras
 
     if not (folder / CHECKPOINT_STATE_FILE).is_file():
@@ -398,13 +435,15 @@ def load_checkpoint(folder: Path) -> tuple[keras.Model, list[np.ndarray], LoopSt
 
 def model_seed(config: Mapping[str, Any]) -> int:
     """The seed of a run's initialisation, batch order and augmentation: ``config["model_seed"]``, or the split
-    seed for runs written before the two could differ."""
+    seed for runs written before the two could differ.
+    """
     return int(config.get("model_seed", config["seed"]))
 
 
 def build_and_compile(config: Mapping[str, Any], n_train: int) -> keras.Model:
     """The model of ``config`` (seeded), compiled with Adam and a cosine decay to 5% over the planned epochs:
-    large steps early, fine ones for the epochs that early stopping is likely to keep."""
+    large steps early, fine ones for the epochs that early stopping is likely to keep.
+    """
     import keras
 
     from idc_helpers.models import build_model, compile_model
@@ -417,16 +456,24 @@ def build_and_compile(config: Mapping[str, Any], n_train: int) -> keras.Model:
     # A run resumed before its first checkpoint, maybe on another machine, computes as it was started to.
     model = build_model(config["model"], mixed_precision=config.get("precision_policy"), **kwargs)
     steps = config["steps_per_epoch"] or int(np.ceil(n_train / config["batch_size"]))
-    schedule = keras.optimizers.schedules.CosineDecay(config["learning_rate"], decay_steps=config["epochs"] * steps,
-                                                      alpha=0.05)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        config["learning_rate"], decay_steps=config["epochs"] * steps, alpha=0.05
+    )
     return compile_model(model, learning_rate=schedule, label_smoothing=float(config.get("label_smoothing", 0.0)))
 
 
-def fit(model: keras.Model, data: TrainingData, config: Mapping[str, Any], folder: Path,
-        state: LoopState | None = None, best_weights: list[np.ndarray] | None = None,
-        verbose: int = 2) -> tuple[keras.Model, LoopState]:
+def fit(
+    model: keras.Model,
+    data: TrainingData,
+    config: Mapping[str, Any],
+    folder: Path,
+    state: LoopState | None = None,
+    best_weights: list[np.ndarray] | None = None,
+    verbose: int = 2,
+) -> tuple[keras.Model, LoopState]:
     """Train from ``state`` (a fresh run: None) to the end or to early stopping, checkpointing into ``folder``;
-    returns the model holding the best epoch's weights and the final loop state."""
+    returns the model holding the best epoch's weights and the final loop state.
+    """
     import keras
 
     from idc_helpers.pipeline import make_dataset
@@ -441,14 +488,30 @@ def fit(model: keras.Model, data: TrainingData, config: Mapping[str, Any], folde
         # uninterrupted one would; one endless stream, of which each Keras epoch takes `steps` batches. A model
         # that augments itself gets the raw pixels, and counts its batches in a variable its checkpoint keeps.
         in_model = config.get("augment_on") == "model"
-        train_ds = make_dataset(images=data.images, labels=data.labels, indices=data.train_idx,
-                                batch_size=config["batch_size"], shuffle=True,
-                                augment=False if in_model else config["augment"], dtype="uint8" if in_model
-                                else "float32", seed=model_seed(config), repeat=True,
-                                initial_epoch=state.epochs_done, steps_per_epoch=steps)
+        train_ds = make_dataset(
+            images=data.images,
+            labels=data.labels,
+            indices=data.train_idx,
+            batch_size=config["batch_size"],
+            shuffle=True,
+            augment=False if in_model else config["augment"],
+            dtype="uint8" if in_model else "float32",
+            seed=model_seed(config),
+            repeat=True,
+            initial_epoch=state.epochs_done,
+            steps_per_epoch=steps,
+        )
         weights = {int(k): v for k, v in config["class_weight"].items()}
-        model.fit(train_ds, epochs=config["epochs"], initial_epoch=state.epochs_done, steps_per_epoch=steps,
-                  class_weight=weights, callbacks=[loop], verbose=verbose, shuffle=False)
+        model.fit(
+            train_ds,
+            epochs=config["epochs"],
+            initial_epoch=state.epochs_done,
+            steps_per_epoch=steps,
+            class_weight=weights,
+            callbacks=[loop],
+            verbose=verbose,
+            shuffle=False,
+        )
     model.set_weights(loop.best_weights)
     return model, state
 
@@ -463,14 +526,23 @@ def validation_probs(model: keras.Model, data: TrainingData) -> np.ndarray:
 
 
 #: The validation scores :func:`choose_threshold` records, in this order.
-_VALIDATION_SCORES = ("roc_auc", "pr_auc", "f1", "balanced_accuracy", "accuracy", "precision", "recall",
-                      "confusion_matrix")
+_VALIDATION_SCORES = (
+    "roc_auc",
+    "pr_auc",
+    "f1",
+    "balanced_accuracy",
+    "accuracy",
+    "precision",
+    "recall",
+    "confusion_matrix",
+)
 
 
 def choose_threshold(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
     """The threshold chosen on the validation patients' patches (:data:`THRESHOLD_RULE`) from their
     probabilities ``probs`` (aligned with ``data.val_idx``), and the validation metrics at it; test patients play
-    no part."""
+    no part.
+    """
     y = data.labels[data.val_idx]
     threshold = pick_threshold(y, probs, THRESHOLD_RULE)
     scores = binary_scores(y, (probs >= threshold).astype(np.int64), probs)
@@ -479,7 +551,9 @@ def choose_threshold(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
         "threshold_rule": f"maximise the IDC F1 on the validation patients' patches ({THRESHOLD_RULE})",
         "threshold_youden": pick_threshold(y, probs, "youden"),
         "validation": {
-            "patients": len(data.patients["val"]), "patches": int(len(y)), "idc_patches": int(y.sum()),
+            "patients": len(data.patients["val"]),
+            "patches": len(y),
+            "idc_patches": int(y.sum()),
             "threshold": threshold,
             **{key: scores[key] for key in _VALIDATION_SCORES},
         },
@@ -490,11 +564,18 @@ def choose_context(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
     """Slide-context parameters (smoothing width and their own threshold) chosen on the validation patients, as
     :func:`idc_helpers.context.fit_context` returns them (its default tunes on every validation patient: measured
     in docs/results.md, that transferred better than a fold's few whole slides); ``{"unavailable": reason}`` when
-    they cannot be chosen (e.g. the validation patches hold one class only)."""
+    they cannot be chosen (e.g. the validation patches hold one class only).
+    """
     rows = data.frame.iloc[data.val_idx]
-    table = pd.DataFrame({"patient_id": rows["patient_id"].astype(str).to_numpy(), "x": rows["x"].to_numpy(),
-                          "y": rows["y"].to_numpy(), "label": data.labels[data.val_idx],
-                          "prob_idc": probs.astype(np.float64)})
+    table = pd.DataFrame(
+        {
+            "patient_id": rows["patient_id"].astype(str).to_numpy(),
+            "x": rows["x"].to_numpy(),
+            "y": rows["y"].to_numpy(),
+            "label": data.labels[data.val_idx],
+            "prob_idc": probs.astype(np.float64),
+        }
+    )
     try:
         return context.fit_context(table)
     except context.ContextError as exc:
@@ -511,9 +592,14 @@ def _versions() -> dict[str, str]:
     import tensorflow as tf
 
     return {
-        "python": platform.python_version(), "tensorflow": tf.__version__, "keras": keras.__version__,
-        "numpy": np.__version__, "pandas": pd.__version__, "scikit-learn": sklearn.__version__,
-        "idc_helpers": idc_helpers.__version__, "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "scikit-learn": sklearn.__version__,
+        "idc_helpers": idc_helpers.__version__,
+        "platform": platform.platform(),
     }
 
 
@@ -539,9 +625,15 @@ def _run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
         "model_kwargs": dict(args["model_kwargs"] or {}),
         "synthetic": data.synthetic,
         "data": data.record,
-        "split": {"name": args["split"], "seed": args["seed"], "unlisted": args["unlisted"],
-                  "test_patients_given": bool(args["test_patients"]), "patients": data.patients,
-                  "patches": data.record["patches"], "idc_patches": data.record["idc_patches"]},
+        "split": {
+            "name": args["split"],
+            "seed": args["seed"],
+            "unlisted": args["unlisted"],
+            "test_patients_given": bool(args["test_patients"]),
+            "patients": data.patients,
+            "patches": data.record["patches"],
+            "idc_patches": data.record["idc_patches"],
+        },
         "max_patches": args["max_patches"],
         "seed": args["seed"],
         "model_seed": int(args["seed"] if args["model_seed"] is None else args["model_seed"]),
@@ -569,18 +661,23 @@ def _run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
 def _augmentation_config(augment: bool | str | None, model_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     """What ``config.json`` records of augmentation and arithmetic: the strength (``"augment"``, a name of
     :data:`idc_helpers.pipeline.AUGMENT_CHOICES`), where it runs (``"augment_on"``: ``"pipeline"`` or ``"model"``,
-    None without augmentation) and the Keras dtype policy the model computes in (``"precision_policy"``)."""
+    None without augmentation) and the Keras dtype policy the model computes in (``"precision_policy"``).
+    """
     from idc_helpers.models import augmentation_placement, precision_policy
     from idc_helpers.pipeline import augment_setting
 
     strength = augment_setting(augment)
-    return {"augment": strength, "augment_on": augmentation_placement() if strength != "none" else None,
-            "precision_policy": precision_policy((model_kwargs or {}).get("mixed_precision"))}
+    return {
+        "augment": strength,
+        "augment_on": augmentation_placement() if strength != "none" else None,
+        "precision_policy": precision_policy((model_kwargs or {}).get("mixed_precision")),
+    }
 
 
 def _model_name(name: str | None) -> str:
     """The model to build (default :data:`idc_helpers.models.DEFAULT_MODEL`);
-    :class:`idc_helpers.models.UnknownModelError` naming the known ones for a name that is not one of them."""
+    :class:`idc_helpers.models.UnknownModelError` naming the known ones for a name that is not one of them.
+    """
     from idc_helpers.models import DEFAULT_MODEL, MODEL_NAMES, UnknownModelError
 
     name = name or DEFAULT_MODEL
@@ -611,8 +708,11 @@ def _raise_disk_full(exc: BaseException, out: Path, partial: Path | None) -> Non
     """Turn "no space left" into :class:`DiskFullError` saying what is kept: a resumable run, or nothing."""
     if not is_disk_full(exc):
         return
-    then = (f"then continue with `python -m idc_helpers train --resume {out}` (its last checkpoint is in {partial})"
-            if partial is not None else "then train again (nothing was kept: no epoch had finished)")
+    then = (
+        f"then continue with `python -m idc_helpers train --resume {out}` (its last checkpoint is in {partial})"
+        if partial is not None
+        else "then train again (nothing was kept: no epoch had finished)"
+    )
     raise DiskFullError(f"the disk is full while writing the run {out}: free some space, {then}") from exc
 
 
@@ -698,9 +798,16 @@ def _start(data_dir, out_dir, args: dict[str, Any], *, verbose: int, say) -> Tra
     test_patients = args["test_patients"] = list(args["test_patients"]) if args["test_patients"] else None
     folders = list(data_dir) if isinstance(data_dir, (list, tuple)) else [data_dir]
     args["data_dirs"] = [None if d is None else str(d) for d in folders]
-    data = prepare_data(folders, split=args["split"], seed=args["seed"], test_patients=test_patients,
-                        unlisted=args["unlisted"], max_patches=args["max_patches"], cache_dir=args["cache_dir"],
-                        say=say)
+    data = prepare_data(
+        folders,
+        split=args["split"],
+        seed=args["seed"],
+        test_patients=test_patients,
+        unlisted=args["unlisted"],
+        max_patches=args["max_patches"],
+        cache_dir=args["cache_dir"],
+        say=say,
+    )
     config = _run_config(args, data)
     partial = partial_dir(out)
     try:
@@ -725,36 +832,50 @@ def _resume(data_dir, out_dir, *, cache_dir, verbose: int, say) -> TrainResult:
     if (out / CONFIG_FILE).is_file():
         raise RunExistsError(f"{out} is a finished run; runs are never overwritten. Train a new one with --out.")
     if not has_interrupted_run(out):
-        raise RunFolderError(f"No interrupted run of {out} to resume: {partial / CONFIG_FILE} does not exist. "
-                             "Start a new run with `python -m idc_helpers train --out RUN_DIR`.")
+        raise RunFolderError(
+            f"No interrupted run of {out} to resume: {partial / CONFIG_FILE} does not exist. "
+            "Start a new run with `python -m idc_helpers train --out RUN_DIR`."
+        )
     config = read_json(partial / CONFIG_FILE)
     _check_resumed_config(config, partial / CONFIG_FILE)
     args = config["arguments"]
-    folders = (list(data_dir) if isinstance(data_dir, (list, tuple)) else [data_dir]) if data_dir else \
-        args["data_dirs"]
-    data = prepare_data(folders, split=args["split"], seed=args["seed"], test_patients=args["test_patients"],
-                        unlisted=args["unlisted"], max_patches=args["max_patches"], cache_dir=cache_dir, say=say)
+    folders = (list(data_dir) if isinstance(data_dir, (list, tuple)) else [data_dir]) if data_dir else args["data_dirs"]
+    data = prepare_data(
+        folders,
+        split=args["split"],
+        seed=args["seed"],
+        test_patients=args["test_patients"],
+        unlisted=args["unlisted"],
+        max_patches=args["max_patches"],
+        cache_dir=cache_dir,
+        say=say,
+    )
     if data.patients != config["split"]["patients"]:
-        raise TrainingDataError(f"the data in {', '.join(map(str, folders))} does not give the patient split the "
-                                f"interrupted run {out} was started with; resume it on the same data.")
+        raise TrainingDataError(
+            f"the data in {', '.join(map(str, folders))} does not give the patient split the "
+            f"interrupted run {out} was started with; resume it on the same data."
+        )
     return _train_in(partial, out, config, data, resumed=True, verbose=verbose, say=say)
 
 
-def _train_in(partial: Path, out: Path, config: dict[str, Any], data: TrainingData, *, resumed: bool,
-              verbose: int, say) -> TrainResult:
+def _train_in(
+    partial: Path, out: Path, config: dict[str, Any], data: TrainingData, *, resumed: bool, verbose: int, say
+) -> TrainResult:
     """Fit (from the last checkpoint when ``resumed``), choose the threshold and publish the run."""
     with claim_run(partial, out):
         try:
-            model, state = _fit_from_checkpoint(partial, out, config, data, resumed=resumed, verbose=verbose,
-                                                say=say)
+            model, state = _fit_from_checkpoint(partial, out, config, data, resumed=resumed, verbose=verbose, say=say)
         except BaseException as exc:
             resumable = resumed or (partial / CHECKPOINT_STATE_FILE).is_file()
             if not resumable:
                 discard_partial(partial)  # nothing to resume from (a resumed run keeps its config: it can resume)
             _raise_disk_full(exc, out, partial if resumable else None)
             if resumable and not isinstance(exc, IdcError):  # an IdcError's own message says what to do
-                print(f"Training stopped; its last end-of-epoch checkpoint is in {partial}: continue with "
-                      f"`python -m idc_helpers train --resume {out}` (or delete that folder).", file=sys.stderr)
+                print(
+                    f"Training stopped; its last end-of-epoch checkpoint is in {partial}: continue with "
+                    f"`python -m idc_helpers train --resume {out}` (or delete that folder).",
+                    file=sys.stderr,
+                )
             raise
         try:
             return _finish(partial, out, config, data, model, state, say=say)
@@ -763,8 +884,9 @@ def _train_in(partial: Path, out: Path, config: dict[str, Any], data: TrainingDa
             raise
 
 
-def _fit_from_checkpoint(partial: Path, out: Path, config: dict[str, Any], data: TrainingData, *, resumed: bool,
-                         verbose: int, say) -> tuple[keras.Model, LoopState]:
+def _fit_from_checkpoint(
+    partial: Path, out: Path, config: dict[str, Any], data: TrainingData, *, resumed: bool, verbose: int, say
+) -> tuple[keras.Model, LoopState]:
     """Build the model (or load the last checkpoint when ``resumed``) and fit it to the end."""
     checkpoint = load_checkpoint(partial) if resumed else None
     if checkpoint is None:
@@ -773,27 +895,37 @@ def _fit_from_checkpoint(partial: Path, out: Path, config: dict[str, Any], data:
         model, best_weights, state = checkpoint
         say(f"Resuming {out} after epoch {state.epochs_done} of {config['epochs']}.")
     if state is None:
-        say(f"Training {config['model']} ({model.count_params():,} parameters) on {len(data.train_idx):,} "
+        say(
+            f"Training {config['model']} ({model.count_params():,} parameters) on {len(data.train_idx):,} "
             f"patches of {len(data.patients['train'])} patients; validation {len(data.val_idx):,} patches of "
-            f"{len(data.patients['val'])} patients; test patients held out: {len(data.patients['test'])}.")
+            f"{len(data.patients['val'])} patients; test patients held out: {len(data.patients['test'])}."
+        )
     return fit(model, data, config, partial, state, best_weights, verbose=verbose)
 
 
-def _finish(partial: Path, out: Path, config: dict[str, Any], data: TrainingData, model: keras.Model,
-            state: LoopState, *, say) -> TrainResult:
+def _finish(
+    partial: Path, out: Path, config: dict[str, Any], data: TrainingData, model: keras.Model, state: LoopState, *, say
+) -> TrainResult:
     """Choose the threshold on the validation patients, write the run files and publish the run."""
     probs = validation_probs(model, data)
     metrics = {**choose_threshold(data, probs), "context": choose_context(data, probs)}
-    metrics.update({"synthetic": data.synthetic, "best_epoch": state.best_epoch,
-                    "epochs_run": state.epochs_done, "monitor": MONITOR,
-                    "train_seconds": round(state.seconds, 1),
-                    "seconds_per_epoch": round(state.seconds / max(state.epochs_done, 1), 1)})
+    metrics.update(
+        {
+            "synthetic": data.synthetic,
+            "best_epoch": state.best_epoch,
+            "epochs_run": state.epochs_done,
+            "monitor": MONITOR,
+            "train_seconds": round(state.seconds, 1),
+            "seconds_per_epoch": round(state.seconds / max(state.epochs_done, 1), 1),
+        }
+    )
     config = {**config, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_run_files(partial, model, state.history, config, metrics)
     (partial / LOCK_FILE).unlink(missing_ok=True)
     publish_run(partial, out)
-    say(f"Best epoch {metrics['best_epoch']} of {metrics['epochs_run']}: validation ROC AUC "
+    say(
+        f"Best epoch {metrics['best_epoch']} of {metrics['epochs_run']}: validation ROC AUC "
         f"{metrics['validation']['roc_auc']:.3f}, F1 {metrics['validation']['f1']:.3f} at threshold "
-        f"{metrics['threshold']:.3f}. Run saved to {out} ({state.seconds:.0f} s of training).")
+        f"{metrics['threshold']:.3f}. Run saved to {out} ({state.seconds:.0f} s of training)."
+    )
     return TrainResult(run_dir=out, model=model, history=state.history, config=config, metrics=metrics)
-

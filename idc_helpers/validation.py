@@ -16,9 +16,10 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from idc_helpers.errors import UserError
 
@@ -40,7 +41,8 @@ class InvalidInputError(UserError, ValueError):
 @dataclass(frozen=True)
 class Number:
     """What a numeric setting may hold: a whole number or a finite real, within ``[low, high]`` (``high_open``:
-    ``high`` itself is excluded)."""
+    ``high`` itself is excluded).
+    """
 
     whole: bool
     low: float | None = None
@@ -58,9 +60,7 @@ class Number:
     def accepts(self, value: float) -> bool:
         if self.low is not None and value < self.low:
             return False
-        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
-            return False
-        return True
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
 
 
 #: Every numeric setting of the commands, the notebooks and ``config.json``, by name.
@@ -88,7 +88,7 @@ def shown(value: Any, limit: int = 50) -> str:
     if isinstance(value, str) and len(value) > limit:
         return f"{value[:limit]!r}... ({len(value):,} characters)"
     text = repr(value)
-    return text if len(text) <= 2 * limit else text[:2 * limit] + "..."
+    return text if len(text) <= 2 * limit else text[: 2 * limit] + "..."
 
 
 def _as_number(value: Any, whole: bool) -> float | int | None:
@@ -110,20 +110,21 @@ def _as_number(value: Any, whole: bool) -> float | int | None:
 
 def check_value(name: str, value: Any, source: str = "the command line") -> int | float:
     """``value`` of the setting ``name`` (a key of :data:`NUMBERS`) as an int or float after checking its type and
-    range; :class:`InvalidInputError` naming the value, ``source`` and what is allowed otherwise."""
+    range; :class:`InvalidInputError` naming the value, ``source`` and what is allowed otherwise.
+    """
     rule = NUMBERS[name]
     number = _as_number(value, rule.whole)
     ok = number is not None and math.isfinite(number) and rule.accepts(number)
     if ok and rule.whole and not float(number).is_integer():
         ok = False
     if not ok:
-        raise InvalidInputError(f"{name.replace('_', '-')} {value!r} ({source}) is not allowed: use "
-                                f"{rule.allowed()}")
+        raise InvalidInputError(f"{name.replace('_', '-')} {value!r} ({source}) is not allowed: use {rule.allowed()}")
     return int(number) if rule.whole else float(number)
 
 
 def arg_type(name: str) -> Callable[[str], int | float]:
     """An argparse ``type=`` function for the setting ``name``: the checked number, or argparse's error naming it."""
+
     def parse(text: str) -> int | float:
         try:
             return check_value(name, text)
@@ -157,25 +158,31 @@ def check_patient_ids(ids: Iterable[Any], source: str) -> list[str]:
     for value in ids:
         text = str(value)
         if not _is_patient_id(text):
-            raise InvalidInputError(f"patient id {shown(text)} ({source}) is not allowed: use the digits of a patient "
-                                    "folder's name, e.g. 8863, with nothing before or after")
+            raise InvalidInputError(
+                f"patient id {shown(text)} ({source}) is not allowed: use the digits of a patient "
+                "folder's name, e.g. 8863, with nothing before or after"
+            )
         checked.append(text)
     return checked
 
 
 def user_path(text: str | os.PathLike[str], source: str) -> Path:
     """``text`` as a path with ``~`` expanded; :class:`InvalidInputError` naming ``source`` when ``~user`` names no
-    user (or no home folder can be found)."""
+    user (or no home folder can be found).
+    """
     try:
         return Path(text).expanduser()
     except RuntimeError:
-        raise InvalidInputError(f"{source} {shown(os.fspath(text))}: the home folder in it is not known on this "
-                                "machine; give the folder as a full path") from None
+        raise InvalidInputError(
+            f"{source} {shown(os.fspath(text))}: the home folder in it is not known on this "
+            "machine; give the folder as a full path"
+        ) from None
 
 
 def patient_list(text: str) -> list[str]:
-    """argparse ``type=`` for ``--patients`` / ``--test-patients``: ``ID,ID,...`` checked with
-    :func:`check_patient_ids`."""
+    """Argparse ``type=`` for ``--patients`` / ``--test-patients``: ``ID,ID,...`` checked with
+    :func:`check_patient_ids`.
+    """
     try:
         return check_patient_ids(text.split(","), "the command line")
     except InvalidInputError as exc:
@@ -186,8 +193,9 @@ def patient_list(text: str) -> list[str]:
 # A resumed run's config.json
 
 
-def check_run_config(config: Mapping[str, Any], source: str, *, models: Iterable[str],
-                     augments: Iterable[str], splits: Iterable[str]) -> None:
+def check_run_config(
+    config: Mapping[str, Any], source: str, *, models: Iterable[str], augments: Iterable[str], splits: Iterable[str]
+) -> None:
     """The settings a run resumes with, checked as the command line checks them; ``source`` names the file."""
     if not isinstance(config, Mapping):
         raise InvalidInputError(f"{source}: not a run configuration (a JSON object is expected)")
@@ -209,7 +217,8 @@ def check_run_config(config: Mapping[str, Any], source: str, *, models: Iterable
 @dataclass(frozen=True)
 class Column:
     """What a table column may hold: ``"text"`` (at most ``max_chars``), ``"patient_id"``, ``"coordinate"`` (a
-    whole number of at least 1), ``"binary"`` (0 or 1) or ``"probability"`` (finite, in [0, 1])."""
+    whole number of at least 1), ``"binary"`` (0 or 1) or ``"probability"`` (finite, in [0, 1]).
+    """
 
     kind: str
     max_chars: int = MAX_PATH_CHARS
@@ -230,9 +239,13 @@ TABLE_COLUMNS: dict[str, Column] = {
     "threshold_context": Column("probability"),
 }
 
-_ALLOWED = {"text": "text of at most {max_chars:,} characters", "patient_id": "a patient id (digits only)",
-            "coordinate": "whole numbers of at least 1", "binary": "0 or 1",
-            "probability": "probabilities in [0, 1] (no NaN)"}
+_ALLOWED = {
+    "text": "text of at most {max_chars:,} characters",
+    "patient_id": "a patient id (digits only)",
+    "coordinate": "whole numbers of at least 1",
+    "binary": "0 or 1",
+    "probability": "probabilities in [0, 1] (no NaN)",
+}
 
 
 def _bad_rows(series: pd.Series, column: Column) -> np.ndarray:
@@ -242,12 +255,15 @@ def _bad_rows(series: pd.Series, column: Column) -> np.ndarray:
 
     if column.kind == "patient_id":  # few distinct ids: each is checked once
         codes, uniques = pd.factorize(series, use_na_sentinel=True)
-        ok = np.array([isinstance(v, str) and len(v) <= MAX_ID_CHARS and PATIENT_ID.fullmatch(v) is not None
-                       for v in uniques], dtype=bool)
+        ok = np.array(
+            [isinstance(v, str) and len(v) <= MAX_ID_CHARS and PATIENT_ID.fullmatch(v) is not None for v in uniques],
+            dtype=bool,
+        )
         return (codes < 0) | ~np.append(ok, False)[codes]
     if column.kind == "text":
-        is_text = pd.api.types.infer_dtype(series, skipna=False) == "string" or \
-            series.map(lambda v: isinstance(v, str)).all()
+        is_text = (
+            pd.api.types.infer_dtype(series, skipna=False) == "string" or series.map(lambda v: isinstance(v, str)).all()
+        )
         text = series if is_text else series.map(lambda v: v if isinstance(v, str) else None)
         return text.isna().to_numpy() | (text.str.len() > column.max_chars).fillna(True).to_numpy(dtype=bool)
     values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
@@ -262,8 +278,13 @@ def _bad_rows(series: pd.Series, column: Column) -> np.ndarray:
     return bad | (values < 1)
 
 
-def check_table(table: pd.DataFrame, required: Iterable[str], source: str,
-                columns: Mapping[str, Column] = TABLE_COLUMNS, first_row: int = 1) -> pd.DataFrame:
+def check_table(
+    table: pd.DataFrame,
+    required: Iterable[str],
+    source: str,
+    columns: Mapping[str, Column] = TABLE_COLUMNS,
+    first_row: int = 1,
+) -> pd.DataFrame:
     """Check ``table`` column by column and return it with the numeric columns as numbers (``x``, ``y``: int64;
     ``label``, ``pred``: int8; probabilities: float64).
 
@@ -276,8 +297,10 @@ def check_table(table: pd.DataFrame, required: Iterable[str], source: str,
 
     missing = [name for name in required if name not in table.columns]
     if missing:
-        raise InvalidInputError(f"{source}: missing column(s) {', '.join(missing)}; the table has "
-                                f"{', '.join(map(str, table.columns)) or 'no columns'}")
+        raise InvalidInputError(
+            f"{source}: missing column(s) {', '.join(missing)}; the table has "
+            f"{', '.join(map(str, table.columns)) or 'no columns'}"
+        )
     out = {}
     for name, column in columns.items():
         if name not in table.columns:
@@ -288,7 +311,8 @@ def check_table(table: pd.DataFrame, required: Iterable[str], source: str,
             raise InvalidInputError(
                 f"{source}: column {name!r} row {row + first_row} holds {shown(table[name].iloc[row])} "
                 f"({int(bad.sum()):,} bad row(s) in all); "
-                f"the column must hold {_ALLOWED[column.kind].format(max_chars=column.max_chars)}")
+                f"the column must hold {_ALLOWED[column.kind].format(max_chars=column.max_chars)}"
+            )
         if column.kind == "coordinate":
             out[name] = pd.to_numeric(table[name]).astype(np.int64)
         elif column.kind == "binary":
@@ -305,7 +329,8 @@ def check_table(table: pd.DataFrame, required: Iterable[str], source: str,
 def check_plain_data(value: Any, where: str) -> None:
     """Refuse anything but JSON's types (text, finite numbers, true/false, null, lists, maps with text keys) in a
     parameters file's ``value``; ``where`` names the file and the key. Nothing else may reach a notebook, where a
-    value becomes source code."""
+    value becomes source code.
+    """
     if value is None or isinstance(value, (bool, str, int)):
         return
     if isinstance(value, float):
@@ -322,14 +347,23 @@ def check_plain_data(value: Any, where: str) -> None:
                 raise InvalidInputError(f"{where}: the key {key!r} is not allowed: keys must be text")
             check_plain_data(item, f"{where}.{key}")
         return
-    raise InvalidInputError(f"{where}: {shown(value)} (a YAML {type(value).__name__}) is not allowed: use text, "
-                            "numbers, true/false, null, lists or maps (quote a date to pass it as text)")
+    raise InvalidInputError(
+        f"{where}: {shown(value)} (a YAML {type(value).__name__}) is not allowed: use text, "
+        "numbers, true/false, null, lists or maps (quote a date to pass it as text)"
+    )
 
 
 #: Notebook parameters that are numbers of :data:`NUMBERS` (``None`` keeps a notebook's default).
-NOTEBOOK_NUMBERS = {"EPOCHS": "epochs", "MAX_PATCHES": "max_patches", "BATCH_SIZE": "batch_size", "SEED": "seed",
-                    "N_BOOTSTRAP": "bootstrap", "N_PATIENTS": "n_patients", "GALLERY_SIZE": "n_patients",
-                    "GRADCAM_EXAMPLES": "n_patients"}
+NOTEBOOK_NUMBERS = {
+    "EPOCHS": "epochs",
+    "MAX_PATCHES": "max_patches",
+    "BATCH_SIZE": "batch_size",
+    "SEED": "seed",
+    "N_BOOTSTRAP": "bootstrap",
+    "N_PATIENTS": "n_patients",
+    "GALLERY_SIZE": "n_patients",
+    "GRADCAM_EXAMPLES": "n_patients",
+}
 _MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
@@ -348,15 +382,15 @@ NOTEBOOK_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "SPLIT": ("patients or janowczyk2016", lambda v: v in ("patients", "janowczyk2016")),
     "SLIDER": ("true or false", lambda v: isinstance(v, bool)),
     "TTA": ("true or false", lambda v: isinstance(v, bool)),
-    "SCALE": ("a number in (0, 1]", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-              and 0 < v <= 1),
+    "SCALE": ("a number in (0, 1]", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1),
 }
 
 
 def check_parameter(name: str, value: Any, source: str) -> None:
     """A notebook parameter from a parameters file: plain data (:func:`check_plain_data`), then a number of
     :data:`NOTEBOOK_NUMBERS` within its range or a value of :data:`NOTEBOOK_KINDS` of its kind; ``source`` names
-    the file."""
+    the file.
+    """
     check_plain_data(value, f"{source}: {name}")
     if value is None:
         return
@@ -374,5 +408,6 @@ def check_parameter(name: str, value: Any, source: str) -> None:
         check_value(rule, value, source)
     except InvalidInputError:
         quotes = " (without quotes)" if isinstance(value, str) else ""
-        raise InvalidInputError(f"{source}: {name} {value!r} is not allowed: use {NUMBERS[rule].allowed()}"
-                                f"{quotes}") from None
+        raise InvalidInputError(
+            f"{source}: {name} {value!r} is not allowed: use {NUMBERS[rule].allowed()}{quotes}"
+        ) from None

@@ -17,8 +17,17 @@ REAL_SAMPLE = Path(os.environ.get("IDC_SAMPLE_DIR", REPO_ROOT.parent / "shared" 
 
 # What a build of the package and colab_setup.sh read: copied for install tests, so that no build output lands in
 # the checkout (and nothing else that happens to lie in it is copied).
-BUILD_FILES = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "requirements.txt", "colab_setup.sh",
-               "idc_helpers/**/*.py", "notebooks/*.ipynb", "notebooks/params/*.yaml")
+BUILD_FILES = (
+    "pyproject.toml",
+    "setup.py",
+    "MANIFEST.in",
+    "README.md",
+    "requirements.txt",
+    "colab_setup.sh",
+    "idc_helpers/**/*.py",
+    "notebooks/*.ipynb",
+    "notebooks/params/*.yaml",
+)
 
 
 def copy_checkout(dest: Path) -> Path:
@@ -97,7 +106,8 @@ def cli_error(capsys):
 @pytest.fixture()
 def small_mount(tmp_path):
     """``make(options)`` mounts a small tmpfs of our own there (needs root and mount rights; skipped where they
-    are missing)."""
+    are missing).
+    """
     mount = tmp_path / "mnt"
     mount.mkdir()
 

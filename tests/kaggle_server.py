@@ -39,8 +39,9 @@ NESTED = "IDC_regular_ps50_idx5"
 KAGGLE_DATASET = "paultimothymooney/breast-histopathology-images"
 
 
-def make_patches(patients: tuple[str, ...] = ("8863", "10253", "12901"), per_class: int = 2,
-                 seed: int = 0) -> dict[str, bytes]:
+def make_patches(
+    patients: tuple[str, ...] = ("8863", "10253", "12901"), per_class: int = 2, seed: int = 0
+) -> dict[str, bytes]:
     """PNG patches in the Kaggle layout: ``{"<patient>/<label>/<patient>_idx5_x<X>_y<Y>_class<label>.png": bytes}``.
 
     Each patient gets ``per_class`` patches of each class; its last patch is a 50x30 border patch, like the real data.
@@ -89,7 +90,8 @@ def hostile_archive(patches: dict[str, bytes], kind: str) -> bytes:
     """:func:`build_archive` (no nested copy) with one member replaced or added the way a hostile or broken archive
     would have it. ``kind``: ``zeros`` (a patch name holding 5 MB of zeros), ``inflates`` (a patch name holding
     60 kB of zeros deflated: under the size limit, but a thousandfold compression), ``bomb`` (a small PNG whose header says 20000x20000), ``not_png``, ``bzip2``,
-    ``encrypted`` (the encryption flag set), ``dotdot``, ``absolute``, ``symlink``."""
+    ``encrypted`` (the encryption flag set), ``dotdot``, ``absolute``, ``symlink``.
+    """
     first = sorted(patches)[0]
     members = dict(patches)
     buffer = io.BytesIO()
@@ -116,7 +118,7 @@ def hostile_archive(patches: dict[str, bytes], kind: str) -> bytes:
             special, data = zipfile.ZipInfo("/tmp/absolute_idx5_x1_y1_class0.png"), patches[first]
         elif kind == "symlink":
             special, data = zipfile.ZipInfo(first), b"/etc/passwd"
-            special.external_attr = (0o120777 << 16)
+            special.external_attr = 0o120777 << 16
         else:
             raise ValueError(kind)
         if special is not None and special.filename == first:
@@ -129,7 +131,7 @@ def hostile_archive(patches: dict[str, bytes], kind: str) -> bytes:
     if kind == "encrypted":  # set bit 0 of the flags in the member's local header and its central directory entry
         local = raw.rindex(b"PK\x03\x04")  # the special member was written last
         central = raw.rindex(first.encode()) - 46  # its name's last occurrence: in the central directory entry
-        assert raw[central:central + 4] == b"PK\x01\x02"
+        assert raw[central : central + 4] == b"PK\x01\x02"
         raw[local + 6] |= 0x1
         raw[central + 8] |= 0x1
     return bytes(raw)
@@ -137,7 +139,8 @@ def hostile_archive(patches: dict[str, bytes], kind: str) -> bytes:
 
 def isolate_kaggle_env(monkeypatch, home: os.PathLike[str] | str) -> None:
     """Point the kaggle client at the local server and hide every real credential: HOME becomes ``home``,
-    every ``KAGGLE_*`` variable and ``XDG_CONFIG_HOME`` are removed, and localhost bypasses any proxy."""
+    every ``KAGGLE_*`` variable and ``XDG_CONFIG_HOME`` are removed, and localhost bypasses any proxy.
+    """
     for name in list(os.environ):
         if name.startswith("KAGGLE_") or name.lower() in ("http_proxy", "https_proxy", "all_proxy", "xdg_config_home"):
             monkeypatch.delenv(name)
@@ -158,9 +161,18 @@ def port_in_use(port: int = PORT) -> bool:
 class FakeKaggle:
     """The fake Kaggle server. Use as a context manager; ``requests`` lists ``(method, path)`` of each request."""
 
-    def __init__(self, archive: bytes, *, username: str = "ada", key: str = "right-key", token: str | None = None,
-                 dataset: str = KAGGLE_DATASET, mode: str = "ok", anonymous: bool = False,
-                 refuse_status: int = 401) -> None:
+    def __init__(
+        self,
+        archive: bytes,
+        *,
+        username: str = "ada",
+        key: str = "right-key",
+        token: str | None = None,
+        dataset: str = KAGGLE_DATASET,
+        mode: str = "ok",
+        anonymous: bool = False,
+        refuse_status: int = 401,
+    ) -> None:
         self.archive = archive
         self.anonymous, self.refuse_status = anonymous, refuse_status
         self.username, self.key, self.token = username, key, token
@@ -182,8 +194,7 @@ class FakeKaggle:
                 if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
 
@@ -236,8 +247,9 @@ class _Handler(BaseHTTPRequestHandler):
         header = self.headers.get("Authorization")
         if header is None and not self.fake.anonymous:
             status = self.fake.refuse_status
-            return self._json(status, {"code": status, "message": "Unauthenticated" if status == 401 else
-                                       "Permission denied"})
+            return self._json(
+                status, {"code": status, "message": "Unauthenticated" if status == 401 else "Permission denied"}
+            )
         if header is not None and not self.fake.authorised(header):
             return self._json(401, {"code": 401, "message": "Unauthenticated"})
         request = json.loads(body or b"{}")

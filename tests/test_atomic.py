@@ -60,10 +60,9 @@ def test_files_and_folders_are_flushed_to_disk(tmp_path, monkeypatch):
 
 def test_failed_write_leaves_old_file_and_no_temporary(tmp_path):
     target = write_text(tmp_path / "a.txt", "old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
@@ -95,10 +94,9 @@ def test_publish_dir_builds_hidden_then_renames(tmp_path, umask_027):
 def test_publish_dir_failure_removes_the_folder_and_keeps_the_target(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("old")
-    with pytest.raises(KeyboardInterrupt):
-        with publish_dir(tmp_path / "out", replace=True) as tmp:
-            (tmp / "new.txt").write_text("new")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), publish_dir(tmp_path / "out", replace=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
 
@@ -106,9 +104,8 @@ def test_publish_dir_failure_removes_the_folder_and_keeps_the_target(tmp_path):
 def test_publish_dir_refuses_a_non_empty_target_unless_replace(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "old.txt").write_text("old")
-    with pytest.raises(FileExistsError, match="not empty"):
-        with publish_dir(tmp_path / "out") as tmp:
-            (tmp / "new.txt").write_text("new")
+    with pytest.raises(FileExistsError, match="not empty"), publish_dir(tmp_path / "out") as tmp:
+        (tmp / "new.txt").write_text("new")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with publish_dir(tmp_path / "out", replace=True) as tmp:

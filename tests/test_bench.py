@@ -32,8 +32,16 @@ def _split_into_two_folders(demo_dir: Path, root: Path) -> list[Path]:
 def test_quality_cross_validation_tests_every_patient_once_and_resumes(demo_dir, tmp_path, capsys):
     out = tmp_path / "cv"
     folders = _split_into_two_folders(demo_dir, tmp_path / "data")
-    args = dict(n_folds=2, models=["seed_cnn"], epochs=1, cache_dir=tmp_path / "cache", n_bootstrap=20,
-                fold_bootstrap=10, tta=True, verbose=0)
+    args = {
+        "n_folds": 2,
+        "models": ["seed_cnn"],
+        "epochs": 1,
+        "cache_dir": tmp_path / "cache",
+        "n_bootstrap": 20,
+        "fold_bootstrap": 10,
+        "tta": True,
+        "verbose": 0,
+    }
     result = quality.run_quality(folders, out, **args)
     records = result["records"]
     assert [r["fold"] for r in records] == [0, 1]
@@ -80,8 +88,9 @@ def test_score_groups_reports_whole_slide_and_sparse_patients_apart():
     import pandas as pd
 
     rng = np.random.default_rng(0)
-    preds = pd.DataFrame({"patient_id": np.repeat(["1", "2", "3", "4"], 50), "label": np.tile([0, 1], 100),
-                          "prob_idc": rng.random(200)})
+    preds = pd.DataFrame(
+        {"patient_id": np.repeat(["1", "2", "3", "4"], 50), "label": np.tile([0, 1], 100), "prob_idc": rng.random(200)}
+    )
     preds.loc[preds["patient_id"].isin(["1", "2"]), "prob_idc"] = preds["label"] * 0.8 + 0.1  # perfect slides
     groups = quality.score_groups(preds, {"1", "2"}, 0.5, n_bootstrap=10)
     assert groups["all"]["patches"] == 200 and groups["whole slide"]["patients"] == 2
@@ -90,14 +99,30 @@ def test_score_groups_reports_whole_slide_and_sparse_patients_apart():
 
 
 def test_read_log_ignores_a_torn_last_line(tmp_path):
-    (tmp_path / quality.LOG_FILE).write_text(json.dumps({"model": "m", "fold": 0}) + "\n{\"model\": ")
+    (tmp_path / quality.LOG_FILE).write_text(json.dumps({"model": "m", "fold": 0}) + '\n{"model": ')
     assert quality.read_log(tmp_path) == [{"model": "m", "fold": 0}]
 
 
 def test_quality_augment_option_reaches_training_and_the_config(demo_dir, tmp_path, capsys):
     out = tmp_path / "cv"
-    common = ["--data-dir", str(demo_dir), "--folds", "2", "--only-folds", "0", "--models", "seed_cnn",
-              "--epochs", "1", "--max-patches", "60", "--bootstrap", "10", "--cache-dir", str(tmp_path / "cache")]
+    common = [
+        "--data-dir",
+        str(demo_dir),
+        "--folds",
+        "2",
+        "--only-folds",
+        "0",
+        "--models",
+        "seed_cnn",
+        "--epochs",
+        "1",
+        "--max-patches",
+        "60",
+        "--bootstrap",
+        "10",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert quality.main([*common, "--augment", "strong", "--out", str(out)]) == 0
     config = json.loads((out / quality.CONFIG_FILE).read_text())
     assert config["train_options"] == {"augment": "strong"}
@@ -121,7 +146,7 @@ def test_quality_augment_option_reaches_training_and_the_config(demo_dir, tmp_pa
     capsys.readouterr()
     # Width reaches idc_net's builder; refused for a model that has no width, before a folder is written.
     wide = tmp_path / "wide"
-    idc = [*common[:common.index("--models")], "--models", "idc_net", *common[common.index("--models") + 2:]]
+    idc = [*common[: common.index("--models")], "--models", "idc_net", *common[common.index("--models") + 2 :]]
     assert quality.main([*idc, "--width", "2", "--out", str(wide)]) == 0
     wide_run = json.loads((wide / "runs" / "idc_net-fold0" / "config.json").read_text())
     assert wide_run["model_kwargs"] == {"width": 2}
@@ -152,8 +177,9 @@ def test_speed_measurements_run_and_print_a_table(demo_dir, tmp_path):
 
     frame = build_index(demo_dir).frame
     loaded = load_patches(frame, cache_dir=tmp_path / "cache")
-    training = speed.training_throughput(loaded.images, loaded.labels, model_name="seed_cnn", batch_size=16,
-                                         steps=2, repeats=1, in_memory_patches=64)
+    training = speed.training_throughput(
+        loaded.images, loaded.labels, model_name="seed_cnn", batch_size=16, steps=2, repeats=1, in_memory_patches=64
+    )
     assert len(training) == 5 and all(v["patches_per_s"] > 0 for v in training.values())
     prediction = speed.prediction_throughput(loaded.images, model_name="seed_cnn", patches=64, repeats=1)
     assert set(prediction) == {"no TTA", "with TTA (8 views)"}
@@ -163,11 +189,20 @@ def test_speed_measurements_run_and_print_a_table(demo_dir, tmp_path):
     assert not (tmp_path / "full").exists()  # the temporary tree and cache are deleted
     for phase in ("decode and train", "train from cache"):
         assert memory[phase]["peak_rss_mb"] > 0 and memory[phase]["steps"] == 2
-    report = {"machine": speed._machine(), "training_config": {"model": "seed_cnn", "batch_size": 16, "steps": 2,
-                                                               "repeats": 1},
-              "training": training, "prediction": prediction, "prediction_patches": 64, "memory": memory,
-              "full_epoch_estimate": {"patches_per_s": 100.0, "train_share_patches": 10, "train_share_minutes": 1.0,
-                                      "all_minutes": 2.0}}
+    report = {
+        "machine": speed._machine(),
+        "training_config": {"model": "seed_cnn", "batch_size": 16, "steps": 2, "repeats": 1},
+        "training": training,
+        "prediction": prediction,
+        "prediction_patches": 64,
+        "memory": memory,
+        "full_epoch_estimate": {
+            "patches_per_s": 100.0,
+            "train_share_patches": 10,
+            "train_share_minutes": 1.0,
+            "all_minutes": 2.0,
+        },
+    }
     text = speed.markdown(report)
     assert "| pipeline (memmap) + augmentation |" in text and "Peak memory" in text
 
@@ -178,37 +213,64 @@ def test_speed_pipeline_alone_is_measured_beside_training(demo_dir, tmp_path):
     from idc_helpers.patch_index import build_index
 
     loaded = load_patches(build_index(demo_dir).frame, cache_dir=tmp_path / "cache")
-    alone = speed.pipeline_throughput(loaded.images, loaded.labels, batch_size=16, batches=3, repeats=2,
-                                      settings=("none", "mild"))
-    assert set(alone) == {"none", "mild"} and all(len(v["runs"]) == 2 and v["patches_per_s"] > 0
-                                                  for v in alone.values())
+    alone = speed.pipeline_throughput(
+        loaded.images, loaded.labels, batch_size=16, batches=3, repeats=2, settings=("none", "mild")
+    )
+    assert set(alone) == {"none", "mild"} and all(
+        len(v["runs"]) == 2 and v["patches_per_s"] > 0 for v in alone.values()
+    )
     assert alone["none"]["ratio_to_none"] == 1.0
     training = {"pipeline (memmap) + augmentation": {"patches_per_s": alone["mild"]["patches_per_s"] / 10}}
-    text = "\n".join(speed._pipeline_markdown({"pipeline": alone, "training": training,
-                                               "pipeline_config": {"batch_size": 16, "batches": 3, "repeats": 2}}))
+    text = "\n".join(
+        speed._pipeline_markdown(
+            {"pipeline": alone, "training": training, "pipeline_config": {"batch_size": 16, "batches": 3, "repeats": 2}}
+        )
+    )
     assert "| mild |" in text and "the pace is set by the model" in text
     training["pipeline (memmap) + augmentation"]["patches_per_s"] = alone["mild"]["patches_per_s"]
-    text = "\n".join(speed._pipeline_markdown({"pipeline": alone, "training": training,
-                                               "pipeline_config": {"batch_size": 16, "batches": 3, "repeats": 2}}))
+    text = "\n".join(
+        speed._pipeline_markdown(
+            {"pipeline": alone, "training": training, "pipeline_config": {"batch_size": 16, "batches": 3, "repeats": 2}}
+        )
+    )
     assert "the pace is set by the input pipeline" in text
 
 
 def test_gpu_check_runs_on_a_cpu_with_tiny_settings(tmp_path):
     from idc_helpers.bench import speed
 
-    report = speed.gpu_check(tmp_path / "work", patches=200, epochs=2, batch_sizes=(32, 64), model_name="seed_cnn",
-                             pipeline_batches=2, time_budget_s=1e9)
+    report = speed.gpu_check(
+        tmp_path / "work",
+        patches=200,
+        epochs=2,
+        batch_sizes=(32, 64),
+        model_name="seed_cnn",
+        pipeline_batches=2,
+        time_budget_s=1e9,
+    )
     assert not (tmp_path / "work" / "synthetic_patches.npy").exists()  # the 2 GB stand-in is deleted
     assert [(r["batch_size"], r["augmentation_in"]) for r in report["runs"]] == [
-        (32, "pipeline"), (32, "model"), (64, "pipeline"), (64, "model")]
+        (32, "pipeline"),
+        (32, "model"),
+        (64, "pipeline"),
+        (64, "model"),
+    ]
     assert report["train_patches"] == 140
     for run in report["runs"]:
         assert len(run["epoch_seconds"]) == 2 and all(r > 0 for r in run["train_patches_per_s"])
         assert set(run["pipeline_alone_patches_per_s"]) == {"none", "mild"}
         assert isinstance(run["pipeline_bound"], bool)
     assert "| 32 |" in report["markdown"] and "pipeline-bound" in report["markdown"]
-    skipped = speed.gpu_check(tmp_path / "work", patches=200, epochs=1, batch_sizes=(32,), model_name="seed_cnn",
-                              pipeline_batches=1, time_budget_s=0, placements=("model",))
+    skipped = speed.gpu_check(
+        tmp_path / "work",
+        patches=200,
+        epochs=1,
+        batch_sizes=(32,),
+        model_name="seed_cnn",
+        pipeline_batches=1,
+        time_budget_s=0,
+        placements=("model",),
+    )
     assert skipped["runs"] == [] and skipped["skipped"] == ["batch 32, augmentation in the model"]
     assert "Skipped for time" in skipped["markdown"]
 
@@ -239,8 +301,9 @@ def test_load_benchmark_runs_on_several_folders_and_prints_a_table(tiny_dataset,
     other = tmp_path / "other"
     shutil.move(str(tiny_dataset / "103"), other / "103")
     out = tmp_path / "load.json"
-    assert load.main(["--data-dir", str(tiny_dataset), "--data-dir", str(other), "--repeats", "1",
-                      "--out", str(out)]) == 0
+    assert (
+        load.main(["--data-dir", str(tiny_dataset), "--data-dir", str(other), "--repeats", "1", "--out", str(out)]) == 0
+    )
     text = capsys.readouterr().out
     assert "## Loading benchmark" in text and "36 patches" in text
     report = json.loads(out.read_text())
@@ -254,9 +317,29 @@ def test_boundary_splits_the_whole_slide_test_patches_and_names_a_wrong_folder(d
     from idc_helpers.context import label_boundary
 
     out = tmp_path / "cv"
-    assert quality.main(["--data-dir", str(demo_dir), "--folds", "2", "--only-folds", "0", "--models", "seed_cnn",
-                         "--epochs", "1", "--bootstrap", "10", "--cache-dir", str(tmp_path / "cache"),
-                         "--out", str(out)]) == 0
+    assert (
+        quality.main(
+            [
+                "--data-dir",
+                str(demo_dir),
+                "--folds",
+                "2",
+                "--only-folds",
+                "0",
+                "--models",
+                "seed_cnn",
+                "--epochs",
+                "1",
+                "--bootstrap",
+                "10",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = boundary.whole_slide_part(boundary.fold_predictions(out, "seed_cnn"), out)
     test_patients = quality.read_log(out)[0]["test_patients"]
     assert sorted(table["patient_id"].astype(str).unique()) == sorted(test_patients)  # demo patients are slides
@@ -264,8 +347,12 @@ def test_boundary_splits_the_whole_slide_test_patches_and_names_a_wrong_folder(d
     assert 0 < table["boundary"].sum() < len(table)
 
     capsys.readouterr()
-    assert boundary.main(["--quality", str(out), "--models", "seed_cnn", "--bootstrap", "10",
-                          "--out", str(tmp_path / "b")]) == 0
+    assert (
+        boundary.main(
+            ["--quality", str(out), "--models", "seed_cnn", "--bootstrap", "10", "--out", str(tmp_path / "b")]
+        )
+        == 0
+    )
     written = json.loads((tmp_path / "b" / "boundary.json").read_text())
     results = written["boundary"]["seed_cnn (cv)"]
     assert results["interior"]["patches"] + results["boundary"]["patches"] == results["all"]["patches"] == len(table)
@@ -300,8 +387,15 @@ def test_patient_oracle_threshold_is_each_patients_best_cut_and_keeps_ties_toget
     rows = []
     for pid, shift in (("1", 0.0), ("2", 0.4), ("3", -0.3)):  # the same ranking on three probability scales
         label = rng.random(80) < 0.4
-        rows.append(pd.DataFrame({"patient_id": pid, "label": label.astype(int),
-                                  "prob_idc": np.clip(0.3 + 0.3 * label + shift + rng.normal(0, 0.15, 80), 0, 1)}))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "patient_id": pid,
+                    "label": label.astype(int),
+                    "prob_idc": np.clip(0.3 + 0.3 * label + shift + rng.normal(0, 0.15, 80), 0, 1),
+                }
+            )
+        )
     table = pd.concat(rows, ignore_index=True)
     oracle = patient_oracle_predictions(table)
 
@@ -314,8 +408,13 @@ def test_patient_oracle_threshold_is_each_patients_best_cut_and_keeps_ties_toget
         best_any = max(gain((probs >= t).astype(int), rows) for t in np.r_[probs, 2.0])
         assert gain(oracle[rows], rows) == best_any  # no single cut of this patient does better
     # Tied probabilities get one decision; a patient without IDC is called IDC nowhere.
-    tied = pd.DataFrame({"patient_id": ["a"] * 4 + ["b"] * 3, "label": [1, 0, 1, 0, 0, 0, 0],
-                         "prob_idc": [0.9, 0.5, 0.5, 0.1, 0.8, 0.7, 0.2]})
+    tied = pd.DataFrame(
+        {
+            "patient_id": ["a"] * 4 + ["b"] * 3,
+            "label": [1, 0, 1, 0, 0, 0, 0],
+            "prob_idc": [0.9, 0.5, 0.5, 0.1, 0.8, 0.7, 0.2],
+        }
+    )
     decided = patient_oracle_predictions(tied)
     assert decided[1] == decided[2] and decided[0] == 1 and not decided[4:].any()
 
@@ -326,14 +425,30 @@ def test_a_benchmark_prints_no_tensorflow_start_up_lines(tmp_path):
     import sys
 
     env = {k: v for k, v in __import__("os").environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    done = subprocess.run([sys.executable, "-m", "idc_helpers.bench", "quality", "--data-dir", str(tmp_path / "none"),
-                           "--out", str(tmp_path / "q")], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "idc_helpers.bench",
+            "quality",
+            "--data-dir",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "q"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 2 and done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
-    unknown = subprocess.run([sys.executable, "-m", "idc_helpers.bench", "nope"], capture_output=True, text=True,
-                             timeout=60)
+    unknown = subprocess.run(
+        [sys.executable, "-m", "idc_helpers.bench", "nope"], capture_output=True, text=True, timeout=60
+    )
     assert unknown.returncode == 2 and unknown.stderr.splitlines()[-1].startswith("error: unknown benchmark 'nope'")
-    bogus = subprocess.run([sys.executable, "-m", "idc_helpers.bench", "load", "--bogus"], capture_output=True,
-                           text=True, timeout=60)
+    bogus = subprocess.run(
+        [sys.executable, "-m", "idc_helpers.bench", "load", "--bogus"], capture_output=True, text=True, timeout=60
+    )
     assert bogus.returncode == 2 and bogus.stderr.startswith("error: ") and bogus.stderr.count("\n") == 1
 
 
@@ -342,6 +457,9 @@ def test_every_message_of_the_package_says_error_in_lower_case():
     import re
 
     package = Path(__file__).resolve().parents[1] / "idc_helpers"
-    found = [f"{path.name}: {match}" for path in package.rglob("*.py")
-             for match in re.findall(r"[\"'](?:Error|ERROR): ", path.read_text(encoding="utf-8"))]
+    found = [
+        f"{path.name}: {match}"
+        for path in package.rglob("*.py")
+        for match in re.findall(r"[\"'](?:Error|ERROR): ", path.read_text(encoding="utf-8"))
+    ]
     assert found == []

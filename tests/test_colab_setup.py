@@ -8,19 +8,23 @@ import re
 import subprocess
 import sys
 import sysconfig
-import tomllib
 import venv
 from pathlib import Path
 
 import pytest
+import tomllib
 from conftest import copy_checkout
 from packaging.requirements import Requirement
 from packaging.version import Version
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Import names whose distribution is named otherwise.
-DISTRIBUTION_OF = {"cv2": "opencv-python-headless", "sklearn": "scikit-learn", "yaml": "pyyaml",
-                   "jupyter_client": "jupyter-client"}
+DISTRIBUTION_OF = {
+    "cv2": "opencv-python-headless",
+    "sklearn": "scikit-learn",
+    "yaml": "pyyaml",
+    "jupyter_client": "jupyter-client",
+}
 # Only importable where they run: Colab's own module, and the test tools (extra "test").
 NOT_DEPENDENCIES = {"google", "pytest", "nbval", "idc_helpers"}
 
@@ -98,26 +102,37 @@ def test_the_ci_constraints_do_not_pin_the_project_itself():
 COLAB_STAND_IN = {
     "google/colab/__init__.py": "from google.colab import userdata  # noqa: F401\n",
     "google/colab/userdata.py": (
-        "class SecretNotFoundError(Exception):\n    pass\n\n\n"
-        "def get(name):\n    raise SecretNotFoundError(name)\n"
+        "class SecretNotFoundError(Exception):\n    pass\n\n\ndef get(name):\n    raise SecretNotFoundError(name)\n"
     ),
 }
 
 
 def freeze(python: Path) -> list[str]:
-    out = subprocess.run([str(python), "-m", "pip", "freeze", "--all", "--exclude", "idc_helpers"], capture_output=True, text=True, check=True,
-                         timeout=120).stdout.splitlines()
+    out = subprocess.run(
+        [str(python), "-m", "pip", "freeze", "--all", "--exclude", "idc_helpers"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.splitlines()
     return sorted(line for line in out if "idc_helpers" not in line.lower().replace("-", "_"))
 
 
 def test_colab_setup_installs_nothing_that_is_met_and_changes_no_version(tmp_path):
     """colab_setup.sh on a runtime that has every requirement (this environment's packages, seen through a
-    fresh virtual environment so that nothing here is touched), inside a stand-in for Colab's own module."""
+    fresh virtual environment so that nothing here is touched), inside a stand-in for Colab's own module.
+    """
     env_dir = tmp_path / "runtime"
     venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
-    purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  capture_output=True, text=True, check=True).stdout.strip())
+    purelib = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     # This environment's packages (pip included) are the runtime's preinstalled ones.
     paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (purelib / "preinstalled.pth").write_text("\n".join(sorted(paths)) + "\n")
@@ -133,15 +148,21 @@ def test_colab_setup_installs_nothing_that_is_met_and_changes_no_version(tmp_pat
 
     before = freeze(python)
     assert any(line.lower().startswith("tensorflow") for line in before)
-    result = subprocess.run(["bash", str(checkout / "colab_setup.sh")], env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        ["bash", str(checkout / "colab_setup.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Every requirement is already met by this runtime." in result.stdout
     assert "No Kaggle credentials found: the notebooks will try an anonymous download" in result.stdout
     assert freeze(python) == before  # no version changed, nothing added (idc_helpers aside)
-    installed = subprocess.run([str(python), "-c", "import idc_helpers.notebook_runner as r; "
-                                "print(r.default_notebook_dir())"], env=env, cwd=tmp_path, capture_output=True,
-                               text=True, check=True).stdout.strip()
+    installed = subprocess.run(
+        [str(python), "-c", "import idc_helpers.notebook_runner as r; print(r.default_notebook_dir())"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert Path(installed) == purelib / "idc_helpers" / "notebooks"  # the regular install, with its notebooks
 
 

@@ -26,9 +26,17 @@ def test_train_alongside_uses_the_same_patients_and_is_not_trained_twice(tmp_pat
     assert table.loc[1, "threshold"] == other.metrics["threshold"]
 
     # A sibling trained on other patients (another test patient held out) is refused, not compared.
-    other_test = [p for p in base.split["train"]][:1]
-    other_split = train(data, tmp_path / "other", model_name="seed_cnn", epochs=1, batch_size=32, seed=3,
-                        test_patients=other_test, verbose=0)
+    other_test = list(base.split["train"])[:1]
+    other_split = train(
+        data,
+        tmp_path / "other",
+        model_name="seed_cnn",
+        epochs=1,
+        batch_size=32,
+        seed=3,
+        test_patients=other_test,
+        verbose=0,
+    )
     assert other_split.split != base.split
     with pytest.raises(CompareError, match="other patients"):
         train_alongside(other_split, tmp_path / "run", "seed_cnn", verbose=0)

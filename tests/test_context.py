@@ -13,15 +13,20 @@ from idc_helpers import context
 from idc_helpers.context import ContextError, apply_context, fit_context, neighbour_counts, smooth_probs
 
 
-def _slide(patient: str, rng: np.random.Generator, size: int = 30, keep: float = 1.0, noise: float = 0.25,
-           blob_radius: float = 7.0) -> pd.DataFrame:
+def _slide(
+    patient: str,
+    rng: np.random.Generator,
+    size: int = 30,
+    keep: float = 1.0,
+    noise: float = 0.25,
+    blob_radius: float = 7.0,
+) -> pd.DataFrame:
     """A ``size`` x ``size`` patch grid with a round IDC region; probabilities = label + Gaussian noise, clipped."""
     gx, gy = np.meshgrid(np.arange(size), np.arange(size))
     gx, gy = gx.ravel(), gy.ravel()
-    label = ((gx - size / 2) ** 2 + (gy - size / 2) ** 2 <= blob_radius ** 2).astype(np.int8)
+    label = ((gx - size / 2) ** 2 + (gy - size / 2) ** 2 <= blob_radius**2).astype(np.int8)
     prob = np.clip(0.3 + 0.4 * label + rng.normal(0, noise, len(label)), 0, 1)
-    table = pd.DataFrame({"patient_id": patient, "x": gx * 50 + 1, "y": gy * 50 + 1, "label": label,
-                          "prob_idc": prob})
+    table = pd.DataFrame({"patient_id": patient, "x": gx * 50 + 1, "y": gy * 50 + 1, "label": label, "prob_idc": prob})
     return table[rng.random(len(table)) < keep].reset_index(drop=True)
 
 
@@ -129,8 +134,10 @@ def test_label_boundary_marks_patches_beside_the_other_label_only():
     both = pd.concat([other, table], ignore_index=True).sample(frac=1.0, random_state=0)
     marks = context.label_boundary(both)
     assert not marks[both["patient_id"].to_numpy() == "q"].any()
-    np.testing.assert_array_equal(marks[both["patient_id"].to_numpy() == "p"],
-                                  boundary[both.loc[both["patient_id"] == "p"].index.to_numpy() - len(other)])
+    np.testing.assert_array_equal(
+        marks[both["patient_id"].to_numpy() == "p"],
+        boundary[both.loc[both["patient_id"] == "p"].index.to_numpy() - len(other)],
+    )
 
 
 def test_label_boundary_ignores_absent_neighbours_and_refuses_soft_labels():

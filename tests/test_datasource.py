@@ -7,12 +7,12 @@ import sys
 import types
 
 import pytest
+from kaggle_server import FakeKaggle, build_archive, isolate_kaggle_env, make_patches
 
 from idc_helpers.datasource import DataSourceError, resolve_data_dir
 from idc_helpers.demo_data import DEMO_MARKER, SYNTHETIC_LINE, SYNTHETIC_NOTICE
 from idc_helpers.kaggle_download import DestinationError
 from idc_helpers.patch_index import build_index
-from kaggle_server import FakeKaggle, build_archive, isolate_kaggle_env, make_patches
 
 TINY = {"expected_patients": 3, "expected_patches": 36}  # what the tiny_dataset fixture holds
 ARCHIVE = {"expected_patients": 3, "expected_patches": 12}  # what the fake Kaggle archive holds
@@ -122,7 +122,9 @@ def test_demo_fallback_is_written_once_and_announced(work, tmp_cache, capsys):
     marker = (source.path / DEMO_MARKER).stat().st_mtime_ns
     again = resolve_data_dir(cwd=work, demo_patients=1)
     assert (again.path, again.origin, again.synthetic) == (source.path, "demo", True)
-    assert "reusing" in again.description and (source.path / DEMO_MARKER).stat().st_mtime_ns == marker  # reused, not rewritten
+    assert (
+        "reusing" in again.description and (source.path / DEMO_MARKER).stat().st_mtime_ns == marker
+    )  # reused, not rewritten
     assert SYNTHETIC_NOTICE in capsys.readouterr().out  # announced every time
     assert not (work / "data").exists()  # the demo never lands where a download would go
 

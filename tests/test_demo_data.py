@@ -16,9 +16,9 @@ from idc_helpers.demo_data import (
     DEFAULT_PATIENTS,
     DEMO_MARKER,
     FIRST_PATIENT_ID,
+    SYNTHETIC_NOTICE,
     DemoDataError,
     DemoDestinationError,
-    SYNTHETIC_NOTICE,
     is_synthetic,
     write_demo_dataset,
 )
@@ -242,6 +242,7 @@ def test_cli_refuses_the_old_spellings_with_one_line_naming_the_new_word(tmp_pat
     assert main(["demo-data", str(dest), "--seed", "3"]) == 2
     assert capsys.readouterr().err == "error: demo-data DIR is no longer accepted: use demo-data --out DIR.\n"
     assert main(["demo-data", "--out", str(dest), "--patients", "1"]) == 2
-    assert capsys.readouterr().err == ("error: demo-data --patients N is no longer accepted: "
-                                       "use demo-data --n-patients N.\n")
+    assert capsys.readouterr().err == (
+        "error: demo-data --patients N is no longer accepted: use demo-data --n-patients N.\n"
+    )
     assert not dest.exists()

@@ -15,8 +15,9 @@ PINK = (215, 120, 180)
 
 def _border_dataset(root):
     """One patient: 50x42 and 31x50 patches of glass, and the same sizes half covered with stained tissue."""
-    for i, (width, height, tissue) in enumerate([(50, 42, False), (50, 42, True), (31, 50, False), (31, 50, True),
-                                                 (50, 50, True)]):
+    for i, (width, height, tissue) in enumerate(
+        [(50, 42, False), (50, 42, True), (31, 50, False), (31, 50, True), (50, 50, True)]
+    ):
         image = np.empty((height, width, 3), np.uint8)
         image[:] = GLASS
         if tissue:
@@ -47,9 +48,11 @@ def test_padding_is_hatched_and_the_file_edge_dashed():
 
 def _preds() -> pd.DataFrame:
     rows = []
-    for patient, labels, probs in [("1", [1, 1, 1, 0, 0], [0.9, 0.2, 0.1, 0.8, 0.3]),
-                                   ("2", [1, 1, 0, 0, 0], [0.9, 0.8, 0.1, 0.2, 0.3])]:
-        for i, (label, prob) in enumerate(zip(labels, probs)):
+    for patient, labels, probs in [
+        ("1", [1, 1, 1, 0, 0], [0.9, 0.2, 0.1, 0.8, 0.3]),
+        ("2", [1, 1, 0, 0, 0], [0.9, 0.8, 0.1, 0.2, 0.3]),
+    ]:
+        for i, (label, prob) in enumerate(zip(labels, probs, strict=True)):
             rows.append((f"/d/{patient}/{label}/{i}.png", patient, 1 + 50 * i, 1, label, prob, int(prob >= 0.5)))
     return pd.DataFrame(rows, columns=["path", "patient_id", "x", "y", "label", "prob_idc", "pred"])
 
@@ -65,8 +68,7 @@ def test_worst_patients_are_those_with_the_lowest_f1():
 
 def test_patient_mistakes_are_the_most_confident_ones(tmp_path, monkeypatch):
     preds = _preds()
-    preds["path"] = [str(write_patch(tmp_path / p.lstrip("/"), np.zeros((50, 50, 3), np.uint8)))
-                     for p in preds["path"]]
+    preds["path"] = [str(write_patch(tmp_path / p.lstrip("/"), np.zeros((50, 50, 3), np.uint8))) for p in preds["path"]]
     preds["threshold"] = 0.5
     shown = examples.patient_mistakes(preds, ["1"], per_patient=2)
     assert shown.frame["prob_idc"].tolist() == [0.1, 0.8]  # the surest miss, then the surest false alarm
@@ -87,8 +89,7 @@ def test_augmented_views_follow_each_original():
 def test_a_probability_beside_its_threshold_gets_a_third_decimal(tmp_path):
     assert plots.probability_text(0.031, 0.033) == "0.031" and plots.probability_text(0.5, 0.033) == "0.50"
     preds = _preds()
-    preds["path"] = [str(write_patch(tmp_path / p.lstrip("/"), np.zeros((50, 50, 3), np.uint8)))
-                     for p in preds["path"]]
+    preds["path"] = [str(write_patch(tmp_path / p.lstrip("/"), np.zeros((50, 50, 3), np.uint8))) for p in preds["path"]]
     preds = preds.assign(prob_idc=preds["prob_idc"].replace(0.1, 0.031), threshold=0.033)
     preds["pred"] = (preds["prob_idc"] >= 0.033).astype(int)
     shown = examples.patient_mistakes(preds, ["1"], per_patient=2)

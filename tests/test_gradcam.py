@@ -1,5 +1,6 @@
 """Grad-CAM: correct localisation on a task whose evidence sits in a known place, the same maps whatever the model
-kind (Sequential, Functional, loaded from .keras), and maps on one scale (no per-patch rescaling)."""
+kind (Sequential, Functional, loaded from .keras), and maps on one scale (no per-patch rescaling).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +11,16 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
+
 layers = keras.layers
 
 from idc_helpers.gradcam import (  # noqa: E402
-    conv_layer_names, default_gradcam_layer, gradcam, overlay, receptive_field_centres)
+    conv_layer_names,
+    default_gradcam_layer,
+    gradcam,
+    overlay,
+    receptive_field_centres,
+)
 
 SIZE = 50
 SQUARE = 10  # side of the class-deciding white square, px
@@ -34,11 +41,11 @@ def make_task(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for i in range(n):
         if labels[i]:
             r, c = rng.integers(0, QUADRANT - SQUARE + 1, size=2)
-            images[i, r:r + SQUARE, c:c + SQUARE] = 255
+            images[i, r : r + SQUARE, c : c + SQUARE] = 255
             corners[i] = r, c
         if rng.random() < 0.5:
             r, c = rng.integers(QUADRANT, SIZE - SQUARE + 1, size=2)
-            images[i, r:r + SQUARE, c:c + SQUARE] = (255, 0, 0)
+            images[i, r : r + SQUARE, c : c + SQUARE] = (255, 0, 0)
     return images, labels, corners
 
 
@@ -76,8 +83,7 @@ def trained(tmp_path_factory):
     keras.utils.set_random_seed(0)
     images, labels, _ = make_task(600, seed=1)
     model = sequential_model()
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     model.fit(images, labels, epochs=8, batch_size=32, verbose=0)
     functional = functional_model()
     functional.set_weights(model.get_weights())
@@ -100,9 +106,9 @@ def test_heatmap_peaks_on_the_deciding_square(trained):
     assert heat.shape == (len(positives), SIZE, SIZE) and heat.dtype == np.float32
     assert heat.min() >= 0 and heat.max() > 0 and not np.isnan(heat).any()
     good = 0
-    for h, (r, c) in zip(heat, corners[positives]):
+    for h, (r, c) in zip(heat, corners[positives], strict=True):
         inside = np.zeros((SIZE, SIZE), dtype=bool)
-        inside[r:r + SQUARE, c:c + SQUARE] = True
+        inside[r : r + SQUARE, c : c + SQUARE] = True
         peak_r, peak_c = np.unravel_index(h.argmax(), h.shape)
         # The peak may sit on the square's border: the receptive fields straddle it.
         peak_near = r - 3 <= peak_r < r + SQUARE + 3 and c - 3 <= peak_c < c + SQUARE + 3
@@ -111,13 +117,13 @@ def test_heatmap_peaks_on_the_deciding_square(trained):
 
 
 def test_red_distractor_gets_little_heat(trained):
-    images, labels, corners = make_task(200, seed=4)
+    images, labels, _corners = make_task(200, seed=4)
     heat = gradcam(trained["sequential"], images[labels == 1])
     red = (images[labels == 1] == (255, 0, 0)).all(axis=-1)
     has_red = red.any(axis=(1, 2))
     white = (images[labels == 1] == 255).all(axis=-1)
-    on_red = np.array([h[m].mean() for h, m in zip(heat[has_red], red[has_red])])
-    on_white = np.array([h[m].mean() for h, m in zip(heat[has_red], white[has_red])])
+    on_red = np.array([h[m].mean() for h, m in zip(heat[has_red], red[has_red], strict=True)])
+    on_white = np.array([h[m].mean() for h, m in zip(heat[has_red], white[has_red], strict=True)])
     assert (on_white > on_red).mean() >= 0.9
 
 
@@ -144,14 +150,24 @@ def test_default_layer_and_layer_choice(trained):
 
 def seed_like() -> keras.Model:
     """The shapes of seed_cnn (valid 3x3 convs, 2x2 pools): 48, 46, 23, 21, 19, 9, 7, 5, 2."""
-    conv = dict(kernel_size=3, activation="relu")
-    return keras.Sequential([
-        keras.Input((SIZE, SIZE, 3)), layers.Rescaling(1 / 255.0),
-        layers.Conv2D(4, name="conv1", **conv), layers.Conv2D(4, name="conv2", **conv), layers.MaxPooling2D(2),
-        layers.Conv2D(4, name="conv3", **conv), layers.Conv2D(4, name="conv4", **conv), layers.MaxPooling2D(2),
-        layers.Conv2D(4, name="conv5", **conv), layers.Conv2D(4, name="conv6", **conv), layers.MaxPooling2D(2),
-        layers.Flatten(), layers.Dense(2, activation="softmax"),
-    ])
+    conv = {"kernel_size": 3, "activation": "relu"}
+    return keras.Sequential(
+        [
+            keras.Input((SIZE, SIZE, 3)),
+            layers.Rescaling(1 / 255.0),
+            layers.Conv2D(4, name="conv1", **conv),
+            layers.Conv2D(4, name="conv2", **conv),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(4, name="conv3", **conv),
+            layers.Conv2D(4, name="conv4", **conv),
+            layers.MaxPooling2D(2),
+            layers.Conv2D(4, name="conv5", **conv),
+            layers.Conv2D(4, name="conv6", **conv),
+            layers.MaxPooling2D(2),
+            layers.Flatten(),
+            layers.Dense(2, activation="softmax"),
+        ]
+    )
 
 
 def test_seed_cnn_geometry_and_default():
@@ -172,7 +188,7 @@ def test_default_layer_is_the_block_output_after_batch_norm():
     assert default_gradcam_layer(model) == "act1"
     images, _, _ = make_task(2, seed=7)
     heat = gradcam(model, images)  # one sigmoid unit: its pre-activation is the IDC logit
-    assert heat.shape == (2, SIZE, SIZE) and 0 <= heat.min()
+    assert heat.shape == (2, SIZE, SIZE) and heat.min() >= 0
     assert receptive_field_centres(model, "act1", (SIZE, SIZE)) == ((0.0, 0.0), (1.0, 1.0))  # "same" 3x3
 
 
@@ -200,7 +216,8 @@ def test_branching_model_works_and_is_stretched():
 
 def test_maps_share_one_scale_across_patches(trained):
     """Maps are in logit units, not each divided by its own maximum: a patch without the deciding square (a true
-    negative) gets a much fainter map than one with it, instead of its own "red hot" spots."""
+    negative) gets a much fainter map than one with it, instead of its own "red hot" spots.
+    """
     images, labels, _ = make_task(100, seed=11)
     heat = gradcam(trained["functional"], images)
     peaks = heat.max(axis=(1, 2))
@@ -242,7 +259,8 @@ def test_project_models_saved_and_loaded(name, expected_layer, tmp_path):
 @pytest.mark.parametrize("name", ["seed_cnn", "idc_net"])
 def test_a_model_that_augments_itself_gets_the_same_maps(name, tmp_path):
     """``build_model(augment=...)`` puts an augmentation layer (the identity outside training) after the input: the
-    default layer, the cell centres and the maps are those of the same weights without it, also after a reload."""
+    default layer, the cell centres and the maps are those of the same weights without it, also after a reload.
+    """
     from idc_helpers import models
 
     plain, augmenting = models.build_model(name), models.build_model(name, augment="strong", augment_seed=3)
@@ -251,8 +269,11 @@ def test_a_model_that_augments_itself_gets_the_same_maps(name, tmp_path):
         augmenting.get_layer(layer.name).set_weights(layer.get_weights())
     layer_name = default_gradcam_layer(plain)
     assert default_gradcam_layer(augmenting) == layer_name
-    assert receptive_field_centres(augmenting, layer_name, (SIZE, SIZE)) == \
-        receptive_field_centres(plain, layer_name, (SIZE, SIZE)) is not None
+    assert (
+        receptive_field_centres(augmenting, layer_name, (SIZE, SIZE))
+        == receptive_field_centres(plain, layer_name, (SIZE, SIZE))
+        is not None
+    )
     images, _, _ = make_task(4, seed=12)
     heat = gradcam(plain, images)
     assert heat.max() > 0
@@ -268,10 +289,12 @@ def test_outcome_rows_name_the_threshold_that_made_them():
 
     from idc_helpers import plots
 
-    examples = pd.DataFrame({"outcome": ["false negative", "true positive"], "prob_idc": [0.027, 0.9],
-                             "patient_id": ["1", "2"]})
-    fig = plots.plot_gradcam_outcomes(examples, np.zeros((2, 50, 50, 3), np.uint8), np.zeros((2, 50, 50)),
-                                      threshold=0.0333)
+    examples = pd.DataFrame(
+        {"outcome": ["false negative", "true positive"], "prob_idc": [0.027, 0.9], "patient_id": ["1", "2"]}
+    )
+    fig = plots.plot_gradcam_outcomes(
+        examples, np.zeros((2, 50, 50, 3), np.uint8), np.zeros((2, 50, 50)), threshold=0.0333
+    )
     assert "p(IDC) >= 0.033, the run's threshold" in fig.get_suptitle()
     labels = [text.get_text() for ax in fig.axes for text in ax.texts]  # the row labels
     assert any("p >= 0.033" in label for label in labels) and any("p < 0.033" in label for label in labels)

@@ -11,8 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, patch_name, write_patch
+
 from idc_helpers import health, loader
 from idc_helpers.cli import main
 from idc_helpers.patch_index import build_index
@@ -119,8 +119,21 @@ def test_empty_folder_exits_2(tmp_path, capsys):
 
 def test_module_entry_point(tiny_dataset, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "idc_helpers", "index", "--data-dir", str(tiny_dataset), "--json", "--cache-dir", str(tmp_path / "c")],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "idc_helpers",
+            "index",
+            "--data-dir",
+            str(tiny_dataset),
+            "--json",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["patches"] == 36
@@ -140,14 +153,28 @@ def test_several_folders_are_checked_as_one_dataset(tiny_dataset, tmp_path, caps
     write_patch(other / "101" / "1" / patch_name("101", 501, 1, 1), np.zeros((50, 50, 3), np.uint8))
     write_patch(other / "201" / "0" / patch_name("201", 1, 1, 0), np.zeros((50, 50, 3), np.uint8))
     dup = write_patch(other / "102" / "0" / patch_name("102", 1, 1, 0), np.zeros((50, 50, 3), np.uint8))
-    status = main(["index", "--data-dir", str(tiny_dataset), "--data-dir", str(other), "--json",
-                   "--cache-dir", str(tmp_path / "cache")])
+    status = main(
+        [
+            "index",
+            "--data-dir",
+            str(tiny_dataset),
+            "--data-dir",
+            str(other),
+            "--json",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     report = json.loads(capsys.readouterr().out)
     assert status == 1 and report["patients"] == 4 and report["patches"] == 38
     assert report["data_dirs"] == [str(tiny_dataset), str(other)]
     assert [(p["path"], p["kind"]) for p in report["problems"]] == [(str(dup), "duplicate")]
-    assert main(["index", "--data-dir", str(tiny_dataset), "--data-dir", str(other),
-                 "--cache-dir", str(tmp_path / "cache")]) == 1
+    assert (
+        main(
+            ["index", "--data-dir", str(tiny_dataset), "--data-dir", str(other), "--cache-dir", str(tmp_path / "cache")]
+        )
+        == 1
+    )
     assert "[duplicate] other/102/0/" in capsys.readouterr().out
 
 
@@ -177,8 +204,13 @@ print(status, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=s
 
 
 def _index_peak_mb(data_dir: Path, cache: Path) -> tuple[int, int, dict]:
-    done = subprocess.run([sys.executable, "-c", _MEASURE, str(data_dir), str(cache)], capture_output=True,
-                          text=True, cwd=REPO_ROOT, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(data_dir), str(cache)],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
     status, peak = map(int, done.stderr.strip().splitlines()[-1].split())
     return status, peak, json.loads(done.stdout)
 

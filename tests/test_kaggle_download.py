@@ -10,7 +10,19 @@ import time
 import types
 
 import pytest
+from kaggle_server import (
+    DOWNLOAD_PATH,
+    NESTED,
+    STORAGE_PATH,
+    FakeKaggle,
+    build_archive,
+    hostile_archive,
+    isolate_kaggle_env,
+    make_patches,
+    port_in_use,
+)
 
+from idc_helpers.atomic import old_copy_path
 from idc_helpers.cli import main
 from idc_helpers.kaggle_download import (
     ArchiveError,
@@ -25,18 +37,6 @@ from idc_helpers.kaggle_download import (
     is_complete_copy,
 )
 from idc_helpers.patch_index import build_index
-from idc_helpers.atomic import old_copy_path
-from kaggle_server import (
-    DOWNLOAD_PATH,
-    NESTED,
-    STORAGE_PATH,
-    FakeKaggle,
-    build_archive,
-    hostile_archive,
-    isolate_kaggle_env,
-    make_patches,
-    port_in_use,
-)
 
 # The test archive: 3 patients x 4 patches, each also in the nested duplicate copy.
 SMALL = {"expected_patients": 3, "expected_patches": 12, "required_bytes": 1_000_000, "progress": False}
@@ -307,17 +307,20 @@ def test_unexpected_counts(server, env_credentials, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-@pytest.mark.parametrize("kind, reason", [
-    ("zeros", "would be 5,000,000 bytes"),
-    ("inflates", "inflates"),
-    ("bomb", "20000x20000 image"),
-    ("not_png", "not a PNG"),
-    ("bzip2", "compression method 12"),
-    ("encrypted", "is encrypted"),
-    ("dotdot", "outside the dataset folder"),
-    ("absolute", "absolute path"),
-    ("symlink", "symbolic link"),
-])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("zeros", "would be 5,000,000 bytes"),
+        ("inflates", "inflates"),
+        ("bomb", "20000x20000 image"),
+        ("not_png", "not a PNG"),
+        ("bzip2", "compression method 12"),
+        ("encrypted", "is encrypted"),
+        ("dotdot", "outside the dataset folder"),
+        ("absolute", "absolute path"),
+        ("symlink", "symbolic link"),
+    ],
+)
 def test_what_is_not_a_patch_is_never_installed(kind, reason, server, env_credentials, tmp_path, patches):
     server.archive = hostile_archive(patches, kind)
     with pytest.raises(ArchiveError) as info:

@@ -561,8 +561,13 @@ def many_patches(tmp_path_factory) -> Path:
 
 
 def _start_writer(folder: Path, cache: Path, stderr=subprocess.PIPE) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", _WRITER, str(folder), str(cache)], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(folder), str(cache)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+    )
 
 
 def _temps(cache: Path) -> list[Path]:
@@ -631,8 +636,11 @@ def test_two_writers_of_one_entry_one_stalled(many_patches, tmp_path):
     try:
         with open(log, "w") as err:
             second = _start_writer(many_patches, cache, stderr=err)
-            _wait_until(lambda: "waiting for another process" in log.read_text(), second,
-                        "the second writer found the entry busy")
+            _wait_until(
+                lambda: "waiting for another process" in log.read_text(),
+                second,
+                "the second writer found the entry busy",
+            )
         time.sleep(1.0)
         assert len(_temps(cache)) == 1  # the second waits instead of decoding the same files again
         assert second.poll() is None
@@ -678,10 +686,13 @@ def test_prune_leaves_a_live_writers_files_alone_and_counts_them(tiny_dataset, t
     assert _temps(cache) == []
 
 
-@pytest.mark.parametrize("folder, named", [
-    ("/proc", "/proc cannot be written"),
-    ("~nosuchuser-idc/cache", "IDC_CACHE_DIR '~nosuchuser-idc/cache': the home folder in it is not known"),
-])
+@pytest.mark.parametrize(
+    "folder, named",
+    [
+        ("/proc", "/proc cannot be written"),
+        ("~nosuchuser-idc/cache", "IDC_CACHE_DIR '~nosuchuser-idc/cache': the home folder in it is not known"),
+    ],
+)
 def test_an_odd_cache_folder_in_the_environment_is_one_line(tiny_dataset, monkeypatch, cli_error, folder, named):
     monkeypatch.setenv("IDC_CACHE_DIR", folder)
     assert named in cli_error(["index", "--data-dir", str(tiny_dataset)])

@@ -13,18 +13,32 @@ import matplotlib
 
 matplotlib.use("Agg")  # tests only: the package itself never touches the backend
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn import metrics as skm
 
-from idc_helpers.cli import main, run_evaluate  # noqa: E402
-from idc_helpers.demo_data import DEMO_MARKER  # noqa: E402
-from idc_helpers.errors import UserError  # noqa: E402
-from idc_helpers.metrics import (  # noqa: E402
-    METRIC_LABELS, MIN_PATIENTS_FOR_INTERVAL, PUBLISHED, _metric_values, binary_scores, comparison_table, evaluate,
-    format_report, log_loss, paired_difference, patient_resamples, per_patient_metrics, pick_threshold, pr_points,
-    ranking_scores, roc_points)
+from idc_helpers.cli import main, run_evaluate
+from idc_helpers.demo_data import DEMO_MARKER
+from idc_helpers.errors import UserError
+from idc_helpers.metrics import (
+    METRIC_LABELS,
+    MIN_PATIENTS_FOR_INTERVAL,
+    PUBLISHED,
+    _metric_values,
+    binary_scores,
+    comparison_table,
+    evaluate,
+    format_report,
+    log_loss,
+    paired_difference,
+    patient_resamples,
+    per_patient_metrics,
+    pick_threshold,
+    pr_points,
+    ranking_scores,
+    roc_points,
+)
 
 COLUMNS = ["path", "patient_id", "x", "y", "label", "prob_idc", "pred"]
 
@@ -37,10 +51,19 @@ def make_predictions(n_patients: int = 12, per_patient: int = 60, seed: int = 0)
         share = rng.uniform(0.05, 0.6)
         labels = (rng.random(per_patient) < share).astype(int)
         probs = np.clip(0.35 * labels + 0.65 * rng.random(per_patient), 0, 1)
-        for i, (label, prob) in enumerate(zip(labels, probs)):
+        for i, (label, prob) in enumerate(zip(labels, probs, strict=True)):
             x, y = 1 + 50 * (i % 8), 1 + 50 * (i // 8)
-            rows.append((f"/data/{9000 + p}/{label}/{9000 + p}_idx5_x{x}_y{y}_class{label}.png", str(9000 + p),
-                         x, y, label, prob, int(prob >= 0.5)))
+            rows.append(
+                (
+                    f"/data/{9000 + p}/{label}/{9000 + p}_idx5_x{x}_y{y}_class{label}.png",
+                    str(9000 + p),
+                    x,
+                    y,
+                    label,
+                    prob,
+                    int(prob >= 0.5),
+                )
+            )
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -49,18 +72,27 @@ def test_point_metrics_are_sklearns():
     report = evaluate(preds, n_bootstrap=0)
     y, s, p = preds["label"], preds["prob_idc"], preds["pred"]
     expected = {
-        "f1": skm.f1_score(y, p), "balanced_accuracy": skm.balanced_accuracy_score(y, p),
-        "accuracy": skm.accuracy_score(y, p), "precision": skm.precision_score(y, p),
-        "recall": skm.recall_score(y, p), "specificity": skm.recall_score(y, p, pos_label=0),
-        "roc_auc": skm.roc_auc_score(y, s), "pr_auc": skm.average_precision_score(y, s),
+        "f1": skm.f1_score(y, p),
+        "balanced_accuracy": skm.balanced_accuracy_score(y, p),
+        "accuracy": skm.accuracy_score(y, p),
+        "precision": skm.precision_score(y, p),
+        "recall": skm.recall_score(y, p),
+        "specificity": skm.recall_score(y, p, pos_label=0),
+        "roc_auc": skm.roc_auc_score(y, s),
+        "pr_auc": skm.average_precision_score(y, s),
     }
     for name, value in expected.items():
         assert report["metrics"][name]["value"] == pytest.approx(value, abs=1e-12), name
         assert report["metrics"][name]["ci_low"] is None
     tn, fp, fn, tp = skm.confusion_matrix(y, p).ravel()
     assert report["confusion_matrix"] == {"tn": tn, "fp": fp, "fn": fn, "tp": tp}
-    assert report["counts"] == {"patches": 720, "patients": 12, "idc": int(y.sum()), "non_idc": int(720 - y.sum()),
-                                "idc_fraction": pytest.approx(y.mean())}
+    assert report["counts"] == {
+        "patches": 720,
+        "patients": 12,
+        "idc": int(y.sum()),
+        "non_idc": int(720 - y.sum()),
+        "idc_fraction": pytest.approx(y.mean()),
+    }
 
 
 def test_patient_weights_equal_repeated_patches():
@@ -73,8 +105,7 @@ def test_patient_weights_equal_repeated_patches():
     weights = preds["patient_id"].map(counts).to_numpy()
     keep = weights > 0
     cells = skm.confusion_matrix(preds["label"], preds["pred"], sample_weight=weights).ravel()
-    weighted = _metric_values(cells, preds["label"].to_numpy()[keep], preds["prob_idc"].to_numpy()[keep],
-                              weights[keep])
+    weighted = _metric_values(cells, preds["label"].to_numpy()[keep], preds["prob_idc"].to_numpy()[keep], weights[keep])
     assert weighted == pytest.approx(direct, abs=1e-12)
 
 
@@ -116,8 +147,7 @@ def test_single_class_table_has_undefined_metrics_not_crashes():
 def test_threshold_argument_overrides_pred_column():
     preds = make_predictions()
     report = evaluate(preds, n_bootstrap=0, threshold=0.7)
-    assert report["metrics"]["f1"]["value"] == pytest.approx(
-        skm.f1_score(preds["label"], preds["prob_idc"] >= 0.7))
+    assert report["metrics"]["f1"]["value"] == pytest.approx(skm.f1_score(preds["label"], preds["prob_idc"] >= 0.7))
     assert report["threshold"] == 0.7
     with pytest.raises(ValueError, match="pred"):
         evaluate(preds.drop(columns="pred"), n_bootstrap=0)
@@ -137,8 +167,17 @@ def test_per_patient_metrics():
     preds = make_predictions(n_patients=3, per_patient=40)
     preds.loc[preds.patient_id == "9002", ["label", "pred"]] = 0  # no IDC at all: f1 and AUC undefined
     table = per_patient_metrics(preds)
-    assert list(table.columns) == ["patient_id", "n_patches", "n_idc", "predicted_idc", "accuracy", "specificity",
-                                   "f1", "roc_auc", "mean_prob_idc"]
+    assert list(table.columns) == [
+        "patient_id",
+        "n_patches",
+        "n_idc",
+        "predicted_idc",
+        "accuracy",
+        "specificity",
+        "f1",
+        "roc_auc",
+        "mean_prob_idc",
+    ]
     assert list(table.patient_id) == ["9000", "9001", "9002"]
     one = preds[preds.patient_id == "9000"]
     row = table.iloc[0]
@@ -262,8 +301,9 @@ def test_report_json_says_synthetic_and_the_threshold_used(tmp_path, capsys):
     preds["path"] = [str(data_dir / Path(p).relative_to("/data")) for p in preds["path"]]
     csv, out = tmp_path / "preds.csv", tmp_path / "m.json"
     preds.to_csv(csv, index=False)
-    assert main(["evaluate", "--predictions", str(csv), "--out", str(out), "--bootstrap", "0",
-                 "--threshold", "0.6"]) == 0
+    assert (
+        main(["evaluate", "--predictions", str(csv), "--out", str(out), "--bootstrap", "0", "--threshold", "0.6"]) == 0
+    )
     assert "SYNTHETIC" in capsys.readouterr().out
     data = json.loads(out.read_text())
     assert data["synthetic"] is True and data["threshold"] == 0.6
@@ -293,16 +333,20 @@ def test_comparison_table_keeps_the_synthetic_label_whole():
 
 
 def test_metrics_imports_nothing_of_the_package():
-    code = ("import sys, idc_helpers.metrics;"
-            "bad = sorted(m for m in sys.modules if m.startswith('idc_helpers.') and m != 'idc_helpers.metrics');"
-            "assert not bad, bad")
+    code = (
+        "import sys, idc_helpers.metrics;"
+        "bad = sorted(m for m in sys.modules if m.startswith('idc_helpers.') and m != 'idc_helpers.metrics');"
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_importing_has_no_side_effects():
-    code = ("import sys, idc_helpers.metrics, idc_helpers.plots, idc_helpers.slides, idc_helpers.gradcam;"
-            "bad = [m for m in ('matplotlib.pyplot', 'tensorflow', 'keras') if m in sys.modules];"
-            "assert not bad, bad")
+    code = (
+        "import sys, idc_helpers.metrics, idc_helpers.plots, idc_helpers.slides, idc_helpers.gradcam;"
+        "bad = [m for m in ('matplotlib.pyplot', 'tensorflow', 'keras') if m in sys.modules];"
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -328,8 +372,9 @@ def test_paired_difference_is_the_difference_of_the_point_metrics_with_a_paired_
     base = make_predictions(n_patients=20, seed=1)
     rng = np.random.default_rng(2)
     # A better model: the scores move towards the labels.
-    better = base.assign(prob_idc=np.clip(base["prob_idc"] + 0.25 * (2 * base["label"] - 1)
-                                          + rng.normal(0, 0.02, len(base)), 0, 1))
+    better = base.assign(
+        prob_idc=np.clip(base["prob_idc"] + 0.25 * (2 * base["label"] - 1) + rng.normal(0, 0.02, len(base)), 0, 1)
+    )
     better = better.assign(pred=(better["prob_idc"] >= 0.5).astype(int))
     diff = paired_difference(base, better, n_bootstrap=200)
     a, b = evaluate(base, n_bootstrap=0)["metrics"], evaluate(better, n_bootstrap=0)["metrics"]
@@ -351,7 +396,8 @@ def test_paired_difference_refuses_tables_of_different_patches_and_withholds_sma
 
 def test_the_histogram_bootstrap_of_large_tables_agrees_with_the_exact_one(monkeypatch):
     """Above HISTOGRAM_BOOTSTRAP_PATCHES the resamples' AUCs come from per-patient histograms: the same resamples,
-    the same threshold metrics, AUC intervals within 0.001, the same point values."""
+    the same threshold metrics, AUC intervals within 0.001, the same point values.
+    """
     from idc_helpers import metrics
 
     preds = make_predictions(n_patients=12, per_patient=300)
@@ -372,11 +418,13 @@ def test_evaluate_refuses_thresholds_and_counts_out_of_range(tmp_path, cli_error
     csv = tmp_path / "preds.csv"
     make_predictions(n_patients=2, per_patient=3).to_csv(csv, index=False)
     out = tmp_path / "report.json"
-    for option, value, allowed in (("--threshold", "nan", "a finite number in [0, 1]"),
-                                   ("--threshold", "inf", "a finite number in [0, 1]"),
-                                   ("--threshold", "-1", "a finite number in [0, 1]"),
-                                   ("--threshold", "1.5", "a finite number in [0, 1]"),
-                                   ("--bootstrap", "-1", "a whole number of at least 0")):
+    for option, value, allowed in (
+        ("--threshold", "nan", "a finite number in [0, 1]"),
+        ("--threshold", "inf", "a finite number in [0, 1]"),
+        ("--threshold", "-1", "a finite number in [0, 1]"),
+        ("--threshold", "1.5", "a finite number in [0, 1]"),
+        ("--bootstrap", "-1", "a whole number of at least 0"),
+    ):
         err = cli_error(["evaluate", "--predictions", str(csv), "--out", str(out), option, value])
         assert f"argument {option}: '{value}' is not allowed: use {allowed}" in err
     assert not out.exists()
@@ -417,7 +465,7 @@ def test_ranking_scores_are_nan_for_one_class_and_curves_end_at_the_corners():
     fpr, tpr, auc = roc_points(labels, probs)
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
     assert auc == pytest.approx(skm.roc_auc_score(labels, probs))
-    precision, recall, ap = pr_points(labels, probs)
+    _precision, recall, ap = pr_points(labels, probs)
     assert recall[0] == 1 and recall[-1] == 0 and ap == pytest.approx(skm.average_precision_score(labels, probs))
 
 

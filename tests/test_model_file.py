@@ -15,7 +15,7 @@ import pytest
 from idc_helpers.model_file import ModelFileError, check_model_file, load_model_file
 from idc_helpers.run import RunFolderError, checkpoint_file, checkpoint_names, partial_dir
 
-EVIL_MODULE = '''
+EVIL_MODULE = """
 import keras
 from pathlib import Path
 
@@ -29,7 +29,7 @@ class Evil(keras.layers.Layer):
 
     def call(self, inputs):
         return inputs
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +65,16 @@ def _with_layer(module, class_name, registered=None, **config):
         layer = _layer(model_config, "rescale")
         layer.update(module=module, class_name=class_name, registered_name=registered)
         layer["config"].update(config)
+
     return edit
 
 
 CRAFTED = {
     "module outside Keras": _with_layer("evil_layer", "Evil"),
     "os.system": _with_layer("os", "system"),
-    "Lambda with code": _with_layer("keras.layers", "Lambda", function={"class_name": "__lambda__",
-                                                                        "config": {"code": "AAAA"}}),
+    "Lambda with code": _with_layer(
+        "keras.layers", "Lambda", function={"class_name": "__lambda__", "config": {"code": "AAAA"}}
+    ),
     "TFSMLayer": _with_layer("keras.layers", "TFSMLayer", filepath="/tmp/elsewhere"),
     "a Keras function": _with_layer("keras.utils", "get_file"),
     "a function by name": _with_layer("keras.models", "function", config="load_model"),
@@ -126,7 +128,8 @@ def test_checkpoint_states_name_only_checkpoint_files_inside_the_run(tmp_path):
 def test_no_door_runs_a_crafted_model(model_path, tmp_path):
     """A run folder and an interrupted run whose model files name a layer class of an importable module that
     writes a marker file when imported or built: predict, load_run and train --resume refuse them in one line,
-    exit 2, and the marker never appears."""
+    exit 2, and the marker never appears.
+    """
     from idc_helpers.demo_data import write_demo_dataset
     from idc_helpers.training import train
 
@@ -135,16 +138,19 @@ def test_no_door_runs_a_crafted_model(model_path, tmp_path):
     modules.mkdir()
     (modules / "evil_layer.py").write_text(EVIL_MODULE.format(marker=str(marker)))
     # TF_CPP_MIN_LOG_LEVEL unset, as for a user: the CLI then hides TensorFlow's start-up lines itself.
-    env = {**{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
-           "PYTHONPATH": os.pathsep.join([str(modules), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"},
+        "PYTHONPATH": os.pathsep.join([str(modules), os.environ.get("PYTHONPATH", "")]),
+    }
     # The module is live: anything that imported it would leave the marker.
     subprocess.run([sys.executable, "-c", "import evil_layer"], env=env, check=True)
     assert marker.read_text() == "imported"
     marker.unlink()
 
     data = write_demo_dataset(tmp_path / "demo", n_patients=6, seed=0, grid=(8, 6))
-    run_dir = train(data, tmp_path / "run", model_name="seed_cnn", epochs=1, batch_size=32, verbose=0,
-                    cache_dir=tmp_path / "cache").run_dir
+    run_dir = train(
+        data, tmp_path / "run", model_name="seed_cnn", epochs=1, batch_size=32, verbose=0, cache_dir=tmp_path / "cache"
+    ).run_dir
     _rewrite(run_dir / "model.keras", run_dir / "crafted.keras", CRAFTED["module outside Keras"])
     os.replace(run_dir / "crafted.keras", run_dir / "model.keras")
     partial = partial_dir(tmp_path / "resumable")
@@ -156,11 +162,27 @@ def test_no_door_runs_a_crafted_model(model_path, tmp_path):
     (partial / "checkpoint.json").write_text(json.dumps({**names, "epochs_done": 1}))
 
     doors = {
-        "predict": ["-m", "idc_helpers", "predict", "--run", str(run_dir), "--data-dir", str(data),
-                    "--out", str(tmp_path / "p.csv")],
+        "predict": [
+            "-m",
+            "idc_helpers",
+            "predict",
+            "--run",
+            str(run_dir),
+            "--data-dir",
+            str(data),
+            "--out",
+            str(tmp_path / "p.csv"),
+        ],
         "load_run": ["-c", f"from idc_helpers.run import load_run; load_run({str(run_dir)!r})"],
-        "resume": ["-m", "idc_helpers", "train", "--resume", str(tmp_path / "resumable"),
-                   "--cache-dir", str(tmp_path / "cache")],
+        "resume": [
+            "-m",
+            "idc_helpers",
+            "train",
+            "--resume",
+            str(tmp_path / "resumable"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
     }
     for door, args in doors.items():
         done = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
@@ -174,7 +196,8 @@ def test_no_door_runs_a_crafted_model(model_path, tmp_path):
     assert not (tmp_path / "p.csv").exists() and (partial / "config.json").is_file()
 
     # A checkpoint state pointing outside the run folder is refused before anything is read.
-    (partial / "checkpoint.json").write_text(json.dumps({"model": str(model_path), "best": names["best"],
-                                                         "epochs_done": 1}))
+    (partial / "checkpoint.json").write_text(
+        json.dumps({"model": str(model_path), "best": names["best"], "epochs_done": 1})
+    )
     done = subprocess.run([sys.executable, *doors["resume"]], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "not a checkpoint file name" in done.stderr, done.stderr

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
-
-import keras
 
 from idc_helpers.errors import UserError
 from idc_helpers.model_file import load_model_file
 from idc_helpers.models import (
     DEFAULT_MODEL,
-    LabelSmoothingError,
     LOGITS_LAYER,
     MODEL_NAMES,
     PROBS_LAYER,
+    LabelSmoothingError,
     SmoothedSparseCrossentropy,
     UnknownModelError,
     build_model,
@@ -25,10 +24,19 @@ from idc_helpers.models import (
 )
 
 SEED_CNN_SHAPES = {
-    "conv1": (48, 48, 16), "conv2": (46, 46, 16), "pool1": (23, 23, 16),
-    "conv3": (21, 21, 32), "conv4": (19, 19, 32), "pool2": (9, 9, 32),
-    "conv5": (7, 7, 64), "conv6": (5, 5, 64), "pool3": (2, 2, 64),
-    "flatten": (256,), "dense": (128,), "logits": (2,), "probs": (2,),
+    "conv1": (48, 48, 16),
+    "conv2": (46, 46, 16),
+    "pool1": (23, 23, 16),
+    "conv3": (21, 21, 32),
+    "conv4": (19, 19, 32),
+    "pool2": (9, 9, 32),
+    "conv5": (7, 7, 64),
+    "conv6": (5, 5, 64),
+    "pool3": (2, 2, 64),
+    "flatten": (256,),
+    "dense": (128,),
+    "logits": (2,),
+    "probs": (2,),
 }
 CONVS = ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6")
 
@@ -163,8 +171,10 @@ def test_automatic_precision_follows_the_gpu(monkeypatch):
 
     monkeypatch.delenv("IDC_MIXED_PRECISION", raising=False)
     expected = "float32"
-    capabilities = [tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0))
-                    for g in tf.config.list_physical_devices("GPU")]
+    capabilities = [
+        tf.config.experimental.get_device_details(g).get("compute_capability", (0, 0))
+        for g in tf.config.list_physical_devices("GPU")
+    ]
     if capabilities and min(capabilities) >= (8, 0):
         expected = "mixed_bfloat16"
     elif capabilities and min(capabilities) >= (7, 0):
@@ -187,8 +197,10 @@ def test_mixed_precision_model_keeps_float32_logits_and_probabilities(name):
 def test_float16_model_compiles_with_loss_scaling():
     model = compile_model(build_model("seed_cnn", mixed_precision="float16"))
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
-    assert not isinstance(compile_model(build_model("seed_cnn", mixed_precision="bfloat16")).optimizer,
-                          keras.optimizers.LossScaleOptimizer)
+    assert not isinstance(
+        compile_model(build_model("seed_cnn", mixed_precision="bfloat16")).optimizer,
+        keras.optimizers.LossScaleOptimizer,
+    )
 
 
 # --- batch-norm statistics ----------------------------------------------------------------------------------------
@@ -204,8 +216,9 @@ def test_recompute_batch_norm_sets_the_average_of_the_batch_statistics():
     # bn1 sees conv1 of the scaled input: its moving mean is the mean over the 2 batches of the batch means.
     conv1 = keras.Model(model.input, model.get_layer("conv1").output)
     means = [np.asarray(conv1(b)).mean(axis=(0, 1, 2)) for b in batches[:2]]
-    np.testing.assert_allclose(np.asarray(model.get_layer("bn1").moving_mean), np.mean(means, axis=0),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(model.get_layer("bn1").moving_mean), np.mean(means, axis=0), rtol=1e-4, atol=1e-5
+    )
     assert model.get_layer("bn1").momentum == 0.9  # restored
     assert np.array_equal(np.asarray(model.get_layer("conv1").kernel), kernel)  # no weight changed
     assert recompute_batch_norm(build_model("seed_cnn"), batches) == 0

@@ -44,6 +44,7 @@ def write_notebook(path: Path, parameters: str, *body: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- parameters
 
+
 def test_plan_applies_global_values_sections_and_runner_paths():
     overrides = {"SEED": 3, "EPOCHS": 1, "02_b": {"EPOCHS": 5}}
     runner = {"01_a": {"OUT_DIR": "/o"}, "02_b": {"OUT_DIR": "/o", "RUN_DIR": "/o/run"}}
@@ -52,12 +53,15 @@ def test_plan_applies_global_values_sections_and_runner_paths():
     assert plan["02_b"] == {"SEED": 3, "EPOCHS": 5, "OUT_DIR": "/o", "RUN_DIR": "/o/run"}
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"EPOCH": 1}, "EPOCH is not a parameter of any notebook"),
-    ({"01_a": {"EPOCHS": 1}}, "EPOCHS in section '01_a' is not a parameter of that notebook"),
-    ({"RUN_DIR": "x"}, "RUN_DIR is set by the runner"),
-    ({"02_b": 3}, "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"EPOCH": 1}, "EPOCH is not a parameter of any notebook"),
+        ({"01_a": {"EPOCHS": 1}}, "EPOCHS in section '01_a' is not a parameter of that notebook"),
+        ({"RUN_DIR": "x"}, "RUN_DIR is set by the runner"),
+        ({"02_b": 3}, "must be a mapping"),
+    ],
+)
 def test_plan_refuses_unknown_or_reserved_names(overrides, message):
     with pytest.raises(ParametersError, match=message):
         plan_parameters(overrides, DEFINED, {}, source="my.yaml")
@@ -91,19 +95,29 @@ def test_fresh_output_dir_never_reuses_a_folder(tmp_path):
 
 # ------------------------------------------------------------------------------------------- toy notebooks, kernel
 
+
 @pytest.fixture()
 def toy_series(tmp_path) -> Path:
     folder = tmp_path / "nbs"
     folder.mkdir()
-    write_notebook(folder / "01_a.ipynb", "DATA_DIR = None\nOUT_DIR = None\nSEED = 0",
-                   "from pathlib import Path\n"
-                   "Path(OUT_DIR, 'from_01.json').write_text(__import__('json').dumps([DATA_DIR, SEED]))")
-    write_notebook(folder / "02_b.ipynb", "OUT_DIR = None\nRUN_DIR = None\nEPOCHS = 9",
-                   "from pathlib import Path\nPath(RUN_DIR).mkdir()\nPath(RUN_DIR, 'epochs.txt').write_text(str(EPOCHS))")
+    write_notebook(
+        folder / "01_a.ipynb",
+        "DATA_DIR = None\nOUT_DIR = None\nSEED = 0",
+        "from pathlib import Path\n"
+        "Path(OUT_DIR, 'from_01.json').write_text(__import__('json').dumps([DATA_DIR, SEED]))",
+    )
+    write_notebook(
+        folder / "02_b.ipynb",
+        "OUT_DIR = None\nRUN_DIR = None\nEPOCHS = 9",
+        "from pathlib import Path\nPath(RUN_DIR).mkdir()\nPath(RUN_DIR, 'epochs.txt').write_text(str(EPOCHS))",
+    )
     write_notebook(folder / "03_fails.ipynb", "OUT_DIR = None", "x = 1", "raise ValueError('boom in the body')")
     # Lists the folder while its kernel runs: the kernel's socket files must not be there.
-    write_notebook(folder / "04_cwd.ipynb", "OUT_DIR = None",
-                   "import os, json, pathlib\npathlib.Path(OUT_DIR, 'cwd.json').write_text(json.dumps(os.listdir('.')))")
+    write_notebook(
+        folder / "04_cwd.ipynb",
+        "OUT_DIR = None",
+        "import os, json, pathlib\npathlib.Path(OUT_DIR, 'cwd.json').write_text(json.dumps(os.listdir('.')))",
+    )
     return folder
 
 
@@ -111,8 +125,14 @@ def test_runs_in_order_passes_paths_and_parameters(toy_series, tiny_dataset, tmp
     params = tmp_path / "p.yaml"
     params.write_text("SEED: 7\n02_b:\n  EPOCHS: 2\n")
     messages = []
-    executed = run_notebooks(tmp_path / "out", params_file=params, data_dir=tiny_dataset, notebook_dir=toy_series,
-                             notebooks=["01_a", "02_b.ipynb"], log=messages.append)
+    executed = run_notebooks(
+        tmp_path / "out",
+        params_file=params,
+        data_dir=tiny_dataset,
+        notebook_dir=toy_series,
+        notebooks=["01_a", "02_b.ipynb"],
+        log=messages.append,
+    )
     root = executed[0].parents[1]
     assert [p.name for p in executed] == ["01_a.ipynb", "02_b.ipynb"]
     assert json.loads((root / "from_01.json").read_text()) == [str(tiny_dataset.resolve()), 7]
@@ -123,13 +143,15 @@ def test_runs_in_order_passes_paths_and_parameters(toy_series, tiny_dataset, tmp
     # The executed copies carry their outputs; the sources are untouched.
     assert nbformat.read(executed[1], as_version=4).cells[-1].execution_count is not None
     assert nbformat.read(toy_series / "02_b.ipynb", as_version=4).cells[-1].execution_count is None
-    cwd = run_notebooks(tmp_path / "out", data_dir=tiny_dataset, notebook_dir=toy_series, notebooks=["04_cwd"],
-                        log=messages.append)[0].parents[1]
+    cwd = run_notebooks(
+        tmp_path / "out", data_dir=tiny_dataset, notebook_dir=toy_series, notebooks=["04_cwd"], log=messages.append
+    )[0].parents[1]
     assert not [n for n in json.loads((cwd / "cwd.json").read_text()) if "ipc" in n]  # no kernel sockets there
 
     # A second run goes to a new folder: the first run's RUN_DIR is never touched.
-    again = run_notebooks(tmp_path / "out", data_dir=tiny_dataset, notebook_dir=toy_series, notebooks=["02_b"],
-                          log=messages.append)
+    again = run_notebooks(
+        tmp_path / "out", data_dir=tiny_dataset, notebook_dir=toy_series, notebooks=["02_b"], log=messages.append
+    )
     assert again[0].parents[1] != root and (root / "run" / "epochs.txt").read_text() == "2"
 
 
@@ -151,16 +173,24 @@ def test_demo_chosen_for_the_user_is_not_passed_on(toy_series, tmp_path, monkeyp
 
 def test_a_failing_cell_names_notebook_and_cell(toy_series, tiny_dataset, tmp_path):
     with pytest.raises(NotebookFailed) as caught:
-        run_notebooks(tmp_path / "out", data_dir=tiny_dataset, notebook_dir=toy_series, notebooks=["03_fails"],
-                      log=lambda m: None)
+        run_notebooks(
+            tmp_path / "out", data_dir=tiny_dataset, notebook_dir=toy_series, notebooks=["03_fails"], log=lambda m: None
+        )
     message = str(caught.value)
     assert "03_fails.ipynb failed in cell [" in message and "ValueError: boom in the body" in message
     assert caught.value.executed.is_file()  # kept, with the traceback, for the user to open
 
 
 def test_cli_exit_status(toy_series, tiny_dataset, tmp_path, monkeypatch, capsys):
-    args = ["run-notebooks", "--out", str(tmp_path / "out"), "--data-dir", str(tiny_dataset),
-            "--notebooks", str(toy_series)]
+    args = [
+        "run-notebooks",
+        "--out",
+        str(tmp_path / "out"),
+        "--data-dir",
+        str(tiny_dataset),
+        "--notebooks",
+        str(toy_series),
+    ]
     monkeypatch.setattr(notebook_runner, "NOTEBOOKS", ("03_fails",))
     assert main(args) == 1
     assert "03_fails.ipynb failed in cell" in capsys.readouterr().err
@@ -181,18 +211,26 @@ def test_unknown_parameter_creates_nothing(toy_series, tiny_dataset, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("EPOCH: 1\n")
     with pytest.raises(ParametersError, match="EPOCH is not a parameter"):
-        run_notebooks(tmp_path / "out", params_file=bad, data_dir=tiny_dataset, notebook_dir=toy_series,
-                      notebooks=["01_a"], log=lambda m: None)
+        run_notebooks(
+            tmp_path / "out",
+            params_file=bad,
+            data_dir=tiny_dataset,
+            notebook_dir=toy_series,
+            notebooks=["01_a"],
+            log=lambda m: None,
+        )
     assert not (tmp_path / "out").exists()
 
 
 # -------------------------------------------------------------------------------------------- the real notebooks
 
+
 def test_prepare_only_injects_ci_parameters_for_nbval(tiny_dataset, tmp_path):
     """What CI hands to nbval: the real notebooks with the CI parameters and chained paths injected, not run."""
     params = Path(notebook_runner.NOTEBOOK_DIR) / "params" / "ci.yaml"
-    prepared = run_notebooks(tmp_path / "out", params_file=params, data_dir=tiny_dataset, prepare_only=True,
-                             log=lambda m: None)
+    prepared = run_notebooks(
+        tmp_path / "out", params_file=params, data_dir=tiny_dataset, prepare_only=True, log=lambda m: None
+    )
     assert [p.stem for p in prepared] == list(NOTEBOOKS)
     root = prepared[0].parents[1]
     for path in prepared:
@@ -209,15 +247,20 @@ def test_prepare_only_injects_ci_parameters_for_nbval(tiny_dataset, tmp_path):
     assert f'RUN_DIR = "{root / "run"}"' in injected.source and f"EPOCHS = {ci['EPOCHS']}" in injected.source
     for name in ("03_evaluation_and_gradcam", "04_whole_slide_heatmaps"):  # no slider without a screen
         nb = nbformat.read(root / "notebooks" / f"{name}.ipynb", as_version=4)
-        assert "SLIDER = False" in next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])).source
+        assert (
+            "SLIDER = False" in next(c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])).source
+        )
 
 
 def test_a_regular_install_runs_the_series_from_any_folder(tmp_path, tiny_dataset):
     """`pip install .` (not editable) carries the notebooks and their parameter files inside the package."""
     source = copy_checkout(tmp_path / "checkout")
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                    str(source)], check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(source)],
+        check=True,
+        timeout=300,
+    )
     packaged = target / "idc_helpers" / "notebooks"
     assert sorted(p.stem for p in packaged.glob("*.ipynb")) == list(NOTEBOOKS)
     assert (packaged / "params" / "smoke.yaml").is_file() and (packaged / "params" / "ci.yaml").is_file()
@@ -227,8 +270,24 @@ def test_a_regular_install_runs_the_series_from_any_folder(tmp_path, tiny_datase
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(target), "IDC_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run(
-        [sys.executable, "-m", "idc_helpers", "run-notebooks", "--smoke", "--prepare-only", "--out", "out",
-         "--data-dir", str(tiny_dataset)], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "idc_helpers",
+            "run-notebooks",
+            "--smoke",
+            "--prepare-only",
+            "--out",
+            "out",
+            "--data-dir",
+            str(tiny_dataset),
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     prepared = sorted((elsewhere / "out").glob("*/notebooks/*.ipynb"))
     assert [p.stem for p in prepared] == list(NOTEBOOKS)
@@ -253,8 +312,15 @@ def test_smoke_run_of_the_series_on_demo_data(tmp_path, monkeypatch):
         assert not errors, path.name
     assert (root / "run" / "model.keras").is_file()
     assert (root / "predictions.csv").is_file() and (root / "metrics.json").is_file()
-    printed = {path.stem[:2]: "".join(o.get("text", "") for c in nbformat.read(path, as_version=4).cells
-                                      if c.cell_type == "code" for o in c.outputs) for path in executed}
+    printed = {
+        path.stem[:2]: "".join(
+            o.get("text", "")
+            for c in nbformat.read(path, as_version=4).cells
+            if c.cell_type == "code"
+            for o in c.outputs
+        )
+        for path in executed
+    }
     # The data is named once per notebook; a folder that was given gets the one-line notice, not the banner.
     assert printed["01"].count("Data: ") == 1 and "SYNTHETIC demo data in" in printed["01"]
     assert "SYNTHETIC DEMO DATA  -" not in printed["01"] + printed["02"]
@@ -266,32 +332,49 @@ def test_smoke_run_of_the_series_on_demo_data(tmp_path, monkeypatch):
     assert any(name.startswith("04_slide_") for name in figures)
 
 
-@pytest.mark.parametrize("text, named", [
-    ("SEED: 2024-01-01\n", "SEED: datetime.date(2024, 1, 1) (a YAML date) is not allowed"),
-    ("SEED: !!binary aGVsbG8=\n", "SEED: b'hello' (a YAML bytes) is not allowed"),
-    ("SEED: !!set {a: null}\n", "(a YAML set) is not allowed"),
-    ("02_b:\n  EPOCHS: .nan\n", "EPOCHS: nan is not allowed: use a finite number"),
-    ("02_b:\n  SEED: {1: 2}\n", "the key 1 is not allowed: keys must be text"),
-    ("02_b:\n  {1: 2}: 3\n", "not valid YAML (while constructing a mapping found unhashable key"),
-    ("EPOCHS: '3'\n", "EPOCHS '3' is not allowed: use a whole number of at least 1 (without quotes)"),
-    ("EPOCHS: -1\n", "EPOCHS -1 is not allowed: use a whole number of at least 1"),
-    ("02_b:\n  EPOCHS: 2.5\n", "[02_b]: EPOCHS 2.5 is not allowed"),
-    ("SEED: [1, 2020-01-01]\n", "SEED[1]: datetime.date(2020, 1, 1)"),
-    ("DATA_DIR: [1, {a: b}]\n", "DATA_DIR [1, {'a': 'b'}] is not allowed: use a folder name (text) or null"),
-    ("SLIDER: 'yes'\n", "SLIDER 'yes' is not allowed: use true or false or null"),
-    ("02_b:\n  GRADCAM_EXAMPLES: 0\n", "GRADCAM_EXAMPLES 0 is not allowed: use a whole number of at least 1"),
-    ("PATIENTS: [8863, ' 8864']\n", "PATIENTS [8863, ' 8864'] is not allowed: use a list of patient ids or null"),
-    ("SCALE: 0\n", "SCALE 0 is not allowed: use a number in (0, 1] or null"),
-])
-def test_a_parameters_file_holds_plain_data_only(toy_series, tiny_dataset, tmp_path, monkeypatch, capsys, text,
-                                                 named):
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("SEED: 2024-01-01\n", "SEED: datetime.date(2024, 1, 1) (a YAML date) is not allowed"),
+        ("SEED: !!binary aGVsbG8=\n", "SEED: b'hello' (a YAML bytes) is not allowed"),
+        ("SEED: !!set {a: null}\n", "(a YAML set) is not allowed"),
+        ("02_b:\n  EPOCHS: .nan\n", "EPOCHS: nan is not allowed: use a finite number"),
+        ("02_b:\n  SEED: {1: 2}\n", "the key 1 is not allowed: keys must be text"),
+        ("02_b:\n  {1: 2}: 3\n", "not valid YAML (while constructing a mapping found unhashable key"),
+        ("EPOCHS: '3'\n", "EPOCHS '3' is not allowed: use a whole number of at least 1 (without quotes)"),
+        ("EPOCHS: -1\n", "EPOCHS -1 is not allowed: use a whole number of at least 1"),
+        ("02_b:\n  EPOCHS: 2.5\n", "[02_b]: EPOCHS 2.5 is not allowed"),
+        ("SEED: [1, 2020-01-01]\n", "SEED[1]: datetime.date(2020, 1, 1)"),
+        ("DATA_DIR: [1, {a: b}]\n", "DATA_DIR [1, {'a': 'b'}] is not allowed: use a folder name (text) or null"),
+        ("SLIDER: 'yes'\n", "SLIDER 'yes' is not allowed: use true or false or null"),
+        ("02_b:\n  GRADCAM_EXAMPLES: 0\n", "GRADCAM_EXAMPLES 0 is not allowed: use a whole number of at least 1"),
+        ("PATIENTS: [8863, ' 8864']\n", "PATIENTS [8863, ' 8864'] is not allowed: use a list of patient ids or null"),
+        ("SCALE: 0\n", "SCALE 0 is not allowed: use a number in (0, 1] or null"),
+    ],
+)
+def test_a_parameters_file_holds_plain_data_only(toy_series, tiny_dataset, tmp_path, monkeypatch, capsys, text, named):
     """Only JSON's types reach a notebook (papermill writes other values into its code), each in range; a
-    refusal is one line and creates no output folder."""
+    refusal is one line and creates no output folder.
+    """
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
     monkeypatch.setattr(notebook_runner, "NOTEBOOKS", ("01_a", "02_b"))
-    assert main(["run-notebooks", "--out", str(tmp_path / "out"), "--data-dir", str(tiny_dataset), "--notebooks",
-                 str(toy_series), "--params", str(bad)]) == 2
+    assert (
+        main(
+            [
+                "run-notebooks",
+                "--out",
+                str(tmp_path / "out"),
+                "--data-dir",
+                str(tiny_dataset),
+                "--notebooks",
+                str(toy_series),
+                "--params",
+                str(bad),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {bad}") and len(err.splitlines()) == 1 and named in err, err
     assert not (tmp_path / "out").exists()

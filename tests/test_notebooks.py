@@ -45,8 +45,9 @@ def test_cell_order(path):
     assert "colab-badge.svg" in cells[1].source, "cell 2 must be the Colab badge"
     assert cells[2].source.startswith("## Overview"), "cell 3 must be the overview"
     assert "what you will learn" in cells[2].source.lower()
-    assert re.search(r"\bCPU\b", cells[2].source) and re.search(r"\bGPU\b", cells[2].source), \
+    assert re.search(r"\bCPU\b", cells[2].source) and re.search(r"\bGPU\b", cells[2].source), (
         "the overview says how long it takes on a CPU and on a GPU"
+    )
     assert 'IS_COLAB = "google.colab" in sys.modules' in cells[3].source
     assert "parameters" in cells[4].metadata.get("tags", []), "cell 5 must be tagged 'parameters'"
     others = [i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", [])]
@@ -58,7 +59,8 @@ def test_cell_order(path):
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_no_outputs_committed(path):
     """Outputs and execution counts are stripped, except in ``# NBVAL_CHECK_OUTPUT`` cells: their expected output
-    stays, with an execution count because nbval skips the comparison for a cell without one."""
+    stays, with an execution count because nbval skips the comparison for a cell without one.
+    """
     for i, cell in enumerate(read(path).cells, start=1):
         if cell.cell_type != "code":
             continue
@@ -70,8 +72,9 @@ def test_no_outputs_committed(path):
             for output in cell.outputs:
                 assert output.get("execution_count") is None, f"cell {i}: output has an execution count"
                 assert output.output_type != "error", f"cell {i}: committed an error"
-        assert not cell.metadata.get("papermill") and not cell.metadata.get("execution"), \
+        assert not cell.metadata.get("papermill") and not cell.metadata.get("execution"), (
             f"cell {i} carries execution metadata"
+        )
     assert "papermill" not in read(path).metadata
 
 
@@ -127,20 +130,27 @@ def test_each_notebook_badge_opens_itself():
 
 def test_colab_url():
     assert colab.colab_url("notebooks/02_training.ipynb") == (
-        f"https://colab.research.google.com/github/{colab.REPOSITORY}/blob/{colab.BRANCH}/notebooks/02_training.ipynb")
+        f"https://colab.research.google.com/github/{colab.REPOSITORY}/blob/{colab.BRANCH}/notebooks/02_training.ipynb"
+    )
     with pytest.raises(ValueError):
         colab.colab_url("../02_training.ipynb")
 
 
 def test_links_are_up_to_date():
     """``tools/update_notebook_links.py --check`` passes (run the tool without --check to fix)."""
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "update_notebook_links.py"), "--check"],
-                            capture_output=True, text=True, cwd=REPO_ROOT)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "update_notebook_links.py"), "--check"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("update_notebook_links", REPO_ROOT / "tools" / "update_notebook_links.py")
+    spec = importlib.util.spec_from_file_location(
+        "update_notebook_links", REPO_ROOT / "tools" / "update_notebook_links.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -187,7 +197,8 @@ def _code_cells(path: Path) -> list[str]:
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_cells_are_a_few_lines_of_package_calls(path):
     """A notebook cell calls the package and shows the result: no cell but setup and parameters is over 10 lines, no
-    function or class is defined in a notebook, and nothing reads a run's JSON files by hand."""
+    function or class is defined in a notebook, and nothing reads a run's JSON files by hand.
+    """
     cells = [c for c in read(path).cells if c.cell_type == "code"]
     for i, cell in enumerate(cells[1:], start=2):  # the setup cell aside
         if "parameters" in cell.metadata.get("tags", []):
@@ -205,7 +216,7 @@ def test_every_saved_figure_goes_through_save_figure(path):
     source = "\n".join(_code_cells(path))
     assert ".savefig(" not in source
     saves = re.findall(r"plots\.save_figure\((.*?)synthetic=", source, re.S)
-    assert saves or path.stem == "02_training" and "save_figure" in source
+    assert saves or (path.stem == "02_training" and "save_figure" in source)
 
 
 def test_setup_cell_quiets_tensorflow_before_importing_it_and_offers_drive():
@@ -224,10 +235,13 @@ def test_setup_cell_quiets_tensorflow_before_importing_it_and_offers_drive():
 
 def test_tensorflow_start_up_lines_do_not_reach_stderr():
     """TensorFlow 2.19+ prints CUDA/oneDNN lines at import whatever TF_CPP_MIN_LOG_LEVEL says; the setup cell's
-    import_tensorflow_quietly hides them, and stderr works again afterwards."""
-    code = ("import os, sys; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3';"
-            "from idc_helpers.colab import import_tensorflow_quietly; import_tensorflow_quietly();"
-            "assert 'tensorflow' in sys.modules; print('still here', file=sys.stderr)")
+    import_tensorflow_quietly hides them, and stderr works again afterwards.
+    """
+    code = (
+        "import os, sys; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3';"
+        "from idc_helpers.colab import import_tensorflow_quietly; import_tensorflow_quietly();"
+        "assert 'tensorflow' in sys.modules; print('still here', file=sys.stderr)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stderr == "still here\n"
 
@@ -243,7 +257,8 @@ def test_training_notebook_resumes_and_shows_the_drive_path():
 
 def test_words_agree_with_the_code():
     """idc_net's head is one dense layer, not seed_cnn's two; the published split's test patients are what is
-    comparable, not the whole experiment (unlisted patients go to training)."""
+    comparable, not the whole experiment (unlisted patients go to training).
+    """
     from idc_helpers import models
 
     idc_net = models.build_model("idc_net")

@@ -16,11 +16,10 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import patch_name, write_patch
+
 from idc_helpers import patch_index as pi
 from idc_helpers.errors import UserError
-
 
 # --- names ------------------------------------------------------------------------------------------------------
 
@@ -71,7 +70,7 @@ def test_index_of_tiny_dataset(tiny_dataset):
     assert frame["patient_id"].map(type).eq(str).all()
     assert frame["x"].dtype == np.int32 and frame["label"].dtype == np.int8
     # Sorted by patient, then y, then x.
-    keys = list(zip(frame["patient_id"].astype(int), frame["y"], frame["x"]))
+    keys = list(zip(frame["patient_id"].astype(int), frame["y"], frame["x"], strict=True))
     assert keys == sorted(keys)
     # The right column (x = 151) is IDC; the label agrees with the folder.
     assert ((frame["x"] == 151) == (frame["label"] == 1)).all()
@@ -93,8 +92,13 @@ def test_patient_table_and_summary(tiny_dataset):
     assert (table["n_not_50x50"] == 1).all()
     summary = pi.dataset_summary(frame)
     assert summary == {
-        "patients": 3, "patches": 36, "non_idc": 27, "idc": 9, "idc_fraction": 0.25,
-        "not_50x50": 3, "not_50x50_sizes": {"50x30": 3},
+        "patients": 3,
+        "patches": 36,
+        "non_idc": 27,
+        "idc": 9,
+        "idc_fraction": 0.25,
+        "not_50x50": 3,
+        "not_50x50_sizes": {"50x30": 3},
     }
 
 
@@ -233,10 +237,20 @@ def _chunk(kind: bytes, data: bytes, crc_ok: bool = True) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
-def make_png(width: int, height: int, *, colour: int = 2, depth: int = 8, rows: int | None = None,
-             header_crc_ok: bool = True, idat_crc_ok: bool = True, cut: int | None = None) -> bytes:
+def make_png(
+    width: int,
+    height: int,
+    *,
+    colour: int = 2,
+    depth: int = 8,
+    rows: int | None = None,
+    header_crc_ok: bool = True,
+    idat_crc_ok: bool = True,
+    cut: int | None = None,
+) -> bytes:
     """A hand-made PNG whose IHDR says ``width x height`` and whose image data holds ``rows`` rows of zeros
-    (default ``height``; more rows than the header says makes a PNG that lies about its data). ``cut`` truncates."""
+    (default ``height``; more rows than the header says makes a PNG that lies about its data). ``cut`` truncates.
+    """
     channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
     row_bytes = 1 + (width * channels * depth + 7) // 8
     compressor = zlib.compressobj(9)
@@ -244,7 +258,7 @@ def make_png(width: int, height: int, *, colour: int = 2, depth: int = 8, rows: 
     parts, left = [], height if rows is None else rows
     while left > 0:
         take = min(left, 64)
-        parts.append(compressor.compress(block[:take * row_bytes]))
+        parts.append(compressor.compress(block[: take * row_bytes]))
         left -= take
     parts.append(compressor.flush())
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
@@ -293,8 +307,10 @@ def test_file_too_large_for_a_patch_is_not_read(tiny_dataset):
 # --- the shared rules: grid, conflicting labels, non-regular entries --------------------------------------------------
 
 
-@pytest.mark.parametrize("x, y, words", [(75, 20, "not on the 50-pixel patch grid"), (51, 26, "not on the"),
-                                         (100_001, 100_001, "outside any slide")])
+@pytest.mark.parametrize(
+    "x, y, words",
+    [(75, 20, "not on the 50-pixel patch grid"), (51, 26, "not on the"), (100_001, 100_001, "outside any slide")],
+)
 def test_off_grid_coordinates_are_reported(tiny_dataset, x, y, words):
     bad = write_patch(tiny_dataset / "101" / "0" / patch_name("101", x, y, 0), _good_patch())
     index = pi.build_index(tiny_dataset)
@@ -304,8 +320,15 @@ def test_off_grid_coordinates_are_reported(tiny_dataset, x, y, words):
 
 
 def test_real_grid_rule():
-    frame = pd.DataFrame({"path": ["a", "b", "c", "d"], "patient_id": ["1"] * 4, "x": [1, 51, 2, 3951],
-                          "y": [1, 2901, 1, 26], "label": [0] * 4})
+    frame = pd.DataFrame(
+        {
+            "path": ["a", "b", "c", "d"],
+            "patient_id": ["1"] * 4,
+            "x": [1, 51, 2, 3951],
+            "y": [1, 2901, 1, 26],
+            "label": [0] * 4,
+        }
+    )
     kept, problems = pi.check_index(frame)
     assert list(kept["path"]) == ["a", "b"]
     assert sorted(p.path for p in problems) == ["c", "d"]
@@ -430,7 +453,7 @@ def test_several_folders_make_one_index(tiny_dataset, tmp_path):
         assert str(dup) not in set(frame["path"]) and str(conflict) not in set(frame["path"])
         assert str(tiny_dataset / "102" / "0" / patch_name("102", 1, 1, 0)) in set(frame["path"])
         assert len(frame) == 36 + 2 - 1
-        keys = list(zip(frame["patient_id"].astype(int), frame["y"], frame["x"]))
+        keys = list(zip(frame["patient_id"].astype(int), frame["y"], frame["x"], strict=True))
         assert keys == sorted(keys)
 
 
@@ -482,4 +505,3 @@ def test_one_patients_folder_given_as_the_dataset_is_named_as_such(tiny_dataset,
         pi.build_index(tiny_dataset / "101")
     err = cli_error(["index", "--data-dir", str(tiny_dataset / "101")])
     assert "folder of one patient" in err
-

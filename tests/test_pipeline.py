@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 import tensorflow as tf
 
-from idc_helpers import pipeline  # noqa: E402
-from idc_helpers.stain import RGB_FROM_HED  # noqa: E402
+from idc_helpers import pipeline
+from idc_helpers.stain import RGB_FROM_HED
 
 N = 300
 
@@ -142,21 +141,22 @@ def _stream(ds, batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _same_batches(a, b) -> bool:
-    return len(a) == len(b) and all(np.array_equal(xa, xb) and np.array_equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    return len(a) == len(b) and all(
+        np.array_equal(xa, xb) and np.array_equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b, strict=True)
+    )
 
 
 @pytest.mark.parametrize("augment", [False, True, "strong"])
 def test_resumed_stream_draws_what_an_uninterrupted_one_draws(augment):
     """Epochs 0..2 in one go, then epoch 2 alone with initial_epoch=2: the same images, labels and augmentation."""
     subset = np.arange(0, N, 2)  # 150 rows: 5 batches of 32, the last one short
-    kwargs = dict(batch_size=32, shuffle=True, augment=augment, seed=11, repeat=True)
+    kwargs = {"batch_size": 32, "shuffle": True, "augment": augment, "seed": 11, "repeat": True}
     whole = _stream(pipeline.make_dataset(_encoded(), _labels(), subset, **kwargs), 15)
     resumed = _stream(pipeline.make_dataset(_encoded(), _labels(), subset, initial_epoch=2, **kwargs), 5)
     assert _same_batches(whole[10:], resumed)
     assert not _same_batches(whole[5:10], resumed)  # epochs differ
     # A one-epoch dataset started at epoch 2 is that same epoch.
-    single = pipeline.make_dataset(_encoded(), _labels(), subset, initial_epoch=2,
-                                   **{**kwargs, "repeat": False})
+    single = pipeline.make_dataset(_encoded(), _labels(), subset, initial_epoch=2, **{**kwargs, "repeat": False})
     assert _same_batches(_stream(single, 5), resumed)
 
 
@@ -170,7 +170,7 @@ def test_epoch_order_is_what_the_dataset_draws():
     ds = pipeline.make_dataset(_encoded(), _labels(), subset, batch_size=10, seed=4, initial_epoch=7)
     # Batches hold consecutive slices of the epoch's order (sorted within the batch for file-order reads).
     batches = [sorted(_rows(x).tolist()) for x, _ in ds]
-    assert batches == [sorted(order[i:i + 10].tolist()) for i in range(0, len(order), 10)]
+    assert batches == [sorted(order[i : i + 10].tolist()) for i in range(0, len(order), 10)]
 
 
 def test_steps_per_epoch_takes_the_start_of_each_epochs_order():
@@ -185,7 +185,7 @@ def test_steps_per_epoch_takes_the_start_of_each_epochs_order():
 def test_bad_arguments_are_user_errors():
     from idc_helpers.errors import UserError
 
-    for kwargs in (dict(augment="strongest"), dict(initial_epoch=-1), dict(batch_size=0), dict(seed=-3)):
+    for kwargs in ({"augment": "strongest"}, {"initial_epoch": -1}, {"batch_size": 0}, {"seed": -3}):
         with pytest.raises(UserError):
             pipeline.make_dataset(_encoded(), _labels(), **kwargs)
 
@@ -202,7 +202,7 @@ def test_augmentation_without_jitter_is_a_dihedral_transform():
     images = rng.integers(0, 256, size=(64, 50, 50, 3)).astype(np.float32)
     out = pipeline.augment_batch(images, seed=7, jitter=False).numpy()
     used = set()
-    for img, aug in zip(images, out):
+    for img, aug in zip(images, out, strict=True):
         matches = [k for k, d in enumerate(_dihedral(img)) if np.array_equal(d, aug)]
         assert len(matches) == 1
         used.add(matches[0])
@@ -261,8 +261,10 @@ def test_strong_augmentation_varies_more_than_light():
     rng = np.random.default_rng(2)
     images = rng.integers(40, 230, size=(64, 50, 50, 3)).astype(np.uint8)
     geometry = pipeline.augment_batch(images, seed=[4, 4], strength="geometry").numpy()
-    change = {name: np.abs(pipeline.augment_batch(images, seed=[4, 4], strength=name).numpy() - geometry).mean()
-              for name in ("light", "strong")}
+    change = {
+        name: np.abs(pipeline.augment_batch(images, seed=[4, 4], strength=name).numpy() - geometry).mean()
+        for name in ("light", "strong")
+    }
     assert change["strong"] > 2 * change["light"] > 0
 
 

@@ -6,15 +6,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # tests only: the package itself never touches the backend
 
-import matplotlib.image  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from sklearn import metrics as skm  # noqa: E402
+import matplotlib.image
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+from test_metrics import make_predictions
 
-from idc_helpers import plots  # noqa: E402
-from idc_helpers.metrics import confident_examples, evaluate, per_patient_metrics  # noqa: E402
-from test_metrics import make_predictions  # noqa: E402
+from idc_helpers import plots
+from idc_helpers.metrics import confident_examples, evaluate, per_patient_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -62,12 +62,20 @@ def test_confusion_matrix_counts_and_shares():
 def test_learning_curves_show_validation_and_name_the_rule():
     """What decides (validation AUC, the selection score) is plotted, validation beside training, and the legend says
     the rule in words read from the history, not the bare name 'val_selection'. No accuracy at a fixed 0.5: the F1
-    shown is each epoch's F1 at its own validation threshold."""
+    shown is each epoch's F1 at its own validation threshold.
+    """
     auc = np.array([0.80, 0.90, 0.88])
     loss = np.array([0.60, 0.40, 0.50])
-    history = {"loss": [0.7, 0.5, 0.45], "accuracy": [0.7, 0.8, 0.85], "val_loss": list(loss),
-               "val_auc": list(auc), "val_balanced_accuracy": [0.52, 0.53, 0.52], "val_f1": [0.6, 0.7, 0.69],
-               "val_selection": list(auc - 0.01 * loss), "lr": [1e-3] * 3}
+    history = {
+        "loss": [0.7, 0.5, 0.45],
+        "accuracy": [0.7, 0.8, 0.85],
+        "val_loss": list(loss),
+        "val_auc": list(auc),
+        "val_balanced_accuracy": [0.52, 0.53, 0.52],
+        "val_f1": [0.6, 0.7, 0.69],
+        "val_selection": list(auc - 0.01 * loss),
+        "lr": [1e-3] * 3,
+    }
     fig = plots.plot_history(history, monitor="val_selection", best_epoch=2)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == ["loss", "validation patients: what picks the epoch"]
@@ -79,7 +87,8 @@ def test_learning_curves_show_validation_and_name_the_rule():
     assert "kept: epoch 2" in _legend_texts(fig)
     assert "highest validation ROC AUC - 0.01 x validation loss" in fig._suptitle.get_text()
     assert plots.selection_rule({**history, "val_selection": list(auc - 0.05 * loss)}, "val_selection") == (
-        "highest validation ROC AUC - 0.05 x validation loss")
+        "highest validation ROC AUC - 0.05 x validation loss"
+    )
     plain = plots.plot_history({"loss": [0.6, 0.5, 0.45], "val_loss": [0.62, 0.5, 0.55]})
     assert "lowest validation loss" in plain._suptitle.get_text() and "kept: epoch 2" in _legend_texts(plain)
 

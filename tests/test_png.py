@@ -23,12 +23,15 @@ def test_the_size_comes_from_the_first_33_bytes():
     assert read_png_header(_png(37, 50)[:PNG_HEADER_BYTES]) == (37, 50)
 
 
-@pytest.mark.parametrize(("head", "kind"), [
-    (b"", EMPTY),
-    (b"GIF89a" + bytes(27), NOT_PNG),
-    (_png(50, 50)[:20], TRUNCATED),
-    (_png(50, 50)[:24] + b"\x10" + _png(50, 50)[25:33], TRUNCATED),  # IHDR byte changed: the CRC disagrees
-])
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"", EMPTY),
+        (b"GIF89a" + bytes(27), NOT_PNG),
+        (_png(50, 50)[:20], TRUNCATED),
+        (_png(50, 50)[:24] + b"\x10" + _png(50, 50)[25:33], TRUNCATED),  # IHDR byte changed: the CRC disagrees
+    ],
+)
 def test_damaged_headers_are_refused_with_their_kind(head, kind):
     with pytest.raises(PngHeaderError) as caught:
         read_png_header(head)

@@ -69,20 +69,23 @@ def test_write_read_round_trip(preds, tmp_path):
     write_predictions(preds, path, overwrite=True)
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (lambda df: df.drop(columns="prob_idc"), "missing columns"),
-    (lambda df: df.assign(prob_idc=df["prob_idc"] + 2), r"\[0, 1\]"),
-    (lambda df: df.assign(pred=2), "column 'pred' row 1 holds 2 .*must hold 0 or 1"),
-    (lambda df: df.assign(patient_id=df["patient_id"].astype(int)), "patient_id"),
-    (lambda df: df.assign(x=df["x"] + 0.5), "column 'x' row 1 holds 1.5 .*whole numbers of at least 1"),
-    (lambda df: df.assign(label=-1), "column 'label' row 1 holds -1"),
-    (lambda df: df.assign(prob_idc=np.nan), "column 'prob_idc' row 1 holds nan .*no NaN"),
-    (lambda df: df.assign(path="p" * 200_000), r"row 1 holds 'ppp.*'\.\.\. \(200,000 characters\).*at most 4,096"),
-    (lambda df: df.assign(patient_id=" 8863"), "column 'patient_id' row 1 holds ' 8863'"),
-    (lambda df: pd.concat([df, df.iloc[:1]]), "duplicated paths"),
-    (lambda df: df.assign(threshold=np.linspace(0.1, 0.9, len(df))), "one threshold"),
-    (lambda df: df.assign(threshold=0.5, pred=1 - df["pred"]), "disagree with prob_idc >= threshold"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (lambda df: df.drop(columns="prob_idc"), "missing columns"),
+        (lambda df: df.assign(prob_idc=df["prob_idc"] + 2), r"\[0, 1\]"),
+        (lambda df: df.assign(pred=2), "column 'pred' row 1 holds 2 .*must hold 0 or 1"),
+        (lambda df: df.assign(patient_id=df["patient_id"].astype(int)), "patient_id"),
+        (lambda df: df.assign(x=df["x"] + 0.5), "column 'x' row 1 holds 1.5 .*whole numbers of at least 1"),
+        (lambda df: df.assign(label=-1), "column 'label' row 1 holds -1"),
+        (lambda df: df.assign(prob_idc=np.nan), "column 'prob_idc' row 1 holds nan .*no NaN"),
+        (lambda df: df.assign(path="p" * 200_000), r"row 1 holds 'ppp.*'\.\.\. \(200,000 characters\).*at most 4,096"),
+        (lambda df: df.assign(patient_id=" 8863"), "column 'patient_id' row 1 holds ' 8863'"),
+        (lambda df: pd.concat([df, df.iloc[:1]]), "duplicated paths"),
+        (lambda df: df.assign(threshold=np.linspace(0.1, 0.9, len(df))), "one threshold"),
+        (lambda df: df.assign(threshold=0.5, pred=1 - df["pred"]), "disagree with prob_idc >= threshold"),
+    ],
+)
 def test_validate_names_the_problem(preds, breakage, message):
     with pytest.raises(PredictionsError, match=message):
         validate_predictions(breakage(preds))
@@ -93,8 +96,26 @@ def test_cli_train_then_predict(tmp_path, tmp_cache, capsys):
     assert main(["demo-data", "--out", str(data), "--n-patients", "5"]) == 0
     assert "SYNTHETIC DEMO DATA" in capsys.readouterr().out
     run_dir = tmp_path / "run"
-    assert main(["train", "--data-dir", str(data), "--out", str(run_dir), "--model", "seed_cnn", "--epochs", "1",
-                 "--max-patches", "400", "--batch-size", "64"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(data),
+                "--out",
+                str(run_dir),
+                "--model",
+                "seed_cnn",
+                "--epochs",
+                "1",
+                "--max-patches",
+                "400",
+                "--batch-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     # A synthetic folder the user named gets one line; the banner was shown once, by demo-data.
     assert "SYNTHETIC" in out and "SYNTHETIC DEMO DATA" not in out
@@ -113,11 +134,27 @@ def test_cli_train_then_predict(tmp_path, tmp_cache, capsys):
     test_out = tmp_path / "test.csv"
     # The old spelling is refused with one line naming the new word.
     assert main(["predict", "--model", str(run_dir), "--data-dir", str(data), "--out", str(test_out)]) == 2
-    assert capsys.readouterr().err == ("error: predict --model RUN_DIR is no longer accepted: "
-                                       "use predict --run RUN_DIR.\n")
+    assert capsys.readouterr().err == (
+        "error: predict --model RUN_DIR is no longer accepted: use predict --run RUN_DIR.\n"
+    )
     assert not test_out.exists()
-    assert main(["predict", "--run", str(run_dir), "--data-dir", str(data), "--out", str(test_out),
-                 "--subset", "test", "--tta"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(run_dir),
+                "--data-dir",
+                str(data),
+                "--out",
+                str(test_out),
+                "--subset",
+                "test",
+                "--tta",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert set(read_predictions(test_out)["patient_id"]) == set(run.split["test"])
     assert main(["predict", "--run", str(run_dir), "--data-dir", str(data), "--out", str(test_out)]) == 2
@@ -134,8 +171,9 @@ def test_predicting_a_folder_without_the_selected_patients_names_them(tiny_datas
     run = Run(run_dir=None, model=None, config={"split": {"patients": {"train": ["7"], "val": ["8"], "test": ["9"]}}})
     with pytest.raises(PredictionsError, match=r"test patients of the run \(9\).*101, 102, 103"):
         select_patients(frame, run=run, subset="test")
-    empty = Run(run_dir=None, model=None, config={"split": {"patients": {"train": ["101"], "val": ["102"],
-                                                                          "test": []}}})
+    empty = Run(
+        run_dir=None, model=None, config={"split": {"patients": {"train": ["101"], "val": ["102"], "test": []}}}
+    )
     with pytest.raises(PredictionsError, match="no test patients"):
         select_patients(frame, run=empty, subset="test")
     assert set(select_patients(frame, patients=["102"])["patient_id"]) == {"102"}
@@ -149,8 +187,7 @@ def test_real_sample_better_than_chance(real_sample_dir, tmp_path, tmp_cache):
 
     from idc_helpers.training import train
 
-    run = train(real_sample_dir, tmp_path / "run", model_name="seed_cnn", epochs=2, max_patches=3000, seed=0,
-                verbose=0)
+    run = train(real_sample_dir, tmp_path / "run", model_name="seed_cnn", epochs=2, max_patches=3000, seed=0, verbose=0)
     frame = build_index(real_sample_dir).frame
     test = frame[frame["patient_id"].isin(run.split["test"])]
     preds = predict_frame(run.run_dir, test)
@@ -164,10 +201,27 @@ def test_predict_context_adds_the_slide_columns(tmp_path, tmp_cache, capsys):
     data = write_demo_dataset(tmp_path / "demo", n_patients=6, seed=0, grid=(8, 6))
     result = train(data, tmp_path / "run", model_name="seed_cnn", epochs=1, batch_size=32, verbose=0)
     params = result.metrics["context"]
-    assert "unavailable" not in params and params["patients"] == result.split["val"]  # tuned on every validation patient
+    assert (
+        "unavailable" not in params and params["patients"] == result.split["val"]
+    )  # tuned on every validation patient
     out = tmp_path / "ctx.csv"
-    assert main(["predict", "--run", str(result.run_dir), "--data-dir", str(data), "--out", str(out),
-                 "--subset", "test", "--context"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(result.run_dir),
+                "--data-dir",
+                str(data),
+                "--out",
+                str(out),
+                "--subset",
+                "test",
+                "--context",
+            ]
+        )
+        == 0
+    )
     table = read_predictions(out)
     assert {"prob_idc_context", "pred_context"} <= set(table.columns)
     assert ((table["prob_idc_context"] >= params["threshold"]).astype(int) == table["pred_context"]).all()
@@ -179,8 +233,21 @@ def test_predict_context_adds_the_slide_columns(tmp_path, tmp_cache, capsys):
     metrics["context"] = {"unavailable": "none of the validation patients has a whole slide"}
     metrics_path.write_text(json.dumps(metrics))
     capsys.readouterr()
-    assert main(["predict", "--run", str(result.run_dir), "--data-dir", str(data), "--out", str(tmp_path / "x.csv"),
-                 "--context"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(result.run_dir),
+                "--data-dir",
+                str(data),
+                "--out",
+                str(tmp_path / "x.csv"),
+                "--context",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: predict --context") and "whole slide" in err and len(err.strip().splitlines()) == 1
 
@@ -189,14 +256,16 @@ def test_predict_checks_its_arguments_before_any_work(tiny_dataset, tmp_path, cl
     base = ["predict", "--data-dir", str(tiny_dataset)]
     assert "is a folder" in cli_error([*base, "--run", str(tmp_path), "--out", str(tmp_path)])
     assert "needs --run" in cli_error([*base, "--out", str(tmp_path / "p.csv")])
-    assert "not a finished run folder" in cli_error([*base, "--run", str(tmp_path / "nothing"),
-                                                          "--out", str(tmp_path / "p.csv")])
+    assert "not a finished run folder" in cli_error(
+        [*base, "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "p.csv")]
+    )
     assert not (tmp_path / "p.csv").exists()
 
 
 def test_a_full_disk_is_exit_3_in_one_line_for_every_command(tmp_path, monkeypatch, capsys):
     """predict/evaluate/slide name their --out (outputs are atomic: nothing half-written stays); any other command
-    that runs out of space (index, for its cache) says so in one line too."""
+    that runs out of space (index, for its cache) says so in one line too.
+    """
     import errno
 
     from idc_helpers import cli
@@ -226,8 +295,23 @@ def test_predict_evaluate_and_slide_name_the_same_threshold(tmp_path, tmp_cache,
     shown = f"{result.metrics['threshold']:.3f}"
     out = tmp_path / "preds.csv"
     capsys.readouterr()
-    assert main(["predict", "--run", str(result.run_dir), "--data-dir", str(data), "--out", str(out),
-                 "--subset", "test", "--context"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(result.run_dir),
+                "--data-dir",
+                str(data),
+                "--out",
+                str(out),
+                "--subset",
+                "test",
+                "--context",
+            ]
+        )
+        == 0
+    )
     assert f"at threshold {shown}" in capsys.readouterr().out
     table = read_predictions(out)
     assert set(table["threshold"]) == {result.metrics["threshold"]}

@@ -50,8 +50,12 @@ def package_commands(line: str) -> list[list[str]]:
 
 
 def documented() -> list[tuple[str, list[str]]]:
-    return [(path.name, argv) for path in [README, *DOCS] for line in bash_lines(path.read_text(encoding="utf-8"))
-            for argv in package_commands(line)]
+    return [
+        (path.name, argv)
+        for path in [README, *DOCS]
+        for line in bash_lines(path.read_text(encoding="utf-8"))
+        for argv in package_commands(line)
+    ]
 
 
 class _Parsed(Exception):
@@ -60,7 +64,8 @@ class _Parsed(Exception):
 
 def parse_only(argv: list[str], monkeypatch) -> argparse.Namespace:
     """Parse ``argv`` (``["idc_helpers", ...]`` or ``["idc_helpers.bench", NAME, ...]``) with the command's own
-    parser and stop there; a rejected argument exits with status 2."""
+    parser and stop there; a rejected argument exits with status 2.
+    """
     original = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self, args=None, namespace=None):
@@ -69,9 +74,11 @@ def parse_only(argv: list[str], monkeypatch) -> argparse.Namespace:
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
     if argv[0] == "idc_helpers":
         from idc_helpers.cli import main
+
         rest = argv[1:]
     else:
         from idc_helpers.bench import BENCHMARKS
+
         assert argv[1] in BENCHMARKS, f"no benchmark {argv[1]!r}"
         main = importlib.import_module(BENCHMARKS[argv[1]]).main
         rest = argv[2:]
@@ -114,11 +121,16 @@ def test_readme_and_results_are_short():
 
 def test_the_data_folder_reaches_the_series_as_printed(tiny_dataset, tmp_path, monkeypatch):
     """The README's series command for a data folder: the folder is an argument of run-notebooks itself (an
-    `IDC_DATA_DIR=... python3 -m venv ...` prefix applied to venv only, and the series ran on synthetic data)."""
+    `IDC_DATA_DIR=... python3 -m venv ...` prefix applied to venv only, and the series ran on synthetic data).
+    """
     lines = bash_lines(README.read_text(encoding="utf-8"))
     assert not [line for line in lines if re.match(r"^\w+=\S+ python3 -m venv", line)]
-    with_data = [argv for line in lines for argv in package_commands(line)
-                 if argv[:2] == ["idc_helpers", "run-notebooks"] and "--data-dir" in argv]
+    with_data = [
+        argv
+        for line in lines
+        for argv in package_commands(line)
+        if argv[:2] == ["idc_helpers", "run-notebooks"] and "--data-dir" in argv
+    ]
     assert len(with_data) == 1, "the README prints one series command with a data folder"
     argv = [str(tiny_dataset) if word == "/path/to/patches" else word for word in with_data[0]]
     assert str(tiny_dataset) in argv, "the placeholder folder of the README is /path/to/patches"
@@ -149,20 +161,23 @@ def test_the_chain_block_is_found_and_uses_the_package():
 @pytest.mark.slow
 def test_chain_runs_as_printed(tmp_path):
     """Each command exits 0 and prints no traceback, run by bash as a user would paste it (a few minutes). The
-    synthetic-data banner is shown once, by demo-data; the later commands name the demo data in one line."""
+    synthetic-data banner is shown once, by demo-data; the later commands name the demo data in one line.
+    """
     commands = chain_commands(CLI_DOC.read_text(encoding="utf-8"))
     work = tmp_path / "work"
     work.mkdir()
     # `python` is this interpreter; no data folder or Kaggle credentials leak in from the environment.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAGGLE_", "IDC_DATA_DIR"))}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", MPLBACKEND="Agg",
-               IDC_CACHE_DIR=str(tmp_path / "cache"))
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        MPLBACKEND="Agg",
+        IDC_CACHE_DIR=str(tmp_path / "cache"),
+    )
     banners = []
     for command in commands:
         absolute = [arg for arg in shlex.split(command) if arg.startswith("/")]
         assert not absolute, f"documented command writes outside the folder it is run in: {command}"
-        result = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True,
-                                timeout=900)
+        result = subprocess.run(["bash", "-c", command], cwd=work, env=env, capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, f"{command}\nexit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr}"
         assert "Traceback" not in result.stderr, f"{command}\n{result.stderr}"
         banners.append(result.stdout.count("SYNTHETIC DEMO DATA"))

@@ -1,5 +1,6 @@
 """The run folder: a new one is never an existing or interrupted one, loading names what is missing, publishing is
-all or nothing."""
+all or nothing.
+"""
 
 from __future__ import annotations
 
@@ -85,7 +86,6 @@ def test_publish_never_replaces_a_run_that_appeared_meanwhile(tmp_path):
     assert json.loads((tmp_path / "r" / CONFIG_FILE).read_text()) == {"theirs": True}
     assert json.loads((partial / CONFIG_FILE).read_text()) == {"mine": True}
     assert (partial / CHECKPOINT_STATE_FILE).is_file()  # still resumable, nothing lost
-
 
 
 def test_a_run_dir_that_cannot_be_created_is_refused_before_any_work(tmp_path):

@@ -1,7 +1,8 @@
 """A run loads anywhere it was saved: whatever placement of augmentation and precision trained it, every door
 (`predict`, `evaluate`, `slide`, `run.load_run`, `train --resume`) opens it in a fresh process, one that never
 defined the model's layers. What a GPU does by default (augmentation inside the model, mixed precision) is forced
-here on the CPU through the same environment variables."""
+here on the CPU through the same environment variables.
+"""
 
 from __future__ import annotations
 
@@ -29,13 +30,14 @@ SETTINGS = {
     "bfloat16": {"IDC_AUGMENT_ON": "model", "IDC_MIXED_PRECISION": "bfloat16"},
     "float16": {"IDC_AUGMENT_ON": "model", "IDC_MIXED_PRECISION": "float16"},
 }
-TRAIN = dict(model_name="idc_net", epochs=2, batch_size=32, seed=0, augment="mild", verbose=0)
+TRAIN = {"model_name": "idc_net", "epochs": 2, "batch_size": 32, "seed": 0, "augment": "mild", "verbose": 0}
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "idc_helpers", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "idc_helpers", *args], env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _interrupted_run(demo_dir: Path, cache_dir: Path, out: Path, setting: dict[str, str]) -> Path:
@@ -64,8 +66,14 @@ def test_every_door_opens_the_run_in_a_fresh_process(name, demo_dir, cache_dir, 
 
     # train --resume, in a process that never built the model: the checkpoint holds the model's own layers.
     # The environment now says "CPU": a run computes as it was started, whatever the resuming machine would pick.
-    resumed = _cli("train", "--resume", str(run_dir), "--cache-dir", str(cache_dir),
-                   env={"IDC_AUGMENT_ON": "pipeline", "IDC_MIXED_PRECISION": "0"})
+    resumed = _cli(
+        "train",
+        "--resume",
+        str(run_dir),
+        "--cache-dir",
+        str(cache_dir),
+        env={"IDC_AUGMENT_ON": "pipeline", "IDC_MIXED_PRECISION": "0"},
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming" in resumed.stdout and "after epoch 1 of 2" in resumed.stdout
     config = json.loads((run_dir / "config.json").read_text())
@@ -75,8 +83,9 @@ def test_every_door_opens_the_run_in_a_fresh_process(name, demo_dir, cache_dir, 
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_run"] == 2
 
     preds = tmp_path / f"{name}.csv"
-    predicted = _cli("predict", "--run", str(run_dir), "--data-dir", str(demo_dir), "--subset", "test",
-                     "--out", str(preds))
+    predicted = _cli(
+        "predict", "--run", str(run_dir), "--data-dir", str(demo_dir), "--subset", "test", "--out", str(preds)
+    )
     assert predicted.returncode == 0, predicted.stderr
     table = pd.read_csv(preds)
     assert len(table) > 0 and table["prob_idc"].between(0, 1).all()
@@ -87,8 +96,9 @@ def test_every_door_opens_the_run_in_a_fresh_process(name, demo_dir, cache_dir, 
     assert 0.0 <= json.loads(report.read_text())["metrics"]["roc_auc"]["value"] <= 1.0
 
     slide = tmp_path / f"{name}.png"
-    drawn = _cli("slide", "--predictions", str(preds), "--patient", str(table["patient_id"].iloc[0]),
-                 "--out", str(slide))
+    drawn = _cli(
+        "slide", "--predictions", str(preds), "--patient", str(table["patient_id"].iloc[0]), "--out", str(slide)
+    )
     assert drawn.returncode == 0, drawn.stderr
     assert slide.stat().st_size > 0
 
@@ -104,8 +114,13 @@ def test_every_door_opens_the_run_in_a_fresh_process(name, demo_dir, cache_dir, 
         "print(uses_mixed_precision(run.model), any(l.name == AUGMENT_LAYER for l in run.model.layers),\n"
         "      float(np.max(np.abs(probs - table['prob_idc'].to_numpy()))))\n"
     )
-    loaded = subprocess.run([sys.executable, "-c", script, str(run_dir), str(preds)], capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    loaded = subprocess.run(
+        [sys.executable, "-c", script, str(run_dir), str(preds)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
     assert loaded.returncode == 0, loaded.stderr
     mixed, augments, difference = loaded.stdout.split()
     assert mixed == str(setting["IDC_MIXED_PRECISION"] != "0")
@@ -130,13 +145,16 @@ def test_mixed_precision_training_agrees_with_float32(demo_dir, cache_dir, tmp_p
     """The same small training (idc_net, 3 epochs, same seed, augmentation in the model) in float32 and in each
     mixed-precision policy ends with nearly the same model: the IDC probability of every patch agrees closely.
     The bounds are a few times what was measured (docs/colab.md gives the figures). The validation scores are
-    printed, not compared: on this one-patient validation set a shift of 0.005 reorders near-tied patches."""
+    printed, not compared: on this one-patient validation set a shift of 0.005 reorders near-tied patches.
+    """
     reference, reference_scores = _probabilities(demo_dir, cache_dir, tmp_path / "float32", "0")
     for precision, mean_bound, max_bound in (("float16", 0.01, 0.03), ("bfloat16", 0.05, 0.15)):
         probs, scores = _probabilities(demo_dir, cache_dir, tmp_path / precision, precision)
         difference = np.abs(probs - reference)
         with capsys.disabled():
-            print(f"\n{precision} vs float32 on {len(probs)} patches: mean |dp| {difference.mean():.4f}, "
-                  f"max {difference.max():.4f}; validation ROC AUC {scores['roc_auc']:.4f} vs "
-                  f"{reference_scores['roc_auc']:.4f}")
+            print(
+                f"\n{precision} vs float32 on {len(probs)} patches: mean |dp| {difference.mean():.4f}, "
+                f"max {difference.max():.4f}; validation ROC AUC {scores['roc_auc']:.4f} vs "
+                f"{reference_scores['roc_auc']:.4f}"
+            )
         assert difference.mean() < mean_bound and difference.max() < max_bound, precision

@@ -6,16 +6,21 @@ import matplotlib
 
 matplotlib.use("Agg")  # tests only: the package itself never touches the backend
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import pytest  # noqa: E402
-from conftest import patch_name, write_patch  # noqa: E402
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import patch_name, write_patch
 
-from idc_helpers import slides  # noqa: E402
-from idc_helpers.cli import main  # noqa: E402
-from idc_helpers.slides import (  # noqa: E402
-    MAX_SLIDE_SIDE, SlideError, decision_threshold, plot_slide, slide_mosaic)
+from idc_helpers import slides
+from idc_helpers.cli import main
+from idc_helpers.slides import (
+    MAX_SLIDE_SIDE,
+    SlideError,
+    decision_threshold,
+    plot_slide,
+    slide_mosaic,
+)
 
 PATIENT = "42"
 # (x, y, width, height, label, prob, colour): a 3x2 grid starting at x=201, y=51 with the middle of the bottom row
@@ -33,7 +38,7 @@ LAYOUT = [
 def slide_table(tmp_path) -> pd.DataFrame:
     """Predictions-like rows for patient 42 (files written) and one patch of patient 7."""
     rows = []
-    for x, y, w, h, label, prob, colour in LAYOUT + [(1, 1, 50, 50, 0, 0.3, (0, 0, 0))]:
+    for x, y, w, h, label, prob, colour in [*LAYOUT, (1, 1, 50, 50, 0, 0.3, (0, 0, 0))]:
         patient = PATIENT if x > 1 else "7"
         image = np.empty((h, w, 3), dtype=np.uint8)
         image[:] = colour
@@ -49,10 +54,10 @@ def test_patches_land_exactly_at_their_coordinates(slide_table):
     assert mosaic.extent == (201, 331, 151, 51)
     for x, y, w, h, label, prob, colour in LAYOUT:
         r, c = y - 51, x - 201
-        block = mosaic.image[r:r + h, c:c + w]
+        block = mosaic.image[r : r + h, c : c + w]
         assert (block == colour).all(), (x, y)
-        assert (mosaic.truth[r:r + h, c:c + w] == label).all()
-        assert np.allclose(mosaic.prob[r:r + h, c:c + w], prob)
+        assert (mosaic.truth[r : r + h, c : c + w] == label).all()
+        assert np.allclose(mosaic.prob[r : r + h, c : c + w], prob)
     # The missing patch and the space under the short border patch are glass: white, no label, no probability.
     for rows, cols in [(slice(50, 100), slice(50, 100)), (slice(70, 100), slice(100, 130))]:
         assert (mosaic.image[rows, cols] == 255).all()
@@ -220,8 +225,11 @@ def test_threshold_is_marked_on_the_colour_bar(slide_table):
 def test_slide_out_that_is_not_an_image_file_is_one_line(slide_table, tmp_path, capsys):
     csv = tmp_path / "preds.csv"
     slide_table.to_csv(csv, index=False)
-    for out, words in [(tmp_path / "x.txt", "not an image format"), (tmp_path, "is a folder"),
-                       (csv / "x.png", "is a file, not a folder")]:
+    for out, words in [
+        (tmp_path / "x.txt", "not an image format"),
+        (tmp_path, "is a folder"),
+        (csv / "x.png", "is a file, not a folder"),
+    ]:
         assert main(["slide", "--predictions", str(csv), "--patient", PATIENT, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err and err.startswith("error: --out"), err
@@ -244,7 +252,7 @@ def test_real_slide_geometry(real_sample_dir):
     x0, y0 = rows.x.min(), rows.y.min()
     assert mosaic.origin == (x0, y0)
     assert mosaic.image.shape == ((rows.y - y0 + rows.height).max(), (rows.x - x0 + rows.width).max(), 3)
-    area = (rows.width.astype(int) * rows.height.astype(int))
+    area = rows.width.astype(int) * rows.height.astype(int)
     assert (~np.isnan(mosaic.truth)).sum() == area.sum()  # patches do not overlap
     assert np.nansum(mosaic.truth) == area[rows.label == 1].sum()
     np.testing.assert_array_equal(np.isnan(mosaic.prob), np.isnan(mosaic.truth))
@@ -252,7 +260,7 @@ def test_real_slide_geometry(real_sample_dir):
     first = rows.iloc[0]
     patch = cv2.imread(first.path)[..., ::-1]
     r, c = first.y - y0, first.x - x0
-    np.testing.assert_array_equal(mosaic.image[r:r + first.height, c:c + first.width], patch)
+    np.testing.assert_array_equal(mosaic.image[r : r + first.height, c : c + first.width], patch)
 
 
 def test_raw_and_context_maps_side_by_side(slide_table):
@@ -269,8 +277,9 @@ def test_raw_and_context_maps_side_by_side(slide_table):
     titles = [ax.get_title() for ax in fig.axes if ax.get_label() != "<colorbar>"]
     assert titles[0].startswith("Patch only") and "0.50" in titles[0]
     assert titles[1].startswith("With slide context") and "0.40" in titles[1] and "Identical" not in titles[1]
-    same = plot_raw_and_context(mosaic, table.assign(prob_idc_context=table["prob_idc"]), threshold=0.5,
-                                context_threshold=0.5)
+    same = plot_raw_and_context(
+        mosaic, table.assign(prob_idc_context=table["prob_idc"]), threshold=0.5, context_threshold=0.5
+    )
     assert "Identical with slide context" in [ax for ax in same.axes if ax.get_label() != "<colorbar>"][1].get_title()
     bars = _colour_bars(fig)
     assert [t.get_text() for t in bars[1].get_yticklabels()][-1] == "threshold 0.40"
@@ -278,13 +287,20 @@ def test_raw_and_context_maps_side_by_side(slide_table):
     plt.close("all")
 
 
-@pytest.mark.parametrize("column, value, named", [
-    ("prob_idc", -5, "column 'prob_idc' row 2 holds -5"), ("prob_idc", 11, "column 'prob_idc' row 2 holds 11"),
-    ("prob_idc", np.nan, "column 'prob_idc' row 2 holds nan"), ("label", -1, "column 'label' row 2 holds -1"),
-    ("pred", 7, "column 'pred' row 2 holds 7"), ("x", "abc", "column 'x' row 2 holds 'abc'"),
-    ("x", np.nan, "column 'x' row 2 holds nan"), ("y", 0, "column 'y' row 2 holds 0"),
-    ("path", "p" * 200_000, "column 'path' row 2 holds 'ppp"),
-])
+@pytest.mark.parametrize(
+    "column, value, named",
+    [
+        ("prob_idc", -5, "column 'prob_idc' row 2 holds -5"),
+        ("prob_idc", 11, "column 'prob_idc' row 2 holds 11"),
+        ("prob_idc", np.nan, "column 'prob_idc' row 2 holds nan"),
+        ("label", -1, "column 'label' row 2 holds -1"),
+        ("pred", 7, "column 'pred' row 2 holds 7"),
+        ("x", "abc", "column 'x' row 2 holds 'abc'"),
+        ("x", np.nan, "column 'x' row 2 holds nan"),
+        ("y", 0, "column 'y' row 2 holds 0"),
+        ("path", "p" * 200_000, "column 'path' row 2 holds 'ppp"),
+    ],
+)
 def test_slide_checks_every_column_of_the_table(slide_table, tmp_path, capsys, column, value, named):
     table = slide_table.astype({column: object})
     table.loc[1, column] = value
@@ -302,8 +318,9 @@ def test_slide_reads_the_file_in_chunks_and_numbers_rows_across_them(slide_table
     csv = tmp_path / "preds.csv"
     slide_table.to_csv(csv, index=False)
     read = slides.read_patient_rows(csv, PATIENT)
-    pd.testing.assert_frame_equal(read.rows.reset_index(drop=True), slide_table.iloc[:5].reset_index(drop=True),
-                                  check_dtype=False)
+    pd.testing.assert_frame_equal(
+        read.rows.reset_index(drop=True), slide_table.iloc[:5].reset_index(drop=True), check_dtype=False
+    )
     assert read.threshold == pytest.approx(0.80)  # the lowest prob_idc called IDC, over every chunk
     bad = slide_table.copy()
     bad.loc[4, "label"] = 3

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import functools
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +61,9 @@ def test_patient_split_is_disjoint_complete_and_sized(seed):
     frame = synthetic_frame()
     split = splits.patient_split(frame, seed=seed)
     splits.check_disjoint(split)
-    assert sorted(sum(split.values(), []), key=int) == sorted(frame["patient_id"].unique(), key=int)
+    assert sorted(functools.reduce(operator.iadd, split.values(), []), key=int) == sorted(
+        frame["patient_id"].unique(), key=int
+    )
     assert [len(split[k]) for k in splits.SUBSETS] == [28, 6, 6]
     # No patch of a test patient is in train: the point of a patient split.
     subset = splits.subset_of(frame, split)

@@ -5,8 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from idc_helpers.stain import (HED_FROM_RGB, RGB_FROM_HED, StainError, StainStats, normalise_stain,
-                               optical_density, stain_stats)
+from idc_helpers.stain import (
+    HED_FROM_RGB,
+    RGB_FROM_HED,
+    StainError,
+    StainStats,
+    normalise_stain,
+    optical_density,
+    stain_stats,
+)
 
 
 def _stained(h: float, e: float, n: int = 4, seed: int = 0) -> np.ndarray:

@@ -28,7 +28,7 @@ def _preds(threshold: float = 0.4) -> pd.DataFrame:
 def test_threshold_curve_is_sklearns_at_every_threshold():
     preds = _preds()
     curve = threshold_curve(preds["label"], preds["prob_idc"], [0.0, 0.3, 0.55, 1.0])
-    for t, row in zip([0.0, 0.3, 0.55, 1.0], curve.itertuples()):
+    for t, row in zip([0.0, 0.3, 0.55, 1.0], curve.itertuples(), strict=True):
         called = preds["prob_idc"] >= t
         assert row.threshold == t
         assert row.recall == pytest.approx(skm.recall_score(preds["label"], called))
@@ -65,9 +65,10 @@ def test_slider_redraws_matrix_scores_and_slide_when_moved(tmp_path):
 
     preds = _preds(0.4)
     rows = preds[preds["patient_id"] == "11"].copy()
-    rows["path"] = [str(write_patch(tmp_path / f"11/{label}/{patch_name('11', x, y, label)}",
-                                    np.full((50, 50, 3), 200, np.uint8)))
-                    for x, y, label in rows[["x", "y", "label"]].to_numpy()]
+    rows["path"] = [
+        str(write_patch(tmp_path / f"11/{label}/{patch_name('11', x, y, label)}", np.full((50, 50, 3), 200, np.uint8)))
+        for x, y, label in rows[["x", "y", "label"]].to_numpy()
+    ]
     view = threshold_slider.ThresholdView(rows, mosaic=slides.slide_mosaic(rows, "11"))
     box = view.widget()
     slider = box.children[0]

@@ -17,12 +17,11 @@ import pandas as pd
 import pytest
 
 from idc_helpers import loader, training
-from idc_helpers.inference import predict_probs
 from idc_helpers.errors import DiskFullError, UserError
+from idc_helpers.inference import predict_probs
 from idc_helpers.metrics import pick_threshold
 from idc_helpers.models import AUGMENT_LAYER, UnknownModelError
 from idc_helpers.run import RUN_FILES, RunBusyError, RunExistsError, load_run, partial_dir
-from idc_helpers.validation import InvalidInputError
 from idc_helpers.training import (
     TrainingDataError,
     class_weights,
@@ -30,8 +29,9 @@ from idc_helpers.training import (
     subsample_patches,
     train,
 )
+from idc_helpers.validation import InvalidInputError
 
-QUICK = dict(model_name="seed_cnn", epochs=1, batch_size=32, seed=0, verbose=0)
+QUICK = {"model_name": "seed_cnn", "epochs": 1, "batch_size": 32, "seed": 0, "verbose": 0}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,17 @@ def test_run_folder_contents(run):
     files = sorted(p.name for p in run.run_dir.iterdir())
     assert files == sorted(RUN_FILES)
     history = json.loads((run.run_dir / "history.json").read_text())
-    for key in ("loss", "accuracy", "val_loss", "val_auc", "val_selection", "val_f1", "val_balanced_accuracy", "lr", "epoch"):
+    for key in (
+        "loss",
+        "accuracy",
+        "val_loss",
+        "val_auc",
+        "val_selection",
+        "val_f1",
+        "val_balanced_accuracy",
+        "lr",
+        "epoch",
+    ):
         assert len(history[key]) == 1, key
     config = json.loads((run.run_dir / "config.json").read_text())
     for key in ("model", "data", "split", "seed", "epochs", "batch_size", "versions", "started", "class_weight"):
@@ -86,8 +96,7 @@ def test_existing_run_is_never_overwritten(run, demo_dir, cache_dir):
     assert [p.name for p in run.run_dir.parent.iterdir()] == [run.run_dir.name]
 
 
-def test_an_interrupt_after_training_leaves_a_resumable_partial_run(run, demo_dir, cache_dir, tmp_path,
-                                                                     monkeypatch):
+def test_an_interrupt_after_training_leaves_a_resumable_partial_run(run, demo_dir, cache_dir, tmp_path, monkeypatch):
     real = training.save_checkpoint
 
     def interrupt_after_the_last_epoch(folder, model, best_weights, state):
@@ -134,7 +143,7 @@ def test_save_load_gives_identical_predictions(run, demo_dir, cache_dir):
 def test_same_seed_same_result(run, demo_dir, cache_dir, tmp_path):
     again = train(demo_dir, tmp_path / "again", cache_dir=cache_dir, **QUICK)
     assert again.split == run.split
-    for a, b in zip(again.model.get_weights(), run.model.get_weights()):
+    for a, b in zip(again.model.get_weights(), run.model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
     assert again.threshold == pytest.approx(run.threshold, abs=1e-5)
 
@@ -144,10 +153,10 @@ def test_model_seed_trains_another_model_on_the_same_split(run, demo_dir, cache_
     member = train(demo_dir, tmp_path / "member", cache_dir=cache_dir, model_seed=1, **QUICK)
     assert member.config["model_seed"] == 1 and member.config["seed"] == 0
     assert member.split == run.split  # same patients in every subset
-    assert not all(np.allclose(a, b) for a, b in zip(member.model.get_weights(), run.model.get_weights()))
+    assert not all(np.allclose(a, b) for a, b in zip(member.model.get_weights(), run.model.get_weights(), strict=True))
     # model_seed equal to the seed is the run without it.
     same = train(demo_dir, tmp_path / "same", cache_dir=cache_dir, model_seed=0, **QUICK)
-    for a, b in zip(same.model.get_weights(), run.model.get_weights()):
+    for a, b in zip(same.model.get_weights(), run.model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
@@ -159,8 +168,8 @@ def test_a_run_config_without_model_seed_uses_the_split_seed(run):
     a = training.build_and_compile(old, 100).get_weights()
     b = training.build_and_compile(run.config, 100).get_weights()
     c = training.build_and_compile({**run.config, "model_seed": 1}, 100).get_weights()
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_label_smoothing_is_recorded_and_trains_with_the_smoothed_loss(run, demo_dir, cache_dir, tmp_path):
@@ -168,8 +177,12 @@ def test_label_smoothing_is_recorded_and_trains_with_the_smoothed_loss(run, demo
     smoothed = train(demo_dir, tmp_path / "smoothed", cache_dir=cache_dir, label_smoothing=0.1, **QUICK)
     assert json.loads((smoothed.run_dir / "config.json").read_text())["label_smoothing"] == 0.1
     # Same seed and data, another loss: other weights.
-    assert not all(np.allclose(a, b) for a, b in zip(smoothed.model.get_weights(), run.model.get_weights()))
-    with pytest.raises(InvalidInputError, match=r"label-smoothing 1.5 .* is not allowed: use a finite number in \[0, 1\)"):
+    assert not all(
+        np.allclose(a, b) for a, b in zip(smoothed.model.get_weights(), run.model.get_weights(), strict=True)
+    )
+    with pytest.raises(
+        InvalidInputError, match=r"label-smoothing 1.5 .* is not allowed: use a finite number in \[0, 1\)"
+    ):
         train(demo_dir, tmp_path / "bad", cache_dir=cache_dir, label_smoothing=1.5, **QUICK)
     assert not (tmp_path / "bad").exists()
 
@@ -225,8 +238,9 @@ def test_saved_weights_are_the_best_epochs(demo_dir, cache_dir, tmp_path):
     # Which epoch peaks depends on the CPU's arithmetic (AVX2 and AVX-512 round differently), so the first seed whose
     # run peaks before its last epoch is the one checked: its saved model must be an earlier epoch's.
     for seed in range(6):
-        result = train(demo_dir, tmp_path / f"run{seed}", cache_dir=cache_dir, **{**QUICK, "epochs": 4, "seed": seed},
-                       patience=10)
+        result = train(
+            demo_dir, tmp_path / f"run{seed}", cache_dir=cache_dir, **{**QUICK, "epochs": 4, "seed": seed}, patience=10
+        )
         history, metrics = result.history, result.metrics
         assert metrics["epochs_run"] == 4 == len(history["epoch"])
         best = int(np.argmax(history["val_selection"])) + 1
@@ -296,20 +310,46 @@ def test_several_folders_train_as_one_dataset(tmp_path, cache_dir):
 
 
 def _train_command(data: Path, cache: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "idc_helpers", "train", "--data-dir", str(data), "--cache-dir", str(cache),
-            "--model", "seed_cnn", "--epochs", "3", "--batch-size", "16", "--seed", "0", *args]
+    return [
+        sys.executable,
+        "-m",
+        "idc_helpers",
+        "train",
+        "--data-dir",
+        str(data),
+        "--cache-dir",
+        str(cache),
+        "--model",
+        "seed_cnn",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--seed",
+        "0",
+        *args,
+    ]
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     whole = tmp_path / "whole"
-    subprocess.run(_train_command(demo_dir, cache_dir, "--out", str(whole), "--augment", "geometry"), env=env,
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        _train_command(demo_dir, cache_dir, "--out", str(whole), "--augment", "geometry"),
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
 
     killed = tmp_path / "killed"
     state = partial_dir(killed) / "checkpoint.json"
-    proc = subprocess.Popen(_train_command(demo_dir, cache_dir, "--out", str(killed), "--augment", "geometry"),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_command(demo_dir, cache_dir, "--out", str(killed), "--augment", "geometry"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (state.is_file() and json.loads(state.read_text())["epochs_done"] >= 1):
@@ -320,8 +360,13 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, t
         proc.kill()
         proc.wait()
     assert not killed.exists() and json.loads(state.read_text())["epochs_done"] == 1
-    done = subprocess.run([sys.executable, "-m", "idc_helpers", "train", "--resume", str(killed), "--cache-dir",
-                           str(cache_dir)], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "idc_helpers", "train", "--resume", str(killed), "--cache-dir", str(cache_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "Resuming" in done.stdout and "after epoch 1 of 3" in done.stdout
     assert not partial_dir(killed).exists()
@@ -336,16 +381,20 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, t
     for key in ("loss", "val_loss", "val_auc", "lr"):
         np.testing.assert_allclose(hb[key], ha[key], atol=1e-4, err_msg=key)
     # A finished run stays refused.
-    again = subprocess.run([sys.executable, "-m", "idc_helpers", "train", "--resume", str(killed)], env=env,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "idc_helpers", "train", "--resume", str(killed)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 2 and again.stderr.startswith("error: ") and "finished run" in again.stderr
 
 
 def test_cli_mistakes_get_one_error_line_and_exit_2(demo_dir, tmp_path, cli_error):
     err = cli_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"), "--model", "idcnet"])
     assert "'idcnet'" in err and "seed_cnn" in err and "idc_net" in err
-    err = cli_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"),
-                          "--split", "janowczyk2016"])
+    err = cli_error(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"), "--split", "janowczyk2016"])
     assert "not in the published janowczyk2016 lists" in err
     assert "exactly one of --out" in cli_error(["train", "--data-dir", str(demo_dir)])
     assert "No interrupted run" in cli_error(["train", "--resume", str(tmp_path / "never")])
@@ -406,7 +455,7 @@ def test_a_resumed_idc_net_draws_the_same_dropout_masks(demo_dir, cache_dir, tmp
     whole = train(demo_dir, tmp_path / "whole", cache_dir=cache_dir, **settings)
     resumed = _interrupted_and_resumed(demo_dir, cache_dir, tmp_path / "resumed", monkeypatch, settings)
     np.testing.assert_allclose(resumed.history["loss"], whole.history["loss"], atol=1e-5)
-    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -450,14 +499,14 @@ def test_a_smoothed_run_resumes_with_its_smoothing(demo_dir, cache_dir, tmp_path
     resumed = _interrupted_and_resumed(demo_dir, cache_dir, tmp_path / "resumed", monkeypatch, settings)
     assert resumed.config["label_smoothing"] == 0.2
     np.testing.assert_allclose(resumed.history["loss"], whole.history["loss"], atol=1e-5)
-    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_a_model_that_augments_itself_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, tmp_path,
-                                                                          monkeypatch):
+def test_a_model_that_augments_itself_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, tmp_path, monkeypatch):
     """IDC_AUGMENT_ON=model (what a GPU gets): the model augments its batches, seeded by a batch count that its
-    checkpoint carries, so a resumed run augments epoch 2 as an uninterrupted one does, not as epoch 1 again."""
+    checkpoint carries, so a resumed run augments epoch 2 as an uninterrupted one does, not as epoch 1 again.
+    """
     monkeypatch.setenv("IDC_AUGMENT_ON", "model")
     # A steps_per_epoch beyond one pass is one pass.
     settings = {**QUICK, "epochs": 2, "augment": "strong", "steps_per_epoch": 10_000}
@@ -469,7 +518,7 @@ def test_a_model_that_augments_itself_resumes_to_the_uninterrupted_result(demo_d
     assert (layer.strength, layer.seed) == ("strong", 0) and int(layer.batches_seen.numpy()) in (steps, 2 * steps)
     resumed = _interrupted_and_resumed(demo_dir, cache_dir, tmp_path / "resumed", monkeypatch, settings)
     np.testing.assert_allclose(resumed.history["loss"], whole.history["loss"], atol=1e-5)
-    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights()):
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
     assert load_run(resumed.run_dir).model.get_layer(AUGMENT_LAYER).batches_seen.numpy() == layer.batches_seen.numpy()
 
@@ -477,11 +526,19 @@ def test_a_model_that_augments_itself_resumes_to_the_uninterrupted_result(demo_d
 # --- input checks: numbers, an edited config, a full disk -------------------------------------------------------
 
 
-@pytest.mark.parametrize("bad, named", [
-    ({"epochs": 0}, "epochs 0"), ({"epochs": -3}, "epochs -3"), ({"batch_size": -5}, "batch-size -5"),
-    ({"max_patches": 0}, "max-patches 0"), ({"seed": -1}, "seed -1"), ({"steps_per_epoch": 0}, "steps-per-epoch 0"),
-    ({"label_smoothing": float("nan")}, "label-smoothing nan"), ({"test_patients": ["8863 "]}, "'8863 '"),
-])
+@pytest.mark.parametrize(
+    "bad, named",
+    [
+        ({"epochs": 0}, "epochs 0"),
+        ({"epochs": -3}, "epochs -3"),
+        ({"batch_size": -5}, "batch-size -5"),
+        ({"max_patches": 0}, "max-patches 0"),
+        ({"seed": -1}, "seed -1"),
+        ({"steps_per_epoch": 0}, "steps-per-epoch 0"),
+        ({"label_smoothing": float("nan")}, "label-smoothing nan"),
+        ({"test_patients": ["8863 "]}, "'8863 '"),
+    ],
+)
 def test_numbers_are_checked_before_anything_is_written(demo_dir, cache_dir, tmp_path, bad, named):
     with pytest.raises(InvalidInputError, match=re.escape(named) + r".* is not allowed: use"):
         train(demo_dir, tmp_path / "r", cache_dir=cache_dir, **{**QUICK, **bad})
@@ -495,10 +552,15 @@ def test_cli_epochs_below_one_are_refused_and_block_nothing(demo_dir, tmp_path, 
     assert list(tmp_path.iterdir()) == []  # no hidden partial folder to block the next train
 
 
-@pytest.mark.parametrize("key, value, allowed", [
-    ("epochs", -1, "a whole number of at least 1"), ("batch_size", 0, "a whole number of at least 1"),
-    ("model", "idc_net2", "one of seed_cnn"), ("label_smoothing", 1.0, r"in \[0, 1\)"),
-])
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("epochs", -1, "a whole number of at least 1"),
+        ("batch_size", 0, "a whole number of at least 1"),
+        ("model", "idc_net2", "one of seed_cnn"),
+        ("label_smoothing", 1.0, r"in \[0, 1\)"),
+    ],
+)
 def test_an_edited_config_is_refused_on_resume(run, cache_dir, tmp_path, key, value, allowed):
     partial = partial_dir(tmp_path / "r")
     partial.mkdir()
@@ -509,8 +571,9 @@ def test_an_edited_config_is_refused_on_resume(run, cache_dir, tmp_path, key, va
     assert str(partial / "config.json") in str(info.value) and repr(value) in str(info.value)
 
 
-def test_a_full_disk_after_training_is_exit_3_and_the_run_resumes(run, demo_dir, cache_dir, tmp_path, monkeypatch,
-                                                                  capsys):
+def test_a_full_disk_after_training_is_exit_3_and_the_run_resumes(
+    run, demo_dir, cache_dir, tmp_path, monkeypatch, capsys
+):
     from idc_helpers.cli import main
     from idc_helpers.run import run_writer
 
@@ -520,8 +583,23 @@ def test_a_full_disk_after_training_is_exit_3_and_the_run_resumes(run, demo_dir,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(training, "write_run_files", disk_full)
-    code = main(["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "r"), "--cache-dir", str(cache_dir),
-                 "--model", "seed_cnn", "--epochs", "1", "--batch-size", "32"])
+    code = main(
+        [
+            "train",
+            "--data-dir",
+            str(demo_dir),
+            "--out",
+            str(tmp_path / "r"),
+            "--cache-dir",
+            str(cache_dir),
+            "--model",
+            "seed_cnn",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+        ]
+    )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 3 and len(errors) == 1, errors
     assert errors[0].startswith("error: the disk is full") and f"train --resume {tmp_path / 'r'}" in errors[0]
@@ -554,8 +632,7 @@ def test_out_a_link_to_an_empty_folder_trains_into_that_folder(run, demo_dir, ca
 
 
 @pytest.mark.parametrize("target, message", [("missing", "which does not exist"), ("a_file", "not to a folder")])
-def test_out_a_dangling_link_or_a_link_to_a_file_is_refused_before_work(demo_dir, tmp_path, cli_error, target,
-                                                                       message):
+def test_out_a_dangling_link_or_a_link_to_a_file_is_refused_before_work(demo_dir, tmp_path, cli_error, target, message):
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "r").symlink_to(tmp_path / target)
     before = sorted(p.name for p in tmp_path.iterdir())
@@ -581,8 +658,13 @@ def test_ctrl_c_while_the_command_line_loads_is_exit_130_without_a_traceback(mon
 def test_ctrl_c_at_any_moment_of_train_is_exit_130_without_a_traceback(demo_dir, cache_dir, tmp_path, delay):
     """While Python loads the package, while TensorFlow loads, and while data is read or the model trains."""
     env = {**os.environ, "IDC_CACHE_DIR": str(cache_dir)}
-    process = subprocess.Popen(_train_command(demo_dir, cache_dir, "--out", str(tmp_path / "r")),
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        _train_command(demo_dir, cache_dir, "--out", str(tmp_path / "r")),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=300)

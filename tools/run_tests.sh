@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command (README, "Run the tests"; CI runs it through .ci/run):
-#  0. ruff's checks of the whole tree, notebooks included;
+#  0. ruff: the formatter (checked, not applied) and the linter over the whole tree, notebooks included;
 #  1. the whole pytest suite, the `slow` tests included (the notebook runner's smoke series, the real-sample
 #     quality test): unit tests on generated data, real-data tests on ../shared/data/idc_sample when present,
 #     the Kaggle download against a local server, the commands printed in README.md and docs/, a regular install;
@@ -16,7 +16,8 @@ trap 'rm -rf "$work"' EXIT
 # The decoded-patch cache and demo data go to a temporary folder: ../shared is read-only in CI.
 export IDC_CACHE_DIR="${IDC_CACHE_DIR:-$work/cache}"
 
-python -m ruff check .  # unused and undefined names, syntax errors (pyproject.toml, [tool.ruff])
+python -m ruff format --check .  # one layout (pyproject.toml, [tool.ruff])
+python -m ruff check .  # the linter's rules, docstrings included (pyproject.toml, [tool.ruff.lint])
 python -m pytest -q "$@"
 
 sample="../shared/data/idc_sample"

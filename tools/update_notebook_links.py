@@ -105,8 +105,11 @@ def main(argv: list[str] | None = None, root: Path = REPO_ROOT) -> int:
     for path in stale:
         print(f"{'out of date' if args.check else 'updated'}: {relative(path, root)}")
     if missing_markers:
-        print(f"{relative(readme, root)} has no notebook table yet; add these two lines where it belongs and run "
-              f"this tool again:\n{README_START}\n{README_END}", file=sys.stderr)
+        print(
+            f"{relative(readme, root)} has no notebook table yet; add these two lines where it belongs and run "
+            f"this tool again:\n{README_START}\n{README_END}",
+            file=sys.stderr,
+        )
     if args.check and stale:
         print("run `python tools/update_notebook_links.py` to update them", file=sys.stderr)
         return 1

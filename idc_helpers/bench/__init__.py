@@ -7,7 +7,8 @@ name to the module. Results are printed as Markdown tables that name the machine
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from idc_helpers.errors import UserError
 
@@ -24,7 +25,8 @@ BENCHMARKS: dict[str, str] = {
 
 def print_markdown(run: Callable[[], dict[str, Any]]) -> int:
     """Call ``run`` and print the ``"markdown"`` of its result: exit status 0, or 2 with one ``error:`` line on
-    stderr when it raises a user error (bad folders, settings that contradict an earlier run)."""
+    stderr when it raises a user error (bad folders, settings that contradict an earlier run).
+    """
     try:
         result = run()
     except (UserError, FileNotFoundError, ValueError) as exc:

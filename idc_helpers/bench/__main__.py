@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from idc_helpers.bench import BENCHMARKS
 from idc_helpers.cli import quiet_tensorflow

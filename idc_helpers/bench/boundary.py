@@ -21,8 +21,9 @@ within patients is what stands in the way.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,15 +47,19 @@ def fold_predictions(quality_dir: str | Path, model: str) -> pd.DataFrame:
     """The test predictions of ``model`` on every finished fold of ``quality_dir`` (all patients), with ``fold``."""
     folder = Path(quality_dir).expanduser().absolute()
     if not (folder / CONFIG_FILE).is_file():
-        raise BoundaryBenchError(f"{folder} holds no cross-validation ({CONFIG_FILE} missing); give the --out "
-                                 "folder of `python -m idc_helpers.bench quality`")
+        raise BoundaryBenchError(
+            f"{folder} holds no cross-validation ({CONFIG_FILE} missing); give the --out "
+            "folder of `python -m idc_helpers.bench quality`"
+        )
     folds = sorted({r["fold"] for r in read_log(folder) if r["model"] == model})
     tables = []
     for fold in folds:
         path = folder / "predictions" / f"{model}-fold{fold}.csv"
         if not path.is_file():
-            raise BoundaryBenchError(f"{path} is missing although fold {fold} of {model} is logged as finished; "
-                                     f"rerun `python -m idc_helpers.bench quality ... --out {folder}`")
+            raise BoundaryBenchError(
+                f"{path} is missing although fold {fold} of {model} is logged as finished; "
+                f"rerun `python -m idc_helpers.bench quality ... --out {folder}`"
+            )
         tables.append(read_table(path).assign(fold=fold))
     if not tables:
         raise BoundaryBenchError(f"{folder} has no finished fold of {model}; run `bench quality --models {model}`")
@@ -63,7 +68,8 @@ def fold_predictions(quality_dir: str | Path, model: str) -> pd.DataFrame:
 
 def whole_slide_part(table: pd.DataFrame, source: str | Path = "the table") -> pd.DataFrame:
     """The whole-slide patients' rows of a :func:`fold_predictions` table (read from ``source``, named in the
-    error), with the bool column ``boundary``."""
+    error), with the bool column ``boundary``.
+    """
     from idc_helpers.context import label_boundary, whole_slide_patients
 
     slides = set(whole_slide_patients(table))
@@ -76,7 +82,8 @@ def whole_slide_part(table: pd.DataFrame, source: str | Path = "the table") -> p
 def patient_oracle_predictions(table: pd.DataFrame) -> np.ndarray:
     """0/1 decisions with one threshold per patient, chosen on that patient's own labels: the threshold that
     maximises its correct IDC calls minus its wrong calls (true positives - false positives - false negatives, the
-    patient's share of what a pooled F1 counts). Uses the labels it is scored on: an oracle, never a result."""
+    patient's share of what a pooled F1 counts). Uses the labels it is scored on: an oracle, never a result.
+    """
     out = np.zeros(len(table), dtype=np.int8)
     labels, probs = table["label"].to_numpy(np.int64), table["prob_idc"].to_numpy(np.float64)
     for rows in table.groupby("patient_id", sort=False).indices.values():
@@ -88,40 +95,53 @@ def patient_oracle_predictions(table: pd.DataFrame) -> np.ndarray:
         ends = np.flatnonzero(np.r_[probs[order][1:] != probs[order][:-1], True])
         best = ends[np.argmax(gain[ends])]
         if gain[best] > 0:  # otherwise calling nothing IDC is at least as good
-            out[order[:best + 1]] = 1
+            out[order[: best + 1]] = 1
     return out
 
 
 def _scores(part: pd.DataFrame, n_bootstrap: int, seed: int) -> dict[str, Any]:
     """Patients, patches and F1 / balanced accuracy / ROC AUC (with patient intervals) of ``part``."""
     report = evaluate(part, n_bootstrap=n_bootstrap, seed=seed)
-    return {"patients": int(part["patient_id"].nunique()), "patches": int(len(part)),
-            "metrics": {k: report["metrics"][k] for k in _METRICS}}
+    return {
+        "patients": int(part["patient_id"].nunique()),
+        "patches": len(part),
+        "metrics": {k: report["metrics"][k] for k in _METRICS},
+    }
 
 
 def split_scores(table: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
     """F1, balanced accuracy and ROC AUC (with patient intervals), the IDC share and the errors of the
-    ``interior``, ``boundary`` and ``all`` patches of a :func:`whole_slide_part` table."""
+    ``interior``, ``boundary`` and ``all`` patches of a :func:`whole_slide_part` table.
+    """
     errors = table["pred"].to_numpy() != table["label"].to_numpy()
-    picks = {"interior": ~table["boundary"].to_numpy(), "boundary": table["boundary"].to_numpy(),
-             "all": np.ones(len(table), dtype=bool)}
+    picks = {
+        "interior": ~table["boundary"].to_numpy(),
+        "boundary": table["boundary"].to_numpy(),
+        "all": np.ones(len(table), dtype=bool),
+    }
     out = {}
     for name, pick in picks.items():
         part = table[pick]
         if part.empty:
             continue
-        out[name] = {**_scores(part, n_bootstrap, seed), "idc_share": float(part["label"].mean()),
-                     "errors": int(errors[pick].sum()),
-                     "error_share": float(errors[pick].sum() / max(int(errors.sum()), 1))}
+        out[name] = {
+            **_scores(part, n_bootstrap, seed),
+            "idc_share": float(part["label"].mean()),
+            "errors": int(errors[pick].sum()),
+            "error_share": float(errors[pick].sum() / max(int(errors.sum()), 1)),
+        }
     return out
 
 
 def threshold_scores(table: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
     """F1, balanced accuracy and ROC AUC of a :func:`fold_predictions` table at the folds' thresholds
     (``"fold thresholds"``) and at each patient's own (``"own threshold per patient (oracle)"``, see
-    :func:`patient_oracle_predictions`)."""
-    variants = {"fold thresholds": table,
-                "own threshold per patient (oracle)": table.assign(pred=patient_oracle_predictions(table))}
+    :func:`patient_oracle_predictions`).
+    """
+    variants = {
+        "fold thresholds": table,
+        "own threshold per patient (oracle)": table.assign(pred=patient_oracle_predictions(table)),
+    }
     return {name: _scores(part, n_bootstrap, seed) for name, part in variants.items()}
 
 
@@ -135,35 +155,52 @@ def _ci(m: dict[str, Any]) -> str:
 
 def markdown(results: dict[str, dict[str, Any]], bounds: dict[str, dict[str, Any]]) -> str:
     """Two tables: every member's interior, boundary and all whole-slide patches; its thresholds against each
-    patient's own."""
-    lines = ["### Whole-slide test patches on and off the annotation boundary", "",
-             "Boundary: a patch with a neighbour of the other label; thresholds chosen on each fold's validation "
-             "patients; 95% bootstrap intervals over patients.", "",
-             "| model | part | patients | patches | IDC share | F1 | BAC | ROC AUC | errors (share of the model's) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    patient's own.
+    """
+    lines = [
+        "### Whole-slide test patches on and off the annotation boundary",
+        "",
+        "Boundary: a patch with a neighbour of the other label; thresholds chosen on each fold's validation "
+        "patients; 95% bootstrap intervals over patients.",
+        "",
+        "| model | part | patients | patches | IDC share | F1 | BAC | ROC AUC | errors (share of the model's) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for member, parts in results.items():
         for name in PARTS:
             if name not in parts:
                 continue
             e = parts[name]
-            lines.append(f"| {member} | {name} | {e['patients']} | {e['patches']:,} | {e['idc_share']:.3f} | "
-                         f"{_ci(e['metrics']['f1'])} | {_ci(e['metrics']['balanced_accuracy'])} | "
-                         f"{_ci(e['metrics']['roc_auc'])} | {e['errors']:,} ({e['error_share']:.0%}) |")
-    lines += ["", "### All test patients: the folds' thresholds against each patient's own (an oracle)", "",
-              "Own threshold: chosen on the patient's own labels (true minus false IDC calls), so not a result; "
-              "ROC AUC is the same for both (the probabilities do not change).", "",
-              "| model | thresholds | patients | patches | F1 | BAC | ROC AUC |", "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {member} | {name} | {e['patients']} | {e['patches']:,} | {e['idc_share']:.3f} | "
+                f"{_ci(e['metrics']['f1'])} | {_ci(e['metrics']['balanced_accuracy'])} | "
+                f"{_ci(e['metrics']['roc_auc'])} | {e['errors']:,} ({e['error_share']:.0%}) |"
+            )
+    lines += [
+        "",
+        "### All test patients: the folds' thresholds against each patient's own (an oracle)",
+        "",
+        "Own threshold: chosen on the patient's own labels (true minus false IDC calls), so not a result; "
+        "ROC AUC is the same for both (the probabilities do not change).",
+        "",
+        "| model | thresholds | patients | patches | F1 | BAC | ROC AUC |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for member, variants in bounds.items():
         for name, e in variants.items():
-            lines.append(f"| {member} | {name} | {e['patients']} | {e['patches']:,} | {_ci(e['metrics']['f1'])} | "
-                         f"{_ci(e['metrics']['balanced_accuracy'])} | {_ci(e['metrics']['roc_auc'])} |")
+            lines.append(
+                f"| {member} | {name} | {e['patients']} | {e['patches']:,} | {_ci(e['metrics']['f1'])} | "
+                f"{_ci(e['metrics']['balanced_accuracy'])} | {_ci(e['metrics']['roc_auc'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def run_boundary(quality_dirs: Sequence[str | Path], models: Sequence[str], out_dir: str | Path, *,
-                 n_bootstrap: int = 1000) -> dict[str, Any]:
+def run_boundary(
+    quality_dirs: Sequence[str | Path], models: Sequence[str], out_dir: str | Path, *, n_bootstrap: int = 1000
+) -> dict[str, Any]:
     """Score every (folder, model) member (:func:`split_scores`, :func:`threshold_scores`); write
-    ``boundary.md`` and ``boundary.json`` into ``out_dir``."""
+    ``boundary.md`` and ``boundary.json`` into ``out_dir``.
+    """
     results, bounds = {}, {}
     for folder in quality_dirs:
         for model in models:
@@ -182,8 +219,13 @@ def run_boundary(quality_dirs: Sequence[str | Path], models: Sequence[str], out_
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``python -m idc_helpers.bench boundary``."""
     parser = OneLineParser(prog="python -m idc_helpers.bench boundary", description=__doc__.split("\n")[0])
-    parser.add_argument("--quality", action="append", required=True, metavar="OUT",
-                        help="--out folder of `bench quality`; repeat for several")
+    parser.add_argument(
+        "--quality",
+        action="append",
+        required=True,
+        metavar="OUT",
+        help="--out folder of `bench quality`; repeat for several",
+    )
     parser.add_argument("--models", default="idc_net", help="comma-separated models (default: idc_net)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the intervals")
     parser.add_argument("--out", required=True, help="results folder")

@@ -21,8 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -62,8 +62,17 @@ def predictions_table(n_rows: int, n_patients: int = 279, seed: int = 0) -> pd.D
     row = np.arange(n_rows)
     x, y = 1 + 50 * (row % 1000), 1 + 50 * (row // 1000 % 1000)
     path = pd.Series(ids).str.cat([pd.Series(row.astype(str))], sep="/p") + ".png"
-    return pd.DataFrame({"path": "/d/" + path, "patient_id": ids, "x": x, "y": y, "label": label,
-                         "prob_idc": prob, "pred": (prob >= 0.5).astype(np.int8)})
+    return pd.DataFrame(
+        {
+            "path": "/d/" + path,
+            "patient_id": ids,
+            "x": x,
+            "y": y,
+            "label": label,
+            "prob_idc": prob,
+            "pred": (prob >= 0.5).astype(np.int8),
+        }
+    )
 
 
 def bootstrap_seconds(table: pd.DataFrame, resamples: int, exact: bool) -> float:
@@ -122,30 +131,41 @@ def run_bounds(rows: int, slide_rows: Sequence[int], work_dir: str | None) -> st
     """Measure, printing each line of the Markdown report as it comes, and return the report."""
     folder = Path(tempfile.mkdtemp(prefix="idc_bounds_", dir=work_dir))
     lines = _Lines()
-    lines += [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
-             f"Python {platform.python_version()}", "", "| measurement | seconds | peak memory (MB) |",
-             "| --- | ---: | ---: |"]
+    lines += [
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
+        f"Python {platform.python_version()}",
+        "",
+        "| measurement | seconds | peak memory (MB) |",
+        "| --- | ---: | ---: |",
+    ]
     try:
         table = predictions_table(rows)
         exact = bootstrap_seconds(table, 1, exact=True)
         binned = bootstrap_seconds(table, 64, exact=False) / 64
-        lines += [f"| one exact bootstrap resample of {rows:,} patches (baseline) | {exact:.2f} | |",
-                  f"| one histogram bootstrap resample of {rows:,} patches | {binned:.3f} | |"]
+        lines += [
+            f"| one exact bootstrap resample of {rows:,} patches (baseline) | {exact:.2f} | |",
+            f"| one histogram bootstrap resample of {rows:,} patches | {binned:.3f} | |",
+        ]
         csv = folder / "preds.csv"
         table.to_csv(csv, index=False)
         del table
         result = measure(["evaluate", "--predictions", str(csv), "--out", str(folder / "report.json")])
-        lines.append(f"| `evaluate` on {rows:,} patches, 1,000 resamples, end to end (exit {result['status']}) "
-                     f"| {result['seconds']:.0f} | {result['peak_mb']:.0f} |")
+        lines.append(
+            f"| `evaluate` on {rows:,} patches, 1,000 resamples, end to end (exit {result['status']}) "
+            f"| {result['seconds']:.0f} | {result['peak_mb']:.0f} |"
+        )
         csv.unlink()
         for n in slide_rows:
             slide_dir = folder / f"slide_{n}"
             slide_dir.mkdir()
             slide_csv = one_patient_slide(slide_dir, n)
-            result = measure(["slide", "--predictions", str(slide_csv), "--patient", "7", "--out",
-                              str(slide_dir / "slide.png")])
-            lines.append(f"| `slide` of one patient, {n:,} patches (exit {result['status']}) "
-                         f"| {result['seconds']:.0f} | {result['peak_mb']:.0f} |")
+            result = measure(
+                ["slide", "--predictions", str(slide_csv), "--patient", "7", "--out", str(slide_dir / "slide.png")]
+            )
+            lines.append(
+                f"| `slide` of one patient, {n:,} patches (exit {result['status']}) "
+                f"| {result['seconds']:.0f} | {result['peak_mb']:.0f} |"
+            )
             shutil.rmtree(slide_dir)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -156,8 +176,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``python -m idc_helpers.bench bounds``."""
     parser = OneLineParser(prog="python -m idc_helpers.bench bounds", description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, default=10_000_000, help="patches of the evaluate table")
-    parser.add_argument("--slide-rows", type=int, nargs="+", default=[20_000, 200_000],
-                        help="patches of the one-patient slides; the first is the baseline")
+    parser.add_argument(
+        "--slide-rows",
+        type=int,
+        nargs="+",
+        default=[20_000, 200_000],
+        help="patches of the one-patient slides; the first is the baseline",
+    )
     parser.add_argument("--work-dir", default=None, help="temporary folder (default: the system's)")
     args = parser.parse_args(argv)
     run_bounds(args.rows, args.slide_rows, args.work_dir)

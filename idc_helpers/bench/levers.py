@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,9 +40,12 @@ from idc_helpers.metrics import evaluate, paired_difference, pick_threshold
 
 BASELINE = "baseline"
 LEVERS = ("ensemble", "platt", "precise-bn", "stain")
-_LABELS = {"ensemble": "ensemble (mean probability)", "platt": "Platt-calibrated, threshold 0.5",
-           "precise-bn": "precise BN (recomputed on training patches)",
-           "stain": "stain-normalised per patient (mean optical density)"}
+_LABELS = {
+    "ensemble": "ensemble (mean probability)",
+    "platt": "Platt-calibrated, threshold 0.5",
+    "precise-bn": "precise BN (recomputed on training patches)",
+    "stain": "stain-normalised per patient (mean optical density)",
+}
 #: Training batches of 128 patches read to recompute the batch-norm statistics.
 PRECISE_BN_BATCHES = 200
 
@@ -56,7 +60,8 @@ class LeversError(UserError, ValueError):
 
 def decide(val: pd.DataFrame, test: pd.DataFrame, probs_val: np.ndarray, probs_test: np.ndarray) -> pd.DataFrame:
     """``test`` with ``prob_idc`` = ``probs_test`` decided at the threshold that ``train`` would choose on
-    (``val`` labels, ``probs_val``): :data:`idc_helpers.training.THRESHOLD_RULE`."""
+    (``val`` labels, ``probs_val``): :data:`idc_helpers.training.THRESHOLD_RULE`.
+    """
     from idc_helpers.training import THRESHOLD_RULE
 
     threshold = pick_threshold(val["label"].to_numpy(), probs_val, THRESHOLD_RULE)
@@ -77,7 +82,8 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 def platt(val: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
     """``test`` with probabilities calibrated on ``val`` (logistic regression of the label on the logit) and
-    decided at 0.5: the rule "call IDC when it is more likely than not", after calibration."""
+    decided at 0.5: the rule "call IDC when it is more likely than not", after calibration.
+    """
     from sklearn.linear_model import LogisticRegression
 
     fit = LogisticRegression(C=1e6).fit(_logit(val["prob_idc"])[:, None], val["label"].to_numpy())
@@ -102,10 +108,12 @@ def _aligned(rows: pd.DataFrame, probs: np.ndarray, like: pd.DataFrame) -> np.nd
     return by_path.reindex(like["path"].astype(str).to_numpy()).to_numpy(np.float64)
 
 
-def precise_bn_probs(model, train_images: np.ndarray, parts: Sequence[tuple[np.ndarray, pd.DataFrame]],
-                     *, seed: int = 0) -> list[np.ndarray]:
+def precise_bn_probs(
+    model, train_images: np.ndarray, parts: Sequence[tuple[np.ndarray, pd.DataFrame]], *, seed: int = 0
+) -> list[np.ndarray]:
     """Recompute ``model``'s batch-norm statistics on shuffled, unaugmented training batches, then predict each
-    ``(images, rows)`` of ``parts``; returns one probability array per part."""
+    ``(images, rows)`` of ``parts``; returns one probability array per part.
+    """
     from idc_helpers.inference import predict_probs
     from idc_helpers.models import recompute_batch_norm
 
@@ -113,7 +121,7 @@ def precise_bn_probs(model, train_images: np.ndarray, parts: Sequence[tuple[np.n
 
     def batches():
         for start in range(0, len(order), 128):
-            rows = np.sort(order[start:start + 128])
+            rows = np.sort(order[start : start + 128])
             yield np.asarray(train_images[rows], dtype=np.float32)
 
     recompute_batch_norm(model, batches(), max_batches=PRECISE_BN_BATCHES)
@@ -122,7 +130,8 @@ def precise_bn_probs(model, train_images: np.ndarray, parts: Sequence[tuple[np.n
 
 def stain_probs(model, train_images: np.ndarray, parts: Sequence[tuple[np.ndarray, pd.DataFrame]]) -> list[np.ndarray]:
     """Normalise each patient of each ``(images, rows)`` part to the training patches' mean H and E, and predict
-    it with ``model``; returns one probability array per part."""
+    it with ``model``; returns one probability array per part.
+    """
     from idc_helpers.inference import predict_probs
     from idc_helpers.stain import normalise_stain, stain_stats
 
@@ -147,8 +156,10 @@ def _member_tables(quality_dir: Path, model: str, fold: int) -> tuple[pd.DataFra
     test, val = pred_dir / f"{model}-fold{fold}.csv", pred_dir / f"val-{model}-fold{fold}.csv"
     for path in (test, val):
         if not path.is_file():
-            raise LeversError(f"{path} is missing: run `python -m idc_helpers.bench quality ... --models {model} "
-                              f"--only-folds {fold} --out {quality_dir}` first")
+            raise LeversError(
+                f"{path} is missing: run `python -m idc_helpers.bench quality ... --models {model} "
+                f"--only-folds {fold} --out {quality_dir}` first"
+            )
     return read_table(val), read_table(test)
 
 
@@ -157,19 +168,28 @@ def _same_rows(tables: Sequence[pd.DataFrame], what: str, fold: int) -> list[pd.
     tables = [t.sort_values("path", kind="stable").reset_index(drop=True) for t in tables]
     for t in tables[1:]:
         if not np.array_equal(t["path"].to_numpy(), tables[0]["path"].to_numpy()):
-            raise LeversError(f"fold {fold}: the models' {what} patients differ, so they cannot be compared or "
-                              "averaged; run the cross-validations with the same --seed and folds")
+            raise LeversError(
+                f"fold {fold}: the models' {what} patients differ, so they cannot be compared or "
+                "averaged; run the cross-validations with the same --seed and folds"
+            )
     return tables
 
 
-def run_fold(members: Sequence[tuple[Path, str]], fold: int, out: Path, levers: Sequence[str], *,
-             frame: pd.DataFrame, cache_dir: Any) -> dict[str, pd.DataFrame]:
+def run_fold(
+    members: Sequence[tuple[Path, str]],
+    fold: int,
+    out: Path,
+    levers: Sequence[str],
+    *,
+    frame: pd.DataFrame,
+    cache_dir: Any,
+) -> dict[str, pd.DataFrame]:
     """Test tables of every variant of one fold (baseline and members included), computed or read back."""
     pairs = [_member_tables(d, m, fold) for d, m in members]
     vals = _same_rows([v for v, _ in pairs], "validation", fold)
     tests = _same_rows([t for _, t in pairs], "test", fold)
     tables = {BASELINE: tests[0]}
-    for (d, m), t in list(zip(members, tests))[1:]:
+    for (d, m), t in list(zip(members, tests, strict=False))[1:]:
         tables[f"member {m} ({d.name})"] = t
     if "ensemble" in levers and len(members) > 1:
         tables["ensemble"] = ensemble(vals, tests)
@@ -187,8 +207,16 @@ def run_fold(members: Sequence[tuple[Path, str]], fold: int, out: Path, levers: 
     return tables
 
 
-def _model_variants(member: tuple[Path, str], fold: int, todo: Sequence[str], val: pd.DataFrame, test: pd.DataFrame,
-                    *, frame: pd.DataFrame, cache_dir: Any) -> dict[str, pd.DataFrame]:
+def _model_variants(
+    member: tuple[Path, str],
+    fold: int,
+    todo: Sequence[str],
+    val: pd.DataFrame,
+    test: pd.DataFrame,
+    *,
+    frame: pd.DataFrame,
+    cache_dir: Any,
+) -> dict[str, pd.DataFrame]:
     from idc_helpers.run import load_run
 
     quality_dir, model_name = member
@@ -203,13 +231,16 @@ def _model_variants(member: tuple[Path, str], fold: int, todo: Sequence[str], va
     }
     out = {}
     for lever in sorted(todo, key=lambda x: x == "precise-bn"):
-        probs_val, probs_test = (_aligned(rows, p, t) for (_, rows), p, t in zip(parts, compute[lever](), (val, test)))
+        probs_val, probs_test = (
+            _aligned(rows, p, t) for (_, rows), p, t in zip(parts, compute[lever](), (val, test), strict=False)
+        )
         out[lever] = decide(val, test, probs_val, probs_test)
     return out
 
 
-def summarise(per_fold: dict[int, dict[str, pd.DataFrame]], slides: set[str], *, n_bootstrap: int = 1000,
-              seed: int = 0) -> dict[str, Any]:
+def summarise(
+    per_fold: dict[int, dict[str, pd.DataFrame]], slides: set[str], *, n_bootstrap: int = 1000, seed: int = 0
+) -> dict[str, Any]:
     """Pooled and per-fold scores of every variant, and its paired difference from the baseline."""
     variants = [v for v in next(iter(per_fold.values())) if all(v in t for t in per_fold.values())]
     groups = {"all": lambda t: t, "whole slide": lambda t: t[t["patient_id"].astype(str).isin(slides)]}
@@ -222,14 +253,22 @@ def summarise(per_fold: dict[int, dict[str, pd.DataFrame]], slides: set[str], *,
             if part["patient_id"].nunique() == 0:
                 continue
             report = evaluate(part, n_bootstrap=n_bootstrap, seed=seed)
-            entry = {"patients": int(part["patient_id"].nunique()), "patches": int(len(part)),
-                     "metrics": {k: report["metrics"][k] for k in ("f1", "balanced_accuracy", "roc_auc")}}
+            entry = {
+                "patients": int(part["patient_id"].nunique()),
+                "patches": len(part),
+                "metrics": {k: report["metrics"][k] for k in ("f1", "balanced_accuracy", "roc_auc")},
+            }
             if variant != BASELINE:
                 entry["minus_baseline"] = paired_difference(base_part, part, n_bootstrap=n_bootstrap, seed=seed)
             result["pooled"][f"{variant} | {group}"] = entry
         result["per_fold"][variant] = {
-            str(f): {k: v["value"] for k, v in evaluate(per_fold[f][variant], n_bootstrap=0)["metrics"].items()
-                     if k in ("f1", "balanced_accuracy", "roc_auc")} for f in sorted(per_fold)}
+            str(f): {
+                k: v["value"]
+                for k, v in evaluate(per_fold[f][variant], n_bootstrap=0)["metrics"].items()
+                if k in ("f1", "balanced_accuracy", "roc_auc")
+            }
+            for f in sorted(per_fold)
+        }
     return result
 
 
@@ -240,11 +279,15 @@ def _f(value: float | None, sign: bool = False) -> str:
 def markdown(summary: dict[str, Any], baseline_name: str) -> str:
     """The pooled table (with paired differences) and the per-fold F1 of every variant."""
     folds = summary["folds"]
-    lines = [f"### Levers after training, pooled over folds {', '.join(map(str, folds))} (baseline: {baseline_name})",
-             "", "Patch only; thresholds chosen on each fold's validation patients; 95% bootstrap intervals over "
-             "patients; differences paired (same patients and patches).", "",
-             "| variant | patients | patches | F1 | BAC | ROC AUC | F1 - baseline | BAC - baseline | AUC - baseline |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### Levers after training, pooled over folds {', '.join(map(str, folds))} (baseline: {baseline_name})",
+        "",
+        "Patch only; thresholds chosen on each fold's validation patients; 95% bootstrap intervals over "
+        "patients; differences paired (same patients and patches).",
+        "",
+        "| variant | patients | patches | F1 | BAC | ROC AUC | F1 - baseline | BAC - baseline | AUC - baseline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def ci(m: dict[str, Any], sign: bool = False) -> str:
         if m["ci_low"] is None:
@@ -256,21 +299,37 @@ def markdown(summary: dict[str, Any], baseline_name: str) -> str:
         name = _LABELS.get(variant, baseline_name if variant == BASELINE else variant)
         diff = e.get("minus_baseline")
         cells = [ci(diff[k], True) for k in ("f1", "balanced_accuracy", "roc_auc")] if diff else ["", "", ""]
-        lines.append(f"| {name}, {group} | {e['patients']} | {e['patches']:,} | {ci(e['metrics']['f1'])} "
-                     f"| {ci(e['metrics']['balanced_accuracy'])} | {ci(e['metrics']['roc_auc'])} | "
-                     + " | ".join(cells) + " |")
-    lines += ["", "Per fold, F1 / BAC / ROC AUC:", "", "| variant | " + " | ".join(f"fold {f}" for f in folds) + " |",
-              "|---|" + "---|" * len(folds)]
+        lines.append(
+            f"| {name}, {group} | {e['patients']} | {e['patches']:,} | {ci(e['metrics']['f1'])} "
+            f"| {ci(e['metrics']['balanced_accuracy'])} | {ci(e['metrics']['roc_auc'])} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "Per fold, F1 / BAC / ROC AUC:",
+        "",
+        "| variant | " + " | ".join(f"fold {f}" for f in folds) + " |",
+        "|---|" + "---|" * len(folds),
+    ]
     for variant, by_fold in summary["per_fold"].items():
         name = _LABELS.get(variant, baseline_name if variant == BASELINE else variant)
-        lines.append(f"| {name} | " + " | ".join(
-            f"{_f(m['f1'])} / {_f(m['balanced_accuracy'])} / {_f(m['roc_auc'])}" for m in by_fold.values()) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{_f(m['f1'])} / {_f(m['balanced_accuracy'])} / {_f(m['roc_auc'])}" for m in by_fold.values())
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def run_levers(quality_dirs: Sequence[str | Path], models: Sequence[str], out_dir: str | Path, *,
-               levers: Sequence[str] = LEVERS, folds: Sequence[int] | None = None, cache_dir: Any = None,
-               n_bootstrap: int = 1000) -> dict[str, Any]:
+def run_levers(
+    quality_dirs: Sequence[str | Path],
+    models: Sequence[str],
+    out_dir: str | Path,
+    *,
+    levers: Sequence[str] = LEVERS,
+    folds: Sequence[int] | None = None,
+    cache_dir: Any = None,
+    n_bootstrap: int = 1000,
+) -> dict[str, Any]:
     """Measure ``levers`` on the folds every member finished; returns the summary (also written to ``out_dir``).
 
     Members: every model of ``models`` in every folder of ``quality_dirs`` (the first one is the baseline).
@@ -284,8 +343,10 @@ def run_levers(quality_dirs: Sequence[str | Path], models: Sequence[str], out_di
     dirs = [Path(d).expanduser().absolute() for d in quality_dirs]
     for d in dirs:
         if not (d / CONFIG_FILE).is_file():
-            raise LeversError(f"{d} holds no cross-validation ({CONFIG_FILE} missing); give the --out folder of "
-                              "`python -m idc_helpers.bench quality`")
+            raise LeversError(
+                f"{d} holds no cross-validation ({CONFIG_FILE} missing); give the --out folder of "
+                "`python -m idc_helpers.bench quality`"
+            )
     members = [(d, m) for d in dirs for m in models]
     finished = [{r["fold"] for r in read_log(d) if r["model"] == m} for d, m in members]
     common = sorted(set.intersection(*finished) & (set(folds) if folds is not None else set.union(*finished)))
@@ -311,8 +372,13 @@ def run_levers(quality_dirs: Sequence[str | Path], models: Sequence[str], out_di
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``python -m idc_helpers.bench levers``."""
     parser = OneLineParser(prog="python -m idc_helpers.bench levers", description=__doc__.split("\n")[0])
-    parser.add_argument("--quality", action="append", required=True, metavar="OUT",
-                        help="--out folder of `bench quality`; repeat to add its models to the ensemble")
+    parser.add_argument(
+        "--quality",
+        action="append",
+        required=True,
+        metavar="OUT",
+        help="--out folder of `bench quality`; repeat to add its models to the ensemble",
+    )
     parser.add_argument("--models", default="idc_net", help="comma-separated models; the first is the baseline")
     parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of {', '.join(LEVERS)}")
     parser.add_argument("--folds", default=None, help="comma-separated folds (default: all that every model finished)")
@@ -327,8 +393,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
-    return print_markdown(lambda: run_levers(args.quality, models, args.out, levers=levers, folds=folds,
-                                             cache_dir=args.cache_dir, n_bootstrap=args.bootstrap))
+    return print_markdown(
+        lambda: run_levers(
+            args.quality,
+            models,
+            args.out,
+            levers=levers,
+            folds=folds,
+            cache_dir=args.cache_dir,
+            n_bootstrap=args.bootstrap,
+        )
+    )
 
 
 if __name__ == "__main__":

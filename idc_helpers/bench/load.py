@@ -23,8 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -50,15 +50,24 @@ STEPS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark and print a Markdown table; returns 0."""
     parser = OneLineParser(prog="python -m idc_helpers.bench load", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", action="append", default=None, metavar="DIR",
-                        help="dataset folder; repeat for several, indexed as one "
-                             "(default: $IDC_DATA_DIR, else ../shared/data/idc_sample)")
-    parser.add_argument("--full-size", action="store_true",
-                        help=f"also run once on a synthetic tree of {FULL_SIZE_PATCHES:,} patches (temp folder)")
+    parser.add_argument(
+        "--data-dir",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="dataset folder; repeat for several, indexed as one "
+        "(default: $IDC_DATA_DIR, else ../shared/data/idc_sample)",
+    )
+    parser.add_argument(
+        "--full-size",
+        action="store_true",
+        help=f"also run once on a synthetic tree of {FULL_SIZE_PATCHES:,} patches (temp folder)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="runs of each step on the sample; best is reported")
     parser.add_argument("--workers", type=int, default=None, help="decoding threads (default: the loader's)")
-    parser.add_argument("--out", default=None,
-                        help="also write the report here (.json: the raw numbers; else Markdown)")
+    parser.add_argument(
+        "--out", default=None, help="also write the report here (.json: the raw numbers; else Markdown)"
+    )
     parser.add_argument("--child", choices=sorted(STEPS), help=argparse.SUPPRESS)
     parser.add_argument("--frame", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
@@ -72,8 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_dirs = [Path(d) for d in args.data_dir] if args.data_dir else [_data_dir(None)]
     missing = [str(d) for d in data_dirs if not d.is_dir()]
     if missing:
-        print(f"error: dataset folder not found: {', '.join(missing)}; pass --data-dir or set IDC_DATA_DIR",
-              file=sys.stderr)
+        print(
+            f"error: dataset folder not found: {', '.join(missing)}; pass --data-dir or set IDC_DATA_DIR",
+            file=sys.stderr,
+        )
         return 2
     machine = machine_info()
     results = []
@@ -89,8 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"full-size tree: {FULL_SIZE_PATCHES:,} links in {time.perf_counter() - made:.1f} s", file=sys.stderr)
             index_start = time.perf_counter()
             big = build_index(root).frame
-            results.append(_run_set("full-size synthetic tree (hard links to the sample)", big,
-                                    time.perf_counter() - index_start, 1, args.workers))
+            results.append(
+                _run_set(
+                    "full-size synthetic tree (hard links to the sample)",
+                    big,
+                    time.perf_counter() - index_start,
+                    1,
+                    args.workers,
+                )
+            )
     machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     report = _markdown(machine, results)
     print(report)
@@ -160,8 +178,13 @@ def _run_set(title: str, frame: pd.DataFrame, index_seconds: float, repeats: int
             for mode in order if rep % 2 == 0 else order[1:] + order[:1]:
                 runs[mode].append(_spawn(mode, frame_file, None if mode == "plain" else cache, workers))
             shutil.rmtree(cache)
-    return {"title": title, "patches": int(len(frame)), "index_seconds": index_seconds, "runs": runs,
-            "effective_cores": [round(before, 2), round(effective_cores(), 2)]}
+    return {
+        "title": title,
+        "patches": len(frame),
+        "index_seconds": index_seconds,
+        "runs": runs,
+        "effective_cores": [round(before, 2), round(effective_cores(), 2)],
+    }
 
 
 def _spawn(mode: str, frame_file: Path, cache: Path | None, workers: int | None) -> dict:
@@ -200,8 +223,9 @@ def _child(mode: str, frame_file: Path, cache_dir: str | None, workers: int | No
         extra["workers"] = workers or _default_workers()
         if mode == "cached_read":
             step = 4096
-            extra["checksum"] = sum(int(loaded.images[s:s + step].sum(dtype=np.uint64))
-                                    for s in range(0, len(loaded.images), step))
+            extra["checksum"] = sum(
+                int(loaded.images[s : s + step].sum(dtype=np.uint64)) for s in range(0, len(loaded.images), step)
+            )
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
     return {
@@ -225,8 +249,9 @@ def effective_cores(trials: int = 3) -> float:
     """
 
     def run(k: int) -> float:
-        procs = [subprocess.Popen([sys.executable, "-S", "-c", _SPIN], stdout=subprocess.PIPE, text=True)
-                 for _ in range(k)]
+        procs = [
+            subprocess.Popen([sys.executable, "-S", "-c", _SPIN], stdout=subprocess.PIPE, text=True) for _ in range(k)
+        ]
         return max(float(p.communicate()[0]) for p in procs)
 
     return statistics.median(2 * run(1) / run(2) for _ in range(trials))
@@ -298,7 +323,9 @@ def _markdown(machine: dict, results: list[dict]) -> str:
             best = min(r["seconds"] for r in measured)
             median = statistics.median(r["seconds"] for r in measured)
             cpu = statistics.median(r["cpu_seconds"] for r in measured)
-            paired = statistics.median(p["seconds"] / r["seconds"] for p, r in zip(runs["plain"], measured))
+            paired = statistics.median(
+                p["seconds"] / r["seconds"] for p, r in zip(runs["plain"], measured, strict=False)
+            )
             if mode == "first":
                 label += f", {measured[0]['workers']} threads"
             lines.append(

@@ -35,8 +35,9 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -59,9 +60,12 @@ _RESUME_KEYS = ("data_dirs", "folds", "seed", "epochs", "max_patches", "patients
 #: Patient groups reported apart: whole slides (neighbours known) and thin samples.
 GROUPS = ("all", "whole slide", "sparse")
 #: Prediction variants: (label, predictions file suffix, probability column, decision column).
-VARIANTS = (("patch", "", "prob_idc", "pred"), ("patch + TTA", "-tta", "prob_idc", "pred"),
-            ("context", "", "prob_idc_context", "pred_context"),
-            ("context + TTA", "-tta", "prob_idc_context", "pred_context"))
+VARIANTS = (
+    ("patch", "", "prob_idc", "pred"),
+    ("patch + TTA", "-tta", "prob_idc", "pred"),
+    ("context", "", "prob_idc_context", "pred_context"),
+    ("context + TTA", "-tta", "prob_idc_context", "pred_context"),
+)
 
 
 class QualityBenchError(UserError, ValueError):
@@ -79,8 +83,10 @@ def merged_view(data_dirs: Sequence[str | os.PathLike[str]]) -> Path:
     dirs = [Path(d).expanduser().absolute() for d in data_dirs]
     for d in dirs:
         if not d.is_dir():
-            raise QualityBenchError(f"dataset folder not found: {d}; pass folders in the Kaggle layout "
-                                    "(<patient>/<0|1>/*.png) with --data-dir")
+            raise QualityBenchError(
+                f"dataset folder not found: {d}; pass folders in the Kaggle layout "
+                "(<patient>/<0|1>/*.png) with --data-dir"
+            )
     if len(dirs) == 1:
         return dirs[0]
     owner: dict[str, Path] = {}
@@ -88,8 +94,10 @@ def merged_view(data_dirs: Sequence[str | os.PathLike[str]]) -> Path:
         for entry in sorted(d.iterdir()):
             if entry.is_dir() and entry.name.isdigit():
                 if entry.name in owner:
-                    raise QualityBenchError(f"patient {entry.name} is in both {owner[entry.name]} and {d}: a patient "
-                                            "in two folders could be trained on and tested at once; remove one copy")
+                    raise QualityBenchError(
+                        f"patient {entry.name} is in both {owner[entry.name]} and {d}: a patient "
+                        "in two folders could be trained on and tested at once; remove one copy"
+                    )
                 owner[entry.name] = d
     digest = hashlib.sha256("\n".join(map(str, dirs)).encode()).hexdigest()[:12]
     view = Path(tempfile.gettempdir()) / f"idc-merged-{digest}"
@@ -140,27 +148,44 @@ def _best_f1(labels: np.ndarray, probs: np.ndarray) -> float | None:
     return float(skm.f1_score(labels, probs >= threshold))
 
 
-def score_table(preds: pd.DataFrame, threshold: float, *, column: str = "prob_idc",
-                threshold_youden: float | None = None, n_bootstrap: int = 200, seed: int = 0) -> dict[str, Any]:
+def score_table(
+    preds: pd.DataFrame,
+    threshold: float,
+    *,
+    column: str = "prob_idc",
+    threshold_youden: float | None = None,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Patch-level scores of a predictions table, probabilities in ``column`` decided at ``threshold``.
 
     Returns ``patches``, ``patients``, ``idc_patches``, ``f1``, ``balanced_accuracy``, ``roc_auc``, ``pr_auc``
     (each ``{value, ci_low, ci_high}``, bootstrap over patients), ``f1_best`` (best F1 of any threshold on these
     patches: a bound, not a result) and, with ``threshold_youden``, F1 and balanced accuracy at that threshold.
     """
-    table = pd.DataFrame({"patient_id": preds["patient_id"].to_numpy(), "label": preds["label"].to_numpy(),
-                          "prob_idc": preds[column].to_numpy(np.float64)})
+    table = pd.DataFrame(
+        {
+            "patient_id": preds["patient_id"].to_numpy(),
+            "label": preds["label"].to_numpy(),
+            "prob_idc": preds[column].to_numpy(np.float64),
+        }
+    )
     report = evaluate(table, threshold=threshold, n_bootstrap=n_bootstrap, seed=seed)
     labels, probs = table["label"].to_numpy(np.int64), table["prob_idc"].to_numpy()
     out: dict[str, Any] = {
-        "patches": int(len(table)), "patients": int(table["patient_id"].nunique()), "idc_patches": int(labels.sum()),
+        "patches": len(table),
+        "patients": int(table["patient_id"].nunique()),
+        "idc_patches": int(labels.sum()),
         **{k: report["metrics"][k] for k in ("f1", "balanced_accuracy", "roc_auc", "pr_auc")},
-        "f1_best": _best_f1(labels, probs), "threshold": float(threshold),
+        "f1_best": _best_f1(labels, probs),
+        "threshold": float(threshold),
     }
     if threshold_youden is not None:
         pred = probs >= threshold_youden
-        out["youden"] = {"f1": float(skm.f1_score(labels, pred, zero_division=0)),
-                         "balanced_accuracy": float(skm.balanced_accuracy_score(labels, pred))}
+        out["youden"] = {
+            "f1": float(skm.f1_score(labels, pred, zero_division=0)),
+            "balanced_accuracy": float(skm.balanced_accuracy_score(labels, pred)),
+        }
     return out
 
 
@@ -176,9 +201,19 @@ def score_groups(preds: pd.DataFrame, slides: set[str], threshold: float, **kwar
     return {name: score_table(part, threshold, **kwargs) for name, part in _groups(preds, slides).items()}
 
 
-def _load_or_train(data_dir: Path, run_dir: Path, model_name: str, test_patients: Sequence[str], *, epochs: int,
-                   seed: int, max_patches: int | None, cache_dir: Any, verbose: int,
-                   train_options: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, list[str]]]:
+def _load_or_train(
+    data_dir: Path,
+    run_dir: Path,
+    model_name: str,
+    test_patients: Sequence[str],
+    *,
+    epochs: int,
+    seed: int,
+    max_patches: int | None,
+    cache_dir: Any,
+    verbose: int,
+    train_options: dict[str, Any],
+) -> tuple[Any, dict[str, Any], dict[str, list[str]]]:
     """The fold's (model, metrics, split): trained now, or read back from a run folder an earlier call finished."""
     from idc_helpers.run import load_run
     from idc_helpers.training import train
@@ -186,8 +221,18 @@ def _load_or_train(data_dir: Path, run_dir: Path, model_name: str, test_patients
     if (run_dir / "model.keras").is_file() and (run_dir / "metrics.json").is_file():
         run = load_run(run_dir)
         return run.model, run.metrics, run.split
-    result = train(data_dir, run_dir, model_name=model_name, epochs=epochs, seed=seed, max_patches=max_patches,
-                   test_patients=list(test_patients), cache_dir=cache_dir, verbose=verbose, **train_options)
+    result = train(
+        data_dir,
+        run_dir,
+        model_name=model_name,
+        epochs=epochs,
+        seed=seed,
+        max_patches=max_patches,
+        test_patients=list(test_patients),
+        cache_dir=cache_dir,
+        verbose=verbose,
+        **train_options,
+    )
     return result.model, result.metrics, result.split
 
 
@@ -211,40 +256,65 @@ def run_fold(
     """Train ``model_name`` without the fold's test patients, predict its validation and test patients, fit the
     slide context on the validation patients, write the predictions and return the fold's record (scores per
     patient group, thresholds, context parameters, seconds). A finished run folder from an interrupted earlier
-    call is reused instead of trained again."""
+    call is reused instead of trained again.
+    """
     from idc_helpers.prediction import predict_frame
 
     run_dir = out_dir / "runs" / f"{model_name}-fold{fold}"
-    model, metrics, split = _load_or_train(data_dir, run_dir, model_name, test_patients, epochs=epochs, seed=seed,
-                                           max_patches=max_patches, cache_dir=cache_dir, verbose=verbose,
-                                           train_options=dict(train_options or {}))
+    model, metrics, split = _load_or_train(
+        data_dir,
+        run_dir,
+        model_name,
+        test_patients,
+        epochs=epochs,
+        seed=seed,
+        max_patches=max_patches,
+        cache_dir=cache_dir,
+        verbose=verbose,
+        train_options=dict(train_options or {}),
+    )
     threshold = float(metrics["threshold"])
     youden = metrics.get("threshold_youden")
     slides = set(whole_slide_patients(frame))
     val_patients = [str(p) for p in split.get("val", [])]
     record: dict[str, Any] = {
-        "model": model_name, "fold": fold, "test_patients": sorted(test_patients, key=int),
+        "model": model_name,
+        "fold": fold,
+        "test_patients": sorted(test_patients, key=int),
         "test_whole_slide_patients": sorted(set(test_patients) & slides, key=int),
-        "val_patients": val_patients, "val_whole_slide_patients": sorted(set(val_patients) & slides, key=int),
+        "val_patients": val_patients,
+        "val_whole_slide_patients": sorted(set(val_patients) & slides, key=int),
         "train_patients": len(split.get("train", [])),
-        "threshold": threshold, "threshold_youden": youden,
-        "best_epoch": metrics.get("best_epoch"), "epochs_run": metrics.get("epochs_run"),
-        "train_seconds": metrics.get("train_seconds"), "validation": metrics.get("validation", {}),
+        "threshold": threshold,
+        "threshold_youden": youden,
+        "best_epoch": metrics.get("best_epoch"),
+        "epochs_run": metrics.get("epochs_run"),
+        "train_seconds": metrics.get("train_seconds"),
+        "validation": metrics.get("validation", {}),
     }
     pred_dir = out_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
-    for use_tta in ([False, True] if tta else [False]):
+    for use_tta in [False, True] if tta else [False]:
         suffix = "-tta" if use_tta else ""
         start = time.perf_counter()
-        preds = predict_frame(model, frame[frame["patient_id"].isin(list(test_patients))], tta=use_tta,
-                              threshold=threshold, cache_dir=cache_dir)
+        preds = predict_frame(
+            model,
+            frame[frame["patient_id"].isin(list(test_patients))],
+            tta=use_tta,
+            threshold=threshold,
+            cache_dir=cache_dir,
+        )
         seconds = time.perf_counter() - start
-        val_preds = predict_frame(model, frame[frame["patient_id"].isin(val_patients)], tta=use_tta,
-                                  threshold=threshold, cache_dir=cache_dir)
+        val_preds = predict_frame(
+            model, frame[frame["patient_id"].isin(val_patients)], tta=use_tta, threshold=threshold, cache_dir=cache_dir
+        )
         key = "test_tta" if use_tta else "test"
-        record[key] = {"groups": score_groups(preds, slides, threshold, threshold_youden=youden,
-                                              n_bootstrap=n_bootstrap, seed=seed),
-                       "predict_seconds": round(seconds, 2)}
+        record[key] = {
+            "groups": score_groups(
+                preds, slides, threshold, threshold_youden=youden, n_bootstrap=n_bootstrap, seed=seed
+            ),
+            "predict_seconds": round(seconds, 2),
+        }
         try:
             params = fit_context(val_preds)
         except ContextError as exc:
@@ -252,15 +322,20 @@ def run_fold(
         else:
             preds = apply_context(preds, params)
             val_preds = apply_context(val_preds, params)
-            record[f"context{suffix}"] = {"params": params, "groups": score_groups(
-                preds, slides, params["threshold"], column="prob_idc_context", n_bootstrap=n_bootstrap, seed=seed)}
+            record[f"context{suffix}"] = {
+                "params": params,
+                "groups": score_groups(
+                    preds, slides, params["threshold"], column="prob_idc_context", n_bootstrap=n_bootstrap, seed=seed
+                ),
+            }
         write_table(preds, pred_dir / f"{model_name}-fold{fold}{suffix}.csv")
         write_table(val_preds, pred_dir / f"val-{model_name}-fold{fold}{suffix}.csv")
     return record
 
 
-def pooled_table(out_dir: Path, records: list[dict[str, Any]], slides: set[str], *, n_bootstrap: int = 1000,
-                 seed: int = 0) -> dict[str, dict[str, Any]]:
+def pooled_table(
+    out_dir: Path, records: list[dict[str, Any]], slides: set[str], *, n_bootstrap: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
     """Pool each model's out-of-fold predictions (``OUT/oof_<model>[_tta].csv``) and evaluate them with bootstrap
     intervals over patients, per variant of :data:`VARIANTS` and patient group of :data:`GROUPS`.
 
@@ -280,8 +355,9 @@ def pooled_table(out_dir: Path, records: list[dict[str, Any]], slides: set[str],
             oof = pd.concat([read_table(p) for p in files], ignore_index=True)
             if prob == "prob_idc":
                 write_table(oof, out_dir / f"oof_{model}{suffix.replace('-', '_')}.csv")
-            table = oof[["patient_id", "label"]].assign(prob_idc=oof[prob].to_numpy(np.float64),
-                                                        pred=oof[pred].to_numpy())
+            table = oof[["patient_id", "label"]].assign(
+                prob_idc=oof[prob].to_numpy(np.float64), pred=oof[pred].to_numpy()
+            )
             for group, part in _groups(table, slides).items():
                 report = evaluate(part, n_bootstrap=n_bootstrap, seed=seed)
                 report["folds"] = [r["fold"] for r in mine]
@@ -310,27 +386,44 @@ def _ci(metric: dict[str, Any]) -> str:
 
 def markdown(records: list[dict[str, Any]], pooled: dict[str, dict[str, Any]], n_folds: int) -> str:
     """Pooled (patch-only first, then context) and per-fold Markdown tables."""
-    head = ("| model | predictions | patients | folds | patients | patches | F1 | balanced accuracy | ROC AUC "
-            "| PR AUC |", "|---|---|---|---|---|---|---|---|---|---|")
-    lines = ["### Pooled out-of-fold predictions, patch only (95% bootstrap intervals over patients)", "",
-             "Each patch judged alone, as in the published work; thresholds chosen on each fold's validation "
-             "patients.", "", *head]
-    context_lines = ["", "### Pooled out-of-fold predictions WITH SLIDE CONTEXT (uses each patch's neighbours; "
-                     "not comparable with patch-level papers)", "",
-                     "Smoothing width and threshold chosen on each fold's validation patients (context.fit_context).", "",
-                     *head]
+    head = (
+        "| model | predictions | patients | folds | patients | patches | F1 | balanced accuracy | ROC AUC | PR AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    )
+    lines = [
+        "### Pooled out-of-fold predictions, patch only (95% bootstrap intervals over patients)",
+        "",
+        "Each patch judged alone, as in the published work; thresholds chosen on each fold's validation patients.",
+        "",
+        *head,
+    ]
+    context_lines = [
+        "",
+        "### Pooled out-of-fold predictions WITH SLIDE CONTEXT (uses each patch's neighbours; "
+        "not comparable with patch-level papers)",
+        "",
+        "Smoothing width and threshold chosen on each fold's validation patients (context.fit_context).",
+        "",
+        *head,
+    ]
     for label, rep in pooled.items():
         model, variant, group = label.split(" | ")
         m = rep["metrics"]
-        row = (f"| {model} | {variant} | {group} | {len(rep['folds'])} of {n_folds} | {rep['counts']['patients']} "
-               f"| {rep['counts']['patches']:,} | {_ci(m['f1'])} | {_ci(m['balanced_accuracy'])} "
-               f"| {_ci(m['roc_auc'])} | {_ci(m['pr_auc'])} |")
+        row = (
+            f"| {model} | {variant} | {group} | {len(rep['folds'])} of {n_folds} | {rep['counts']['patients']} "
+            f"| {rep['counts']['patches']:,} | {_ci(m['f1'])} | {_ci(m['balanced_accuracy'])} "
+            f"| {_ci(m['roc_auc'])} | {_ci(m['pr_auc'])} |"
+        )
         (context_lines if variant.startswith("context") else lines).append(row)
     lines += context_lines
-    lines += ["", "### Per fold (test patients never seen in training; intervals over the fold's patients)", "",
-              "| model | fold | patients | patients (IDC patches / patches) | F1 | BAC | ROC AUC | best-threshold F1 "
-              "(bound) | F1 / BAC Youden | F1 TTA | F1 context (sigma) | threshold | best / run epochs | train s |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "### Per fold (test patients never seen in training; intervals over the fold's patients)",
+        "",
+        "| model | fold | patients | patients (IDC patches / patches) | F1 | BAC | ROC AUC | best-threshold F1 "
+        "(bound) | F1 / BAC Youden | F1 TTA | F1 context (sigma) | threshold | best / run epochs | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(records, key=lambda r: (r["model"], r["fold"])):
         for group, t in r["test"]["groups"].items():
             tt = r.get("test_tta", {}).get("groups", {}).get(group, {})
@@ -343,7 +436,8 @@ def markdown(records: list[dict[str, Any]], pooled: dict[str, dict[str, Any]], n
                 f"| {_ci(t['f1'])} | {_f(t['balanced_accuracy']['value'])} | {_f(t['roc_auc']['value'])} "
                 f"| {_f(t['f1_best'])} | {_f(yd.get('f1'))} / {_f(yd.get('balanced_accuracy'))} "
                 f"| {_f((tt.get('f1') or {}).get('value'))} | {_f((cg.get('f1') or {}).get('value'))}{sigma} "
-                f"| {_f(r['threshold'])} | {r['best_epoch']} / {r['epochs_run']} | {_f(r['train_seconds'], 0)} |")
+                f"| {_f(r['threshold'])} | {r['best_epoch']} / {r['epochs_run']} | {_f(r['train_seconds'], 0)} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -388,11 +482,18 @@ def run_quality(
     epochs = int(epochs or DEFAULT_EPOCHS)
     out = Path(out_dir).expanduser().absolute()
     out.mkdir(parents=True, exist_ok=True)
-    config = {"data_dirs": [str(Path(d).expanduser().absolute()) for d in data_dirs] or [str(source.path)],
-              "synthetic": bool(source.synthetic), "folds": n_folds, "seed": seed, "epochs": epochs,
-              "max_patches": max_patches, "patients": int(frame["patient_id"].nunique()),
-              "train_options": dict(train_options or {}),
-              "whole_slide_patients": sorted(slides, key=int), "fold_patients": folds}
+    config = {
+        "data_dirs": [str(Path(d).expanduser().absolute()) for d in data_dirs] or [str(source.path)],
+        "synthetic": bool(source.synthetic),
+        "folds": n_folds,
+        "seed": seed,
+        "epochs": epochs,
+        "max_patches": max_patches,
+        "patients": int(frame["patient_id"].nunique()),
+        "train_options": dict(train_options or {}),
+        "whole_slide_patients": sorted(slides, key=int),
+        "fold_patients": folds,
+    }
     config_path = out / CONFIG_FILE
     if config_path.is_file():
         old = json.loads(config_path.read_text(encoding="utf-8"))
@@ -400,7 +501,8 @@ def run_quality(
         if changed:
             raise QualityBenchError(
                 f"{out} holds a cross-validation run with other settings ({', '.join(changed)}); "
-                "resume it with the same options or choose a new --out folder.")
+                "resume it with the same options or choose a new --out folder."
+            )
     else:
         write_json(config_path, {**config, "machine": platform.platform(), "python": sys.version.split()[0]})
 
@@ -412,17 +514,36 @@ def run_quality(
             if (model, fold) in done:
                 print(f"[quality] {model} fold {fold}: already in {out / LOG_FILE}, skipped", flush=True)
                 continue
-            print(f"[quality] {model} fold {fold}: {len(test_patients)} test patients "
-                  f"({len(set(test_patients) & slides)} whole slides)", flush=True)
-            record = run_fold(source.path, frame, model, fold, test_patients, out, epochs=epochs, seed=seed,
-                              max_patches=max_patches, tta=tta, cache_dir=cache_dir, n_bootstrap=fold_bootstrap,
-                              train_options=train_options, verbose=verbose)
+            print(
+                f"[quality] {model} fold {fold}: {len(test_patients)} test patients "
+                f"({len(set(test_patients) & slides)} whole slides)",
+                flush=True,
+            )
+            record = run_fold(
+                source.path,
+                frame,
+                model,
+                fold,
+                test_patients,
+                out,
+                epochs=epochs,
+                seed=seed,
+                max_patches=max_patches,
+                tta=tta,
+                cache_dir=cache_dir,
+                n_bootstrap=fold_bootstrap,
+                train_options=train_options,
+                verbose=verbose,
+            )
             record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             _append_log(out, record)
             t = record["test"]["groups"]["all"]
-            print(f"[quality] {model} fold {fold}: F1 {_f(t['f1']['value'])} BAC "
-                  f"{_f(t['balanced_accuracy']['value'])} ROC AUC {_f(t['roc_auc']['value'])} "
-                  f"({record['train_seconds']} s training)", flush=True)
+            print(
+                f"[quality] {model} fold {fold}: F1 {_f(t['f1']['value'])} BAC "
+                f"{_f(t['balanced_accuracy']['value'])} ROC AUC {_f(t['roc_auc']['value'])} "
+                f"({record['train_seconds']} s training)",
+                flush=True,
+            )
 
     records = [r for r in read_log(out) if r["model"] in models]
     pooled = pooled_table(out, records, slides, n_bootstrap=n_bootstrap, seed=seed)
@@ -435,25 +556,49 @@ def run_quality(
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``python -m idc_helpers.bench quality``."""
     parser = OneLineParser(prog="python -m idc_helpers.bench quality", description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", action="append", default=None, help="dataset folder (Kaggle layout); "
-                        "repeat for several (e.g. idc_sample and idc_sparse); default: resolved as for `train`")
+    parser.add_argument(
+        "--data-dir",
+        action="append",
+        default=None,
+        help="dataset folder (Kaggle layout); "
+        "repeat for several (e.g. idc_sample and idc_sparse); default: resolved as for `train`",
+    )
     parser.add_argument("--folds", type=int, default=4, help="number of patient folds (default 4)")
     parser.add_argument("--only-folds", default=None, help="comma-separated fold numbers to run (default: all)")
     parser.add_argument("--models", default="seed_cnn,idc_net", help="comma-separated model names")
     parser.add_argument("--epochs", type=int, default=None, help="maximum epochs per fold (default: train's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds, the splits and the training")
-    parser.add_argument("--model-seed", type=int, default=None, metavar="SEED",
-                        help="another seed for the training alone (initialisation, order, augmentation), on the "
-                             "folds and splits of --seed: a member of a seed ensemble (default: --seed)")
+    parser.add_argument(
+        "--model-seed",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="another seed for the training alone (initialisation, order, augmentation), on the "
+        "folds and splits of --seed: a member of a seed ensemble (default: --seed)",
+    )
     parser.add_argument("--max-patches", type=int, default=None, help="subsample the dataset (quick runs)")
-    parser.add_argument("--augment", default=None, choices=AUGMENT_CHOICES,
-                        help="training augmentation strength (default: train's, 'mild'); 'light' and 'strong' are "
-                             "Tellez et al. 2019's HED-light and HED-strong stain jitter")
+    parser.add_argument(
+        "--augment",
+        default=None,
+        choices=AUGMENT_CHOICES,
+        help="training augmentation strength (default: train's, 'mild'); 'light' and 'strong' are "
+        "Tellez et al. 2019's HED-light and HED-strong stain jitter",
+    )
     parser.add_argument("--no-augment", action="store_true", help=argparse.SUPPRESS)  # refused: now --augment none
-    parser.add_argument("--label-smoothing", type=float, default=None, metavar="EPS",
-                        help="train with targets smoothed by EPS (default: train's, none)")
-    parser.add_argument("--width", type=int, default=None, metavar="W",
-                        help="idc_net only: multiply every filter count by W (default: 1)")
+    parser.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=None,
+        metavar="EPS",
+        help="train with targets smoothed by EPS (default: train's, none)",
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        metavar="W",
+        help="idc_net only: multiply every filter count by W (default: 1)",
+    )
     parser.add_argument("--tta", action="store_true", help="also score test-time augmentation (8 flips/rotations)")
     parser.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the pooled intervals")
@@ -473,8 +618,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     options: dict[str, Any] = {"augment": args.augment} if args.augment is not None else {}
     if args.width is not None:  # only when given, so folders written before the option still resume
         if args.width < 1 or models != ["idc_net"]:
-            print(f"error: --width {args.width}: give a whole number of at least 1, with --models idc_net alone",
-                  file=sys.stderr)
+            print(
+                f"error: --width {args.width}: give a whole number of at least 1, with --models idc_net alone",
+                file=sys.stderr,
+            )
             return 2
         options["model_kwargs"] = {"width": args.width}
     if args.model_seed is not None:  # only when given, so folders written before the option still resume
@@ -485,10 +632,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         except LabelSmoothingError as exc:
             print(f"error: --label-smoothing: {exc}", file=sys.stderr)
             return 2
-    return print_markdown(lambda: run_quality(
-        args.data_dir, args.out, n_folds=args.folds, models=models, epochs=args.epochs, seed=args.seed,
-        max_patches=args.max_patches, tta=args.tta, cache_dir=args.cache_dir, n_bootstrap=args.bootstrap,
-        only_folds=only, train_options=options))
+    return print_markdown(
+        lambda: run_quality(
+            args.data_dir,
+            args.out,
+            n_folds=args.folds,
+            models=models,
+            epochs=args.epochs,
+            seed=args.seed,
+            max_patches=args.max_patches,
+            tta=args.tta,
+            cache_dir=args.cache_dir,
+            n_bootstrap=args.bootstrap,
+            only_folds=only,
+            train_options=options,
+        )
+    )
 
 
 if __name__ == "__main__":
