@@ -161,7 +161,7 @@ def _demo(demo_dir: str | os.PathLike[str] | None, n_patients: int, reasons: lis
     from idc_helpers.demo_data import is_synthetic, write_demo_dataset
 
     if demo_dir is None:
-        from idc_helpers.loader import default_cache_dir
+        from idc_helpers.patch_cache import default_cache_dir
 
         demo_dir = default_cache_dir() / "demo-data" / f"{n_patients}-patients-seed0"
     path = Path(os.path.abspath(Path(demo_dir).expanduser()))

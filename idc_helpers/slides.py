@@ -94,7 +94,7 @@ def _read_rgb(path: str) -> np.ndarray:
 
     Decoded by the loader, so colour handling (grayscale, alpha, 16-bit) is the same as for training.
     """
-    from idc_helpers.loader import PatchReadError, read_patch
+    from idc_helpers.decode import PatchReadError, read_patch
 
     try:
         return read_patch(path)

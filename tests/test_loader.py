@@ -1,4 +1,4 @@
-"""Loader: decoding (colour order, padding, odd PNG types), bad files, the on-disk cache, and the real sample."""
+"""Loading patches: decoding (colour order, padding, odd PNG types), bad files, the on-disk cache, the real sample."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from conftest import REPO_ROOT, patch_name, write_patch
 from PIL import Image
 from test_patch_index import _run_with_alarm, make_png
 
-from idc_helpers import loader
+from idc_helpers import decode, loader, patch_cache
 from idc_helpers.errors import ExternalError, UserError
-from idc_helpers.patch_index import NOT_PNG, UNREADABLE, build_index
+from idc_helpers.patch_index import NOT_PNG, UNREADABLE, WRONG_SIZE, build_index
 from idc_helpers.png import EMPTY, TRUNCATED
 
 RGB = (200, 100, 50)
@@ -54,7 +54,7 @@ def test_rgb_channel_order(tmp_path):
     # Written by Pillow, which knows nothing of OpenCV's BGR: the loader must hand back R, G, B.
     path = tmp_path / "a.png"
     Image.new("RGB", (50, 50), RGB).save(path)
-    patch = loader.read_patch(path)
+    patch = decode.read_patch(path)
     assert patch.shape == (50, 50, 3) and patch.dtype == np.uint8
     assert tuple(patch[10, 10]) == RGB
 
@@ -62,20 +62,20 @@ def test_rgb_channel_order(tmp_path):
 def test_pad_keeps_pixels_top_left_and_fills_white():
     rng = np.random.default_rng(1)
     img = rng.integers(0, 255, size=(30, 41, 3), dtype=np.uint8)
-    out = loader.pad_to_patch(img)
+    out = decode.pad_to_patch(img)
     assert out.shape == (50, 50, 3) and out.dtype == np.uint8
     assert np.array_equal(out[:30, :41], img)
     assert (out[30:] == 255).all() and (out[:, 41:] == 255).all()
     full = rng.integers(0, 255, size=(50, 50, 3), dtype=np.uint8)
-    assert np.array_equal(loader.pad_to_patch(full), full)
+    assert np.array_equal(decode.pad_to_patch(full), full)
     with pytest.raises(ValueError, match="larger"):
-        loader.pad_to_patch(np.zeros((51, 50, 3), np.uint8))
+        decode.pad_to_patch(np.zeros((51, 50, 3), np.uint8))
 
 
 def test_border_patch_is_padded(tmp_path):
     rng = np.random.default_rng(2)
     img = rng.integers(0, 255, size=(1, 50, 3), dtype=np.uint8)  # a 50x1 patch, as in the real data
-    patch = loader.read_patch(write_patch(tmp_path / "a.png", img))
+    patch = decode.read_patch(write_patch(tmp_path / "a.png", img))
     assert np.array_equal(patch[:1], img)
     assert (patch[1:] == 255).all()
 
@@ -84,7 +84,7 @@ def test_grayscale_png(tmp_path):
     gray = np.arange(2500, dtype=np.uint32).reshape(50, 50).astype(np.uint8)
     path = tmp_path / "gray.png"
     assert cv2.imwrite(str(path), gray)
-    patch = loader.read_patch(path)
+    patch = decode.read_patch(path)
     assert patch.shape == (50, 50, 3)
     for c in range(3):
         assert np.array_equal(patch[..., c], gray)
@@ -94,7 +94,7 @@ def test_16bit_png_is_scaled_to_8bit(tmp_path):
     gray = np.arange(2500, dtype=np.uint32).reshape(50, 50).astype(np.uint8)
     path = tmp_path / "gray16.png"
     assert cv2.imwrite(str(path), gray.astype(np.uint16) * 257)
-    assert np.array_equal(loader.read_patch(path)[..., 0], gray)
+    assert np.array_equal(decode.read_patch(path)[..., 0], gray)
 
 
 def test_rgba_png_is_composited_on_white(tmp_path):
@@ -105,7 +105,7 @@ def test_rgba_png_is_composited_on_white(tmp_path):
     rgba[:, 40:, 3] = 128  # half: halfway to white
     path = tmp_path / "rgba.png"
     Image.fromarray(rgba, "RGBA").save(path)
-    patch = loader.read_patch(path)
+    patch = decode.read_patch(path)
     assert patch.shape == (50, 50, 3)
     assert (patch[:, :20] == RGB).all()
     assert (patch[:, 20:40] == 255).all()
@@ -119,32 +119,32 @@ def test_palette_and_gray_alpha_pngs(tmp_path):
     with Image.open(tmp_path / "p.png") as palette:
         assert palette.mode == "P"
         expected = np.asarray(palette.convert("RGB"))
-    assert np.array_equal(loader.read_patch(tmp_path / "p.png"), expected)
+    assert np.array_equal(decode.read_patch(tmp_path / "p.png"), expected)
     Image.new("LA", (50, 50), (90, 255)).save(tmp_path / "la.png")
-    assert tuple(loader.read_patch(tmp_path / "la.png")[0, 0]) == (90, 90, 90)
+    assert tuple(decode.read_patch(tmp_path / "la.png")[0, 0]) == (90, 90, 90)
 
 
 def test_too_large_patch_is_refused(tmp_path):
     path = write_patch(tmp_path / "big.png", np.zeros((50, 60, 3), np.uint8))
-    with pytest.raises(loader.PatchReadError, match="big.png") as info:
-        loader.read_patch(path)
-    assert info.value.kind == loader.WRONG_SIZE
+    with pytest.raises(decode.PatchReadError, match=r"big\.png") as info:
+        decode.read_patch(path)
+    assert info.value.kind == WRONG_SIZE
     assert "60x50" in str(info.value)
     # Larger than the first read (64 kB of noise): read whole, then refused for its size.
     noise = np.random.default_rng(0).integers(0, 256, size=(200, 200, 3), dtype=np.uint8)
     huge = write_patch(tmp_path / "huge.png", noise)
     assert huge.stat().st_size > 1 << 16
-    with pytest.raises(loader.PatchReadError, match="200x200"):
-        loader.read_patch(huge)
+    with pytest.raises(decode.PatchReadError, match="200x200"):
+        decode.read_patch(huge)
 
 
 def test_read_errors_name_the_file(tmp_path):
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
-    with pytest.raises(loader.PatchReadError, match="empty.png.*0 bytes"):
-        loader.read_patch(empty)
-    with pytest.raises(ValueError, match="gone.png"):  # PatchReadError is a ValueError
-        loader.read_patch(tmp_path / "gone.png")
+    with pytest.raises(decode.PatchReadError, match=r"empty\.png.*0 bytes"):
+        decode.read_patch(empty)
+    with pytest.raises(ValueError, match=r"gone\.png"):  # PatchReadError is a ValueError
+        decode.read_patch(tmp_path / "gone.png")
 
 
 # --- whole datasets -----------------------------------------------------------------------------------------------
@@ -220,14 +220,14 @@ def test_cache_inside_any_of_several_data_folders_is_refused(tiny_dataset, tmp_p
     other = tmp_path / "other"
     write_patch(other / "201" / "0" / patch_name("201", 1, 1, 0), np.zeros((50, 50, 3), np.uint8))
     frame = build_index(tiny_dataset, other).frame
-    with pytest.raises(loader.CacheError, match="inside the dataset folder .*other"):
+    with pytest.raises(patch_cache.CacheError, match=r"inside the dataset folder .*other"):
         loader.load_patches(frame, cache_dir=other / "cache")
     assert not (other / "cache").exists()
 
 
 def test_cache_inside_the_data_folder_is_refused(tiny_dataset):
     frame = build_index(tiny_dataset).frame
-    with pytest.raises(loader.CacheError, match="inside the dataset folder"):
+    with pytest.raises(patch_cache.CacheError, match="inside the dataset folder"):
         loader.load_patches(frame, cache_dir=tiny_dataset / ".cache")
     assert not (tiny_dataset / ".cache").exists()
 
@@ -260,10 +260,10 @@ def test_empty_missing_and_oversized_files_are_reported(tiny_dataset, tmp_path):
     frame = _frame_of([good[0], empty, good[1], gone, big, good[2]])
     loaded = loader.load_patches(frame, cache_dir=tmp_path / "cache")
     kinds = {Path(p.path).name: p.kind for p in loaded.problems}
-    assert kinds == {"empty.png": EMPTY, "gone.png": UNREADABLE, "big.png": loader.WRONG_SIZE}
+    assert kinds == {"empty.png": EMPTY, "gone.png": UNREADABLE, "big.png": WRONG_SIZE}
     assert list(loaded.frame["path"]) == [str(p) for p in good]
     for i, path in enumerate(good):
-        assert np.array_equal(loaded.images[i], loader.read_patch(path))
+        assert np.array_equal(loaded.images[i], decode.read_patch(path))
 
 
 def test_all_files_bad(tmp_path):
@@ -294,7 +294,7 @@ def test_parallel_equals_serial(tiny_dataset, tmp_path):
 
 def test_many_chunks_keep_row_order(tmp_path, monkeypatch):
     # More rows than one decoding task, finishing out of order: rows must still land in place.
-    monkeypatch.setattr(loader, "_CHUNK_ROWS", 7)
+    monkeypatch.setattr(decode, "_CHUNK_ROWS", 7)
     paths = []
     for i in range(40):
         paths.append(write_patch(tmp_path / "src" / f"{i}.png", np.full((50, 50, 3), i, np.uint8)))
@@ -308,7 +308,7 @@ def test_interrupted_load_leaves_no_cache(tiny_dataset, tmp_cache, monkeypatch):
     def boom(paths, out, stats):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loader, "_decode_chunk", boom)
+    monkeypatch.setattr(decode, "_decode_chunk", boom)
     with pytest.raises(KeyboardInterrupt):
         loader.load_patches(frame)
     assert list(tmp_cache.iterdir()) == []  # no images, no temporary file, no lock file
@@ -329,15 +329,15 @@ def test_select_and_clear_cache(tiny_dataset, tmp_cache):
     with pytest.raises(ValueError):
         loaded.select(mask[:5])
     (tmp_cache / "keep.txt").write_text("not ours")
-    assert loader.clear_cache() == 4  # images, metadata, stats, lock
+    assert patch_cache.clear_cache() == 4  # images, metadata, stats, lock
     assert [p.name for p in tmp_cache.iterdir()] == ["keep.txt"]
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("IDC_CACHE_DIR", str(tmp_path / "c"))
-    assert loader.default_cache_dir() == tmp_path / "c"
+    assert patch_cache.default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("IDC_CACHE_DIR")
-    assert loader.default_cache_dir() == Path.home() / ".cache" / "idc_helpers"
+    assert patch_cache.default_cache_dir() == Path.home() / ".cache" / "idc_helpers"
 
 
 # --- the real sample ------------------------------------------------------------------------------------------------
@@ -392,10 +392,10 @@ def test_prune_cache_drops_least_recently_used(tiny_dataset, tmp_cache):
     os.utime(old.cache_path.with_suffix(".json"), ns=(1, 1))  # long unused
     loader.load_patches(frame.iloc[12:24])  # a hit marks it used now
     entry = sum(old.cache_path.with_suffix(suffix).stat().st_size for suffix in (".npy", ".json", ".stats"))
-    freed = loader.prune_cache(max_bytes=2 * entry)
+    freed = patch_cache.prune_cache(max_bytes=2 * entry)
     assert freed == 0  # within budget
     newest = loader.load_patches(frame.iloc[24:])
-    assert loader.prune_cache(max_bytes=2 * entry + 10, keep=newest.cache_path) >= entry
+    assert patch_cache.prune_cache(max_bytes=2 * entry + 10, keep=newest.cache_path) >= entry
     assert not old.cache_path.exists()
     assert recent.cache_path.exists() and newest.cache_path.exists()
     assert loader.load_patches(frame.iloc[12:24]).from_cache
@@ -409,7 +409,7 @@ def test_crash_while_replacing_an_entry_never_serves_old_images(tiny_dataset, tm
     def crash(*args, **kwargs):
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(loader, "write_json", crash)  # after the new stats, before the new images
+    monkeypatch.setattr(patch_cache, "write_json", crash)  # after the new stats, before the new images
     with pytest.raises(RuntimeError):
         loader.load_patches(frame)
     assert not first.cache_path.exists()
@@ -424,19 +424,19 @@ def test_crash_while_replacing_an_entry_never_serves_old_images(tiny_dataset, tm
 @pytest.mark.parametrize(
     "kind_of_lie, data, kind",
     [
-        ("a 20000x20000 bomb", lambda: make_png(20000, 20000, rows=2000), loader.WRONG_SIZE),
+        ("a 20000x20000 bomb", lambda: make_png(20000, 20000, rows=2000), WRONG_SIZE),
         ("bad IDAT checksum", lambda: make_png(50, 50, idat_crc_ok=False), TRUNCATED),
         ("IDAT cut short", lambda: make_png(50, 50)[:-30], TRUNCATED),
         ("bad IHDR checksum", lambda: make_png(50, 50, header_crc_ok=False), TRUNCATED),
         ("JPEG bytes named .png", lambda: cv2.imencode(".jpg", np.zeros((50, 50, 3), np.uint8))[1].tobytes(), NOT_PNG),
-        ("6 MB of zeros", lambda: make_png(50, 50) + bytes(6 << 20), loader.WRONG_SIZE),
+        ("6 MB of zeros", lambda: make_png(50, 50) + bytes(6 << 20), WRONG_SIZE),
     ],
 )
 def test_lying_pngs_are_refused_naming_the_file(tmp_path, kind_of_lie, data, kind):
     bad = tmp_path / "liar.png"
     bad.write_bytes(data())
-    with pytest.raises(loader.PatchReadError, match="liar.png") as info:
-        loader.read_patch(bad)
+    with pytest.raises(decode.PatchReadError, match=r"liar\.png") as info:
+        decode.read_patch(bad)
     assert info.value.kind == kind
     good = write_patch(tmp_path / "good.png", np.full((50, 50, 3), 40, np.uint8))
     loaded = loader.load_patches(_frame_of([bad, good]), cache_dir=tmp_path / "cache")
@@ -447,7 +447,7 @@ def test_lying_pngs_are_refused_naming_the_file(tmp_path, kind_of_lie, data, kin
 def test_png_whose_data_inflates_beyond_its_header_decodes_to_its_header_size(tmp_path):
     liar = tmp_path / "liar.png"
     liar.write_bytes(make_png(50, 50, rows=200_000))  # 30 MB of rows behind a 50x50 header
-    patch = loader.read_patch(liar)
+    patch = decode.read_patch(liar)
     assert patch.shape == (50, 50, 3) and (patch == 0).all()
 
 
@@ -455,7 +455,7 @@ def test_png_whose_data_inflates_beyond_its_header_decodes_to_its_header_size(tm
 def test_other_png_types_decode(tmp_path, colour, depth):
     path = tmp_path / "odd.png"
     path.write_bytes(make_png(50, 42, colour=colour, depth=depth))
-    patch = loader.read_patch(path)
+    patch = decode.read_patch(path)
     assert patch.shape == (50, 50, 3) and (patch[42:] == 255).all()
 
 
@@ -512,7 +512,9 @@ def test_cache_folder_that_cannot_be_made_is_one_clear_error_for_large_sets(tiny
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     monkeypatch.setattr(loader, "IN_MEMORY_FALLBACK_BYTES", 1000)  # as if the set were larger than memory allows
-    with pytest.raises(loader.CacheError, match="a_file/cache cannot be written.*--cache-dir.*IDC_CACHE_DIR") as info:
+    with pytest.raises(
+        patch_cache.CacheError, match=r"a_file/cache cannot be written.*--cache-dir.*IDC_CACHE_DIR"
+    ) as info:
         loader.load_patches(build_index(tiny_dataset).frame, cache_dir=blocker / "cache")
     assert isinstance(info.value, UserError) and "\n" not in str(info.value)
 
@@ -526,7 +528,7 @@ def test_read_only_cache_folder_falls_back_to_memory(tiny_dataset, small_mount):
 
 def test_full_disk_says_how_much_is_needed_and_free(tiny_dataset, small_mount):
     mount = small_mount("size=100k")
-    with pytest.raises(loader.CacheSpaceError) as info:
+    with pytest.raises(patch_cache.CacheSpaceError) as info:
         loader.load_patches(build_index(tiny_dataset).frame, cache_dir=mount)
     message = str(info.value)
     assert isinstance(info.value, ExternalError) and str(mount) in message
@@ -540,11 +542,11 @@ def test_full_disk_says_how_much_is_needed_and_free(tiny_dataset, small_mount):
 _WRITER = """
 import json, sys
 import numpy as np, pandas as pd
-from idc_helpers import loader
+from idc_helpers import decode, loader
 paths = sorted(str(p) for p in __import__("pathlib").Path(sys.argv[1]).glob("*.png"))
 loaded = loader.load_patches(pd.DataFrame({"path": paths}), cache_dir=sys.argv[2], workers=1)
 n = len(loaded.images)
-ok = all(np.array_equal(loaded.images[i], loader.read_patch(paths[i])) for i in (0, n // 2, n - 1))
+ok = all(np.array_equal(loaded.images[i], decode.read_patch(paths[i])) for i in (0, n // 2, n - 1))
 print(json.dumps({"from_cache": loaded.from_cache, "n": n, "ok": ok}))
 """
 _N_LINKS = 20_000  # a few seconds of decoding on one thread: time to catch the writer in the middle
@@ -621,7 +623,7 @@ def test_prune_counts_orphans_and_never_keeps_one_over_a_valid_entry(tiny_datase
     orphan = _kill_mid_write(many_patches, cache)
     entry_bytes = sum(valid.cache_path.with_suffix(s).stat().st_size for s in (".npy", ".json", ".stats"))
     orphan_bytes = orphan.stat().st_size
-    freed = loader.prune_cache(cache, max_bytes=entry_bytes + 1000)  # room for the valid entry, not the orphan
+    freed = patch_cache.prune_cache(cache, max_bytes=entry_bytes + 1000)  # room for the valid entry, not the orphan
     assert freed == orphan_bytes
     assert not orphan.exists() and valid.cache_path.exists()
     assert loader.load_patches(build_index(tiny_dataset).frame, cache_dir=cache).from_cache
@@ -661,7 +663,7 @@ def test_two_writers_of_different_entries_and_a_pruner_never_crash(many_patches,
     cache = tmp_path / "cache"
     writers = [_start_writer(many_patches, cache), _start_writer(tiny_dataset / "101" / "0", cache)]
     for _ in range(20):
-        loader.prune_cache(cache, max_bytes=0)
+        patch_cache.prune_cache(cache, max_bytes=0)
         time.sleep(0.05)
     results = [json.loads(w.communicate(timeout=300)[0].splitlines()[-1]) for w in writers]
     assert all(r["ok"] for r in results) and results[0]["n"] == _N_LINKS and results[1]["n"] == 9
@@ -679,10 +681,10 @@ def test_prune_leaves_a_live_writers_files_alone_and_counts_them(tiny_dataset, t
     with open(cache / f"patches-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # as a writer of that entry holds it
         entry = sum(valid.cache_path.with_suffix(s).stat().st_size for s in (".npy", ".json", ".stats"))
-        assert loader.prune_cache(cache, max_bytes=entry + 1000) == entry  # over budget because of the live write
+        assert patch_cache.prune_cache(cache, max_bytes=entry + 1000) == entry  # over budget because of the live write
         assert all(p.exists() for p in temps) and not valid.cache_path.exists()
-        assert loader.remove_orphans(cache) == 0
-    assert loader.remove_orphans(cache) == 600_000  # the writer is gone
+        assert patch_cache.remove_orphans(cache) == 0
+    assert patch_cache.remove_orphans(cache) == 600_000  # the writer is gone
     assert _temps(cache) == []
 
 

@@ -106,7 +106,7 @@ def test_every_door_opens_the_run_in_a_fresh_process(name, demo_dir, cache_dir, 
     script = (
         "import sys, numpy as np, pandas as pd\n"
         "from idc_helpers.run import load_run\n"
-        "from idc_helpers.loader import read_patch\n"
+        "from idc_helpers.decode import read_patch\n"
         "from idc_helpers.models import AUGMENT_LAYER, uses_mixed_precision\n"
         "run = load_run(sys.argv[1])\n"
         "table = pd.read_csv(sys.argv[2]).head(16)\n"

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from idc_helpers import loader, training
+from idc_helpers import decode, loader, training
 from idc_helpers.errors import DiskFullError, UserError
 from idc_helpers.inference import predict_probs
 from idc_helpers.metrics import pick_threshold
@@ -257,13 +257,13 @@ def test_saved_weights_are_the_best_epochs(demo_dir, cache_dir, tmp_path):
 
 def test_training_never_decodes_a_test_patients_file(demo_dir, tmp_path, monkeypatch):
     read: list[str] = []
-    real_read = loader._read_file
+    real_read = decode._read_file
 
     def spy(path, *args, **kwargs):  # records, then reads the file as the loader always does
         read.append(str(path))
         return real_read(path, *args, **kwargs)
 
-    monkeypatch.setattr(loader, "_read_file", spy)
+    monkeypatch.setattr(decode, "_read_file", spy)
     result = train(demo_dir, tmp_path / "run", cache_dir=tmp_path / "fresh-cache", **QUICK)
     split = result.split
     read_patients = {Path(p).parent.parent.name for p in read}

@@ -205,7 +205,8 @@ def _child(mode: str, frame_file: Path, cache_dir: str | None, workers: int | No
     """One measured step in this (fresh) process: wall and CPU seconds, peak RSS of the whole process."""
     import cv2
 
-    from idc_helpers.loader import _default_workers, load_patches
+    from idc_helpers.decode import default_workers as _default_workers
+    from idc_helpers.loader import load_patches
 
     frame = pd.read_pickle(frame_file)
     paths = frame["path"].tolist()
