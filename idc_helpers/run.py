@@ -19,7 +19,6 @@ While training, the run is built in the hidden folder :func:`partial_dir` beside
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from idc_helpers.atomic import atomic_path, install_dir, write_json
 from idc_helpers.errors import UserError
+from idc_helpers.locks import file_lock, lock_holder
 from idc_helpers.model_file import load_model_file
 
 if TYPE_CHECKING:  # TensorFlow loads only when a model is read
@@ -135,44 +135,25 @@ LOCK_FILE = ".lock"
 
 
 def run_writer(partial: Path) -> int | None:
-    """The process id of the ``train`` writing the partial run ``partial`` right now (it holds the lock of
-    :func:`claim_run`), or None when no live process does (an interrupted run, or a file system without locks).
+    """The process id of the ``train`` writing the partial run ``partial`` right now, or None.
+
+    The writer holds the lock of :func:`claim_run`; None when no live process does (an interrupted run, or a file
+    system without locks), ``0`` when the holder recorded no pid.
     """
-    try:
-        fd = os.open(partial / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        return int(text) if text.isdigit() else 0
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return None
+    return lock_holder(partial / LOCK_FILE)
 
 
 @contextlib.contextmanager
 def claim_run(partial: Path, run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the partial run ``partial`` (its lock file names this process): two processes
-    never train into the same one; :class:`RunBusyError` naming the other one's pid otherwise.
+    """Hold an exclusive lock on the partial run ``partial`` for the ``with`` block (its lock file names this process).
+
+    Two processes never train into the same partial run: :class:`RunBusyError` naming the other one's pid.
     """
-    fd = os.open(partial / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RunBusyError(busy_message(run_dir, run_writer(partial))) from None
-        except OSError:
-            pass  # a file system without locks (some network mounts): the partial folder's mkdir still guards it
-        else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    with file_lock(partial / LOCK_FILE, blocking=False, record_pid=True) as held:
+        # None: a file system without locks (some network mounts); the partial folder's mkdir still guards it.
+        if held is False:
+            raise RunBusyError(busy_message(run_dir, run_writer(partial)))
         yield
-    finally:
-        os.close(fd)
 
 
 def busy_message(run_dir: Path, pid: int | None) -> str:

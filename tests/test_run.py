@@ -1,10 +1,14 @@
-"""The run folder: a new one is never an existing or interrupted one, loading names what is missing, publishing is
-all or nothing.
+"""The run folder: a new one is never an existing or interrupted one, and has one writer at a time.
+
+Loading a run names what is missing; publishing one is all or nothing.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 
 import pytest
 
@@ -12,13 +16,16 @@ from idc_helpers.run import (
     CHECKPOINT_STATE_FILE,
     CONFIG_FILE,
     RUN_FILES,
+    RunBusyError,
     RunExistsError,
     RunFolderError,
     check_new_run_dir,
     checkpoint_names,
+    claim_run,
     load_run,
     partial_dir,
     publish_run,
+    run_writer,
 )
 
 
@@ -55,7 +62,7 @@ def test_load_run_names_what_is_missing(tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "model.keras").write_bytes(b"not a model")
-    with pytest.raises(RunFolderError, match="config.json is missing"):
+    with pytest.raises(RunFolderError, match=r"config\.json is missing"):
         load_run(broken)
     (broken / CONFIG_FILE).write_text("{not json")
     with pytest.raises(RunFolderError, match="cannot be read"):
@@ -92,3 +99,27 @@ def test_a_run_dir_that_cannot_be_created_is_refused_before_any_work(tmp_path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(RunFolderError, match="not a folder you can write to"):
         check_new_run_dir(tmp_path / "a-file" / "runs" / "r")
+
+
+def test_a_claimed_partial_run_names_its_writer_and_refuses_a_second_claim(tmp_path):
+    partial = partial_dir(tmp_path / "r")
+    partial.mkdir()
+    assert run_writer(partial) is None
+    with claim_run(partial, tmp_path / "r"):
+        assert run_writer(partial) == os.getpid()
+        busy = rf"another train is writing .*r \(pid {os.getpid()}\)"
+        with pytest.raises(RunBusyError, match=busy), claim_run(partial, tmp_path / "r"):
+            pass
+    assert run_writer(partial) is None  # released: an interrupted run, no live writer
+
+
+def test_a_file_system_without_locks_claims_the_run_unlocked(tmp_path, monkeypatch):
+    partial = partial_dir(tmp_path / "r")
+    partial.mkdir()
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with claim_run(partial, tmp_path / "r"), claim_run(partial, tmp_path / "r"):
+        assert run_writer(partial) is None
