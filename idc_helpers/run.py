@@ -12,8 +12,9 @@ A finished run folder ``RUN_DIR`` holds :data:`RUN_FILES`:
 
 While training, the run is built in the hidden folder :func:`partial_dir` beside ``RUN_DIR``
 (``.<name>.partial``), which holds ``config.json`` from the start and, after every epoch, a checkpoint
-(:data:`CHECKPOINT_STATE_FILE` and the files it names) from which ``train --resume RUN_DIR`` continues. Only a finished run is renamed to
-``RUN_DIR``, so a folder that looks complete always is, and a finished run is never overwritten.
+(:data:`CHECKPOINT_STATE_FILE` and the files it names) from which ``train --resume RUN_DIR`` continues. Only a
+finished run is renamed to ``RUN_DIR``, so a folder that looks complete always is, and a finished run is never
+overwritten.
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ def checkpoint_names(epoch: int) -> dict[str, str]:
 
 
 def checkpoint_file(folder: Path, state: dict[str, Any], kind: str) -> Path:
-    """The checkpoint file of ``kind`` (``"model"`` or ``"best"``) that a checkpoint state names: only a plain
-    name of the form :func:`checkpoint_names` writes, of a regular file inside ``folder``; anything else (a path,
-    a link, another name) raises :class:`RunFolderError`, so an edited ``checkpoint.json`` reads nothing else.
+    """The checkpoint file of ``kind`` (``"model"`` or ``"best"``) that a checkpoint state names.
+
+    Only a plain name of the form :func:`checkpoint_names` writes, of a regular file inside ``folder``; anything
+    else (a path, a link, another name) raises :class:`RunFolderError`, so an edited ``checkpoint.json`` reads
+    nothing else.
     """
     name = state.get(kind)
     state_file = folder / CHECKPOINT_STATE_FILE
@@ -109,24 +112,28 @@ class Run:
 
 
 def run_path(run_dir: str | os.PathLike[str]) -> Path:
-    """``run_dir`` as an absolute path; a symbolic link (a folder on another disk, on Drive) is followed to the
-    folder it names, so that the run is built beside that folder and renamed into it.
+    """``run_dir`` as an absolute path, a symbolic link followed to the folder it names.
+
+    A link (a folder on another disk, on Drive) is followed so that the run is built beside that folder and renamed
+    into it.
     """
     path = Path(os.path.abspath(Path(run_dir).expanduser()))
     return Path(os.path.realpath(path)) if path.is_symlink() else path
 
 
 def partial_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """The hidden folder beside ``run_dir`` (a link followed) where the run is built and checkpointed:
-    ``.<name>.partial``.
+    """The hidden folder ``.<name>.partial`` beside ``run_dir`` (a link followed): the run's building site.
+
+    The run is built and checkpointed there, and renamed to ``run_dir`` once finished.
     """
     run_dir = run_path(run_dir)
     return run_dir.parent / f".{run_dir.name}.partial"
 
 
 def has_interrupted_run(run_dir: str | os.PathLike[str]) -> bool:
-    """True when an interrupted run of ``run_dir`` waits in its :func:`partial_dir` (``train --resume`` continues
-    it; it may hold no checkpoint yet, when it was killed during its first epoch).
+    """True when an interrupted run of ``run_dir`` waits in its :func:`partial_dir`.
+
+    ``train --resume`` continues it; it may hold no checkpoint yet, when it was killed during its first epoch.
     """
     return (partial_dir(run_dir) / CONFIG_FILE).is_file()
 
@@ -163,8 +170,11 @@ def busy_message(run_dir: Path, pid: int | None) -> str:
 
 
 def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
-    """Return ``run_dir`` as an absolute path; raise :class:`RunExistsError` when it exists and is not empty, or
-    when an interrupted run of it waits in its :func:`partial_dir`.
+    """Return ``run_dir`` as an absolute path, checked to be a new run folder that can be created.
+
+    Raises :class:`RunExistsError` when it exists and is not empty, or when an interrupted run of it waits in its
+    :func:`partial_dir` (:class:`RunBusyError` when a live ``train`` writes it), :class:`RunFolderError` when it
+    cannot be created.
     """
     _check_link(Path(os.path.abspath(Path(run_dir).expanduser())))
     out = run_path(run_dir)
@@ -193,8 +203,9 @@ def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
 
 
 def _check_link(path: Path) -> None:
-    """A symbolic link given as the run folder must name a folder: :class:`RunFolderError` for a dangling link or a
-    link to a file, before any work.
+    """Refuse a symbolic link given as the run folder unless it names a folder.
+
+    :class:`RunFolderError` for a dangling link or a link to a file, before any work.
     """
     if not path.is_symlink():
         return
