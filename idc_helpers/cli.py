@@ -534,8 +534,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from idc_helpers.atomic import write_json
-    from idc_helpers.metrics import evaluate, format_report, per_patient_metrics
+    from idc_helpers.metrics import evaluate, per_patient_metrics
     from idc_helpers.prediction import read_predictions
+    from idc_helpers.reporting import format_report
 
     source = Path(args.predictions)
     out = _check_out_file(args.out) if args.out else None

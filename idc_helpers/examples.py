@@ -16,8 +16,9 @@ import pandas as pd
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.loader import load_patches
-from idc_helpers.metrics import outcomes, stored_threshold
+from idc_helpers.metrics import stored_threshold
 from idc_helpers.plots import probability_text
+from idc_helpers.reporting import outcomes
 
 #: A pixel more saturated than this (HSV saturation, 0-255) counts as tissue: haematoxylin and eosin stain it purple
 #: and pink, while glass, the slide's edge and dust are grey.

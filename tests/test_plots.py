@@ -14,7 +14,8 @@ from sklearn import metrics as skm
 from test_metrics import make_predictions
 
 from idc_helpers import plots
-from idc_helpers.metrics import confident_examples, evaluate, per_patient_metrics
+from idc_helpers.metrics import evaluate, per_patient_metrics
+from idc_helpers.reporting import confident_examples
 
 
 @pytest.fixture(autouse=True)
