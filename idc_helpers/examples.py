@@ -2,7 +2,8 @@
 them, and the mistakes of the worst test patients.
 
 Both return :class:`Examples`: the chosen rows, their ``(N, 50, 50, 3) uint8`` RGB patches (read without the
-cache: a gallery is a handful of files) and one short title per patch, ready for :func:`idc_helpers.plots.plot_patches`.
+cache: a gallery is a handful of files) and one short title per patch, ready for
+:func:`idc_helpers.patch_plots.plot_patches`.
 """
 
 from __future__ import annotations
