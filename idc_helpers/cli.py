@@ -616,7 +616,7 @@ def run_slide(args: argparse.Namespace) -> int:
 
     from matplotlib.backend_bases import FigureCanvasBase
 
-    from idc_helpers import plots, slides
+    from idc_helpers import plots, slide_plots, slides
 
     out = Path(_check_out_file(args.out))
     formats = FigureCanvasBase.get_supported_filetypes()
@@ -637,7 +637,7 @@ def run_slide(args: argparse.Namespace) -> int:
 
     import matplotlib.pyplot as plt
 
-    fig = slides.plot_slide(mosaic, threshold=threshold)
+    fig = slide_plots.plot_slide(mosaic, threshold=threshold)
     try:
         plots.save_figure(fig, out, synthetic=_table_is_synthetic(rows), dpi=150)
     except OSError as exc:

@@ -343,7 +343,7 @@ def test_metrics_imports_only_the_bootstrap_which_imports_no_scikit_learn(module
 def test_importing_has_no_side_effects():
     code = (
         "import sys, idc_helpers.metrics, idc_helpers.bootstrap, idc_helpers.reporting, idc_helpers.plots,"
-        " idc_helpers.patch_plots, idc_helpers.slides, idc_helpers.gradcam;"
+        " idc_helpers.patch_plots, idc_helpers.slides, idc_helpers.slide_plots, idc_helpers.gradcam;"
         "bad = [m for m in ('matplotlib.pyplot', 'tensorflow', 'keras') if m in sys.modules];"
         "assert not bad, bad"
     )
