@@ -534,8 +534,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from idc_helpers.atomic import write_json
-    from idc_helpers.metrics import evaluate, format_report, per_patient_metrics
+    from idc_helpers.metrics import evaluate, per_patient_metrics
     from idc_helpers.prediction import read_predictions
+    from idc_helpers.reporting import format_report
 
     source = Path(args.predictions)
     out = _check_out_file(args.out) if args.out else None
@@ -615,7 +616,7 @@ def run_slide(args: argparse.Namespace) -> int:
 
     from matplotlib.backend_bases import FigureCanvasBase
 
-    from idc_helpers import plots, slides
+    from idc_helpers import plots, slide_plots, slides
 
     out = Path(_check_out_file(args.out))
     formats = FigureCanvasBase.get_supported_filetypes()
@@ -636,7 +637,7 @@ def run_slide(args: argparse.Namespace) -> int:
 
     import matplotlib.pyplot as plt
 
-    fig = slides.plot_slide(mosaic, threshold=threshold)
+    fig = slide_plots.plot_slide(mosaic, threshold=threshold)
     try:
         plots.save_figure(fig, out, synthetic=_table_is_synthetic(rows), dpi=150)
     except OSError as exc:

@@ -2,7 +2,8 @@
 them, and the mistakes of the worst test patients.
 
 Both return :class:`Examples`: the chosen rows, their ``(N, 50, 50, 3) uint8`` RGB patches (read without the
-cache: a gallery is a handful of files) and one short title per patch, ready for :func:`idc_helpers.plots.plot_patches`.
+cache: a gallery is a handful of files) and one short title per patch, ready for
+:func:`idc_helpers.patch_plots.plot_patches`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ import pandas as pd
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.loader import load_patches
-from idc_helpers.metrics import outcomes, stored_threshold
+from idc_helpers.metrics import stored_threshold
 from idc_helpers.plots import probability_text
+from idc_helpers.reporting import outcomes
 
 #: A pixel more saturated than this (HSV saturation, 0-255) counts as tissue: haematoxylin and eosin stain it purple
 #: and pink, while glass, the slide's edge and dust are grey.

@@ -7,8 +7,8 @@ The score explained is the IDC *logit* (the log-odds), not the probability: on a
 gradient is ~0 and its map would be noise.
 
 The maps are returned unscaled, in the units of that logit, so that maps of different patches can be compared on one
-colour scale; :func:`idc_helpers.plots.plot_gradcam` draws them that way. Each map's cells are placed at the centre
-of their receptive field in the patch (:func:`receptive_field_centres`), not stretched over it.
+colour scale; :func:`idc_helpers.patch_plots.plot_gradcam` draws them that way. Each map's cells are placed at the
+centre of their receptive field in the patch (:func:`receptive_field_centres`), not stretched over it.
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class PatchFileError(PngHeaderError):
 
 
 def parse_patch_name(name: str) -> tuple[str, int, int, int] | None:
-    """Parse ``<patient>_idx5_x<X>_y<Y>_class<C>.png`` into ``(patient_id, x, y, label)``; ``None`` if it does not match."""
+    """Parse ``<patient>_idx5_x<X>_y<Y>_class<C>.png`` into ``(patient_id, x, y, label)``; ``None`` if no match."""
     match = FILENAME_RE.fullmatch(name)
     if match is None:
         return None
@@ -107,11 +107,11 @@ def parse_patch_name(name: str) -> tuple[str, int, int, int] | None:
 
 
 def parse_png_header(head: bytes) -> tuple[int, int]:
-    """``(width, height)`` from the first :data:`PNG_HEADER_BYTES` bytes of a file, read by
-    :func:`idc_helpers.png.read_png_header`.
+    """Return ``(width, height)`` from the first :data:`PNG_HEADER_BYTES` bytes of a file.
 
-    Raises :class:`PatchFileError` (kind ``empty``, ``not a PNG`` or ``truncated or corrupt``) when they are not a
-    valid PNG header. Sizes are not judged here (see :func:`check_png_header`).
+    The bytes are read by :func:`idc_helpers.png.read_png_header`. Raises :class:`PatchFileError` (kind ``empty``,
+    ``not a PNG`` or ``truncated or corrupt``) when they are not a valid PNG header. Sizes are not judged here (see
+    :func:`check_png_header`).
     """
     try:
         return read_png_header(head)
@@ -120,9 +120,11 @@ def parse_png_header(head: bytes) -> tuple[int, int]:
 
 
 def check_png_header(head: bytes, file_size: int | None = None) -> tuple[int, int]:
-    """Like :func:`parse_png_header`, and refuse what cannot be a patch: wider or taller than 50 pixels, or a file
-    larger than :data:`MAX_PATCH_FILE_BYTES` (kind ``wrong size``). Nothing is decoded, so a 20000x20000 image
-    compressed into a small file costs 33 bytes of reading.
+    """Read a header as :func:`parse_png_header` does, and refuse what cannot be a patch.
+
+    A patch is at most 50 pixels wide and tall, and its file at most :data:`MAX_PATCH_FILE_BYTES` (else kind
+    ``wrong size``). Nothing is decoded, so a 20000x20000 image compressed into a small file costs 33 bytes of
+    reading.
     """
     if file_size is not None and file_size > MAX_PATCH_FILE_BYTES:
         raise PatchFileError(
@@ -142,8 +144,10 @@ def check_png_header(head: bytes, file_size: int | None = None) -> tuple[int, in
 
 
 def read_png_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """Return ``(width, height)`` from a PNG header (any size); raises ``ValueError`` with the reason when the file
-    is empty, not a PNG, or its header is damaged, and ``OSError`` when it is not a regular file.
+    """Return ``(width, height)`` from a PNG file's header (any size).
+
+    Raises ``ValueError`` with the reason when the file is empty, not a PNG, or its header is damaged, and
+    ``OSError`` when it is not a regular file.
     """
     head, _ = _read_head(os.fspath(path))
     return parse_png_header(head)
@@ -281,8 +285,9 @@ def _resolve_root(root: str | os.PathLike[str]) -> Path:
 
 
 def _refuse_one_patient(root: Path, subfolders: list[os.DirEntry]) -> None:
-    """A folder whose only subfolders are the class folders 0/ and 1/ is one patient's folder, not a dataset: say so
-    (its class folders would otherwise pass for patients 0 and 1 holding stray files).
+    """Refuse a folder whose only subfolders are the class folders 0/ and 1/: one patient's folder, not a dataset.
+
+    Its class folders would otherwise pass for patients 0 and 1 holding stray files.
     """
     names = {entry.name for entry in subfolders}
     if not names or not names <= {"0", "1"}:
@@ -389,7 +394,7 @@ def _list_folder(folder: str, problems: list[Problem]) -> list[os.DirEntry]:
 
 
 def _not_a_regular_file(entry: os.DirEntry) -> str | None:
-    """``None`` for a regular file (or a symbolic link to one); otherwise what the entry is, found without opening it."""
+    """Say what the entry is when it is not a regular file (or a link to one), found without opening it; else None."""
     try:
         if entry.is_file():
             return None

@@ -1,5 +1,8 @@
-"""Figures for the notebooks: patients and classes, patch grids, ROC / precision-recall / confusion matrix (drawn by
-scikit-learn's displays), learning curves, per patient, Grad-CAM.
+"""Charts for the notebooks, and the one way to save a figure.
+
+The charts: patients and classes, ROC / precision-recall curves and the confusion matrix (from the scores of
+:mod:`idc_helpers.metrics`), scores against the threshold, learning curves, and per patient. Figures of patches and
+Grad-CAM maps are in :mod:`idc_helpers.patch_plots`, figures of slides in :mod:`idc_helpers.slide_plots`.
 
 Every function returns a :class:`matplotlib.figure.Figure` (drawn on ``ax`` when one is given) and changes no global
 matplotlib state; ``pyplot`` is imported only when a figure is made. :func:`save_figure` writes a figure and, for
@@ -8,10 +11,9 @@ synthetic data, stamps it with a visible SYNTHETIC mark first, so that no figure
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -23,17 +25,16 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 #: A predictions table (``label``, ``prob_idc``) or a ``(labels, probabilities)`` pair.
-Scores = Union[pd.DataFrame, tuple[Sequence[int], Sequence[float]]]
+Scores = pd.DataFrame | tuple[Sequence[int], Sequence[float]]
 CLASS_NAMES = ("non-IDC", "IDC")
 #: The words on every figure saved from synthetic data.
 SYNTHETIC_MARK = "SYNTHETIC DATA: not tissue, numbers mean nothing clinically"
-#: Outcomes of a prediction, in the order the Grad-CAM figure shows them.
-OUTCOMES = ("true positive", "false positive", "false negative", "true negative")
 
 
 def probability_text(prob: float, threshold: float | None = None) -> str:
-    """``prob`` with two decimals, or three where two would print it equal to ``threshold`` (0.031 against
-    0.033 must not read as "0.03, threshold 0.03").
+    """Write ``prob`` with two decimals, or three where two would print it equal to ``threshold``.
+
+    0.031 against a threshold of 0.033 must not read as "0.03, threshold 0.03".
     """
     if threshold is not None and round(prob, 2) == round(threshold, 2) and prob != threshold:
         return f"{prob:.3f}"
@@ -50,8 +51,10 @@ def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Ax
 
 
 def mark_synthetic(fig: Figure) -> Figure:
-    """Stamp ``fig`` with :data:`SYNTHETIC_MARK`: in red above everything (before any title it had, so the layout
-    makes room for it) and as a large faint diagonal word across the figure.
+    """Stamp ``fig`` with :data:`SYNTHETIC_MARK`, and return it.
+
+    The mark goes in red above everything (before any title it had, so the layout makes room for it) and as a large
+    faint diagonal word across the figure.
     """
     existing = fig.get_suptitle()
     fig.suptitle(
@@ -74,8 +77,9 @@ def mark_synthetic(fig: Figure) -> Figure:
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], *, synthetic: bool, dpi: int = 120) -> None:
-    """Write ``fig`` to ``path`` (atomically; the format from the suffix), first marked SYNTHETIC when ``synthetic``
-    (the mark then shows in the notebook too).
+    """Write ``fig`` to ``path`` (atomically; the format from the suffix), marked SYNTHETIC first when ``synthetic``.
+
+    The mark then shows in the notebook too.
     """
     from idc_helpers.atomic import atomic_path
 
@@ -88,7 +92,7 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, synthetic: bool, d
 
 
 def _scores(data: Scores) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(labels, probabilities, 0/1 predictions or None) from a table or a pair."""
+    """Return (labels, probabilities, 0/1 predictions or None) from a table or a pair."""
     if isinstance(data, pd.DataFrame):
         missing = [c for c in ("label", "prob_idc") if c not in data.columns]
         if missing:
@@ -104,8 +108,9 @@ def _named_curves(data: Scores | Mapping[str, Scores]) -> dict[str, Scores]:
 
 
 def plot_roc(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None, title: str = "ROC curve") -> Figure:
-    """ROC curve(s) with the AUC in the legend and, when a table has a ``pred``
-    column, its operating point. ``data``: a predictions table, a ``(labels, probs)`` pair, or a dict name -> either.
+    """Draw ROC curve(s) with the AUC in the legend and, when a table has a ``pred`` column, its operating point.
+
+    ``data``: a predictions table, a ``(labels, probs)`` pair, or a dict name -> either.
     """
     fig, ax = _new_axes(ax, (5.0, 5.0))
     for name, curve in _named_curves(data).items():
@@ -141,8 +146,9 @@ def plot_roc(data: Scores | Mapping[str, Scores], *, ax: Axes | None = None, tit
 def plot_pr(
     data: Scores | Mapping[str, Scores], *, ax: Axes | None = None, title: str = "Precision-recall curve"
 ) -> Figure:
-    """Precision-recall curve(s), drawn as steps, with the average precision and the chance level (the IDC
-    fraction). Same inputs as :func:`plot_roc`.
+    """Draw precision-recall curve(s) as steps, with the average precision and the chance level (the IDC fraction).
+
+    Same inputs as :func:`plot_roc`.
     """
     fig, ax = _new_axes(ax, (5.0, 5.0))
     prevalence = None
@@ -183,7 +189,7 @@ def plot_pr(
 def plot_confusion(
     data: Mapping[str, Any] | pd.DataFrame, *, ax: Axes | None = None, title: str = "Confusion matrix"
 ) -> Figure:
-    """Confusion matrix coloured by the share of each true class, with counts.
+    """Draw the confusion matrix coloured by the share of each true class, with counts.
 
     ``data``: a report of :func:`idc_helpers.metrics.evaluate`, a dict with tn, fp, fn, tp, or a table with ``label``
     and ``pred``.
@@ -222,9 +228,10 @@ def plot_threshold_curve(
     ax: Axes | None = None,
     title: str = "F1, precision and recall against the threshold",
 ) -> Figure:
-    """F1, precision and recall of the IDC class against the decision threshold, from
-    :func:`idc_helpers.metrics.threshold_curve`; ``chosen`` (the run's threshold) is marked with its F1, 0.5 is
-    marked for comparison, and ``current`` (a slider's value) as a solid line.
+    """Draw F1, precision and recall of the IDC class against the decision threshold.
+
+    ``curve`` comes from :func:`idc_helpers.metrics.threshold_curve`; ``chosen`` (the run's threshold) is marked
+    with its F1, 0.5 is marked for comparison, and ``current`` (a slider's value) as a solid line.
     """
     fig, ax = _new_axes(ax, (6.0, 4.0))
     for name, style in (("f1", "-"), ("precision", "--"), ("recall", ":")):
@@ -242,8 +249,9 @@ def plot_threshold_curve(
 
 
 def plot_patients_and_classes(patients: pd.DataFrame) -> Figure:
-    """Patches per patient (stacked IDC / non-IDC, sorted) and the histogram of the patients' IDC shares, from
-    :func:`idc_helpers.patch_index.patient_table`.
+    """Draw the patches per patient (stacked IDC / non-IDC, sorted) and a histogram of the patients' IDC shares.
+
+    ``patients`` comes from :func:`idc_helpers.patch_index.patient_table`.
     """
     import matplotlib.pyplot as plt
 
@@ -259,52 +267,6 @@ def plot_patients_and_classes(patients: pd.DataFrame) -> Figure:
     return fig
 
 
-def plot_patches(
-    images: Sequence[np.ndarray] | np.ndarray,
-    titles: Sequence[str] | None = None,
-    *,
-    n_cols: int = 8,
-    title: str | None = None,
-    sizes: Sequence[tuple[int, int]] | None = None,
-) -> Figure:
-    """A grid of ``(50, 50, 3)`` uint8 patches with one small title each.
-
-    ``sizes``: each patch's size in its file, ``(width, height)`` in pixels; where it is smaller than 50x50, the
-    padding the loader added is hatched and the file's own edge drawn as a dashed line, so that a reader sees where
-    the tissue ends and the padding starts.
-    """
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
-
-    n = len(images)
-    n_cols = max(1, min(n_cols, n))
-    n_rows = max(1, math.ceil(n / n_cols))
-    fig, axes = plt.subplots(
-        n_rows, n_cols, figsize=(1.5 * n_cols, 1.7 * n_rows + 0.5), squeeze=False, layout="constrained"
-    )
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    for i, (ax, image) in enumerate(zip(axes.flat, images, strict=False)):
-        ax.imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
-        # A thin frame shows the whole 50x50 input, so that white padding reads as part of the patch.
-        ax.set(xticks=[], yticks=[])
-        for spine in ax.spines.values():
-            spine.set_color("grey")
-        if sizes is not None:
-            width, height = (int(v) for v in sizes[i])
-            full_w, full_h = image.shape[1], image.shape[0]
-            for x, y, w, h in ((width, 0, full_w - width, full_h), (0, height, width, full_h - height)):
-                if w > 0 and h > 0:
-                    ax.add_patch(Rectangle((x, y), w, h, fill=False, hatch="///", edgecolor="silver", lw=0))
-            if (width, height) != (full_w, full_h):
-                ax.add_patch(Rectangle((0, 0), width, height, fill=False, edgecolor="tab:blue", ls="--", lw=1.5))
-        if titles is not None:
-            ax.set_title(titles[i], fontsize=8)
-    if title:
-        fig.suptitle(title)
-    return fig
-
-
 def _best_epoch(history: Mapping[str, Sequence[float]], monitor: str) -> int | None:
     values = np.asarray(history.get(monitor, []), dtype=float)
     if not len(values) or np.isnan(values).all():
@@ -313,7 +275,7 @@ def _best_epoch(history: Mapping[str, Sequence[float]], monitor: str) -> int | N
 
 
 def selection_rule(history: Mapping[str, Sequence[float]], monitor: str) -> str:
-    """The rule that picked the kept epoch, in words, from the ``monitor`` a run stores and its history.
+    """Say in words the rule that picked the kept epoch, from the ``monitor`` a run stores and its history.
 
     For ``val_selection`` the weight of the loss is read off the history itself (``val_auc - val_selection`` over
     ``val_loss``), so the words say what the run did, not what the code says today.
@@ -336,8 +298,10 @@ def selection_rule(history: Mapping[str, Sequence[float]], monitor: str) -> str:
 def plot_history(
     history: Mapping[str, Sequence[float]], *, monitor: str = "val_loss", best_epoch: int | None = None
 ) -> Figure:
-    """Learning curves: the loss (training beside validation), and the validation scores that chose the kept epoch,
-    with that epoch marked and the rule named in plain words (:func:`selection_rule`).
+    """Draw the learning curves: the loss, and the validation scores that chose the kept epoch.
+
+    The training loss is drawn beside the validation loss; the kept epoch is marked and the rule that chose it named
+    in plain words (:func:`selection_rule`).
 
     ``history``: ``history.json`` of a run or Keras ``History.history`` (name -> one value per epoch). ``monitor``:
     the name the run selected on (``config.json``'s ``monitor``); ``best_epoch`` (1-based, ``metrics.json``): the
@@ -381,7 +345,7 @@ def plot_history(
 
 
 def plot_per_patient(table: pd.DataFrame, *, metric: str = "f1") -> Figure:
-    """Every patient of :func:`idc_helpers.metrics.per_patient_metrics`, with what is defined for it.
+    """Draw every patient of :func:`idc_helpers.metrics.per_patient_metrics`, with what is defined for it.
 
     Left: true vs predicted IDC share per patient (on the diagonal = the right amount of IDC found). Right: the IDC
     F1 of each patient with IDC, and, for a patient with no IDC (no F1: nothing to find), its specificity (share of
@@ -449,114 +413,4 @@ def plot_per_patient(table: pd.DataFrame, *, metric: str = "f1") -> Figure:
         title=f"Every test patient ({len(table)})",
     )
     right.grid(axis="x", alpha=0.3)
-    return fig
-
-
-def _gradcam_grid(
-    images: np.ndarray,
-    heatmaps: np.ndarray,
-    titles: Sequence[str],
-    row_labels: Sequence[str],
-    rows: Sequence[Sequence[int]],
-    n_cols: int,
-    alpha: float,
-) -> Figure:
-    """Patches above their Grad-CAM overlays, one pair of rows per group, on one colour scale with a colour bar."""
-    import matplotlib.pyplot as plt
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
-    from idc_helpers.gradcam import overlay
-
-    vmax = float(np.max(heatmaps)) if len(heatmaps) and np.max(heatmaps) > 0 else 1.0
-    fig, axes = plt.subplots(
-        2 * len(rows), n_cols, figsize=(1.9 * n_cols + 1.2, 2.1 * 2 * len(rows)), squeeze=False, layout="constrained"
-    )
-    for ax in axes.flat:
-        ax.axis("off")
-    for r, (members, label) in enumerate(zip(rows, row_labels, strict=True)):
-        for c, i in enumerate(members[:n_cols]):
-            axes[2 * r, c].imshow(images[i])
-            axes[2 * r, c].set_title(titles[i], fontsize="small")
-            axes[2 * r + 1, c].imshow(overlay(images[i], heatmaps[i], alpha=alpha, vmax=vmax))
-            axes[2 * r + 1, c].set_title(f"peak {heatmaps[i].max() / vmax:.0%}", fontsize="small")
-        axes[2 * r, 0].text(
-            -0.15,
-            0.5,
-            label,
-            transform=axes[2 * r, 0].transAxes,
-            rotation=90,
-            ha="right",
-            va="center",
-            fontsize="medium",
-            fontweight="bold",
-        )
-    bar = fig.colorbar(
-        ScalarMappable(Normalize(0, 1), "jet"),
-        ax=axes[:, -1].tolist(),
-        shrink=0.6,
-        label="evidence for IDC, share of the figure's largest",
-    )
-    bar.set_ticks([0, 0.5, 1], labels=["none", "half", "largest"])
-    return fig
-
-
-def plot_gradcam(
-    images: np.ndarray,
-    heatmaps: np.ndarray,
-    *,
-    titles: Sequence[str] | None = None,
-    alpha: float = 0.4,
-    n_cols: int = 6,
-) -> Figure:
-    """Patches (top) and their Grad-CAM overlays (below), for ``(N, 50, 50, 3)`` uint8 and ``(N, 50, 50)`` maps
-    from :func:`idc_helpers.gradcam.gradcam`; every map on one colour scale (the largest value in the figure).
-    """
-    n = len(images)
-    n_cols = max(1, min(n_cols, n))
-    rows = [list(range(b, min(b + n_cols, n))) for b in range(0, n, n_cols)]
-    titles = list(titles) if titles is not None else [f"patch {i}" for i in range(n)]
-    return _gradcam_grid(np.asarray(images), np.asarray(heatmaps), titles, [""] * len(rows), rows, n_cols, alpha)
-
-
-def plot_gradcam_outcomes(
-    examples: pd.DataFrame,
-    images: np.ndarray,
-    heatmaps: np.ndarray,
-    *,
-    alpha: float = 0.4,
-    threshold: float | None = None,
-) -> Figure:
-    """Grad-CAM of example patches grouped by outcome (rows: true/false positives/negatives), all on one scale.
-
-    ``examples``: rows of :func:`idc_helpers.metrics.confident_examples` (``outcome``, ``prob_idc``, ``patient_id``)
-    aligned with ``images`` and ``heatmaps``. One colour scale for the whole figure, so that a patch in which the
-    model found little IDC evidence (a confident true negative) shows a faint map, not its own "hot" spots.
-    ``threshold``: the decision threshold, named in the title and in each row's label (a false negative at
-    p(IDC) = 0.7 is one only because the run's threshold is higher).
-    """
-    outcome = examples["outcome"].to_numpy()
-    groups = [(name, list(np.flatnonzero(outcome == name))) for name in OUTCOMES if (outcome == name).any()]
-    if not groups:
-        raise ValueError("no examples to draw")
-    titles = [
-        f"p(IDC)={probability_text(p, threshold)}\npatient {pid}"
-        for p, pid in zip(examples["prob_idc"], examples["patient_id"], strict=True)
-    ]
-    n_cols = max(len(members) for _, members in groups)
-    rule = {"true positive": ">=", "false positive": ">=", "false negative": "<", "true negative": "<"}
-    shown = (
-        None
-        if threshold is None
-        else probability_text(threshold, threshold + 0.001)
-        if any(round(p, 2) == round(threshold, 2) for p in examples["prob_idc"])
-        else f"{threshold:.2f}"
-    )
-    rows = [f"{n}s" + ("" if threshold is None else f"\np {rule[n]} {shown}") for n, _ in groups]
-    fig = _gradcam_grid(np.asarray(images), np.asarray(heatmaps), titles, rows, [m for _, m in groups], n_cols, alpha)
-    called = "" if threshold is None else f"\nCalled IDC when p(IDC) >= {shown}, the run's threshold"
-    fig.suptitle(
-        "Grad-CAM of the IDC logit: one colour scale for every map (blue = no evidence for IDC)" + called,
-        fontsize="medium",
-    )
     return fig

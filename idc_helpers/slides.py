@@ -1,4 +1,4 @@
-"""Whole-slide mosaics: a patient's tissue rebuilt from its patches, with true IDC regions and predicted IDC probability.
+"""Whole-slide mosaics: a patient's tissue rebuilt from its patches, with its true IDC and predicted probability.
 
 Patch file names give the 1-based pixel coordinates of each patch's top-left corner on a 50-pixel grid
 (``..._x1001_y651_...``). Patches at the right and bottom edges of a slide can be smaller than 50x50; they are placed
@@ -11,8 +11,9 @@ the picture asked for, not the slide's full resolution nor the number of patches
 reads a predictions file in chunks of :data:`CHUNK_ROWS` rows and keeps that patient's rows only); a patient's rows
 are distinct positions on its slide, so they are bounded by the slide too. Time is one header read and one decode per
 patch. Measured for the ``slide`` command (a 2,000 px picture, drawing included; docs/input-checks.md): 877 MB at
-20,000 patches, 893 MB at 100,000. A bounding box larger than any real slide (:data:`MAX_SLIDE_SIDE`, e.g. one misnamed patch at ``x100001``)
-or a picture too large to hold (:data:`MAX_MOSAIC_PIXELS`) is refused with a message naming the file.
+20,000 patches, 893 MB at 100,000. A bounding box larger than any real slide (:data:`MAX_SLIDE_SIDE`, e.g. one
+misnamed patch at ``x100001``) or a picture too large to hold (:data:`MAX_MOSAIC_PIXELS`) is refused with a message
+naming the file. :mod:`idc_helpers.slide_plots` draws the mosaics.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -30,10 +30,6 @@ from idc_helpers import PATCH_SIZE
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import stored_threshold
 from idc_helpers.validation import InvalidInputError, check_table
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 #: Columns :func:`slide_mosaic` needs (plus the value column for the probability map).
 SLIDE_COLUMNS = ("path", "patient_id", "x", "y", "label")
@@ -45,11 +41,6 @@ MAX_SLIDE_SIDE = 50_000
 MAX_MOSAIC_PIXELS = 50_000_000
 #: Rows of a predictions file read at a time by :func:`read_patient_rows`.
 CHUNK_ROWS = 200_000
-
-
-# The words for a probability column on a figure.
-_BAR_NAMES = {"prob_idc": "p(IDC)", "prob_idc_context": "p(IDC) with slide context"}
-_VALUE_NAMES = {"prob_idc": "predicted IDC probability", "prob_idc_context": "IDC probability with slide context"}
 
 
 class SlideError(UserError, ValueError):
@@ -89,10 +80,10 @@ class SlideMosaic:
 
 
 def _read_rgb(path: str) -> np.ndarray:
-    """A patch as the loader decodes it, (50, 50, 3) uint8 RGB padded with white (the mosaic crops it to its size
-    from :func:`_patch_size`); :class:`SlideError` naming the file when it cannot be read.
+    """Read a patch as the loader decodes it, (50, 50, 3) uint8 RGB padded with white.
 
-    Decoded by the loader, so colour handling (grayscale, alpha, 16-bit) is the same as for training.
+    The mosaic crops it to its size from :func:`_patch_size`; :class:`SlideError` names the file when it cannot be
+    read. Decoded by the loader, so colour handling (grayscale, alpha, 16-bit) is the same as for training.
     """
     from idc_helpers.decode import PatchReadError, read_patch
 
@@ -119,8 +110,9 @@ def _patch_size(path: str) -> tuple[int, int]:
 
 
 def patient_rows(table: pd.DataFrame, patient_id: str, source: str = "table") -> pd.DataFrame:
-    """The rows of one patient, after checking the columns and that no two share a position (:class:`SlideError`
-    naming ``source`` otherwise).
+    """Return the rows of one patient, after checking the columns and that no two share a position.
+
+    Raises :class:`SlideError` naming ``source`` otherwise.
     """
     missing = [c for c in ("patient_id", "x", "y", "label") if c not in table.columns]
     if missing:
@@ -148,9 +140,10 @@ def _no_such_patient(patient_id: str, known: Sequence[str], source: str) -> None
 
 @dataclass
 class PatientTable:
-    """One patient's rows of a predictions file (checked by :func:`patient_rows`) and the file's decision threshold:
-    the run's, which ``predict`` records in the table (``recorded`` True), else the one its decisions imply
-    (:func:`decision_threshold`; None without ``prob_idc`` and ``pred``).
+    """One patient's rows of a predictions file (checked by :func:`patient_rows`) and the file's decision threshold.
+
+    The threshold is the run's, which ``predict`` records in the table (``recorded`` True), else the one its
+    decisions imply (:func:`decision_threshold`; None without ``prob_idc`` and ``pred``).
     """
 
     rows: pd.DataFrame
@@ -159,9 +152,10 @@ class PatientTable:
 
 
 def read_patient_rows(path: str | Path, patient_id: str) -> PatientTable:
-    """Read the rows of one patient from a predictions CSV (or any table with ``path, patient_id, x, y, label``) in
-    chunks of :data:`CHUNK_ROWS`, so that memory follows that patient, not the file; :class:`SlideError` naming the
-    file when it cannot be read or holds no such patient.
+    """Read the rows of one patient from a predictions CSV (or any table with ``path, patient_id, x, y, label``).
+
+    The file is read in chunks of :data:`CHUNK_ROWS`, so that memory follows that patient, not the file; a
+    :class:`SlideError` names the file when it cannot be read or holds no such patient.
     """
     source = str(path)
     if not Path(path).is_file():
@@ -223,18 +217,15 @@ def slide_mosaic(
     images: Sequence[np.ndarray] | None = None,
     source: str = "table",
 ) -> SlideMosaic:
-    """Rebuild one patient's slide from a patch index or predictions table.
+    """Rebuild one patient's slide, ``patient_id``, from a patch index or predictions table.
 
-    Args:
-        table: rows with ``patient_id``, ``x``, ``y`` (1-based top-left, slide pixels), ``label`` and ``path`` (PNG
-            files, read at their real size) unless ``images`` is given.
-        patient_id: the patient to draw.
-        value_column: per-patch value for the ``prob`` map (skipped when ``None`` or absent from the table).
-        scale: mosaic pixels per slide pixel (e.g. 0.5 for the biggest slides, ~4000x3000 px at full size).
-        images: optional patches aligned row for row with ``table`` (e.g. ``LoadedPatches.images`` with its
-            ``frame``), (h, w, 3) uint8 RGB each, instead of reading files; padded 50x50 patches are cropped to the
-            ``width``/``height`` columns when present (without them, border patches are drawn padded).
-        source: name of the table's file, for error messages.
+    ``table`` has rows with ``patient_id``, ``x``, ``y`` (1-based top-left, slide pixels), ``label`` and, unless
+    ``images`` is given, ``path`` (PNG files, read at their real size). ``value_column`` holds the per-patch value
+    of the ``prob`` map (skipped when ``None`` or absent from the table). ``scale`` is in mosaic pixels per slide
+    pixel (e.g. 0.5 for the biggest slides, ~4000x3000 px at full size). ``images``, instead of reading files:
+    patches aligned row for row with ``table`` (e.g. ``LoadedPatches.images`` with its ``frame``), (h, w, 3) uint8
+    RGB each; padded 50x50 patches are cropped to the ``width``/``height`` columns when present (without them,
+    border patches are drawn padded). ``source`` names the table's file in error messages.
     """
     if not 0 < scale <= 1:
         raise ValueError("scale must be in (0, 1]")
@@ -291,8 +282,9 @@ def slide_mosaic(
 def _patch_source(
     table: pd.DataFrame, rows: pd.DataFrame, patient_id: str, images: Sequence[np.ndarray] | None
 ) -> Callable[[int], np.ndarray]:
-    """``patch(k)``: the pixels of the ``k``-th row of ``rows``, (h, w, 3) uint8, from ``images`` (aligned with
-    ``table``) or read from its file at its real size.
+    """Return ``patch(k)``: the pixels of the ``k``-th row of ``rows``, (h, w, 3) uint8.
+
+    They come from ``images`` (aligned with ``table``) or from the row's file, at its real size.
     """
     if images is None:
         paths = rows["path"].astype(str).tolist()
@@ -304,8 +296,10 @@ def _patch_source(
 
 
 def _patch_sizes(rows: pd.DataFrame, patch: Callable[[int], np.ndarray], from_files: bool) -> np.ndarray:
-    """``(n, 2)`` width and height of each patch: the table's ``width``/``height`` columns, else the PNG headers
-    (files), else the given images' shapes (padded patches drawn padded).
+    """Return the ``(n, 2)`` width and height of each patch.
+
+    They come from the table's ``width``/``height`` columns, else the PNG headers (files), else the given images'
+    shapes (padded patches drawn padded).
     """
     if "width" in rows.columns and "height" in rows.columns:
         return np.stack([rows["width"].to_numpy(np.int64), rows["height"].to_numpy(np.int64)], axis=1)
@@ -315,7 +309,7 @@ def _patch_sizes(rows: pd.DataFrame, patch: Callable[[int], np.ndarray], from_fi
 
 
 def _paint(size: tuple[int, int], cells: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """(H, W) float32 map: each patch's cell filled with its value, NaN where there is no patch."""
+    """Paint a (H, W) float32 map: each patch's cell filled with its value, NaN where there is no patch."""
     out = np.full(size, np.nan, dtype=np.float32)
     for (top, bottom, left, right), value in zip(cells, values, strict=True):
         out[top:bottom, left:right] = value
@@ -323,8 +317,9 @@ def _paint(size: tuple[int, int], cells: np.ndarray, values: np.ndarray) -> np.n
 
 
 def with_values(mosaic: SlideMosaic, table: pd.DataFrame, value_column: str) -> SlideMosaic:
-    """The same mosaic with its ``prob`` map painted from another column of the table it was built from (e.g.
-    ``prob_idc_context``), without reading a patch again.
+    """Return the same mosaic with its ``prob`` map painted from another column of the table it was built from.
+
+    E.g. ``prob_idc_context``; no patch is read again.
     """
     if mosaic.cells is None or mosaic.rows is None:
         raise ValueError("this mosaic does not record where its patches lie; build it with slide_mosaic")
@@ -335,8 +330,9 @@ def with_values(mosaic: SlideMosaic, table: pd.DataFrame, value_column: str) -> 
 
 
 def decision_threshold(table: pd.DataFrame, value_column: str = "prob_idc", pred_column: str = "pred") -> float | None:
-    """The threshold a predictions table's decisions imply: the lowest ``value_column`` called IDC in
-    ``pred_column`` (``None`` without such columns or without any IDC call).
+    """Return the threshold a predictions table's decisions imply: the lowest ``value_column`` called IDC.
+
+    The calls are ``pred_column``'s; ``None`` without such columns or without any IDC call.
     """
     if value_column not in table.columns or pred_column not in table.columns:
         return None
@@ -344,225 +340,7 @@ def decision_threshold(table: pd.DataFrame, value_column: str = "prob_idc", pred
     return None if called.empty else float(called.min())
 
 
-#: Width of a slide figure in inches: about 1,000 px where a notebook shows it (100 dpi).
-FIGURE_WIDTH = 10.5
-
-
-def _slide_axes(
-    mosaic: SlideMosaic, ax: Axes | Sequence[Axes] | None, n_panels: int, panel_width: float | None
-) -> tuple[Figure, list[Axes]]:
-    """The given axes (one per panel), or a new figure sized for the slide's aspect, :data:`FIGURE_WIDTH` wide
-    unless ``panel_width`` (inches) says otherwise.
-    """
-    import matplotlib.pyplot as plt
-
-    if ax is not None:
-        axes = list(np.ravel(ax)) if isinstance(ax, (Sequence, np.ndarray)) else [ax]
-        if len(axes) != n_panels:
-            raise ValueError(f"{n_panels} panels need {n_panels} axes, got {len(axes)}")
-        return axes[0].figure, axes
-    panel_width = panel_width or (FIGURE_WIDTH - 0.5) / n_panels
-    fig, axes = plt.subplots(
-        1,
-        n_panels,
-        figsize=(panel_width * n_panels + 0.5, _panel_height(mosaic, panel_width)),
-        squeeze=False,
-        layout="constrained",
-    )
-    return fig, list(axes[0])
-
-
-def _panel_height(mosaic: SlideMosaic, panel_width: float) -> float:
-    """Figure height for panels ``panel_width`` inches wide: the image at its aspect (about 1.1 in of the width goes
-    to tick labels and a colour bar), plus room for a title above and a legend below.
-    """
-    h, w = mosaic.truth.shape
-    return min(max((panel_width - 1.1) * h / w, 1.5), 2.2 * panel_width) + 2.0
-
-
-def threshold_colormap(threshold: float, n: int = 256):
-    """A colour map for probabilities on a *linear* 0-1 scale whose colours change at ``threshold``: blues below
-    it (darkest at 0), reds from it (darkest at 1), palest at the threshold itself.
-    """
-    from matplotlib import colormaps
-    from matplotlib.colors import ListedColormap
-
-    base = colormaps["coolwarm"]
-    values = np.linspace(0.0, 1.0, n)
-    below = 0.5 * values / threshold
-    above = 0.5 + 0.5 * (values - threshold) / (1.0 - threshold)
-    return ListedColormap(
-        base(np.where(values < threshold, np.minimum(below, 0.499), np.maximum(above, 0.501))),
-        name=f"split_at_{threshold:.3f}",
-    )
-
-
-def _legend_below(axis: Axes, handles: list) -> None:
-    """A legend under the axes (never over the tissue)."""
-    axis.legend(
-        handles=handles,
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.16),
-        ncol=len(handles),
-        fontsize="small",
-        frameon=False,
-    )
-
-
-def _outline(axis: Axes, mosaic: SlideMosaic, mask: np.ndarray, **style) -> bool:
-    """Contour of a 0/1 mask of the mosaic, in slide coordinates; whether there was anything to draw."""
-    if not mask.any():
-        return False
-    h, w = mask.shape
-    left, _, _, top = mosaic.extent
-    axis.contour(
-        left + (np.arange(w) + 0.5) / mosaic.scale,
-        top + (np.arange(h) + 0.5) / mosaic.scale,
-        mask.astype(np.float32),
-        levels=[0.5],
-        linewidths=1.2,
-        **style,
-    )
-    return True
-
-
-def _draw_probability(axis: Axes, mosaic: SlideMosaic, threshold: float | None, title: str | None) -> None:
-    """The probability panel: colours over faded tissue, split at ``threshold`` on a linear colour bar, with the
-    decision outlined.
-    """
-    from matplotlib.colors import Normalize
-    from matplotlib.lines import Line2D
-
-    # Faded grey tissue underneath so that the colours read as probabilities, not as stain.
-    axis.imshow(cv2.cvtColor(mosaic.image, cv2.COLOR_RGB2GRAY), cmap="gray", vmin=-200, vmax=255, extent=mosaic.extent)
-    split = threshold is not None and 0.0 < threshold < 1.0
-    cmap = threshold_colormap(threshold) if split else "viridis"
-    image = axis.imshow(
-        np.ma.masked_invalid(mosaic.prob),
-        cmap=cmap,
-        norm=Normalize(0.0, 1.0),
-        alpha=0.75 if split else 0.6,
-        extent=mosaic.extent,
-        interpolation="nearest",
-    )
-    name = _VALUE_NAMES.get(mosaic.value_column, mosaic.value_column)
-    axis.set_title(
-        title
-        or ("Predicted p(IDC)" if mosaic.value_column == "prob_idc" else name[0].upper() + name[1:])
-        + (f"\nred: called IDC (p >= {threshold:.2f})" if split else ""),
-        fontsize="medium",
-    )
-    # An inset colour bar follows the image's own height (the axes box around an equal-aspect image is taller).
-    bar = axis.figure.colorbar(image, cax=axis.inset_axes([1.03, 0.0, 0.045, 1.0], label="<colorbar>"))
-    # Named on top, not along its side, where the label would sit beside the next panel's axis.
-    bar.ax.set_title(
-        _BAR_NAMES.get(mosaic.value_column, name) + ("\nlinear" if split else ""), fontsize="x-small", loc="left"
-    )
-    bar.ax.tick_params(labelsize="x-small")
-    handles = []
-    if _outline(axis, mosaic, np.nan_to_num(mosaic.truth, nan=0.0) > 0, colors="black"):
-        handles.append(Line2D([], [], color="black", lw=1.2, label="true IDC outline"))
-    if split:
-        # The colour bar is linear: its colours change at the threshold, wherever that lies.
-        ticks = [t for t in (0.0, 0.25, 0.5, 0.75, 1.0) if abs(t - threshold) > 0.07]
-        bar.set_ticks([*ticks, threshold], labels=[f"{t:g}" for t in ticks] + [f"threshold {threshold:.2f}"])
-        bar.ax.axhline(threshold, color="black", lw=2)
-        # The decision beside the probability: pale patches just above the threshold are called IDC too.
-        if _outline(
-            axis, mosaic, np.nan_to_num(mosaic.prob, nan=0.0) >= threshold, colors="darkred", linestyles="dashed"
-        ):
-            handles.append(Line2D([], [], color="darkred", lw=1.2, ls="--", label="called IDC"))
-    if handles:
-        _legend_below(axis, handles)
-
-
-def plot_slide(
-    mosaic: SlideMosaic,
-    *,
-    ax: Axes | Sequence[Axes] | None = None,
-    show: Sequence[str] = ("tissue", "truth", "prob"),
-    threshold: float | None = None,
-    panel_width: float | None = None,
-    title: str | None = None,
-) -> Figure:
-    """Side-by-side panels of a :class:`SlideMosaic`; axes in slide pixels (as in the patch file names).
-
-    ``show``: any of ``"tissue"`` (the rebuilt slide), ``"truth"`` (tissue with IDC patches tinted red and
-    outlined) and ``"prob"`` (predicted IDC probability over faded tissue, true IDC outlined, with a colour bar).
-    ``threshold``: the run's decision threshold; the colours then split there (blue: called non-IDC, red: called
-    IDC) on a linear colour bar that marks it, and the called-IDC region is outlined. ``title``: the probability
-    panel's title. ``ax``: one axes per panel; without it the figure is :data:`FIGURE_WIDTH` inches wide (or
-    ``panel_width`` inches a panel). Legends sit under the panels, never over the tissue.
-    """
-    from matplotlib.patches import Patch
-
-    panels = [p for p in show if not (p == "prob" and mosaic.prob is None)]
-    unknown = set(panels) - {"tissue", "truth", "prob"}
-    if unknown or not panels:
-        raise ValueError(f"show must name some of 'tissue', 'truth', 'prob' (got {list(show)})")
-    fig, axes = _slide_axes(mosaic, ax, len(panels), panel_width)
-    idc = np.nan_to_num(mosaic.truth, nan=0.0) > 0
-    for axis, panel in zip(axes, panels, strict=False):
-        if panel == "tissue":
-            axis.imshow(mosaic.image, extent=mosaic.extent)
-            axis.set_title(f"Patient {mosaic.patient_id}\ntissue ({mosaic.n_patches:,} patches)", fontsize="medium")
-        elif panel == "truth":
-            axis.imshow(mosaic.image, extent=mosaic.extent)
-            tint = np.zeros((*idc.shape, 4), dtype=np.float32)
-            tint[idc] = (1.0, 0.0, 0.0, 0.35)
-            axis.imshow(tint, extent=mosaic.extent)
-            _outline(axis, mosaic, idc, colors="red")
-            share = mosaic.n_idc / mosaic.n_patches
-            axis.set_title(f"True IDC regions\n{mosaic.n_idc:,} patches ({share:.0%})", fontsize="medium")
-            _legend_below(axis, [Patch(facecolor=(1, 0, 0, 0.35), edgecolor="red", label="IDC (label 1)")])
-        else:
-            _draw_probability(axis, mosaic, threshold, title)
-        axis.set_xlabel("x (slide pixels)", fontsize="small")
-        axis.set_ylabel("y (slide pixels)", fontsize="small")
-        axis.tick_params(labelsize="x-small")
-    return fig
-
-
 def scale_to_fit(rows: pd.DataFrame, max_side: int) -> float:
-    """Mosaic pixels per slide pixel so that the mosaic of ``rows`` is at most ``max_side`` pixels a side."""
+    """Return the mosaic pixels per slide pixel that make the mosaic of ``rows`` at most ``max_side`` pixels a side."""
     span = max(int(np.ptp(rows["x"])), int(np.ptp(rows["y"]))) + PATCH_SIZE
     return min(1.0, max_side / span)
-
-
-def plot_raw_and_context(
-    mosaic: SlideMosaic,
-    table: pd.DataFrame,
-    *,
-    threshold: float,
-    context_threshold: float,
-    panel_width: float | None = None,
-) -> Figure:
-    """The patch-only probability and the slide-context probability (``prob_idc_context``) of one mosaic side by
-    side, each split at its own threshold and with the true IDC regions outlined (the patch-only one is what the
-    papers measured; the context one uses the neighbouring patches on the slide). :data:`FIGURE_WIDTH` wide.
-    """
-    import matplotlib.pyplot as plt
-
-    panel_width = panel_width or (FIGURE_WIDTH - 0.5) / 2
-    fig, axes = plt.subplots(
-        1, 2, figsize=(2 * panel_width + 0.5, _panel_height(mosaic, panel_width)), layout="constrained"
-    )
-    plot_slide(
-        mosaic, ax=axes[0], show=("prob",), threshold=threshold, title=f"Patch only\n(p >= {threshold:.2f} called IDC)"
-    )
-    context = with_values(mosaic, table, "prob_idc_context")
-    same = bool(np.allclose(np.nan_to_num(context.prob), np.nan_to_num(mosaic.prob)))
-    plot_slide(
-        context,
-        ax=axes[1],
-        show=("prob",),
-        threshold=context_threshold,
-        title=(
-            "Identical with slide context: no smoothing\ndid better on the validation patients"
-            if same
-            else f"With slide context: neighbours on the slide\n(p >= {context_threshold:.2f} called IDC)"
-        ),
-    )
-    share = mosaic.n_idc / mosaic.n_patches
-    fig.suptitle(f"Patient {mosaic.patient_id}: {mosaic.n_patches:,} patches, {mosaic.n_idc:,} IDC ({share:.0%})")
-    return fig

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from idc_helpers import plots, slides
+from idc_helpers import plots, slide_plots
 from idc_helpers.metrics import evaluate, stored_threshold, threshold_curve
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class ThresholdView:
                 width_ratios=[1.4, 1],
                 height_ratios=[1.1, 1],
             )
-            slides.plot_slide(
+            slide_plots.plot_slide(
                 self.mosaic,
                 ax=named["slide"],
                 show=("prob",),

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from conftest import patch_name, write_patch
 
-from idc_helpers import examples, plots
+from idc_helpers import examples, patch_plots, plots
 from idc_helpers.patch_index import build_index
 
 GLASS = (228, 228, 230)
@@ -38,7 +38,7 @@ def test_border_examples_show_tissue_of_each_size_first(tmp_path):
 
 def test_padding_is_hatched_and_the_file_edge_dashed():
     images = np.full((2, 50, 50, 3), 255, np.uint8)
-    fig = plots.plot_patches(images, ["a", "b"], sizes=[(50, 30), (50, 50)])
+    fig = patch_plots.plot_patches(images, ["a", "b"], sizes=[(50, 30), (50, 50)])
     first, second = fig.axes[0].patches, fig.axes[1].patches
     hatched = [p for p in first if p.get_hatch()]
     assert len(hatched) == 1 and hatched[0].get_y() == 30 and hatched[0].get_height() == 20

@@ -287,12 +287,12 @@ def test_outcome_rows_name_the_threshold_that_made_them():
     import matplotlib.pyplot as plt
     import pandas as pd
 
-    from idc_helpers import plots
+    from idc_helpers import patch_plots
 
     examples = pd.DataFrame(
         {"outcome": ["false negative", "true positive"], "prob_idc": [0.027, 0.9], "patient_id": ["1", "2"]}
     )
-    fig = plots.plot_gradcam_outcomes(
+    fig = patch_plots.plot_gradcam_outcomes(
         examples, np.zeros((2, 50, 50, 3), np.uint8), np.zeros((2, 50, 50)), threshold=0.0333
     )
     assert "p(IDC) >= 0.033, the run's threshold" in fig.get_suptitle()

@@ -18,27 +18,24 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
+from idc_helpers.bootstrap import MIN_PATIENTS_FOR_INTERVAL
 from idc_helpers.cli import main, run_evaluate
 from idc_helpers.demo_data import DEMO_MARKER
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import (
     METRIC_LABELS,
-    MIN_PATIENTS_FOR_INTERVAL,
-    PUBLISHED,
     _metric_values,
     binary_scores,
-    comparison_table,
     evaluate,
-    format_report,
     log_loss,
     paired_difference,
-    patient_resamples,
     per_patient_metrics,
     pick_threshold,
     pr_points,
     ranking_scores,
     roc_points,
 )
+from idc_helpers.reporting import PUBLISHED, comparison_table, format_report
 
 COLUMNS = ["path", "patient_id", "x", "y", "label", "prob_idc", "pred"]
 
@@ -239,7 +236,7 @@ def test_run_evaluate_errors_name_the_file_and_columns(tmp_path, capsys):
     assert main(["evaluate", "--predictions", str(tmp_path / "missing.csv")]) == 2
     assert "missing.csv" in capsys.readouterr().err
     csv.write_text("patient_id,label,prob_idc,pred\n1,0,high,0\n")  # not numbers
-    with pytest.raises(UserError, match="bad.csv"):
+    with pytest.raises(UserError, match=r"bad\.csv"):
         run_evaluate(Namespace(predictions=str(csv), out=None, bootstrap=0, seed=0, threshold=None))
 
 
@@ -332,10 +329,12 @@ def test_comparison_table_keeps_the_synthetic_label_whole():
     assert not real.astype(str).apply(lambda c: c.str.contains("SYNTHETIC")).any().any()
 
 
-def test_metrics_imports_nothing_of_the_package():
+@pytest.mark.parametrize(("module", "allowed"), [("metrics", ("idc_helpers.bootstrap", "sklearn")), ("bootstrap", ())])
+def test_metrics_imports_only_the_bootstrap_which_imports_no_scikit_learn(module, allowed):
     code = (
-        "import sys, idc_helpers.metrics;"
-        "bad = sorted(m for m in sys.modules if m.startswith('idc_helpers.') and m != 'idc_helpers.metrics');"
+        f"import sys, idc_helpers.{module};"
+        "bad = sorted(m for m in sys.modules if m.startswith(('idc_helpers.', 'sklearn'))"
+        f" and m != 'idc_helpers.{module}' and not m.startswith({allowed!r}));"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -343,7 +342,8 @@ def test_metrics_imports_nothing_of_the_package():
 
 def test_importing_has_no_side_effects():
     code = (
-        "import sys, idc_helpers.metrics, idc_helpers.plots, idc_helpers.slides, idc_helpers.gradcam;"
+        "import sys, idc_helpers.metrics, idc_helpers.bootstrap, idc_helpers.reporting, idc_helpers.plots,"
+        " idc_helpers.patch_plots, idc_helpers.slides, idc_helpers.slide_plots, idc_helpers.gradcam;"
         "bad = [m for m in ('matplotlib.pyplot', 'tensorflow', 'keras') if m in sys.modules];"
         "assert not bad, bad"
     )
@@ -395,14 +395,15 @@ def test_paired_difference_refuses_tables_of_different_patches_and_withholds_sma
 
 
 def test_the_histogram_bootstrap_of_large_tables_agrees_with_the_exact_one(monkeypatch):
-    """Above HISTOGRAM_BOOTSTRAP_PATCHES the resamples' AUCs come from per-patient histograms: the same resamples,
-    the same threshold metrics, AUC intervals within 0.001, the same point values.
+    """Above HISTOGRAM_BOOTSTRAP_PATCHES the resamples' AUCs come from per-patient histograms.
+
+    The same resamples, the same threshold metrics, AUC intervals within 0.001, the same point values.
     """
-    from idc_helpers import metrics
+    from idc_helpers import bootstrap
 
     preds = make_predictions(n_patients=12, per_patient=300)
     exact = evaluate(preds, n_bootstrap=100, seed=1)
-    monkeypatch.setattr(metrics, "HISTOGRAM_BOOTSTRAP_PATCHES", 0)
+    monkeypatch.setattr(bootstrap, "HISTOGRAM_BOOTSTRAP_PATCHES", 0)
     calls = []
     binned = evaluate(preds, n_bootstrap=100, seed=1, progress=lambda done, total: calls.append((done, total)))
     assert binned["bootstrap"]["used"] == exact["bootstrap"]["used"]
@@ -467,9 +468,3 @@ def test_ranking_scores_are_nan_for_one_class_and_curves_end_at_the_corners():
     assert auc == pytest.approx(skm.roc_auc_score(labels, probs))
     _precision, recall, ap = pr_points(labels, probs)
     assert recall[0] == 1 and recall[-1] == 0 and ap == pytest.approx(skm.average_precision_score(labels, probs))
-
-
-def test_patient_resamples_draw_as_many_patients_as_there_are():
-    draws = list(patient_resamples(7, 20, np.random.default_rng(3)))
-    assert len(draws) == 20 and all(d.shape == (7,) and d.sum() == 7 for d in draws)
-    assert len({tuple(d) for d in draws}) > 1

@@ -248,8 +248,10 @@ def make_png(
     idat_crc_ok: bool = True,
     cut: int | None = None,
 ) -> bytes:
-    """A hand-made PNG whose IHDR says ``width x height`` and whose image data holds ``rows`` rows of zeros
-    (default ``height``; more rows than the header says makes a PNG that lies about its data). ``cut`` truncates.
+    """Make a PNG by hand whose IHDR says ``width x height`` and whose image data holds ``rows`` rows of zeros.
+
+    ``rows`` defaults to ``height``; more rows than the header says makes a PNG that lies about its data. ``cut``
+    truncates.
     """
     channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[colour]
     row_bytes = 1 + (width * channels * depth + 7) // 8

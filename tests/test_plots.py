@@ -1,4 +1,4 @@
-"""Figures: ROC/PR/confusion, learning curves, per patient, patch grids, Grad-CAM grids, the SYNTHETIC mark."""
+"""Charts: ROC/PR/confusion, learning curves, per patient, and the SYNTHETIC mark on saved figures."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sklearn import metrics as skm
 from test_metrics import make_predictions
 
 from idc_helpers import plots
-from idc_helpers.metrics import confident_examples, evaluate, per_patient_metrics
+from idc_helpers.metrics import evaluate, per_patient_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -60,9 +60,10 @@ def test_confusion_matrix_counts_and_shares():
 
 
 def test_learning_curves_show_validation_and_name_the_rule():
-    """What decides (validation AUC, the selection score) is plotted, validation beside training, and the legend says
-    the rule in words read from the history, not the bare name 'val_selection'. No accuracy at a fixed 0.5: the F1
-    shown is each epoch's F1 at its own validation threshold.
+    """What decides (validation AUC, the selection score) is plotted, validation beside training.
+
+    The legend says the rule in words read from the history, not the bare name 'val_selection'. No accuracy at a
+    fixed 0.5: the F1 shown is each epoch's F1 at its own validation threshold.
     """
     auc = np.array([0.80, 0.90, 0.88])
     loss = np.array([0.60, 0.40, 0.50])
@@ -105,35 +106,6 @@ def test_per_patient_figure_shows_every_patient():
     spec = table.set_index("patient_id").loc["9002", "specificity"]
     assert f"no IDC: specificity {spec:.2f}" in _all_texts(fig)
     assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == 4  # every patient in the scatter too
-
-
-def test_patch_grid():
-    images = np.zeros((5, 50, 50, 3), dtype=np.uint8)
-    fig = plots.plot_patches(images, [f"p{i}" for i in range(5)], n_cols=3, title="five")
-    shown = [ax for ax in fig.axes if ax.images]
-    assert len(shown) == 5 and shown[4].get_title() == "p4" and fig._suptitle.get_text() == "five"
-
-
-def test_gradcam_grids_share_one_scale():
-    preds = make_predictions(n_patients=3, per_patient=40)
-    examples = confident_examples(preds, 0.5, per_outcome=2)
-    assert list(dict.fromkeys(examples["outcome"])) == [o for o in plots.OUTCOMES if o in set(examples["outcome"])]
-    images = np.full((len(examples), 50, 50, 3), 128, dtype=np.uint8)
-    heatmaps = np.zeros((len(examples), 50, 50), dtype=np.float32)
-    heatmaps[0, :10, :10] = 4.0  # the strongest evidence in the figure
-    heatmaps[1:, :10, :10] = 0.04  # a hundred times weaker: must look faint, not "hot"
-    fig = plots.plot_gradcam_outcomes(examples, images, heatmaps)
-    overlays = [ax for ax in fig.axes if ax.images and ax.get_title().startswith("peak")]
-    strong, weak = (np.asarray(ax.images[0].get_array()) for ax in overlays[:2])
-    assert not np.array_equal(strong[0, 0], weak[0, 0])  # different colours for different evidence
-    # 1% of the largest reads as (almost) nothing: the same colour as no evidence, give or take a few levels.
-    assert np.abs(weak[0, 0].astype(int) - weak[-1, -1]).max() <= 5
-    assert np.abs(strong[0, 0].astype(int) - strong[-1, -1]).max() > 50
-    assert overlays[1].get_title() == "peak 1%"
-    assert "one colour scale" in fig._suptitle.get_text()
-    assert any("largest" in ax.get_ylabel() for ax in fig.axes)  # the colour bar says what the colours mean
-    fig = plots.plot_gradcam(images[:3], heatmaps[:3], titles=["a", "b", "c"])
-    assert fig.axes[0].get_title() == "a"
 
 
 def test_saved_synthetic_figures_carry_a_visible_mark(tmp_path):

@@ -14,13 +14,8 @@ from conftest import patch_name, write_patch
 
 from idc_helpers import slides
 from idc_helpers.cli import main
-from idc_helpers.slides import (
-    MAX_SLIDE_SIDE,
-    SlideError,
-    decision_threshold,
-    plot_slide,
-    slide_mosaic,
-)
+from idc_helpers.slide_plots import plot_slide
+from idc_helpers.slides import MAX_SLIDE_SIDE, SlideError, decision_threshold, slide_mosaic
 
 PATIENT = "42"
 # (x, y, width, height, label, prob, colour): a 3x2 grid starting at x=201, y=51 with the middle of the bottom row
@@ -93,7 +88,7 @@ def test_errors_name_the_patient_or_file(slide_table, tmp_path):
         slide_mosaic(slide_table, "999")
     broken = slide_table.copy()
     broken.loc[0, "path"] = str(tmp_path / "gone.png")
-    with pytest.raises(SlideError, match="gone.png"):
+    with pytest.raises(SlideError, match=r"gone\.png"):
         slide_mosaic(broken, PATIENT)
     twice = pd.concat([slide_table, slide_table.iloc[[1]]])
     with pytest.raises(SlideError, match="several patches at x=251, y=51"):
@@ -266,7 +261,8 @@ def test_real_slide_geometry(real_sample_dir):
 def test_raw_and_context_maps_side_by_side(slide_table):
     import matplotlib.pyplot as plt
 
-    from idc_helpers.slides import plot_raw_and_context, with_values
+    from idc_helpers.slide_plots import plot_raw_and_context
+    from idc_helpers.slides import with_values
 
     table = slide_table.assign(prob_idc_context=1.0 - slide_table["prob_idc"])
     mosaic = slide_mosaic(table, PATIENT)

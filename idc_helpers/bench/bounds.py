@@ -5,7 +5,7 @@ Measures, each command in a fresh child process (wall time and its peak memory, 
 - ``evaluate`` on a synthetic predictions CSV of ``--rows`` patches (default 10 million, 279 patients) with 1,000
   bootstrap resamples, end to end; beside it, in this process on the same table, one resample of the exact
   bootstrap (every patch) against the histogram bootstrap that :func:`idc_helpers.metrics.evaluate` uses above
-  :data:`idc_helpers.metrics.HISTOGRAM_BOOTSTRAP_PATCHES` patches;
+  :data:`idc_helpers.bootstrap.HISTOGRAM_BOOTSTRAP_PATCHES` patches;
 - ``slide`` on one patient of ``--slide-rows`` patches (hard links to one PNG on a square grid, the first size the
   baseline): memory should stay flat as the rows grow, since the picture is the same 2,000 px at most.
 
@@ -77,10 +77,10 @@ def predictions_table(n_rows: int, n_patients: int = 279, seed: int = 0) -> pd.D
 
 def bootstrap_seconds(table: pd.DataFrame, resamples: int, exact: bool) -> float:
     """Seconds of ``resamples`` bootstrap resamples of ``table``, exact (every patch) or from histograms."""
-    from idc_helpers import metrics
+    from idc_helpers import bootstrap, metrics
 
-    limit = metrics.HISTOGRAM_BOOTSTRAP_PATCHES
-    metrics.HISTOGRAM_BOOTSTRAP_PATCHES = len(table) if exact else 0
+    limit = bootstrap.HISTOGRAM_BOOTSTRAP_PATCHES
+    bootstrap.HISTOGRAM_BOOTSTRAP_PATCHES = len(table) if exact else 0
     try:
         start = time.perf_counter()
         metrics.evaluate(table, n_bootstrap=resamples)
@@ -89,7 +89,7 @@ def bootstrap_seconds(table: pd.DataFrame, resamples: int, exact: bool) -> float
         metrics.evaluate(table, n_bootstrap=0)
         return with_bootstrap - (time.perf_counter() - start)
     finally:
-        metrics.HISTOGRAM_BOOTSTRAP_PATCHES = limit
+        bootstrap.HISTOGRAM_BOOTSTRAP_PATCHES = limit
 
 
 _LINKS_PER_FILE = 50_000  # ext4 allows 65,000 hard links to one file
