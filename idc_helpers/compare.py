@@ -40,7 +40,8 @@ def train_alongside(
     base: _RunLike, run_dir: str | os.PathLike[str], model_name: str, *, verbose: int | str = 2
 ) -> _RunLike:
     """The run of ``model_name`` with the data, split, seed, epochs, subsample and batch size of ``base`` (a
-    :class:`~idc_helpers.training.TrainResult` or :class:`~idc_helpers.run.Run`), in :func:`sibling_run_dir`.
+    :class:`~idc_helpers.run.Run`, as :func:`~idc_helpers.training.train` or :func:`~idc_helpers.run.load_run`
+    gives it), in :func:`sibling_run_dir`.
 
     A finished sibling run is loaded, not trained again (runs are never overwritten); an interrupted one is
     resumed.

@@ -97,13 +97,19 @@ class RunFolderError(UserError, FileNotFoundError):
 
 @dataclass
 class Run:
-    """A trained run loaded back: the model, its config and metrics, and the decision threshold."""
+    """A trained run: the model, its config, metrics and history, and the decision threshold.
+
+    :func:`idc_helpers.training.train` returns one for the run it wrote, :func:`load_run` for a run folder (or a
+    bare model file: no run folder, no config, threshold 0.5). ``history`` is ``history.json``: per-epoch values
+    by name.
+    """
 
     run_dir: Path | None
     model: keras.Model
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     threshold: float = 0.5
+    history: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def split(self) -> dict[str, list[str]]:
@@ -281,6 +287,7 @@ def load_run(run_dir: str | os.PathLike[str], *, compile: bool = False) -> Run:
         raise RunFolderError(f"No trained model at {model_path}: {path} is not a finished run folder; {hint}.")
     config = read_json(path / CONFIG_FILE)
     metrics = read_json(path / METRICS_FILE)
+    history = read_json(path / HISTORY_FILE) if (path / HISTORY_FILE).is_file() else {}
     model = load_model_file(model_path, compile=compile)
     return Run(
         run_dir=Path(os.path.abspath(path)),
@@ -288,4 +295,5 @@ def load_run(run_dir: str | os.PathLike[str], *, compile: bool = False) -> Run:
         config=config,
         metrics=metrics,
         threshold=float(metrics.get("threshold", 0.5)),
+        history=history,
     )

@@ -1,32 +1,43 @@
-"""Patient-level splits. A patient is never in two subsets: patches of one slide are strongly correlated, and a
-patch-level split lets a model recognise the patient rather than the cancer (the reference model's 75.33% F1 was
-measured on such a leaky split).
+"""Patient-level splits, and the patches of each patient a training run keeps.
+
+A patient is never in two subsets: patches of one slide are strongly correlated, and a patch-level split lets a
+model recognise the patient rather than the cancer (the reference model's 75.33% F1 was measured on such a leaky
+split).
 
 - :data:`JANOWCZYK2016`: the published split of Janowczyk & Madabhushi (2016), "Deep learning for digital
   pathology image analysis: A comprehensive tutorial with selected use cases", J Pathol Inform 7:29 (84 train /
   29 validation / 49 test patients of the original 162), also used by Romero et al. (2019).
 - :func:`patient_split`: a seeded split by patient with given fractions, stratified on each patient's IDC share.
 - :func:`patient_folds`: patient-grouped folds for cross-validation, stratified the same way.
+- :func:`resolve_split`: the split a training run makes (a named one, or given test patients and the rest split
+  into train and validation), and :func:`check_split`, which refuses one that leaves a subset empty.
+- :func:`subsample_patches`: the same share of every patient's patches, for quick runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from idc_helpers.errors import UserError
+from idc_helpers.validation import check_patient_ids
 
 
 class SplitError(UserError, ValueError):
     """A split that cannot be made as asked (unknown name, bad fractions or fold count, overlapping subsets)."""
 
 
+class TrainingDataError(UserError, ValueError):
+    """The data cannot support a training run (e.g. no validation patients, one class only)."""
+
+
 SUBSETS = ("train", "val", "test")
 SPLIT_NAMES = ("janowczyk2016", "patients")
 DEFAULT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
+VAL_FRACTION_WITH_TEST_PATIENTS = 0.18  # of the non-test patients, when --test-patients replaces the test subset
 # Candidate assignments tried by the stratified splitters; the best balanced one wins.
 _CANDIDATES = 2000
 
@@ -310,14 +321,98 @@ def _best_assignment(base: np.ndarray, table: pd.DataFrame, n_groups: int, seed:
 def make_split(
     frame: pd.DataFrame, name: str = "patients", seed: int = 0, unlisted: Literal["train", "drop"] = "train"
 ) -> dict[str, list[str]]:
-    """The named split: ``"janowczyk2016"`` (published; ``unlisted`` as in :func:`janowczyk2016_split`) or
-    ``"patients"`` (seeded, stratified 70/15/15).
+    """The named split: ``"janowczyk2016"`` or ``"patients"``.
+
+    ``"janowczyk2016"`` is the published one (``unlisted`` as in :func:`janowczyk2016_split`), ``"patients"`` the
+    seeded one, stratified 70/15/15.
     """
     if name == "janowczyk2016":
         return janowczyk2016_split(frame, unlisted=unlisted)
     if name == "patients":
         return patient_split(frame, seed=seed)
     raise SplitError(f"unknown split {name!r}; choose one of {', '.join(SPLIT_NAMES)}")
+
+
+def resolve_split(
+    frame: pd.DataFrame,
+    split: str = "patients",
+    seed: int = 0,
+    test_patients: Sequence[str] | None = None,
+    unlisted: Literal["train", "drop"] = "train",
+) -> dict[str, list[str]]:
+    """Patient ids per subset ``{"train", "val", "test"}``: the split a training run makes.
+
+    With ``test_patients`` those patients are the test subset and the other patients are split into train and
+    validation (``patients``: seeded and stratified; ``janowczyk2016``: the published lists minus the test ones).
+    ``unlisted``: see :func:`janowczyk2016_split`.
+    Raises :class:`TrainingDataError` naming unknown patient ids.
+    """
+    if not test_patients:
+        return {k: list(v) for k, v in make_split(frame, split, seed=seed, unlisted=unlisted).items()}
+    given = set(check_patient_ids(test_patients, "test patients"))
+    unknown = sorted(given - set(frame["patient_id"]))  # before sorting by number: an id may not be one
+    if unknown:
+        raise TrainingDataError(
+            f"test patients not in the dataset: {', '.join(unknown)}; check the ids against the patient folders."
+        )
+    test = sorted(given, key=int)
+    rest = frame[~frame["patient_id"].isin(test)]
+    if split == "janowczyk2016":
+        published = janowczyk2016_split(rest, unlisted=unlisted)
+        result = {"train": sorted(published["train"] + published["test"], key=int), "val": published["val"]}
+    elif split == "patients":
+        fractions = {"train": 1 - VAL_FRACTION_WITH_TEST_PATIENTS, "val": VAL_FRACTION_WITH_TEST_PATIENTS}
+        result = patient_split(rest, fractions, seed=seed)
+    else:
+        raise TrainingDataError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
+    return {"train": list(result["train"]), "val": list(result["val"]), "test": test}
+
+
+def check_split(patients: Mapping[str, list[str]], split: str, frame: pd.DataFrame) -> None:
+    """Refuse a split of ``frame`` that leaves a subset empty, with its cause (for the published split: unlisted ids).
+
+    ``patients`` is what :func:`resolve_split` returned for the split named ``split``; raises
+    :class:`TrainingDataError` naming the empty subsets and the fix.
+    """
+    empty = [name for name in SUBSETS if not patients.get(name)]
+    if not empty:
+        return
+    n = frame["patient_id"].nunique()
+    if split == "janowczyk2016":
+        listed = set().union(*JANOWCZYK2016.values())
+        outside = sorted(set(frame["patient_id"]) - listed, key=int)
+        cause = (
+            f"{len(outside)} of the {n} patients of this data are not in the published janowczyk2016 lists "
+            f"(e.g. {', '.join(outside[:5])}), and none of the listed ones falls in {' or '.join(empty)}"
+        )
+        fix = "use --split patients, or give --test-patients"
+    else:
+        cause = f"the {n} patients are too few to fill every subset"
+        fix = "use more patients"
+    raise TrainingDataError(f"the split {split!r} leaves the {' and '.join(empty)} subset empty: {cause}; {fix}.")
+
+
+def subsample_patches(frame: pd.DataFrame, max_patches: int | None, seed: int = 0) -> pd.DataFrame:
+    """At most ``max_patches`` rows of the patch index ``frame``, the same share from every patient (and class).
+
+    The rows are chosen at random but deterministically from ``seed`` and keep their order; the patient split is not
+    affected. ``None`` (or a number of at least ``len(frame)``) returns ``frame`` itself.
+    """
+    if max_patches is None or max_patches >= len(frame):
+        return frame
+    if max_patches < 1:
+        raise TrainingDataError(f"max_patches must be at least 1, got {max_patches}")
+    share = max_patches / len(frame)
+    rng = np.random.default_rng(seed)
+    keep: list[np.ndarray] = []
+    # Groups in a fixed order so the same frame and seed give the same rows.
+    for _, rows in sorted(
+        frame.groupby(["patient_id", "label"], sort=False).indices.items(), key=lambda kv: (int(kv[0][0]), kv[0][1])
+    ):
+        n = max(1, round(len(rows) * share))
+        keep.append(rng.choice(rows, size=min(n, len(rows)), replace=False))
+    chosen = np.sort(np.concatenate(keep))
+    return frame.iloc[chosen].reset_index(drop=True)
 
 
 def check_disjoint(split: Mapping[str, list[str]]) -> None:

@@ -268,7 +268,7 @@ def test_words_agree_with_the_code():
     assert "same two-layer head" not in texts["02_training"] and "single dense layer" in texts["02_training"]
     assert "directly comparable" not in texts["01_data_exploration"]
     assert "117" in texts["01_data_exploration"] and "unlisted" in texts["01_data_exploration"]
-    from idc_helpers import training
+    from idc_helpers import selection
 
-    # The selection rule, as training.py has it.
-    assert f"{training.SELECTION_LOSS_WEIGHT:g} x the validation loss" in texts["02_training"]
+    # The selection rule, as selection.py has it.
+    assert f"{selection.SELECTION_LOSS_WEIGHT:g} x the validation loss" in texts["02_training"]

@@ -1,7 +1,8 @@
-"""A run loads anywhere it was saved: whatever placement of augmentation and precision trained it, every door
-(`predict`, `evaluate`, `slide`, `run.load_run`, `train --resume`) opens it in a fresh process, one that never
-defined the model's layers. What a GPU does by default (augmentation inside the model, mixed precision) is forced
-here on the CPU through the same environment variables.
+"""A run loads anywhere it was saved, whatever placement of augmentation and precision trained it.
+
+Every door (`predict`, `evaluate`, `slide`, `run.load_run`, `train --resume`) opens it in a fresh process, one that
+never defined the model's layers. What a GPU does by default (augmentation inside the model, mixed precision) is
+forced here on the CPU through the same environment variables.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from idc_helpers import training
+from idc_helpers import checkpoints
 from idc_helpers.run import partial_dir
 from idc_helpers.training import train
 
@@ -42,7 +43,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 def _interrupted_run(demo_dir: Path, cache_dir: Path, out: Path, setting: dict[str, str]) -> Path:
     """Train ``out`` in this process with ``setting``, stopped right after the checkpoint of epoch 1 of 2."""
-    real = training.save_checkpoint
+    real = checkpoints.save_checkpoint
 
     def stop_after_epoch_1(folder, model, best_weights, state):
         real(folder, model, best_weights, state)
@@ -52,7 +53,7 @@ def _interrupted_run(demo_dir: Path, cache_dir: Path, out: Path, setting: dict[s
     with pytest.MonkeyPatch.context() as patch:
         for name, value in setting.items():
             patch.setenv(name, value)
-        patch.setattr(training, "save_checkpoint", stop_after_epoch_1)
+        patch.setattr(checkpoints, "save_checkpoint", stop_after_epoch_1)
         with pytest.raises(KeyboardInterrupt):
             train(demo_dir, out, cache_dir=cache_dir, **TRAIN)
     assert (partial_dir(out) / "checkpoint.json").is_file() and not out.exists()
@@ -142,10 +143,12 @@ def _probabilities(demo_dir: Path, cache_dir: Path, out: Path, precision: str) -
 
 
 def test_mixed_precision_training_agrees_with_float32(demo_dir, cache_dir, tmp_path, capsys):
-    """The same small training (idc_net, 3 epochs, same seed, augmentation in the model) in float32 and in each
-    mixed-precision policy ends with nearly the same model: the IDC probability of every patch agrees closely.
-    The bounds are a few times what was measured (docs/colab.md gives the figures). The validation scores are
-    printed, not compared: on this one-patient validation set a shift of 0.005 reorders near-tied patches.
+    """Mixed-precision training ends with nearly the same model as float32 training.
+
+    The same small training (idc_net, 3 epochs, same seed, augmentation in the model) in float32 and in each
+    mixed-precision policy: the IDC probability of every patch agrees closely. The bounds are a few times what was
+    measured (docs/colab.md gives the figures). The validation scores are printed, not compared: on this
+    one-patient validation set a shift of 0.005 reorders near-tied patches.
     """
     reference, reference_scores = _probabilities(demo_dir, cache_dir, tmp_path / "float32", "0")
     for precision, mean_bound, max_bound in (("float16", 0.01, 0.03), ("bfloat16", 0.05, 0.15)):

@@ -1,4 +1,4 @@
-"""Patient-level splits: disjoint, complete, stratified, deterministic; the published split's facts."""
+"""Patient-level splits: disjoint, complete, stratified, deterministic; the published split's facts; a run's split."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from idc_helpers import splits
 from idc_helpers.patch_index import build_index
+from idc_helpers.validation import InvalidInputError
 
 PUBLISHED_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "janowczyk2016_patient_split.csv"
 
@@ -109,6 +110,45 @@ def test_check_disjoint_names_the_patient():
 def test_make_split_rejects_unknown_name():
     with pytest.raises(ValueError, match="unknown split"):
         splits.make_split(synthetic_frame(), "random_patches")
+
+
+def _frame(patients: dict[str, tuple[int, int]]) -> pd.DataFrame:
+    """A patch index with ``patients[id] = (n_non_idc, n_idc)`` rows."""
+    rows = []
+    for pid, (n0, n1) in patients.items():
+        rows += [(f"/d/{pid}/{i}.png", pid, 1, 1 + 50 * i, int(i >= n0)) for i in range(n0 + n1)]
+    return pd.DataFrame(rows, columns=["path", "patient_id", "x", "y", "label"])
+
+
+def test_subsample_is_per_patient_and_deterministic():
+    frame = _frame({"1": (80, 20), "2": (300, 100), "3": (50, 50)})
+    a = splits.subsample_patches(frame, 120, seed=3)
+    assert a.equals(splits.subsample_patches(frame, 120, seed=3))
+    assert not a.equals(splits.subsample_patches(frame, 120, seed=4))
+    assert abs(len(a) - 120) <= 6
+    counts = a.groupby(["patient_id", "label"]).size()
+    assert counts[("2", 1)] == 20 and counts[("3", 0)] == 10  # 20% of every patient and class
+    assert splits.subsample_patches(frame, None) is frame
+
+
+def test_test_patients_override_the_split():
+    frame = _frame({str(p): (20, 5 + p % 7) for p in range(100, 112)})
+    split = splits.resolve_split(frame, "patients", seed=0, test_patients=["101", "105"])
+    assert split["test"] == ["101", "105"]
+    assert not {"101", "105"} & (set(split["train"]) | set(split["val"]))
+    assert len(split["train"]) + len(split["val"]) == 10 and split["val"]
+    with pytest.raises(splits.TrainingDataError, match="999"):
+        splits.resolve_split(frame, "patients", test_patients=["999"])
+    with pytest.raises(InvalidInputError, match="p101"):  # not a patient id: reported, not a ValueError from sorting
+        splits.resolve_split(frame, "patients", test_patients=["p101", "105"])
+
+
+def test_an_empty_test_subset_is_refused():
+    frame = _frame({"10304": (20, 5), "9346": (15, 6), "13688": (20, 8), "9381": (10, 4)})  # train and val only
+    split = splits.resolve_split(frame, "janowczyk2016")
+    assert split["test"] == []
+    with pytest.raises(splits.TrainingDataError, match=r"test subset empty.*--test-patients"):
+        splits.check_split(split, "janowczyk2016", frame)
 
 
 @pytest.mark.realdata

@@ -13,22 +13,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from idc_helpers import decode, loader, training
+from idc_helpers import checkpoints, decode, loader, selection, training, training_data
 from idc_helpers.errors import DiskFullError, UserError
 from idc_helpers.inference import predict_probs
 from idc_helpers.metrics import pick_threshold
 from idc_helpers.models import AUGMENT_LAYER, UnknownModelError
-from idc_helpers.run import RUN_FILES, RunBusyError, RunExistsError, load_run, partial_dir
-from idc_helpers.training import (
-    TrainingDataError,
-    class_weights,
-    resolve_split,
-    subsample_patches,
-    train,
-)
+from idc_helpers.run import RUN_FILES, Run, RunBusyError, RunExistsError, load_run, partial_dir
+from idc_helpers.splits import TrainingDataError
+from idc_helpers.training import train
+from idc_helpers.training_data import class_weights
 from idc_helpers.validation import InvalidInputError
 
 QUICK = {"model_name": "seed_cnn", "epochs": 1, "batch_size": 32, "seed": 0, "verbose": 0}
@@ -37,14 +32,6 @@ QUICK = {"model_name": "seed_cnn", "epochs": 1, "batch_size": 32, "seed": 0, "ve
 @pytest.fixture(scope="module")
 def run(demo_dir, cache_dir, tmp_path_factory):
     return train(demo_dir, tmp_path_factory.mktemp("runs") / "run", cache_dir=cache_dir, **QUICK)
-
-
-def _frame(patients: dict[str, tuple[int, int]]) -> pd.DataFrame:
-    """A patch index with ``patients[id] = (n_non_idc, n_idc)`` rows."""
-    rows = []
-    for pid, (n0, n1) in patients.items():
-        rows += [(f"/d/{pid}/{i}.png", pid, 1, 1 + 50 * i, int(i >= n0)) for i in range(n0 + n1)]
-    return pd.DataFrame(rows, columns=["path", "patient_id", "x", "y", "label"])
 
 
 def test_run_folder_contents(run):
@@ -69,12 +56,36 @@ def test_run_folder_contents(run):
     assert config["data"]["synthetic"] is True and config["synthetic"] is True
     # What a CPU-only run does: augments in the input pipeline, computes in float32.
     assert (config["augment"], config["augment_on"], config["precision_policy"]) == ("mild", "pipeline", "float32")
-    assert config["selection_loss_weight"] == training.SELECTION_LOSS_WEIGHT
+    assert config["selection_loss_weight"] == selection.SELECTION_LOSS_WEIGHT
     assert {"python", "tensorflow", "keras", "numpy", "idc_helpers"} <= set(config["versions"])
     metrics = json.loads((run.run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["threshold"] <= 1.0
     assert {"roc_auc", "f1", "balanced_accuracy"} <= set(metrics["validation"])
     assert metrics["threshold"] == run.threshold
+
+
+def test_train_returns_the_run_that_load_run_gives_back(run):
+    loaded = load_run(run.run_dir)
+    assert type(run) is type(loaded) is Run
+    assert (loaded.run_dir, loaded.threshold, loaded.split) == (run.run_dir, run.threshold, run.split)
+    assert loaded.history == run.history and run.history["epoch"] == [1]
+    # What train holds in memory is what the JSON files hold (JSON turns the class weights' keys into strings).
+    assert loaded.config == json.loads(json.dumps(run.config))
+    assert loaded.metrics == json.loads(json.dumps(run.metrics))
+    assert list(run.metrics["validation"]) == [
+        "patients",
+        "patches",
+        "idc_patches",
+        "threshold",
+        "roc_auc",
+        "pr_auc",
+        "f1",
+        "balanced_accuracy",
+        "accuracy",
+        "precision",
+        "recall",
+        "confusion_matrix",
+    ]
 
 
 def test_split_is_by_patient_and_complete(run, demo_dir):
@@ -97,13 +108,13 @@ def test_existing_run_is_never_overwritten(run, demo_dir, cache_dir):
 
 
 def test_an_interrupt_after_training_leaves_a_resumable_partial_run(run, demo_dir, cache_dir, tmp_path, monkeypatch):
-    real = training.save_checkpoint
+    real = checkpoints.save_checkpoint
 
     def interrupt_after_the_last_epoch(folder, model, best_weights, state):
         real(folder, model, best_weights, state)
         raise KeyboardInterrupt  # as Ctrl-C right after the last checkpoint, before the threshold is chosen
 
-    monkeypatch.setattr(training, "save_checkpoint", interrupt_after_the_last_epoch)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", interrupt_after_the_last_epoch)
     with pytest.raises(KeyboardInterrupt):
         train(demo_dir, tmp_path / "run", cache_dir=cache_dir, **QUICK)
     # Nothing that looks like a finished run; the hidden partial run holds its config and last checkpoint.
@@ -111,7 +122,7 @@ def test_an_interrupt_after_training_leaves_a_resumable_partial_run(run, demo_di
     assert {"config.json", "checkpoint.json"} <= {p.name for p in partial_dir(tmp_path / "run").iterdir()}
     with pytest.raises(RunExistsError, match=r"resume with .*--resume .*or delete"):
         train(demo_dir, tmp_path / "run", cache_dir=cache_dir, **QUICK)
-    monkeypatch.setattr(training, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real)
     resumed = train(None, tmp_path / "run", resume=True, cache_dir=cache_dir, verbose=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(RUN_FILES)
@@ -123,9 +134,9 @@ def test_an_interrupt_after_training_leaves_a_resumable_partial_run(run, demo_di
 
 def test_a_failure_before_the_first_checkpoint_leaves_nothing(demo_dir, cache_dir, tmp_path):
     # A mistyped model name is caught before anything is written.
-    with pytest.raises(UnknownModelError, match="idcnet.*seed_cnn"):
+    with pytest.raises(UnknownModelError, match=r"idcnet.*seed_cnn"):
         train(demo_dir, tmp_path / "run", cache_dir=cache_dir, **{**QUICK, "model_name": "idcnet"})
-    with pytest.raises(UserError, match="'heavy'.*geometry.*strong"):  # and so is an unknown augmentation
+    with pytest.raises(UserError, match=r"'heavy'.*geometry.*strong"):  # and so is an unknown augmentation
         train(demo_dir, tmp_path / "run", cache_dir=cache_dir, augment="heavy", **QUICK)
     assert list(tmp_path.iterdir()) == []
 
@@ -187,29 +198,6 @@ def test_label_smoothing_is_recorded_and_trains_with_the_smoothed_loss(run, demo
     assert not (tmp_path / "bad").exists()
 
 
-def test_subsample_is_per_patient_and_deterministic():
-    frame = _frame({"1": (80, 20), "2": (300, 100), "3": (50, 50)})
-    a = subsample_patches(frame, 120, seed=3)
-    assert a.equals(subsample_patches(frame, 120, seed=3))
-    assert not a.equals(subsample_patches(frame, 120, seed=4))
-    assert abs(len(a) - 120) <= 6
-    counts = a.groupby(["patient_id", "label"]).size()
-    assert counts[("2", 1)] == 20 and counts[("3", 0)] == 10  # 20% of every patient and class
-    assert subsample_patches(frame, None) is frame
-
-
-def test_test_patients_override_the_split():
-    frame = _frame({str(p): (20, 5 + p % 7) for p in range(100, 112)})
-    split = resolve_split(frame, "patients", seed=0, test_patients=["101", "105"])
-    assert split["test"] == ["101", "105"]
-    assert not {"101", "105"} & (set(split["train"]) | set(split["val"]))
-    assert len(split["train"]) + len(split["val"]) == 10 and split["val"]
-    with pytest.raises(TrainingDataError, match="999"):
-        resolve_split(frame, "patients", test_patients=["999"])
-    with pytest.raises(InvalidInputError, match="p101"):  # not a patient id: reported, not a ValueError from sorting
-        resolve_split(frame, "patients", test_patients=["p101", "105"])
-
-
 def test_class_weights_balance_the_classes():
     weights = class_weights(np.array([0] * 75 + [1] * 25))
     assert weights[0] * 75 == pytest.approx(weights[1] * 25)
@@ -225,12 +213,12 @@ def test_verbose_auto(monkeypatch):
 
 def test_selection_breaks_auc_ties_with_the_validation_loss():
     labels = np.array([0, 0, 1, 1])
-    confident = training._validation_scores(labels, np.array([0.01, 0.02, 0.98, 0.99]))
-    timid = training._validation_scores(labels, np.array([0.40, 0.41, 0.42, 0.43]))
+    confident = selection.validation_scores(labels, np.array([0.01, 0.02, 0.98, 0.99]))
+    timid = selection.validation_scores(labels, np.array([0.40, 0.41, 0.42, 0.43]))
     assert confident["val_auc"] == timid["val_auc"] == 1.0
     assert confident["val_selection"] > timid["val_selection"]
     # A real AUC difference outweighs the loss.
-    worse = training._validation_scores(labels, np.array([0.01, 0.98, 0.02, 0.99]))
+    worse = selection.validation_scores(labels, np.array([0.01, 0.98, 0.02, 0.99]))
     assert worse["val_selection"] < timid["val_selection"]
 
 
@@ -249,8 +237,8 @@ def test_saved_weights_are_the_best_epochs(demo_dir, cache_dir, tmp_path):
             break
     assert best < metrics["epochs_run"], "no seed's run peaked before its last epoch"
     run = load_run(result.run_dir)
-    data = training.prepare_data([demo_dir], seed=seed, cache_dir=cache_dir, say=lambda *a: None)
-    scores = training._validation_scores(data.labels[data.val_idx], training.validation_probs(run.model, data))
+    data = training_data.prepare_data([demo_dir], seed=seed, cache_dir=cache_dir, say=lambda *a: None)
+    scores = selection.validation_scores(data.labels[data.val_idx], selection.validation_probs(run.model, data))
     assert scores["val_loss"] == pytest.approx(history["val_loss"][best - 1], abs=1e-5)
     assert scores["val_loss"] != pytest.approx(history["val_loss"][-1], abs=1e-4)
 
@@ -286,14 +274,6 @@ def test_published_split_on_unlisted_patients_says_so(demo_dir, cache_dir, tmp_p
     with pytest.raises(TrainingDataError, match=r"not in the published janowczyk2016 lists.*--split patients"):
         train(demo_dir, tmp_path / "run", split="janowczyk2016", cache_dir=cache_dir, **QUICK)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_an_empty_test_subset_is_refused():
-    frame = _frame({"10304": (20, 5), "9346": (15, 6), "13688": (20, 8), "9381": (10, 4)})  # train and val only
-    split = resolve_split(frame, "janowczyk2016")
-    assert split["test"] == []
-    with pytest.raises(TrainingDataError, match="test subset empty.*--test-patients"):
-        training._check_split(split, "janowczyk2016", frame)
 
 
 def test_several_folders_train_as_one_dataset(tmp_path, cache_dir):
@@ -435,17 +415,17 @@ def test_a_run_killed_in_its_first_epoch_resumes_from_its_config(run, demo_dir, 
 
 def _interrupted_and_resumed(demo_dir, cache_dir, out: Path, monkeypatch, settings: dict):
     """Train ``out`` with ``settings``, interrupted right after the checkpoint of epoch 1, then resume it."""
-    real = training.save_checkpoint
+    real = checkpoints.save_checkpoint
 
     def interrupt_after_epoch_1(folder, model, best_weights, state):
         real(folder, model, best_weights, state)
         if state.epochs_done == 1:
             raise KeyboardInterrupt  # as Ctrl-C right after the checkpoint
 
-    monkeypatch.setattr(training, "save_checkpoint", interrupt_after_epoch_1)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", interrupt_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train(demo_dir, out, cache_dir=cache_dir, **settings)
-    monkeypatch.setattr(training, "save_checkpoint", real)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real)
     return train(None, out, resume=True, cache_dir=cache_dir, verbose=0)
 
 
@@ -504,8 +484,10 @@ def test_a_smoothed_run_resumes_with_its_smoothing(demo_dir, cache_dir, tmp_path
 
 
 def test_a_model_that_augments_itself_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, tmp_path, monkeypatch):
-    """IDC_AUGMENT_ON=model (what a GPU gets): the model augments its batches, seeded by a batch count that its
-    checkpoint carries, so a resumed run augments epoch 2 as an uninterrupted one does, not as epoch 1 again.
+    """IDC_AUGMENT_ON=model (what a GPU gets): a resumed run augments epoch 2 as an uninterrupted one does.
+
+    The model augments its batches, seeded by a batch count that its checkpoint carries, so the resumed run does not
+    augment epoch 2 as epoch 1 again.
     """
     monkeypatch.setenv("IDC_AUGMENT_ON", "model")
     # A steps_per_epoch beyond one pass is one pass.
@@ -613,7 +595,7 @@ def test_a_full_disk_after_training_is_exit_3_and_the_run_resumes(
 
 def test_a_disk_full_before_the_first_checkpoint_leaves_nothing(demo_dir, cache_dir, small_mount):
     mount = small_mount("size=300k")  # room for the config, not for a checkpoint
-    with pytest.raises(DiskFullError, match="disk is full.*train again") as info:
+    with pytest.raises(DiskFullError, match=r"disk is full.*train again") as info:
         train(demo_dir, mount / "r", cache_dir=cache_dir, **QUICK)
     assert "\n" not in str(info.value)
     assert list(mount.iterdir()) == []

@@ -60,9 +60,9 @@ class LeversError(UserError, ValueError):
 
 def decide(val: pd.DataFrame, test: pd.DataFrame, probs_val: np.ndarray, probs_test: np.ndarray) -> pd.DataFrame:
     """``test`` with ``prob_idc`` = ``probs_test`` decided at the threshold that ``train`` would choose on
-    (``val`` labels, ``probs_val``): :data:`idc_helpers.training.THRESHOLD_RULE`.
+    (``val`` labels, ``probs_val``): :data:`idc_helpers.selection.THRESHOLD_RULE`.
     """
-    from idc_helpers.training import THRESHOLD_RULE
+    from idc_helpers.selection import THRESHOLD_RULE
 
     threshold = pick_threshold(val["label"].to_numpy(), probs_val, THRESHOLD_RULE)
     return test.assign(prob_idc=probs_test, pred=(probs_test >= threshold).astype(np.int8))

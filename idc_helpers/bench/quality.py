@@ -471,7 +471,7 @@ def run_quality(
     """
     from idc_helpers.datasource import resolve_data_dir
     from idc_helpers.patch_index import build_index
-    from idc_helpers.training import DEFAULT_EPOCHS
+    from idc_helpers.run_config import DEFAULT_EPOCHS
 
     if data_dirs is None or isinstance(data_dirs, (str, os.PathLike)):
         data_dirs = [data_dirs] if data_dirs is not None else []

@@ -1,0 +1,103 @@
+"""What a training run chooses on its validation patients: the best epoch, the decision threshold, the slide context.
+
+Every score comes from :mod:`idc_helpers.metrics`; this module says which scores decide. After each epoch
+:func:`validation_scores` scores the validation patches and :data:`MONITOR` picks the best epoch (early stopping
+follows it too). Once training ends, :func:`choose_threshold` picks the decision threshold (:data:`THRESHOLD_RULE`)
+and records the validation metrics at it, and :func:`choose_context` fits the slide-context smoothing with its own
+threshold (:func:`idc_helpers.context.fit_context`). Test patients play no part in any of these choices.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from idc_helpers import context
+from idc_helpers.inference import predict_probs
+from idc_helpers.metrics import binary_scores, log_loss, pick_threshold, ranking_scores
+from idc_helpers.training_data import TrainingData
+
+if TYPE_CHECKING:  # TensorFlow is imported only when a function needs it
+    import keras
+
+THRESHOLD_RULE = "f1"  # metrics.pick_threshold criterion: maximise the IDC F1 on validation patches
+# Early stopping and the best-epoch choice follow the validation ROC AUC (threshold-free, so it does not depend on
+# calibration), with the validation loss as a tie-breaker: on easy data (the demo) the AUC reaches 1.0 in the first
+# epoch while the probabilities are still poor, and a bare AUC would keep that first epoch forever.
+MONITOR = "val_selection"
+SELECTION_LOSS_WEIGHT = 0.01  # val_selection = val_auc - 0.01 * val_loss
+
+
+def validation_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """The scores an epoch adds to the history, from the validation patches' 0/1 ``labels`` and ``probs`` ``(N,)``.
+
+    ``val_loss``, ``val_auc``, ``val_pr_auc``, ``val_balanced_accuracy`` (at 0.5), :data:`MONITOR`, and
+    ``val_f1``: the F1 at the threshold :data:`THRESHOLD_RULE` would pick, i.e. what the stored threshold will give.
+    """
+    ranking = ranking_scores(labels, probs)
+    scores = {
+        "val_loss": log_loss(labels, probs),
+        "val_auc": ranking["roc_auc"],
+        "val_pr_auc": ranking["pr_auc"],
+        "val_balanced_accuracy": binary_scores(labels, probs >= 0.5)["balanced_accuracy"],
+    }
+    auc = scores["val_auc"]
+    scores["val_selection"] = (auc if np.isfinite(auc) else 0.0) - SELECTION_LOSS_WEIGHT * scores["val_loss"]
+    both = 0 < labels.sum() < len(labels)
+    threshold = pick_threshold(labels, probs, THRESHOLD_RULE) if both else 0.5
+    scores["val_f1"] = binary_scores(labels, probs >= threshold)["f1"]
+    return scores
+
+
+def validation_probs(model: keras.Model, data: TrainingData) -> np.ndarray:
+    """The model's IDC probabilities of the validation patches, ``(len(data.val_idx),)`` float32."""
+    return predict_probs(model, data.images, indices=data.val_idx, batch_size=512)
+
+
+def choose_threshold(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
+    """The threshold chosen on the validation patients' patches, and the validation metrics at it.
+
+    ``probs`` are the validation patches' probabilities, aligned with ``data.val_idx``; the threshold follows
+    :data:`THRESHOLD_RULE`, and the Youden threshold is stored beside it. Test patients play no part.
+    """
+    y = data.labels[data.val_idx]
+    threshold = pick_threshold(y, probs, THRESHOLD_RULE)
+    scores = binary_scores(y, (probs >= threshold).astype(np.int64), probs)
+    return {
+        "threshold": threshold,
+        "threshold_rule": f"maximise the IDC F1 on the validation patients' patches ({THRESHOLD_RULE})",
+        "threshold_youden": pick_threshold(y, probs, "youden"),
+        "validation": {
+            "patients": len(data.patients["val"]),
+            "patches": len(y),
+            "idc_patches": int(y.sum()),
+            "threshold": threshold,
+            # All of metrics.binary_scores, in its order, but the specificity (metrics.json has never held it).
+            **{key: value for key, value in scores.items() if key != "specificity"},
+        },
+    }
+
+
+def choose_context(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
+    """Slide-context parameters (smoothing width and their own threshold) chosen on the validation patients.
+
+    They are what :func:`idc_helpers.context.fit_context` returns (its default tunes on every validation patient:
+    measured in docs/results.md, that transferred better than a fold's few whole slides); ``{"unavailable":
+    reason}`` when they cannot be chosen (e.g. the validation patches hold one class only).
+    """
+    rows = data.frame.iloc[data.val_idx]
+    table = pd.DataFrame(
+        {
+            "patient_id": rows["patient_id"].astype(str).to_numpy(),
+            "x": rows["x"].to_numpy(),
+            "y": rows["y"].to_numpy(),
+            "label": data.labels[data.val_idx],
+            "prob_idc": probs.astype(np.float64),
+        }
+    )
+    try:
+        return context.fit_context(table)
+    except context.ContextError as exc:
+        return {"unavailable": str(exc)}
