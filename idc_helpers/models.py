@@ -310,15 +310,21 @@ def compile_model(
     model: keras.Model,
     learning_rate: float | keras.optimizers.schedules.LearningRateSchedule = 1e-3,
     label_smoothing: float = 0.0,
+    ema_momentum: float | None = None,
 ) -> keras.Model:
     """Compile with Adam and sparse categorical cross-entropy on the softmax output (labels int 0/1); with
     ``label_smoothing`` in (0, 1), :class:`SmoothedSparseCrossentropy` instead (outside [0, 1):
     :class:`LabelSmoothingError`).
 
-    A model with float16 layers gets Keras' dynamic loss scaling (small float16 gradients would underflow to 0).
+    With ``ema_momentum`` (in (0, 1)), the optimizer also keeps an exponential moving average of the weights, which
+    ``fit`` writes into the model when it ends (Keras' ``use_ema``); the average spans about
+    ``1 / (1 - ema_momentum)`` steps. A model with float16 layers gets Keras' dynamic loss scaling (small float16 gradients would underflow to 0).
     """
     label_smoothing = label_smoothing_setting(label_smoothing)
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    if ema_momentum is None:
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    else:
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate, use_ema=True, ema_momentum=float(ema_momentum))
     if any(layer.dtype_policy.compute_dtype == "float16" for layer in model.layers):
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(

@@ -23,13 +23,27 @@ from idc_helpers import splits
 from idc_helpers.selection import MONITOR, SELECTION_LOSS_WEIGHT, THRESHOLD_RULE
 from idc_helpers.splits import TrainingDataError
 from idc_helpers.training_data import TrainingData, class_weights
-from idc_helpers.validation import check_optional, check_patient_ids, check_run_config, check_value
+from idc_helpers.validation import (
+    AVERAGING_CHOICES,
+    check_choice,
+    check_optional,
+    check_patient_ids,
+    check_run_config,
+    check_value,
+)
 
 # The cosine schedule spans the planned epochs, so fewer epochs still end at a small learning rate; the time an
 # epoch takes is measured in docs/results.md.
 DEFAULT_EPOCHS = 8
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_PATIENCE = 4
+#: The final weights: those of the best validation epoch (``"none"``) or an average (``"ema"``); see
+#: :data:`idc_helpers.validation.AVERAGING_CHOICES`.
+DEFAULT_AVERAGING = "none"
+#: With ``"ema"``: the momentum of the moving average, per step (about 200 steps, an epoch of the shared data), and
+#: the un-augmented training batches its batch-norm statistics are recomputed on.
+DEFAULT_EMA_MOMENTUM = 0.995
+DEFAULT_BN_BATCHES = 60
 
 
 def software_versions() -> dict[str, str]:
@@ -88,6 +102,7 @@ def run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
         "learning_rate": float(args["learning_rate"] or DEFAULT_LEARNING_RATE.get(model_name, 1e-3)),
         "lr_schedule": "cosine decay to 5% over the planned epochs",
         "patience": int(args["patience"]),
+        **averaging_config(args.get("averaging")),
         "label_smoothing": float(args["label_smoothing"]),
         "monitor": MONITOR,
         "selection_loss_weight": SELECTION_LOSS_WEIGHT,
@@ -120,6 +135,17 @@ def augmentation_config(augment: bool | str | None, model_kwargs: Mapping[str, A
     }
 
 
+def averaging_config(averaging: str | None) -> dict[str, Any]:
+    """What ``config.json`` records of how the final weights are made (``"averaging"``).
+
+    With ``"ema"``, also the moving average's momentum and the batches that recompute the batch-norm statistics.
+    """
+    averaging = averaging or DEFAULT_AVERAGING
+    if averaging == "none":
+        return {"averaging": "none"}
+    return {"averaging": averaging, "ema_momentum": DEFAULT_EMA_MOMENTUM, "bn_batches": DEFAULT_BN_BATCHES}
+
+
 def resolve_model_name(name: str | None) -> str:
     """The model to build: ``name``, or :data:`idc_helpers.models.DEFAULT_MODEL` for None.
 
@@ -139,6 +165,7 @@ def check_arguments(args: Mapping[str, Any]) -> None:
         check_optional(name, args[name], f"train({name}=...)")
     for name in ("seed", "patience", "label_smoothing"):
         check_value(name, args[name], f"train({name}=...)")
+    check_choice("averaging", args.get("averaging") or DEFAULT_AVERAGING, AVERAGING_CHOICES, "train(averaging=...)")
     if args["test_patients"]:
         check_patient_ids(args["test_patients"], "train(test_patients=...)")
 

@@ -99,7 +99,41 @@ def build_and_compile(config: Mapping[str, Any], n_train: int) -> keras.Model:
     schedule = keras.optimizers.schedules.CosineDecay(
         config["learning_rate"], decay_steps=config["epochs"] * steps, alpha=0.05
     )
-    return compile_model(model, learning_rate=schedule, label_smoothing=float(config.get("label_smoothing", 0.0)))
+    return compile_model(
+        model,
+        learning_rate=schedule,
+        label_smoothing=float(config.get("label_smoothing", 0.0)),
+        ema_momentum=config["ema_momentum"] if averages(config) else None,
+    )
+
+
+def averages(config: Mapping[str, Any]) -> bool:
+    """True when the run of ``config`` ends on averaged weights (``"averaging": "ema"``) instead of its best epoch."""
+    return config.get("averaging", "none") == "ema"
+
+
+def finish_averaging(model: keras.Model, data: TrainingData, config: Mapping[str, Any]) -> None:
+    """Write the optimizer's moving average into ``model`` and recompute its batch-norm statistics.
+
+    The statistics come from ``config["bn_batches"]`` batches of the training patches, shuffled by the model seed
+    and not augmented in the pipeline (a model that augments itself still does, as in training). Both steps give
+    the same weights when repeated, so a run resumed after its last epoch finishes as an uninterrupted one.
+    """
+    from idc_helpers.models import recompute_batch_norm
+    from idc_helpers.pipeline import make_dataset
+
+    model.optimizer.finalize_variable_values(model.trainable_variables)
+    batches = make_dataset(
+        images=data.images,
+        labels=data.labels,
+        indices=data.train_idx,
+        batch_size=config["batch_size"],
+        shuffle=True,
+        augment=False,
+        dtype="uint8" if config.get("augment_on") == "model" else "float32",
+        seed=model_seed(config),
+    )
+    recompute_batch_norm(model, batches, max_batches=int(config["bn_batches"]))
 
 
 def fit(
@@ -113,14 +147,18 @@ def fit(
 ) -> tuple[keras.Model, LoopState]:
     """Train from ``state`` (a fresh run: None) to the end or to early stopping, checkpointing into ``folder``.
 
-    Returns the model holding the best epoch's weights and the final loop state.
+    Returns the model and the final loop state. The model holds the best epoch's weights, or, for a run that
+    :func:`averages`, the moving average of its weights over the whole schedule (no early stopping), with
+    batch-norm statistics recomputed (:func:`finish_averaging`).
     """
     import keras
 
     from idc_helpers.pipeline import make_dataset
 
     state = state or LoopState()
-    loop = make_loop_callback(data, folder, state, config["patience"])
+    # An averaged run trains to the end of its schedule: the patience never runs out.
+    patience = config["epochs"] + 1 if averages(config) else config["patience"]
+    loop = make_loop_callback(data, folder, state, patience)
     loop.best_weights = best_weights
     if not state.stopped and state.epochs_done < config["epochs"]:
         keras.utils.set_random_seed(model_seed(config) + state.epochs_done)
@@ -153,7 +191,10 @@ def fit(
             verbose=verbose,
             shuffle=False,
         )
-    model.set_weights(loop.best_weights)
+    if averages(config):
+        finish_averaging(model, data, config)
+    else:
+        model.set_weights(loop.best_weights)
     return model, state
 
 
@@ -199,6 +240,7 @@ def train(
     test_patients: Sequence[str] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     label_smoothing: float = 0.0,
+    averaging: Literal["none", "ema"] = "none",
     steps_per_epoch: int | None = None,
     resume: bool = False,
     verbose: int | Literal["auto"] = "auto",
@@ -232,6 +274,9 @@ def train(
     :data:`idc_helpers.pipeline.AUGMENT_STRENGTHS`; where it runs: :func:`idc_helpers.models.augmentation_placement`
     (``IDC_AUGMENT_ON``). ``label_smoothing`` smooths the training targets to ``(1 - eps) * one_hot + eps / 2``
     (0, the default: plain cross-entropy); see :class:`idc_helpers.models.SmoothedSparseCrossentropy`.
+    ``averaging`` makes the final weights: ``"none"`` (the default) keeps the best validation epoch's; ``"ema"``
+    trains every planned epoch and keeps an exponential moving average of the weights, with batch-norm statistics
+    recomputed on training batches (see :func:`fit`).
 
     ``cache_dir`` is the decoded-patch cache (default ``$IDC_CACHE_DIR`` or ``~/.cache/idc_helpers``). ``resume``
     continues the interrupted run of ``out_dir``: its arguments are read back from the run, and of the arguments

@@ -63,6 +63,11 @@ class Number:
         return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
 
 
+#: How a run's final weights are made (:func:`idc_helpers.training.fit`): ``"none"``, the weights of the best
+#: validation epoch (early stopping); ``"ema"``, trained to the end of the schedule, an exponential moving average of
+#: the weights, batch-norm statistics recomputed.
+AVERAGING_CHOICES = ("none", "ema")
+
 #: Every numeric setting of the commands, the notebooks and ``config.json``, by name.
 NUMBERS: dict[str, Number] = {
     "epochs": Number(whole=True, low=1),
@@ -77,6 +82,8 @@ NUMBERS: dict[str, Number] = {
     "threshold": Number(whole=False, low=0.0, high=1.0),
     "label_smoothing": Number(whole=False, low=0.0, high=1.0, high_open=True),
     "learning_rate": Number(whole=False, low=0.0),
+    "ema_momentum": Number(whole=False, low=0.0, high=1.0, high_open=True),
+    "bn_batches": Number(whole=True, low=1),
 }
 
 
@@ -199,13 +206,24 @@ def check_run_config(
     """The settings a run resumes with, checked as the command line checks them; ``source`` names the file."""
     if not isinstance(config, Mapping):
         raise InvalidInputError(f"{source}: not a run configuration (a JSON object is expected)")
-    for name in ("epochs", "batch_size", "patience", "seed", "model_seed", "label_smoothing", "learning_rate"):
+    for name in (
+        "epochs",
+        "batch_size",
+        "patience",
+        "seed",
+        "model_seed",
+        "label_smoothing",
+        "learning_rate",
+        "ema_momentum",
+        "bn_batches",
+    ):
         if name in config:
             check_value(name, config[name], source)
     check_optional("steps_per_epoch", config.get("steps_per_epoch"), source)
     check_optional("max_patches", config.get("max_patches"), source)
     check_choice("model", config.get("model"), models, source)
     check_choice("augment", config.get("augment"), augments, source)
+    check_choice("averaging", config.get("averaging", "none"), AVERAGING_CHOICES, source)
     split = config.get("split")
     check_choice("split", split.get("name") if isinstance(split, Mapping) else split, splits, source)
 

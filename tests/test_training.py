@@ -505,6 +505,45 @@ def test_a_model_that_augments_itself_resumes_to_the_uninterrupted_result(demo_d
     assert load_run(resumed.run_dir).model.get_layer(AUGMENT_LAYER).batches_seen.numpy() == layer.batches_seen.numpy()
 
 
+def test_an_averaged_run_trains_to_the_end_and_keeps_the_moving_average(demo_dir, cache_dir, tmp_path):
+    """averaging="ema": every planned epoch (patience plays no part), the optimizer's average as the final weights."""
+    settings = {**QUICK, "model_name": "idc_net", "epochs": 3, "batch_size": 16, "patience": 1}
+    run = train(demo_dir, tmp_path / "ema", cache_dir=cache_dir, averaging="ema", **settings)
+    assert (run.config["averaging"], run.config["ema_momentum"], run.config["bn_batches"]) == ("ema", 0.995, 60)
+    assert run.metrics["epochs_run"] == 3
+    average = run.model.optimizer._model_variables_moving_average
+    assert len(average) == len(run.model.trainable_variables)
+    for v, a in zip(run.model.trainable_variables, average, strict=True):
+        np.testing.assert_array_equal(v.numpy(), a.numpy())
+    # The saved model is that one, batch-norm statistics included, and they are recomputed ones: not those of the
+    # raw weights' last training steps, which the same run without averaging keeps.
+    saved = load_run(run.run_dir)
+    for a, b in zip(saved.model.get_weights(), run.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    plain = train(demo_dir, tmp_path / "plain", cache_dir=cache_dir, **{**settings, "patience": 10})
+    assert plain.config["averaging"] == "none" and "ema_momentum" not in plain.config
+    mean = {w.path: w.numpy() for w in run.model.weights if w.path.endswith("moving_mean")}
+    plain_mean = {w.path: w.numpy() for w in plain.model.weights if w.path.endswith("moving_mean")}
+    assert mean.keys() == plain_mean.keys() and mean
+    assert any(not np.allclose(mean[k], plain_mean[k], atol=1e-4) for k in mean)
+
+
+def test_an_averaged_run_resumes_to_the_uninterrupted_result(demo_dir, cache_dir, tmp_path, monkeypatch):
+    """The moving average lives in the optimizer's state, which the checkpoint keeps."""
+    settings = {**QUICK, "model_name": "idc_net", "epochs": 2, "batch_size": 16, "averaging": "ema"}
+    whole = train(demo_dir, tmp_path / "whole", cache_dir=cache_dir, **settings)
+    resumed = _interrupted_and_resumed(demo_dir, cache_dir, tmp_path / "resumed", monkeypatch, settings)
+    assert resumed.config["averaging"] == "ema"
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_averaging_is_one_of_its_choices(demo_dir, cache_dir, tmp_path):
+    with pytest.raises(InvalidInputError, match=r"averaging 'swa'.*none, ema"):
+        train(demo_dir, tmp_path / "run", cache_dir=cache_dir, averaging="swa", **QUICK)
+    assert not (tmp_path / "run").exists()
+
+
 # --- input checks: numbers, an edited config, a full disk -------------------------------------------------------
 
 
