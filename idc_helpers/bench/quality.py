@@ -50,6 +50,7 @@ from idc_helpers.context import ContextError, apply_context, fit_context, whole_
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import evaluate, pick_threshold
 from idc_helpers.pipeline import AUGMENT_CHOICES
+from idc_helpers.validation import AVERAGING_CHOICES
 
 LOG_FILE = "folds.jsonl"
 CONFIG_FILE = "config.json"
@@ -599,6 +600,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="W",
         help="idc_net only: multiply every filter count by W (default: 1)",
     )
+    parser.add_argument(
+        "--averaging",
+        default=None,
+        choices=AVERAGING_CHOICES,
+        help="final weights: the best validation epoch's (none) or a moving average over every epoch (ema); "
+        "default: train's",
+    )
+    parser.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=None,
+        metavar="M",
+        help="idc_net only: the batch-norm moving-average momentum, in (0, 1) (default: the model's, 0.9)",
+    )
     parser.add_argument("--tta", action="store_true", help="also score test-time augmentation (8 flips/rotations)")
     parser.add_argument("--cache-dir", default=None, help="decoded-patch cache folder")
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the pooled intervals")
@@ -624,6 +639,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         options["model_kwargs"] = {"width": args.width}
+    if args.bn_momentum is not None:
+        if not 0 < args.bn_momentum < 1 or models != ["idc_net"]:
+            print(
+                f"error: --bn-momentum {args.bn_momentum}: give a number in (0, 1), with --models idc_net alone",
+                file=sys.stderr,
+            )
+            return 2
+        options["model_kwargs"] = {**options.get("model_kwargs", {}), "bn_momentum": args.bn_momentum}
+    if args.averaging is not None:  # only when given, so folders written before the option still resume
+        options["averaging"] = args.averaging
     if args.model_seed is not None:  # only when given, so folders written before the option still resume
         options["model_seed"] = args.model_seed
     if args.label_smoothing is not None:  # only when given, so folders written before the option still resume
