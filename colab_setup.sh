@@ -67,7 +67,7 @@ try:
     import google.colab  # noqa: F401  - loaded, it makes the Colab secrets part of the look-up
 except ImportError:
     pass
-from idc_helpers.kaggle_download import find_credentials
+from idc_helpers.kaggle_credentials import find_credentials
 
 source = find_credentials()
 if source:

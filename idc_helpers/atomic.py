@@ -5,6 +5,8 @@
 - :func:`publish_dir`: build a folder under a hidden temporary name beside the target, then rename it into place;
   with ``replace=True`` an existing folder is swapped out so that a kill at any moment leaves either the old or the
   new folder at the target (:func:`recover_dir` puts an old copy back after a kill between the two renames).
+- :func:`check_out_file` and :func:`output_failed`: an output file named on the command line is checked before any
+  work (not a folder, its folder writable), and a write that fails anyway becomes one line that names it.
 
 Temporary files and folders are created with the ordinary mode (``0o666``/``0o777``) so the kernel applies the
 process umask itself: the umask is never read by changing it, which would race with other threads.
@@ -20,6 +22,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from idc_helpers.errors import DiskFullError, IdcError, UserError, is_disk_full
 
 _OLD_SUFFIX = ".old"
 
@@ -175,3 +179,47 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+class OutputPathError(UserError, OSError):
+    """An output (``--out``) names something that cannot be written: a folder, a read-only place."""
+
+
+def existing_parent(path: str | os.PathLike[str]) -> Path:
+    """The nearest folder above ``path`` that exists (or a file in its place): where its missing folders would start."""
+    parent = Path(path).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent
+
+
+def check_out_file(out: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Return ``out`` as a Path after checking, before any work, that a file can be written there.
+
+    Raises :class:`OutputPathError` (its message starts with ``option``) when ``out`` is a folder or the nearest
+    existing folder above it is a file or cannot be written; missing folders are fine, they are made on writing.
+    """
+    path = Path(out)
+    if path.is_dir():
+        raise OutputPathError(f"{option} {path}: is a folder; give a file name inside it, e.g. {path / 'out.json'}")
+    parent = existing_parent(path)
+    if not parent.is_dir():
+        raise OutputPathError(f"{option} {path}: {parent} is a file, not a folder; choose another place")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputPathError(
+            f"{option} {path}: cannot write into {parent} (read-only or not yours); choose a folder you can write to"
+        )
+    return path
+
+
+def output_failed(out: str | os.PathLike[str], exc: OSError, option: str = "--out") -> IdcError:
+    """The error to raise for an output that could not be written.
+
+    A full disk is a :class:`~idc_helpers.errors.DiskFullError` (exit status 3; nothing half-written is left, the
+    outputs being atomic); anything else an :class:`OutputPathError` (exit status 2).
+    """
+    if is_disk_full(exc):
+        return DiskFullError(
+            f"{option} {out}: the disk is full; nothing was written. Free some space and run the command again."
+        )
+    return OutputPathError(f"{option} {out}: {exc.strerror or exc}")

@@ -15,15 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from idc_helpers.errors import UserError
-from idc_helpers.kaggle_download import (
-    EXPECTED_PATCHES,
-    EXPECTED_PATIENTS,
-    KaggleCredentialsError,
-    count_copy,
-    download_dataset,
-    find_credentials,
-    is_complete_copy,
-)
+from idc_helpers.kaggle_archive import count_copy, is_complete_copy
+from idc_helpers.kaggle_credentials import find_credentials
+from idc_helpers.kaggle_download import EXPECTED_PATCHES, EXPECTED_PATIENTS, download_dataset
+from idc_helpers.kaggle_errors import KaggleCredentialsError
 
 ORIGINS = ("argument", "IDC_DATA_DIR", "./data", "kaggle", "demo")
 DATA_DIR_ENV = "IDC_DATA_DIR"

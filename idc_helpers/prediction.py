@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from idc_helpers.atomic import atomic_path
+from idc_helpers.demo_data import is_synthetic
 from idc_helpers.errors import UserError
 from idc_helpers.inference import predict_probs
 from idc_helpers.loader import load_patches
@@ -207,6 +208,22 @@ def read_predictions(path: str | os.PathLike[str]) -> pd.DataFrame:
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:  # EmptyDataError is a ValueError
         raise PredictionsError(f"{path}: not a predictions table written by `predict` ({exc})") from None
     return validate_predictions(df, source=str(path))
+
+
+def table_is_synthetic(table: pd.DataFrame) -> bool:
+    """Whether the patches of a predictions table (or of any rows with ``path`` and ``patient_id``) are demo data.
+
+    True when a dataset folder the rows' paths lie in carries the synthetic marker
+    (:func:`idc_helpers.demo_data.is_synthetic`); False for a table without those columns.
+    """
+    # <dataset>/<patient>/<0|1>/<file>.png: the dataset folder is three levels up; one file of each patient's class
+    # folder says where that folder is (a patient may lie in several datasets), without a Path per row.
+    if "path" not in table or "patient_id" not in table:
+        return False
+    keys = ["patient_id", "label"] if "label" in table else ["patient_id"]
+    firsts = table.drop_duplicates(keys)["path"].astype(str)
+    roots = {Path(p).parent.parent.parent for p in firsts}
+    return any(is_synthetic(root) for root in roots)
 
 
 # --------------------------------------------------------------------------------------------------------------

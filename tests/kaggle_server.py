@@ -87,10 +87,12 @@ def png_header(width: int, height: int) -> bytes:
 
 
 def hostile_archive(patches: dict[str, bytes], kind: str) -> bytes:
-    """:func:`build_archive` (no nested copy) with one member replaced or added the way a hostile or broken archive
-    would have it. ``kind``: ``zeros`` (a patch name holding 5 MB of zeros), ``inflates`` (a patch name holding
-    60 kB of zeros deflated: under the size limit, but a thousandfold compression), ``bomb`` (a small PNG whose header says 20000x20000), ``not_png``, ``bzip2``,
-    ``encrypted`` (the encryption flag set), ``dotdot``, ``absolute``, ``symlink``.
+    """:func:`build_archive` (no nested copy) with one member replaced or added as a hostile or broken archive has it.
+
+    ``kind``: ``zeros`` (a patch name holding 5 MB of zeros), ``inflates`` (a patch name holding 60 kB of zeros
+    deflated: under the size limit, but a thousandfold compression), ``bomb`` (a small PNG whose header says
+    20000x20000), ``not_png``, ``bzip2``, ``encrypted`` (the encryption flag set), ``dotdot``, ``absolute``,
+    ``symlink``.
     """
     first = sorted(patches)[0]
     members = dict(patches)
@@ -138,8 +140,10 @@ def hostile_archive(patches: dict[str, bytes], kind: str) -> bytes:
 
 
 def isolate_kaggle_env(monkeypatch, home: os.PathLike[str] | str) -> None:
-    """Point the kaggle client at the local server and hide every real credential: HOME becomes ``home``,
-    every ``KAGGLE_*`` variable and ``XDG_CONFIG_HOME`` are removed, and localhost bypasses any proxy.
+    """Point the kaggle client at the local server and hide every real credential.
+
+    HOME becomes ``home``, every ``KAGGLE_*`` variable and ``XDG_CONFIG_HOME`` are removed, and localhost bypasses
+    any proxy.
     """
     for name in list(os.environ):
         if name.startswith("KAGGLE_") or name.lower() in ("http_proxy", "https_proxy", "all_proxy", "xdg_config_home"):

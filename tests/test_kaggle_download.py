@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import subprocess
 import sys
 import time
 import types
@@ -24,6 +24,8 @@ from kaggle_server import (
 
 from idc_helpers.atomic import old_copy_path
 from idc_helpers.cli import main
+from idc_helpers.kaggle_archive import is_complete_copy
+from idc_helpers.kaggle_credentials import find_credentials
 from idc_helpers.kaggle_download import (
     ArchiveError,
     DestinationError,
@@ -33,8 +35,6 @@ from idc_helpers.kaggle_download import (
     KaggleCredentialsError,
     NetworkError,
     download_dataset,
-    find_credentials,
-    is_complete_copy,
 )
 from idc_helpers.patch_index import build_index
 
@@ -191,7 +191,7 @@ def test_malformed_kaggle_json_names_the_file(home, tmp_path):
     path = home / ".kaggle" / "kaggle.json"
     path.parent.mkdir()
     path.write_text('{"username": "ada"}')
-    with pytest.raises(KaggleCredentialsError, match="kaggle.json cannot be used"):
+    with pytest.raises(KaggleCredentialsError, match=r"kaggle\.json cannot be used"):
         find_credentials()
 
 
@@ -259,14 +259,57 @@ def test_leftover_from_a_killed_run_is_removed(server, env_credentials, tmp_path
     assert leftovers(tmp_path) == ["data"] and len(server.requests) == 2
 
 
-def test_running_download_is_not_disturbed(server, env_credentials, tmp_path):
+def test_running_download_is_not_disturbed_and_its_leftover_is_removed(server, env_credentials, tmp_path, capsys):
+    """A second download into the same place is refused, naming the process that holds the work folder's lock.
+
+    Once that process is gone (killed: its work folder stays), the next download removes the folder and goes on.
+    """
     work = tmp_path / ".data.partial"
     work.mkdir()
-    # A live process other than this one (pytest's parent) owns the work folder.
-    (work / "OWNER.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid()}))
-    with pytest.raises(DestinationError, match="Another download"):
-        download_dataset(tmp_path / "data", **SMALL)
-    assert (work / "OWNER.json").exists() and server.requests == []
+    (work / "archive.zip").write_bytes(b"half an archive")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from idc_helpers.locks import file_lock\n"
+            "with file_lock(sys.argv[1], blocking=False, record_pid=True) as held:\n"
+            "    print(held, flush=True); sys.stdin.read()",
+            str(work / ".lock"),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "True\n"
+        with pytest.raises(DestinationError) as info:
+            download_dataset(tmp_path / "data", **SMALL)
+        message = str(info.value)
+        assert message.startswith(f"Another download into {tmp_path / 'data'} is running (process {holder.pid}, ")
+        assert (work / "archive.zip").exists() and server.requests == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (work / ".lock").read_text().strip() == str(holder.pid)  # a pid recorded, but nobody holds the lock
+    download_dataset(tmp_path / "data", **SMALL)
+    assert "left over" in capsys.readouterr().out
+    assert leftovers(tmp_path) == ["data"] and len(server.requests) == 2
+
+
+def test_a_download_holds_its_work_folder_until_done(server, env_credentials, tmp_path, monkeypatch):
+    from idc_helpers import kaggle_download
+    from idc_helpers.locks import lock_holder
+
+    seen = []
+    original = kaggle_download.extract_verified
+
+    def extract(archive, out, dest, **kwargs):
+        seen.append(lock_holder(archive.parent / ".lock"))
+        original(archive, out, dest, **kwargs)
+
+    monkeypatch.setattr(kaggle_download, "extract_verified", extract)
+    download_dataset(tmp_path / "data", **SMALL)
+    assert seen == [os.getpid()] and leftovers(tmp_path) == ["data"]
 
 
 def test_no_server_is_a_network_error(env_credentials, tmp_path):

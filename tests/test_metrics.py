@@ -19,7 +19,8 @@ import pytest
 from sklearn import metrics as skm
 
 from idc_helpers.bootstrap import MIN_PATIENTS_FOR_INTERVAL
-from idc_helpers.cli import main, run_evaluate
+from idc_helpers.cli import main
+from idc_helpers.commands import cmd_evaluate
 from idc_helpers.demo_data import DEMO_MARKER
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import (
@@ -212,7 +213,7 @@ def test_format_report_is_a_readable_table():
     assert "95% CI" in text and "720 patches from 12 patients" in text and "Confusion matrix" in text
 
 
-def test_run_evaluate_writes_strict_json(tmp_path, capsys):
+def test_cmd_evaluate_writes_strict_json(tmp_path, capsys):
     csv = tmp_path / "preds.csv"
     preds = make_predictions()
     preds.loc[preds.patient_id == "9003", "label"] = 0  # a per-patient AUC of NaN must become null
@@ -227,7 +228,7 @@ def test_run_evaluate_writes_strict_json(tmp_path, capsys):
     assert not list(out.parent.glob(".*tmp"))  # no temporary file left behind
 
 
-def test_run_evaluate_errors_name_the_file_and_columns(tmp_path, capsys):
+def test_cmd_evaluate_errors_name_the_file_and_columns(tmp_path, capsys):
     csv = tmp_path / "bad.csv"
     make_predictions(n_patients=2, per_patient=3).drop(columns=["prob_idc", "pred"]).to_csv(csv, index=False)
     assert main(["evaluate", "--predictions", str(csv)]) == 2
@@ -237,7 +238,7 @@ def test_run_evaluate_errors_name_the_file_and_columns(tmp_path, capsys):
     assert "missing.csv" in capsys.readouterr().err
     csv.write_text("patient_id,label,prob_idc,pred\n1,0,high,0\n")  # not numbers
     with pytest.raises(UserError, match=r"bad\.csv"):
-        run_evaluate(Namespace(predictions=str(csv), out=None, bootstrap=0, seed=0, threshold=None))
+        cmd_evaluate(Namespace(predictions=str(csv), out=None, bootstrap=0, seed=0, threshold=None))
 
 
 def test_evaluate_out_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys):
@@ -267,7 +268,7 @@ def test_patient_ids_stay_text(tmp_path):
     preds["patient_id"] = ["00" + p for p in preds["patient_id"]]
     preds.to_csv(csv, index=False)
     out = tmp_path / "r.json"
-    assert run_evaluate(Namespace(predictions=str(csv), out=str(out), bootstrap=0, seed=0, threshold=None)) == 0
+    assert cmd_evaluate(Namespace(predictions=str(csv), out=str(out), bootstrap=0, seed=0, threshold=None)) == 0
     assert json.loads(out.read_text())["per_patient"][0]["patient_id"] == "009000"
 
 
@@ -432,16 +433,16 @@ def test_evaluate_refuses_thresholds_and_counts_out_of_range(tmp_path, cli_error
 
 
 def test_evaluate_shows_its_progress_on_long_work(tmp_path, monkeypatch, capsys):
-    from idc_helpers import cli
+    from idc_helpers import commands
 
     csv = tmp_path / "preds.csv"
     make_predictions().to_csv(csv, index=False)
-    monkeypatch.setattr(cli, "_LONG_BOOTSTRAP", 0)  # as if the table were large
+    monkeypatch.setattr(commands, "_LONG_BOOTSTRAP", 0)  # as if the table were large
     assert main(["evaluate", "--predictions", str(csv), "--bootstrap", "50"]) == 0
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "bootstrap: 0 of 50 resamples" and lines[-1] == "bootstrap: 50 of 50 resamples"
     assert len(lines) <= 11  # a line at each tenth at most
-    monkeypatch.setattr(cli, "_LONG_BOOTSTRAP", 10**12)
+    monkeypatch.setattr(commands, "_LONG_BOOTSTRAP", 10**12)
     assert main(["evaluate", "--predictions", str(csv), "--bootstrap", "50"]) == 0
     assert capsys.readouterr().err == ""  # short work: nothing on stderr
 

@@ -18,6 +18,7 @@ from idc_helpers.prediction import (
     predict_frame,
     read_predictions,
     select_patients,
+    table_is_synthetic,
     validate_predictions,
     write_predictions,
 )
@@ -262,6 +263,23 @@ def test_predict_checks_its_arguments_before_any_work(tiny_dataset, tmp_path, cl
     assert not (tmp_path / "p.csv").exists()
 
 
+def test_a_table_is_synthetic_when_a_dataset_folder_of_its_patches_carries_the_marker(tmp_path):
+    from idc_helpers.demo_data import DEMO_MARKER
+
+    rows = pd.DataFrame(
+        {
+            "path": [str(tmp_path / d / "9000" / "0" / "a.png") for d in ("real", "demo")],
+            "patient_id": ["9000", "9000"],
+            "label": [0, 1],  # one file of each patient's class folder is looked at: both datasets here
+        }
+    )
+    assert not table_is_synthetic(rows)
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / DEMO_MARKER).write_text("synthetic")
+    assert table_is_synthetic(rows)
+    assert not table_is_synthetic(rows.drop(columns=["path"]))
+
+
 def test_a_full_disk_is_exit_3_in_one_line_for_every_command(tmp_path, monkeypatch, capsys):
     """predict/evaluate/slide name their --out (outputs are atomic: nothing half-written stays); any other command
     that runs out of space (index, for its cache) says so in one line too.
@@ -269,9 +287,10 @@ def test_a_full_disk_is_exit_3_in_one_line_for_every_command(tmp_path, monkeypat
     import errno
 
     from idc_helpers import cli
+    from idc_helpers.atomic import output_failed
 
     full = OSError(errno.ENOSPC, "No space left on device")
-    error = cli._output_failed(tmp_path / "p.csv", full)
+    error = output_failed(tmp_path / "p.csv", full)
     assert error.exit_code == 3 and str(error).startswith(f"--out {tmp_path / 'p.csv'}: the disk is full")
 
     def out_of_space(args):

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from idc_helpers.bench import BENCHMARKS
-from idc_helpers.cli import quiet_tensorflow
+from idc_helpers.tf_env import quiet_tensorflow
 
 # The benchmarks that train or predict: TensorFlow is imported for them up front, with its start-up lines hidden.
 _TENSORFLOW_BENCHMARKS = ("boundary", "levers", "quality", "speed")
