@@ -21,7 +21,7 @@ from typing import NoReturn
 from idc_helpers import __version__, commands
 from idc_helpers.errors import IdcError, is_disk_full
 from idc_helpers.tf_env import quiet_tensorflow
-from idc_helpers.validation import arg_type, patient_list
+from idc_helpers.validation import AVERAGING_CHOICES, arg_type, patient_list
 
 EXIT_CODES = {
     0: "success",
@@ -182,6 +182,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="augmentation of the training batches: flips/rotations only (geometry), with mild, light "
         "or strong stain jitter, or none (default: mild)",
     )
+    p.add_argument(
+        "--averaging",
+        choices=AVERAGING_CHOICES,
+        default="none",
+        help="the final weights: the best validation epoch's, with early stopping (none), or an exponential moving "
+        "average of the weights over every planned epoch (ema) (default: none)",
+    )
     # What a resumed run reads back from its config.json instead (so giving them with --resume is a mistake).
     p.set_defaults(run_defaults={name: p.get_default(name) for name in _RUN_OPTIONS})
 
@@ -199,6 +206,7 @@ _RUN_OPTIONS = (
     "label_smoothing",
     "test_patients",
     "augment",
+    "averaging",
 )
 
 

@@ -129,6 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             label_smoothing=args.label_smoothing,
             augment=args.augment,
+            averaging=args.averaging,
             cache_dir=args.cache_dir,
             test_patients=test_patients,
             verbose="auto",
@@ -195,6 +196,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from idc_helpers.metrics import evaluate, per_patient_metrics
     from idc_helpers.prediction import read_predictions, table_is_synthetic
+    from idc_helpers.reporting import format_report
 
     source = Path(args.predictions)
     out = check_out_file(args.out) if args.out else None

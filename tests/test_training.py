@@ -538,6 +538,21 @@ def test_an_averaged_run_resumes_to_the_uninterrupted_result(demo_dir, cache_dir
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_cli_averaging_reaches_the_run_and_is_not_given_again_on_resume(demo_dir, cache_dir, tmp_path, cli_error):
+    out = tmp_path / "run"
+    args = ["--model", "seed_cnn", "--epochs", "1", "--batch-size", "32", "--averaging", "ema"]
+    done = subprocess.run(
+        _train_command(demo_dir, cache_dir, "--out", str(out), *args), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert load_run(out).config["averaging"] == "ema"
+    # A resumed run reads its averaging back from its config.json: giving it again is refused, as any such option.
+    assert "--averaging" in cli_error(["train", "--resume", str(out), "--averaging", "ema"])
+    assert "'swa'" in cli_error(
+        ["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "x"), "--averaging", "swa"]
+    )
+
+
 def test_averaging_is_one_of_its_choices(demo_dir, cache_dir, tmp_path):
     with pytest.raises(InvalidInputError, match=r"averaging 'swa'.*none, ema"):
         train(demo_dir, tmp_path / "run", cache_dir=cache_dir, averaging="swa", **QUICK)
