@@ -27,7 +27,7 @@ def repository_url() -> str:
 
 
 def colab_url(notebook_path: str) -> str:
-    """Colab URL that opens ``notebook_path`` (relative to the repository root, e.g. ``notebooks/02_training.ipynb``)."""
+    """Colab URL that opens ``notebook_path``, relative to the repository root (``notebooks/02_training.ipynb``)."""
     path = PurePosixPath(str(notebook_path).replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts:
         raise ValueError(f"give the notebook path relative to the repository root, not {notebook_path!r}")

@@ -58,8 +58,9 @@ def test_cell_order(path):
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_no_outputs_committed(path):
-    """Outputs and execution counts are stripped, except in ``# NBVAL_CHECK_OUTPUT`` cells: their expected output
-    stays, with an execution count because nbval skips the comparison for a cell without one.
+    """Outputs and execution counts are stripped, except in ``# NBVAL_CHECK_OUTPUT`` cells.
+
+    Their expected output stays, with an execution count because nbval skips the comparison for a cell without one.
     """
     for i, cell in enumerate(read(path).cells, start=1):
         if cell.cell_type != "code":
@@ -196,8 +197,10 @@ def _code_cells(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
 def test_cells_are_a_few_lines_of_package_calls(path):
-    """A notebook cell calls the package and shows the result: no cell but setup and parameters is over 10 lines, no
-    function or class is defined in a notebook, and nothing reads a run's JSON files by hand.
+    """A notebook cell calls the package and shows the result.
+
+    No cell but setup and parameters is over 10 lines, no function or class is defined in a notebook, and nothing reads
+    a run's JSON files by hand.
     """
     cells = [c for c in read(path).cells if c.cell_type == "code"]
     for i, cell in enumerate(cells[1:], start=2):  # the setup cell aside
@@ -234,8 +237,9 @@ def test_setup_cell_quiets_tensorflow_before_importing_it_and_offers_drive():
 
 
 def test_tensorflow_start_up_lines_do_not_reach_stderr():
-    """TensorFlow 2.19+ prints CUDA/oneDNN lines at import whatever TF_CPP_MIN_LOG_LEVEL says; the setup cell's
-    import_tensorflow_quietly hides them, and stderr works again afterwards.
+    """The setup cell's import_tensorflow_quietly hides TensorFlow's start-up lines, and stderr works again afterwards.
+
+    TensorFlow 2.19+ prints CUDA/oneDNN lines at import whatever TF_CPP_MIN_LOG_LEVEL says.
     """
     code = (
         "import os, sys; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3';"
@@ -256,8 +260,10 @@ def test_training_notebook_resumes_and_shows_the_drive_path():
 
 
 def test_words_agree_with_the_code():
-    """idc_net's head is one dense layer, not seed_cnn's two; the published split's test patients are what is
-    comparable, not the whole experiment (unlisted patients go to training).
+    """The notebooks' words agree with the code: idc_net's head and what the published split compares.
+
+    idc_net's head is one dense layer, not seed_cnn's two; the published split's test patients are what is comparable,
+    not the whole experiment (unlisted patients go to training).
     """
     from idc_helpers import models
 
