@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tokenize
+import types
 from pathlib import Path
 
 import nbformat
@@ -226,29 +228,58 @@ def test_every_saved_figure_goes_through_save_figure(path):
     assert saves or (path.stem == "02_training" and "save_figure" in source)
 
 
-def test_setup_cell_quiets_tensorflow_before_importing_it_and_offers_drive():
+def test_setup_cell_installs_only_on_colab_then_calls_the_package():
     source = colab.setup_cell_source()
     lines = source.splitlines()
-    env = next(i for i, line in enumerate(lines) if "TF_CPP_MIN_LOG_LEVEL" in line)
-    first_import = next(i for i, line in enumerate(lines) if "idc_helpers" in line or "tensorflow" in line)
-    assert env < first_import
-    mount = next(i for i, line in enumerate(lines) if "drive.mount(" in line)
-    guards = [line.strip() for line in lines[:mount] if line.startswith(("if ", "    if "))]
-    assert "if IS_COLAB:" in guards and "if MOUNT_DRIVE:" in guards  # optional, and only on Colab
+    install = [i for i, line in enumerate(lines) if "colab_setup.sh" in line or "git clone" in line]
+    guard = next(i for i, line in enumerate(lines) if line.startswith("if "))
+    assert lines[guard].startswith("if IS_COLAB and ") and install and min(install) > guard
+    assert all(lines[i].startswith("    ") for i in install)  # only on Colab
+    first_import = next(i for i, line in enumerate(lines) if line.startswith("from idc_helpers"))
+    assert first_import > max(install)  # on Colab the package exists only after the install
+    assert "tensorflow" not in source  # setup_notebook quiets it before importing it
+    assert lines[-1] == "setup_notebook(IS_COLAB, mount_drive=MOUNT_DRIVE)"
     assert "MOUNT_DRIVE = False" in source
+    assert len([line for line in lines if line.strip()]) <= 12
     for path in PATHS:
         assert _code_cells(path)[0] == source
 
 
-def test_tensorflow_start_up_lines_do_not_reach_stderr():
-    """The setup cell's import_tensorflow_quietly hides TensorFlow's start-up lines, and stderr works again afterwards.
+def test_setup_notebook_on_colab_works_from_the_clone_and_mounts_drive_when_asked(tmp_path, monkeypatch):
+    clone = tmp_path / "clone"
+    (clone / "notebooks").mkdir(parents=True)
+    mounted, imported = [], []
+    drive = types.ModuleType("google.colab.drive")
+    drive.mount = mounted.append
+    monkeypatch.setitem(sys.modules, "google.colab.drive", drive)
+    monkeypatch.setitem(sys.modules, "google.colab", types.SimpleNamespace(drive=drive))
+    monkeypatch.setattr(colab, "COLAB_CLONE_DIR", str(clone))
+    monkeypatch.setattr(colab, "import_tensorflow_quietly", lambda: imported.append(True))
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)
+    monkeypatch.chdir(tmp_path)
 
-    TensorFlow 2.19+ prints CUDA/oneDNN lines at import whatever TF_CPP_MIN_LOG_LEVEL says.
+    colab.setup_notebook(False, mount_drive=True)
+    assert Path.cwd().resolve() == tmp_path.resolve() and not mounted and imported == [True]
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3"
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "1")
+    colab.setup_notebook(True)
+    assert Path.cwd().resolve() == (clone / "notebooks").resolve() and not mounted
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "1"  # the user's own setting stays
+    colab.setup_notebook(True, mount_drive=True)
+    assert mounted == ["/content/drive"] and len(imported) == 3
+
+
+def test_tensorflow_start_up_lines_do_not_reach_stderr():
+    """The setup cell's setup_notebook hides TensorFlow's start-up lines, and stderr works again afterwards.
+
+    TensorFlow 2.19+ prints CUDA/oneDNN lines at import whatever TF_CPP_MIN_LOG_LEVEL says: the variable alone is
+    not enough, the import itself runs with stderr silenced.
     """
     code = (
-        "import os, sys; os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3';"
-        "from idc_helpers.colab import import_tensorflow_quietly; import_tensorflow_quietly();"
-        "assert 'tensorflow' in sys.modules; print('still here', file=sys.stderr)"
+        "import os, sys; os.environ.pop('TF_CPP_MIN_LOG_LEVEL', None);"
+        "from idc_helpers.colab import setup_notebook; setup_notebook(False);"
+        "assert 'tensorflow' in sys.modules and os.environ['TF_CPP_MIN_LOG_LEVEL'] == '3';"
+        "print('still here', file=sys.stderr)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stderr == "still here\n"
