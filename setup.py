@@ -15,7 +15,10 @@ NOTEBOOK_FILES = ("*.ipynb", "params/*.yaml")
 
 
 class BuildWithNotebooks(build_py):
+    """``build_py`` that also copies the notebook series into the built package (not in an editable install)."""
+
     def run(self) -> None:
+        """Build the package, then copy :data:`NOTEBOOK_FILES` into ``idc_helpers/notebooks/``."""
         super().run()
         if getattr(self, "editable_mode", False):
             return

@@ -1,4 +1,4 @@
-"""Where the project lives on GitHub, and the Colab links and setup cell derived from it.
+"""Where the project lives on GitHub, the Colab links and setup cell derived from it, and the notebooks' setup.
 
 ``REPOSITORY`` and ``BRANCH`` are the single source of truth: the Colab badges in the README and in each notebook,
 and the repository URL in each notebook's setup cell, are written from them by ``tools/update_notebook_links.py``
@@ -27,7 +27,7 @@ def repository_url() -> str:
 
 
 def colab_url(notebook_path: str) -> str:
-    """Colab URL that opens ``notebook_path`` (relative to the repository root, e.g. ``notebooks/02_training.ipynb``)."""
+    """Colab URL that opens ``notebook_path``, relative to the repository root (``notebooks/02_training.ipynb``)."""
     path = PurePosixPath(str(notebook_path).replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts:
         raise ValueError(f"give the notebook path relative to the repository root, not {notebook_path!r}")
@@ -40,43 +40,58 @@ def badge_markdown(notebook_path: str) -> str:
 
 
 def setup_cell_source() -> str:
-    """The source of every notebook's setup cell.
+    """The source of every notebook's setup cell: install the package on Colab, then :func:`setup_notebook`.
 
-    Everywhere: quiet TensorFlow's start-up lines (before it is imported). On Colab: clone the project, run
-    ``colab_setup.sh`` and, when ``MOUNT_DRIVE`` is set to True, mount Google Drive (a run folder there survives a
-    disconnect; see :data:`DRIVE_RUN_DIR`). Elsewhere the package is expected to be installed (``pip install -e .``).
+    On Colab, where the kernel starts without the package, the cell clones the project and runs ``colab_setup.sh``
+    (once per runtime: not when the package is importable already); the rest is :func:`setup_notebook`, which the
+    cell can only call once the package is installed. Elsewhere the package is expected to be installed
+    (``pip install -e .``). ``MOUNT_DRIVE`` set to True mounts Google Drive on Colab (a run folder there survives a
+    disconnect; see :data:`DRIVE_RUN_DIR`).
     """
     return "\n".join(
         [
-            "import os",
+            "import importlib.util",
             "import sys",
             "",
-            "# Before TensorFlow loads: hide its C++ start-up lines (CUDA probing on a CPU machine, oneDNN notices).",
-            'os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")',
             'IS_COLAB = "google.colab" in sys.modules',
             "MOUNT_DRIVE = False  # Colab: True mounts Google Drive, so that a RUN_DIR there survives a disconnect",
-            "if IS_COLAB:",
-            "    # Colab starts empty: fetch the project, install it (and what Colab lacks), then work from its",
-            "    # notebooks/ folder so that relative paths mean the same as on your own machine.",
-            "    import importlib",
-            "",
-            f'    REPO_URL = "{repository_url()}"',
+            'if IS_COLAB and importlib.util.find_spec("idc_helpers") is None:',
+            "    # Colab starts empty: fetch the project and install it (and what Colab lacks).",
             f'    REPO_DIR = "{COLAB_CLONE_DIR}"',
-            "    if not os.path.isdir(REPO_DIR):",
-            f"        !git clone --depth 1 --branch {BRANCH} {{REPO_URL}} {{REPO_DIR}}",
+            f"    !test -d {{REPO_DIR}} || git clone --depth 1 --branch {BRANCH} {repository_url()} {{REPO_DIR}}",
             "    !bash {REPO_DIR}/colab_setup.sh",
-            "    %cd {REPO_DIR}/notebooks",
             "    importlib.invalidate_caches()  # the package was installed after this kernel started",
-            "    if MOUNT_DRIVE:",
-            "        from google.colab import drive",
             "",
-            '        drive.mount("/content/drive")',
+            "from idc_helpers.colab import setup_notebook",
             "",
-            "from idc_helpers.colab import import_tensorflow_quietly",
-            "",
-            "import_tensorflow_quietly()",
+            "setup_notebook(IS_COLAB, mount_drive=MOUNT_DRIVE)",
         ]
     )
+
+
+def setup_notebook(is_colab: bool, *, mount_drive: bool = False) -> None:
+    """The rest of a notebook's setup cell, once the package is installed: quiet TensorFlow, and settle in on Colab.
+
+    Everywhere: ``TF_CPP_MIN_LOG_LEVEL`` is set to 3 unless it is set already, and TensorFlow is imported by
+    :func:`import_tensorflow_quietly`, so that its start-up lines (CUDA probing on a CPU machine, oneDNN notices)
+    stay out of the notebook. With ``is_colab``: the working folder becomes the clone's ``notebooks/`` (where the
+    setup cell put it), so that relative paths mean the same as on your own machine, and ``mount_drive`` mounts
+    Google Drive at ``/content/drive``.
+
+    For a notebook's setup cell only, an entry point: it changes the process (an environment variable, the working
+    folder).
+    """
+    # Before TensorFlow loads: the variable is read once, at its import.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if is_colab:
+        notebooks = os.path.join(COLAB_CLONE_DIR, "notebooks")
+        if os.path.isdir(notebooks):  # absent when the package was installed some other way
+            os.chdir(notebooks)
+        if mount_drive:
+            from google.colab import drive
+
+            drive.mount("/content/drive")
+    import_tensorflow_quietly()
 
 
 def import_tensorflow_quietly() -> None:

@@ -39,9 +39,10 @@ def sibling_run_dir(run_dir: str | os.PathLike[str], model_name: str) -> Path:
 def train_alongside(
     base: _RunLike, run_dir: str | os.PathLike[str], model_name: str, *, verbose: int | str = 2
 ) -> _RunLike:
-    """The run of ``model_name`` with the data, split, seed, epochs, subsample and batch size of ``base`` (a
-    :class:`~idc_helpers.run.Run`, as :func:`~idc_helpers.training.train` or :func:`~idc_helpers.run.load_run`
-    gives it), in :func:`sibling_run_dir`.
+    """The run of ``model_name`` with the data, split, seed, epochs, subsample and batch size of ``base``.
+
+    ``base`` is a :class:`~idc_helpers.run.Run`, as :func:`~idc_helpers.training.train` or
+    :func:`~idc_helpers.run.load_run` gives it; the run lives in :func:`sibling_run_dir`.
 
     A finished sibling run is loaded, not trained again (runs are never overwritten); an interrupted one is
     resumed.
@@ -75,8 +76,10 @@ def train_alongside(
 
 
 def compare_runs(runs: Sequence[_RunLike]) -> pd.DataFrame:
-    """One row per run: model, parameters, epochs run and kept, training seconds, and the validation patients'
-    ROC AUC, F1, precision, recall and balanced accuracy at the run's own threshold (from ``metrics.json``).
+    """One row per run: model, parameters, epochs, training seconds and the validation patients' scores.
+
+    The epochs are those run and kept; the scores are ROC AUC, F1, precision, recall and balanced accuracy at the run's
+    own threshold (from ``metrics.json``).
     """
     rows = []
     for run in runs:

@@ -132,8 +132,9 @@ def smooth_probs(table: pd.DataFrame, sigma: float, window: int | None = None, c
 
 
 def _neighbour_sums(table: pd.DataFrame, values: np.ndarray) -> np.ndarray:
-    """Each patch's sum of ``values`` over its 8 grid neighbours on the same patient's slide (neighbours absent
-    from the table add nothing): ``(N,)`` float64 in the table's row order.
+    """Each patch's sum of ``values`` over its 8 grid neighbours on the same patient's slide: ``(N,)`` float64.
+
+    Neighbours absent from the table add nothing; the result is in the table's row order.
     """
     gx, gy = _grid_cells(table)
     out = np.zeros(len(table), dtype=np.float64)
@@ -153,8 +154,10 @@ def neighbour_counts(table: pd.DataFrame) -> np.ndarray:
 
 
 def label_boundary(table: pd.DataFrame, column: str = "label") -> np.ndarray:
-    """Which patches lie on an annotation boundary: at least one of their 8 grid neighbours (same patient, in the
-    table) carries the other label of ``column`` (0/1). ``(N,)`` bool in the table's row order.
+    """Which patches lie on an annotation boundary: ``(N,)`` bool in the table's row order.
+
+    A patch is on the boundary when at least one of its 8 grid neighbours (same patient, in the table) carries the other
+    label of ``column`` (0/1).
 
     The labels of this dataset come from regions outlined by a pathologist at low magnification, so a patch
     beside a patch of the other class is where a label is least certain; a patch without neighbours is never on
@@ -172,8 +175,10 @@ def label_boundary(table: pd.DataFrame, column: str = "label") -> np.ndarray:
 def whole_slide_patients(
     table: pd.DataFrame, min_neighbours: int = 4, min_share: float = 0.5, min_patches: int = 25
 ) -> list[str]:
-    """Patients whose patches form a slide: at least ``min_patches`` patches, and at least ``min_share`` of them
-    with ``min_neighbours`` or more of their 8 neighbours present.
+    """Patients whose patches form a slide, not a sparse sample.
+
+    A slide has at least ``min_patches`` patches, and at least ``min_share`` of them with ``min_neighbours`` or more of
+    their 8 neighbours present.
 
     On the shared data the two kinds separate clearly: whole slides have 71-99% of their patches with >= 4
     neighbours, the ~9% samples of ``idc_sparse`` at most 5%.
@@ -293,9 +298,10 @@ def check_params(params: Mapping[str, Any]) -> None:
 
 
 def apply_context(table: pd.DataFrame, params: Mapping[str, Any], column: str = "prob_idc") -> pd.DataFrame:
-    """A copy of ``table`` with ``prob_idc_context`` (float64, smoothed ``column``), ``pred_context``
-    (int8, ``prob_idc_context >= params["threshold"]``) and ``threshold_context`` (that threshold, on every row)
-    added; ``params`` comes from :func:`fit_context`.
+    """A copy of ``table`` with the context columns added, from the ``params`` of :func:`fit_context`.
+
+    The columns are ``prob_idc_context`` (float64, smoothed ``column``), ``pred_context`` (int8, ``prob_idc_context >=
+    params["threshold"]``) and ``threshold_context`` (that threshold, on every row).
     """
     check_params(params)
     out = table.copy()

@@ -138,7 +138,8 @@ def _given_folder(path: Path, origin: str, named: str) -> DataSource:
         from idc_helpers.demo_data import SYNTHETIC_LINE
 
         source = DataSource(path, "demo", True, f"SYNTHETIC demo data in {path}{where}")
-        # The user named this folder (written with `demo-data`, which showed the whole notice): one line, not the banner.
+        # The user named this folder (written with `demo-data`, which showed the whole notice): one line, not the
+        # banner.
         print(f"Data: {source}: {SYNTHETIC_LINE}", flush=True)
         return source
     return DataSource(path, origin, False, f"data in {path}{where}")

@@ -1,8 +1,9 @@
-"""Which patches a figure shows: border patches that hold tissue, augmented views of a few patches as training sees
-them, and the mistakes of the worst test patients.
+"""Which patches a figure shows: border patches, augmented views and the mistakes of the worst test patients.
 
-Both return :class:`Examples`: the chosen rows, their ``(N, 50, 50, 3) uint8`` RGB patches (read without the
-cache: a gallery is a handful of files) and one short title per patch, ready for
+The border patches are those that hold tissue; the augmented views show a few patches as training sees them.
+
+Each gallery returns :class:`Examples`: the chosen rows, their ``(N, 50, 50, 3) uint8`` RGB patches (read without
+the cache: a gallery is a handful of files) and one short title per patch, ready for
 :func:`idc_helpers.patch_plots.plot_patches`.
 """
 
@@ -46,10 +47,11 @@ def tissue_share(images: np.ndarray, sizes: Sequence[tuple[int, int]]) -> np.nda
 
 
 def border_examples(frame: pd.DataFrame, n: int = 8, *, seed: int = 0, pool: int = 80) -> Examples:
-    """Up to ``n`` patches smaller than 50x50 (the slide's edge cut them short), holding tissue and as varied in
-    size as the data allows: of a random pool of ``pool`` such patches, the one with the most tissue
-    (:func:`tissue_share`) of each size that holds any, then the rest by tissue share. Most border patches are
-    glass at the slide's edge, so a random pick mostly shows glass.
+    """Up to ``n`` border patches (smaller than 50x50) that hold tissue, as varied in size as the data allows.
+
+    The slide's edge cut these patches short. Of a random pool of ``pool`` such patches, the one with the most tissue
+    (:func:`tissue_share`) of each size that holds any, then the rest by tissue share. Most border patches are glass at
+    the slide's edge, so a random pick mostly shows glass.
 
     ``frame``: a patch index with ``width`` and ``height``. Titles give the size and the class.
     """
@@ -68,9 +70,10 @@ def border_examples(frame: pd.DataFrame, n: int = 8, *, seed: int = 0, pool: int
 
 
 def augmented_views(images: np.ndarray, n_views: int = 5, *, seed: int = 0, strength: str = "mild") -> Examples:
-    """Each patch of ``images`` ``(N, 50, 50, 3) uint8`` followed by ``n_views`` random augmentations of it, as
-    training draws them (:func:`idc_helpers.pipeline.augment_batch`: a flip/rotation and stain jitter of
-    ``strength``); one row of ``n_views + 1`` per patch.
+    """Each patch of ``images`` ``(N, 50, 50, 3) uint8`` followed by ``n_views`` random augmentations of it.
+
+    The views are drawn as training draws them (:func:`idc_helpers.pipeline.augment_batch`: a flip/rotation and stain
+    jitter of ``strength``); one row of ``n_views + 1`` per patch.
     """
     from idc_helpers.pipeline import augment_batch
 
@@ -84,9 +87,10 @@ def augmented_views(images: np.ndarray, n_views: int = 5, *, seed: int = 0, stre
 
 
 def worst_patients(per_patient: pd.DataFrame, n: int = 3, *, min_idc: int = 10) -> pd.DataFrame:
-    """The ``n`` patients with the lowest F1 among those with at least ``min_idc`` IDC patches (a patient with a
-    handful of IDC patches has an F1 that a single patch swings), from
-    :func:`idc_helpers.metrics.per_patient_metrics`; the lowest first.
+    """The ``n`` patients with the lowest F1 among those with at least ``min_idc`` IDC patches, the lowest first.
+
+    A patient with a handful of IDC patches has an F1 that a single patch swings. The F1 comes from
+    :func:`idc_helpers.metrics.per_patient_metrics`.
     """
     eligible = per_patient[per_patient["n_idc"] >= min_idc]
     if eligible.empty:
@@ -95,8 +99,9 @@ def worst_patients(per_patient: pd.DataFrame, n: int = 3, *, min_idc: int = 10) 
 
 
 def patient_mistakes(preds: pd.DataFrame, patients: Sequence[str], per_patient: int = 4) -> Examples:
-    """Each patient's most confident mistakes, ``per_patient`` of them: missed IDC with the lowest ``prob_idc`` and
-    false alarms with the highest, half and half where both exist.
+    """Each patient's ``per_patient`` most confident mistakes.
+
+    Missed IDC with the lowest ``prob_idc`` and false alarms with the highest, half and half where both exist.
 
     ``preds``: a predictions table (its ``pred`` decides; titles give ``p`` and the threshold the table records).
     """

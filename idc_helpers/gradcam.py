@@ -56,8 +56,9 @@ def default_gradcam_layer(model: keras.Model, min_size: int = MIN_DEFAULT_MAP_SI
 
 
 def _grad_model(model: keras.Model, layer_name: str) -> tuple[keras.Model, Any]:
-    """``keras.Model(model.inputs, [layer output, logits])``, and the last Dense layer when its activation must be
-    undone to get the logits (``None`` otherwise).
+    """``keras.Model(model.inputs, [layer output, logits])``, and the last Dense layer if its activation must be undone.
+
+    The layer is returned when its activation must be undone to get the logits (``None`` otherwise).
 
     A Sequential model is wired anew on a fresh input (same layers, same weights): after ``load_model`` its layers'
     recorded outputs are not connected to ``model.inputs``, and the gradient would be ``None``.
@@ -90,8 +91,10 @@ def _grad_model(model: keras.Model, layer_name: str) -> tuple[keras.Model, Any]:
 
 
 def _idc_score(z: Any, class_index: int) -> Any:
-    """The logit of p(class): with two softmax outputs the log-odds ``z_c - z_other``, with one sigmoid unit the unit
-    itself (negated for class 0), with more classes ``z_c``; shape (B,).
+    """The logit of p(class), shape (B,).
+
+    With two softmax outputs the log-odds ``z_c - z_other``, with one sigmoid unit the unit itself (negated for class
+    0), with more classes ``z_c``.
     """
     if z.shape[-1] == 1:
         return z[:, 0] if class_index == 1 else -z[:, 0]
@@ -208,8 +211,10 @@ def _interpolation_matrix(n_out: int, n_cells: int, start: float, step: float) -
 def upsample(
     cams: np.ndarray, out_hw: tuple[int, int], centres: tuple[tuple[float, float], tuple[float, float]] | None
 ) -> np.ndarray:
-    """``(N, h, w)`` maps -> ``(N, H, W)``, bilinear, cell centres at ``centres`` (from
-    :func:`receptive_field_centres`; ``None``: spread evenly over the patch, as an image resize does).
+    """``(N, h, w)`` maps -> ``(N, H, W)``, bilinear, cell centres at ``centres``.
+
+    ``centres`` comes from :func:`receptive_field_centres`; ``None`` spreads them evenly over the patch, as an image
+    resize does.
     """
     h, w = cams.shape[1:]
     if centres is None:

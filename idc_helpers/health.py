@@ -62,8 +62,9 @@ def health_report(
 
 
 def format_report(report: dict) -> str:
-    """The report as a human-readable table (file names relative to their data folder), safe to print even when a
-    file name is not valid UTF-8.
+    """The report as a human-readable table (file names relative to their data folder).
+
+    Safe to print even when a file name is not valid UTF-8.
     """
     roots = [Path(d) for d in report.get("data_dirs", [report["data_dir"]])]
     n = report["patches"]

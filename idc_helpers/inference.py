@@ -24,8 +24,9 @@ def predict_probs(
     tta: bool = False,
     batch_size: int = 512,
 ) -> np.ndarray:
-    """IDC probability of each patch: ``images`` ``(N, 50, 50, 3)`` 0..255 (uint8, may be a memmap) -> ``(N,)``
-    float32 (or ``(len(indices),)`` for the rows in ``indices``).
+    """IDC probability of each patch: ``images`` ``(N, 50, 50, 3)`` 0..255 -> ``(N,)`` float32.
+
+    ``images`` is uint8 and may be a memmap; with ``indices``, only those rows are predicted (``(len(indices),)``).
 
     Reads one batch at a time from ``images``, so a memmapped cache is never loaded whole. With ``tta`` the
     softmax outputs of the 8 views of :func:`idc_helpers.pipeline.dihedral_views` are averaged.

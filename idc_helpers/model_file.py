@@ -140,8 +140,10 @@ def _check_object(entry: dict[str, Any], safe_bases: tuple[type, ...]) -> str | 
 
 
 def check_model_file(path: str | os.PathLike[str]) -> None:
-    """Raise :class:`ModelFileError` unless ``path`` is a ``.keras`` archive naming only classes a model is made of
-    (see the module's docstring). Reads the archive's config; runs nothing from it.
+    """Raise :class:`ModelFileError` unless ``path`` is a ``.keras`` archive naming only safe classes.
+
+    Safe classes are those a model is made of (see the module's docstring). Reads the archive's config; runs nothing
+    from it.
     """
     import idc_helpers.models  # noqa: F401  - registers the package's classes before they are looked up
 
@@ -154,8 +156,9 @@ def check_model_file(path: str | os.PathLike[str]) -> None:
 
 
 def load_model_file(path: str | os.PathLike[str], *, compile: bool = False) -> keras.Model:
-    """The model in ``path`` (a ``.keras`` file), checked by :func:`check_model_file` and loaded in safe mode, in
-    any process: whatever placement of augmentation and mixed-precision policy it was trained with.
+    """The model in ``path`` (a ``.keras`` file), checked by :func:`check_model_file` and loaded in safe mode.
+
+    Works in any process, whatever placement of augmentation and mixed-precision policy it was trained with.
     ``compile=True`` restores its optimizer state too (a checkpoint to resume).
     """
     import keras

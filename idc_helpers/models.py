@@ -99,8 +99,10 @@ def precision_policy(mixed_precision: bool | str | None = None) -> str:
 
 
 def augmentation_placement(placement: str | None = None) -> str:
-    """Where training augments: ``"pipeline"`` (the CPU's tf.data workers, :func:`idc_helpers.pipeline.make_dataset`)
-    or ``"model"`` (a :class:`TrainingAugmentation` layer, on the accelerator).
+    """Where training augments: ``"pipeline"`` or ``"model"``.
+
+    ``"pipeline"`` augments in the CPU's tf.data workers (:func:`idc_helpers.pipeline.make_dataset`), ``"model"`` in a
+    :class:`TrainingAugmentation` layer, on the accelerator.
 
     ``placement``: one of those, or ``None``/``"auto"``; ``None`` first reads the environment variable
     ``IDC_AUGMENT_ON``. Automatic: ``"model"`` when a GPU is visible (a 2-core pipeline augments far fewer
@@ -137,8 +139,10 @@ def _gpu_compute_capability() -> tuple[int, int]:
 
 @keras.saving.register_keras_serializable(package="idc_helpers")
 class TrainingAugmentation(layers.Layer):
-    """Augmentation inside the model, on the model's device: the identity at inference; while training,
-    :func:`idc_helpers.pipeline.augment_batch` of each batch, seeded by ``(seed, batches augmented so far)``.
+    """Augmentation inside the model, on the model's device; the identity at inference.
+
+    While training, :func:`idc_helpers.pipeline.augment_batch` of each batch, seeded by ``(seed, batches augmented so
+    far)``.
 
     The count is a (non-trainable) model variable, so a checkpoint of the model carries it and a resumed run
     continues the same sequence of augmentations. On a GPU this takes the augmentation's arithmetic off the CPU,
@@ -157,6 +161,7 @@ class TrainingAugmentation(layers.Layer):
         )
 
     def call(self, inputs, training=None):
+        """``inputs`` augmented while ``training`` (counting the batch), else only cast to the compute dtype."""
         import tensorflow as tf
 
         if not training:
@@ -166,9 +171,11 @@ class TrainingAugmentation(layers.Layer):
         return augment_batch(inputs, tf.stack([tf.constant(self.seed, tf.int64), step]), strength=self.strength)
 
     def compute_output_shape(self, input_shape):
+        """The input's shape: augmentation keeps the patch size."""
         return input_shape
 
     def get_config(self) -> dict[str, Any]:
+        """The layer's config with its ``strength`` and ``seed``, for saving."""
         return {**super().get_config(), "strength": self.strength, "seed": self.seed}
 
 
@@ -224,8 +231,8 @@ def build_idc_net(
     moving-average momentum; the moving statistics remember about ``1 / (1 - bn_momentum)`` batches (10 at 0.9,
     Keras' 0.99 needs some hundred steps to settle, more than a short run has). ``bn_epsilon``: added to the batch
     variance. ``policy``: the Keras dtype policy of the layers before the logits (see :func:`precision_policy`).
-    ``augment``: see :func:`build_model`. Stages: conv1 32 @50x50 -> pool 25 -> conv2, conv3 48 @25 -> pool 12 -> conv4, conv5 96 @12 -> pool 6 -> conv6
-    128 @6 -> global average pool.
+    ``augment``: see :func:`build_model`. Stages: conv1 32 @50x50 -> pool 25 -> conv2, conv3 48 @25 -> pool 12 ->
+    conv4, conv5 96 @12 -> pool 6 -> conv6 128 @6 -> global average pool.
     """
     inputs, x = _inputs(policy, augment, augment_seed)
     plan = [(32, True), (48, False), (48, True), (96, False), (96, True), (128, False)]
@@ -246,12 +253,13 @@ MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
 
 
 def build_model(name: str = DEFAULT_MODEL, *, mixed_precision: bool | str | None = None, **kwargs: Any) -> keras.Model:
-    """Build the named model (uncompiled). ``mixed_precision``: see :func:`precision_policy` (default: automatic,
-    ``IDC_MIXED_PRECISION`` first). ``kwargs`` go to its builder: both take ``augment`` (a strength of
-    :func:`idc_helpers.pipeline.augment_setting`: a :class:`TrainingAugmentation` layer after the input, which
-    augments while training and is the identity otherwise; default none) and ``augment_seed``; ``idc_net`` also
-    ``width``, ``dropout``, ``bn_momentum``, ``bn_epsilon``. A name not in :data:`MODEL_NAMES` raises
-    :class:`UnknownModelError`.
+    """Build the named model (uncompiled).
+
+    ``mixed_precision``: see :func:`precision_policy` (default: automatic, ``IDC_MIXED_PRECISION`` first). ``kwargs`` go
+    to its builder: both take ``augment`` (a strength of :func:`idc_helpers.pipeline.augment_setting`: a
+    :class:`TrainingAugmentation` layer after the input, which augments while training and is the identity otherwise;
+    default none) and ``augment_seed``; ``idc_net`` also ``width``, ``dropout``, ``bn_momentum``, ``bn_epsilon``. A name
+    not in :data:`MODEL_NAMES` raises :class:`UnknownModelError`.
     """
     try:
         builder = _BUILDERS[name]
@@ -270,8 +278,9 @@ class LabelSmoothingError(UserError, ValueError):
 
 
 def label_smoothing_setting(label_smoothing: float) -> float:
-    """``label_smoothing`` as a float in [0, 1) (0: plain cross-entropy); anything else raises
-    :class:`LabelSmoothingError`. At 1 every target would be uniform, leaving nothing to learn.
+    """``label_smoothing`` as a float in [0, 1) (0: plain cross-entropy).
+
+    Anything else raises :class:`LabelSmoothingError`. At 1 every target would be uniform, leaving nothing to learn.
     """
     try:
         eps = float(label_smoothing)
@@ -287,9 +296,10 @@ def label_smoothing_setting(label_smoothing: float) -> float:
 
 @keras.saving.register_keras_serializable(package="idc_helpers")
 class SmoothedSparseCrossentropy(keras.losses.Loss):
-    """Cross-entropy of softmax outputs ``(N, C)`` against integer labels ``(N,)`` smoothed to
-    ``(1 - smoothing) * one_hot + smoothing / C`` (Szegedy et al. 2016): the model is never pushed to certainty,
-    which can keep its probabilities less extreme on patients unlike the training ones.
+    """Cross-entropy of softmax outputs ``(N, C)`` against smoothed integer labels ``(N,)``.
+
+    The labels are smoothed to ``(1 - smoothing) * one_hot + smoothing / C`` (Szegedy et al. 2016): the model is never
+    pushed to certainty, which can keep its probabilities less extreme on patients unlike the training ones.
     """
 
     def __init__(self, smoothing: float = 0.1, name: str = "smoothed_sparse_crossentropy", **kwargs: Any) -> None:
@@ -297,12 +307,14 @@ class SmoothedSparseCrossentropy(keras.losses.Loss):
         self.smoothing = label_smoothing_setting(smoothing)
 
     def call(self, y_true, y_pred):
+        """Per-sample cross-entropy of ``y_pred`` ``(N, C)`` against the smoothed targets of ``y_true`` ``(N,)``."""
         n_classes = keras.ops.shape(y_pred)[-1]
         labels = keras.ops.reshape(keras.ops.cast(y_true, "int32"), [-1])
         target = keras.ops.one_hot(labels, n_classes) * (1.0 - self.smoothing) + self.smoothing / n_classes
         return keras.losses.categorical_crossentropy(target, y_pred)
 
     def get_config(self) -> dict[str, Any]:
+        """The loss's config with its ``smoothing``, for saving."""
         return {**super().get_config(), "smoothing": self.smoothing}
 
 
@@ -312,13 +324,15 @@ def compile_model(
     label_smoothing: float = 0.0,
     ema_momentum: float | None = None,
 ) -> keras.Model:
-    """Compile with Adam and sparse categorical cross-entropy on the softmax output (labels int 0/1); with
-    ``label_smoothing`` in (0, 1), :class:`SmoothedSparseCrossentropy` instead (outside [0, 1):
+    """Compile with Adam and sparse categorical cross-entropy on the softmax output (labels int 0/1).
+
+    With ``label_smoothing`` in (0, 1), :class:`SmoothedSparseCrossentropy` instead (outside [0, 1):
     :class:`LabelSmoothingError`).
 
     With ``ema_momentum`` (in (0, 1)), the optimizer also keeps an exponential moving average of the weights, which
     ``fit`` writes into the model when it ends (Keras' ``use_ema``); the average spans about
-    ``1 / (1 - ema_momentum)`` steps. A model with float16 layers gets Keras' dynamic loss scaling (small float16 gradients would underflow to 0).
+    ``1 / (1 - ema_momentum)`` steps. A model with float16 layers gets Keras' dynamic loss scaling (small float16
+    gradients would underflow to 0).
     """
     label_smoothing = label_smoothing_setting(label_smoothing)
     if ema_momentum is None:
@@ -340,8 +354,10 @@ def compile_model(
 
 
 def recompute_batch_norm(model: keras.Model, batches: Iterable[Any], *, max_batches: int = 100) -> int:
-    """Replace every batch-norm layer's moving mean and variance by the plain average of its batch statistics over
-    ``batches`` under the model's current weights ("precise BN", Wu & Johnson 2021); returns the batches used.
+    """Replace every batch-norm layer's moving statistics by the plain average of its batch statistics ("precise BN").
+
+    The moving mean and variance become averages over ``batches`` under the model's current weights (Wu & Johnson 2021);
+    returns the number of batches used.
 
     The moving averages that training keeps mix statistics of weights from many steps back; after a large
     learning-rate step they can lag the weights and swing the validation loss from epoch to epoch. Called between

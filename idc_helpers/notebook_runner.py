@@ -18,8 +18,8 @@ install, the copy the build put inside the package (``idc_helpers/notebooks/``, 
 DIR`` names another folder.
 
 Parameters: each notebook's ``parameters`` cell holds defaults meant for users (the full dataset, real training).
-``--smoke`` applies ``params/smoke.yaml`` of the notebook folder (a run of a few minutes); ``--params FILE`` (YAML or JSON)
-applies a file on top. Such a file maps parameter names to values for every notebook that has the parameter,
+``--smoke`` applies ``params/smoke.yaml`` of the notebook folder (a run of a few minutes); ``--params FILE`` (YAML or
+JSON) applies a file on top. Such a file maps parameter names to values for every notebook that has the parameter,
 and may hold a section per notebook (``02_training: {EPOCHS: 3}``). A name that no notebook defines is an error,
 so a typo cannot silently do nothing.
 
@@ -66,8 +66,10 @@ def _has_series(folder: Path) -> bool:
 
 
 def default_notebook_dir() -> Path:
-    """Where the notebook series is: the checkout's ``notebooks/`` when this package runs from a checkout, else
-    the copy inside the installed package (which may be missing only in a broken install).
+    """Where the notebook series is: the checkout's ``notebooks/``, else the copy inside the installed package.
+
+    The checkout's folder is used when this package runs from a checkout; the installed copy may be missing only in a
+    broken install.
     """
     return CHECKOUT_NOTEBOOK_DIR if _has_series(CHECKOUT_NOTEBOOK_DIR) else PACKAGED_NOTEBOOK_DIR
 
@@ -263,8 +265,10 @@ def _merge_parameter_files(files: Sequence[Path]) -> dict[str, Any]:
 
 
 def _check_values(key: Any, value: Any, path: Path) -> None:
-    """Every value of a parameters file is plain data in range (:func:`idc_helpers.validation.check_parameter`);
-    a notebook's section (a map) is checked name by name.
+    """Check that every value of a parameters file is plain data in range.
+
+    Each value goes through :func:`idc_helpers.validation.check_parameter`; a notebook's section (a map) is checked name
+    by name.
     """
     if not isinstance(key, str):
         raise ParametersError(f"{path}: the name {key!r} is not allowed: parameter names are text")

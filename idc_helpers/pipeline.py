@@ -42,8 +42,10 @@ class PipelineArgumentError(UserError, ValueError):
 
 
 def dihedral_views(images: np.ndarray) -> list[np.ndarray]:
-    """The 8 flips/rotations of ``(N, H, W, C)`` images: rotation by ``k`` quarter turns (k = 0..3), each without
-    and with a left-right mirror; identity first. Histology has no preferred orientation.
+    """The 8 flips/rotations of ``(N, H, W, C)`` images, identity first.
+
+    Rotation by ``k`` quarter turns (k = 0..3), each without and with a left-right mirror. Histology has no preferred
+    orientation.
     """
     views = []
     for k in range(4):
@@ -86,8 +88,10 @@ AUGMENT_CHOICES: tuple[str, ...] = ("none", "geometry", *AUGMENT_STRENGTHS)
 
 
 def augment_setting(augment: bool | str | None) -> str:
-    """The canonical name of an ``augment`` argument: ``False``/``None``/``"none"`` -> ``"none"``, ``True`` ->
-    ``"mild"``, ``"geometry"`` (flips/rotations only), ``"mild"``, ``"light"``, ``"strong"``.
+    """The canonical name of an ``augment`` argument.
+
+    ``False``/``None``/``"none"`` -> ``"none"``, ``True`` -> ``"mild"``, ``"geometry"`` (flips/rotations only),
+    ``"mild"``, ``"light"``, ``"strong"``.
     """
     if augment is None or augment is False:
         return "none"
@@ -178,8 +182,9 @@ def _row_batches(
     repeat: bool,
     initial_epoch: int,
 ) -> tf.data.Dataset:
-    """``(rows int64 (B,), batch seed int64 (2,))`` for the first ``steps`` batches of each epoch: one epoch, or
-    endless epochs from ``initial_epoch`` with ``repeat``.
+    """``(rows int64 (B,), batch seed int64 (2,))`` for the first ``steps`` batches of each epoch.
+
+    One epoch, or endless epochs from ``initial_epoch`` with ``repeat``.
     """
     import tensorflow as tf
 
@@ -213,8 +218,9 @@ def _row_batches(
 
 
 def epoch_order(positions: np.ndarray, seed: int, epoch: int, *, shuffle: bool = True) -> np.ndarray:
-    """The rows of epoch ``epoch`` in the order :func:`make_dataset` draws them: ``positions`` ``(M,)`` int64
-    permuted by ``np.random.default_rng([seed, epoch])`` (unchanged without ``shuffle``).
+    """The rows of epoch ``epoch`` in the order :func:`make_dataset` draws them.
+
+    ``positions`` ``(M,)`` int64 permuted by ``np.random.default_rng([seed, epoch])`` (unchanged without ``shuffle``).
     """
     positions = np.asarray(positions, dtype=np.int64)
     return np.random.default_rng([seed, epoch]).permutation(positions) if shuffle else positions
@@ -227,15 +233,15 @@ def augment_batch(
     jitter: bool = True,
     strength: str | StainJitter = "mild",
 ) -> tf.Tensor:
-    """Random dihedral transform and stain/colour jitter of a batch, per image -> ``(B, 50, 50, 3)`` float32 in
-    [0, 255].
+    """Random dihedral transform and stain/colour jitter of each image of a batch -> ``(B, 50, 50, 3)`` float32.
 
-    ``images``: ``(B, 50, 50, 3)`` RGB in [0, 255], uint8 (cheapest: pixels move as bytes) or float. ``seed``: an int or a shape-[2] integer tensor; the same
-    seed gives the same output (stateless random ops).
-    Geometry: one of the 8 :func:`dihedral_views`, uniformly (a patch's label does not depend on them).
-    With ``jitter``: HED stain augmentation (convert to haematoxylin/eosin/DAB optical densities, scale and shift
-    each, convert back), then brightness and contrast, with the ranges of ``strength`` (a name in
-    :data:`AUGMENT_STRENGTHS` or a :class:`StainJitter`): differences in staining and scanning, as between labs.
+    The output is in [0, 255]. ``images``: ``(B, 50, 50, 3)`` RGB in [0, 255], uint8 (cheapest: pixels move as bytes) or
+    float. ``seed``: an int or a shape-[2] integer tensor; the same seed gives the same output (stateless random ops).
+
+    Geometry: one of the 8 :func:`dihedral_views`, uniformly (a patch's label does not depend on them). With ``jitter``:
+    HED stain augmentation (convert to haematoxylin/eosin/DAB optical densities, scale and shift each, convert back),
+    then brightness and contrast, with the ranges of ``strength`` (a name in :data:`AUGMENT_STRENGTHS` or a
+    :class:`StainJitter`): differences in staining and scanning, as between labs.
     """
     import tensorflow as tf
 

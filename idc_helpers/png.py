@@ -23,8 +23,9 @@ _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: 
 
 
 class PngHeaderError(ValueError):
-    """Bytes that do not start a valid PNG; ``kind`` is :data:`EMPTY`, :data:`NOT_PNG` or :data:`TRUNCATED`,
-    ``reason`` says why.
+    """Bytes that do not start a valid PNG.
+
+    ``kind`` is :data:`EMPTY`, :data:`NOT_PNG` or :data:`TRUNCATED`, ``reason`` says why.
     """
 
     def __init__(self, kind: str, reason: str) -> None:
@@ -34,8 +35,9 @@ class PngHeaderError(ValueError):
 
 
 def read_png_header(head: bytes) -> tuple[int, int]:
-    """``(width, height)`` in pixels from the first :data:`PNG_HEADER_BYTES` bytes of a file, after checking that
-    they are a PNG signature and a valid IHDR chunk (length, CRC, bit depth and colour type).
+    """``(width, height)`` in pixels from the first :data:`PNG_HEADER_BYTES` bytes of a file.
+
+    The bytes are checked first: a PNG signature and a valid IHDR chunk (length, CRC, bit depth and colour type).
 
     Raises :class:`PngHeaderError` otherwise. Sizes are not judged here.
     """

@@ -17,7 +17,8 @@ present, ``pred`` must agree with it. ``evaluate``, ``slide`` and the notebooks 
 
 ``predict --context`` adds :data:`CONTEXT_COLUMNS`: ``prob_idc_context`` (the probability smoothed with the
 patch's neighbours on the slide, :mod:`idc_helpers.context`) and ``pred_context`` (at the context threshold
-chosen on the validation patients, recorded in ``threshold_context``). Figures from them use the slide, not the patch alone.
+chosen on the validation patients, recorded in ``threshold_context``). Figures from them use the slide, not the patch
+alone.
 
 ``python -m idc_helpers predict --run RUN_DIR --data-dir DIR --out preds.csv`` writes it for every patch of a
 folder in the Kaggle layout (patients the model never saw, or a subset of the run's split with ``--subset``).
@@ -132,8 +133,9 @@ def _model_and_threshold(model_or_run) -> tuple[keras.Model, float]:
 
 
 def validate_predictions(df: pd.DataFrame, source: str = "predictions table") -> pd.DataFrame:
-    """Check a predictions table and return it with the dtypes of the format; raise :class:`PredictionsError` naming
-    ``source`` and what is wrong.
+    """Check a predictions table and return it with the dtypes of the format.
+
+    Raises :class:`PredictionsError` naming ``source`` and what is wrong.
 
     Every column of :data:`PREDICTION_COLUMNS` (and :data:`CONTEXT_COLUMNS`, which come together, and
     :data:`THRESHOLD_COLUMNS`) is checked value by value by :func:`idc_helpers.validation.check_table`: text paths

@@ -58,8 +58,9 @@ def optical_density(images: np.ndarray) -> np.ndarray:
 
 
 def stain_stats(images: np.ndarray, *, min_od: float = TISSUE_MIN_OD, batch: int = 4096) -> StainStats:
-    """Mean optical density per channel over the tissue pixels (summed RGB density >= ``min_od``) of ``images``
-    ``(N, 50, 50, 3)`` 0..255 (a memmap is read ``batch`` patches at a time).
+    """Mean optical density per channel over the tissue pixels of ``images`` ``(N, 50, 50, 3)`` 0..255.
+
+    Tissue pixels have a summed RGB density >= ``min_od``; a memmap is read ``batch`` patches at a time.
 
     Raises:
         StainError: the patches have no tissue pixel (a blank slide cannot be normalised).
@@ -82,8 +83,9 @@ def stain_stats(images: np.ndarray, *, min_od: float = TISSUE_MIN_OD, batch: int
 
 
 def normalise_stain(images: np.ndarray, source: StainStats, target: StainStats, *, batch: int = 4096) -> np.ndarray:
-    """Rescale the optical density of each channel of ``images`` so that patches measured as ``source`` get the
-    mean colour of ``target`` -> ``(N, 50, 50, 3) uint8``.
+    """Rescale each channel's optical density so that patches measured as ``source`` get the mean colour of ``target``.
+
+    Returns ``(N, 50, 50, 3) uint8``.
 
     Each channel's density is multiplied by ``target / source``, so zero density (white glass) stays white and no
     pixel moves. Give the same ``source`` to every patch of one slide: the slide is normalised as a whole, and how

@@ -140,8 +140,9 @@ class ThresholdView:
         return widgets.VBox([slider, output])
 
     def show(self, interactive: bool = True, *, save_to: str | os.PathLike[str] | None = None) -> None:
-        """Display the slider (``interactive`` and ipywidgets installed) or the static figure at the run's threshold,
-        written to ``save_to`` too when given (:func:`idc_helpers.plots.save_figure`).
+        """Display the slider (``interactive`` and ipywidgets installed) or the static figure at the run's threshold.
+
+        The figure is written to ``save_to`` too when given (:func:`idc_helpers.plots.save_figure`).
         """
         import matplotlib.pyplot as plt
         from IPython.display import display

@@ -40,8 +40,9 @@ class InvalidInputError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class Number:
-    """What a numeric setting may hold: a whole number or a finite real, within ``[low, high]`` (``high_open``:
-    ``high`` itself is excluded).
+    """What a numeric setting may hold: a whole number or a finite real, within ``[low, high]``.
+
+    ``high_open``: ``high`` itself is excluded.
     """
 
     whole: bool
@@ -50,6 +51,7 @@ class Number:
     high_open: bool = False
 
     def allowed(self) -> str:
+        """What is allowed, as a message says it: ``"a whole number of at least 1"``."""
         kind = "a whole number" if self.whole else "a finite number"
         if self.low is not None and self.high is not None:
             return f"{kind} in [{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
@@ -58,6 +60,7 @@ class Number:
         return kind
 
     def accepts(self, value: float) -> bool:
+        """Whether ``value`` (already of the right kind) lies in the range."""
         if self.low is not None and value < self.low:
             return False
         return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
@@ -116,8 +119,9 @@ def _as_number(value: Any, whole: bool) -> float | int | None:
 
 
 def check_value(name: str, value: Any, source: str = "the command line") -> int | float:
-    """``value`` of the setting ``name`` (a key of :data:`NUMBERS`) as an int or float after checking its type and
-    range; :class:`InvalidInputError` naming the value, ``source`` and what is allowed otherwise.
+    """``value`` of the setting ``name`` (a key of :data:`NUMBERS`) as an int or float, its type and range checked.
+
+    Raises :class:`InvalidInputError` naming the value, ``source`` and what is allowed otherwise.
     """
     rule = NUMBERS[name]
     number = _as_number(value, rule.whole)
@@ -174,8 +178,9 @@ def check_patient_ids(ids: Iterable[Any], source: str) -> list[str]:
 
 
 def user_path(text: str | os.PathLike[str], source: str) -> Path:
-    """``text`` as a path with ``~`` expanded; :class:`InvalidInputError` naming ``source`` when ``~user`` names no
-    user (or no home folder can be found).
+    """``text`` as a path with ``~`` expanded.
+
+    Raises :class:`InvalidInputError` naming ``source`` when ``~user`` names no user (or no home folder can be found).
     """
     try:
         return Path(text).expanduser()
@@ -187,8 +192,9 @@ def user_path(text: str | os.PathLike[str], source: str) -> Path:
 
 
 def patient_list(text: str) -> list[str]:
-    """Argparse ``type=`` for ``--patients`` / ``--test-patients``: ``ID,ID,...`` checked with
-    :func:`check_patient_ids`.
+    """Argparse ``type=`` for ``--patients`` / ``--test-patients``: ``ID,ID,...``.
+
+    The ids are checked with :func:`check_patient_ids`.
     """
     try:
         return check_patient_ids(text.split(","), "the command line")
@@ -234,8 +240,10 @@ def check_run_config(
 
 @dataclass(frozen=True)
 class Column:
-    """What a table column may hold: ``"text"`` (at most ``max_chars``), ``"patient_id"``, ``"coordinate"`` (a
-    whole number of at least 1), ``"binary"`` (0 or 1) or ``"probability"`` (finite, in [0, 1]).
+    """What a table column may hold: one of five kinds.
+
+    ``"text"`` (at most ``max_chars``), ``"patient_id"``, ``"coordinate"`` (a whole number of at least 1), ``"binary"``
+    (0 or 1) or ``"probability"`` (finite, in [0, 1]).
     """
 
     kind: str
@@ -303,8 +311,9 @@ def check_table(
     columns: Mapping[str, Column] = TABLE_COLUMNS,
     first_row: int = 1,
 ) -> pd.DataFrame:
-    """Check ``table`` column by column and return it with the numeric columns as numbers (``x``, ``y``: int64;
-    ``label``, ``pred``: int8; probabilities: float64).
+    """Check ``table`` column by column and return it with the numeric columns as numbers.
+
+    ``x``, ``y``: int64; ``label``, ``pred``: int8; probabilities: float64.
 
     ``required``: columns that must be there; every column of ``columns`` that is there is checked too. Raises
     :class:`InvalidInputError` naming ``source``, the column, the first bad row (counted from ``first_row``: 1 is
@@ -345,9 +354,10 @@ def check_table(
 
 
 def check_plain_data(value: Any, where: str) -> None:
-    """Refuse anything but JSON's types (text, finite numbers, true/false, null, lists, maps with text keys) in a
-    parameters file's ``value``; ``where`` names the file and the key. Nothing else may reach a notebook, where a
-    value becomes source code.
+    """Refuse anything but JSON's types in a parameters file's ``value``; ``where`` names the file and the key.
+
+    JSON's types are text, finite numbers, true/false, null, lists and maps with text keys. Nothing else may reach a
+    notebook, where a value becomes source code.
     """
     if value is None or isinstance(value, (bool, str, int)):
         return
@@ -405,9 +415,10 @@ NOTEBOOK_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
 
 
 def check_parameter(name: str, value: Any, source: str) -> None:
-    """A notebook parameter from a parameters file: plain data (:func:`check_plain_data`), then a number of
-    :data:`NOTEBOOK_NUMBERS` within its range or a value of :data:`NOTEBOOK_KINDS` of its kind; ``source`` names
-    the file.
+    """A notebook parameter from a parameters file, checked: plain data, then a number in range or a value of its kind.
+
+    Plain data as :func:`check_plain_data` sees it; a number of :data:`NOTEBOOK_NUMBERS` within its range or a value of
+    :data:`NOTEBOOK_KINDS` of its kind; ``source`` names the file.
     """
     check_plain_data(value, f"{source}: {name}")
     if value is None:

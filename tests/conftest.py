@@ -105,8 +105,9 @@ def cli_error(capsys):
 
 @pytest.fixture()
 def small_mount(tmp_path):
-    """``make(options)`` mounts a small tmpfs of our own there (needs root and mount rights; skipped where they
-    are missing).
+    """``make(options)`` mounts a small tmpfs of our own there.
+
+    Needs root and mount rights; skipped where they are missing.
     """
     mount = tmp_path / "mnt"
     mount.mkdir()

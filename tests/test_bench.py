@@ -403,7 +403,7 @@ def test_patient_oracle_threshold_is_each_patients_best_cut_and_keeps_ties_toget
         y = table["label"].to_numpy()[rows]
         return int(((pred == 1) & (y == 1)).sum() - ((pred == 1) & (y == 0)).sum() - ((pred == 0) & (y == 1)).sum())
 
-    for pid, rows in table.groupby("patient_id").indices.items():
+    for rows in table.groupby("patient_id").indices.values():
         probs = table["prob_idc"].to_numpy()[rows]
         best_any = max(gain((probs >= t).astype(int), rows) for t in np.r_[probs, 2.0])
         assert gain(oracle[rows], rows) == best_any  # no single cut of this patient does better

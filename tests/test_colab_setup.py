@@ -119,8 +119,10 @@ def freeze(python: Path) -> list[str]:
 
 
 def test_colab_setup_installs_nothing_that_is_met_and_changes_no_version(tmp_path):
-    """colab_setup.sh on a runtime that has every requirement (this environment's packages, seen through a
-    fresh virtual environment so that nothing here is touched), inside a stand-in for Colab's own module.
+    """colab_setup.sh on a runtime that has every requirement, inside a stand-in for Colab's own module.
+
+    The runtime is this environment's packages, seen through a fresh virtual environment so that nothing here is
+    touched.
     """
     env_dir = tmp_path / "runtime"
     venv.EnvBuilder(with_pip=False).create(env_dir)

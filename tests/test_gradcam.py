@@ -1,5 +1,7 @@
-"""Grad-CAM: correct localisation on a task whose evidence sits in a known place, the same maps whatever the model
-kind (Sequential, Functional, loaded from .keras), and maps on one scale (no per-patch rescaling).
+"""Grad-CAM: correct localisation, the same maps whatever the model kind, and maps on one scale.
+
+Localisation is tested on a task whose evidence sits in a known place; the model kinds are Sequential, Functional and
+loaded from .keras; one scale means no per-patch rescaling.
 """
 
 from __future__ import annotations
@@ -215,8 +217,10 @@ def test_branching_model_works_and_is_stretched():
 
 
 def test_maps_share_one_scale_across_patches(trained):
-    """Maps are in logit units, not each divided by its own maximum: a patch without the deciding square (a true
-    negative) gets a much fainter map than one with it, instead of its own "red hot" spots.
+    """Maps are in logit units, not each divided by its own maximum.
+
+    A patch without the deciding square (a true negative) gets a much fainter map than one with it, instead of its own
+    "red hot" spots.
     """
     images, labels, _ = make_task(100, seed=11)
     heat = gradcam(trained["functional"], images)
@@ -258,8 +262,9 @@ def test_project_models_saved_and_loaded(name, expected_layer, tmp_path):
 
 @pytest.mark.parametrize("name", ["seed_cnn", "idc_net"])
 def test_a_model_that_augments_itself_gets_the_same_maps(name, tmp_path):
-    """``build_model(augment=...)`` puts an augmentation layer (the identity outside training) after the input: the
-    default layer, the cell centres and the maps are those of the same weights without it, also after a reload.
+    """``build_model(augment=...)`` puts an augmentation layer (the identity outside training) after the input.
+
+    The default layer, the cell centres and the maps are those of the same weights without it, also after a reload.
     """
     from idc_helpers import models
 

@@ -100,11 +100,11 @@ def test_archives_other_than_keras_writes_are_refused(model_path, tmp_path):
         check_model_file(_rewrite(model_path, tmp_path / "a.keras", extra={"../escape.py": b"x"}))
     legacy = tmp_path / "model.h5"
     shutil.copy(model_path, legacy)
-    with pytest.raises(ModelFileError, match="legacy .h5"):
+    with pytest.raises(ModelFileError, match=r"legacy \.h5"):
         check_model_file(legacy)
     junk = tmp_path / "junk.keras"
     junk.write_bytes(b"not a zip")
-    with pytest.raises(ModelFileError, match="not a readable .keras archive"):
+    with pytest.raises(ModelFileError, match=r"not a readable \.keras archive"):
         check_model_file(junk)
 
 
@@ -126,9 +126,11 @@ def test_checkpoint_states_name_only_checkpoint_files_inside_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_no_door_runs_a_crafted_model(model_path, tmp_path):
-    """A run folder and an interrupted run whose model files name a layer class of an importable module that
-    writes a marker file when imported or built: predict, load_run and train --resume refuse them in one line,
-    exit 2, and the marker never appears.
+    """Model files naming a class of an importable module are refused before the module runs.
+
+    A run folder and an interrupted run whose model files name a layer class of a module that writes a marker file
+    when imported or built: predict, load_run and train --resume refuse them in one line, exit 2, and the marker never
+    appears.
     """
     from idc_helpers.demo_data import write_demo_dataset
     from idc_helpers.training import train

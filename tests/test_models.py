@@ -94,7 +94,7 @@ def test_batch_norm_settings_reach_the_layers():
 
 
 def test_unknown_model_name_is_a_user_error_listing_the_names():
-    with pytest.raises(UnknownModelError, match="seed_cnn.*idc_net|idc_net.*seed_cnn") as caught:
+    with pytest.raises(UnknownModelError, match=r"seed_cnn.*idc_net|idc_net.*seed_cnn") as caught:
         build_model("resnet")
     assert isinstance(caught.value, UserError) and isinstance(caught.value, ValueError)
 

@@ -76,11 +76,11 @@ def test_params_files(tmp_path):
     assert load_params_file(tmp_path / "p.yaml") == {"EPOCHS": 2, "02_b": {"SEED": 1}}
     assert load_params_file(tmp_path / "p.json") == {"EPOCHS": 3}
     assert load_params_file(tmp_path / "empty.yaml") == {}
-    with pytest.raises(ParametersError, match="list.yaml: expected a mapping"):
+    with pytest.raises(ParametersError, match=r"list\.yaml: expected a mapping"):
         load_params_file(tmp_path / "list.yaml")
-    with pytest.raises(ParametersError, match="missing.yaml"):
+    with pytest.raises(ParametersError, match=r"missing\.yaml"):
         load_params_file(tmp_path / "missing.yaml")
-    with pytest.raises(ParametersError, match="broken.yaml: not valid YAML"):
+    with pytest.raises(ParametersError, match=r"broken\.yaml: not valid YAML"):
         load_params_file(tmp_path / "broken.yaml")
 
 
@@ -353,8 +353,9 @@ def test_smoke_run_of_the_series_on_demo_data(tmp_path, monkeypatch):
     ],
 )
 def test_a_parameters_file_holds_plain_data_only(toy_series, tiny_dataset, tmp_path, monkeypatch, capsys, text, named):
-    """Only JSON's types reach a notebook (papermill writes other values into its code), each in range; a
-    refusal is one line and creates no output folder.
+    """Only JSON's types reach a notebook (papermill writes other values into its code), each in range.
+
+    A refusal is one line and creates no output folder.
     """
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)

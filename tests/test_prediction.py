@@ -281,8 +281,10 @@ def test_a_table_is_synthetic_when_a_dataset_folder_of_its_patches_carries_the_m
 
 
 def test_a_full_disk_is_exit_3_in_one_line_for_every_command(tmp_path, monkeypatch, capsys):
-    """predict/evaluate/slide name their --out (outputs are atomic: nothing half-written stays); any other command
-    that runs out of space (index, for its cache) says so in one line too.
+    """A full disk is one line for every command: predict/evaluate/slide name their --out.
+
+    Outputs are atomic: nothing half-written stays. Any other command that runs out of space (index, for its cache) says
+    so in one line too.
     """
     import errno
 

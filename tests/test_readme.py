@@ -63,8 +63,9 @@ class _Parsed(Exception):
 
 
 def parse_only(argv: list[str], monkeypatch) -> argparse.Namespace:
-    """Parse ``argv`` (``["idc_helpers", ...]`` or ``["idc_helpers.bench", NAME, ...]``) with the command's own
-    parser and stop there; a rejected argument exits with status 2.
+    """Parse ``argv`` with the command's own parser and stop there; a rejected argument exits with status 2.
+
+    ``argv`` is ``["idc_helpers", ...]`` or ``["idc_helpers.bench", NAME, ...]``.
     """
     original = argparse.ArgumentParser.parse_args
 
@@ -120,8 +121,10 @@ def test_readme_and_results_are_short():
 
 
 def test_the_data_folder_reaches_the_series_as_printed(tiny_dataset, tmp_path, monkeypatch):
-    """The README's series command for a data folder: the folder is an argument of run-notebooks itself (an
-    `IDC_DATA_DIR=... python3 -m venv ...` prefix applied to venv only, and the series ran on synthetic data).
+    """The README's series command for a data folder: the folder is an argument of run-notebooks itself.
+
+    Not an `IDC_DATA_DIR=... python3 -m venv ...` prefix: that applied to venv only, and the series ran on synthetic
+    data.
     """
     lines = bash_lines(README.read_text(encoding="utf-8"))
     assert not [line for line in lines if re.match(r"^\w+=\S+ python3 -m venv", line)]
@@ -160,8 +163,9 @@ def test_the_chain_block_is_found_and_uses_the_package():
 
 @pytest.mark.slow
 def test_chain_runs_as_printed(tmp_path):
-    """Each command exits 0 and prints no traceback, run by bash as a user would paste it (a few minutes). The
-    synthetic-data banner is shown once, by demo-data; the later commands name the demo data in one line.
+    """Each command exits 0 and prints no traceback, run by bash as a user would paste it (a few minutes).
+
+    The synthetic-data banner is shown once, by demo-data; the later commands name the demo data in one line.
     """
     commands = chain_commands(CLI_DOC.read_text(encoding="utf-8"))
     work = tmp_path / "work"

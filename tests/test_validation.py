@@ -170,7 +170,7 @@ def test_a_bad_value_is_named_with_its_file_column_and_row(column, values, shown
 
 
 def test_missing_columns_are_named():
-    with pytest.raises(InvalidInputError, match="t.csv: missing column\\(s\\) label, x; the table has path"):
+    with pytest.raises(InvalidInputError, match=r"t\.csv: missing column\(s\) label, x; the table has path"):
         check_table(pd.DataFrame({"path": ["a"]}), ("label", "x"), "t.csv")
 
 
@@ -203,7 +203,7 @@ def test_plain_data_is_accepted(value):
     ],
 )
 def test_anything_but_plain_data_is_refused(value, named):
-    with pytest.raises(InvalidInputError, match="^p.yaml: X") as info:
+    with pytest.raises(InvalidInputError, match=r"^p\.yaml: X") as info:
         check_plain_data(value, "p.yaml: X")
     assert named in str(info.value)
 

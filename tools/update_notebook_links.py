@@ -32,6 +32,7 @@ def notebook_paths(root: Path = REPO_ROOT) -> list[Path]:
 
 
 def relative(path: Path, root: Path = REPO_ROOT) -> str:
+    """``path`` relative to ``root``, with forward slashes (as badges and links name it)."""
     return path.relative_to(root).as_posix()
 
 
@@ -78,6 +79,7 @@ def updated_readme(readme: Path, paths: list[Path], root: Path = REPO_ROOT) -> t
 
 
 def main(argv: list[str] | None = None, root: Path = REPO_ROOT) -> int:
+    """Rewrite the stale badges, setup cells and README table; with ``--check`` change nothing and exit 1 if any."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 when a file is out of date")
     args = parser.parse_args(argv)

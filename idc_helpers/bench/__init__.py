@@ -24,8 +24,10 @@ BENCHMARKS: dict[str, str] = {
 
 
 def print_markdown(run: Callable[[], dict[str, Any]]) -> int:
-    """Call ``run`` and print the ``"markdown"`` of its result: exit status 0, or 2 with one ``error:`` line on
-    stderr when it raises a user error (bad folders, settings that contradict an earlier run).
+    """Call ``run`` and print the ``"markdown"`` of its result; return the exit status.
+
+    0 on success, or 2 with one ``error:`` line on stderr when ``run`` raises a user error (bad folders, settings that
+    contradict an earlier run).
     """
     try:
         result = run()

@@ -1,5 +1,6 @@
-"""Where the errors are: whole-slide patches on and off an annotation boundary, and per-patient oracle thresholds,
-``python -m idc_helpers.bench boundary --quality OUT [--quality OUT2] [--models idc_net] --out BOUNDARY``.
+"""Where the errors are: whole-slide patches on and off an annotation boundary, and per-patient oracle thresholds.
+
+Run as ``python -m idc_helpers.bench boundary --quality OUT [--quality OUT2] [--models idc_net] --out BOUNDARY``.
 
 It reads the test predictions that ``python -m idc_helpers.bench quality`` wrote (``OUT/predictions/``), keeps
 the whole-slide patients (:func:`idc_helpers.context.whole_slide_patients`: only there are a patch's neighbours
@@ -67,8 +68,9 @@ def fold_predictions(quality_dir: str | Path, model: str) -> pd.DataFrame:
 
 
 def whole_slide_part(table: pd.DataFrame, source: str | Path = "the table") -> pd.DataFrame:
-    """The whole-slide patients' rows of a :func:`fold_predictions` table (read from ``source``, named in the
-    error), with the bool column ``boundary``.
+    """The whole-slide patients' rows of a :func:`fold_predictions` table, with the bool column ``boundary``.
+
+    ``source`` names the table in the error.
     """
     from idc_helpers.context import label_boundary, whole_slide_patients
 
@@ -80,9 +82,11 @@ def whole_slide_part(table: pd.DataFrame, source: str | Path = "the table") -> p
 
 
 def patient_oracle_predictions(table: pd.DataFrame) -> np.ndarray:
-    """0/1 decisions with one threshold per patient, chosen on that patient's own labels: the threshold that
-    maximises its correct IDC calls minus its wrong calls (true positives - false positives - false negatives, the
-    patient's share of what a pooled F1 counts). Uses the labels it is scored on: an oracle, never a result.
+    """0/1 decisions with one threshold per patient, chosen on that patient's own labels.
+
+    The threshold maximises the patient's correct IDC calls minus its wrong calls (true positives - false positives -
+    false negatives, the patient's share of what a pooled F1 counts). Uses the labels it is scored on: an oracle, never
+    a result.
     """
     out = np.zeros(len(table), dtype=np.int8)
     labels, probs = table["label"].to_numpy(np.int64), table["prob_idc"].to_numpy(np.float64)
@@ -110,8 +114,9 @@ def _scores(part: pd.DataFrame, n_bootstrap: int, seed: int) -> dict[str, Any]:
 
 
 def split_scores(table: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """F1, balanced accuracy and ROC AUC (with patient intervals), the IDC share and the errors of the
-    ``interior``, ``boundary`` and ``all`` patches of a :func:`whole_slide_part` table.
+    """Scores of the ``interior``, ``boundary`` and ``all`` patches of a :func:`whole_slide_part` table.
+
+    F1, balanced accuracy and ROC AUC (with patient intervals), the IDC share and the errors of each part.
     """
     errors = table["pred"].to_numpy() != table["label"].to_numpy()
     picks = {
@@ -134,9 +139,10 @@ def split_scores(table: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0)
 
 
 def threshold_scores(table: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """F1, balanced accuracy and ROC AUC of a :func:`fold_predictions` table at the folds' thresholds
-    (``"fold thresholds"``) and at each patient's own (``"own threshold per patient (oracle)"``, see
-    :func:`patient_oracle_predictions`).
+    """F1, balanced accuracy and ROC AUC of a :func:`fold_predictions` table at two kinds of threshold.
+
+    At the folds' thresholds (``"fold thresholds"``) and at each patient's own (``"own threshold per patient
+    (oracle)"``, see :func:`patient_oracle_predictions`).
     """
     variants = {
         "fold thresholds": table,
@@ -154,8 +160,9 @@ def _ci(m: dict[str, Any]) -> str:
 
 
 def markdown(results: dict[str, dict[str, Any]], bounds: dict[str, dict[str, Any]]) -> str:
-    """Two tables: every member's interior, boundary and all whole-slide patches; its thresholds against each
-    patient's own.
+    """Two tables: each member's scores on whole-slide patch groups, and at its thresholds against each patient's own.
+
+    The first holds every member's interior, boundary and all whole-slide patches.
     """
     lines = [
         "### Whole-slide test patches on and off the annotation boundary",
@@ -198,8 +205,9 @@ def markdown(results: dict[str, dict[str, Any]], bounds: dict[str, dict[str, Any
 def run_boundary(
     quality_dirs: Sequence[str | Path], models: Sequence[str], out_dir: str | Path, *, n_bootstrap: int = 1000
 ) -> dict[str, Any]:
-    """Score every (folder, model) member (:func:`split_scores`, :func:`threshold_scores`); write
-    ``boundary.md`` and ``boundary.json`` into ``out_dir``.
+    """Score every (folder, model) member and write ``boundary.md`` and ``boundary.json`` into ``out_dir``.
+
+    The scores are those of :func:`split_scores` and :func:`threshold_scores`.
     """
     results, bounds = {}, {}
     for folder in quality_dirs:

@@ -1,23 +1,24 @@
-"""Levers applied after training, on the folds of a cross-validation:
-``python -m idc_helpers.bench levers --quality OUT [--quality OUT2] --models idc_net[,seed_cnn] --out LEVERS``.
+"""Levers applied after training, on the folds of a cross-validation.
 
-It reads what ``python -m idc_helpers.bench quality`` wrote (``OUT/config.json``, ``OUT/predictions/``,
-``OUT/runs/``) and measures, per fold and pooled over folds, each variant against the first model's own
-predictions (the baseline), always with the decision threshold chosen on the fold's validation patients:
+Run as ``python -m idc_helpers.bench levers --quality OUT [--quality OUT2] --models idc_net[,seed_cnn] --out LEVERS``.
 
-- ``ensemble``: the mean probability of all given models (members must share the fold's validation patients,
-  i.e. the same ``--seed``);
-- ``platt, threshold 0.5``: the baseline's probabilities calibrated on the validation patients (logistic
-  regression on the logit, Platt 1999), decided at 0.5 instead of at the F1 threshold;
+It reads what ``python -m idc_helpers.bench quality`` wrote (``OUT/config.json``, ``OUT/predictions/``, ``OUT/runs/``)
+and measures, per fold and pooled over folds, each variant against the first model's own predictions (the baseline),
+always with the decision threshold chosen on the fold's validation patients:
+
+- ``ensemble``: the mean probability of all given models (members must share the fold's validation patients, i.e. the
+  same ``--seed``);
+- ``platt, threshold 0.5``: the baseline's probabilities calibrated on the validation patients (logistic regression on
+  the logit, Platt 1999), decided at 0.5 instead of at the F1 threshold;
 - ``precise BN``: the baseline model with its batch-norm statistics recomputed on its training patches
   (:func:`idc_helpers.models.recompute_batch_norm`, no augmentation);
-- ``stain-normalised``: every validation and test patient's patches rescaled to the training patients' mean
-  optical density per channel (:func:`idc_helpers.stain.normalise_stain`, one factor per patient and channel), predicted by the
+- ``stain-normalised``: every validation and test patient's patches rescaled to the training patients' mean optical
+  density per channel (:func:`idc_helpers.stain.normalise_stain`, one factor per patient and channel), predicted by the
   unchanged baseline model.
 
 Every variant is compared with the baseline on the same patches by a paired patient bootstrap
-(:func:`idc_helpers.metrics.paired_difference`). Tables go to ``LEVERS/levers.md`` (and ``levers.json``); each
-variant's test predictions to ``LEVERS/predictions/``, which a rerun reuses.
+(:func:`idc_helpers.metrics.paired_difference`). Tables go to ``LEVERS/levers.md`` (and ``levers.json``); each variant's
+test predictions to ``LEVERS/predictions/``, which a rerun reuses.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ class LeversError(UserError, ValueError):
 
 
 def decide(val: pd.DataFrame, test: pd.DataFrame, probs_val: np.ndarray, probs_test: np.ndarray) -> pd.DataFrame:
-    """``test`` with ``prob_idc`` = ``probs_test`` decided at the threshold that ``train`` would choose on
-    (``val`` labels, ``probs_val``): :data:`idc_helpers.selection.THRESHOLD_RULE`.
+    """``test`` with ``prob_idc`` = ``probs_test``, decided at the threshold that ``train`` would choose on ``val``.
+
+    The threshold follows :data:`idc_helpers.selection.THRESHOLD_RULE` on the ``val`` labels and ``probs_val``.
     """
     from idc_helpers.selection import THRESHOLD_RULE
 
@@ -81,8 +83,10 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def platt(val: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
-    """``test`` with probabilities calibrated on ``val`` (logistic regression of the label on the logit) and
-    decided at 0.5: the rule "call IDC when it is more likely than not", after calibration.
+    """``test`` with probabilities calibrated on ``val`` and decided at 0.5.
+
+    The calibration is a logistic regression of the label on the logit; 0.5 is the rule "call IDC when it is more likely
+    than not", after calibration.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -111,8 +115,9 @@ def _aligned(rows: pd.DataFrame, probs: np.ndarray, like: pd.DataFrame) -> np.nd
 def precise_bn_probs(
     model, train_images: np.ndarray, parts: Sequence[tuple[np.ndarray, pd.DataFrame]], *, seed: int = 0
 ) -> list[np.ndarray]:
-    """Recompute ``model``'s batch-norm statistics on shuffled, unaugmented training batches, then predict each
-    ``(images, rows)`` of ``parts``; returns one probability array per part.
+    """Predict each ``(images, rows)`` of ``parts`` after recomputing ``model``'s batch-norm statistics.
+
+    The statistics come from shuffled, unaugmented training batches. Returns one probability array per part.
     """
     from idc_helpers.inference import predict_probs
     from idc_helpers.models import recompute_batch_norm
@@ -129,8 +134,10 @@ def precise_bn_probs(
 
 
 def stain_probs(model, train_images: np.ndarray, parts: Sequence[tuple[np.ndarray, pd.DataFrame]]) -> list[np.ndarray]:
-    """Normalise each patient of each ``(images, rows)`` part to the training patches' mean H and E, and predict
-    it with ``model``; returns one probability array per part.
+    """Predict each ``(images, rows)`` part with ``model`` after normalising its stain to the training patches'.
+
+    Each patient of each part is normalised to the training patches' mean H and E. Returns one probability array per
+    part.
     """
     from idc_helpers.inference import predict_probs
     from idc_helpers.stain import normalise_stain, stain_stats

@@ -1,4 +1,6 @@
-"""Loading benchmark: ``python -m idc_helpers.bench load [--data-dir DIR ...] [--full-size] [--repeats N] [--out FILE]``.
+"""Loading benchmark: the package's first load and cached reload against a plain ``cv2.imread`` loop.
+
+Run as ``python -m idc_helpers.bench load [--data-dir DIR ...] [--full-size] [--repeats N] [--out FILE]``.
 
 Measures, on the same files in the same run: a plain single-threaded loop of ``cv2.imread`` (the baseline), the
 package's first load (``load_patches`` with an empty cache: decode in parallel, write the cache), and a cached

@@ -74,9 +74,11 @@ class QualityBenchError(UserError, ValueError):
 
 
 def merged_view(data_dirs: Sequence[str | os.PathLike[str]]) -> Path:
-    """One dataset folder holding the patients of all ``data_dirs``: the folder itself when there is one, else a
-    folder of symbolic links to every patient folder, under the system's temporary folder (its name is a hash
-    of the folders, so the same folders give the same view and the decoded-patch cache is reused).
+    """One dataset folder holding the patients of all ``data_dirs``.
+
+    The folder itself when there is one, else a folder of symbolic links to every patient folder, under the system's
+    temporary folder (its name is a hash of the folders, so the same folders give the same view and the decoded-patch
+    cache is reused).
 
     Raises:
         QualityBenchError: a folder does not exist, or a patient id is in two of them.
@@ -254,10 +256,12 @@ def run_fold(
     train_options: dict[str, Any] | None = None,
     verbose: int = 2,
 ) -> dict[str, Any]:
-    """Train ``model_name`` without the fold's test patients, predict its validation and test patients, fit the
-    slide context on the validation patients, write the predictions and return the fold's record (scores per
-    patient group, thresholds, context parameters, seconds). A finished run folder from an interrupted earlier
-    call is reused instead of trained again.
+    """Train ``model_name`` on one fold and return the fold's record.
+
+    The model is trained without the fold's test patients; it predicts its validation and test patients, the slide
+    context is fitted on the validation patients and the predictions are written. The record holds scores per patient
+    group, thresholds, context parameters and seconds. A finished run folder from an interrupted earlier call is reused
+    instead of trained again.
     """
     from idc_helpers.prediction import predict_frame
 
@@ -337,8 +341,9 @@ def run_fold(
 def pooled_table(
     out_dir: Path, records: list[dict[str, Any]], slides: set[str], *, n_bootstrap: int = 1000, seed: int = 0
 ) -> dict[str, dict[str, Any]]:
-    """Pool each model's out-of-fold predictions (``OUT/oof_<model>[_tta].csv``) and evaluate them with bootstrap
-    intervals over patients, per variant of :data:`VARIANTS` and patient group of :data:`GROUPS`.
+    """Pool each model's out-of-fold predictions (``OUT/oof_<model>[_tta].csv``) and evaluate them.
+
+    Bootstrap intervals over patients, per variant of :data:`VARIANTS` and patient group of :data:`GROUPS`.
 
     Returns ``{"<model> | <variant> | <group>": evaluate-report plus "folds"}``; each fold's decisions use that
     fold's own validation threshold (the context ones its own context threshold). Context variants are pooled

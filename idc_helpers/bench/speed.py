@@ -64,9 +64,10 @@ def training_throughput(
     in_memory_patches: int = 4096,
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """Training patches/s of one model fed four ways, and of the same architecture augmenting inside the model
-    (:class:`~idc_helpers.models.TrainingAugmentation`, fed raw uint8 batches), median of ``repeats`` rounds of
-    ``steps`` steps each.
+    """Training patches/s of one model fed four ways, and of the same architecture augmenting inside the model.
+
+    The in-model variant is :class:`~idc_helpers.models.TrainingAugmentation`, fed raw uint8 batches. Each rate is the
+    median of ``repeats`` rounds of ``steps`` steps each.
 
     ``images``: ``(N, 50, 50, 3) uint8`` (the memmapped cache); ``labels``: ``(N,)``. The in-memory variants use
     the first ``in_memory_patches`` rows copied into RAM. Returns ``{variant: {"patches_per_s", "runs"}}``.
@@ -137,10 +138,11 @@ def pipeline_throughput(
     settings: Sequence[str] = ("none", "geometry", "mild", "strong"),
     seed: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """Patches/s of :func:`~idc_helpers.pipeline.make_dataset` alone (batches drawn, no model) for each augmentation
-    setting, median of ``repeats`` rounds of ``batches`` batches (settings in turn within a round, so that load
-    from other processes hits all of them). Returns ``{setting: {"patches_per_s", "runs", "ratio_to_none"}}``;
-    ``ratio_to_none`` is the median of the per-round ratios to the un-augmented pipeline.
+    """Patches/s of :func:`~idc_helpers.pipeline.make_dataset` alone (batches drawn, no model) per augmentation setting.
+
+    Median of ``repeats`` rounds of ``batches`` batches (settings in turn within a round, so that load from other
+    processes hits all of them). Returns ``{setting: {"patches_per_s", "runs", "ratio_to_none"}}``; ``ratio_to_none`` is
+    the median of the per-round ratios to the un-augmented pipeline.
     """
     from idc_helpers.pipeline import make_dataset
 
@@ -178,8 +180,9 @@ def pipeline_throughput(
 def prediction_throughput(
     images: np.ndarray, *, model_name: str = "idc_net", patches: int = 4096, repeats: int = 2, seed: int = 0
 ) -> dict[str, dict[str, Any]]:
-    """Patches/s of :func:`~idc_helpers.prediction.predict_probs` on ``patches`` rows of the memmapped cache,
-    without and with TTA (median of ``repeats``; an untrained model costs the same as a trained one).
+    """Patches/s of :func:`~idc_helpers.prediction.predict_probs` on the memmapped cache, without and with TTA.
+
+    ``patches`` rows, median of ``repeats``; an untrained model costs the same as a trained one.
     """
     import keras
 
@@ -263,8 +266,10 @@ def _memory_child(data_dir: str, cache_dir: str, model_name: str, steps: int) ->
 
 
 def _rss_parts() -> dict[str, float]:
-    """Resident memory now, split into anonymous (heap: the process's own) and file-backed (memmapped cache pages,
-    which the kernel can drop and re-read), in MB, from ``/proc/self/status`` (Linux; empty elsewhere).
+    """Resident memory now in MB, split into anonymous and file-backed.
+
+    Anonymous is the heap (the process's own), file-backed the memmapped cache pages, which the kernel can drop and
+    re-read. Read from ``/proc/self/status`` (Linux; empty elsewhere).
     """
     parts = {}
     try:
@@ -285,8 +290,10 @@ def peak_memory(
     steps: int = 200,
     n_patches: int = FULL_DATASET_PATCHES,
 ) -> dict[str, Any]:
-    """Peak RSS of training on a full-size hard-linked copy of ``sample_frame``'s files, first with decoding, then
-    from the cache. ``work_dir`` (same file system as the sample, for hard links) is emptied afterwards.
+    """Peak RSS of training on a full-size hard-linked copy of ``sample_frame``'s files, decoding and from the cache.
+
+    First with decoding, then from the cache. ``work_dir`` (same file system as the sample, for hard links) is emptied
+    afterwards.
     """
     from idc_helpers.bench.load import make_full_size_tree
 
@@ -363,8 +370,10 @@ class _GpuSampler:
 
 
 def synthetic_patches(path: Path, n: int, *, seed: int = 0, chunk: int = 20_000) -> np.ndarray:
-    """A full-size stand-in for the decoded cache: ``(n, 50, 50, 3) uint8`` random pixels written to ``path`` as
-    ``.npy`` and returned memmapped read-only, as training reads the real cache (content does not change speed).
+    """A full-size stand-in for the decoded cache: ``(n, 50, 50, 3) uint8`` random pixels, memmapped read-only.
+
+    Written to ``path`` as ``.npy`` and returned memmapped, as training reads the real cache (content does not change
+    speed).
     """
     rng = np.random.default_rng(seed)
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, 50, 50, 3))
@@ -389,13 +398,15 @@ def gpu_check(
     time_budget_s: float = 200.0,
     placements: Sequence[str] = ("pipeline", "model"),
 ) -> dict[str, Any]:
-    """Training speed on the machine's accelerator: ``model_name`` for ``epochs`` epochs over the training share of a
-    full-size synthetic set (``patches`` patches, 70% trained on), per batch size, with GPU utilisation sampled
-    from ``nvidia-smi``, beside the input pipeline's own rate with the same augmentation. A run counts as
-    pipeline-bound when training reaches 80% of what the pipeline alone delivers. A batch size is skipped (listed in
-    ``"skipped"``) once ``time_budget_s`` seconds have passed, and so is each later run. ``work_dir`` holds the temporary array (2.1 GB at full
-    size), deleted afterwards. ``placements``: where the augmentation runs, ``"pipeline"`` (the CPU's tf.data
-    workers) and/or ``"model"`` (:class:`~idc_helpers.models.TrainingAugmentation`, on the accelerator).
+    """Training speed on the machine's accelerator per batch size, beside the input pipeline's own rate.
+
+    ``model_name`` trains for ``epochs`` epochs over the training share of a full-size synthetic set (``patches``
+    patches, 70% trained on), with GPU utilisation sampled from ``nvidia-smi``; the pipeline alone runs with the same
+    augmentation. A run counts as pipeline-bound when training reaches 80% of what the pipeline alone delivers. A batch
+    size is skipped (listed in ``"skipped"``) once ``time_budget_s`` seconds have passed, and so is each later run.
+    ``work_dir`` holds the temporary array (2.1 GB at full size), deleted afterwards. ``placements``: where the
+    augmentation runs, ``"pipeline"`` (the CPU's tf.data workers) and/or ``"model"``
+    (:class:`~idc_helpers.models.TrainingAugmentation`, on the accelerator).
     """
     import tensorflow as tf
 
@@ -472,8 +483,9 @@ def gpu_check(
 def _timed_fit(
     images, labels, train_idx, *, model_name: str, augment: str, placement: str, batch_size: int, epochs: int, seed: int
 ) -> dict[str, Any]:
-    """``epochs`` epochs of a fresh model over ``train_idx``, augmenting in the pipeline or in the model; each
-    epoch's seconds and patches/s, GPU utilisation meanwhile.
+    """``epochs`` epochs of a fresh model over ``train_idx``, augmenting in the pipeline or in the model.
+
+    Returns each epoch's seconds and patches/s, and the GPU utilisation meanwhile.
     """
     import keras
 
