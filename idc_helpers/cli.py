@@ -52,7 +52,7 @@ def _add_download(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", default=None, metavar="DIR", help="folder that will hold the patient folders (default: ./data)"
     )
-    p.add_argument("--dest", default=None, help=argparse.SUPPRESS)  # refused: now --out
+    p.add_argument("--dest", action=Refused, old="download --dest DIR", new="download --out DIR")
     p.add_argument("--force", action="store_true", help="download again even when a complete copy is there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -74,7 +74,9 @@ def _add_index(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="folder in the Kaggle layout (<patient>/<0|1>/*.png); repeat for several folders",
     )
-    p.add_argument("data_dir_positional", nargs="?", default=None, help=argparse.SUPPRESS)  # refused: now --data-dir
+    p.add_argument(
+        "data_dir_positional", nargs="?", action=Refused, old="index DATA_DIR", new="index --data-dir DATA_DIR"
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
         "--cache-dir", default=None, help="decoded-patch cache (default: $IDC_CACHE_DIR or ~/.cache/idc_helpers)"
@@ -87,7 +89,7 @@ def _add_demo_data(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo-data", help="write a small SYNTHETIC dataset in the Kaggle layout")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (must not exist or be empty)")
-    p.add_argument("dest", nargs="?", default=None, help=argparse.SUPPRESS)  # refused: now --out
+    p.add_argument("dest", nargs="?", action=Refused, old="demo-data DIR", new="demo-data --out DIR")
     p.add_argument(
         "--n-patients",
         type=arg_type("n_patients"),
@@ -95,9 +97,7 @@ def _add_demo_data(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"number of synthetic patients (default {DEFAULT_PATIENTS})",
     )
-    p.add_argument(
-        "--patients", type=arg_type("n_patients"), default=None, help=argparse.SUPPRESS
-    )  # refused: now --n-patients
+    p.add_argument("--patients", action=Refused, old="demo-data --patients N", new="demo-data --n-patients N")
     p.add_argument("--seed", type=arg_type("seed"), default=0, help="random seed (same seed, same files)")
 
 
@@ -213,7 +213,7 @@ _RUN_OPTIONS = (
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predict every patch of a dataset folder with a trained run")
     p.add_argument("--run", default=None, metavar="RUN_DIR", help="run folder written by `train` (or a .keras file)")
-    p.add_argument("--model", default=None, dest="model_folder", help=argparse.SUPPRESS)  # refused: now --run
+    p.add_argument("--model", action=Refused, old="predict --model RUN_DIR", new="predict --run RUN_DIR")
     p.add_argument(
         "--data-dir",
         action="append",
@@ -296,6 +296,24 @@ def _add_run_notebooks(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="write the parameterised notebooks without running them (CI runs them with pytest --nbval-lax)",
     )
+
+
+class Refused(argparse.Action):
+    """An old spelling, hidden from the help: refused while parsing, in one line naming the word that replaced it.
+
+    Refused before any check of required options, so ``predict --model RUN_DIR`` alone names ``--run``.
+    """
+
+    def __init__(self, option_strings, dest, *, old: str, new: str, nargs=None, **kwargs) -> None:
+        self.old, self.new = old, new
+        super().__init__(option_strings, dest, nargs=nargs, default=None, help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        """Refuse a given value; a positional left out (``None``) is no mistake."""
+        if values is None:
+            setattr(namespace, self.dest, None)
+            return
+        parser.error(f"{self.old} is no longer accepted: use {self.new}.")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -32,17 +32,10 @@ _LONG_READ_BYTES = 100_000_000
 _LONG_BOOTSTRAP = 1_000_000_000
 
 
-def _refuse_old_spelling(old: object, old_spelling: str, new_spelling: str) -> None:
-    """Refuse an old spelling that was given (``old`` not ``None``) with a line naming the word that replaced it."""
-    if old is not None:
-        raise UserError(f"{old_spelling} is no longer accepted: use {new_spelling}.")
-
-
 def cmd_download(args: argparse.Namespace) -> int:
     """``python -m idc_helpers download [--out DIR] [--force]``: a verified copy of the dataset in ``DIR``."""
     from idc_helpers.kaggle_download import download_dataset
 
-    _refuse_old_spelling(args.dest, "download --dest DIR", "download --out DIR")
     download_dataset(args.out or "data", force=args.force, progress=not args.no_progress)
     return 0
 
@@ -53,7 +46,6 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     from idc_helpers.health import format_report, health_report
 
-    _refuse_old_spelling(args.data_dir_positional, "index DATA_DIR", "index --data-dir DATA_DIR")
     data_dirs = list(args.data_dir or [])
     if not data_dirs:
         raise UserError("index needs a dataset folder: index --data-dir DIR (repeat --data-dir for several).")
@@ -71,8 +63,6 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from idc_helpers.demo_data import DEFAULT_PATIENTS, SYNTHETIC_NOTICE, write_demo_dataset
     from idc_helpers.patch_index import build_index, dataset_summary
 
-    _refuse_old_spelling(args.dest, "demo-data DIR", "demo-data --out DIR")
-    _refuse_old_spelling(args.patients, "demo-data --patients N", "demo-data --n-patients N")
     out, n_patients = args.out, args.n_patients
     if out is None:
         raise UserError("demo-data needs --out DIR, the folder to write the synthetic dataset to.")
@@ -141,7 +131,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``python -m idc_helpers predict``: write the predictions CSV."""
-    _refuse_old_spelling(args.model_folder, "predict --model RUN_DIR", "predict --run RUN_DIR")
     run_dir = args.run
     if run_dir is None:
         raise UserError("predict needs --run RUN_DIR, a run folder written by `python -m idc_helpers train`.")

@@ -104,6 +104,17 @@ def cli_error(capsys):
 
 
 @pytest.fixture()
+def assert_refused():
+    """``check(err, message)``: ``err`` is one ``error:`` line on stderr that says ``message`` (an old spelling's)."""
+
+    def check(err: str, message: str) -> None:
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert message in err, err
+
+    return check
+
+
+@pytest.fixture()
 def small_mount(tmp_path):
     """``make(options)`` mounts a small tmpfs of our own there.
 

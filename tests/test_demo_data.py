@@ -237,12 +237,12 @@ def test_cli_writes_prints_the_notice_and_refuses_a_second_time(tmp_path, capsys
     assert "at least 1" in capsys.readouterr().err
 
 
-def test_cli_refuses_the_old_spellings_with_one_line_naming_the_new_word(tmp_path, capsys):
+def test_cli_refuses_the_old_spellings_with_one_line_naming_the_new_word(tmp_path, capsys, assert_refused):
     dest = tmp_path / "old"
     assert main(["demo-data", str(dest), "--seed", "3"]) == 2
-    assert capsys.readouterr().err == "error: demo-data DIR is no longer accepted: use demo-data --out DIR.\n"
+    assert_refused(capsys.readouterr().err, "demo-data DIR is no longer accepted: use demo-data --out DIR.")
     assert main(["demo-data", "--out", str(dest), "--patients", "1"]) == 2
-    assert capsys.readouterr().err == (
-        "error: demo-data --patients N is no longer accepted: use demo-data --n-patients N.\n"
+    assert_refused(
+        capsys.readouterr().err, "demo-data --patients N is no longer accepted: use demo-data --n-patients N."
     )
     assert not dest.exists()

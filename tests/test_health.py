@@ -140,11 +140,11 @@ def test_module_entry_point(tiny_dataset, tmp_path):
     assert "decoding" not in result.stderr  # no progress bar when stderr is not a terminal
 
 
-def test_old_positional_form_is_refused_with_one_line_naming_data_dir(tiny_dataset, tmp_path, capsys):
+def test_old_positional_form_is_refused_with_one_line_naming_data_dir(tiny_dataset, tmp_path, capsys, assert_refused):
     assert main(["index", str(tiny_dataset), "--cache-dir", str(tmp_path / "cache")]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == "error: index DATA_DIR is no longer accepted: use index --data-dir DATA_DIR.\n"
+    assert_refused(captured.err, "index DATA_DIR is no longer accepted: use index --data-dir DATA_DIR.")
     assert main(["index"]) == 2 and "--data-dir" in capsys.readouterr().err
 
 

@@ -398,13 +398,13 @@ def test_empty_folder_is_filled(server, env_credentials, tmp_path, patches):
     assert tree(tmp_path / "data") == patches
 
 
-def test_cli_prints_one_line_without_traceback(server, home, tmp_path, capsys):
+def test_cli_prints_one_line_without_traceback(server, home, tmp_path, capsys, assert_refused):
     assert main(["download", "--out", str(tmp_path / "data"), "--no-progress"]) == 2  # a user's fix: credentials
     err = capsys.readouterr().err
     assert err.startswith("error: Kaggle refused an anonymous download") and "Traceback" not in err
     assert err.count("\n") == 1
     assert main(["download", "--dest", str(tmp_path / "data"), "--no-progress"]) == 2  # the old spelling
-    assert capsys.readouterr().err == "error: download --dest DIR is no longer accepted: use download --out DIR.\n"
+    assert_refused(capsys.readouterr().err, "download --dest DIR is no longer accepted: use download --out DIR.")
 
 
 def test_cli_outside_failure_exits_3(server, env_credentials, tmp_path, capsys):

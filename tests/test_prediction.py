@@ -92,7 +92,7 @@ def test_validate_names_the_problem(preds, breakage, message):
         validate_predictions(breakage(preds))
 
 
-def test_cli_train_then_predict(tmp_path, tmp_cache, capsys):
+def test_cli_train_then_predict(tmp_path, tmp_cache, capsys, assert_refused):
     data = tmp_path / "demo"
     assert main(["demo-data", "--out", str(data), "--n-patients", "5"]) == 0
     assert "SYNTHETIC DEMO DATA" in capsys.readouterr().out
@@ -135,10 +135,10 @@ def test_cli_train_then_predict(tmp_path, tmp_cache, capsys):
     test_out = tmp_path / "test.csv"
     # The old spelling is refused with one line naming the new word.
     assert main(["predict", "--model", str(run_dir), "--data-dir", str(data), "--out", str(test_out)]) == 2
-    assert capsys.readouterr().err == (
-        "error: predict --model RUN_DIR is no longer accepted: use predict --run RUN_DIR.\n"
-    )
+    assert_refused(capsys.readouterr().err, "predict --model RUN_DIR is no longer accepted: use predict --run RUN_DIR.")
     assert not test_out.exists()
+    assert main(["predict", "--model", str(run_dir)]) == 2  # alone: refused before the missing options are named
+    assert_refused(capsys.readouterr().err, "use predict --run RUN_DIR.")
     assert (
         main(
             [
