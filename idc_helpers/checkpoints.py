@@ -5,7 +5,7 @@ After every epoch the callback of :func:`make_loop_callback` scores the validati
 checkpoint into the partial run folder (:func:`save_checkpoint`): the model with its optimizer state, the best
 weights so far, and the loop's own state (:class:`LoopState`), naming the other two and written last, so that a
 kill at any moment leaves the previous checkpoint intact. :func:`load_checkpoint` reads it back. The file names
-and the folder are :mod:`idc_helpers.run`'s.
+and the folder are :mod:`idc_helpers.run_folder`'s.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 
 from idc_helpers.atomic import atomic_path, write_json
 from idc_helpers.model_file import load_model_file
-from idc_helpers.run import (
+from idc_helpers.run_folder import (
     CHECKPOINT_PREFIXES,
     CHECKPOINT_STATE_FILE,
     RunFolderError,

@@ -137,10 +137,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = check_out_file(args.out)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} already exists; choose another --out or pass --overwrite to replace it.")
-    from idc_helpers import prediction
+    from idc_helpers import predictions
     from idc_helpers.demo_data import SYNTHETIC_LINE, is_synthetic
     from idc_helpers.patch_index import build_index
-    from idc_helpers.run import load_run
+    from idc_helpers.run_folder import load_run
 
     if any(is_synthetic(folder) for folder in args.data_dir):
         print(f"SYNTHETIC demo data: {SYNTHETIC_LINE}", flush=True)
@@ -151,15 +151,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(
             f"predict --context: the run {run_dir} has no slide-context parameters: {params['unavailable']}"
         )
-    frame = prediction.select_patients(index.frame, run=run, subset=args.subset, patients=args.patients or None)
+    frame = predictions.select_patients(index.frame, run=run, subset=args.subset, patients=args.patients or None)
     # Patches that fail to decode are warned about (one `warning:` line, main's format) and left out.
-    table = prediction.predict_frame(run, frame, tta=args.tta, cache_dir=args.cache_dir)
+    table = predictions.predict_frame(run, frame, tta=args.tta, cache_dir=args.cache_dir)
     if args.context:
-        from idc_helpers.context import apply_context
+        from idc_helpers.slide_context import apply_context
 
         table = apply_context(table, params)
     try:
-        prediction.write_predictions(table, out, overwrite=args.overwrite)
+        predictions.write_predictions(table, out, overwrite=args.overwrite)
     except OSError as exc:  # a full disk, a folder that became read-only meanwhile
         if isinstance(exc, UserError):
             raise
@@ -184,7 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from idc_helpers.metrics import evaluate, per_patient_metrics
-    from idc_helpers.prediction import read_predictions, table_is_synthetic
+    from idc_helpers.predictions import read_predictions, table_is_synthetic
     from idc_helpers.reporting import format_report
 
     source = Path(args.predictions)
@@ -245,7 +245,7 @@ def cmd_slide(args: argparse.Namespace) -> int:
     from matplotlib.backend_bases import FigureCanvasBase
 
     from idc_helpers import plots, slide_plots, slides
-    from idc_helpers.prediction import table_is_synthetic
+    from idc_helpers.predictions import table_is_synthetic
 
     out = check_out_file(args.out)
     formats = FigureCanvasBase.get_supported_filetypes()

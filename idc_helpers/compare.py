@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import pandas as pd
 
 from idc_helpers.errors import UserError
-from idc_helpers.run import CONFIG_FILE, load_run, partial_dir
+from idc_helpers.run_folder import CONFIG_FILE, load_run, partial_dir
 from idc_helpers.training import train
 
 
@@ -41,8 +41,8 @@ def train_alongside(
 ) -> _RunLike:
     """The run of ``model_name`` with the data, split, seed, epochs, subsample and batch size of ``base``.
 
-    ``base`` is a :class:`~idc_helpers.run.Run`, as :func:`~idc_helpers.training.train` or
-    :func:`~idc_helpers.run.load_run` gives it; the run lives in :func:`sibling_run_dir`.
+    ``base`` is a :class:`~idc_helpers.run_folder.Run`, as :func:`~idc_helpers.training.train` or
+    :func:`~idc_helpers.run_folder.load_run` gives it; the run lives in :func:`sibling_run_dir`.
 
     A finished sibling run is loaded, not trained again (runs are never overwritten); an interrupted one is
     resumed.

@@ -4,7 +4,7 @@ Every score comes from :mod:`idc_helpers.metrics`; this module says which scores
 :func:`validation_scores` scores the validation patches and :data:`MONITOR` picks the best epoch (early stopping
 follows it too). Once training ends, :func:`choose_threshold` picks the decision threshold (:data:`THRESHOLD_RULE`)
 and records the validation metrics at it, and :func:`choose_context` fits the slide-context smoothing with its own
-threshold (:func:`idc_helpers.context.fit_context`). Test patients play no part in any of these choices.
+threshold (:func:`idc_helpers.slide_context.fit_context`). Test patients play no part in any of these choices.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from idc_helpers import context
-from idc_helpers.inference import predict_probs
+from idc_helpers import slide_context
 from idc_helpers.metrics import binary_scores, log_loss, pick_threshold, ranking_scores
+from idc_helpers.probabilities import predict_probs
 from idc_helpers.training_data import TrainingData
 
 if TYPE_CHECKING:  # TensorFlow is imported only when a function needs it
@@ -83,7 +83,7 @@ def choose_threshold(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
 def choose_context(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
     """Slide-context parameters (smoothing width and their own threshold) chosen on the validation patients.
 
-    They are what :func:`idc_helpers.context.fit_context` returns (its default tunes on every validation patient:
+    They are what :func:`idc_helpers.slide_context.fit_context` returns (its default tunes on every validation patient:
     measured in docs/results.md, that transferred better than a fold's few whole slides); ``{"unavailable":
     reason}`` when they cannot be chosen (e.g. the validation patches hold one class only).
     """
@@ -98,6 +98,6 @@ def choose_context(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
         }
     )
     try:
-        return context.fit_context(table)
-    except context.ContextError as exc:
+        return slide_context.fit_context(table)
+    except slide_context.ContextError as exc:
         return {"unavailable": str(exc)}

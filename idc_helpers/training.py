@@ -1,4 +1,4 @@
-"""Training with a patient-level split, written to a self-describing run folder (see :mod:`idc_helpers.run`).
+"""Training with a patient-level split, written to a self-describing run folder (see :mod:`idc_helpers.run_folder`).
 
 ``train(data_dir, out_dir)`` and ``python -m idc_helpers train --data-dir DIR --out RUN_DIR`` do the same, in
 four named steps:
@@ -16,8 +16,8 @@ four named steps:
    validation patients (the Youden threshold, which maximises balanced accuracy, is stored beside it), and the
    validation metrics at it; :func:`idc_helpers.selection.choose_context`: the slide-context smoothing and its own
    threshold, on the validation patients, stored under ``"context"`` for ``predict --context``;
-4. :func:`idc_helpers.run.write_run_files` and :func:`idc_helpers.run.publish_run`: the run folder appears only
-   when complete.
+4. :func:`idc_helpers.run_folder.write_run_files` and :func:`idc_helpers.run_folder.publish_run`: the run folder
+   appears only when complete.
 """
 
 from __future__ import annotations
@@ -34,7 +34,15 @@ import numpy as np
 from idc_helpers.atomic import write_json
 from idc_helpers.checkpoints import LoopState, load_checkpoint, make_loop_callback
 from idc_helpers.errors import DiskFullError, IdcError, is_disk_full
-from idc_helpers.run import (
+from idc_helpers.run_config import (
+    DEFAULT_PATIENCE,
+    augmentation_config,
+    check_arguments,
+    check_resumed_config,
+    resolve_model_name,
+    run_config,
+)
+from idc_helpers.run_folder import (
     CHECKPOINT_STATE_FILE,
     CONFIG_FILE,
     LOCK_FILE,
@@ -53,14 +61,6 @@ from idc_helpers.run import (
     run_path,
     run_writer,
     write_run_files,
-)
-from idc_helpers.run_config import (
-    DEFAULT_PATIENCE,
-    augmentation_config,
-    check_arguments,
-    check_resumed_config,
-    resolve_model_name,
-    run_config,
 )
 from idc_helpers.selection import MONITOR, choose_context, choose_threshold, validation_probs
 from idc_helpers.splits import TrainingDataError
@@ -250,7 +250,7 @@ def train(
     ``data_dir`` is a dataset folder in the Kaggle layout, or a list of them (one index over all; a patient id is
     one patient wherever its files are); ``None`` resolves it with :func:`idc_helpers.datasource.resolve_data_dir`
     (``IDC_DATA_DIR``, ``./data``, Kaggle, demo). ``out_dir`` is the run folder to create; it must not exist or be
-    empty (:class:`~idc_helpers.run.RunExistsError`).
+    empty (:class:`~idc_helpers.run_folder.RunExistsError`).
 
     The model is ``model_name``, one of :data:`idc_helpers.models.MODEL_NAMES` (default
     :data:`~idc_helpers.models.DEFAULT_MODEL`), with ``model_kwargs``, extra arguments of the model builder. It
@@ -283,8 +283,8 @@ def train(
     here only ``data_dir`` (where the data has moved), ``cache_dir`` and ``verbose`` count. ``verbose``: 0 silent,
     1 progress bar, 2 one line per epoch, ``"auto"``: 1 on a terminal, else 2.
 
-    The :class:`~idc_helpers.run.Run` returned holds the run folder, the best model, the history and the JSON
-    contents, as :func:`idc_helpers.run.load_run` gives them back later. Same data, arguments and seed give the
+    The :class:`~idc_helpers.run_folder.Run` returned holds the run folder, the best model, the history and the JSON
+    contents, as :func:`idc_helpers.run_folder.load_run` gives them back later. Same data, arguments and seed give the
     same split and subsample, and on a CPU the same weights, with or without an interruption and ``resume`` in
     between.
     """

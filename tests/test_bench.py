@@ -314,7 +314,7 @@ def test_load_benchmark_runs_on_several_folders_and_prints_a_table(tiny_dataset,
 
 def test_boundary_splits_the_whole_slide_test_patches_and_names_a_wrong_folder(demo_dir, tmp_path, capsys):
     from idc_helpers.bench import boundary
-    from idc_helpers.context import label_boundary
+    from idc_helpers.slide_context import label_boundary
 
     out = tmp_path / "cv"
     assert (

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from idc_helpers.model_file import ModelFileError, check_model_file, load_model_file
-from idc_helpers.run import RunFolderError, checkpoint_file, checkpoint_names, partial_dir
+from idc_helpers.run_folder import RunFolderError, checkpoint_file, checkpoint_names, partial_dir
 
 EVIL_MODULE = """
 import keras
@@ -175,7 +175,7 @@ def test_no_door_runs_a_crafted_model(model_path, tmp_path):
             "--out",
             str(tmp_path / "p.csv"),
         ],
-        "load_run": ["-c", f"from idc_helpers.run import load_run; load_run({str(run_dir)!r})"],
+        "load_run": ["-c", f"from idc_helpers.run_folder import load_run; load_run({str(run_dir)!r})"],
         "resume": [
             "-m",
             "idc_helpers",

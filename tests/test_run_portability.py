@@ -1,6 +1,6 @@
 """A run loads anywhere it was saved, whatever placement of augmentation and precision trained it.
 
-Every door (`predict`, `evaluate`, `slide`, `run.load_run`, `train --resume`) opens it in a fresh process, one that
+Every door (`predict`, `evaluate`, `slide`, `run_folder.load_run`, `train --resume`) opens it in a fresh process, one that
 never defined the model's layers. What a GPU does by default (augmentation inside the model, mixed precision) is
 forced here on the CPU through the same environment variables.
 """
@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from idc_helpers import checkpoints
-from idc_helpers.run import partial_dir
+from idc_helpers.run_folder import partial_dir
 from idc_helpers.training import train
 
 pytestmark = pytest.mark.slow
@@ -106,7 +106,7 @@ def test_every_door_opens_the_run_in_a_fresh_process(name, demo_dir, cache_dir, 
     # run.load_run, as notebooks 03 and 04 call it: the same probabilities as `predict` wrote.
     script = (
         "import sys, numpy as np, pandas as pd\n"
-        "from idc_helpers.run import load_run\n"
+        "from idc_helpers.run_folder import load_run\n"
         "from idc_helpers.decode import read_patch\n"
         "from idc_helpers.models import AUGMENT_LAYER, uses_mixed_precision\n"
         "run = load_run(sys.argv[1])\n"

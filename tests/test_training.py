@@ -17,10 +17,10 @@ import pytest
 
 from idc_helpers import checkpoints, decode, loader, selection, training, training_data
 from idc_helpers.errors import DiskFullError, UserError
-from idc_helpers.inference import predict_probs
 from idc_helpers.metrics import pick_threshold
 from idc_helpers.models import AUGMENT_LAYER, UnknownModelError
-from idc_helpers.run import RUN_FILES, Run, RunBusyError, RunExistsError, load_run, partial_dir
+from idc_helpers.probabilities import predict_probs
+from idc_helpers.run_folder import RUN_FILES, Run, RunBusyError, RunExistsError, load_run, partial_dir
 from idc_helpers.splits import TrainingDataError
 from idc_helpers.training import train
 from idc_helpers.training_data import class_weights
@@ -611,7 +611,7 @@ def test_a_full_disk_after_training_is_exit_3_and_the_run_resumes(
     run, demo_dir, cache_dir, tmp_path, monkeypatch, capsys
 ):
     from idc_helpers.cli import main
-    from idc_helpers.run import run_writer
+    from idc_helpers.run_folder import run_writer
 
     real = training.write_run_files
 

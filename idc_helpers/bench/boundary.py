@@ -3,8 +3,8 @@
 Run as ``python -m idc_helpers.bench boundary --quality OUT [--quality OUT2] [--models idc_net] --out BOUNDARY``.
 
 It reads the test predictions that ``python -m idc_helpers.bench quality`` wrote (``OUT/predictions/``), keeps
-the whole-slide patients (:func:`idc_helpers.context.whole_slide_patients`: only there are a patch's neighbours
-known) and splits their patches with :func:`idc_helpers.context.label_boundary`: a *boundary* patch has a
+the whole-slide patients (:func:`idc_helpers.slide_context.whole_slide_patients`: only there are a patch's neighbours
+known) and splits their patches with :func:`idc_helpers.slide_context.label_boundary`: a *boundary* patch has a
 neighbour of the other label, an *interior* one has none. Each part is scored at the thresholds the folds chose on
 their validation patients (the ``pred`` column), with 95% intervals over patients. Tables go to
 ``BOUNDARY/boundary.md`` and ``boundary.json``.
@@ -72,7 +72,7 @@ def whole_slide_part(table: pd.DataFrame, source: str | Path = "the table") -> p
 
     ``source`` names the table in the error.
     """
-    from idc_helpers.context import label_boundary, whole_slide_patients
+    from idc_helpers.slide_context import label_boundary, whole_slide_patients
 
     slides = set(whole_slide_patients(table))
     table = table[table["patient_id"].astype(str).isin(slides)].reset_index(drop=True)

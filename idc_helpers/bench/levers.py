@@ -119,8 +119,8 @@ def precise_bn_probs(
 
     The statistics come from shuffled, unaugmented training batches. Returns one probability array per part.
     """
-    from idc_helpers.inference import predict_probs
     from idc_helpers.models import recompute_batch_norm
+    from idc_helpers.probabilities import predict_probs
 
     order = np.random.default_rng(seed).permutation(len(train_images))
 
@@ -139,7 +139,7 @@ def stain_probs(model, train_images: np.ndarray, parts: Sequence[tuple[np.ndarra
     Each patient of each part is normalised to the training patches' mean H and E. Returns one probability array per
     part.
     """
-    from idc_helpers.inference import predict_probs
+    from idc_helpers.probabilities import predict_probs
     from idc_helpers.stain import normalise_stain, stain_stats
 
     target = stain_stats(train_images)
@@ -224,7 +224,7 @@ def _model_variants(
     frame: pd.DataFrame,
     cache_dir: Any,
 ) -> dict[str, pd.DataFrame]:
-    from idc_helpers.run import load_run
+    from idc_helpers.run_folder import load_run
 
     quality_dir, model_name = member
     run = load_run(quality_dir / "runs" / f"{model_name}-fold{fold}")
@@ -344,8 +344,8 @@ def run_levers(
     Raises:
         LeversError: no fold is finished by every member, or the members' patients differ.
     """
-    from idc_helpers.context import whole_slide_patients
     from idc_helpers.patch_index import build_index
+    from idc_helpers.slide_context import whole_slide_patients
 
     dirs = [Path(d).expanduser().absolute() for d in quality_dirs]
     for d in dirs:

@@ -6,7 +6,7 @@ Every patient of the dataset folders is tested exactly once, by a model that nev
    (:func:`idc_helpers.splits.patient_folds`, stratified by IDC share); every model gets the same folds;
 2. for each fold and model, :func:`idc_helpers.training.train` runs with ``test_patients`` = the fold: the other
    patients are split (by patient) into training and validation, and the validation patients alone choose the
-   best epoch, the decision threshold and the slide-context parameters (:func:`idc_helpers.context.fit_context`);
+   best epoch, the decision threshold and the slide-context parameters (:func:`idc_helpers.slide_context.fit_context`);
 3. the fold's test patients are predicted (and, with ``--tta``, again averaging the 8 flips/rotations) and
    scored: F1, balanced accuracy, ROC AUC, PR AUC at the validation threshold (and at the Youden threshold), the
    best F1 any threshold reaches on the test patients (an upper bound, not a result), with bootstrap intervals
@@ -46,10 +46,10 @@ from sklearn import metrics as skm
 from idc_helpers.atomic import atomic_path, write_json, write_text
 from idc_helpers.bench import print_markdown
 from idc_helpers.cli import OneLineParser
-from idc_helpers.context import ContextError, apply_context, fit_context, whole_slide_patients
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import evaluate, pick_threshold
 from idc_helpers.pipeline import AUGMENT_CHOICES
+from idc_helpers.slide_context import ContextError, apply_context, fit_context, whole_slide_patients
 from idc_helpers.validation import AVERAGING_CHOICES
 
 LOG_FILE = "folds.jsonl"
@@ -218,7 +218,7 @@ def _load_or_train(
     train_options: dict[str, Any],
 ) -> tuple[Any, dict[str, Any], dict[str, list[str]]]:
     """The fold's (model, metrics, split): trained now, or read back from a run folder an earlier call finished."""
-    from idc_helpers.run import load_run
+    from idc_helpers.run_folder import load_run
     from idc_helpers.training import train
 
     if (run_dir / "model.keras").is_file() and (run_dir / "metrics.json").is_file():
@@ -263,7 +263,7 @@ def run_fold(
     group, thresholds, context parameters and seconds. A finished run folder from an interrupted earlier call is reused
     instead of trained again.
     """
-    from idc_helpers.prediction import predict_frame
+    from idc_helpers.predictions import predict_frame
 
     run_dir = out_dir / "runs" / f"{model_name}-fold{fold}"
     model, metrics, split = _load_or_train(

@@ -11,7 +11,7 @@ Measured side by side in one run, printed (and with ``--out`` written) as a Mark
 (a0) the **input pipeline alone** (patches/s of iterating :func:`~idc_helpers.pipeline.make_dataset` with no model),
     without augmentation and with each augmentation strength, printed beside the training rate of (a): when the
     pipeline with augmentation delivers less than the model consumes, the pipeline sets the pace;
-(b) **prediction throughput** (patches/s of :func:`idc_helpers.prediction.predict_probs`), with and without
+(b) **prediction throughput** (patches/s of :func:`idc_helpers.predictions.predict_probs`), with and without
     test-time augmentation (8 flips/rotations);
 (c) the **notebook series** ``python -m idc_helpers run-notebooks --smoke`` timed as a subprocess (and on the full
     shared sample with ``--notebooks-full``);
@@ -180,14 +180,14 @@ def pipeline_throughput(
 def prediction_throughput(
     images: np.ndarray, *, model_name: str = "idc_net", patches: int = 4096, repeats: int = 2, seed: int = 0
 ) -> dict[str, dict[str, Any]]:
-    """Patches/s of :func:`~idc_helpers.prediction.predict_probs` on the memmapped cache, without and with TTA.
+    """Patches/s of :func:`~idc_helpers.predictions.predict_probs` on the memmapped cache, without and with TTA.
 
     ``patches`` rows, median of ``repeats``; an untrained model costs the same as a trained one.
     """
     import keras
 
-    from idc_helpers.inference import predict_probs
     from idc_helpers.models import build_model
+    from idc_helpers.probabilities import predict_probs
 
     keras.utils.set_random_seed(seed)
     model = build_model(model_name)

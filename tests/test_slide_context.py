@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from idc_helpers import context
-from idc_helpers.context import ContextError, apply_context, fit_context, neighbour_counts, smooth_probs
+from idc_helpers import slide_context
+from idc_helpers.slide_context import ContextError, apply_context, fit_context, neighbour_counts, smooth_probs
 
 
 def _slide(
@@ -70,7 +70,7 @@ def test_neighbour_counts_on_a_full_grid():
 def test_sparse_patient_is_excluded_from_whole_slides():
     rng = np.random.default_rng(4)
     table = pd.concat([_slide("slide", rng), _slide("sparse", rng, keep=0.09)], ignore_index=True)
-    assert context.whole_slide_patients(table) == ["slide"]
+    assert slide_context.whole_slide_patients(table) == ["slide"]
     params = fit_context(table, tune_on="whole_slides")
     assert params["patients"] == ["slide"] and params["tuned_on"] == "whole_slides"
     assert params["n_patches"] == int((table["patient_id"] == "slide").sum())
@@ -124,7 +124,7 @@ def test_label_boundary_marks_patches_beside_the_other_label_only():
     gx, gy = gx.ravel(), gy.ravel()
     label = ((abs(gx - 2) <= 1) & (abs(gy - 2) <= 1)).astype(np.int8)
     table = pd.DataFrame({"patient_id": "p", "x": gx * 50 + 1, "y": gy * 50 + 1, "label": label})
-    boundary = context.label_boundary(table)
+    boundary = slide_context.label_boundary(table)
     assert boundary.dtype == bool and boundary.sum() == 24
     assert not boundary[(gx == 2) & (gy == 2)].any()
     # Corners of the slide touch the block only diagonally: still boundary.
@@ -132,7 +132,7 @@ def test_label_boundary_marks_patches_beside_the_other_label_only():
     # Row order is kept, and another patient at the same coordinates is not a neighbour.
     other = table.assign(patient_id="q", label=0)
     both = pd.concat([other, table], ignore_index=True).sample(frac=1.0, random_state=0)
-    marks = context.label_boundary(both)
+    marks = slide_context.label_boundary(both)
     assert not marks[both["patient_id"].to_numpy() == "q"].any()
     np.testing.assert_array_equal(
         marks[both["patient_id"].to_numpy() == "p"],
@@ -143,6 +143,6 @@ def test_label_boundary_marks_patches_beside_the_other_label_only():
 def test_label_boundary_ignores_absent_neighbours_and_refuses_soft_labels():
     table = pd.DataFrame({"patient_id": "p", "x": [1, 101, 151], "y": [1, 1, 1], "label": [1, 0, 1]})
     # 0 and 50 px apart would be neighbours; (1, 1) has no neighbour present, the other two touch.
-    np.testing.assert_array_equal(context.label_boundary(table), [False, True, True])
+    np.testing.assert_array_equal(slide_context.label_boundary(table), [False, True, True])
     with pytest.raises(ContextError, match="0 or 1"):
-        context.label_boundary(table.assign(label=[0.5, 0, 1]))
+        slide_context.label_boundary(table.assign(label=[0.5, 0, 1]))

@@ -11,7 +11,7 @@ import pytest
 from idc_helpers.cli import main
 from idc_helpers.models import build_model
 from idc_helpers.patch_index import build_index
-from idc_helpers.prediction import (
+from idc_helpers.predictions import (
     PREDICTION_COLUMNS,
     PredictionsError,
     PredictionsExistError,
@@ -22,7 +22,7 @@ from idc_helpers.prediction import (
     validate_predictions,
     write_predictions,
 )
-from idc_helpers.run import load_run
+from idc_helpers.run_folder import load_run
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_predicting_a_folder_without_the_selected_patients_names_them(tiny_datas
     frame = build_index(tiny_dataset).frame
     with pytest.raises(PredictionsError, match=r"901, 902.*101, 102, 103"):
         select_patients(frame, patients=["901", "902"])
-    from idc_helpers.run import Run
+    from idc_helpers.run_folder import Run
 
     run = Run(run_dir=None, model=None, config={"split": {"patients": {"train": ["7"], "val": ["8"], "test": ["9"]}}})
     with pytest.raises(PredictionsError, match=r"test patients of the run \(9\).*101, 102, 103"):

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from idc_helpers.run import (
+from idc_helpers.run_folder import (
     CHECKPOINT_STATE_FILE,
     CONFIG_FILE,
     RUN_FILES,

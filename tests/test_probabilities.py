@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from idc_helpers.inference import dihedral_views, predict_probs
 from idc_helpers.models import build_model
+from idc_helpers.probabilities import dihedral_views, predict_probs
 
 
 @pytest.fixture(scope="module")

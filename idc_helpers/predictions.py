@@ -16,7 +16,7 @@ threshold   float   that threshold, the same on every row: the table carries the
 present, ``pred`` must agree with it. ``evaluate``, ``slide`` and the notebooks report this number.
 
 ``predict --context`` adds :data:`CONTEXT_COLUMNS`: ``prob_idc_context`` (the probability smoothed with the
-patch's neighbours on the slide, :mod:`idc_helpers.context`) and ``pred_context`` (at the context threshold
+patch's neighbours on the slide, :mod:`idc_helpers.slide_context`) and ``pred_context`` (at the context threshold
 chosen on the validation patients, recorded in ``threshold_context``). Figures from them use the slide, not the patch
 alone.
 
@@ -38,10 +38,10 @@ import pandas as pd
 from idc_helpers.atomic import atomic_path
 from idc_helpers.demo_data import is_synthetic
 from idc_helpers.errors import UserError
-from idc_helpers.inference import predict_probs
 from idc_helpers.loader import load_patches
 from idc_helpers.metrics import pred_column, threshold_column
-from idc_helpers.run import Run, load_run
+from idc_helpers.probabilities import predict_probs
+from idc_helpers.run_folder import Run, load_run
 from idc_helpers.validation import InvalidInputError, check_patient_ids, check_table
 
 if TYPE_CHECKING:
@@ -96,7 +96,7 @@ def predict_frame(
 ) -> pd.DataFrame:
     """Predict every patch of a patch index ``frame`` and return the predictions table (one row per patch).
 
-    ``model_or_run``: a run folder (its stored threshold is used), a loaded :class:`~idc_helpers.run.Run`,
+    ``model_or_run``: a run folder (its stored threshold is used), a loaded :class:`~idc_helpers.run_folder.Run`,
     a ``.keras`` file or a Keras model (threshold 0.5 unless ``threshold`` is given). Patches whose files fail to
     decode are left out, with a warning naming them.
     """
