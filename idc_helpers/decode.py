@@ -3,7 +3,7 @@
 :func:`read_patch` decodes one file. :func:`decode_all` decodes a list of files in chunks on a thread pool
 (OpenCV's PNG decoder releases the GIL) and hands each decoded chunk to a sink that stores it, in memory
 (:func:`memory_sink`) or in a file (:func:`file_sink`). Every file's PNG header is checked before it is decoded
-(:func:`~idc_helpers.patch_index.check_png_header`, over the package's one PNG header reader
+(:func:`~idc_helpers.patch_files.check_png_header`, over the package's one PNG header reader
 :func:`idc_helpers.png.read_png_header`), so a file that is not a patch costs a few bytes of reading, never its
 decoded size. Short patches are padded with white (:func:`pad_to_patch`); a file that cannot be a patch is a
 :class:`PatchReadError` naming it.
@@ -23,7 +23,7 @@ import numpy as np
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.errors import UserError
-from idc_helpers.patch_index import (
+from idc_helpers.patch_files import (
     MAX_PATCH_FILE_BYTES,
     UNREADABLE,
     WRONG_SIZE,
@@ -54,7 +54,7 @@ class PatchReadError(UserError, ValueError):
         self.kind = kind
 
     def to_problem(self) -> Problem:
-        """The failure as a row of a problems list (:class:`~idc_helpers.patch_index.Problem`)."""
+        """The failure as a row of a problems list (:class:`~idc_helpers.patch_files.Problem`)."""
         return Problem(self.path, self.kind, self.reason)
 
 
@@ -192,7 +192,7 @@ def _read_file(path: str) -> tuple[bytes, os.stat_result]:
 
 
 def _check_header(path: str, data: bytes, file_size: int) -> None:
-    """Refuse, before decoding, what the header shows is not a patch (see :func:`.patch_index.check_png_header`)."""
+    """Refuse, before decoding, what the header shows is not a patch (see :func:`.patch_files.check_png_header`)."""
     try:
         check_png_header(data[:PNG_HEADER_BYTES], max(file_size, len(data)))
     except PatchFileError as exc:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from idc_helpers import PATCH_SIZE
 from idc_helpers.loader import load_patches
-from idc_helpers.patch_index import build_index, dataset_summary, printable
+from idc_helpers.patch_files import printable
+from idc_helpers.patch_index import build_index, dataset_summary
 
 
 def health_report(

@@ -33,7 +33,7 @@ from idc_helpers.patch_cache import (
     remove_orphans,
     write_entry,
 )
-from idc_helpers.patch_index import Problem
+from idc_helpers.patch_files import Problem
 from idc_helpers.validation import user_path
 
 # An unwritable cache folder: sets up to this size are decoded into memory instead (with a warning).
@@ -50,7 +50,7 @@ class LoadedPatches:
 
     ``images``: ``(N, 50, 50, 3) uint8`` RGB, usually a read-only ``np.memmap`` of the cache file.
     ``frame``: the index rows, aligned row for row with ``images`` (rows that failed to decode removed, index reset).
-    ``problems``: one :class:`~idc_helpers.patch_index.Problem` per file left out, naming the file.
+    ``problems``: one :class:`~idc_helpers.patch_files.Problem` per file left out, naming the file.
     ``from_cache``: ``True`` when the images came from an existing cache file without decoding anything.
     ``cache_path``: the ``.npy`` cache file, or ``None`` when loaded without a cache.
     """

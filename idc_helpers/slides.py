@@ -95,7 +95,7 @@ def _read_rgb(path: str) -> np.ndarray:
 
 def _patch_size(path: str) -> tuple[int, int]:
     """``(width, height)`` of a patch file from its PNG header; :class:`SlideError` naming the file otherwise."""
-    from idc_helpers.patch_index import read_png_size
+    from idc_helpers.patch_files import read_png_size
 
     try:
         if not Path(path).is_file():

@@ -22,7 +22,8 @@ from test_patch_index import _run_with_alarm, make_png
 
 from idc_helpers import decode, loader, patch_cache
 from idc_helpers.errors import ExternalError, UserError
-from idc_helpers.patch_index import NOT_PNG, UNREADABLE, WRONG_SIZE, build_index
+from idc_helpers.patch_files import NOT_PNG, UNREADABLE, WRONG_SIZE
+from idc_helpers.patch_index import build_index
 from idc_helpers.png import EMPTY, TRUNCATED
 
 RGB = (200, 100, 50)

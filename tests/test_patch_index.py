@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 from conftest import patch_name, write_patch
 
+from idc_helpers import patch_files as pf
 from idc_helpers import patch_index as pi
 from idc_helpers.errors import UserError
 
@@ -32,7 +33,7 @@ from idc_helpers.errors import UserError
     ],
 )
 def test_parse_valid_names(name, expected):
-    assert pi.parse_patch_name(name) == expected
+    assert pf.parse_patch_name(name) == expected
 
 
 @pytest.mark.parametrize(
@@ -54,7 +55,7 @@ def test_parse_valid_names(name, expected):
     ],
 )
 def test_parse_invalid_names(name):
-    assert pi.parse_patch_name(name) is None
+    assert pf.parse_patch_name(name) is None
 
 
 # --- the index of a generated tree ------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def _good_patch():
 def test_misnamed_file(tiny_dataset):
     bad = write_patch(tiny_dataset / "101" / "0" / "101_idx5_x1_y1_class0 (copy).png", _good_patch())
     index = pi.build_index(tiny_dataset)
-    problem = _only_problem(index, pi.MISNAMED)
+    problem = _only_problem(index, pf.MISNAMED)
     assert problem.path == str(bad)
     assert bad.name in str(problem)
     assert len(index.frame) == 36
@@ -133,7 +134,7 @@ def test_misnamed_file(tiny_dataset):
 def test_label_folder_mismatch(tiny_dataset):
     bad = write_patch(tiny_dataset / "101" / "0" / patch_name("101", 501, 1, 1), _good_patch())
     index = pi.build_index(tiny_dataset)
-    problem = _only_problem(index, pi.MISLABELLED)
+    problem = _only_problem(index, pf.MISLABELLED)
     assert problem.path == str(bad)
     assert "class1" in problem.message and "0/" in problem.message
     assert str(bad) not in set(index.frame["path"])
@@ -142,7 +143,7 @@ def test_label_folder_mismatch(tiny_dataset):
 def test_file_in_wrong_patient_folder(tiny_dataset):
     bad = write_patch(tiny_dataset / "101" / "0" / patch_name("102", 501, 1, 0), _good_patch())
     index = pi.build_index(tiny_dataset)
-    problem = _only_problem(index, pi.WRONG_PATIENT)
+    problem = _only_problem(index, pf.WRONG_PATIENT)
     assert problem.path == str(bad)
     assert "102" in problem.message and "101" in problem.message
 
@@ -150,7 +151,7 @@ def test_file_in_wrong_patient_folder(tiny_dataset):
 def test_text_file_is_not_a_png(tiny_dataset):
     bad = tiny_dataset / "102" / "1" / "notes.txt"
     bad.write_text("not an image")
-    problem = _only_problem(pi.build_index(tiny_dataset), pi.NOT_PNG)
+    problem = _only_problem(pi.build_index(tiny_dataset), pf.NOT_PNG)
     assert problem.path == str(bad)
 
 
@@ -160,7 +161,7 @@ def test_jpeg_renamed_png_is_not_a_png(tiny_dataset):
     bad = tiny_dataset / "102" / "0" / patch_name("102", 501, 1, 0)
     bad.write_bytes(data.tobytes())
     index = pi.build_index(tiny_dataset)
-    problem = _only_problem(index, pi.NOT_PNG)
+    problem = _only_problem(index, pf.NOT_PNG)
     assert problem.path == str(bad)
     assert "PNG header" in problem.message
     assert len(index.frame) == 36
@@ -169,7 +170,7 @@ def test_jpeg_renamed_png_is_not_a_png(tiny_dataset):
 def test_zero_byte_file(tiny_dataset):
     bad = tiny_dataset / "103" / "0" / patch_name("103", 501, 1, 0)
     bad.write_bytes(b"")
-    problem = _only_problem(pi.build_index(tiny_dataset), pi.EMPTY)
+    problem = _only_problem(pi.build_index(tiny_dataset), pf.EMPTY)
     assert problem.path == str(bad)
     assert "0 bytes" in problem.message
 
@@ -178,7 +179,7 @@ def test_non_numeric_folder_is_reported_and_the_rest_indexed(tiny_dataset):
     odd = tiny_dataset / "IDC_regular_ps50_idx5"
     odd.mkdir()
     index = pi.build_index(tiny_dataset)
-    problem = _only_problem(index, pi.UNEXPECTED)
+    problem = _only_problem(index, pf.UNEXPECTED)
     assert problem.path == str(odd)
     assert len(index.frame) == 36
 
@@ -194,7 +195,7 @@ def test_all_problems_together_are_listed(tiny_dataset):
     (tiny_dataset / "101" / "1" / patch_name("101", 501, 1, 0)).write_bytes(b"")  # mislabelled wins over empty
     (tiny_dataset / "102" / "0" / patch_name("102", 501, 1, 0)).write_bytes(b"")
     index = pi.build_index(tiny_dataset)
-    assert sorted(p.kind for p in index.problems) == sorted([pi.NOT_PNG, pi.MISLABELLED, pi.EMPTY])
+    assert sorted(p.kind for p in index.problems) == sorted([pf.NOT_PNG, pf.MISLABELLED, pf.EMPTY])
     assert [p.path for p in index.problems] == sorted(p.path for p in index.problems)
     frame = index.problems_frame()
     assert list(frame.columns) == ["path", "kind", "message"] and len(frame) == 3
@@ -223,10 +224,10 @@ def test_patient_folder_with_no_patches(tiny_dataset):
 
 def test_read_png_size(tmp_path):
     path = write_patch(tmp_path / "a.png", np.zeros((30, 41, 3), np.uint8))
-    assert pi.read_png_size(path) == (41, 30)
+    assert pf.read_png_size(path) == (41, 30)
     (tmp_path / "b.png").write_bytes(b"")
     with pytest.raises(ValueError, match="empty"):
-        pi.read_png_size(tmp_path / "b.png")
+        pf.read_png_size(tmp_path / "b.png")
 
 
 # --- PNG headers: what the first 33 bytes tell, before anything is decoded -----------------------------------------
@@ -268,21 +269,21 @@ def make_png(
     if colour == 3:
         chunks.append(_chunk(b"PLTE", bytes(range(3 * 16))))
     chunks += [_chunk(b"IDAT", b"".join(parts), idat_crc_ok), _chunk(b"IEND", b"")]
-    data = pi.PNG_SIGNATURE + b"".join(chunks)
+    data = pf.PNG_SIGNATURE + b"".join(chunks)
     return data[:cut] if cut is not None else data
 
 
 @pytest.mark.parametrize(
     "data, kind, words",
     [
-        (make_png(20000, 20000, rows=1), pi.WRONG_SIZE, "20000x20000"),  # the decompression bomb's header
-        (make_png(50, 51), pi.WRONG_SIZE, "50x51"),
-        (make_png(50, 50, header_crc_ok=False), pi.TRUNCATED, "damaged"),
-        (make_png(50, 50, cut=20), pi.TRUNCATED, "ends inside"),
-        (make_png(50, 50, depth=3), pi.NOT_PNG, "bit depth 3"),
-        (make_png(0, 50), pi.TRUNCATED, "impossible size"),
-        (b"GIF89a" + bytes(100), pi.NOT_PNG, "PNG header"),
-        (b"", pi.EMPTY, "0 bytes"),
+        (make_png(20000, 20000, rows=1), pf.WRONG_SIZE, "20000x20000"),  # the decompression bomb's header
+        (make_png(50, 51), pf.WRONG_SIZE, "50x51"),
+        (make_png(50, 50, header_crc_ok=False), pf.TRUNCATED, "damaged"),
+        (make_png(50, 50, cut=20), pf.TRUNCATED, "ends inside"),
+        (make_png(50, 50, depth=3), pf.NOT_PNG, "bit depth 3"),
+        (make_png(0, 50), pf.TRUNCATED, "impossible size"),
+        (b"GIF89a" + bytes(100), pf.NOT_PNG, "PNG header"),
+        (b"", pf.EMPTY, "0 bytes"),
     ],
 )
 def test_png_header_is_checked_before_decoding(tiny_dataset, data, kind, words):
@@ -296,13 +297,13 @@ def test_png_header_is_checked_before_decoding(tiny_dataset, data, kind, words):
 
 def test_png_headers_of_every_real_colour_type_pass():
     for colour, depth in [(0, 1), (0, 16), (2, 8), (2, 16), (3, 4), (4, 8), (6, 16)]:
-        assert pi.check_png_header(make_png(50, 42, colour=colour, depth=depth)) == (50, 42)
+        assert pf.check_png_header(make_png(50, 42, colour=colour, depth=depth)) == (50, 42)
 
 
 def test_file_too_large_for_a_patch_is_not_read(tiny_dataset):
     bad = tiny_dataset / "102" / "1" / patch_name("102", 501, 1, 1)
-    bad.write_bytes(make_png(50, 50) + b"\0" * (pi.MAX_PATCH_FILE_BYTES + 1))
-    problem = _only_problem(pi.build_index(tiny_dataset), pi.WRONG_SIZE)
+    bad.write_bytes(make_png(50, 50) + b"\0" * (pf.MAX_PATCH_FILE_BYTES + 1))
+    problem = _only_problem(pi.build_index(tiny_dataset), pf.WRONG_SIZE)
     assert problem.path == str(bad) and "MB" in problem.message
 
 
@@ -316,7 +317,7 @@ def test_file_too_large_for_a_patch_is_not_read(tiny_dataset):
 def test_off_grid_coordinates_are_reported(tiny_dataset, x, y, words):
     bad = write_patch(tiny_dataset / "101" / "0" / patch_name("101", x, y, 0), _good_patch())
     index = pi.build_index(tiny_dataset)
-    problem = _only_problem(index, pi.OFF_GRID)
+    problem = _only_problem(index, pf.OFF_GRID)
     assert problem.path == str(bad) and words in problem.message and f"x={x}" in problem.message
     assert len(index.frame) == 36
 
@@ -341,7 +342,7 @@ def test_same_position_in_both_class_folders_is_left_out(tiny_dataset):
     twin = write_patch(tiny_dataset / "101" / "1" / patch_name("101", 1, 1, 1), _good_patch())
     original = tiny_dataset / "101" / "0" / patch_name("101", 1, 1, 0)
     index = pi.build_index(tiny_dataset)
-    found = [p for p in index.problems if p.kind == pi.CONFLICTING_LABELS]
+    found = [p for p in index.problems if p.kind == pf.CONFLICTING_LABELS]
     assert sorted(p.path for p in found) == sorted([str(original), str(twin)])
     assert str(twin) in next(p.message for p in found if p.path == str(original))
     assert len(index.frame) == 35
@@ -386,7 +387,7 @@ def test_entries_that_are_not_regular_files_are_named_and_never_opened(tiny_data
     found = {Path(p.path).name: p for p in index.problems}
     assert set(found) == set(expected)
     for name, what in expected.items():
-        assert found[name].kind == pi.NOT_A_FILE and what in found[name].message
+        assert found[name].kind == pf.NOT_A_FILE and what in found[name].message
     assert len(index.frame) == 36
 
 
@@ -406,7 +407,7 @@ def test_names_that_are_not_utf8_or_use_other_digits(tiny_dataset):
     (tiny_dataset / "\u0668\u0668\u0666\u0663" / "0").mkdir(parents=True)  # Arabic-Indic digits: not a patient id
     index = pi.build_index(tiny_dataset)
     kinds = sorted(p.kind for p in index.problems)
-    assert kinds == [pi.MISNAMED, pi.MISNAMED, pi.UNEXPECTED]
+    assert kinds == [pf.MISNAMED, pf.MISNAMED, pf.UNEXPECTED]
     assert any("not valid UTF-8" in p.message and "\\xff" in p.message for p in index.problems)
     assert len(index.frame) == 36
 
@@ -419,7 +420,7 @@ def test_unreadable_class_folder_is_reported_and_the_rest_indexed(tiny_dataset):
         index = pi.build_index(tiny_dataset)
     finally:
         locked.chmod(0o755)
-    problem = _only_problem(index, pi.UNREADABLE)
+    problem = _only_problem(index, pf.UNREADABLE)
     assert problem.path == str(locked) and "permissions" in problem.message
     assert len(index.frame) == 33
 
@@ -429,7 +430,7 @@ def test_class_folder_that_is_a_symlink_loop_is_reported(tiny_dataset):
     shutil.rmtree(tiny_dataset / "103" / "1")
     os.symlink(tiny_dataset / "103" / "1", tiny_dataset / "103" / "1")
     index = pi.build_index(tiny_dataset)
-    problem = _only_problem(index, pi.UNEXPECTED)
+    problem = _only_problem(index, pf.UNEXPECTED)
     assert problem.path == str(tiny_dataset / "103" / "1") and len(index.frame) == 33
 
 
@@ -451,7 +452,7 @@ def test_several_folders_make_one_index(tiny_dataset, tmp_path):
         assert sorted(frame["patient_id"].unique()) == ["101", "102", "103", "201"]
         assert (frame["patient_id"] == "101").sum() == 13 and str(extra) in set(frame["path"])
         kinds = {Path(p.path).parent.parent.parent.name + ":" + p.kind for p in index.problems}
-        assert kinds == {"other:" + pi.DUPLICATE, "other:" + pi.CONFLICTING_LABELS, "tiny:" + pi.CONFLICTING_LABELS}
+        assert kinds == {"other:" + pf.DUPLICATE, "other:" + pf.CONFLICTING_LABELS, "tiny:" + pf.CONFLICTING_LABELS}
         assert str(dup) not in set(frame["path"]) and str(conflict) not in set(frame["path"])
         assert str(tiny_dataset / "102" / "0" / patch_name("102", 1, 1, 0)) in set(frame["path"])
         assert len(frame) == 36 + 2 - 1

@@ -1,8 +1,8 @@
 """A run loads anywhere it was saved, whatever placement of augmentation and precision trained it.
 
-Every door (`predict`, `evaluate`, `slide`, `run_folder.load_run`, `train --resume`) opens it in a fresh process, one that
-never defined the model's layers. What a GPU does by default (augmentation inside the model, mixed precision) is
-forced here on the CPU through the same environment variables.
+Every door (`predict`, `evaluate`, `slide`, `run_folder.load_run`, `train --resume`) opens it in a fresh process,
+one that never defined the model's layers. What a GPU does by default (augmentation inside the model, mixed
+precision) is forced here on the CPU through the same environment variables.
 """
 
 from __future__ import annotations
