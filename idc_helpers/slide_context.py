@@ -86,11 +86,11 @@ def _kernel(sigma: float, window: int) -> np.ndarray:
 
 
 def _convolve_separable(grid: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """``grid`` (H, W) convolved with ``kernel`` along both axes, zeros outside (same shape)."""
-    r = len(kernel) // 2
-    padded = np.pad(grid, r)
-    rows = sum(k * padded[:, i : i + grid.shape[1]] for i, k in enumerate(kernel))  # (H + 2r, W)
-    return sum(k * rows[i : i + grid.shape[0], :] for i, k in enumerate(kernel))
+    """``grid`` (H, W) convolved with the odd-length ``kernel`` along both axes, zeros outside (same shape)."""
+    from scipy import ndimage
+
+    rows = ndimage.convolve1d(grid, kernel, axis=1, mode="constant", cval=0.0)
+    return ndimage.convolve1d(rows, kernel, axis=0, mode="constant", cval=0.0)
 
 
 def _grid_cells(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -101,14 +101,10 @@ def _grid_cells(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 def smooth_probs(table: pd.DataFrame, sigma: float, window: int | None = None, column: str = "prob_idc") -> np.ndarray:
     """Each patch's ``column`` averaged with its neighbours' on the same patient's slide.
 
-    Args:
-        table: predictions table (``patient_id``, ``x``, ``y`` in pixels, ``column`` in [0, 1]).
-        sigma: Gaussian width in patches (0 = no smoothing: the column itself is returned).
-        window: side of the square neighbourhood in patches (odd); ``None`` = :func:`default_window`.
-        column: the probabilities to smooth.
-
-    Returns:
-        ``(N,)`` float64 in the table's row order; neighbours absent from the table carry no weight.
+    ``table`` is a predictions table (``patient_id``, ``x``, ``y`` in pixels, ``column`` in [0, 1]); ``sigma`` the
+    Gaussian width in patches (0: no smoothing, the column itself is returned); ``window`` the side of the square
+    neighbourhood in patches (odd; ``None``: :func:`default_window`). Returns ``(N,)`` float64 in the table's row
+    order; neighbours absent from the table carry no weight.
     """
     _check_columns(table, ("patient_id", "x", "y", column), "table to smooth")
     probs = table[column].to_numpy(np.float64)
@@ -212,13 +208,11 @@ def fit_context(
     the few (2-5) whole-slide validation patients of a fold gave thresholds that transferred worse, to whole
     slides as well as to sparse patients, than all ~30 validation patients did.
 
-    Returns:
-        A JSON-able dict (see the module docstring) for :func:`apply_context`; ``candidates`` lists every
-        ``sigma`` tried with its threshold, F1, balanced accuracy and ROC AUC on the tuning patients.
+    Returns a JSON-able dict (see the module docstring) for :func:`apply_context`; ``candidates`` lists every ``sigma``
+    tried with its threshold, F1, balanced accuracy and ROC AUC on the tuning patients.
 
-    Raises:
-        ContextError: no tuning patient (with ``"whole_slides"``: no whole-slide patient), or their patches hold
-        one class only.
+    Raises :class:`ContextError` when there is no tuning patient (with ``"whole_slides"``: no whole-slide patient),
+    or their patches hold one class only.
     """
     _check_columns(val_table, ("patient_id", "x", "y", "label", column), "validation table")
     if criterion not in ("f1", "youden"):

@@ -62,8 +62,7 @@ def stain_stats(images: np.ndarray, *, min_od: float = TISSUE_MIN_OD, batch: int
 
     Tissue pixels have a summed RGB density >= ``min_od``; a memmap is read ``batch`` patches at a time.
 
-    Raises:
-        StainError: the patches have no tissue pixel (a blank slide cannot be normalised).
+    Raises :class:`StainError` when the patches have no tissue pixel (a blank slide cannot be normalised).
     """
     images = _check(images)
     total = np.zeros(3, dtype=np.float64)
@@ -91,8 +90,8 @@ def normalise_stain(images: np.ndarray, source: StainStats, target: StainStats, 
     pixel moves. Give the same ``source`` to every patch of one slide: the slide is normalised as a whole, and how
     much of it is stained (a property of its tissue, e.g. how much IDC it holds) is kept.
 
-    Raises:
-        StainError: a channel's mean density is not positive (no stained tissue in ``source`` or ``target``).
+    Raises :class:`StainError` when a channel's mean density is not positive (no stained tissue in ``source`` or
+    ``target``).
     """
     images = _check(images)
     src, tgt = np.asarray(source.mean_od, dtype=np.float32), np.asarray(target.mean_od, dtype=np.float32)

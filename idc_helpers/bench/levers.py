@@ -341,8 +341,7 @@ def run_levers(
 
     Members: every model of ``models`` in every folder of ``quality_dirs`` (the first one is the baseline).
 
-    Raises:
-        LeversError: no fold is finished by every member, or the members' patients differ.
+    Raises :class:`LeversError` when no fold is finished by every member, or the members' patients differ.
     """
     from idc_helpers.patch_index import build_index
     from idc_helpers.slide_context import whole_slide_patients

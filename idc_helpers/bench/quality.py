@@ -80,8 +80,7 @@ def merged_view(data_dirs: Sequence[str | os.PathLike[str]]) -> Path:
     temporary folder (its name is a hash of the folders, so the same folders give the same view and the decoded-patch
     cache is reused).
 
-    Raises:
-        QualityBenchError: a folder does not exist, or a patient id is in two of them.
+    Raises :class:`QualityBenchError` when a folder does not exist, or a patient id is in two of them.
     """
     dirs = [Path(d).expanduser().absolute() for d in data_dirs]
     for d in dirs:
@@ -472,8 +471,7 @@ def run_quality(
     ``train_options``: extra keyword arguments of :func:`idc_helpers.training.train` (for example
     ``{"augment": "none"}``), recorded in the config.
 
-    Raises:
-        QualityBenchError: ``out_dir`` holds a run with other settings, or the folders cannot be merged.
+    Raises :class:`QualityBenchError` when ``out_dir`` holds a run with other settings, or the folders cannot be merged.
     """
     from idc_helpers.datasource import resolve_data_dir
     from idc_helpers.patch_index import build_index
