@@ -76,7 +76,9 @@ def setup_notebook(is_colab: bool, *, mount_drive: bool = False) -> None:
     :func:`import_tensorflow_quietly`, so that its start-up lines (CUDA probing on a CPU machine, oneDNN notices)
     stay out of the notebook. With ``is_colab``: the working folder becomes the clone's ``notebooks/`` (where the
     setup cell put it), so that relative paths mean the same as on your own machine, and ``mount_drive`` mounts
-    Google Drive at ``/content/drive``.
+    Google Drive at ``/content/drive``. In a Jupyter kernel, figures are drawn inline (``%matplotlib inline``)
+    whatever backend the environment names: a series started from a shell with ``MPLBACKEND=Agg`` (as the test
+    command sets) would otherwise leave every figure out of the executed notebooks.
 
     For a notebook's setup cell only, an entry point: it changes the process (an environment variable, the working
     folder).
@@ -91,7 +93,19 @@ def setup_notebook(is_colab: bool, *, mount_drive: bool = False) -> None:
             from google.colab import drive
 
             drive.mount("/content/drive")
+    _inline_figures()
     import_tensorflow_quietly()
+
+
+def _inline_figures() -> None:
+    """``%matplotlib inline`` in an IPython kernel; nothing elsewhere (a plain Python process, a terminal IPython)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        shell.run_line_magic("matplotlib", "inline")
 
 
 def import_tensorflow_quietly() -> None:

@@ -453,15 +453,20 @@ def threshold_curve(
     labels: Sequence[int] | np.ndarray,
     probs: Sequence[float] | np.ndarray,
     thresholds: Sequence[float] | np.ndarray | None = None,
+    *,
+    extra: Sequence[float] = (),
 ) -> pd.DataFrame:
     """Score the IDC class at each threshold: precision, recall (sensitivity), specificity and F1.
 
     IDC is predicted when ``prob >= threshold``; default thresholds 0.00, 0.01, ..., 1.00, one row each, in that
-    order. Precision is NaN where nothing is called IDC (undefined, so a plot leaves a gap) and F1 then 0.
+    order, with the ``extra`` thresholds (a run's chosen one, so that a figure marks its exact scores) sorted in.
+    Precision is NaN where nothing is called IDC (undefined, so a plot leaves a gap) and F1 then 0.
     """
     y = np.asarray(labels).astype(bool)
     s = np.asarray(probs, dtype=np.float64)
     grid = np.linspace(0.0, 1.0, 101) if thresholds is None else np.asarray(thresholds, dtype=np.float64)
+    if len(extra):
+        grid = np.union1d(grid, np.asarray(extra, dtype=np.float64))
     # Counts at every threshold from the sorted scores: O(N log N), not one pass per threshold.
     pos, neg = np.sort(s[y]), np.sort(s[~y])
     tp = len(pos) - np.searchsorted(pos, grid, side="left")

@@ -231,20 +231,22 @@ def plot_threshold_curve(
     """Draw F1, precision and recall of the IDC class against the decision threshold.
 
     ``curve`` comes from :func:`idc_helpers.metrics.threshold_curve`; ``chosen`` (the run's threshold) is marked
-    with its F1, 0.5 is marked for comparison, and ``current`` (a slider's value) as a solid line.
+    with its F1 (exact when the curve was scored at it: ``extra=[chosen]``, else read between its neighbours), 0.5
+    is marked for comparison, and ``current`` (a slider's value) as a solid line.
     """
-    fig, ax = _new_axes(ax, (6.0, 4.0))
+    fig, ax = _new_axes(ax, (7.2, 4.0))
     for name, style in (("f1", "-"), ("precision", "--"), ("recall", ":")):
         ax.plot(curve["threshold"], curve[name], style, lw=2 if name == "f1" else 1.5, label=name.replace("f1", "F1"))
     ax.axvline(0.5, color="grey", lw=1, ls="-.", label="0.5")
     if chosen is not None:
-        f1 = float(np.interp(chosen, curve["threshold"], curve["f1"]))
+        at = np.isclose(curve["threshold"], chosen, rtol=0, atol=1e-12)
+        f1 = float(curve["f1"][at].iloc[0]) if at.any() else float(np.interp(chosen, curve["threshold"], curve["f1"]))
         ax.plot([chosen], [f1], "o", color="crimson", ms=8, zorder=5, label=f"chosen {chosen:.2f}: F1 {f1:.2f}")
     if current is not None:
         ax.axvline(current, color="black", lw=1.5, label=f"now {current:.2f}")
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="threshold (IDC when p(IDC) >= threshold)", ylabel="score", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small", loc="best")
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside: the curves fill the box
     return fig
 
 

@@ -105,6 +105,35 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_choices(metrics: Mapping[str, Any]) -> pd.DataFrame:
+    """What a run chose on its validation patients, one row each, from its ``metrics.json`` (``Run.metrics``).
+
+    The epoch kept, the decision threshold with the validation scores at it, the Youden threshold beside it, and
+    the slide context's width and threshold; values rounded for reading (the file keeps every digit).
+    """
+    validation = metrics.get("validation", {})
+    context = metrics.get("context", {})
+    rows = [
+        ("epoch kept", f"{metrics.get('best_epoch')} of {metrics.get('epochs_run')} ({metrics.get('monitor')})"),
+        ("training time", f"{metrics.get('train_seconds', float('nan')):.0f} s"),
+        ("threshold", f"{metrics['threshold']:.3f} ({metrics.get('threshold_rule', '')})"),
+        ("Youden threshold", f"{metrics.get('threshold_youden', float('nan')):.3f} (maximises balanced accuracy)"),
+        (
+            "validation patients",
+            f"{validation.get('patients')} ({validation.get('patches', 0):,} patches, "
+            f"{validation.get('idc_patches', 0):,} IDC)",
+        ),
+    ]
+    for key in ("f1", "balanced_accuracy", "roc_auc", "precision", "recall"):
+        if validation.get(key) is not None:
+            rows.append((f"validation {METRIC_LABELS.get(key, key)}", f"{validation[key]:.3f}"))
+    if "sigma" in context:
+        rows.append(("slide context", f"sigma {context['sigma']:g} patches, threshold {context['threshold']:.3f}"))
+    elif context.get("unavailable"):
+        rows.append(("slide context", str(context["unavailable"])))
+    return pd.DataFrame(rows, columns=["choice", "value"]).set_index("choice")
+
+
 def comparison_table(report: Mapping[str, Any], *, model: str, test_set: str) -> pd.DataFrame:
     """Set the :data:`PUBLISHED` figures and this report's F1 and balanced accuracy side by side, in percent.
 

@@ -33,21 +33,21 @@ SELECTION_LOSS_WEIGHT = 0.01  # val_selection = val_auc - 0.01 * val_loss
 def validation_scores(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """The scores an epoch adds to the history, from the validation patches' 0/1 ``labels`` and ``probs`` ``(N,)``.
 
-    ``val_loss``, ``val_auc``, ``val_pr_auc``, ``val_balanced_accuracy`` (at 0.5), :data:`MONITOR`, and
-    ``val_f1``: the F1 at the threshold :data:`THRESHOLD_RULE` would pick, i.e. what the stored threshold will give.
+    ``val_loss``, ``val_auc``, ``val_pr_auc``, :data:`MONITOR`, and ``val_f1`` and ``val_balanced_accuracy`` at the
+    threshold :data:`THRESHOLD_RULE` would pick that epoch, i.e. what the stored threshold will give.
     """
     ranking = ranking_scores(labels, probs)
+    both = 0 < labels.sum() < len(labels)
+    at_threshold = binary_scores(labels, probs >= (pick_threshold(labels, probs, THRESHOLD_RULE) if both else 0.5))
     scores = {
         "val_loss": log_loss(labels, probs),
         "val_auc": ranking["roc_auc"],
         "val_pr_auc": ranking["pr_auc"],
-        "val_balanced_accuracy": binary_scores(labels, probs >= 0.5)["balanced_accuracy"],
+        "val_balanced_accuracy": at_threshold["balanced_accuracy"],
     }
     auc = scores["val_auc"]
     scores["val_selection"] = (auc if np.isfinite(auc) else 0.0) - SELECTION_LOSS_WEIGHT * scores["val_loss"]
-    both = 0 < labels.sum() < len(labels)
-    threshold = pick_threshold(labels, probs, THRESHOLD_RULE) if both else 0.5
-    scores["val_f1"] = binary_scores(labels, probs >= threshold)["f1"]
+    scores["val_f1"] = at_threshold["f1"]
     return scores
 
 

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 # The words for a probability column on a figure.
-_BAR_NAMES = {"prob_idc": "p(IDC)", "prob_idc_context": "p(IDC) with slide context"}
+_BAR_NAMES = {"prob_idc": "p(IDC)", "prob_idc_context": "p(IDC),\ncontext"}
 _VALUE_NAMES = {"prob_idc": "predicted IDC probability", "prob_idc_context": "IDC probability with slide context"}
 
 #: Width of a slide figure in inches: about 1,000 px where a notebook shows it (100 dpi).
@@ -141,9 +141,7 @@ def _draw_probability(axis: Axes, mosaic: SlideMosaic, threshold: float | None, 
     # An inset colour bar follows the image's own height (the axes box around an equal-aspect image is taller).
     bar = axis.figure.colorbar(image, cax=axis.inset_axes([1.03, 0.0, 0.045, 1.0], label="<colorbar>"))
     # Named on top, not along its side, where the label would sit beside the next panel's axis.
-    bar.ax.set_title(
-        _BAR_NAMES.get(mosaic.value_column, name) + ("\nlinear" if split else ""), fontsize="x-small", loc="left"
-    )
+    bar.ax.set_title(_BAR_NAMES.get(mosaic.value_column, name), fontsize="x-small", loc="left")
     bar.ax.tick_params(labelsize="x-small")
     handles = []
     if _outline(axis, mosaic, np.nan_to_num(mosaic.truth, nan=0.0) > 0, colors="black"):
@@ -239,7 +237,7 @@ def plot_raw_and_context(
         show=("prob",),
         threshold=context_threshold,
         title=(
-            "Identical with slide context: no smoothing\ndid better on the validation patients"
+            "Slide context: none chosen (no smoothing\nbeat patch-only on the validation patients)"
             if same
             else f"With slide context: neighbours on the slide\n(p >= {context_threshold:.2f} called IDC)"
         ),

@@ -54,7 +54,7 @@ class ThresholdView:
         if self.threshold is None:
             recorded = stored_threshold(self.preds)
             self.threshold = 0.5 if recorded is None else recorded
-        self.curve = threshold_curve(self.preds["label"], self.preds["prob_idc"])
+        self.curve = threshold_curve(self.preds["label"], self.preds["prob_idc"], extra=[self.threshold])
 
     def figure(self, threshold: float) -> Figure:
         """The curve, the confusion matrix (and the slide) at ``threshold``, with the scores in the title."""

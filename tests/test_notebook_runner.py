@@ -303,13 +303,15 @@ def test_smoke_run_of_the_series_on_demo_data(tmp_path, monkeypatch):
     from idc_helpers.demo_data import write_demo_dataset
 
     monkeypatch.setenv("IDC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # as tools/run_tests.sh sets it: the figures must still be in the notebooks
     data = write_demo_dataset(tmp_path / "demo", n_patients=12, seed=0)
     executed = run_notebooks(tmp_path / "out", smoke=True, data_dir=data, log=lambda m: None)
     root = executed[0].parents[1]
     for path in executed:
         nb = nbformat.read(path, as_version=4)
-        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-        assert not errors, path.name
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        assert not [o for o in outputs if o.output_type == "error"], path.name
+        assert any("image/png" in o.get("data", {}) for o in outputs), f"{path.name} shows no figure"
     assert (root / "run" / "model.keras").is_file()
     assert (root / "predictions.csv").is_file() and (root / "metrics.json").is_file()
     printed = {

@@ -208,7 +208,7 @@ def test_threshold_is_marked_on_the_colour_bar(slide_table):
     assert below[0, 2] > below[0, 0] and above[0, 0] > above[0, 2]  # blue just below the threshold, red above
     # The colour bar is linear (0.5 halfway up), not stretched so that the threshold sits in the middle.
     assert prob.norm(0.5) == pytest.approx(0.5) and prob.norm(0.3) == pytest.approx(0.3)
-    assert "linear" in bar.get_title(loc="left")
+    assert bar.get_title(loc="left") == "p(IDC)"  # named on top, short enough to stay inside the figure
     # Legends lie under the panels, outside the tissue.
     for axis in (fig.axes[1], fig.axes[2]):
         anchor = axis.get_legend().get_bbox_to_anchor().transformed(axis.transAxes.inverted())
@@ -276,7 +276,7 @@ def test_raw_and_context_maps_side_by_side(slide_table):
     same = plot_raw_and_context(
         mosaic, table.assign(prob_idc_context=table["prob_idc"]), threshold=0.5, context_threshold=0.5
     )
-    assert "Identical with slide context" in [ax for ax in same.axes if ax.get_label() != "<colorbar>"][1].get_title()
+    assert "Slide context: none chosen" in [ax for ax in same.axes if ax.get_label() != "<colorbar>"][1].get_title()
     bars = _colour_bars(fig)
     assert [t.get_text() for t in bars[1].get_yticklabels()][-1] == "threshold 0.40"
     assert fig.get_figwidth() * 100 <= 1100  # readable where a notebook shows it (about 1,000 px at 100 dpi)

@@ -49,6 +49,18 @@ def test_curve_figure_marks_the_chosen_threshold():
     assert f"chosen 0.40: F1 {f1:.2f}" in labels and "now 0.60" in labels and "0.5" in labels
 
 
+def test_a_chosen_threshold_off_the_grid_is_marked_with_its_exact_f1():
+    preds = _preds()
+    chosen = 0.4137  # between two grid points, where the F1 read off the grid differs
+    exact = skm.f1_score(preds["label"], preds["prob_idc"] >= chosen)
+    curve = threshold_curve(preds["label"], preds["prob_idc"], extra=[chosen])
+    assert len(curve) == 102 and curve["threshold"].is_monotonic_increasing
+    assert curve.loc[curve["threshold"] == chosen, "f1"].item() == pytest.approx(exact)
+    fig = plots.plot_threshold_curve(curve, chosen=chosen)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert f"chosen 0.41: F1 {exact:.2f}" in labels
+
+
 def test_static_path_draws_the_runs_threshold(monkeypatch, tmp_path):
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda obj: shown.append(obj))
