@@ -469,3 +469,27 @@ def test_ranking_scores_are_nan_for_one_class_and_curves_end_at_the_corners():
     assert auc == pytest.approx(skm.roc_auc_score(labels, probs))
     _precision, recall, ap = pr_points(labels, probs)
     assert recall[0] == 1 and recall[-1] == 0 and ap == pytest.approx(skm.average_precision_score(labels, probs))
+
+
+def test_run_choices_reads_what_a_run_chose_as_a_table():
+    from idc_helpers.reporting import run_choices
+
+    metrics = {
+        "threshold": 0.4137,
+        "threshold_rule": "maximise the IDC F1",
+        "threshold_youden": 0.3,
+        "best_epoch": 3,
+        "epochs_run": 5,
+        "monitor": "val_selection",
+        "train_seconds": 61.2,
+        "validation": {"patients": 4, "patches": 1200, "idc_patches": 300, "f1": 0.71234, "roc_auc": 0.9},
+        "context": {"sigma": 1.5, "threshold": 0.52},
+    }
+    table = run_choices(metrics)
+    assert table.loc["epoch kept", "value"] == "3 of 5 (val_selection)"
+    assert table.loc["threshold", "value"].startswith("0.414 ")
+    assert table.loc["validation patients", "value"] == "4 (1,200 patches, 300 IDC)"
+    assert table.loc[f"validation {METRIC_LABELS['f1']}", "value"] == "0.712"
+    assert table.loc["slide context", "value"] == "sigma 1.5 patches, threshold 0.520"
+    unavailable = run_choices({**metrics, "context": {"unavailable": "no whole slide"}})
+    assert unavailable.loc["slide context", "value"] == "no whole slide"
