@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from idc_helpers.atomic import OutputPathError, check_out_file, output_failed, write_json
+from idc_helpers.disk import format_bytes
 from idc_helpers.errors import IdcError, UserError
 
 __all__ = [
@@ -191,7 +192,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = check_out_file(args.out) if args.out else None
     try:
         if source.is_file() and source.stat().st_size > _LONG_READ_BYTES:
-            print(f"Reading {source} ({source.stat().st_size / 1e6:,.0f} MB) ...", file=sys.stderr, flush=True)
+            print(f"Reading {source} ({format_bytes(source.stat().st_size)}) ...", file=sys.stderr, flush=True)
         table = read_predictions(source)  # checks columns, types and one row per patch
         progress = _bootstrap_progress("bootstrap") if len(table) * args.bootstrap > _LONG_BOOTSTRAP else None
         report = evaluate(

@@ -14,6 +14,7 @@ import stat
 from dataclasses import dataclass
 
 from idc_helpers import PATCH_SIZE
+from idc_helpers.disk import format_bytes
 from idc_helpers.png import EMPTY as EMPTY  # the header problem kinds are patch problem kinds too
 from idc_helpers.png import NOT_PNG as NOT_PNG
 from idc_helpers.png import PNG_HEADER_BYTES, PngHeaderError, read_png_header
@@ -93,7 +94,7 @@ def check_png_header(head: bytes, file_size: int | None = None) -> tuple[int, in
     if file_size is not None and file_size > MAX_PATCH_FILE_BYTES:
         raise PatchFileError(
             WRONG_SIZE,
-            f"the file is {file_size / 1e6:.1f} MB; a {PATCH_SIZE}x{PATCH_SIZE} patch is a few kB. "
+            f"the file is {format_bytes(file_size)}; a {PATCH_SIZE}x{PATCH_SIZE} patch is a few kB. "
             "Replace it with the dataset's original file or remove it",
         )
     width, height = parse_png_header(head)
