@@ -126,7 +126,7 @@ def run_choices(metrics: Mapping[str, Any]) -> pd.DataFrame:
     ]
     for key in ("f1", "balanced_accuracy", "roc_auc", "precision", "recall"):
         if validation.get(key) is not None:
-            rows.append((f"validation {METRIC_LABELS.get(key, key)}", f"{validation[key]:.3f}"))
+            rows.append((f"validation: {METRIC_LABELS.get(key, key)}", f"{validation[key]:.3f}"))
     if "sigma" in context:
         rows.append(("slide context", f"sigma {context['sigma']:g} patches, threshold {context['threshold']:.3f}"))
     elif context.get("unavailable"):

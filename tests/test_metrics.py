@@ -489,7 +489,7 @@ def test_run_choices_reads_what_a_run_chose_as_a_table():
     assert table.loc["epoch kept", "value"] == "3 of 5 (val_selection)"
     assert table.loc["threshold", "value"].startswith("0.414 ")
     assert table.loc["validation patients", "value"] == "4 (1,200 patches, 300 IDC)"
-    assert table.loc[f"validation {METRIC_LABELS['f1']}", "value"] == "0.712"
+    assert table.loc[f"validation: {METRIC_LABELS['f1']}", "value"] == "0.712"
     assert table.loc["slide context", "value"] == "sigma 1.5 patches, threshold 0.520"
     unavailable = run_choices({**metrics, "context": {"unavailable": "no whole slide"}})
     assert unavailable.loc["slide context", "value"] == "no whole slide"
