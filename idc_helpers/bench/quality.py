@@ -407,7 +407,7 @@ def markdown(records: list[dict[str, Any]], pooled: dict[str, dict[str, Any]], n
         "### Pooled out-of-fold predictions WITH SLIDE CONTEXT (uses each patch's neighbours; "
         "not comparable with patch-level papers)",
         "",
-        "Smoothing width and threshold chosen on each fold's validation patients (context.fit_context).",
+        "Smoothing width and threshold chosen on each fold's validation patients (slide_context.fit_context).",
         "",
         *head,
     ]
