@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from idc_helpers.atomic import atomic_path, install_dir, write_json
+from idc_helpers.atomic import atomic_path, existing_parent, install_dir, write_json
 from idc_helpers.errors import UserError
 from idc_helpers.locks import file_lock, lock_holder
 from idc_helpers.model_file import load_model_file
@@ -198,9 +198,7 @@ def check_new_run_dir(run_dir: str | os.PathLike[str]) -> Path:
             f"An interrupted run of {out} is in {partial}: resume with "
             f"`python -m idc_helpers train --resume {out}` or delete {partial}."
         )
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent  # the nearest folder that exists: the missing ones are created
+    parent = existing_parent(out)  # the missing folders below it are created
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise RunFolderError(
             f"Cannot create the run folder {out}: {parent} is not a folder you can write to; choose another --out."
