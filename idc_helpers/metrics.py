@@ -270,46 +270,63 @@ PAIRED_METRICS = ("f1", "balanced_accuracy", "roc_auc")
 
 
 def paired_difference(
-    base: pd.DataFrame, other: pd.DataFrame, *, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95
+    base: pd.DataFrame | Sequence[pd.DataFrame],
+    other: pd.DataFrame | Sequence[pd.DataFrame],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
 ) -> dict[str, dict[str, float | None]]:
-    """Compare two predictions tables of the same patches: ``other`` minus ``base``, with a paired interval.
+    """Compare predictions of the same patches: ``other`` minus ``base``, with a paired interval.
 
     The differences are those of F1, balanced accuracy and ROC AUC (:data:`PAIRED_METRICS`), with a paired bootstrap
-    interval over patients (each resample draws the same patients for both). ``base`` and ``other`` are predictions
-    tables of the same patches in the same order (``path`` or, without it, ``patient_id`` and ``label`` must match
-    row by row), each with ``prob_idc`` and ``pred`` (its own decisions, e.g. at its own validation threshold).
-    Returns name -> ``{value, ci_low, ci_high}``; the interval is ``None`` with fewer than
-    :data:`idc_helpers.bootstrap.MIN_PATIENTS_FOR_INTERVAL` patients. A paired interval is much narrower than the
-    difference of two unpaired ones, because both tables share the patients that make one fold easy or hard.
+    interval over patients (each resample draws the same patients for every table). ``base`` and ``other`` are
+    predictions tables of the same patches in the same order (``path`` or, without it, ``patient_id`` and ``label``
+    must match row by row), each with ``prob_idc`` and ``pred`` (its own decisions, e.g. at its own validation
+    threshold). Either side may be several tables (e.g. one per model seed): that side then scores the mean of its
+    tables' metrics, in every resample too. Returns name -> ``{value, ci_low, ci_high}``; the interval is ``None``
+    with fewer than :data:`idc_helpers.bootstrap.MIN_PATIENTS_FOR_INTERVAL` patients. A paired interval is much
+    narrower than the difference of two unpaired ones, because both sides share the patients that make a fold easy
+    or hard.
     """
-    key = "path" if "path" in base.columns and "path" in other.columns else "patient_id"
-    if len(base) != len(other) or not np.array_equal(
-        base[key].astype(str).to_numpy(), other[key].astype(str).to_numpy()
-    ):
-        raise ValueError(f"paired_difference needs the same patches in the same order (column {key!r} differs)")
-    labels = base["label"].to_numpy(np.int64)
-    if not np.array_equal(labels, other["label"].to_numpy(np.int64)):
-        raise ValueError("paired_difference: the two tables disagree on the labels")
-    codes, uniques = pd.factorize(base["patient_id"].astype(str).to_numpy())
+    sides = [[side] if isinstance(side, pd.DataFrame) else list(side) for side in (base, other)]
+    if not sides[0] or not sides[1]:
+        raise ValueError("paired_difference needs at least one predictions table on each side")
+    first = sides[0][0]
+    key = "path" if all("path" in t.columns for side in sides for t in side) else "patient_id"
+    labels = first["label"].to_numpy(np.int64)
+    for table in (t for side in sides for t in side):
+        if len(table) != len(first) or not np.array_equal(
+            first[key].astype(str).to_numpy(), table[key].astype(str).to_numpy()
+        ):
+            raise ValueError(f"paired_difference needs the same patches in the same order (column {key!r} differs)")
+        if not np.array_equal(labels, table["label"].to_numpy(np.int64)):
+            raise ValueError("paired_difference: the tables disagree on the labels")
+    codes, uniques = pd.factorize(first["patient_id"].astype(str).to_numpy())
     n_patients = len(uniques)
-    tables = [(t["prob_idc"].to_numpy(np.float64), t["pred"].to_numpy(np.int64)) for t in (base, other)]
-    per_patient = [bootstrap.patient_cells(codes, n_patients, labels, pred) for _, pred in tables]
 
-    def difference(counts: np.ndarray | None) -> np.ndarray:
+    def cells(t: pd.DataFrame) -> np.ndarray:
+        return bootstrap.patient_cells(codes, n_patients, labels, t["pred"].to_numpy(np.int64))
+
+    scored = [[(t["prob_idc"].to_numpy(np.float64), cells(t)) for t in side] for side in sides]
+
+    def side_mean(side: list[tuple[np.ndarray, np.ndarray]], counts: np.ndarray | None) -> np.ndarray:
         weights = None if counts is None else counts[codes]
+        keep = slice(None) if weights is None else weights > 0
         out = []
-        for (probs, _), cells in zip(tables, per_patient, strict=True):
-            pooled = cells.sum(axis=0) if counts is None else counts @ cells
-            f1, bac = bootstrap.cell_f1_bac(pooled)
-            keep = slice(None) if weights is None else weights > 0
+        for probs, table_cells in side:
+            f1, bac = bootstrap.cell_f1_bac(table_cells.sum(axis=0) if counts is None else counts @ table_cells)
             auc = skm.roc_auc_score(labels[keep], probs[keep], sample_weight=None if weights is None else weights[keep])
             out.append((float(f1), float(bac), float(auc)))
-        return np.array(out[1]) - np.array(out[0])
+        return np.mean(out, axis=0)
+
+    def difference(counts: np.ndarray | None) -> np.ndarray:
+        return side_mean(scored[1], counts) - side_mean(scored[0], counts)
 
     samples = np.empty((0, 0))
     if bootstrap.withheld(n_patients, n_bootstrap) is None:
         samples = bootstrap.bootstrap_patients(
-            per_patient[0], n_bootstrap, seed, lambda counts: np.array([difference(draws) for draws in counts])
+            scored[0][0][1], n_bootstrap, seed, lambda counts: np.array([difference(draws) for draws in counts])
         )
     return bootstrap.with_intervals(PAIRED_METRICS, [float(v) for v in difference(None)], samples, level)
 

@@ -108,13 +108,18 @@ def format_report(report: Mapping[str, Any]) -> str:
 def run_choices(metrics: Mapping[str, Any]) -> pd.DataFrame:
     """What a run chose on its validation patients, one row each, from its ``metrics.json`` (``Run.metrics``).
 
-    The epoch kept, the decision threshold with the validation scores at it, the Youden threshold beside it, and
-    the slide context's width and threshold; values rounded for reading (the file keeps every digit).
+    The weights kept (best epoch or moving average), the decision threshold with the validation scores at it, the
+    Youden threshold beside it, and the slide context's width and threshold and the patients they were chosen on;
+    values rounded for reading (the file keeps every digit).
     """
     validation = metrics.get("validation", {})
     context = metrics.get("context", {})
     rows = [
-        ("epoch kept", f"{metrics.get('best_epoch')} of {metrics.get('epochs_run')} ({metrics.get('monitor')})"),
+        (
+            "weights kept",
+            metrics.get("weights")  # runs before the key: always their best epoch
+            or f"best epoch, {metrics.get('best_epoch')} of {metrics.get('epochs_run')} ({metrics.get('monitor')})",
+        ),
         ("training time", f"{metrics.get('train_seconds', float('nan')):.0f} s"),
         ("threshold", f"{metrics['threshold']:.3f} ({metrics.get('threshold_rule', '')})"),
         ("Youden threshold", f"{metrics.get('threshold_youden', float('nan')):.3f} (maximises balanced accuracy)"),
@@ -129,6 +134,10 @@ def run_choices(metrics: Mapping[str, Any]) -> pd.DataFrame:
             rows.append((f"validation: {METRIC_LABELS.get(key, key)}", f"{validation[key]:.3f}"))
     if "sigma" in context:
         rows.append(("slide context", f"sigma {context['sigma']:g} patches, threshold {context['threshold']:.3f}"))
+        if "patients" in context:
+            kind = "whole-slide " if context.get("tuned_on") == "whole_slides" else ""
+            why = f" ({context['fallback']})" if context.get("fallback") else ""
+            rows.append(("slide context chosen on", f"{len(context['patients'])} {kind}validation patients{why}"))
     elif context.get("unavailable"):
         rows.append(("slide context", str(context["unavailable"])))
     return pd.DataFrame(rows, columns=["choice", "value"]).set_index("choice")

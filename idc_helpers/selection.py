@@ -80,12 +80,13 @@ def choose_threshold(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
     }
 
 
-def choose_context(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
+def choose_context(data: TrainingData, probs: np.ndarray, patch_threshold: float) -> dict[str, Any]:
     """Slide-context parameters (smoothing width and their own threshold) chosen on the validation patients.
 
-    They are what :func:`idc_helpers.slide_context.fit_context` returns (its default tunes on every validation patient:
-    measured in docs/results.md, that transferred better than a fold's few whole slides); ``{"unavailable":
-    reason}`` when they cannot be chosen (e.g. the validation patches hold one class only).
+    They are what :func:`idc_helpers.slide_context.fit_context` returns with its default rule (every validation
+    patient tunes: docs/results.md measures the rules), and the patch-only decisions at ``patch_threshold`` when no
+    smoothing helps there; ``{"unavailable": reason}`` when they cannot be chosen (e.g. the validation patches hold
+    one class only).
     """
     rows = data.frame.iloc[data.val_idx]
     table = pd.DataFrame(
@@ -98,6 +99,6 @@ def choose_context(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
         }
     )
     try:
-        return slide_context.fit_context(table)
+        return slide_context.fit_context(table, patch_threshold=patch_threshold)
     except slide_context.ContextError as exc:
         return {"unavailable": str(exc)}

@@ -11,28 +11,29 @@ API (all functions take a predictions table with at least ``patient_id, x, y, pr
     smooth_probs(table, sigma, window=None, column="prob_idc") -> np.ndarray   # (N,) float64, table's row order
     neighbour_counts(table) -> np.ndarray                # (N,) int, how many of the 8 neighbours are in the table
     whole_slide_patients(table, min_neighbours=4, min_share=0.5, min_patches=25) -> list[str]
-    fit_context(val_table, sigmas=DEFAULT_SIGMAS, window=None, criterion="f1", tune_on="all", ...) -> dict
-                                                         # JSON-able params
+    fit_context(val_table, sigmas=DEFAULT_SIGMAS, window=None, criterion="f1", tune_on="all",
+                patch_threshold=None, ...) -> dict       # JSON-able params
     apply_context(table, params) -> DataFrame            # copy + prob_idc_context (float), pred_context (0/1),
                                                          # threshold_context (the threshold, every row)
     ContextError (UserError): no tuning patient (or one class only), bad parameters, missing columns
 
 ``fit_context`` returns e.g. ``{"method": "gaussian_grid", "version": 1, "grid_px": 50, "sigma": 2.0,
-"window": 9, "threshold": 0.41, "criterion": "f1", "tuned_on": "all", "patients": [...], "n_patches": 7040,
-"candidates": [...],
-"whole_slide_rule": {...}}``; store it as it is (for example under ``"context"`` in a run's metrics.json) and give
-it back to ``apply_context``. ``sigma == 0`` means "no smoothing was better on validation": the context column is
-then the raw probability, with the threshold re-chosen on the same validation patients.
+"window": 9, "threshold": 0.41, "criterion": "f1", "tuned_on": "all", "fallback": None,
+"patients": [...], "n_patches": 7040, "candidates": [...], "whole_slide_rule": {...}}``; store it as it is (for
+example under ``"context"`` in a run's metrics.json) and give it back to ``apply_context``. ``sigma == 0`` means
+"no smoothing was better on validation": the context column is then the raw probability, at ``patch_threshold`` when
+one was given (else re-chosen on the tuning patients).
 
 How it works: per patient, the patches are placed on a dense grid (cell = 50 px) holding the probability and a
 presence mask; both are convolved with the same separable Gaussian kernel (``window`` x ``window`` cells), and the
 smoothed value is their ratio, so neighbours absent from the table simply don't count (a patch with no neighbour
 keeps its own probability). Cost is O(grid cells x window) per patient, not O(patches^2).
 
-Sparse patients (a thin random sample of a slide) have few direct neighbours, but a wide window still averages
-a patch with other patches of the same region. ``fit_context`` tunes on all validation patients by default,
-because many patients give a threshold that transfers to new ones; ``tune_on="whole_slides"`` restricts the
-tuning to the patients :func:`whole_slide_patients` accepts (measured worse: docs/results.md).
+Sparse patients (a thin random sample of a slide) have few direct neighbours, but a wide window still averages a
+patch with other patches of its region. ``fit_context`` tunes on every validation patient by default; ``tune_on``
+also offers the whole-slide validation patients alone (:func:`whole_slide_patients`) and ``"auto"``: those when
+there are at least :data:`MIN_WHOLE_SLIDES`, else all. docs/results.md measures the rules against each other. When
+no smoothing wins, the context decisions are the patch-only ones (``patch_threshold``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ GRID_PX = 50
 
 #: Smoothing widths tried by :func:`fit_context`, in patches; 0 = no smoothing.
 DEFAULT_SIGMAS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
+
+#: Fewest whole-slide validation patients on which :func:`fit_context` tunes with ``tune_on="auto"``; with fewer it
+#: tunes on every validation patient.
+MIN_WHOLE_SLIDES = 3
+
+#: What :func:`fit_context` may tune on.
+TUNE_ON_CHOICES = ("all", "auto", "whole_slides")
 
 #: Version of the parameter dict :func:`fit_context` writes (bumped if its meaning changes).
 PARAMS_VERSION = 1
@@ -185,6 +193,33 @@ def whole_slide_patients(
     return sorted(map(str, keep.index))
 
 
+def _tuning_patients(
+    val_table: pd.DataFrame, tune_on: str, min_whole_slides: int, rule: dict[str, Any]
+) -> tuple[list[str], str | None]:
+    """The validation patients ``fit_context`` tunes on, and why it fell back to all of them (or ``None``)."""
+    everyone = sorted(map(str, val_table["patient_id"].unique()))
+    if tune_on == "all":
+        return everyone, None
+    slides = whole_slide_patients(val_table, **rule)
+    if tune_on == "whole_slides":
+        if not slides:
+            raise ContextError(
+                f"none of the {len(everyone)} validation patients has a whole slide (at least "
+                f"{rule['min_patches']} patches, {rule['min_share']:.0%} of them with >= {rule['min_neighbours']} "
+                "of 8 neighbours), so slide context cannot be tuned on whole slides: keep some whole-slide patients "
+                "(e.g. from idc_sample) for validation, or tune on all validation patients (tune_on='all')."
+            )
+        return slides, None
+    labels = val_table.loc[val_table["patient_id"].astype(str).isin(slides), "label"].to_numpy(np.int64)
+    if len(slides) >= min_whole_slides and 0 < labels.sum() < len(labels):
+        return slides, None
+    if len(slides) < min_whole_slides:
+        why = f"{len(slides)} whole-slide validation patient(s), fewer than {min_whole_slides}"
+    else:
+        why = f"the {len(slides)} whole-slide validation patients hold one class only"
+    return everyone, f"{why}: tuned on all {len(everyone)} validation patients"
+
+
 def fit_context(
     val_table: pd.DataFrame,
     sigmas: Sequence[float] = DEFAULT_SIGMAS,
@@ -192,6 +227,8 @@ def fit_context(
     criterion: str = "f1",
     column: str = "prob_idc",
     tune_on: str = "all",
+    patch_threshold: float | None = None,
+    min_whole_slides: int = MIN_WHOLE_SLIDES,
     min_neighbours: int = 4,
     min_share: float = 0.5,
     min_patches: int = 25,
@@ -203,10 +240,15 @@ def fit_context(
     ``sigma`` with the best F1 (``"f1"``) or balanced accuracy (``"youden"``) at its threshold wins (ties: the
     smaller ``sigma``). Only validation patients belong here: never the patients to be evaluated.
 
-    ``tune_on="all"`` (default) tunes on every validation patient; ``"whole_slides"`` only on those
-    :func:`whole_slide_patients` accepts. In 4-fold cross-validation over the 224 shared patients (docs/results.md)
-    the few (2-5) whole-slide validation patients of a fold gave thresholds that transferred worse, to whole
-    slides as well as to sparse patients, than all ~30 validation patients did.
+    Which validation patients tune (``tune_on``): ``"all"`` (default) every one; ``"whole_slides"`` only those
+    :func:`whole_slide_patients` accepts; ``"auto"`` the whole-slide ones when there are at least ``min_whole_slides``
+    of them holding both classes, else all of them (the fallback is stated under ``"fallback"``). In
+    cross-validation over the 224 shared patients (docs/results.md) the few whole-slide validation patients of a fold
+    gave context thresholds that transferred no better, to whole slides or to all test patients, than all of them.
+
+    ``patch_threshold`` (the run's patch-only threshold): when no smoothing wins (``sigma == 0``), the context
+    columns are then the patch-only decisions exactly, at that threshold, instead of a re-chosen one: context adds
+    nothing rather than a second threshold.
 
     Returns a JSON-able dict (see the module docstring) for :func:`apply_context`; ``candidates`` lists every ``sigma``
     tried with its threshold, F1, balanced accuracy and ROC AUC on the tuning patients.
@@ -217,19 +259,12 @@ def fit_context(
     _check_columns(val_table, ("patient_id", "x", "y", "label", column), "validation table")
     if criterion not in ("f1", "youden"):
         raise ContextError(f"unknown criterion {criterion!r}: use 'f1' or 'youden'")
-    if tune_on not in ("all", "whole_slides"):
-        raise ContextError(f"unknown tune_on {tune_on!r}: use 'all' or 'whole_slides'")
-    if tune_on == "all":
-        patients = sorted(map(str, val_table["patient_id"].unique()))
-    else:
-        patients = whole_slide_patients(val_table, min_neighbours, min_share, min_patches)
-    if not patients:
-        raise ContextError(
-            f"none of the {val_table['patient_id'].nunique()} validation patients has a whole slide (at least "
-            f"{min_patches} patches, {min_share:.0%} of them with >= {min_neighbours} of 8 neighbours), so slide "
-            "context cannot be tuned on whole slides: keep some whole-slide patients (e.g. from idc_sample) for "
-            "validation, or tune on all validation patients (tune_on='all')."
-        )
+    if tune_on not in TUNE_ON_CHOICES:
+        raise ContextError(f"unknown tune_on {tune_on!r}: use one of {', '.join(TUNE_ON_CHOICES)}")
+    if patch_threshold is not None and not 0.0 <= float(patch_threshold) <= 1.0:
+        raise ContextError(f"patch_threshold {patch_threshold} is not a probability in [0, 1]")
+    rule = {"min_neighbours": min_neighbours, "min_share": min_share, "min_patches": min_patches}
+    patients, fallback = _tuning_patients(val_table, tune_on, min_whole_slides, rule)
     tuning = val_table[val_table["patient_id"].astype(str).isin(patients)]
     labels = tuning["label"].to_numpy(np.int64)
     if not 0 < labels.sum() < len(labels):
@@ -255,19 +290,23 @@ def fit_context(
         )
     score = "f1" if criterion == "f1" else "balanced_accuracy"
     best = max(candidates, key=lambda c: (c[score], -c["sigma"]))
+    threshold = best["threshold"]
+    if best["sigma"] == 0 and patch_threshold is not None:
+        threshold = float(patch_threshold)
     return {
         "method": _METHOD,
         "version": PARAMS_VERSION,
         "grid_px": GRID_PX,
         "sigma": best["sigma"],
         "window": best["window"],
-        "threshold": best["threshold"],
+        "threshold": threshold,
         "criterion": criterion,
-        "tuned_on": tune_on,
+        "tuned_on": "whole_slides" if fallback is None and tune_on != "all" else "all",
+        "fallback": fallback,
         "patients": patients,
         "n_patches": len(tuning),
         "candidates": candidates,
-        "whole_slide_rule": {"min_neighbours": min_neighbours, "min_share": min_share, "min_patches": min_patches},
+        "whole_slide_rule": {**rule, "min_whole_slides": min_whole_slides},
     }
 
 

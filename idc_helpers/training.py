@@ -418,13 +418,19 @@ def _finish(
 ) -> Run:
     """Choose the threshold on the validation patients, write the run files and publish the run."""
     probs = validation_probs(model, data)
-    metrics = {**choose_threshold(data, probs), "context": choose_context(data, probs)}
+    chosen = choose_threshold(data, probs)
+    metrics = {**chosen, "context": choose_context(data, probs, chosen["threshold"])}
     metrics.update(
         {
             "synthetic": data.synthetic,
             "best_epoch": state.best_epoch,
             "epochs_run": state.epochs_done,
             "monitor": MONITOR,
+            "weights": (
+                f"moving average (momentum {config['ema_momentum']}) over all {state.epochs_done} epochs"
+                if averages(config)
+                else f"best epoch, {state.best_epoch} of {state.epochs_done}"
+            ),
             "train_seconds": round(state.seconds, 1),
             "seconds_per_epoch": round(state.seconds / max(state.epochs_done, 1), 1),
         }
@@ -434,7 +440,7 @@ def _finish(
     (partial / LOCK_FILE).unlink(missing_ok=True)
     publish_run(partial, out)
     say(
-        f"Best epoch {metrics['best_epoch']} of {metrics['epochs_run']}: validation ROC AUC "
+        f"Weights: {metrics['weights']}. Validation ROC AUC "
         f"{metrics['validation']['roc_auc']:.3f}, F1 {metrics['validation']['f1']:.3f} at threshold "
         f"{metrics['threshold']:.3f}. Run saved to {out} ({state.seconds:.0f} s of training)."
     )

@@ -395,6 +395,32 @@ def test_paired_difference_refuses_tables_of_different_patches_and_withholds_sma
     assert paired_difference(few, few)["f1"]["ci_low"] is None
 
 
+def test_paired_difference_of_several_seeds_is_the_difference_of_their_means():
+    base = make_predictions(n_patients=15, seed=3)
+    rng = np.random.default_rng(4)
+
+    def variant(shift: float) -> pd.DataFrame:
+        probs = np.clip(base["prob_idc"] + shift * (2 * base["label"] - 1) + rng.normal(0, 0.05, len(base)), 0, 1)
+        return base.assign(prob_idc=probs, pred=(probs >= 0.5).astype(int))
+
+    bases, others = [variant(0.0), variant(0.02)], [variant(0.2), variant(0.25), variant(0.3)]
+    diff = paired_difference(bases, others, n_bootstrap=100)
+    for name in ("f1", "balanced_accuracy", "roc_auc"):
+        mean = [
+            np.mean([evaluate(t, n_bootstrap=0)["metrics"][name]["value"] for t in side]) for side in (bases, others)
+        ]
+        assert diff[name]["value"] == pytest.approx(mean[1] - mean[0])
+        assert diff[name]["ci_low"] <= diff[name]["value"] <= diff[name]["ci_high"]
+    # One table in a list is the same as the table itself, resamples included.
+    assert paired_difference([bases[0]], others[:1], n_bootstrap=50) == paired_difference(
+        bases[0], others[0], n_bootstrap=50
+    )
+    with pytest.raises(ValueError, match="same patches in the same order"):
+        paired_difference(bases, [others[0], others[1].iloc[::-1].reset_index(drop=True)])
+    with pytest.raises(ValueError, match="at least one predictions table"):
+        paired_difference([], others)
+
+
 def test_the_histogram_bootstrap_of_large_tables_agrees_with_the_exact_one(monkeypatch):
     """Above HISTOGRAM_BOOTSTRAP_PATCHES the resamples' AUCs come from per-patient histograms.
 
@@ -483,13 +509,20 @@ def test_run_choices_reads_what_a_run_chose_as_a_table():
         "monitor": "val_selection",
         "train_seconds": 61.2,
         "validation": {"patients": 4, "patches": 1200, "idc_patches": 300, "f1": 0.71234, "roc_auc": 0.9},
-        "context": {"sigma": 1.5, "threshold": 0.52},
+        "context": {"sigma": 1.5, "threshold": 0.52, "tuned_on": "whole_slides", "patients": ["1", "2", "3"]},
     }
     table = run_choices(metrics)
-    assert table.loc["epoch kept", "value"] == "3 of 5 (val_selection)"
+    assert table.loc["weights kept", "value"] == "best epoch, 3 of 5 (val_selection)"  # a run without "weights"
+    averaged = run_choices({**metrics, "weights": "moving average (momentum 0.995) over all 5 epochs"})
+    assert averaged.loc["weights kept", "value"].startswith("moving average")
     assert table.loc["threshold", "value"].startswith("0.414 ")
     assert table.loc["validation patients", "value"] == "4 (1,200 patches, 300 IDC)"
     assert table.loc[f"validation: {METRIC_LABELS['f1']}", "value"] == "0.712"
     assert table.loc["slide context", "value"] == "sigma 1.5 patches, threshold 0.520"
+    assert table.loc["slide context chosen on", "value"] == "3 whole-slide validation patients"
+    fallback = {"sigma": 0.0, "threshold": 0.4, "tuned_on": "all", "patients": ["1", "2"], "fallback": "1 whole-slide"}
+    assert run_choices({**metrics, "context": fallback}).loc["slide context chosen on", "value"] == (
+        "2 validation patients (1 whole-slide)"
+    )
     unavailable = run_choices({**metrics, "context": {"unavailable": "no whole slide"}})
     assert unavailable.loc["slide context", "value"] == "no whole slide"

@@ -105,6 +105,43 @@ def test_fit_without_whole_slide_patients_says_what_to_do():
     with pytest.raises(ContextError, match="tune_on='all'"):
         fit_context(sparse, tune_on="whole_slides")
     assert fit_context(sparse)["patients"] == ["sparse"]  # the default tunes on every validation patient
+    params = fit_context(sparse, tune_on="auto")  # "auto" falls back to every validation patient, and says so
+    assert params["patients"] == ["sparse"] and params["tuned_on"] == "all"
+    assert "fewer than 3" in params["fallback"]
+
+
+def test_auto_tunes_on_the_whole_slides_when_there_are_enough_and_falls_back_with_too_few():
+    rng = np.random.default_rng(9)
+    slides = [_slide(f"s{i}", rng) for i in range(3)]
+    # Thin samples whose probabilities run high: tuned on them, the threshold would not fit the slides.
+    sparse = [
+        _slide(f"t{i}", rng, keep=0.09).assign(prob_idc=lambda t: np.clip(t["prob_idc"] + 0.3, 0, 1)) for i in range(6)
+    ]
+    table = pd.concat(slides + sparse, ignore_index=True)
+    auto = fit_context(table, tune_on="auto")
+    assert auto["tuned_on"] == "whole_slides" and auto["fallback"] is None
+    assert auto["patients"] == ["s0", "s1", "s2"]
+    assert auto["threshold"] == fit_context(pd.concat(slides), tune_on="whole_slides")["threshold"]
+    everyone = fit_context(table)  # the default
+    assert everyone["patients"] == sorted(table["patient_id"].unique()) and everyone["fallback"] is None
+    few = fit_context(pd.concat(slides[:2] + sparse, ignore_index=True), tune_on="auto")
+    assert few["tuned_on"] == "all" and len(few["patients"]) == 8
+    assert few["fallback"].startswith("2 whole-slide validation patient(s), fewer than 3")
+    assert fit_context(table, tune_on="auto", min_whole_slides=4)["tuned_on"] == "all"
+    with pytest.raises(ContextError, match="unknown tune_on"):
+        fit_context(table, tune_on="slides")
+
+
+def test_without_smoothing_the_context_decisions_are_the_patch_only_ones():
+    noisy = _slide("p", np.random.default_rng(10))
+    clean = noisy.assign(prob_idc=noisy["label"].astype(float) * 0.8 + 0.1)
+    params = fit_context(clean, patch_threshold=0.37)
+    assert params["sigma"] == 0.0 and params["threshold"] == 0.37
+    out = apply_context(clean, params)
+    assert (out["pred_context"] == (clean["prob_idc"] >= 0.37)).all()
+    assert fit_context(noisy, patch_threshold=0.37)["threshold"] != 0.37  # smoothing won: its own threshold
+    with pytest.raises(ContextError, match=r"patch_threshold 1\.5"):
+        fit_context(clean, patch_threshold=1.5)
 
 
 def test_bad_params_and_missing_columns_are_clear_errors():

@@ -511,6 +511,7 @@ def test_an_averaged_run_trains_to_the_end_and_keeps_the_moving_average(demo_dir
     run = train(demo_dir, tmp_path / "ema", cache_dir=cache_dir, averaging="ema", **settings)
     assert (run.config["averaging"], run.config["ema_momentum"], run.config["bn_batches"]) == ("ema", 0.995, 60)
     assert run.metrics["epochs_run"] == 3
+    assert run.metrics["weights"] == "moving average (momentum 0.995) over all 3 epochs"
     average = run.model.optimizer._model_variables_moving_average
     assert len(average) == len(run.model.trainable_variables)
     for v, a in zip(run.model.trainable_variables, average, strict=True):
@@ -522,6 +523,7 @@ def test_an_averaged_run_trains_to_the_end_and_keeps_the_moving_average(demo_dir
         np.testing.assert_array_equal(a, b)
     plain = train(demo_dir, tmp_path / "plain", cache_dir=cache_dir, **{**settings, "patience": 10})
     assert plain.config["averaging"] == "none" and "ema_momentum" not in plain.config
+    assert plain.metrics["weights"] == f"best epoch, {plain.metrics['best_epoch']} of 3"
     mean = {w.path: w.numpy() for w in run.model.weights if w.path.endswith("moving_mean")}
     plain_mean = {w.path: w.numpy() for w in plain.model.weights if w.path.endswith("moving_mean")}
     assert mean.keys() == plain_mean.keys() and mean

@@ -320,7 +320,7 @@ def run_fold(
             "predict_seconds": round(seconds, 2),
         }
         try:
-            params = fit_context(val_preds)
+            params = fit_context(val_preds, patch_threshold=threshold)
         except ContextError as exc:
             record[f"context{suffix}"] = {"params": None, "reason": str(exc)}
         else:

@@ -1,0 +1,93 @@
+"""Recipes over model seeds (idc_helpers.bench.seeds) on tiny synthetic cross-validations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from idc_helpers.bench import quality, seeds
+from idc_helpers.metrics import binary_scores
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three 2-fold cross-validations of idc_net (1 epoch) on six synthetic whole slides, model seeds 0, 1 and 2."""
+    from idc_helpers.demo_data import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("seeds")
+    data = write_demo_dataset(root / "demo", n_patients=6, seed=0, grid=(8, 6))
+    folders = []
+    for model_seed in (0, 1, 2):
+        folders.append(root / f"quality-ms{model_seed}")
+        quality.run_quality(
+            [data],
+            folders[-1],
+            n_folds=2,
+            models=["idc_net"],
+            epochs=1,
+            cache_dir=root / "cache",
+            n_bootstrap=0,
+            fold_bootstrap=0,
+            train_options={"model_seed": model_seed},
+            verbose=0,
+        )
+    return folders
+
+
+def _oof(folder) -> pd.DataFrame:
+    parts = [quality.read_table(folder / "predictions" / f"idc_net-fold{f}.csv") for f in (0, 1)]
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_seeds_are_scored_one_by_one_and_recipes_by_the_difference_of_their_means(runs, tmp_path):
+    out = tmp_path / "seeds.md"
+    result = seeds.run_seeds([("a", runs[:2]), ("b", runs[2:])], n_bootstrap=20, out_file=out)
+    assert result["folds"] == [0, 1]
+    row = next(r for r in result["seeds"] if r["recipe"] == "a" and r["group"] == "all")
+    assert row["seeds"] == [0, 1]
+    f1 = []
+    for folder, scores in zip(runs[:2], row["scores"], strict=True):
+        oof = _oof(folder)
+        f1.append(binary_scores(oof["label"], oof["pred"])["f1"])
+        assert scores["f1"] == pytest.approx(f1[-1])
+    other = _oof(runs[2])
+    expected = binary_scores(other["label"], other["pred"])["f1"] - np.mean(f1)
+    assert result["paired"]["b"]["f1"]["value"] == pytest.approx(expected)
+    # Every fold's whole slides are scored under every context rule, context and patch only side by side.
+    rules = {(r["recipe"], r["seed"], r["fold"], r["rule"]) for r in result["context"]}
+    assert {(fold, rule) for _, _, fold, rule in rules} == {(f, rule) for f in (0, 1) for rule in seeds.CONTEXT_RULES}
+    text = out.read_text()
+    assert text == result["markdown"] and "| b - a |" in text and "context below patch only" in text
+
+
+def test_folders_of_other_folds_or_of_no_benchmark_are_refused_by_name(runs, tmp_path):
+    other = tmp_path / "other-folds"
+    shutil.copytree(runs[1], other)
+    config = json.loads((other / quality.CONFIG_FILE).read_text())
+    config["fold_patients"] = config["fold_patients"][::-1]
+    (other / quality.CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(seeds.SeedsError, match=r"other-folds differs from .*fold_patients"):
+        seeds.run_seeds([("a", [runs[0], other])], n_bootstrap=0)
+    with pytest.raises(seeds.SeedsError, match=r"holds no config\.json"):
+        seeds.run_seeds([("a", [tmp_path])], n_bootstrap=0)
+    with pytest.raises(seeds.SeedsError, match="name each recipe once"):
+        seeds.run_seeds([("a", runs[:1]), ("a", runs[1:2])], n_bootstrap=0)
+    with pytest.raises(seeds.SeedsError, match="NAME=DIR"):
+        seeds.parse_recipe("default")
+    assert seeds.parse_recipe("ema = x, y") == ("ema", [seeds.Path("x"), seeds.Path("y")])
+
+
+def test_the_command_line_prints_the_tables_or_one_error_line(runs, capsys):
+    from idc_helpers.bench.__main__ import main
+
+    assert main(["seeds", "--recipe", f"a={runs[0]},{runs[1]}", "--bootstrap", "0"]) == 0
+    assert "F1 per seed" in capsys.readouterr().out
+    assert main(["seeds", "--recipe", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --recipe 'a': write NAME=DIR") and len(err.strip().splitlines()) == 1
