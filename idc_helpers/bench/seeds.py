@@ -224,9 +224,9 @@ def _markdown(
     context_rows: Sequence[Mapping[str, Any]],
     n_patients: int,
 ) -> str:
-    fold_list = ", ".join(map(str, folds))
+    which = f"fold {folds[0]}" if len(folds) == 1 else f"folds {', '.join(map(str, folds))} pooled"
     lines = [
-        f"### {model} over model seeds, patch only: folds {fold_list} pooled ({n_patients} test patients)",
+        f"### {model} over model seeds, patch only: {which} ({n_patients} test patients)",
         "",
         "Each fold decided at its own validation threshold. Mean | SD | range = largest minus smallest, over seeds.",
         "",
