@@ -176,6 +176,8 @@ def _context_rows(
     threshold = float(record["threshold"])
     labels = on_slides["label"].to_numpy(np.int64)
     patch = binary_scores(labels, (on_slides["prob_idc"] >= threshold).to_numpy(np.int64))["f1"]
+    all_labels = test["label"].to_numpy(np.int64)
+    patch_all = binary_scores(all_labels, (test["prob_idc"] >= threshold).to_numpy(np.int64))["f1"]
     # The patch-only threshold chosen on the whole-slide validation patients instead, for comparison.
     val_slides = val[val["patient_id"].astype(str).isin(slides)]
     patch_slides = None
@@ -191,7 +193,7 @@ def _context_rows(
             continue
         out = apply_context(test, params)
         context = binary_scores(labels, out.loc[on_slides.index, "pred_context"].to_numpy(np.int64))["f1"]
-        context_all = binary_scores(test["label"].to_numpy(np.int64), out["pred_context"].to_numpy(np.int64))["f1"]
+        context_all = binary_scores(all_labels, out["pred_context"].to_numpy(np.int64))["f1"]
         rows.append(
             {
                 "recipe": name,
@@ -202,9 +204,7 @@ def _context_rows(
                 "patch_f1": float(patch),
                 "patch_f1_slide_threshold": patch_slides,
                 "context_f1": float(context),
-                "patch_f1_all": float(
-                    binary_scores(test["label"], (test["prob_idc"] >= threshold).astype(np.int64))["f1"]
-                ),
+                "patch_f1_all": float(patch_all),
                 "context_f1_all": float(context_all),
                 "sigma": float(params["sigma"]),
                 "threshold": threshold,
