@@ -71,6 +71,36 @@ def test_quality_cross_validation_tests_every_patient_once_and_resumes(demo_dir,
         quality.run_quality(folders, out, **{**args, "epochs": 2})
 
 
+def test_quality_finishes_a_fold_whose_training_was_interrupted_from_its_checkpoint(
+    demo_dir, tmp_path, capsys, monkeypatch
+):
+    from idc_helpers import checkpoints
+    from idc_helpers.run_folder import has_interrupted_run
+
+    out = tmp_path / "cv"
+    args = {"n_folds": 2, "models": ["seed_cnn"], "epochs": 2, "cache_dir": tmp_path / "cache"}
+    args.update(n_bootstrap=0, fold_bootstrap=0, only_folds=[0], verbose=0)
+    real = checkpoints.save_checkpoint
+
+    def interrupt_after_epoch_1(folder, model, best_weights, state):
+        real(folder, model, best_weights, state)
+        if state.epochs_done == 1:
+            raise KeyboardInterrupt  # as a kill right after the first epoch's checkpoint
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", interrupt_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        quality.run_quality([demo_dir], out, **args)
+    run_dir = out / "runs" / "seed_cnn-fold0"
+    assert has_interrupted_run(run_dir) and not (out / quality.LOG_FILE).exists()
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real)
+    result = quality.run_quality([demo_dir], out, **args)  # the same command again: the fold goes on, not over
+    assert "resuming the interrupted training" in capsys.readouterr().out
+    assert [r["fold"] for r in result["records"]] == [0] and not has_interrupted_run(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    history = json.loads((run_dir / "history.json").read_text())
+    assert metrics["epochs_run"] == 2 and len(history["loss"]) == 2  # epoch 1 from before the kill, epoch 2 now
+
+
 def test_merged_view_links_every_patient_and_refuses_one_patient_in_two_folders(tmp_path):
     for folder, patients in (("a", ["1", "2"]), ("b", ["3"]), ("c", ["2"])):
         for p in patients:

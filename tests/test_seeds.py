@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from idc_helpers.bench import quality, seeds
-from idc_helpers.metrics import binary_scores
+from idc_helpers.metrics import binary_scores, pick_threshold
 
 pytestmark = pytest.mark.slow
 
@@ -49,21 +49,34 @@ def test_seeds_are_scored_one_by_one_and_recipes_by_the_difference_of_their_mean
     out = tmp_path / "seeds.md"
     result = seeds.run_seeds([("a", runs[:2]), ("b", runs[2:])], n_bootstrap=20, out_file=out)
     assert result["folds"] == [0, 1]
-    row = next(r for r in result["seeds"] if r["recipe"] == "a" and r["group"] == "all")
+    row = next(r for r in result["seeds"] if (r["recipe"], r["rule"], r["group"]) == ("a", "f1", "all"))
     assert row["seeds"] == [0, 1]
     f1 = []
     for folder, scores in zip(runs[:2], row["scores"], strict=True):
-        oof = _oof(folder)
+        oof = _oof(folder)  # each run decided at the threshold it chose itself, by the F1 rule
         f1.append(binary_scores(oof["label"], oof["pred"])["f1"])
         assert scores["f1"] == pytest.approx(f1[-1])
     other = _oof(runs[2])
     expected = binary_scores(other["label"], other["pred"])["f1"] - np.mean(f1)
-    assert result["paired"]["b"]["f1"]["value"] == pytest.approx(expected)
-    # Every fold's whole slides are scored under every context rule, context and patch only side by side.
-    rules = {(r["recipe"], r["seed"], r["fold"], r["rule"]) for r in result["context"]}
-    assert {(fold, rule) for _, _, fold, rule in rules} == {(f, rule) for f in (0, 1) for rule in seeds.CONTEXT_RULES}
+    assert result["paired"]["b / f1"]["f1"]["value"] == pytest.approx(expected)
+    # The Youden rule re-decides every fold at the threshold it picks on that fold's validation patches.
+    youden = next(r for r in result["seeds"] if (r["recipe"], r["rule"], r["group"]) == ("a", "youden", "all"))
+    labels, decided = [], []
+    for fold in (0, 1):
+        val = quality.read_table(runs[0] / "predictions" / f"val-idc_net-fold{fold}.csv")
+        test = quality.read_table(runs[0] / "predictions" / f"idc_net-fold{fold}.csv")
+        cut = pick_threshold(val["label"], val["prob_idc"], "youden")
+        labels.append(test["label"].to_numpy())
+        decided.append((test["prob_idc"] >= cut).to_numpy())
+    assert youden["scores"][0]["f1"] == pytest.approx(
+        binary_scores(np.concatenate(labels), np.concatenate(decided))["f1"]
+    )
+    assert set(result["paired"]) == {"a / youden", "b / f1", "b / youden"}
+    # Every fold's whole slides are scored under every threshold and context rule, beside patch only.
+    keys = {(r["threshold_rule"], r["fold"], r["rule"]) for r in result["context"]}
+    assert keys == {(t, f, rule) for t in seeds.THRESHOLD_RULES for f in (0, 1) for rule in seeds.CONTEXT_RULES}
     text = out.read_text()
-    assert text == result["markdown"] and "| b - a |" in text and "context below patch only" in text
+    assert text == result["markdown"] and "| b / f1 - a / f1 |" in text and "context below patch only" in text
 
 
 def test_folders_of_other_folds_or_of_no_benchmark_are_refused_by_name(runs, tmp_path):
@@ -78,6 +91,8 @@ def test_folders_of_other_folds_or_of_no_benchmark_are_refused_by_name(runs, tmp
         seeds.run_seeds([("a", [tmp_path])], n_bootstrap=0)
     with pytest.raises(seeds.SeedsError, match="name each recipe once"):
         seeds.run_seeds([("a", runs[:1]), ("a", runs[1:2])], n_bootstrap=0)
+    with pytest.raises(seeds.SeedsError, match="threshold rules accuracy: name each of f1, youden"):
+        seeds.run_seeds([("a", runs[:1])], n_bootstrap=0, threshold_rules=["accuracy"])
     with pytest.raises(seeds.SeedsError, match="NAME=DIR"):
         seeds.parse_recipe("default")
     assert seeds.parse_recipe("ema = x, y") == ("ema", [seeds.Path("x"), seeds.Path("y")])
@@ -86,8 +101,9 @@ def test_folders_of_other_folds_or_of_no_benchmark_are_refused_by_name(runs, tmp
 def test_the_command_line_prints_the_tables_or_one_error_line(runs, capsys):
     from idc_helpers.bench.__main__ import main
 
-    assert main(["seeds", "--recipe", f"a={runs[0]},{runs[1]}", "--bootstrap", "0"]) == 0
-    assert "F1 per seed" in capsys.readouterr().out
+    assert main(["seeds", "--recipe", f"a={runs[0]},{runs[1]}", "--bootstrap", "0", "--threshold-rules", "youden"]) == 0
+    out = capsys.readouterr().out
+    assert "F1 per seed" in out and "| a | youden | all |" in out and "| a | f1 |" not in out
     assert main(["seeds", "--recipe", "a"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --recipe 'a': write NAME=DIR") and len(err.strip().splitlines()) == 1

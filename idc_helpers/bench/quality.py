@@ -17,9 +17,10 @@ context columns use the patch's neighbours on the slide and are always labelled 
 
 Each finished (model, fold) is appended as one JSON line to ``OUT/folds.jsonl`` and its predictions (test and
 validation) are written to ``OUT/predictions/``, so a run that is killed keeps its finished folds and the same
-command resumes it. At the end the out-of-fold predictions of each model are pooled (``OUT/oof_<model>.csv``)
-and scored with bootstrap 95% intervals over patients (:func:`idc_helpers.metrics.evaluate`); the tables are
-printed as Markdown and written to ``OUT/results.md`` (``OUT/summary.json`` holds the same numbers).
+command resumes it (a fold killed while training continues from its last checkpoint). At the end the out-of-fold
+predictions of each model are pooled (``OUT/oof_<model>.csv``) and scored with bootstrap 95% intervals over patients
+(:func:`idc_helpers.metrics.evaluate`); the tables are printed as Markdown and written to ``OUT/results.md``
+(``OUT/summary.json`` holds the same numbers).
 
 Several ``--data-dir`` folders are read through one merged view: a temporary folder of links to their patient
 folders (outside the repository; no patch is copied). A patient id found in two folders is refused.
@@ -216,13 +217,21 @@ def _load_or_train(
     verbose: int,
     train_options: dict[str, Any],
 ) -> tuple[Any, dict[str, Any], dict[str, list[str]]]:
-    """The fold's (model, metrics, split): trained now, or read back from a run folder an earlier call finished."""
-    from idc_helpers.run_folder import load_run
+    """The fold's (model, metrics, split): trained now, read back, or finished from an interrupted training.
+
+    A run folder an earlier call finished is read back; a training an earlier call left interrupted goes on from its
+    last checkpoint (it was started with this folder's options: ``run_quality`` refuses other settings first).
+    """
+    from idc_helpers.run_folder import has_interrupted_run, load_run
     from idc_helpers.training import train
 
     if (run_dir / "model.keras").is_file() and (run_dir / "metrics.json").is_file():
         run = load_run(run_dir)
         return run.model, run.metrics, run.split
+    if has_interrupted_run(run_dir):
+        print(f"[quality] {model_name}: resuming the interrupted training in {run_dir}", flush=True)
+        result = train(None, run_dir, resume=True, cache_dir=cache_dir, verbose=verbose)
+        return result.model, result.metrics, result.split
     result = train(
         data_dir,
         run_dir,

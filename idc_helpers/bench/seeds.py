@@ -6,14 +6,17 @@ Each ``OUT`` is a folder ``python -m idc_helpers.bench quality`` wrote with one 
 (same ``--seed``, folders and ``--folds``); a recipe is the list of its seeds' folders. Only the folds that every
 folder finished are used. The benchmark reads the predictions the folders hold (it trains nothing) and prints:
 
-1. per recipe and model seed, the patch-only F1, balanced accuracy and ROC AUC of the pooled out-of-fold predictions
-   (each fold decided at its own validation threshold), for all test patients and the whole-slide ones, with the
-   mean, the standard deviation and the range (largest minus smallest) over seeds;
-2. each recipe against the first: the difference of the seed means, with a paired 95% bootstrap interval over
-   patients (:func:`idc_helpers.metrics.paired_difference`, every seed of both recipes scored on each resample);
+1. per recipe, threshold rule and model seed, the patch-only F1, balanced accuracy and ROC AUC of the pooled
+   out-of-fold predictions, for all test patients and the whole-slide ones, with the mean, the standard deviation and
+   the range (largest minus smallest) over seeds. Each fold is decided at a threshold chosen on its own validation
+   patients under each rule of ``--threshold-rules`` (:func:`idc_helpers.metrics.pick_threshold` criteria: ``f1``
+   maximises the IDC F1 there, ``youden`` the balanced accuracy), so rules are compared on the same predictions;
+2. each (recipe, rule) against the first: the difference of the seed means, with a paired 95% bootstrap interval
+   over patients (:func:`idc_helpers.metrics.paired_difference`, every seed of both sides scored on each resample);
 3. slide context on the whole-slide test patients, fold by fold and seed by seed, refitted from each fold's
-   validation predictions under every rule of :data:`CONTEXT_RULES` (:func:`idc_helpers.slide_context.fit_context`),
-   beside the patch-only F1 at the run's threshold: how often context scores below patch only.
+   validation predictions under every rule of :data:`CONTEXT_RULES` (:func:`idc_helpers.slide_context.fit_context`,
+   its criterion the threshold rule's), beside the patch-only F1 at the rule's threshold: how often context scores
+   below patch only.
 
 ``--out FILE`` also writes the tables to ``FILE`` (Markdown).
 """
@@ -38,6 +41,8 @@ from idc_helpers.errors import UserError
 from idc_helpers.metrics import PAIRED_METRICS, binary_scores, paired_difference, pick_threshold
 from idc_helpers.slide_context import ContextError, apply_context, fit_context
 
+#: Threshold rules compared by default (``metrics.pick_threshold`` criteria), each chosen on validation patients.
+THRESHOLD_RULES = ("f1", "youden")
 #: Context rules refitted on each fold's validation predictions: name -> keyword arguments of ``fit_context``.
 CONTEXT_RULES: dict[str, dict[str, Any]] = {
     "all validation patients (default)": {"tune_on": "all"},
@@ -85,6 +90,17 @@ def _f(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
+def _arm(name: str, rule: str) -> str:
+    """How a recipe decided under one threshold rule is named in the tables."""
+    return f"{name} / {rule}"
+
+
+def _decided(val: pd.DataFrame, test: pd.DataFrame, rule: str) -> tuple[float, pd.DataFrame]:
+    """The threshold ``rule`` picks on the validation patches, and ``test`` with its ``pred`` column at it."""
+    threshold = pick_threshold(val["label"].to_numpy(np.int64), val["prob_idc"].to_numpy(np.float64), rule)
+    return threshold, test.assign(pred=(test["prob_idc"] >= threshold).astype(np.int64))
+
+
 def _pooled_scores(table: pd.DataFrame) -> dict[str, float]:
     labels = table["label"].to_numpy(np.int64)
     return binary_scores(labels, table["pred"].to_numpy(np.int64), table["prob_idc"].to_numpy(np.float64))
@@ -95,16 +111,25 @@ def run_seeds(
     *,
     model: str = "idc_net",
     n_bootstrap: int = 1000,
+    threshold_rules: Sequence[str] = THRESHOLD_RULES,
     out_file: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Read the recipes' folders, score them and return ``{"markdown", "seeds", "paired", "context"}``.
+    """Read the recipes' folders, score them and return ``{"markdown", "seeds", "paired", "context", "folds"}``.
+
+    ``paired`` is keyed by ``"RECIPE / RULE"`` (the first recipe under the first rule is the baseline).
 
     Raises :class:`SeedsError` when a folder is not a `bench quality` folder, the folders were cut into other folds,
-    a recipe appears twice or no fold was finished by every folder.
+    a recipe or rule appears twice, a rule is unknown or no fold was finished by every folder.
     """
     names = [name for name, _ in recipes]
     if len(set(names)) != len(names) or not recipes:
         raise SeedsError(f"name each recipe once (got {', '.join(names) or 'none'})")
+    rules = list(threshold_rules)
+    unknown = [r for r in rules if r not in THRESHOLD_RULES]
+    if unknown or not rules or len(set(rules)) != len(rules):
+        raise SeedsError(
+            f"threshold rules {', '.join(rules) or 'none'}: name each of {', '.join(THRESHOLD_RULES)} at most once"
+        )
     loaded = {name: [(folder, *_load(Path(folder), model)) for folder in folders] for name, folders in recipes}
     first_folder, first_config, _ = loaded[names[0]][0]
     for name in names:
@@ -120,24 +145,27 @@ def run_seeds(
         raise SeedsError(f"no fold of {model} was finished in every folder: run `bench quality` on the same folds")
     slides = {str(p) for p in first_config["whole_slide_patients"]}
 
-    # Pooled out-of-fold predictions, one table per (recipe, seed), rows in the same order for every table.
-    tables: dict[str, list[tuple[int, pd.DataFrame]]] = {}
+    # Pooled out-of-fold predictions, one table per (recipe, rule, seed), rows in the same order for every table.
+    tables: dict[str, list[tuple[int, pd.DataFrame]]] = {_arm(n, r): [] for n in names for r in rules}
     context_rows = []
     for name in names:
-        tables[name] = []
-        for folder, config, logs in loaded[name]:
-            parts = []
+        for folder, config, _ in loaded[name]:
+            parts: dict[str, list[pd.DataFrame]] = {rule: [] for rule in rules}
             for fold in folds:
                 val, test = (
                     t.sort_values("path", kind="stable").reset_index(drop=True)
                     for t in _member_tables(Path(folder), model, fold)
                 )
-                parts.append(test)
-                context_rows += _context_rows(name, _model_seed(config), fold, val, test, logs[fold], slides)
-            tables[name].append((_model_seed(config), pd.concat(parts, ignore_index=True)))
-    reference = tables[names[0]][0][1]["path"].to_numpy()
+                for rule in rules:
+                    threshold, decided = _decided(val, test, rule)
+                    parts[rule].append(decided)
+                    context_rows += _context_rows(name, rule, _model_seed(config), fold, val, test, threshold, slides)
+            for rule in rules:
+                tables[_arm(name, rule)].append((_model_seed(config), pd.concat(parts[rule], ignore_index=True)))
+    arms = list(tables)
+    reference = tables[arms[0]][0][1]["path"].to_numpy()
     for name in names:
-        for (folder, _, _), (_, table) in zip(loaded[name], tables[name], strict=True):
+        for (folder, _, _), (_, table) in zip(loaded[name], tables[_arm(name, rules[0])], strict=True):
             if not np.array_equal(table["path"].to_numpy(), reference):
                 raise SeedsError(
                     f"{folder} predicted other test patches than {first_folder} on folds {', '.join(map(str, folds))}: "
@@ -146,26 +174,40 @@ def run_seeds(
 
     seeds_rows, paired = [], {}
     for name in names:
-        for group in ("all", "whole slide"):
-            scores = [
-                _pooled_scores(t if group == "all" else t[t["patient_id"].astype(str).isin(slides)])
-                for _, t in tables[name]
-            ]
-            seeds_rows.append({"recipe": name, "group": group, "seeds": [s for s, _ in tables[name]], "scores": scores})
-    base = [t for _, t in tables[names[0]]]
-    for name in names[1:]:
-        paired[name] = paired_difference(base, [t for _, t in tables[name]], n_bootstrap=n_bootstrap)
-    n_patients = int(tables[names[0]][0][1]["patient_id"].nunique())
-    text = _markdown(names, folds, model, seeds_rows, paired, context_rows, n_patients)
+        for rule in rules:
+            runs = tables[_arm(name, rule)]
+            for group in ("all", "whole slide"):
+                scores = [
+                    _pooled_scores(t if group == "all" else t[t["patient_id"].astype(str).isin(slides)])
+                    for _, t in runs
+                ]
+                seeds_rows.append(
+                    {"recipe": name, "rule": rule, "group": group, "seeds": [s for s, _ in runs], "scores": scores}
+                )
+    base = [t for _, t in tables[arms[0]]]
+    for arm in arms[1:]:
+        paired[arm] = paired_difference(base, [t for _, t in tables[arm]], n_bootstrap=n_bootstrap)
+    n_patients = int(tables[arms[0]][0][1]["patient_id"].nunique())
+    text = _markdown(arms[0], folds, model, seeds_rows, paired, context_rows, n_patients)
     if out_file is not None:
         write_text(Path(out_file), text)
     return {"markdown": text, "seeds": seeds_rows, "paired": paired, "context": context_rows, "folds": folds}
 
 
 def _context_rows(
-    name: str, seed: int, fold: int, val: pd.DataFrame, test: pd.DataFrame, record: Mapping[str, Any], slides: set[str]
+    name: str,
+    criterion: str,
+    seed: int,
+    fold: int,
+    val: pd.DataFrame,
+    test: pd.DataFrame,
+    threshold: float,
+    slides: set[str],
 ) -> list[dict[str, Any]]:
     """Patch-only and context F1 on the fold's whole-slide test patients, context refitted under each rule.
+
+    ``threshold`` is the patch-only one ``criterion`` chose on all validation patients; the context threshold is
+    chosen under the same ``criterion``.
 
     The F1 of all the fold's test patients is kept beside it (``*_all``): a rule that helps the slides may cost the
     thin samples.
@@ -173,7 +215,6 @@ def _context_rows(
     on_slides = test[test["patient_id"].astype(str).isin(slides)]
     if on_slides.empty or not 0 < on_slides["label"].sum() < len(on_slides):
         return []
-    threshold = float(record["threshold"])
     labels = on_slides["label"].to_numpy(np.int64)
     patch = binary_scores(labels, (on_slides["prob_idc"] >= threshold).to_numpy(np.int64))["f1"]
     all_labels = test["label"].to_numpy(np.int64)
@@ -182,24 +223,24 @@ def _context_rows(
     val_slides = val[val["patient_id"].astype(str).isin(slides)]
     patch_slides = None
     if 0 < val_slides["label"].sum() < len(val_slides):
-        cut = pick_threshold(val_slides["label"].to_numpy(np.int64), val_slides["prob_idc"].to_numpy(np.float64))
+        cut = pick_threshold(
+            val_slides["label"].to_numpy(np.int64), val_slides["prob_idc"].to_numpy(np.float64), criterion
+        )
         patch_slides = binary_scores(labels, (on_slides["prob_idc"] >= cut).to_numpy(np.int64))["f1"]
     rows = []
     for rule, kwargs in CONTEXT_RULES.items():
+        key = {"recipe": name, "threshold_rule": criterion, "seed": seed, "fold": fold, "rule": rule}
         try:
-            params = fit_context(val, patch_threshold=threshold, **kwargs)
+            params = fit_context(val, criterion=criterion, patch_threshold=threshold, **kwargs)
         except ContextError as exc:
-            rows.append({"recipe": name, "seed": seed, "fold": fold, "rule": rule, "reason": str(exc)})
+            rows.append({**key, "reason": str(exc)})
             continue
         out = apply_context(test, params)
         context = binary_scores(labels, out.loc[on_slides.index, "pred_context"].to_numpy(np.int64))["f1"]
         context_all = binary_scores(all_labels, out["pred_context"].to_numpy(np.int64))["f1"]
         rows.append(
             {
-                "recipe": name,
-                "seed": seed,
-                "fold": fold,
-                "rule": rule,
+                **key,
                 "patients": int(on_slides["patient_id"].nunique()),
                 "patch_f1": float(patch),
                 "patch_f1_slide_threshold": patch_slides,
@@ -216,7 +257,7 @@ def _context_rows(
 
 
 def _markdown(
-    names: Sequence[str],
+    baseline: str,
     folds: Sequence[int],
     model: str,
     seeds_rows: Sequence[Mapping[str, Any]],
@@ -228,16 +269,17 @@ def _markdown(
     lines = [
         f"### {model} over model seeds, patch only: {which} ({n_patients} test patients)",
         "",
-        "Each fold decided at its own validation threshold. Mean | SD | range = largest minus smallest, over seeds.",
+        "Each fold decided at a threshold chosen on its own validation patients under the rule named (f1: the best "
+        "IDC F1 there; youden: the best balanced accuracy). Mean | SD | range = largest minus smallest, over seeds.",
         "",
-        "| recipe | patients | model seeds | F1 per seed | F1 mean | SD | range | balanced accuracy mean | SD | range "
-        "| ROC AUC mean | SD | range |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| recipe | threshold rule | patients | model seeds | F1 per seed | F1 mean | SD | range "
+        "| balanced accuracy mean | SD | range | ROC AUC mean | SD | range |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in seeds_rows:
         f1s = [s["f1"] for s in row["scores"]]
         lines.append(
-            f"| {row['recipe']} | {row['group']} | {', '.join(map(str, row['seeds']))} "
+            f"| {row['recipe']} | {row['rule']} | {row['group']} | {', '.join(map(str, row['seeds']))} "
             f"| {', '.join(f'{v:.3f}' for v in f1s)} | {_stats(f1s)} "
             f"| {_stats([s['balanced_accuracy'] for s in row['scores']])} "
             f"| {_stats([s['roc_auc'] for s in row['scores']])} |"
@@ -245,9 +287,9 @@ def _markdown(
     if paired:
         lines += [
             "",
-            f"### Paired differences from {names[0]} (mean over its seeds), 95% bootstrap intervals over patients",
+            f"### Paired differences from {baseline} (mean over its seeds), 95% bootstrap intervals over patients",
             "",
-            "| recipe | " + " | ".join(_NAMES[m] for m in PAIRED_METRICS) + " |",
+            "| recipe / threshold rule | " + " | ".join(_NAMES[m] for m in PAIRED_METRICS) + " |",
             "|---|" + "---|" * len(PAIRED_METRICS),
         ]
         for name, diff in paired.items():
@@ -256,41 +298,49 @@ def _markdown(
                 d = diff[m]
                 interval = "" if d["ci_low"] is None else f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
                 cells.append(f"{d['value']:+.3f}{interval}")
-            lines.append(f"| {name} - {names[0]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} - {baseline} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "### Slide context on the whole-slide test patients, fold by fold (F1; refitted on each fold's validation)",
         "",
-        "Patch only at the run's threshold (chosen on all validation patients) and, for comparison, at one chosen on "
-        "the whole-slide validation patients; context at the threshold its rule chose.",
+        "Patch only at the threshold rule's threshold (chosen on all validation patients) and, for comparison, at one "
+        "chosen under the same rule on the whole-slide validation patients; context at the threshold its context rule "
+        "chose under the same threshold rule.",
         "",
-        "| recipe | seed | fold | slides | patch only | patch only, whole-slide threshold | context rule "
-        "| tuned on (patients) | sigma | thresholds patch / context | context | context - patch "
+        "| recipe | threshold rule | seed | fold | slides | patch only | patch only, whole-slide threshold "
+        "| context rule | tuned on (patients) | sigma | thresholds patch / context | context | context - patch "
         "| all test patients: patch only / context |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in context_rows:
+        head = f"| {r['recipe']} | {r['threshold_rule']} | {r['seed']} | {r['fold']} |"
         if "reason" in r:
-            lines.append(f"| {r['recipe']} | {r['seed']} | {r['fold']} | | | | {r['rule']} | {r['reason']} | | | | | |")
+            lines.append(f"{head} | | | {r['rule']} | {r['reason']} | | | | | |")
             continue
         lines.append(
-            f"| {r['recipe']} | {r['seed']} | {r['fold']} | {r['patients']} | {r['patch_f1']:.3f} "
+            f"{head} {r['patients']} | {r['patch_f1']:.3f} "
             f"| {_f(r['patch_f1_slide_threshold'])} | {r['rule']} | {r['tuned_on']} | {r['sigma']:.1f} "
             f"| {r['threshold']:.3f} / {r['context_threshold']:.3f} | {r['context_f1']:.3f} "
             f"| {r['context_f1'] - r['patch_f1']:+.3f} | {r['patch_f1_all']:.3f} / {r['context_f1_all']:.3f} |"
         )
     lines += [
         "",
-        "| context rule | fold x seed runs | on whole slides: context below patch only | mean context - patch "
-        "| all test patients: mean context - patch |",
-        "|---|---|---|---|---|",
+        "| threshold rule | context rule | fold x seed runs | on whole slides: context below patch only "
+        "| mean context - patch | all test patients: mean context - patch |",
+        "|---|---|---|---|---|---|",
     ]
-    for rule in CONTEXT_RULES:
-        mine = [r for r in context_rows if r["rule"] == rule and "reason" not in r]
-        if mine:
-            gaps = np.array([r["context_f1"] - r["patch_f1"] for r in mine])
-            overall = np.mean([r["context_f1_all"] - r["patch_f1_all"] for r in mine])
-            lines.append(f"| {rule} | {len(mine)} | {int((gaps < 0).sum())} | {gaps.mean():+.3f} | {overall:+.3f} |")
+    for criterion in dict.fromkeys(r["threshold_rule"] for r in context_rows):
+        for rule in CONTEXT_RULES:
+            mine = [
+                r for r in context_rows if r["threshold_rule"] == criterion and r["rule"] == rule and "reason" not in r
+            ]
+            if mine:
+                gaps = np.array([r["context_f1"] - r["patch_f1"] for r in mine])
+                overall = np.mean([r["context_f1_all"] - r["patch_f1_all"] for r in mine])
+                lines.append(
+                    f"| {criterion} | {rule} | {len(mine)} | {int((gaps < 0).sum())} | {gaps.mean():+.3f} "
+                    f"| {overall:+.3f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -306,12 +356,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--model", default="idc_net", help="the model the folders trained (default idc_net)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="patient resamples for the paired intervals")
+    parser.add_argument(
+        "--threshold-rules",
+        default=",".join(THRESHOLD_RULES),
+        metavar="RULE[,RULE]",
+        help="threshold rules to compare, each chosen on every fold's validation patients (default: all of them)",
+    )
     parser.add_argument("--out", default=None, metavar="FILE", help="also write the tables to this Markdown file")
     args = parser.parse_args(argv)
 
     def run() -> dict[str, Any]:
         recipes = [parse_recipe(text) for text in args.recipe]
-        return run_seeds(recipes, model=args.model, n_bootstrap=args.bootstrap, out_file=args.out)
+        rules = [r.strip() for r in args.threshold_rules.split(",") if r.strip()]
+        return run_seeds(
+            recipes, model=args.model, n_bootstrap=args.bootstrap, threshold_rules=rules, out_file=args.out
+        )
 
     return print_markdown(run)
 
