@@ -473,7 +473,7 @@ def threshold_curve(
     *,
     extra: Sequence[float] = (),
 ) -> pd.DataFrame:
-    """Score the IDC class at each threshold: precision, recall (sensitivity), specificity and F1.
+    """Score the IDC class at each threshold: precision, recall (sensitivity), specificity, F1, balanced accuracy.
 
     IDC is predicted when ``prob >= threshold``; default thresholds 0.00, 0.01, ..., 1.00, one row each, in that
     order, with the ``extra`` thresholds (a run's chosen one, so that a figure marks its exact scores) sorted in.
@@ -494,6 +494,5 @@ def threshold_curve(
     specificity = 1.0 - fp / len(neg) if len(neg) else np.full(len(grid), np.nan)
     denominator = 2 * tp + fp + (len(pos) - tp)
     f1 = np.divide(2 * tp, denominator, out=np.zeros(len(grid)), where=denominator > 0)
-    return pd.DataFrame(
-        {"threshold": grid, "precision": precision, "recall": recall, "specificity": specificity, "f1": f1}
-    )
+    columns = {"threshold": grid, "precision": precision, "recall": recall, "specificity": specificity, "f1": f1}
+    return pd.DataFrame({**columns, "balanced_accuracy": (recall + specificity) / 2})

@@ -226,22 +226,30 @@ def plot_threshold_curve(
     chosen: float | None = None,
     current: float | None = None,
     ax: Axes | None = None,
-    title: str = "F1, precision and recall against the threshold",
+    title: str = "Scores of the IDC class against the threshold",
 ) -> Figure:
-    """Draw F1, precision and recall of the IDC class against the decision threshold.
+    """Draw F1, balanced accuracy, precision and recall of the IDC class against the decision threshold.
 
-    ``curve`` comes from :func:`idc_helpers.metrics.threshold_curve`; ``chosen`` (the run's threshold) is marked
-    with its F1 (exact when the curve was scored at it: ``extra=[chosen]``, else read between its neighbours), 0.5
-    is marked for comparison, and ``current`` (a slider's value) as a solid line.
+    ``curve`` comes from :func:`idc_helpers.metrics.threshold_curve` (a curve without ``balanced_accuracy`` is drawn
+    without it); ``chosen`` (the run's threshold) is marked on the F1 and balanced-accuracy curves with both values
+    (exact when the curve was scored at it: ``extra=[chosen]``, else read between its neighbours), 0.5 is marked for
+    comparison, and ``current`` (a slider's value) as a solid line.
     """
     fig, ax = _new_axes(ax, (7.2, 4.0))
-    for name, style in (("f1", "-"), ("precision", "--"), ("recall", ":")):
-        ax.plot(curve["threshold"], curve[name], style, lw=2 if name == "f1" else 1.5, label=name.replace("f1", "F1"))
+    names = {"f1": "F1", "balanced_accuracy": "balanced accuracy", "precision": "precision", "recall": "recall"}
+    drawn = [name for name in names if name in curve]
+    for name, style in zip(drawn, ("-", "-", "--", ":"), strict=False):
+        ax.plot(curve["threshold"], curve[name], style, lw=2 if style == "-" else 1.5, label=names[name])
     ax.axvline(0.5, color="grey", lw=1, ls="-.", label="0.5")
     if chosen is not None:
         at = np.isclose(curve["threshold"], chosen, rtol=0, atol=1e-12)
-        f1 = float(curve["f1"][at].iloc[0]) if at.any() else float(np.interp(chosen, curve["threshold"], curve["f1"]))
-        ax.plot([chosen], [f1], "o", color="crimson", ms=8, zorder=5, label=f"chosen {chosen:.2f}: F1 {f1:.2f}")
+        marked = [name for name in ("f1", "balanced_accuracy") if name in curve]
+        values = [
+            float(curve[name][at].iloc[0]) if at.any() else float(np.interp(chosen, curve["threshold"], curve[name]))
+            for name in marked
+        ]
+        label = f"chosen {chosen:.2f}: " + ", ".join(f"{names[n]} {v:.2f}" for n, v in zip(marked, values, strict=True))
+        ax.plot([chosen] * len(values), values, "o", color="crimson", ms=8, zorder=5, label=label)
     if current is not None:
         ax.axvline(current, color="black", lw=1.5, label=f"now {current:.2f}")
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="threshold (IDC when p(IDC) >= threshold)", ylabel="score", title=title)
@@ -298,7 +306,11 @@ def selection_rule(history: Mapping[str, Sequence[float]], monitor: str) -> str:
 
 
 def plot_history(
-    history: Mapping[str, Sequence[float]], *, monitor: str = "val_loss", best_epoch: int | None = None
+    history: Mapping[str, Sequence[float]],
+    *,
+    monitor: str = "val_loss",
+    best_epoch: int | None = None,
+    averaged: bool = False,
 ) -> Figure:
     """Draw the learning curves: the loss, and the validation scores that chose the kept epoch.
 
@@ -307,8 +319,10 @@ def plot_history(
 
     ``history``: ``history.json`` of a run or Keras ``History.history`` (name -> one value per epoch). ``monitor``:
     the name the run selected on (``config.json``'s ``monitor``); ``best_epoch`` (1-based, ``metrics.json``): the
-    kept epoch; default: the best ``monitor`` value. The validation F1 is each epoch's F1 at the threshold chosen on
-    the validation patients that epoch (``val_f1``), which is how the kept model is used. Accuracy is left out on
+    kept epoch; default: the best ``monitor`` value. ``averaged``: the run kept the moving average of its weights
+    (``train(averaging="ema")``), not one epoch: no epoch is marked, and the title says so. The validation F1 is
+    each epoch's F1 at the threshold chosen on the validation patients that epoch (``val_f1``), which is how the kept
+    model is used. Accuracy is left out on
     purpose: training accuracy is measured on augmented, class-weighted batches, and any validation accuracy at a
     fixed 0.5 says little about a model whose threshold is chosen elsewhere.
     """
@@ -317,8 +331,14 @@ def plot_history(
     panels: list[tuple[str, list[tuple[str, str]]]] = [
         ("loss", [("loss", "training (augmented, class-weighted)"), ("val_loss", "validation")]),
         (
-            "validation patients: what picks the epoch",
-            [("val_auc", "ROC AUC"), (monitor, f"{monitor} (selects)"), ("val_f1", "F1 at that epoch's threshold")],
+            "validation patients: each epoch's own weights"
+            if averaged
+            else "validation patients: what picks the epoch",
+            [
+                ("val_auc", "ROC AUC"),
+                (monitor, monitor if averaged else f"{monitor} (selects)"),
+                ("val_f1", "F1 at that epoch's threshold"),
+            ],
         ),
     ]
     panels = [
@@ -328,7 +348,7 @@ def plot_history(
     panels = [(t, curves) for t, curves in panels if curves]
     if not panels:
         raise ValueError("history has no metric to plot")
-    best = best_epoch or _best_epoch(history, monitor)
+    best = None if averaged else best_epoch or _best_epoch(history, monitor)
     rule = selection_rule(history, monitor)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), layout="constrained", squeeze=False)
     for ax, (title, curves) in zip(axes[0], panels, strict=False):
@@ -341,7 +361,12 @@ def plot_history(
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    if best is not None:
+    if averaged:
+        epochs = len(next(iter(history.values()), []))
+        fig.suptitle(
+            f"Kept: the moving average of the weights over all {epochs} epochs, not one epoch", fontsize="medium"
+        )
+    elif best is not None:
         fig.suptitle(f"Kept epoch {best}: the one with the {rule}", fontsize="medium")
     return fig
 

@@ -105,12 +105,19 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _other_threshold(metrics: Mapping[str, Any]) -> tuple[str, str]:
+    """The row of the threshold the other rule would have chosen (runs before ``threshold_criterion``: the F1 rule)."""
+    if metrics.get("threshold_criterion", "f1") == "f1":
+        return "Youden threshold", f"{metrics.get('threshold_youden', float('nan')):.3f} (maximises balanced accuracy)"
+    return "F1 threshold", f"{metrics.get('threshold_f1', float('nan')):.3f} (maximises the IDC F1)"
+
+
 def run_choices(metrics: Mapping[str, Any]) -> pd.DataFrame:
     """What a run chose on its validation patients, one row each, from its ``metrics.json`` (``Run.metrics``).
 
     The weights kept (best epoch or moving average), the decision threshold with the validation scores at it, the
-    Youden threshold beside it, and the slide context's width and threshold and the patients they were chosen on;
-    values rounded for reading (the file keeps every digit).
+    threshold of the other rule beside it, and the slide context's width and threshold and the patients they were
+    chosen on; values rounded for reading (the file keeps every digit).
     """
     validation = metrics.get("validation", {})
     context = metrics.get("context", {})
@@ -122,7 +129,7 @@ def run_choices(metrics: Mapping[str, Any]) -> pd.DataFrame:
         ),
         ("training time", f"{metrics.get('train_seconds', float('nan')):.0f} s"),
         ("threshold", f"{metrics['threshold']:.3f} ({metrics.get('threshold_rule', '')})"),
-        ("Youden threshold", f"{metrics.get('threshold_youden', float('nan')):.3f} (maximises balanced accuracy)"),
+        _other_threshold(metrics),
         (
             "validation patients",
             f"{validation.get('patients')} ({validation.get('patches', 0):,} patches, "

@@ -12,8 +12,8 @@ four named steps:
    learning-rate decay, and early stopping on the validation patients (:data:`idc_helpers.selection.MONITOR`),
    keeping the best epoch's weights; a checkpoint after every epoch (:mod:`idc_helpers.checkpoints`) makes the run
    resumable (``train(..., resume=True)``, ``train --resume RUN_DIR``) to the same result;
-3. :func:`idc_helpers.selection.choose_threshold`: the decision threshold that maximises the IDC F1 on the
-   validation patients (the Youden threshold, which maximises balanced accuracy, is stored beside it), and the
+3. :func:`idc_helpers.selection.choose_threshold`: the decision threshold that maximises the balanced accuracy
+   (Youden's J) on the validation patients (the one maximising the IDC F1 is stored beside it), and the
    validation metrics at it; :func:`idc_helpers.selection.choose_context`: the slide-context smoothing and its own
    threshold, on the validation patients, stored under ``"context"`` for ``predict --context``;
 4. :func:`idc_helpers.run_folder.write_run_files` and :func:`idc_helpers.run_folder.publish_run`: the run folder

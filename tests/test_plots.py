@@ -92,6 +92,11 @@ def test_learning_curves_show_validation_and_name_the_rule():
     )
     plain = plots.plot_history({"loss": [0.6, 0.5, 0.45], "val_loss": [0.62, 0.5, 0.55]})
     assert "lowest validation loss" in plain._suptitle.get_text() and "kept: epoch 2" in _legend_texts(plain)
+    # Averaged weights come from every epoch: no epoch is marked as kept, and nothing claims to select one.
+    averaged = plots.plot_history(history, monitor="val_selection", best_epoch=3, averaged=True)
+    assert "kept: epoch" not in _legend_texts(averaged) and "ROC AUC" in _legend_texts(averaged)
+    assert "val_selection (selects)" not in _legend_texts(averaged)
+    assert averaged._suptitle.get_text().startswith("Kept: the moving average of the weights over all 3 epochs")
 
 
 def test_per_patient_figure_shows_every_patient():

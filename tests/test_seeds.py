@@ -6,7 +6,6 @@ import json
 import shutil
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from idc_helpers.bench import quality, seeds
@@ -40,38 +39,33 @@ def runs(tmp_path_factory):
     return folders
 
 
-def _oof(folder) -> pd.DataFrame:
-    parts = [quality.read_table(folder / "predictions" / f"idc_net-fold{f}.csv") for f in (0, 1)]
-    return pd.concat(parts, ignore_index=True)
+def _decided(folder, rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """The folder's pooled test labels and decisions, each fold at the threshold ``rule`` picks on its validation."""
+    labels, decided = [], []
+    for fold in (0, 1):
+        val = quality.read_table(folder / "predictions" / f"val-idc_net-fold{fold}.csv")
+        test = quality.read_table(folder / "predictions" / f"idc_net-fold{fold}.csv")
+        cut = pick_threshold(val["label"], val["prob_idc"], rule)
+        labels.append(test["label"].to_numpy())
+        decided.append((test["prob_idc"] >= cut).to_numpy())
+    return np.concatenate(labels), np.concatenate(decided)
 
 
 def test_seeds_are_scored_one_by_one_and_recipes_by_the_difference_of_their_means(runs, tmp_path):
     out = tmp_path / "seeds.md"
     result = seeds.run_seeds([("a", runs[:2]), ("b", runs[2:])], n_bootstrap=20, out_file=out)
     assert result["folds"] == [0, 1]
-    row = next(r for r in result["seeds"] if (r["recipe"], r["rule"], r["group"]) == ("a", "f1", "all"))
-    assert row["seeds"] == [0, 1]
-    f1 = []
-    for folder, scores in zip(runs[:2], row["scores"], strict=True):
-        oof = _oof(folder)  # each run decided at the threshold it chose itself, by the F1 rule
-        f1.append(binary_scores(oof["label"], oof["pred"])["f1"])
-        assert scores["f1"] == pytest.approx(f1[-1])
-    other = _oof(runs[2])
-    expected = binary_scores(other["label"], other["pred"])["f1"] - np.mean(f1)
-    assert result["paired"]["b / f1"]["f1"]["value"] == pytest.approx(expected)
-    # The Youden rule re-decides every fold at the threshold it picks on that fold's validation patches.
-    youden = next(r for r in result["seeds"] if (r["recipe"], r["rule"], r["group"]) == ("a", "youden", "all"))
-    labels, decided = [], []
-    for fold in (0, 1):
-        val = quality.read_table(runs[0] / "predictions" / f"val-idc_net-fold{fold}.csv")
-        test = quality.read_table(runs[0] / "predictions" / f"idc_net-fold{fold}.csv")
-        cut = pick_threshold(val["label"], val["prob_idc"], "youden")
-        labels.append(test["label"].to_numpy())
-        decided.append((test["prob_idc"] >= cut).to_numpy())
-    assert youden["scores"][0]["f1"] == pytest.approx(
-        binary_scores(np.concatenate(labels), np.concatenate(decided))["f1"]
-    )
+    for rule in seeds.THRESHOLD_RULES:  # every fold re-decided at the threshold the rule picks on its validation
+        row = next(r for r in result["seeds"] if (r["recipe"], r["rule"], r["group"]) == ("a", rule, "all"))
+        assert row["seeds"] == [0, 1]
+        f1 = [binary_scores(*_decided(folder, rule))["f1"] for folder in runs[:2]]
+        assert [s["f1"] for s in row["scores"]] == pytest.approx(f1)
+    # Each (recipe, rule) against the first recipe under the first rule: the difference of the seed means.
     assert set(result["paired"]) == {"a / youden", "b / f1", "b / youden"}
+    baseline = np.mean([binary_scores(*_decided(folder, "f1"))["f1"] for folder in runs[:2]])
+    for rule in seeds.THRESHOLD_RULES:
+        expected = binary_scores(*_decided(runs[2], rule))["f1"] - baseline
+        assert result["paired"][f"b / {rule}"]["f1"]["value"] == pytest.approx(expected)
     # Every fold's whole slides are scored under every threshold and context rule, beside patch only.
     keys = {(r["threshold_rule"], r["fold"], r["rule"]) for r in result["context"]}
     assert keys == {(t, f, rule) for t in seeds.THRESHOLD_RULES for f in (0, 1) for rule in seeds.CONTEXT_RULES}

@@ -33,6 +33,7 @@ def test_threshold_curve_is_sklearns_at_every_threshold():
         assert row.threshold == t
         assert row.recall == pytest.approx(skm.recall_score(preds["label"], called))
         assert row.f1 == pytest.approx(skm.f1_score(preds["label"], called, zero_division=0))
+        assert row.balanced_accuracy == pytest.approx(skm.balanced_accuracy_score(preds["label"], called))
         if called.any():
             assert row.precision == pytest.approx(skm.precision_score(preds["label"], called))
         else:
@@ -46,7 +47,9 @@ def test_curve_figure_marks_the_chosen_threshold():
     fig = plots.plot_threshold_curve(curve, chosen=0.4, current=0.6)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     f1 = skm.f1_score(preds["label"], preds["prob_idc"] >= 0.4)
-    assert f"chosen 0.40: F1 {f1:.2f}" in labels and "now 0.60" in labels and "0.5" in labels
+    bac = skm.balanced_accuracy_score(preds["label"], preds["prob_idc"] >= 0.4)
+    assert f"chosen 0.40: F1 {f1:.2f}, balanced accuracy {bac:.2f}" in labels
+    assert "now 0.60" in labels and "0.5" in labels and "balanced accuracy" in labels
 
 
 def test_a_chosen_threshold_off_the_grid_is_marked_with_its_exact_f1():
@@ -58,7 +61,7 @@ def test_a_chosen_threshold_off_the_grid_is_marked_with_its_exact_f1():
     assert curve.loc[curve["threshold"] == chosen, "f1"].item() == pytest.approx(exact)
     fig = plots.plot_threshold_curve(curve, chosen=chosen)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert f"chosen 0.41: F1 {exact:.2f}" in labels
+    assert any(label.startswith(f"chosen 0.41: F1 {exact:.2f}, ") for label in labels)
 
 
 def test_static_path_draws_the_runs_threshold(monkeypatch, tmp_path):

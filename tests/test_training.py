@@ -259,15 +259,18 @@ def test_training_never_decodes_a_test_patients_file(demo_dir, tmp_path, monkeyp
     assert not read_patients & set(split["test"])  # ... and never a test patient's file
     assert len(read) == sum(result.config["data"]["patches"].values())
 
-    # The stored threshold is the F1 rule applied to the validation patients' predictions, nothing else.
+    # The stored threshold is the Youden rule applied to the validation patients' predictions, nothing else; the F1
+    # rule's is stored beside it.
     from idc_helpers.patch_index import build_index
 
     frame = build_index(demo_dir).frame
     val = frame[frame["patient_id"].isin(split["val"])].reset_index(drop=True)
     images = loader.load_patches(val, cache_dir=tmp_path / "fresh-cache").images
     probs = predict_probs(load_run(result.run_dir).model, images)
-    assert result.threshold == pick_threshold(val["label"].to_numpy(), probs, "f1")
-    assert json.loads((result.run_dir / "metrics.json").read_text())["threshold"] == result.threshold
+    assert result.threshold == pick_threshold(val["label"].to_numpy(), probs, "youden")
+    stored = json.loads((result.run_dir / "metrics.json").read_text())
+    assert stored["threshold"] == result.threshold and stored["threshold_criterion"] == "youden"
+    assert stored["threshold_f1"] == pick_threshold(val["label"].to_numpy(), probs, "f1")
 
 
 def test_published_split_on_unlisted_patients_says_so(demo_dir, cache_dir, tmp_path):
