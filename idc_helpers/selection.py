@@ -4,8 +4,8 @@ Every score comes from :mod:`idc_helpers.metrics`; this module says which scores
 :func:`validation_scores` scores the validation patches and :data:`MONITOR` picks the best epoch (early stopping
 follows it too). Once training ends, :func:`choose_threshold` picks the decision threshold (:data:`THRESHOLD_RULE`)
 and records the validation metrics at it, and :func:`choose_context` fits the slide-context smoothing with its own
-threshold, under the same rule (:func:`idc_helpers.slide_context.fit_context`). Test patients play no part in any
-of these choices.
+threshold (:data:`CONTEXT_CRITERION`, :func:`idc_helpers.slide_context.fit_context`). Test patients play no part
+in any of these choices.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ if TYPE_CHECKING:  # TensorFlow is imported only when a function needs it
 # F1's, its optimum does not move with the share of IDC patches; measured against the F1 rule on the same predictions
 # in docs/results.md (section 1), it transferred better to the test patients.
 THRESHOLD_RULE = "youden"
+# The slide context's width and threshold maximise the F1 on the validation patients: on the cross-validation's
+# whole slides that gave higher context F1 and balanced accuracy than the Youden criterion (docs/results.md, section 1).
+CONTEXT_CRITERION = "f1"
 #: How each threshold rule reads in a run's metrics (``threshold_rule``) and its report.
 THRESHOLD_RULE_TEXT = {
     "f1": "maximise the IDC F1 on the validation patients' patches",
@@ -95,7 +98,7 @@ def choose_threshold(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
 def choose_context(data: TrainingData, probs: np.ndarray, patch_threshold: float) -> dict[str, Any]:
     """Slide-context parameters (smoothing width and their own threshold) chosen on the validation patients.
 
-    They are what :func:`idc_helpers.slide_context.fit_context` returns under :data:`THRESHOLD_RULE` with its
+    They are what :func:`idc_helpers.slide_context.fit_context` returns under :data:`CONTEXT_CRITERION` with its
     default choice of patients (every validation patient tunes: docs/results.md measures the rules), and the
     patch-only decisions at ``patch_threshold`` when no smoothing helps there; ``{"unavailable": reason}`` when they
     cannot be chosen (e.g. the validation patches hold one class only).
@@ -111,6 +114,6 @@ def choose_context(data: TrainingData, probs: np.ndarray, patch_threshold: float
         }
     )
     try:
-        return slide_context.fit_context(table, criterion=THRESHOLD_RULE, patch_threshold=patch_threshold)
+        return slide_context.fit_context(table, criterion=CONTEXT_CRITERION, patch_threshold=patch_threshold)
     except slide_context.ContextError as exc:
         return {"unavailable": str(exc)}

@@ -21,6 +21,7 @@ from idc_helpers.metrics import pick_threshold
 from idc_helpers.models import AUGMENT_LAYER, UnknownModelError
 from idc_helpers.probabilities import predict_probs
 from idc_helpers.run_folder import RUN_FILES, Run, RunBusyError, RunExistsError, load_run, partial_dir
+from idc_helpers.slide_context import fit_context
 from idc_helpers.splits import TrainingDataError
 from idc_helpers.training import train
 from idc_helpers.training_data import class_weights
@@ -271,6 +272,11 @@ def test_training_never_decodes_a_test_patients_file(demo_dir, tmp_path, monkeyp
     stored = json.loads((result.run_dir / "metrics.json").read_text())
     assert stored["threshold"] == result.threshold and stored["threshold_criterion"] == "youden"
     assert stored["threshold_f1"] == pick_threshold(val["label"].to_numpy(), probs, "f1")
+    # The slide context is fitted on the same predictions under the F1 criterion (selection.CONTEXT_CRITERION).
+    table = val[["x", "y", "label"]].assign(patient_id=val["patient_id"].astype(str), prob_idc=probs.astype(np.float64))
+    expected = fit_context(table, criterion="f1", patch_threshold=result.threshold)
+    assert stored["context"]["criterion"] == "f1" and stored["context"]["sigma"] == expected["sigma"]
+    assert stored["context"]["threshold"] == pytest.approx(expected["threshold"])
 
 
 def test_published_split_on_unlisted_patients_says_so(demo_dir, cache_dir, tmp_path):

@@ -329,9 +329,9 @@ def run_fold(
             "predict_seconds": round(seconds, 2),
         }
         try:
-            params = fit_context(
-                val_preds, criterion=metrics.get("threshold_criterion", "f1"), patch_threshold=threshold
-            )
+            from idc_helpers.selection import CONTEXT_CRITERION  # as train fits it
+
+            params = fit_context(val_preds, criterion=CONTEXT_CRITERION, patch_threshold=threshold)
         except ContextError as exc:
             record[f"context{suffix}"] = {"params": None, "reason": str(exc)}
         else:

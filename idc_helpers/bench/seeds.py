@@ -15,8 +15,8 @@ folder finished are used. The benchmark reads the predictions the folders hold (
    over patients (:func:`idc_helpers.metrics.paired_difference`, every seed of both sides scored on each resample);
 3. slide context on the whole-slide test patients, fold by fold and seed by seed, refitted from each fold's
    validation predictions under every rule of :data:`CONTEXT_RULES` (:func:`idc_helpers.slide_context.fit_context`,
-   its criterion the threshold rule's), beside the patch-only F1 at the rule's threshold: how often context scores
-   below patch only.
+   its criterion the threshold rule's unless the context rule names one), beside the patch-only F1 at the rule's
+   threshold: how often context scores below patch only.
 
 ``--out FILE`` also writes the tables to ``FILE`` (Markdown).
 """
@@ -43,9 +43,11 @@ from idc_helpers.slide_context import ContextError, apply_context, fit_context
 
 #: Threshold rules compared by default (``metrics.pick_threshold`` criteria), each chosen on validation patients.
 THRESHOLD_RULES = ("f1", "youden")
-#: Context rules refitted on each fold's validation predictions: name -> keyword arguments of ``fit_context``.
+#: Context rules refitted on each fold's validation predictions: name -> keyword arguments of ``fit_context``. Without
+#: a ``criterion`` of its own a rule takes the threshold rule's; ``train`` fits the first one.
 CONTEXT_RULES: dict[str, dict[str, Any]] = {
-    "all validation patients (default)": {"tune_on": "all"},
+    "all validation patients, F1 criterion (train)": {"tune_on": "all", "criterion": "f1"},
+    "all validation patients": {"tune_on": "all"},
     "whole slides, else all": {"tune_on": "auto"},
 }
 _NAMES = {"f1": "F1", "balanced_accuracy": "balanced accuracy", "roc_auc": "ROC AUC"}
@@ -231,7 +233,7 @@ def _context_rows(
     for rule, kwargs in CONTEXT_RULES.items():
         key = {"recipe": name, "threshold_rule": criterion, "seed": seed, "fold": fold, "rule": rule}
         try:
-            params = fit_context(val, criterion=criterion, patch_threshold=threshold, **kwargs)
+            params = fit_context(val, **{"criterion": criterion, **kwargs}, patch_threshold=threshold)
         except ContextError as exc:
             rows.append({**key, "reason": str(exc)})
             continue
@@ -305,7 +307,7 @@ def _markdown(
         "",
         "Patch only at the threshold rule's threshold (chosen on all validation patients) and, for comparison, at one "
         "chosen under the same rule on the whole-slide validation patients; context at the threshold its context rule "
-        "chose under the same threshold rule.",
+        "chose (under the threshold rule's criterion unless it names one).",
         "",
         "| recipe | threshold rule | seed | fold | slides | patch only | patch only, whole-slide threshold "
         "| context rule | tuned on (patients) | sigma | thresholds patch / context | context | context - patch "
