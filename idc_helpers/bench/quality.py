@@ -50,6 +50,7 @@ from idc_helpers.cli import OneLineParser
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import evaluate, pick_threshold
 from idc_helpers.pipeline import AUGMENT_CHOICES
+from idc_helpers.selection import CONTEXT_CRITERION
 from idc_helpers.slide_context import ContextError, apply_context, fit_context, whole_slide_patients
 from idc_helpers.validation import AVERAGING_CHOICES
 
@@ -329,8 +330,6 @@ def run_fold(
             "predict_seconds": round(seconds, 2),
         }
         try:
-            from idc_helpers.selection import CONTEXT_CRITERION  # as train fits it
-
             params = fit_context(val_preds, criterion=CONTEXT_CRITERION, patch_threshold=threshold)
         except ContextError as exc:
             record[f"context{suffix}"] = {"params": None, "reason": str(exc)}

@@ -39,6 +39,7 @@ from idc_helpers.bench.quality import CONFIG_FILE, read_log
 from idc_helpers.cli import OneLineParser
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import PAIRED_METRICS, binary_scores, paired_difference, pick_threshold
+from idc_helpers.selection import CONTEXT_CRITERION
 from idc_helpers.slide_context import ContextError, apply_context, fit_context
 
 #: Threshold rules compared by default (``metrics.pick_threshold`` criteria), each chosen on validation patients.
@@ -46,7 +47,10 @@ THRESHOLD_RULES = ("f1", "youden")
 #: Context rules refitted on each fold's validation predictions: name -> keyword arguments of ``fit_context``. Without
 #: a ``criterion`` of its own a rule takes the threshold rule's; ``train`` fits the first one.
 CONTEXT_RULES: dict[str, dict[str, Any]] = {
-    "all validation patients, F1 criterion (train)": {"tune_on": "all", "criterion": "f1"},
+    f"all validation patients, {CONTEXT_CRITERION} criterion (train)": {
+        "tune_on": "all",
+        "criterion": CONTEXT_CRITERION,
+    },
     "all validation patients": {"tune_on": "all"},
     "whole slides, else all": {"tune_on": "auto"},
 }
@@ -209,7 +213,7 @@ def _context_rows(
     """Patch-only and context F1 on the fold's whole-slide test patients, context refitted under each rule.
 
     ``threshold`` is the patch-only one ``criterion`` chose on all validation patients; the context threshold is
-    chosen under the same ``criterion``.
+    chosen under the same ``criterion`` unless the context rule names its own.
 
     The F1 of all the fold's test patients is kept beside it (``*_all``): a rule that helps the slides may cost the
     thin samples.
