@@ -380,6 +380,7 @@ def plot_per_patient(table: pd.DataFrame, *, metric: str = "f1") -> Figure:
     """
     import matplotlib.pyplot as plt
 
+    name = "F1" if metric == "f1" else metric.replace("_", " ")  # short: it labels every bar
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, max(3.5, 0.3 * len(table) + 1.5)), layout="constrained")
     has_idc = table["n_idc"] > 0
     true_share, pred_share = table["n_idc"] / table["n_patches"], table["predicted_idc"] / table["n_patches"]
@@ -394,7 +395,7 @@ def plot_per_patient(table: pd.DataFrame, *, metric: str = "f1") -> Figure:
         vmax=1,
         edgecolor="black",
         lw=0.5,
-        label=f"with IDC (colour: {metric})",
+        label=f"with IDC (colour: {name})",
     )
     if (~has_idc).any():
         left.scatter(
@@ -417,7 +418,7 @@ def plot_per_patient(table: pd.DataFrame, *, metric: str = "f1") -> Figure:
         title="IDC share per patient (size = patches)",
     )
     left.legend(loc="upper left", fontsize="small")
-    fig.colorbar(points, ax=left, label=metric, shrink=0.8)
+    fig.colorbar(points, ax=left, label=name, shrink=0.8)
 
     value = table[metric].where(has_idc, table["specificity"])
     order = np.argsort(value.fillna(-1).to_numpy(), kind="stable")
@@ -431,12 +432,12 @@ def plot_per_patient(table: pd.DataFrame, *, metric: str = "f1") -> Figure:
         hatch=None,
     )
     for y, v, with_idc in zip(positions, shown, idc, strict=True):
-        text = f"{metric} {v:.2f}" if with_idc else f"no IDC: specificity {v:.2f}"
+        text = f"{name} {v:.2f}" if with_idc else f"no IDC: specificity {v:.2f}"
         right.text(0.01, y, "n/a" if np.isnan(v) else text, va="center", fontsize="small")
     right.set_yticks(positions, [f"patient {p}" for p in ordered["patient_id"].astype(str)], fontsize="small")
     right.set(
         xlim=(0, 1),
-        xlabel=f"{metric} (patients with IDC) or specificity (patients without)",
+        xlabel=f"{name} (patients with IDC) or specificity (patients without)",
         title=f"Every test patient ({len(table)})",
     )
     right.grid(axis="x", alpha=0.3)

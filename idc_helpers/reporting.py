@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from idc_helpers.metrics import METRIC_LABELS
+from idc_helpers.selection import THRESHOLD_RULE_NAME, THRESHOLD_RULE_TEXT
 
 #: Published results on this dataset (fractions, ``None`` where the paper gives no figure), and on what test set.
 #: ``patient_level`` says whether the test patients were unseen in training.
@@ -107,9 +108,10 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 def _other_threshold(metrics: Mapping[str, Any]) -> tuple[str, str]:
     """The row of the threshold the other rule would have chosen (runs before ``threshold_criterion``: the F1 rule)."""
-    if metrics.get("threshold_criterion", "f1") == "f1":
-        return "Youden threshold", f"{metrics.get('threshold_youden', float('nan')):.3f} (maximises balanced accuracy)"
-    return "F1 threshold", f"{metrics.get('threshold_f1', float('nan')):.3f} (maximises the IDC F1)"
+    rule = metrics.get("threshold_criterion", "f1")
+    other = next(name for name in THRESHOLD_RULE_TEXT if name != rule)
+    value = metrics.get(f"threshold_{other}", float("nan"))
+    return f"{THRESHOLD_RULE_NAME[other]} threshold", f"{value:.3f} ({THRESHOLD_RULE_TEXT[other]})"
 
 
 def run_choices(metrics: Mapping[str, Any]) -> pd.DataFrame:

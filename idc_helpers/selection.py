@@ -30,11 +30,14 @@ THRESHOLD_RULE = "youden"
 # The slide context's width and threshold maximise the F1 on the validation patients: on the cross-validation's
 # whole slides that gave higher context F1 and balanced accuracy than the Youden criterion (docs/results.md, section 1).
 CONTEXT_CRITERION = "f1"
-#: How each threshold rule reads in a run's metrics (``threshold_rule``) and its report.
+#: The threshold rules (``metrics.pick_threshold`` criteria) and how each reads in a run's metrics
+#: (``threshold_rule``) and its report; ``train`` stores the threshold of each as ``threshold_<rule>``.
 THRESHOLD_RULE_TEXT = {
     "f1": "maximise the IDC F1 on the validation patients' patches",
     "youden": "maximise the balanced accuracy (Youden's J) on the validation patients' patches",
 }
+#: A rule's short name in tables ("Youden threshold").
+THRESHOLD_RULE_NAME = {"f1": "F1", "youden": "Youden"}
 # Early stopping and the best-epoch choice follow the validation ROC AUC (threshold-free, so it does not depend on
 # calibration), with the validation loss as a tie-breaker: on easy data (the demo) the AUC reaches 1.0 in the first
 # epoch while the probabilities are still poor, and a bare AUC would keep that first epoch forever.
@@ -82,8 +85,7 @@ def choose_threshold(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
         "threshold": threshold,
         "threshold_rule": f"{THRESHOLD_RULE_TEXT[THRESHOLD_RULE]} ({THRESHOLD_RULE})",
         "threshold_criterion": THRESHOLD_RULE,
-        "threshold_f1": pick_threshold(y, probs, "f1"),
-        "threshold_youden": pick_threshold(y, probs, "youden"),
+        **{f"threshold_{rule}": pick_threshold(y, probs, rule) for rule in THRESHOLD_RULE_TEXT},
         "validation": {
             "patients": len(data.patients["val"]),
             "patches": len(y),

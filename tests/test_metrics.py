@@ -519,7 +519,8 @@ def test_run_choices_reads_what_a_run_chose_as_a_table():
     assert table.loc["Youden threshold", "value"].startswith("0.300 ")  # a run of the F1 rule, before the criterion
     youden = run_choices({**metrics, "threshold_criterion": "youden", "threshold_f1": 0.52})
     assert (
-        youden.loc["F1 threshold", "value"] == "0.520 (maximises the IDC F1)" and "Youden threshold" not in youden.index
+        youden.loc["F1 threshold", "value"] == "0.520 (maximise the IDC F1 on the validation patients' patches)"
+        and "Youden threshold" not in youden.index
     )
     assert table.loc["validation patients", "value"] == "4 (1,200 patches, 300 IDC)"
     assert table.loc[f"validation: {METRIC_LABELS['f1']}", "value"] == "0.712"

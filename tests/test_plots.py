@@ -110,6 +110,8 @@ def test_per_patient_figure_shows_every_patient():
     assert sorted(ticks) == [f"patient {p}" for p in ("9000", "9001", "9002", "9003")]
     spec = table.set_index("patient_id").loc["9002", "specificity"]
     assert f"no IDC: specificity {spec:.2f}" in _all_texts(fig)
+    f1 = table.set_index("patient_id").loc["9000", "f1"]
+    assert f"F1 {f1:.2f}" in _all_texts(fig) and right.get_xlabel().startswith("F1 ")
     assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == 4  # every patient in the scatter too
 
 

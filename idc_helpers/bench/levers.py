@@ -158,7 +158,8 @@ def stain_probs(model, train_images: np.ndarray, parts: Sequence[tuple[np.ndarra
 # One fold, all folds
 
 
-def _member_tables(quality_dir: Path, model: str, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def member_tables(quality_dir: Path, model: str, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The validation and test predictions ``model`` wrote for ``fold`` in a `bench quality` folder."""
     pred_dir = quality_dir / "predictions"
     test, val = pred_dir / f"{model}-fold{fold}.csv", pred_dir / f"val-{model}-fold{fold}.csv"
     for path in (test, val):
@@ -170,15 +171,24 @@ def _member_tables(quality_dir: Path, model: str, fold: int) -> tuple[pd.DataFra
     return read_table(val), read_table(test)
 
 
+def by_path(table: pd.DataFrame) -> pd.DataFrame:
+    """A predictions table in the order of its patch paths, so that tables of the same patches align row by row."""
+    return table.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def same_patches(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """Whether two tables sorted by :func:`by_path` hold the same patches in the same rows."""
+    return bool(np.array_equal(a["path"].to_numpy(), b["path"].to_numpy()))
+
+
 def _same_rows(tables: Sequence[pd.DataFrame], what: str, fold: int) -> list[pd.DataFrame]:
     """The tables sorted by path; refused unless they hold the same patches."""
-    tables = [t.sort_values("path", kind="stable").reset_index(drop=True) for t in tables]
-    for t in tables[1:]:
-        if not np.array_equal(t["path"].to_numpy(), tables[0]["path"].to_numpy()):
-            raise LeversError(
-                f"fold {fold}: the models' {what} patients differ, so they cannot be compared or "
-                "averaged; run the cross-validations with the same --seed and folds"
-            )
+    tables = [by_path(t) for t in tables]
+    if not all(same_patches(t, tables[0]) for t in tables[1:]):
+        raise LeversError(
+            f"fold {fold}: the models' {what} patients differ, so they cannot be compared or "
+            "averaged; run the cross-validations with the same --seed and folds"
+        )
     return tables
 
 
@@ -192,7 +202,7 @@ def run_fold(
     cache_dir: Any,
 ) -> dict[str, pd.DataFrame]:
     """Test tables of every variant of one fold (baseline and members included), computed or read back."""
-    pairs = [_member_tables(d, m, fold) for d, m in members]
+    pairs = [member_tables(d, m, fold) for d, m in members]
     vals = _same_rows([v for v, _ in pairs], "validation", fold)
     tests = _same_rows([t for _, t in pairs], "test", fold)
     tables = {BASELINE: tests[0]}
@@ -205,7 +215,7 @@ def run_fold(
     needs_model = [lever for lever in ("precise-bn", "stain") if lever in levers]
     cached = {lever: out / "predictions" / f"{lever}-fold{fold}.csv" for lever in needs_model}
     for lever in [x for x in needs_model if cached[x].is_file()]:
-        tables[lever] = read_table(cached[lever]).sort_values("path", kind="stable").reset_index(drop=True)
+        tables[lever] = by_path(read_table(cached[lever]))
     todo = [x for x in needs_model if not cached[x].is_file()]
     if todo:
         tables.update(_model_variants(members[0], fold, todo, vals[0], tests[0], frame=frame, cache_dir=cache_dir))

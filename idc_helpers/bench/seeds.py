@@ -34,16 +34,16 @@ import pandas as pd
 
 from idc_helpers.atomic import write_text
 from idc_helpers.bench import print_markdown
-from idc_helpers.bench.levers import _member_tables
+from idc_helpers.bench.levers import by_path, member_tables, same_patches
 from idc_helpers.bench.quality import CONFIG_FILE, read_log
 from idc_helpers.cli import OneLineParser
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import PAIRED_METRICS, binary_scores, paired_difference, pick_threshold
-from idc_helpers.selection import CONTEXT_CRITERION
+from idc_helpers.selection import CONTEXT_CRITERION, THRESHOLD_RULE_TEXT
 from idc_helpers.slide_context import ContextError, apply_context, fit_context
 
-#: Threshold rules compared by default (``metrics.pick_threshold`` criteria), each chosen on validation patients.
-THRESHOLD_RULES = ("f1", "youden")
+#: Threshold rules compared by default (all of ``selection.THRESHOLD_RULE_TEXT``), each chosen on validation patients.
+THRESHOLD_RULES = tuple(THRESHOLD_RULE_TEXT)
 #: Context rules refitted on each fold's validation predictions: name -> keyword arguments of ``fit_context``. Without
 #: a ``criterion`` of its own a rule takes the threshold rule's; ``train`` fits the first one.
 CONTEXT_RULES: dict[str, dict[str, Any]] = {
@@ -158,10 +158,7 @@ def run_seeds(
         for folder, config, _ in loaded[name]:
             parts: dict[str, list[pd.DataFrame]] = {rule: [] for rule in rules}
             for fold in folds:
-                val, test = (
-                    t.sort_values("path", kind="stable").reset_index(drop=True)
-                    for t in _member_tables(Path(folder), model, fold)
-                )
+                val, test = (by_path(t) for t in member_tables(Path(folder), model, fold))
                 for rule in rules:
                     threshold, decided = _decided(val, test, rule)
                     parts[rule].append(decided)
@@ -169,10 +166,10 @@ def run_seeds(
             for rule in rules:
                 tables[_arm(name, rule)].append((_model_seed(config), pd.concat(parts[rule], ignore_index=True)))
     arms = list(tables)
-    reference = tables[arms[0]][0][1]["path"].to_numpy()
+    reference = tables[arms[0]][0][1]
     for name in names:
         for (folder, _, _), (_, table) in zip(loaded[name], tables[_arm(name, rules[0])], strict=True):
-            if not np.array_equal(table["path"].to_numpy(), reference):
+            if not same_patches(table, reference):
                 raise SeedsError(
                     f"{folder} predicted other test patches than {first_folder} on folds {', '.join(map(str, folds))}: "
                     "were they written from other data folders?"
