@@ -1,10 +1,9 @@
 """Patient-aware evaluation of a predictions table, with scikit-learn's metrics.
 
-The input is a predictions table as ``predict`` writes it (a DataFrame with ``path, patient_id, x, y, label,
-prob_idc, pred``; one row per patch); reading files is the caller's job. Every metric comes from
-:mod:`sklearn.metrics`, and this is the only module that calls it: scores, the threshold search and the curves.
-Confidence intervals are bootstrapped over *patients*, not patches, by :mod:`idc_helpers.bootstrap` (the only
-module of the package this one imports); :mod:`idc_helpers.reporting` turns a report into text and tables.
+The input is a predictions table as ``predict`` writes it (``path, patient_id, x, y, label, prob_idc, pred``, one
+row per patch); reading files is the caller's job. Every score, the threshold search and the curves come from
+:mod:`sklearn.metrics` (only this module calls it). Intervals are bootstrapped over *patients*, not patches, by
+:mod:`idc_helpers.bootstrap`, the one module this one imports; :mod:`idc_helpers.reporting` writes reports.
 """
 
 from __future__ import annotations
@@ -33,6 +32,12 @@ METRIC_LABELS: dict[str, str] = {
     "specificity": "Specificity",
     "roc_auc": "ROC AUC",
     "pr_auc": "PR AUC (average precision)",
+}
+
+#: :func:`pick_threshold`'s criteria, the threshold rules: criterion -> (short name, what the rule maximises).
+THRESHOLD_RULES: dict[str, tuple[str, str]] = {
+    "f1": ("F1", "maximise the IDC F1 on the validation patients' patches"),
+    "youden": ("Youden", "maximise the balanced accuracy (Youden's J) on the validation patients' patches"),
 }
 
 # The four (label, pred) cells of a binary confusion matrix in sklearn's ravel() order: tn, fp, fn, tp.
@@ -117,9 +122,8 @@ def _metric_values(
 ) -> dict[str, float | None]:
     """Compute all metrics for one (possibly reweighted) set of patches.
 
-    ``cells`` is the confusion matrix (tn, fp, fn, tp) of the same patches: the threshold metrics are computed by
-    sklearn on the four cells weighted by their counts, which is exact and much faster than on every patch.
-    Ranking metrics need every patch and take ``weights`` (a patient drawn k times counts k times).
+    ``cells`` is their confusion matrix (tn, fp, fn, tp): sklearn scores the four cells weighted by their counts,
+    exact and much faster than every patch. Ranking metrics need every patch, with ``weights`` (k draws: k times).
     """
     # One call gives precision, recall and F1 of both classes; the recall of non-IDC is the specificity.
     precision, recall, f1, _ = skm.precision_recall_fscore_support(
@@ -246,8 +250,7 @@ def _resample_metrics(
             return np.array(rows)
 
         return from_histograms
-    # sklearn sorts scores with a stable sort on every call; on already sorted input that is a linear pass,
-    # which makes the ranking metrics of each resample about twice as fast.
+    # sklearn sorts scores (stable) on every call: on sorted input a linear pass, each resample's ranking twice as fast.
     order = np.argsort(probs, kind="stable")
     codes, labels, probs = codes[order], labels[order], probs[order]
 
@@ -285,9 +288,8 @@ def paired_difference(
     must match row by row), each with ``prob_idc`` and ``pred`` (its own decisions, e.g. at its own validation
     threshold). Either side may be several tables (e.g. one per model seed): that side then scores the mean of its
     tables' metrics, in every resample too. Returns name -> ``{value, ci_low, ci_high}``; the interval is ``None``
-    with fewer than :data:`idc_helpers.bootstrap.MIN_PATIENTS_FOR_INTERVAL` patients. A paired interval is much
-    narrower than the difference of two unpaired ones, because both sides share the patients that make a fold easy
-    or hard.
+    with fewer than :data:`idc_helpers.bootstrap.MIN_PATIENTS_FOR_INTERVAL` patients. A paired interval is narrower
+    than the difference of two unpaired ones: both sides share the patients that make a fold easy or hard.
     """
     sides = [[side] if isinstance(side, pd.DataFrame) else list(side) for side in (base, other)]
     if not sides[0] or not sides[1]:
@@ -439,9 +441,9 @@ def pick_threshold(
 ) -> float:
     """Return the decision threshold (predict IDC when ``prob >= threshold``) that maximises ``criterion`` here.
 
-    Meant for the *validation* patients; never pick it on test. ``criterion`` is ``"f1"`` (F1 of the IDC class,
-    from sklearn's precision-recall curve) or ``"youden"`` (max TPR - FPR from the ROC curve, which is the same as
-    maximising balanced accuracy). Ties go to the lowest threshold.
+    Meant for the *validation* patients; never pick it on test. ``criterion``: one of :data:`THRESHOLD_RULES`, ``"f1"``
+    (from the precision-recall curve) or ``"youden"`` (max TPR - FPR on the ROC curve: the best balanced accuracy).
+    Ties go to the lowest threshold.
     """
     y = np.asarray(labels).astype(np.int64)
     s = np.asarray(probs, dtype=np.float64)
@@ -463,7 +465,7 @@ def pick_threshold(
         j = tpr[1:] - fpr[1:]
         best = np.flatnonzero(j == j.max())[-1] + 1  # lowest threshold among ties
         return float(thresholds[best])
-    raise ValueError(f"unknown criterion {criterion!r}: use 'f1' or 'youden'")
+    raise ValueError(f"unknown criterion {criterion!r}: use one of {', '.join(THRESHOLD_RULES)}")
 
 
 def threshold_curve(

@@ -15,8 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from idc_helpers.metrics import METRIC_LABELS
-from idc_helpers.selection import THRESHOLD_RULE_NAME, THRESHOLD_RULE_TEXT
+from idc_helpers.metrics import METRIC_LABELS, THRESHOLD_RULES
 
 #: Published results on this dataset (fractions, ``None`` where the paper gives no figure), and on what test set.
 #: ``patient_level`` says whether the test patients were unseen in training.
@@ -109,9 +108,9 @@ def format_report(report: Mapping[str, Any]) -> str:
 def _other_threshold(metrics: Mapping[str, Any]) -> tuple[str, str]:
     """The row of the threshold the other rule would have chosen (runs before ``threshold_criterion``: the F1 rule)."""
     rule = metrics.get("threshold_criterion", "f1")
-    other = next(name for name in THRESHOLD_RULE_TEXT if name != rule)
-    value = metrics.get(f"threshold_{other}", float("nan"))
-    return f"{THRESHOLD_RULE_NAME[other]} threshold", f"{value:.3f} ({THRESHOLD_RULE_TEXT[other]})"
+    other = next(name for name in THRESHOLD_RULES if name != rule)
+    short, text = THRESHOLD_RULES[other]
+    return f"{short} threshold", f"{metrics.get(f'threshold_{other}', float('nan')):.3f} ({text})"
 
 
 def run_choices(metrics: Mapping[str, Any]) -> pd.DataFrame:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from idc_helpers import slide_context
-from idc_helpers.metrics import binary_scores, log_loss, pick_threshold, ranking_scores
+from idc_helpers.metrics import THRESHOLD_RULES, binary_scores, log_loss, pick_threshold, ranking_scores
 from idc_helpers.probabilities import predict_probs
 from idc_helpers.training_data import TrainingData
 
@@ -30,14 +30,6 @@ THRESHOLD_RULE = "youden"
 # The slide context's width and threshold maximise the F1 on the validation patients: on the cross-validation's
 # whole slides that gave higher context F1 and balanced accuracy than the Youden criterion (docs/results.md, section 1).
 CONTEXT_CRITERION = "f1"
-#: The threshold rules (``metrics.pick_threshold`` criteria) and how each reads in a run's metrics
-#: (``threshold_rule``) and its report; ``train`` stores the threshold of each as ``threshold_<rule>``.
-THRESHOLD_RULE_TEXT = {
-    "f1": "maximise the IDC F1 on the validation patients' patches",
-    "youden": "maximise the balanced accuracy (Youden's J) on the validation patients' patches",
-}
-#: A rule's short name in tables ("Youden threshold").
-THRESHOLD_RULE_NAME = {"f1": "F1", "youden": "Youden"}
 # Early stopping and the best-epoch choice follow the validation ROC AUC (threshold-free, so it does not depend on
 # calibration), with the validation loss as a tie-breaker: on easy data (the demo) the AUC reaches 1.0 in the first
 # epoch while the probabilities are still poor, and a bare AUC would keep that first epoch forever.
@@ -83,9 +75,9 @@ def choose_threshold(data: TrainingData, probs: np.ndarray) -> dict[str, Any]:
     scores = binary_scores(y, (probs >= threshold).astype(np.int64), probs)
     return {
         "threshold": threshold,
-        "threshold_rule": f"{THRESHOLD_RULE_TEXT[THRESHOLD_RULE]} ({THRESHOLD_RULE})",
+        "threshold_rule": f"{THRESHOLD_RULES[THRESHOLD_RULE][1]} ({THRESHOLD_RULE})",
         "threshold_criterion": THRESHOLD_RULE,
-        **{f"threshold_{rule}": pick_threshold(y, probs, rule) for rule in THRESHOLD_RULE_TEXT},
+        **{f"threshold_{rule}": pick_threshold(y, probs, rule) for rule in THRESHOLD_RULES},
         "validation": {
             "patients": len(data.patients["val"]),
             "patches": len(y),

@@ -38,12 +38,10 @@ from idc_helpers.bench.levers import by_path, member_tables, same_patches
 from idc_helpers.bench.quality import CONFIG_FILE, read_log
 from idc_helpers.cli import OneLineParser
 from idc_helpers.errors import UserError
-from idc_helpers.metrics import PAIRED_METRICS, binary_scores, paired_difference, pick_threshold
-from idc_helpers.selection import CONTEXT_CRITERION, THRESHOLD_RULE_TEXT
+from idc_helpers.metrics import PAIRED_METRICS, THRESHOLD_RULES, binary_scores, paired_difference, pick_threshold
+from idc_helpers.selection import CONTEXT_CRITERION
 from idc_helpers.slide_context import ContextError, apply_context, fit_context
 
-#: Threshold rules compared by default (all of ``selection.THRESHOLD_RULE_TEXT``), each chosen on validation patients.
-THRESHOLD_RULES = tuple(THRESHOLD_RULE_TEXT)
 #: Context rules refitted on each fold's validation predictions: name -> keyword arguments of ``fit_context``. Without
 #: a ``criterion`` of its own a rule takes the threshold rule's; ``train`` fits the first one.
 CONTEXT_RULES: dict[str, dict[str, Any]] = {
