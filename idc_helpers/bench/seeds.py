@@ -211,7 +211,7 @@ def _context_rows(
     chosen under the same ``criterion`` unless the context rule names its own.
 
     The F1 of all the fold's test patients is kept beside it (``*_all``): a rule that helps the slides may cost the
-    thin samples.
+    thin samples. A context rule that comes to the same fit as an earlier one under ``criterion`` is left out.
     """
     on_slides = test[test["patient_id"].astype(str).isin(slides)]
     if on_slides.empty or not 0 < on_slides["label"].sum() < len(on_slides):
@@ -228,11 +228,15 @@ def _context_rows(
             val_slides["label"].to_numpy(np.int64), val_slides["prob_idc"].to_numpy(np.float64), criterion
         )
         patch_slides = binary_scores(labels, (on_slides["prob_idc"] >= cut).to_numpy(np.int64))["f1"]
-    rows = []
+    rows, fitted = [], []
     for rule, kwargs in CONTEXT_RULES.items():
         key = {"recipe": name, "threshold_rule": criterion, "seed": seed, "fold": fold, "rule": rule}
+        arguments = {"criterion": criterion, **kwargs}
+        if arguments in fitted:
+            continue
+        fitted.append(arguments)
         try:
-            params = fit_context(val, **{"criterion": criterion, **kwargs}, patch_threshold=threshold)
+            params = fit_context(val, **arguments, patch_threshold=threshold)
         except ContextError as exc:
             rows.append({**key, "reason": str(exc)})
             continue
