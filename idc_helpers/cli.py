@@ -21,7 +21,7 @@ from typing import NoReturn
 from idc_helpers import __version__, commands
 from idc_helpers.errors import IdcError, is_disk_full
 from idc_helpers.tf_env import quiet_tensorflow
-from idc_helpers.validation import AVERAGING_CHOICES, arg_type, patient_list
+from idc_helpers.validation import AVERAGING_CHOICES, WEIGHTING_CHOICES, arg_type, patient_list
 
 EXIT_CODES = {
     0: "success",
@@ -189,6 +189,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="the final weights: the best validation epoch's, with early stopping (none), or an exponential moving "
         "average of the weights over every planned epoch (ema) (default: none)",
     )
+    p.add_argument(
+        "--weighting",
+        choices=WEIGHTING_CHOICES,
+        default="patch",
+        help="how the training patches weigh in the loss: every patch alike within its class (patch), or every "
+        "patient's patches together alike, whatever their number (patient) (default: patch)",
+    )
     # What a resumed run reads back from its config.json instead (so giving them with --resume is a mistake).
     p.set_defaults(run_defaults={name: p.get_default(name) for name in _RUN_OPTIONS})
 
@@ -207,6 +214,7 @@ _RUN_OPTIONS = (
     "test_patients",
     "augment",
     "averaging",
+    "weighting",
 )
 
 

@@ -121,6 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             label_smoothing=args.label_smoothing,
             augment=args.augment,
             averaging=args.averaging,
+            weighting=args.weighting,
             cache_dir=args.cache_dir,
             test_patients=test_patients,
             verbose="auto",

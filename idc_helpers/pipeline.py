@@ -118,12 +118,15 @@ def make_dataset(
     initial_epoch: int = 0,
     steps_per_epoch: int | None = None,
     dtype: str = "float32",
+    weights: np.ndarray | Sequence[float] | None = None,
 ) -> tf.data.Dataset:
     """Batches ``(float32 (B, 50, 50, 3) in [0, 255], int32 (B,))`` of ``images[indices]`` and their labels.
 
     ``images``: ``(N, 50, 50, 3) uint8`` (an ``np.memmap`` is read batch by batch, never copied whole).
     ``labels``: ``(N,)`` 0/1, aligned with ``images``. ``indices``: the rows to use (integer positions or a boolean
-    mask of length N; default all), e.g. the training patients' rows.
+    mask of length N; default all), e.g. the training patients' rows. ``weights``: ``(N,)`` loss weights aligned
+    with ``images`` (e.g. :func:`idc_helpers.training_data.loss_weights`): each batch then also holds its rows'
+    weights, ``float32 (B,)``, which Keras takes as sample weights.
 
     Epoch ``e`` is a pure function of ``(seed, e)``: with ``shuffle`` its order is :func:`epoch_order`, and
     ``augment`` (``True``/``"mild"``, ``"light"``, ``"strong"``, ``"geometry"``; see :data:`AUGMENT_STRENGTHS`)
@@ -156,9 +159,15 @@ def make_dataset(
         )
     ds = _row_batches(positions, int(seed), shuffle, batch_size, n_batches, steps, repeat, initial_epoch)
     gather = _gatherer(images, labels_arr)
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float32).reshape(-1)
+        if len(weights) != len(images) or not np.isfinite(weights).all() or (weights < 0).any():
+            raise PipelineArgumentError(
+                f"weights must hold {len(images)} finite, non-negative numbers, one per image row; got {len(weights)}"
+            )
     static_batch = batch_size if drop_remainder or len(positions) == batch_size * n_batches else None
 
-    def load(rows: tf.Tensor, batch_seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def load(rows: tf.Tensor, batch_seed: tf.Tensor) -> tuple[tf.Tensor, ...]:
         x, y = tf.numpy_function(gather, [rows], (tf.uint8, tf.int32), name="gather_patches")
         x.set_shape([static_batch, PATCH_SIZE, PATCH_SIZE, 3])
         y.set_shape([static_batch])
@@ -167,7 +176,7 @@ def make_dataset(
             x = augment_batch(x, batch_seed, strength=setting)
         elif dtype == "float32":
             x = tf.cast(x, tf.float32)
-        return x, y
+        return (x, y) if weights is None else (x, y, tf.gather(weights, rows))
 
     return ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 

@@ -25,6 +25,7 @@ from idc_helpers.splits import TrainingDataError
 from idc_helpers.training_data import TrainingData, class_weights
 from idc_helpers.validation import (
     AVERAGING_CHOICES,
+    WEIGHTING_CHOICES,
     check_choice,
     check_optional,
     check_patient_ids,
@@ -44,6 +45,8 @@ DEFAULT_AVERAGING = "none"
 #: the un-augmented training batches its batch-norm statistics are recomputed on.
 DEFAULT_EMA_MOMENTUM = 0.995
 DEFAULT_BN_BATCHES = 60
+#: How the training patches weigh in the loss: :data:`idc_helpers.validation.WEIGHTING_CHOICES`.
+DEFAULT_WEIGHTING = "patch"
 
 
 def software_versions() -> dict[str, str]:
@@ -108,6 +111,8 @@ def run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
         "selection_loss_weight": SELECTION_LOSS_WEIGHT,
         **augmentation_config(args["augment"], args["model_kwargs"]),
         "class_weight": class_weights(data.labels[data.train_idx]),
+        # "patient": training_data.loss_weights in place of class_weight.
+        "weighting": args.get("weighting") or DEFAULT_WEIGHTING,
         "threshold_rule": THRESHOLD_RULE,
         "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
         "versions": software_versions(),
@@ -166,6 +171,7 @@ def check_arguments(args: Mapping[str, Any]) -> None:
     for name in ("seed", "patience", "label_smoothing"):
         check_value(name, args[name], f"train({name}=...)")
     check_choice("averaging", args.get("averaging") or DEFAULT_AVERAGING, AVERAGING_CHOICES, "train(averaging=...)")
+    check_choice("weighting", args.get("weighting") or DEFAULT_WEIGHTING, WEIGHTING_CHOICES, "train(weighting=...)")
     if args["test_patients"]:
         check_patient_ids(args["test_patients"], "train(test_patients=...)")
 

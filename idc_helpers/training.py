@@ -8,7 +8,8 @@ four named steps:
    patients, optionally subsample (``max_patches``, the same share from every patient), and decode the train and
    validation patches only (cached on disk): training never reads a test patient's file;
 2. :func:`fit`: train with augmentation (in the input pipeline on a CPU, inside the model on a GPU: see
-   :func:`idc_helpers.models.augmentation_placement`), class weights from the training patches, Adam with a cosine
+   :func:`idc_helpers.models.augmentation_placement`), class weights from the training patches (or, with
+   ``weighting="patient"``, :func:`idc_helpers.training_data.loss_weights`), Adam with a cosine
    learning-rate decay, and early stopping on the validation patients (:data:`idc_helpers.selection.MONITOR`),
    keeping the best epoch's weights; a checkpoint after every epoch (:mod:`idc_helpers.checkpoints`) makes the run
    resumable (``train(..., resume=True)``, ``train --resume RUN_DIR``) to the same result;
@@ -64,7 +65,7 @@ from idc_helpers.run_folder import (
 )
 from idc_helpers.selection import MONITOR, choose_context, choose_threshold, validation_probs
 from idc_helpers.splits import TrainingDataError
-from idc_helpers.training_data import TrainingData, prepare_data
+from idc_helpers.training_data import TrainingData, loss_weights, prepare_data
 
 if TYPE_CHECKING:  # TensorFlow is imported only when a function needs it
     import keras
@@ -167,6 +168,12 @@ def fit(
         # uninterrupted one would; one endless stream, of which each Keras epoch takes `steps` batches. A model
         # that augments itself gets the raw pixels, and counts its batches in a variable its checkpoint keeps.
         in_model = config.get("augment_on") == "model"
+        by_patient = config.get("weighting", "patch") == "patient"  # runs before the key weighed patches
+        sample_weights = None
+        if by_patient:  # one weight per image row; the validation rows' are never drawn
+            sample_weights = np.zeros(len(data.images), dtype=np.float32)
+            patients = data.frame["patient_id"].to_numpy()[data.train_idx]
+            sample_weights[data.train_idx] = loss_weights(data.labels[data.train_idx], patients)
         train_ds = make_dataset(
             images=data.images,
             labels=data.labels,
@@ -179,8 +186,9 @@ def fit(
             repeat=True,
             initial_epoch=state.epochs_done,
             steps_per_epoch=steps,
+            weights=sample_weights,
         )
-        weights = {int(k): v for k, v in config["class_weight"].items()}
+        weights = None if by_patient else {int(k): v for k, v in config["class_weight"].items()}
         model.fit(
             train_ds,
             epochs=config["epochs"],
@@ -241,6 +249,7 @@ def train(
     model_kwargs: Mapping[str, Any] | None = None,
     label_smoothing: float = 0.0,
     averaging: Literal["none", "ema"] = "none",
+    weighting: Literal["patch", "patient"] = "patch",
     steps_per_epoch: int | None = None,
     resume: bool = False,
     verbose: int | Literal["auto"] = "auto",
@@ -276,7 +285,9 @@ def train(
     (0, the default: plain cross-entropy); see :class:`idc_helpers.models.SmoothedSparseCrossentropy`.
     ``averaging`` makes the final weights: ``"none"`` (the default) keeps the best validation epoch's; ``"ema"``
     trains every planned epoch and keeps an exponential moving average of the weights, with batch-norm statistics
-    recomputed on training batches (see :func:`fit`).
+    recomputed on training batches (see :func:`fit`). ``weighting``: every training patch weighs alike within its
+    class (``"patch"``, the default) or every patient does (``"patient"``; see
+    :func:`idc_helpers.training_data.loss_weights`).
 
     ``cache_dir`` is the decoded-patch cache (default ``$IDC_CACHE_DIR`` or ``~/.cache/idc_helpers``). ``resume``
     continues the interrupted run of ``out_dir``: its arguments are read back from the run, and of the arguments

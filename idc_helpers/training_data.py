@@ -3,7 +3,8 @@
 :func:`prepare_data` indexes the dataset folder(s), splits them by patient (:func:`idc_helpers.splits.resolve_split`),
 optionally keeps the same share of every patient's patches (:func:`idc_helpers.splits.subsample_patches`), and
 decodes the train and validation patches only (cached on disk): training never reads a test patient's file.
-:func:`class_weights` weighs the classes of the training patches in the loss.
+:func:`class_weights` weighs the classes of the training patches in the loss; :func:`loss_weights` weighs every
+patient alike instead of every patch (``train(weighting="patient")``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,25 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
     if (counts == 0).any():
         raise TrainingDataError(f"the training patches hold one class only (counts {counts.tolist()})")
     return {c: float(counts.sum() / (2 * counts[c])) for c in range(2)}
+
+
+def loss_weights(labels: np.ndarray, patient_ids: Sequence[str]) -> np.ndarray:
+    """Per-patch loss weights under which every patient counts alike, and both classes too; ``(n,) float32``.
+
+    A patient's patches share one total, whatever their number (29 whole slides would otherwise outweigh 195 thin
+    samples); then each class is scaled to the same total, as :func:`class_weights` does for patches, and the
+    weights to a mean of 1, so that the loss keeps its scale and the learning rate its meaning.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    ids = pd.Series(np.asarray(patient_ids)).astype(str)
+    if len(ids) != len(labels) or not len(labels):
+        raise TrainingDataError(f"{len(labels)} labels and {len(ids)} patient ids: give one of each per patch")
+    per_patch = 1.0 / ids.map(ids.value_counts()).to_numpy(np.float64)
+    totals = np.bincount(labels, weights=per_patch, minlength=2)
+    if (totals == 0).any():
+        raise TrainingDataError(f"the training patches hold one class only (counts {np.bincount(labels).tolist()})")
+    weights = per_patch * (totals.sum() / (2 * totals))[labels]
+    return (weights / weights.mean()).astype(np.float32)
 
 
 def prepare_data(

@@ -70,6 +70,9 @@ class Number:
 #: validation epoch (early stopping); ``"ema"``, trained to the end of the schedule, an exponential moving average of
 #: the weights, batch-norm statistics recomputed.
 AVERAGING_CHOICES = ("none", "ema")
+#: How the training patches weigh in the loss (:func:`idc_helpers.training_data.loss_weights`): ``"patch"``, every
+#: patch alike within its class; ``"patient"``, every patient's patches together alike, whatever their number.
+WEIGHTING_CHOICES = ("patch", "patient")
 
 #: Every numeric setting of the commands, the notebooks and ``config.json``, by name.
 NUMBERS: dict[str, Number] = {
@@ -230,6 +233,7 @@ def check_run_config(
     check_choice("model", config.get("model"), models, source)
     check_choice("augment", config.get("augment"), augments, source)
     check_choice("averaging", config.get("averaging", "none"), AVERAGING_CHOICES, source)
+    check_choice("weighting", config.get("weighting", "patch"), WEIGHTING_CHOICES, source)
     split = config.get("split")
     check_choice("split", split.get("name") if isinstance(split, Mapping) else split, splits, source)
 

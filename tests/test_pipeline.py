@@ -182,10 +182,29 @@ def test_steps_per_epoch_takes_the_start_of_each_epochs_order():
         pipeline.make_dataset(_encoded(), _labels(), batch_size=30, steps_per_epoch=11)
 
 
+def test_weights_travel_with_their_rows():
+    weights = np.arange(N, dtype=np.float32) / 10
+    ds = pipeline.make_dataset(_encoded(), _labels(), batch_size=64, shuffle=True, seed=3, weights=weights)
+    seen = []
+    for x, y, w in ds:
+        rows = _rows(x)
+        assert np.array_equal(y.numpy(), _labels()[rows]) and np.array_equal(w.numpy(), weights[rows])
+        seen.extend(rows.tolist())
+    assert sorted(seen) == list(range(N)) and w.dtype == tf.float32
+
+
 def test_bad_arguments_are_user_errors():
     from idc_helpers.errors import UserError
 
-    for kwargs in ({"augment": "strongest"}, {"initial_epoch": -1}, {"batch_size": 0}, {"seed": -3}):
+    for kwargs in (
+        {"augment": "strongest"},
+        {"initial_epoch": -1},
+        {"batch_size": 0},
+        {"seed": -3},
+        {"weights": np.ones(N - 1)},
+        {"weights": np.r_[np.ones(N - 1), np.nan]},
+        {"weights": np.r_[np.ones(N - 1), -1.0]},
+    ):
         with pytest.raises(UserError):
             pipeline.make_dataset(_encoded(), _labels(), **kwargs)
 

@@ -24,7 +24,7 @@ from idc_helpers.run_folder import RUN_FILES, Run, RunBusyError, RunExistsError,
 from idc_helpers.slide_context import fit_context
 from idc_helpers.splits import TrainingDataError
 from idc_helpers.training import train
-from idc_helpers.training_data import class_weights
+from idc_helpers.training_data import class_weights, loss_weights
 from idc_helpers.validation import InvalidInputError
 
 QUICK = {"model_name": "seed_cnn", "epochs": 1, "batch_size": 32, "seed": 0, "verbose": 0}
@@ -204,6 +204,39 @@ def test_class_weights_balance_the_classes():
     assert weights[0] * 75 == pytest.approx(weights[1] * 25)
     with pytest.raises(TrainingDataError):
         class_weights(np.zeros(10, dtype=int))
+
+
+def test_loss_weights_count_every_patient_and_both_classes_alike():
+    # Patient "a": 90 patches (30 IDC); "b": 9 (3 IDC), the same share; "c": 1 non-IDC patch.
+    labels = np.array([1] * 30 + [0] * 60 + [1] * 3 + [0] * 6 + [0])
+    patients = ["a"] * 90 + ["b"] * 9 + ["c"]
+    w = loss_weights(labels, patients)
+    assert w.dtype == np.float32 and w.shape == (100,) and w.mean() == pytest.approx(1.0)
+    assert w[labels == 1].sum() == pytest.approx(w[labels == 0].sum())  # both classes carry the same total
+    # Same patient and class: the same weight; a patient of 10x the patches: a tenth per patch, the same total.
+    assert np.ptp(w[:30]) == 0 and np.ptp(w[30:90]) == 0
+    assert w[0] == pytest.approx(w[90] / 10) and w[:90].sum() == pytest.approx(w[90:99].sum())
+    with pytest.raises(TrainingDataError):
+        loss_weights(np.zeros(5, dtype=int), ["a"] * 5)
+    with pytest.raises(TrainingDataError):
+        loss_weights(np.array([0, 1]), ["a"])
+
+
+def test_a_patient_weighted_run_records_it_and_resumes_to_the_uninterrupted_result(
+    demo_dir, cache_dir, tmp_path, monkeypatch
+):
+    settings = {**QUICK, "epochs": 2, "weighting": "patient"}
+    whole = train(demo_dir, tmp_path / "whole", cache_dir=cache_dir, **settings)
+    assert whole.config["weighting"] == "patient"
+    resumed = _interrupted_and_resumed(demo_dir, cache_dir, tmp_path / "resumed", monkeypatch, settings)
+    for a, b in zip(resumed.model.get_weights(), whole.model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # Other loss weights, other training: the same run weighing patches ends elsewhere.
+    plain = train(demo_dir, tmp_path / "plain", cache_dir=cache_dir, **{**settings, "weighting": "patch"})
+    assert plain.config["weighting"] == "patch"
+    assert not np.allclose(plain.history["loss"], whole.history["loss"])
+    with pytest.raises(InvalidInputError, match=r"weighting 'slide'.*patch, patient"):
+        train(demo_dir, tmp_path / "bad", cache_dir=cache_dir, **{**settings, "weighting": "slide"})
 
 
 def test_verbose_auto(monkeypatch):
@@ -562,6 +595,13 @@ def test_cli_averaging_reaches_the_run_and_is_not_given_again_on_resume(demo_dir
     assert "'swa'" in cli_error(
         ["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "x"), "--averaging", "swa"]
     )
+
+
+def test_cli_weighting_is_one_of_its_choices_and_not_given_again_on_resume(run, demo_dir, tmp_path, cli_error):
+    assert "'slide'" in cli_error(
+        ["train", "--data-dir", str(demo_dir), "--out", str(tmp_path / "x"), "--weighting", "slide"]
+    )
+    assert "--weighting" in cli_error(["train", "--resume", str(run.run_dir), "--weighting", "patient"])
 
 
 def test_averaging_is_one_of_its_choices(demo_dir, cache_dir, tmp_path):

@@ -117,6 +117,7 @@ def test_a_run_config_passes_the_command_lines_checks():
         ({"split": {"name": "random"}}, "split 'random'"),
         ({"steps_per_epoch": 0}, "steps-per-epoch 0"),
         ({"learning_rate": -1}, "learning-rate -1"),
+        ({"weighting": "slide"}, "weighting 'slide'"),
     ):
         with pytest.raises(InvalidInputError, match=f"{named} \\(config.json\\) is not allowed"):
             check_run_config(_config(**changes), "config.json", **rules)

@@ -52,7 +52,7 @@ from idc_helpers.metrics import evaluate, pick_threshold
 from idc_helpers.pipeline import AUGMENT_CHOICES
 from idc_helpers.selection import CONTEXT_CRITERION
 from idc_helpers.slide_context import ContextError, apply_context, fit_context, whole_slide_patients
-from idc_helpers.validation import AVERAGING_CHOICES
+from idc_helpers.validation import AVERAGING_CHOICES, WEIGHTING_CHOICES
 
 LOG_FILE = "folds.jsonl"
 CONFIG_FILE = "config.json"
@@ -621,6 +621,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "default: train's",
     )
     parser.add_argument(
+        "--weighting",
+        default=None,
+        choices=WEIGHTING_CHOICES,
+        help="loss weights: every patch alike within its class (patch) or every patient alike (patient); "
+        "default: train's",
+    )
+    parser.add_argument(
         "--bn-momentum",
         type=float,
         default=None,
@@ -662,6 +669,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         options["model_kwargs"] = {**options.get("model_kwargs", {}), "bn_momentum": args.bn_momentum}
     if args.averaging is not None:  # only when given, so folders written before the option still resume
         options["averaging"] = args.averaging
+    if args.weighting is not None:  # only when given, so folders written before the option still resume
+        options["weighting"] = args.weighting
     if args.model_seed is not None:  # only when given, so folders written before the option still resume
         options["model_seed"] = args.model_seed
     if args.label_smoothing is not None:  # only when given, so folders written before the option still resume
