@@ -221,6 +221,7 @@ def build_idc_net(
     dropout: float = 0.3,
     bn_momentum: float = 0.9,
     bn_epsilon: float = 1e-3,
+    residual: bool = False,
     policy: str = "float32",
     augment: bool | str | None = None,
     augment_seed: int = 0,
@@ -232,14 +233,20 @@ def build_idc_net(
     Keras' 0.99 needs some hundred steps to settle, more than a short run has). ``bn_epsilon``: added to the batch
     variance. ``policy``: the Keras dtype policy of the layers before the logits (see :func:`precision_policy`).
     ``augment``: see :func:`build_model`. Stages: conv1 32 @50x50 -> pool 25 -> conv2, conv3 48 @25 -> pool 12 ->
-    conv4, conv5 96 @12 -> pool 6 -> conv6 128 @6 -> global average pool.
+    conv4, conv5 96 @12 -> pool 6 -> conv6 128 @6 -> global average pool. ``residual``: conv3 and conv5, which keep
+    their input's filters, add that input before their ReLU (``add3``, ``add5``): the same parameters, a shortcut.
     """
     inputs, x = _inputs(policy, augment, augment_seed)
     plan = [(32, True), (48, False), (48, True), (96, False), (96, True), (128, False)]
+    previous = None
     for i, (filters, pool_after) in enumerate(plan, start=1):
+        shortcut = x if residual and filters == previous else None
+        previous = filters
         # No conv bias: batch norm's beta does that job.
         x = layers.Conv2D(filters * width, 3, padding="same", use_bias=False, name=f"conv{i}", dtype=policy)(x)
         x = layers.BatchNormalization(momentum=bn_momentum, epsilon=bn_epsilon, name=f"bn{i}", dtype=policy)(x)
+        if shortcut is not None:
+            x = layers.Add(name=f"add{i}", dtype=policy)([x, shortcut])
         x = layers.Activation("relu", name=f"relu{i}", dtype=policy)(x)
         if pool_after:
             x = layers.MaxPooling2D(2, name=f"pool{(i + 1) // 2}", dtype=policy)(x)
@@ -258,7 +265,8 @@ def build_model(name: str = DEFAULT_MODEL, *, mixed_precision: bool | str | None
     ``mixed_precision``: see :func:`precision_policy` (default: automatic, ``IDC_MIXED_PRECISION`` first). ``kwargs`` go
     to its builder: both take ``augment`` (a strength of :func:`idc_helpers.pipeline.augment_setting`: a
     :class:`TrainingAugmentation` layer after the input, which augments while training and is the identity otherwise;
-    default none) and ``augment_seed``; ``idc_net`` also ``width``, ``dropout``, ``bn_momentum``, ``bn_epsilon``. A name
+    default none) and ``augment_seed``; ``idc_net`` also ``width``, ``dropout``, ``bn_momentum``, ``bn_epsilon``,
+    ``residual``. A name
     not in :data:`MODEL_NAMES` raises :class:`UnknownModelError`.
     """
     try:

@@ -184,6 +184,15 @@ def test_quality_augment_option_reaches_training_and_the_config(demo_dir, tmp_pa
     assert "with --models idc_net alone" in capsys.readouterr().err and not (tmp_path / "narrow").exists()
 
 
+def test_quality_takes_the_model_study_options_only_where_they_apply(tmp_path, capsys):
+    out = tmp_path / "cv"
+    assert quality.main(["--data-dir", str(tmp_path), "--models", "seed_cnn", "--residual", "--out", str(out)]) == 2
+    assert "--residual is an option of idc_net" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as exited:
+        quality.main(["--data-dir", str(tmp_path), "--weighting", "slide", "--out", str(out)])
+    assert exited.value.code == 2 and "'slide'" in capsys.readouterr().err and not out.exists()
+
+
 def test_quality_refuses_the_old_no_augment_with_one_line_naming_the_new_word(tmp_path, capsys):
     out = tmp_path / "cv"
     assert quality.main(["--data-dir", str(tmp_path), "--no-augment", "--out", str(out)]) == 2

@@ -93,6 +93,22 @@ def test_batch_norm_settings_reach_the_layers():
     assert len(norms) == 6 and all(n.momentum == 0.97 and n.epsilon == 1e-5 for n in norms)
 
 
+def test_residual_idc_net_adds_shortcuts_with_the_same_parameters(tmp_path):
+    from idc_helpers.model_file import load_model_file
+
+    plain, residual = build_model("idc_net"), build_model("idc_net", residual=True)
+    assert residual.count_params() == plain.count_params()
+    adds = [layer.name for layer in residual.layers if isinstance(layer, keras.layers.Add)]
+    assert adds == ["add3", "add5"] and not any(isinstance(layer, keras.layers.Add) for layer in plain.layers)
+    residual.set_weights(plain.get_weights())  # the same weights, another function: the shortcuts are used
+    x = np.random.default_rng(0).integers(0, 256, (4, 50, 50, 3)).astype("float32")
+    assert not np.allclose(plain.predict(x, verbose=0), residual.predict(x, verbose=0))
+    residual.save(tmp_path / "residual.keras")  # a file of it passes the checks of a model file and loads
+    np.testing.assert_allclose(
+        load_model_file(tmp_path / "residual.keras").predict(x, verbose=0), residual.predict(x, verbose=0), atol=1e-6
+    )
+
+
 def test_unknown_model_name_is_a_user_error_listing_the_names():
     with pytest.raises(UnknownModelError, match=r"seed_cnn.*idc_net|idc_net.*seed_cnn") as caught:
         build_model("resnet")

@@ -628,6 +628,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "default: train's",
     )
     parser.add_argument(
+        "--residual",
+        action="store_true",
+        help="idc_net only: shortcuts around conv3 and conv5 (the same parameters; default: none)",
+    )
+    parser.add_argument(
         "--bn-momentum",
         type=float,
         default=None,
@@ -667,6 +672,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 2
         options["model_kwargs"] = {**options.get("model_kwargs", {}), "bn_momentum": args.bn_momentum}
+    if args.residual:  # only when given, so folders written before the option still resume
+        if models != ["idc_net"]:
+            print("error: --residual is an option of idc_net: give it with --models idc_net alone", file=sys.stderr)
+            return 2
+        options["model_kwargs"] = {**options.get("model_kwargs", {}), "residual": True}
     if args.averaging is not None:  # only when given, so folders written before the option still resume
         options["averaging"] = args.averaging
     if args.weighting is not None:  # only when given, so folders written before the option still resume
