@@ -751,6 +751,8 @@ def test_ctrl_c_at_any_moment_of_train_is_exit_130_without_a_traceback(demo_dir,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: a test session started in the background (`pytest &`) hands on an ignored SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
