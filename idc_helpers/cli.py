@@ -193,8 +193,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "--weighting",
         choices=WEIGHTING_CHOICES,
         default="patch",
-        help="how the training patches weigh in the loss: every patch alike within its class (patch), or every "
-        "patient's patches together alike, whatever their number (patient) (default: patch)",
+        help="how the training patches weigh in the loss: every patch alike within its class (patch), or each "
+        "patient's patches one total, whatever their number, before the classes are balanced (patient) "
+        "(default: patch)",
     )
     # What a resumed run reads back from its config.json instead (so giving them with --resume is a mistake).
     p.set_defaults(run_defaults={name: p.get_default(name) for name in _RUN_OPTIONS})

@@ -165,6 +165,8 @@ def make_dataset(
             raise PipelineArgumentError(
                 f"weights must hold {len(images)} finite, non-negative numbers, one per image row; got {len(weights)}"
             )
+        if not weights[positions].sum() > 0:
+            raise PipelineArgumentError("weights are 0 on every row to use: nothing would be learned")
     static_batch = batch_size if drop_remainder or len(positions) == batch_size * n_batches else None
 
     def load(rows: tf.Tensor, batch_seed: tf.Tensor) -> tuple[tf.Tensor, ...]:

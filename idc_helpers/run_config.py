@@ -81,6 +81,7 @@ def run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
     if steps is not None and int(steps) < 1:
         raise TrainingDataError(f"steps_per_epoch must be at least 1, got {steps}")
     full_pass = int(np.ceil(len(data.train_idx) / batch_size))
+    weighting = args.get("weighting") or DEFAULT_WEIGHTING
     return {
         "model": model_name,
         "model_kwargs": dict(args["model_kwargs"] or {}),
@@ -110,9 +111,9 @@ def run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
         "monitor": MONITOR,
         "selection_loss_weight": SELECTION_LOSS_WEIGHT,
         **augmentation_config(args["augment"], args["model_kwargs"]),
-        "class_weight": class_weights(data.labels[data.train_idx]),
-        # "patient": training_data.loss_weights in place of class_weight.
-        "weighting": args.get("weighting") or DEFAULT_WEIGHTING,
+        # With "weighting": "patient", training_data.loss_weights in place of class weights (None).
+        "class_weight": None if weighting == "patient" else class_weights(data.labels[data.train_idx]),
+        "weighting": weighting,
         "threshold_rule": THRESHOLD_RULE,
         "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
         "versions": software_versions(),

@@ -286,8 +286,8 @@ def train(
     ``averaging`` makes the final weights: ``"none"`` (the default) keeps the best validation epoch's; ``"ema"``
     trains every planned epoch and keeps an exponential moving average of the weights, with batch-norm statistics
     recomputed on training batches (see :func:`fit`). ``weighting``: every training patch weighs alike within its
-    class (``"patch"``, the default) or every patient does (``"patient"``; see
-    :func:`idc_helpers.training_data.loss_weights`).
+    class (``"patch"``, the default) or each patient's patches share one total before the classes are balanced
+    (``"patient"``; :func:`idc_helpers.training_data.loss_weights`; the training loss is then that weighted one).
 
     ``cache_dir`` is the decoded-patch cache (default ``$IDC_CACHE_DIR`` or ``~/.cache/idc_helpers``). ``resume``
     continues the interrupted run of ``out_dir``: its arguments are read back from the run, and of the arguments

@@ -71,7 +71,8 @@ class Number:
 #: the weights, batch-norm statistics recomputed.
 AVERAGING_CHOICES = ("none", "ema")
 #: How the training patches weigh in the loss (:func:`idc_helpers.training_data.loss_weights`): ``"patch"``, every
-#: patch alike within its class; ``"patient"``, every patient's patches together alike, whatever their number.
+#: patch alike within its class; ``"patient"``, each patient's patches one total, whatever their number, before the
+#: classes are balanced.
 WEIGHTING_CHOICES = ("patch", "patient")
 
 #: Every numeric setting of the commands, the notebooks and ``config.json``, by name.

@@ -204,6 +204,7 @@ def test_bad_arguments_are_user_errors():
         {"weights": np.ones(N - 1)},
         {"weights": np.r_[np.ones(N - 1), np.nan]},
         {"weights": np.r_[np.ones(N - 1), -1.0]},
+        {"weights": np.zeros(N)},
     ):
         with pytest.raises(UserError):
             pipeline.make_dataset(_encoded(), _labels(), **kwargs)

@@ -231,10 +231,17 @@ def test_a_patient_weighted_run_records_it_and_resumes_to_the_uninterrupted_resu
     resumed = _interrupted_and_resumed(demo_dir, cache_dir, tmp_path / "resumed", monkeypatch, settings)
     for a, b in zip(resumed.model.get_weights(), whole.model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    # Other loss weights, other training: the same run weighing patches ends elsewhere.
+    # The weights reach the loss row by row: where loss_weights gives each patch its class weight, the run is the
+    # one that weighs patches; with the patient weights it ends elsewhere.
     plain = train(demo_dir, tmp_path / "plain", cache_dir=cache_dir, **{**settings, "weighting": "patch"})
-    assert plain.config["weighting"] == "patch"
+    assert plain.config["weighting"] == "patch" and whole.config["class_weight"] is None
     assert not np.allclose(plain.history["loss"], whole.history["loss"])
+    by_class = {int(k): v for k, v in plain.config["class_weight"].items()}
+    monkeypatch.setattr(training, "loss_weights", lambda labels, _: np.where(labels == 1, by_class[1], by_class[0]))
+    as_patches = train(demo_dir, tmp_path / "as-patches", cache_dir=cache_dir, **settings)
+    np.testing.assert_allclose(as_patches.history["loss"], plain.history["loss"], rtol=1e-5)
+    for a, b in zip(as_patches.model.get_weights(), plain.model.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
     with pytest.raises(InvalidInputError, match=r"weighting 'slide'.*patch, patient"):
         train(demo_dir, tmp_path / "bad", cache_dir=cache_dir, **{**settings, "weighting": "slide"})
 
@@ -745,15 +752,17 @@ def test_ctrl_c_while_the_command_line_loads_is_exit_130_without_a_traceback(mon
 def test_ctrl_c_at_any_moment_of_train_is_exit_130_without_a_traceback(demo_dir, cache_dir, tmp_path, delay):
     """While Python loads the package, while TensorFlow loads, and while data is read or the model trains."""
     env = {**os.environ, "IDC_CACHE_DIR": str(cache_dir)}
+    # As from a terminal: a test session started in the background (`pytest &`) ignores SIGINT, and a child would
+    # inherit that; a handled SIGINT is the default again after exec.
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     process = subprocess.Popen(
         _train_command(demo_dir, cache_dir, "--out", str(tmp_path / "r")),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # As from a terminal: a test session started in the background (`pytest &`) hands on an ignored SIGINT.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    signal.signal(signal.SIGINT, handler)
     time.sleep(delay)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=300)

@@ -624,8 +624,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--weighting",
         default=None,
         choices=WEIGHTING_CHOICES,
-        help="loss weights: every patch alike within its class (patch) or every patient alike (patient); "
-        "default: train's",
+        help="loss weights: every patch alike within its class (patch) or each patient's patches one total before "
+        "the classes are balanced (patient); default: train's",
     )
     parser.add_argument(
         "--residual",
