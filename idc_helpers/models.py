@@ -276,6 +276,47 @@ def build_model(name: str = DEFAULT_MODEL, *, mixed_precision: bool | str | None
     return builder(policy=precision_policy(mixed_precision), **kwargs)
 
 
+#: Builder arguments that a run sets itself, never through ``model_kwargs``.
+_SET_BY_THE_RUN = ("policy", "augment", "augment_seed")
+
+
+def check_model_kwargs(name: str, kwargs: Any, source: str) -> None:
+    """``kwargs`` (a run's ``model_kwargs``) hold only options of model ``name``'s builder, each of an allowed value.
+
+    Numbers go through :func:`idc_helpers.validation.check_value` (exact types: text is not a number here),
+    ``residual`` must be true or false, ``mixed_precision`` a value :func:`precision_policy` takes. Raises
+    :class:`~idc_helpers.validation.InvalidInputError` naming the key, ``source`` and what is allowed.
+    """
+    import inspect
+    import numbers
+
+    from idc_helpers.validation import NUMBERS, InvalidInputError, check_value
+
+    if not isinstance(kwargs, dict):
+        raise InvalidInputError(f"model_kwargs ({source}) must be a JSON object of builder options, not {kwargs!r}")
+    builder = _BUILDERS[name]
+    options = [p for p in inspect.signature(builder).parameters if p not in _SET_BY_THE_RUN]
+    for key, value in kwargs.items():
+        if key == "mixed_precision":
+            try:
+                if value is not None and not isinstance(value, (bool, str)):
+                    raise UserError("use true, false, auto or a policy name")
+                precision_policy(value if value is not None else False)
+            except UserError as exc:
+                raise InvalidInputError(f"model_kwargs.mixed_precision {value!r} ({source}): {exc}") from None
+        elif key not in options:
+            raise InvalidInputError(
+                f"model_kwargs.{key} ({source}) is not an option of {name}: "
+                f"use {', '.join([*options, 'mixed_precision'])}"
+            )
+        elif key in NUMBERS:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise InvalidInputError(f"model_kwargs.{key} {value!r} ({source}) is not a number")
+            check_value(key, value, source)
+        elif not isinstance(value, bool):
+            raise InvalidInputError(f"model_kwargs.{key} {value!r} ({source}): use true or false")
+
+
 def uses_mixed_precision(model: keras.Model) -> bool:
     """Whether any layer of ``model`` computes in float16 or bfloat16."""
     return any(layer.dtype_policy.compute_dtype in ("float16", "bfloat16") for layer in model.layers)

@@ -179,7 +179,8 @@ def check_arguments(args: Mapping[str, Any]) -> None:
 
 def check_resumed_config(config: dict[str, Any], path: Path) -> None:
     """A resumed run's settings pass the checks of the command line (an edited config.json may not)."""
-    from idc_helpers.models import MODEL_NAMES
+    from idc_helpers.models import MODEL_NAMES, check_model_kwargs
     from idc_helpers.pipeline import AUGMENT_CHOICES
 
     check_run_config(config, str(path), models=MODEL_NAMES, augments=AUGMENT_CHOICES, splits=splits.SPLIT_NAMES)
+    check_model_kwargs(config["model"], config.get("model_kwargs", {}), str(path))

@@ -311,9 +311,11 @@ def _start(data_dir, out_dir, args: dict[str, Any], *, verbose: int, say) -> Run
     """A new run of ``train``'s arguments ``args`` into ``out_dir``: its config first, then the training."""
     check_arguments(args)
     out = check_new_run_dir(out_dir)
-    resolve_model_name(args["model_name"])  # typos are reported before the data is read
+    name = resolve_model_name(args["model_name"])  # typos are reported before the data is read
+    from idc_helpers.models import check_model_kwargs, label_smoothing_setting  # models imports keras: only here
+
+    check_model_kwargs(name, dict(args["model_kwargs"] or {}), "train(model_kwargs=...)")
     augmentation_config(args["augment"], args["model_kwargs"])
-    from idc_helpers.models import label_smoothing_setting  # models imports keras: only where it is needed
 
     args["label_smoothing"] = label_smoothing_setting(args["label_smoothing"])
     test_patients = args["test_patients"] = list(args["test_patients"]) if args["test_patients"] else None

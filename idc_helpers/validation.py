@@ -42,26 +42,28 @@ class InvalidInputError(UserError, ValueError):
 class Number:
     """What a numeric setting may hold: a whole number or a finite real, within ``[low, high]``.
 
-    ``high_open``: ``high`` itself is excluded.
+    ``high_open``, ``low_open``: ``high``, ``low`` itself is excluded.
     """
 
     whole: bool
     low: float | None = None
     high: float | None = None
     high_open: bool = False
+    low_open: bool = False
 
     def allowed(self) -> str:
         """What is allowed, as a message says it: ``"a whole number of at least 1"``."""
         kind = "a whole number" if self.whole else "a finite number"
         if self.low is not None and self.high is not None:
-            return f"{kind} in [{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"{kind} in {opening}{self.low:g}, {self.high:g}{closing}"
         if self.low is not None:
-            return f"{kind} of at least {self.low:g}"
+            return f"{kind} {'above' if self.low_open else 'of at least'} {self.low:g}"
         return kind
 
     def accepts(self, value: float) -> bool:
         """Whether ``value`` (already of the right kind) lies in the range."""
-        if self.low is not None and value < self.low:
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
         return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
 
@@ -91,6 +93,11 @@ NUMBERS: dict[str, Number] = {
     "learning_rate": Number(whole=False, low=0.0),
     "ema_momentum": Number(whole=False, low=0.0, high=1.0, high_open=True),
     "bn_batches": Number(whole=True, low=1),
+    # idc_net's builder options (config.json's model_kwargs, bench quality's --width and --bn-momentum)
+    "width": Number(whole=True, low=1),
+    "dropout": Number(whole=False, low=0.0, high=1.0, high_open=True),
+    "bn_momentum": Number(whole=False, low=0.0, high=1.0, low_open=True, high_open=True),
+    "bn_epsilon": Number(whole=False, low=0.0, low_open=True),
 }
 
 

@@ -188,6 +188,15 @@ def test_quality_takes_the_model_study_options_only_where_they_apply(tmp_path, c
     out = tmp_path / "cv"
     assert quality.main(["--data-dir", str(tmp_path), "--models", "seed_cnn", "--residual", "--out", str(out)]) == 2
     assert "--residual is an option of idc_net" in capsys.readouterr().err and not out.exists()
+    # Each idc_net option, refused for another model and for a value the builder cannot take, before any folder.
+    for flags, message in (
+        (["--models", "seed_cnn", "--bn-momentum", "0.99"], "--bn-momentum is an option of idc_net"),
+        (["--models", "idc_net,seed_cnn", "--width", "2"], "--width is an option of idc_net"),
+        (["--models", "idc_net", "--width", "0"], "width 0 (the command line) is not allowed: use a whole number of"),
+        (["--models", "idc_net", "--bn-momentum", "1"], "bn-momentum 1.0 (the command line) is not allowed: use a"),
+    ):
+        assert quality.main(["--data-dir", str(tmp_path), *flags, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err and not out.exists()
     with pytest.raises(SystemExit) as exited:
         quality.main(["--data-dir", str(tmp_path), "--weighting", "slide", "--out", str(out)])
     assert exited.value.code == 2 and "'slide'" in capsys.readouterr().err and not out.exists()

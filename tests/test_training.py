@@ -665,6 +665,38 @@ def test_an_edited_config_is_refused_on_resume(run, cache_dir, tmp_path, key, va
     assert str(partial / "config.json") in str(info.value) and repr(value) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"widht": 2}, "model_kwargs.widht (PATH) is not an option of idc_net: use width, dropout"),
+        ({"width": "2"}, "model_kwargs.width '2' (PATH) is not a number"),
+        ({"width": 1.5}, "width 1.5 (PATH) is not allowed: use a whole number of at least 1"),
+        ({"bn_momentum": 1.0}, "bn-momentum 1.0 (PATH) is not allowed: use a finite number in (0, 1)"),
+        ({"bn_epsilon": 0}, "bn-epsilon 0 (PATH) is not allowed: use a finite number above 0"),
+        ({"residual": "yes"}, "model_kwargs.residual 'yes' (PATH): use true or false"),
+        ({"mixed_precision": "fp8"}, "model_kwargs.mixed_precision 'fp8' (PATH): unknown mixed precision"),
+        ({"augment": "strong"}, "model_kwargs.augment (PATH) is not an option of idc_net"),
+    ],
+)
+def test_edited_model_options_are_refused_on_resume_before_the_data_is_read(run, tmp_path, kwargs, message):
+    partial = partial_dir(tmp_path / "r")
+    partial.mkdir()
+    config = {**json.loads((run.run_dir / "config.json").read_text()), "model": "idc_net", "model_kwargs": kwargs}
+    (partial / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidInputError) as info:  # no data folder: the refusal comes before any is read
+        train(None, tmp_path / "r", resume=True, cache_dir=tmp_path / "no-cache", verbose=0)
+    assert message.replace("PATH", str(partial / "config.json")) in str(info.value)
+    assert not (tmp_path / "no-cache").exists()
+
+
+def test_model_options_of_another_model_are_refused_before_anything_is_written(demo_dir, cache_dir, tmp_path):
+    with pytest.raises(
+        InvalidInputError, match=r"model_kwargs.residual \(train\(model_kwargs=...\)\) is not an option"
+    ):
+        train(demo_dir, tmp_path / "r", cache_dir=cache_dir, **QUICK, model_kwargs={"residual": True})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_full_disk_after_training_is_exit_3_and_the_run_resumes(
     run, demo_dir, cache_dir, tmp_path, monkeypatch, capsys
 ):

@@ -52,7 +52,7 @@ from idc_helpers.metrics import evaluate, pick_threshold
 from idc_helpers.pipeline import AUGMENT_CHOICES
 from idc_helpers.selection import CONTEXT_CRITERION
 from idc_helpers.slide_context import ContextError, apply_context, fit_context, whole_slide_patients
-from idc_helpers.validation import AVERAGING_CHOICES, WEIGHTING_CHOICES
+from idc_helpers.validation import AVERAGING_CHOICES, WEIGHTING_CHOICES, InvalidInputError
 
 LOG_FILE = "folds.jsonl"
 CONFIG_FILE = "config.json"
@@ -567,6 +567,32 @@ def run_quality(
     return {"records": records, "pooled": pooled, "markdown": text}
 
 
+def _idc_net_kwargs(args: argparse.Namespace, models: list[str]) -> dict[str, Any] | str:
+    """idc_net's builder arguments from ``--width``, ``--bn-momentum`` and ``--residual`` (those given), or the error.
+
+    Each is an option of idc_net alone, and its value must be one the builder takes.
+    """
+    given = {
+        "--width": ("width", args.width),
+        "--bn-momentum": ("bn_momentum", args.bn_momentum),
+        "--residual": ("residual", True if args.residual else None),
+    }
+    kwargs: dict[str, Any] = {}
+    for flag, (name, value) in given.items():
+        if value is None:
+            continue
+        if models != ["idc_net"]:
+            return f"{flag} is an option of idc_net: give it with --models idc_net alone"
+        kwargs[name] = value
+    from idc_helpers.models import check_model_kwargs  # models imports keras: only where it is needed
+
+    try:
+        check_model_kwargs("idc_net", kwargs, "the command line")
+    except InvalidInputError as exc:
+        return str(exc)
+    return kwargs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of ``python -m idc_helpers.bench quality``."""
     parser = OneLineParser(prog="python -m idc_helpers.bench quality", description=__doc__.split("\n")[0])
@@ -656,27 +682,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --no-augment is no longer accepted: use --augment none.", file=sys.stderr)
         return 2
     options: dict[str, Any] = {"augment": args.augment} if args.augment is not None else {}
-    if args.width is not None:  # only when given, so folders written before the option still resume
-        if args.width < 1 or models != ["idc_net"]:
-            print(
-                f"error: --width {args.width}: give a whole number of at least 1, with --models idc_net alone",
-                file=sys.stderr,
-            )
-            return 2
-        options["model_kwargs"] = {"width": args.width}
-    if args.bn_momentum is not None:
-        if not 0 < args.bn_momentum < 1 or models != ["idc_net"]:
-            print(
-                f"error: --bn-momentum {args.bn_momentum}: give a number in (0, 1), with --models idc_net alone",
-                file=sys.stderr,
-            )
-            return 2
-        options["model_kwargs"] = {**options.get("model_kwargs", {}), "bn_momentum": args.bn_momentum}
-    if args.residual:  # only when given, so folders written before the option still resume
-        if models != ["idc_net"]:
-            print("error: --residual is an option of idc_net: give it with --models idc_net alone", file=sys.stderr)
-            return 2
-        options["model_kwargs"] = {**options.get("model_kwargs", {}), "residual": True}
+    model_kwargs = _idc_net_kwargs(args, models)
+    if isinstance(model_kwargs, str):
+        print(f"error: {model_kwargs}", file=sys.stderr)
+        return 2
+    if model_kwargs:  # only when given, so folders written before these options still resume
+        options["model_kwargs"] = model_kwargs
     if args.averaging is not None:  # only when given, so folders written before the option still resume
         options["averaging"] = args.averaging
     if args.weighting is not None:  # only when given, so folders written before the option still resume
