@@ -128,7 +128,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default=None, help="model name (default: the best measured configuration)")
     p.add_argument(
-        "--epochs", type=arg_type("epochs"), default=None, help="maximum epochs (early stopping on validation patients)"
+        "--epochs",
+        type=arg_type("epochs"),
+        default=None,
+        help="epochs to train (default: the measured recipe's); with --averaging none at most this many",
     )
     p.add_argument(
         "--split",
@@ -185,9 +188,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--averaging",
         choices=AVERAGING_CHOICES,
-        default="none",
-        help="the final weights: the best validation epoch's, with early stopping (none), or an exponential moving "
-        "average of the weights over every planned epoch (ema) (default: none)",
+        default=None,
+        help="the final weights: an exponential moving average of the weights over every planned epoch (ema), or "
+        "the best validation epoch's, with early stopping (none) (default: ema)",
     )
     p.add_argument(
         "--weighting",

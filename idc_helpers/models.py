@@ -378,7 +378,7 @@ def compile_model(
     With ``label_smoothing`` in (0, 1), :class:`SmoothedSparseCrossentropy` instead (outside [0, 1):
     :class:`LabelSmoothingError`).
 
-    With ``ema_momentum`` (in (0, 1)), the optimizer also keeps an exponential moving average of the weights, which
+    With ``ema_momentum`` (in [0, 1)), the optimizer also keeps an exponential moving average of the weights, which
     ``fit`` writes into the model when it ends (Keras' ``use_ema``); the average spans about
     ``1 / (1 - ema_momentum)`` steps. A model with float16 layers gets Keras' dynamic loss scaling (small float16
     gradients would underflow to 0).

@@ -35,15 +35,19 @@ from idc_helpers.validation import (
 
 # The cosine schedule spans the planned epochs, so fewer epochs still end at a small learning rate; the time an
 # epoch takes is measured in docs/results.md.
-DEFAULT_EPOCHS = 8
+DEFAULT_EPOCHS = 12
 DEFAULT_BATCH_SIZE = 128
 DEFAULT_PATIENCE = 4
-#: The final weights: those of the best validation epoch (``"none"``) or an average (``"ema"``); see
-#: :data:`idc_helpers.validation.AVERAGING_CHOICES`.
-DEFAULT_AVERAGING = "none"
-#: With ``"ema"``: the momentum of the moving average, per step (about 200 steps, an epoch of the shared data), and
-#: the un-augmented training batches its batch-norm statistics are recomputed on.
+#: The final weights: an average over the whole schedule (``"ema"``, trained to its end) or those of the best
+#: validation epoch (``"none"``, early stopping); see :data:`idc_helpers.validation.AVERAGING_CHOICES`. Measured
+#: against each other in docs/results.md.
+DEFAULT_AVERAGING = "ema"
+#: With ``"ema"``: the momentum of the moving average, per step, which averages about ``1 / (1 - momentum)`` steps (200,
+#: an epoch of the shared data) ...
 DEFAULT_EMA_MOMENTUM = 0.995
+#: ... or, in a run of fewer steps, about this share of them (a short run's average would otherwise remember its
+#: first, untrained weights); and the un-augmented training batches the batch-norm statistics are recomputed on.
+EMA_SHARE = 0.08
 DEFAULT_BN_BATCHES = 60
 #: How the training patches weigh in the loss: :data:`idc_helpers.validation.WEIGHTING_CHOICES`.
 DEFAULT_WEIGHTING = "patch"
@@ -81,6 +85,8 @@ def run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
     if steps is not None and int(steps) < 1:
         raise TrainingDataError(f"steps_per_epoch must be at least 1, got {steps}")
     full_pass = int(np.ceil(len(data.train_idx) / batch_size))
+    steps_per_epoch = int(steps) if steps is not None and int(steps) < full_pass else None  # None: one full pass
+    epochs = int(args["epochs"] or DEFAULT_EPOCHS)
     weighting = args.get("weighting") or DEFAULT_WEIGHTING
     return {
         "model": model_name,
@@ -99,14 +105,13 @@ def run_config(args: Mapping[str, Any], data: TrainingData) -> dict[str, Any]:
         "max_patches": args["max_patches"],
         "seed": args["seed"],
         "model_seed": int(args["seed"] if args["model_seed"] is None else args["model_seed"]),
-        "epochs": int(args["epochs"] or DEFAULT_EPOCHS),
+        "epochs": epochs,
         "batch_size": batch_size,
-        # None: one pass over the training patches per epoch.
-        "steps_per_epoch": int(steps) if steps is not None and int(steps) < full_pass else None,
+        "steps_per_epoch": steps_per_epoch,
         "learning_rate": float(args["learning_rate"] or DEFAULT_LEARNING_RATE.get(model_name, 1e-3)),
         "lr_schedule": "cosine decay to 5% over the planned epochs",
         "patience": int(args["patience"]),
-        **averaging_config(args.get("averaging")),
+        **averaging_config(args.get("averaging"), epochs * (steps_per_epoch or full_pass)),
         "label_smoothing": float(args["label_smoothing"]),
         "monitor": MONITOR,
         "selection_loss_weight": SELECTION_LOSS_WEIGHT,
@@ -141,15 +146,26 @@ def augmentation_config(augment: bool | str | None, model_kwargs: Mapping[str, A
     }
 
 
-def averaging_config(averaging: str | None) -> dict[str, Any]:
+def averaging_config(averaging: str | None, total_steps: int) -> dict[str, Any]:
     """What ``config.json`` records of how the final weights are made (``"averaging"``).
 
-    With ``"ema"``, also the moving average's momentum and the batches that recompute the batch-norm statistics.
+    With ``"ema"``, also the moving average's momentum (:func:`ema_momentum` of the run's ``total_steps``) and the
+    batches that recompute the batch-norm statistics.
     """
     averaging = averaging or DEFAULT_AVERAGING
     if averaging == "none":
         return {"averaging": "none"}
-    return {"averaging": averaging, "ema_momentum": DEFAULT_EMA_MOMENTUM, "bn_batches": DEFAULT_BN_BATCHES}
+    return {"averaging": averaging, "ema_momentum": ema_momentum(total_steps), "bn_batches": DEFAULT_BN_BATCHES}
+
+
+def ema_momentum(total_steps: int) -> float:
+    """The moving average's momentum for a run of ``total_steps`` training steps.
+
+    :data:`DEFAULT_EMA_MOMENTUM`, or, where that would average more than :data:`EMA_SHARE` of the steps, the momentum
+    that averages that share (0, the last weights themselves, for a run of a handful of steps).
+    """
+    horizon = EMA_SHARE * max(int(total_steps), 1)
+    return round(min(DEFAULT_EMA_MOMENTUM, max(0.0, 1.0 - 1.0 / horizon)), 6)
 
 
 def resolve_model_name(name: str | None) -> str:

@@ -54,6 +54,9 @@ GRID_PX = 50
 #: Smoothing widths tried by :func:`fit_context`, in patches; 0 = no smoothing.
 DEFAULT_SIGMAS: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)
 
+#: How :func:`fit_context` chooses the context threshold at each smoothing width (see there).
+CONTEXT_CRITERIA: tuple[str, ...] = ("f1", "youden", "midpoint")
+
 #: Fewest whole-slide validation patients on which :func:`fit_context` tunes with ``tune_on="auto"``; with fewer it
 #: tunes on every validation patient.
 MIN_WHOLE_SLIDES = 3
@@ -235,10 +238,11 @@ def fit_context(
 ) -> dict[str, Any]:
     """Choose the smoothing width and the context threshold on validation patients.
 
-    For every ``sigma`` the probabilities of the tuning patients are smoothed, the threshold maximising
-    ``criterion`` (``"f1"`` or ``"youden"``, :func:`metrics.pick_threshold`) is chosen on their patches, and the
-    ``sigma`` with the best F1 (``"f1"``) or balanced accuracy (``"youden"``) at its threshold wins (ties: the
-    smaller ``sigma``). Only validation patients belong here: never the patients to be evaluated.
+    For every ``sigma`` the probabilities of the tuning patients are smoothed and a threshold is chosen on their
+    patches under ``criterion`` (:data:`CONTEXT_CRITERIA`): ``"f1"`` or ``"youden"`` the one maximising that
+    (:func:`metrics.pick_threshold`), ``"midpoint"`` halfway between those two. The ``sigma`` with the best F1
+    (``"f1"``, ``"midpoint"``) at the F1 threshold, or the best balanced accuracy at the Youden one (``"youden"``),
+    wins (ties: the smaller ``sigma``). Only validation patients belong here: never the patients to be evaluated.
 
     Which validation patients tune (``tune_on``): ``"all"`` (default) every one; ``"whole_slides"`` only those
     :func:`whole_slide_patients` accepts; ``"auto"`` the whole-slide ones when there are at least ``min_whole_slides``
@@ -257,8 +261,8 @@ def fit_context(
     or their patches hold one class only.
     """
     _check_columns(val_table, ("patient_id", "x", "y", "label", column), "validation table")
-    if criterion not in ("f1", "youden"):
-        raise ContextError(f"unknown criterion {criterion!r}: use 'f1' or 'youden'")
+    if criterion not in CONTEXT_CRITERIA:
+        raise ContextError(f"unknown criterion {criterion!r}: use one of {', '.join(CONTEXT_CRITERIA)}")
     if tune_on not in TUNE_ON_CHOICES:
         raise ContextError(f"unknown tune_on {tune_on!r}: use one of {', '.join(TUNE_ON_CHOICES)}")
     if patch_threshold is not None and not 0.0 <= float(patch_threshold) <= 1.0:
@@ -276,7 +280,10 @@ def fit_context(
     for sigma in sorted({float(s) for s in sigmas}):
         win = default_window(sigma) if window is None else int(window)
         probs = smooth_probs(tuning, sigma, win, column)
-        threshold = pick_threshold(labels, probs, criterion)
+        ranked_by = "youden" if criterion == "youden" else "f1"
+        optimum = pick_threshold(labels, probs, ranked_by)
+        threshold = (optimum + pick_threshold(labels, probs, "youden")) / 2 if criterion == "midpoint" else optimum
+        at_optimum = binary_scores(labels, (probs >= optimum).astype(np.int64))
         scores = binary_scores(labels, (probs >= threshold).astype(np.int64), probs)
         candidates.append(
             {
@@ -286,10 +293,11 @@ def fit_context(
                 "f1": scores["f1"],
                 "balanced_accuracy": scores["balanced_accuracy"],
                 "roc_auc": scores["roc_auc"],
+                # what ranks the sigmas: the F1 at the F1 threshold, or the balanced accuracy at the Youden one
+                "ranking_score": at_optimum["balanced_accuracy" if ranked_by == "youden" else "f1"],
             }
         )
-    score = "f1" if criterion == "f1" else "balanced_accuracy"
-    best = max(candidates, key=lambda c: (c[score], -c["sigma"]))
+    best = max(candidates, key=lambda c: (c["ranking_score"], -c["sigma"]))
     threshold = best["threshold"]
     if best["sigma"] == 0 and patch_threshold is not None:
         threshold = float(patch_threshold)

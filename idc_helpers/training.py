@@ -10,8 +10,9 @@ four named steps:
 2. :func:`fit`: train with augmentation (in the input pipeline on a CPU, inside the model on a GPU: see
    :func:`idc_helpers.models.augmentation_placement`), class weights from the training patches (or, with
    ``weighting="patient"``, :func:`idc_helpers.training_data.loss_weights`), Adam with a cosine
-   learning-rate decay, and early stopping on the validation patients (:data:`idc_helpers.selection.MONITOR`),
-   keeping the best epoch's weights; a checkpoint after every epoch (:mod:`idc_helpers.checkpoints`) makes the run
+   learning-rate decay over every planned epoch, and a moving average of the weights as the final ones (or, with
+   ``averaging="none"``, early stopping on the validation patients, :data:`idc_helpers.selection.MONITOR`, keeping
+   the best epoch's weights); a checkpoint after every epoch (:mod:`idc_helpers.checkpoints`) makes the run
    resumable (``train(..., resume=True)``, ``train --resume RUN_DIR``) to the same result;
 3. :func:`idc_helpers.selection.choose_threshold`: the decision threshold that maximises the balanced accuracy
    (Youden's J) on the validation patients (the one maximising the IDC F1 is stored beside it), and the
@@ -83,7 +84,7 @@ def build_and_compile(config: Mapping[str, Any], n_train: int) -> keras.Model:
     """The model of ``config`` (seeded), compiled with Adam and a cosine decay to 5% over the planned epochs.
 
     The decay spans the planned epochs of ``n_train`` patches each (or ``steps_per_epoch`` batches): large steps
-    early, fine ones for the epochs that early stopping is likely to keep.
+    early, fine ones at the end, which the moving average (or early stopping) keeps.
     """
     import keras
 
@@ -248,7 +249,7 @@ def train(
     test_patients: Sequence[str] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     label_smoothing: float = 0.0,
-    averaging: Literal["none", "ema"] = "none",
+    averaging: Literal["none", "ema"] | None = None,
     weighting: Literal["patch", "patient"] = "patch",
     steps_per_epoch: int | None = None,
     resume: bool = False,
@@ -262,13 +263,13 @@ def train(
     empty (:class:`~idc_helpers.run_folder.RunExistsError`).
 
     The model is ``model_name``, one of :data:`idc_helpers.models.MODEL_NAMES` (default
-    :data:`~idc_helpers.models.DEFAULT_MODEL`), with ``model_kwargs``, extra arguments of the model builder. It
-    trains for at most ``epochs`` (default :data:`idc_helpers.run_config.DEFAULT_EPOCHS`), stopping early after
-    ``patience`` epochs without a better :data:`idc_helpers.selection.MONITOR` on the validation patients, with
-    ``batch_size`` patches per step (default :data:`idc_helpers.run_config.DEFAULT_BATCH_SIZE`) and Adam starting
-    at ``learning_rate`` (default per model), decayed along a cosine. ``steps_per_epoch`` caps an epoch at that
-    many batches, the first ones of that epoch's shuffled order (benchmarks and quick checks on a large set;
-    default: one pass over the training patches).
+    :data:`~idc_helpers.models.DEFAULT_MODEL`), with ``model_kwargs``, extra arguments of the model builder. It trains
+    for ``epochs`` (default :data:`idc_helpers.run_config.DEFAULT_EPOCHS`; with ``averaging="none"`` at most that many,
+    stopping early after ``patience`` epochs without a better :data:`idc_helpers.selection.MONITOR` on the validation
+    patients), with ``batch_size`` patches per step (default :data:`idc_helpers.run_config.DEFAULT_BATCH_SIZE`) and Adam
+    starting at ``learning_rate`` (default per model), decayed along a cosine. ``steps_per_epoch`` caps an epoch at that
+    many batches, the first ones of that epoch's shuffled order (benchmarks and quick checks on a large set; default:
+    one pass over the training patches).
 
     ``split`` is ``"patients"`` (seeded, stratified by IDC share) or ``"janowczyk2016"`` (published); with the
     latter, patients outside the published lists go to ``"train"`` or are ``"drop"``ped (``unlisted``).
@@ -281,20 +282,21 @@ def train(
     ``augment`` sets the random flips/rotations and stain jitter of the training batches: ``"mild"`` (``True``, the
     default), ``"light"``, ``"strong"``, ``"geometry"`` (flips/rotations only) or ``"none"`` (``False``); see
     :data:`idc_helpers.pipeline.AUGMENT_STRENGTHS`; where it runs: :func:`idc_helpers.models.augmentation_placement`
-    (``IDC_AUGMENT_ON``). ``label_smoothing`` smooths the training targets to ``(1 - eps) * one_hot + eps / 2``
-    (0, the default: plain cross-entropy); see :class:`idc_helpers.models.SmoothedSparseCrossentropy`.
-    ``averaging`` makes the final weights: ``"none"`` (the default) keeps the best validation epoch's; ``"ema"``
-    trains every planned epoch and keeps an exponential moving average of the weights, with batch-norm statistics
-    recomputed on training batches (see :func:`fit`). ``weighting``: every training patch weighs alike within its
-    class (``"patch"``, the default) or each patient's patches share one total before the classes are balanced
-    (``"patient"``; :func:`idc_helpers.training_data.loss_weights`; the training loss is then that weighted one).
+    (``IDC_AUGMENT_ON``). ``label_smoothing`` smooths the training targets to ``(1 - eps) * one_hot + eps / 2`` (0, the
+    default: plain cross-entropy); see :class:`idc_helpers.models.SmoothedSparseCrossentropy`. ``averaging`` makes the
+    final weights: ``"ema"`` (None: :data:`idc_helpers.run_config.DEFAULT_AVERAGING`, this one) trains every planned
+    epoch and keeps an exponential moving average of the weights (:func:`idc_helpers.run_config.ema_momentum`), with
+    batch-norm statistics recomputed on training batches (see :func:`fit`); ``"none"`` keeps the best validation
+    epoch's. ``weighting``: every training patch weighs alike within its class (``"patch"``, the default) or each
+    patient's patches share one total before the classes are balanced (``"patient"``;
+    :func:`idc_helpers.training_data.loss_weights`; the training loss is then that weighted one).
 
     ``cache_dir`` is the decoded-patch cache (default ``$IDC_CACHE_DIR`` or ``~/.cache/idc_helpers``). ``resume``
     continues the interrupted run of ``out_dir``: its arguments are read back from the run, and of the arguments
     here only ``data_dir`` (where the data has moved), ``cache_dir`` and ``verbose`` count. ``verbose``: 0 silent,
     1 progress bar, 2 one line per epoch, ``"auto"``: 1 on a terminal, else 2.
 
-    The :class:`~idc_helpers.run_folder.Run` returned holds the run folder, the best model, the history and the JSON
+    The :class:`~idc_helpers.run_folder.Run` returned holds the run folder, the final model, the history and the JSON
     contents, as :func:`idc_helpers.run_folder.load_run` gives them back later. Same data, arguments and seed give the
     same split and subsample, and on a CPU the same weights, with or without an interruption and ``resume`` in
     between.

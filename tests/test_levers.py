@@ -13,7 +13,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cv(tmp_path_factory):
-    """A 2-fold cross-validation of both models (1 epoch) on six synthetic patients, and its cache folder."""
+    """A 2-fold cross-validation of both models (1 epoch) on six synthetic patients, and its cache folder.
+
+    The best-epoch rule (``averaging="none"``): averaged weights already end with recomputed batch-norm statistics,
+    which is what the precise-BN lever would add.
+    """
     from idc_helpers.demo_data import write_demo_dataset
 
     root = tmp_path_factory.mktemp("cv")
@@ -28,6 +32,7 @@ def cv(tmp_path_factory):
         n_bootstrap=10,
         fold_bootstrap=10,
         verbose=0,
+        train_options={"averaging": "none"},
     )
     return root / "quality", root / "cache"
 

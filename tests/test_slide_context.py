@@ -10,6 +10,7 @@ import pytest
 from sklearn import metrics as skm
 
 from idc_helpers import slide_context
+from idc_helpers.metrics import pick_threshold
 from idc_helpers.slide_context import ContextError, apply_context, fit_context, neighbour_counts, smooth_probs
 
 
@@ -83,6 +84,21 @@ def test_fit_chooses_smoothing_on_noisy_slides_and_none_on_noise_free_ones():
     # Exact probabilities: smoothing can only blur the region's border, so "no smoothing" must win.
     clean = noisy.assign(prob_idc=noisy["label"].astype(float) * 0.8 + 0.1)
     assert fit_context(clean)["sigma"] == 0.0
+
+
+def test_the_midpoint_criterion_takes_the_f1_sigma_and_the_threshold_halfway_to_youdens():
+    rng = np.random.default_rng(7)
+    val = pd.concat([_slide(f"p{i}", rng) for i in range(3)], ignore_index=True)
+    by_f1, mid = fit_context(val, criterion="f1"), fit_context(val, criterion="midpoint")
+    assert mid["sigma"] == by_f1["sigma"] > 0 and mid["criterion"] == "midpoint"
+    probs = smooth_probs(val, mid["sigma"])
+    labels = val["label"].to_numpy()
+    expected = (pick_threshold(labels, probs, "f1") + pick_threshold(labels, probs, "youden")) / 2
+    assert mid["threshold"] == pytest.approx(expected) and mid["threshold"] != pytest.approx(by_f1["threshold"])
+    # Every sigma tried is listed with the midpoint threshold and ranked by the F1 at the F1 threshold.
+    assert [c["ranking_score"] for c in mid["candidates"]] == [c["f1"] for c in by_f1["candidates"]]
+    with pytest.raises(slide_context.ContextError, match="use one of f1, youden, midpoint"):
+        fit_context(val, criterion="median")
 
 
 def test_params_round_trip_through_json_and_give_the_same_columns():

@@ -14,9 +14,9 @@ folder finished are used. The benchmark reads the predictions the folders hold (
 2. each (recipe, rule) against the first: the difference of the seed means, with a paired 95% bootstrap interval
    over patients (:func:`idc_helpers.metrics.paired_difference`, every seed of both sides scored on each resample);
 3. slide context on the whole-slide test patients, fold by fold and seed by seed, refitted from each fold's
-   validation predictions under every rule of :data:`CONTEXT_RULES` (:func:`idc_helpers.slide_context.fit_context`,
-   its criterion the threshold rule's unless the context rule names one), beside the patch-only F1 at the rule's
-   threshold: how often context scores below patch only.
+   validation predictions under every rule of :data:`CONTEXT_RULES` (:func:`idc_helpers.slide_context.fit_context`:
+   each context criterion, and ``train``'s tuned on the whole-slide validation patients), beside the patch-only F1 at
+   the threshold rule's threshold: how often context scores below patch only.
 
 ``--out FILE`` also writes the tables to ``FILE`` (Markdown).
 """
@@ -40,17 +40,19 @@ from idc_helpers.cli import OneLineParser
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import PAIRED_METRICS, THRESHOLD_RULES, binary_scores, paired_difference, pick_threshold
 from idc_helpers.selection import CONTEXT_CRITERION
-from idc_helpers.slide_context import ContextError, apply_context, fit_context
+from idc_helpers.slide_context import CONTEXT_CRITERIA, ContextError, apply_context, fit_context
 
-#: Context rules refitted on each fold's validation predictions: name -> keyword arguments of ``fit_context``. Without
-#: a ``criterion`` of its own a rule takes the threshold rule's; ``train`` fits the first one.
+#: Context rules refitted on each fold's validation predictions: name -> keyword arguments of ``fit_context``, every
+#: context criterion on all validation patients (``train``'s first), then ``train``'s on the whole-slide ones.
 CONTEXT_RULES: dict[str, dict[str, Any]] = {
-    f"all validation patients, {CONTEXT_CRITERION} criterion (train)": {
-        "tune_on": "all",
-        "criterion": CONTEXT_CRITERION,
+    **{
+        f"all validation patients, {criterion} criterion{' (train)' if criterion == CONTEXT_CRITERION else ''}": {
+            "tune_on": "all",
+            "criterion": criterion,
+        }
+        for criterion in sorted(CONTEXT_CRITERIA, key=lambda rule: rule != CONTEXT_CRITERION)
     },
-    "all validation patients": {"tune_on": "all"},
-    "whole slides, else all": {"tune_on": "auto"},
+    f"whole slides, else all, {CONTEXT_CRITERION} criterion": {"tune_on": "auto", "criterion": CONTEXT_CRITERION},
 }
 _NAMES = {"f1": "F1", "balanced_accuracy": "balanced accuracy", "roc_auc": "ROC AUC"}
 # What the folders of one comparison must share: the patients, their folds and the whole-slide ones.
@@ -208,7 +210,7 @@ def _context_rows(
     """Patch-only and context F1 on the fold's whole-slide test patients, context refitted under each rule.
 
     ``threshold`` is the patch-only one ``criterion`` chose on all validation patients; the context threshold is
-    chosen under the same ``criterion`` unless the context rule names its own.
+    chosen under the context rule's own criterion (``criterion`` for a rule that names none).
 
     The F1 of all the fold's test patients is kept beside it (``*_all``): a rule that helps the slides may cost the
     thin samples. A context rule that comes to the same fit as an earlier one under ``criterion`` is left out.
