@@ -69,6 +69,17 @@ def test_quality_cross_validation_tests_every_patient_once_and_resumes(demo_dir,
     # ... and other settings are refused instead of mixed into the same log.
     with pytest.raises(quality.QualityBenchError, match="other settings"):
         quality.run_quality(folders, out, **{**args, "epochs": 2})
+    # The final-weights rule is recorded resolved: a folder written before it was (the best epoch's weights, the
+    # default of then) resumes only when that rule is given, never under today's default.
+    config = json.loads((out / quality.CONFIG_FILE).read_text())
+    assert config["averaging"] == "ema" and config["train_options"] == {}
+    del config["averaging"]
+    (out / quality.CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(quality.QualityBenchError, match=r"\(averaging\).*--averaging none, --epochs 1"):
+        quality.run_quality(folders, out, **args)
+    capsys.readouterr()
+    quality.run_quality(folders, out, **args, train_options={"averaging": "none"})
+    assert "already in" in capsys.readouterr().out
 
 
 def test_quality_finishes_a_fold_whose_training_was_interrupted_from_its_checkpoint(

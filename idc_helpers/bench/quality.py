@@ -485,7 +485,7 @@ def run_quality(
     """
     from idc_helpers.datasource import resolve_data_dir
     from idc_helpers.patch_index import build_index
-    from idc_helpers.run_config import DEFAULT_EPOCHS
+    from idc_helpers.run_config import DEFAULT_AVERAGING, DEFAULT_EPOCHS
 
     if data_dirs is None or isinstance(data_dirs, (str, os.PathLike)):
         data_dirs = [data_dirs] if data_dirs is not None else []
@@ -505,21 +505,28 @@ def run_quality(
         "max_patches": max_patches,
         "patients": int(frame["patient_id"].nunique()),
         "train_options": dict(train_options or {}),
+        # How the final weights are made, resolved: a later default cannot change the recipe of a resumed folder.
+        "averaging": (train_options or {}).get("averaging") or DEFAULT_AVERAGING,
         "whole_slide_patients": sorted(slides, key=int),
         "fold_patients": folds,
     }
     config_path = out / CONFIG_FILE
     if config_path.is_file():
         old = json.loads(config_path.read_text(encoding="utf-8"))
-        changed = [k for k in _RESUME_KEYS if old.get(k) != config.get(k)]
+        changed = [k for k in _RESUME_KEYS if k != "train_options" and old.get(k) != config.get(k)]
+        names = ("averaging", "train_options")
+        changed += [k for k, a, b in zip(names, _recipe(old), _recipe(config), strict=True) if a != b]
         if changed:
+            averaging = _recipe(old)[0]
             raise QualityBenchError(
                 f"{out} holds a cross-validation run with other settings ({', '.join(changed)}); "
-                "resume it with the same options or choose a new --out folder."
+                f"resume it with the same options (its weights: --averaging {averaging}, --epochs "
+                f"{old.get('epochs')}) or choose a new --out folder."
             )
     else:
         write_json(config_path, {**config, "machine": platform.platform(), "python": sys.version.split()[0]})
 
+    train_options = {**(train_options or {}), "averaging": config["averaging"]}
     done = {(r["model"], r["fold"]) for r in read_log(out)}
     for fold, test_patients in enumerate(folds):
         if only_folds is not None and fold not in only_folds:
@@ -565,6 +572,17 @@ def run_quality(
     write_text(out / RESULTS_FILE, text)
     write_json(out / SUMMARY_FILE, {"config": config, "pooled": pooled, "folds": records})
     return {"records": records, "pooled": pooled, "markdown": text}
+
+
+def _recipe(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A folder's final-weights rule and its other train options.
+
+    Folders written before ``"averaging"`` was recorded trained the best epoch's weights unless their
+    ``train_options`` said otherwise (``"none"``, the default of then).
+    """
+    options = dict(config.get("train_options") or {})
+    given = options.pop("averaging", None)
+    return config.get("averaging") or given or "none", options
 
 
 def _idc_net_kwargs(args: argparse.Namespace, models: list[str]) -> dict[str, Any] | str:
