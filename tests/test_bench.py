@@ -73,6 +73,7 @@ def test_quality_cross_validation_tests_every_patient_once_and_resumes(demo_dir,
     # default of then) resumes only when that rule is given, never under today's default.
     config = json.loads((out / quality.CONFIG_FILE).read_text())
     assert config["averaging"] == "ema" and config["train_options"] == {}
+    assert all(r["best_epoch"] is None for r in records) and "| average / 1 |" in text  # no epoch was kept
     del config["averaging"]
     (out / quality.CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(quality.QualityBenchError, match=r"\(averaging\).*--averaging none, --epochs 1"):

@@ -287,8 +287,11 @@ def run_fold(
         verbose=verbose,
         train_options=dict(train_options or {}),
     )
+    from idc_helpers.training import averages
+
     threshold = float(metrics["threshold"])
     youden = metrics.get("threshold_youden")
+    averaged = averages(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
     slides = set(whole_slide_patients(frame))
     val_patients = [str(p) for p in split.get("val", [])]
     record: dict[str, Any] = {
@@ -301,7 +304,8 @@ def run_fold(
         "train_patients": len(split.get("train", [])),
         "threshold": threshold,
         "threshold_youden": youden,
-        "best_epoch": metrics.get("best_epoch"),
+        # The epoch whose weights were kept; None for averaged weights (no epoch is kept).
+        "best_epoch": None if averaged else metrics.get("best_epoch"),
         "epochs_run": metrics.get("epochs_run"),
         "train_seconds": metrics.get("train_seconds"),
         "validation": metrics.get("validation", {}),
@@ -436,7 +440,7 @@ def markdown(records: list[dict[str, Any]], pooled: dict[str, dict[str, Any]], n
         "### Per fold (test patients never seen in training; intervals over the fold's patients)",
         "",
         "| model | fold | patients | patients (IDC patches / patches) | F1 | BAC | ROC AUC | best-threshold F1 "
-        "(bound) | F1 / BAC Youden | F1 TTA | F1 context (sigma) | threshold | best / run epochs | train s |",
+        "(bound) | F1 / BAC Youden | F1 TTA | F1 context (sigma) | threshold | kept / run epochs | train s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: (r["model"], r["fold"])):
@@ -451,7 +455,8 @@ def markdown(records: list[dict[str, Any]], pooled: dict[str, dict[str, Any]], n
                 f"| {_ci(t['f1'])} | {_f(t['balanced_accuracy']['value'])} | {_f(t['roc_auc']['value'])} "
                 f"| {_f(t['f1_best'])} | {_f(yd.get('f1'))} / {_f(yd.get('balanced_accuracy'))} "
                 f"| {_f((tt.get('f1') or {}).get('value'))} | {_f((cg.get('f1') or {}).get('value'))}{sigma} "
-                f"| {_f(r['threshold'])} | {r['best_epoch']} / {r['epochs_run']} | {_f(r['train_seconds'], 0)} |"
+                f"| {_f(r['threshold'])} | {r['best_epoch'] or 'average'} / {r['epochs_run']} "
+                f"| {_f(r['train_seconds'], 0)} |"
             )
     return "\n".join(lines) + "\n"
 
