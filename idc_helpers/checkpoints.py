@@ -1,11 +1,11 @@
 """The end-of-epoch step of training and its checkpoint, from which an interrupted run resumes to the same result.
 
 After every epoch the callback of :func:`make_loop_callback` scores the validation patients
-(:func:`idc_helpers.selection.validation_scores`), keeps the best epoch's weights, stops early, and writes a
-checkpoint into the partial run folder (:func:`save_checkpoint`): the model with its optimizer state, the best
-weights so far, and the loop's own state (:class:`LoopState`), naming the other two and written last, so that a
-kill at any moment leaves the previous checkpoint intact. :func:`load_checkpoint` reads it back. The file names
-and the folder are :mod:`idc_helpers.run_folder`'s.
+(:func:`idc_helpers.selection.validation_scores`), keeps the best epoch's weights (and, with ``averaging="none"``,
+stops early), and writes a checkpoint into the partial run folder (:func:`save_checkpoint`): the model with its
+optimizer state, the best weights so far, and the loop's own state (:class:`LoopState`), naming the other two and
+written last, so that a kill at any moment leaves the previous checkpoint intact. :func:`load_checkpoint` reads it
+back. The file names and the folder are :mod:`idc_helpers.run_folder`'s.
 """
 
 from __future__ import annotations

@@ -105,9 +105,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a model with a patient-level split; writes a run folder",
-        description="Train on the training patients, stop early and choose the decision threshold "
-        "on the validation patients, never look at the test patients. A checkpoint is "
-        "saved after every epoch; `train --resume RUN_DIR` continues an interrupted run.",
+        description="Train on the training patients to the end of the schedule, keep the moving average of the "
+        "weights, choose the decision threshold on the validation patients, never look at the test patients. A "
+        "checkpoint is saved after every epoch; `train --resume RUN_DIR` continues an interrupted run.",
     )
     p.add_argument(
         "--data-dir",

@@ -107,7 +107,7 @@ def prepare_data(
     if len(val_idx) == 0 or len(np.unique(labels[val_idx])) < 2:
         raise TrainingDataError(
             f"the validation patients {patients['val']} hold {len(val_idx)} patches and "
-            f"{len(np.unique(labels[val_idx]))} class(es); early stopping and the threshold need both classes. "
+            f"{len(np.unique(labels[val_idx]))} class(es); the validation scores and the threshold need both classes. "
             "Use more patients (or another --seed / --split)."
         )
     record = {
