@@ -1,4 +1,4 @@
-"""Every command printed in README.md and docs/ runs as printed.
+"""Every command printed in README.md, docs/ and results/README.md runs as printed.
 
 - Each ``python -m idc_helpers ...`` and ``python -m idc_helpers.bench ...`` line of a ```bash block is given to the
   command's own argument parser, which must accept it (a renamed option or an old spelling fails here); the
@@ -24,7 +24,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 README = REPO_ROOT / "README.md"
-DOCS = sorted((REPO_ROOT / "docs").glob("*.md"))
+DOCS = [*sorted((REPO_ROOT / "docs").glob("*.md")), REPO_ROOT / "results" / "README.md"]
 CLI_DOC = REPO_ROOT / "docs" / "cli.md"
 CHAIN_HEADING = "A typical chain"
 

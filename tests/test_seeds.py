@@ -105,3 +105,71 @@ def test_the_command_line_prints_the_tables_or_one_error_line(runs, capsys):
     assert main(["seeds", "--recipe", "a"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --recipe 'a': write NAME=DIR") and len(err.strip().splitlines()) == 1
+
+
+def _tree(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_record_gives_the_folders_tables_and_is_extended_but_never_overwritten(runs, tmp_path):
+    from idc_helpers.bench import record
+
+    before = _tree(runs[0])
+    records = [tmp_path / f"record-ms{seed}" for seed in (0, 1, 2)]
+    for folder, out in zip(runs, records, strict=True):
+        assert record.record_folder(folder, out)["written"] == [
+            "idc_net-fold0.csv",
+            "val-idc_net-fold0.csv",
+            "idc_net-fold1.csv",
+            "val-idc_net-fold1.csv",
+        ]
+    assert _tree(runs[0]) == before  # the source is only read
+    # JSON and compressed tables of the columns the tables need; no model, no path of this machine.
+    files = set(_tree(records[0]))
+    assert files == {"config.json", "folds.jsonl"} | {
+        f"predictions/{p}idc_net-fold{f}.csv.gz" for p in ("", "val-") for f in (0, 1)
+    }
+    table = quality.read_table(records[0] / "predictions" / "idc_net-fold1.csv.gz")
+    assert list(table.columns) == list(record.COLUMNS)
+    paths = zip(table["path"], table["patient_id"], strict=True)
+    assert all(p.count("/") == 2 and p.split("/")[0] == pid for p, pid in paths)
+    live = quality.read_table(runs[0] / "predictions" / "idc_net-fold1.csv")
+    assert np.array_equal(table["prob_idc"].to_numpy(), live["prob_idc"].to_numpy())  # float32 values, exactly
+
+    # The same tables from the records as from the folders, and a record beside a folder compares patch by patch.
+    kwargs = {"n_bootstrap": 20, "threshold_rules": ["youden"]}
+    from_folders = seeds.run_seeds([("a", runs[:2]), ("b", runs[2:])], **kwargs)
+    from_records = seeds.run_seeds([("a", records[:2]), ("b", records[2:])], **kwargs)
+    mixed = seeds.run_seeds([("a", [runs[0], records[1]]), ("b", records[2:])], **kwargs)
+    assert from_records["markdown"] == from_folders["markdown"] == mixed["markdown"]
+
+    # Recording again keeps what is there; a record whose table differs, or of another folder, is refused by name.
+    again = record.record_folder(runs[0], records[0])
+    assert again["written"] == [] and len(again["kept"]) == 4 and _tree(records[0])["config.json"]
+    changed = records[0] / "predictions" / "idc_net-fold1.csv.gz"
+    table.assign(prob_idc=table["prob_idc"] * 0.5).to_csv(changed, index=False)
+    saved = changed.read_bytes()
+    with pytest.raises(
+        record.RecordError, match=r"idc_net-fold1\.csv\.gz holds other predictions .* never overwritten"
+    ):
+        record.record_folder(runs[0], records[0])
+    assert changed.read_bytes() == saved
+    changed.write_bytes(saved[: len(saved) // 2])  # a truncated copy: named, not a traceback, by both commands
+    with pytest.raises(record.RecordError, match=r"idc_net-fold1\.csv\.gz cannot be read"):
+        record.record_folder(runs[0], records[0])
+    with pytest.raises(seeds.UserError, match=r"idc_net-fold1\.csv\.gz cannot be read as a predictions table"):
+        seeds.run_seeds([("a", records[:1])], n_bootstrap=0)
+    with pytest.raises(record.RecordError, match="records another cross-validation"):
+        record.record_folder(runs[1], records[0])
+    with pytest.raises(record.RecordError, match=r"holds no config\.json and folds\.jsonl"):
+        record.record_folder(tmp_path / "nothing", tmp_path / "out")
+
+
+def test_the_record_command_prints_one_line_or_one_error_line(runs, tmp_path, capsys):
+    from idc_helpers.bench.__main__ import main
+
+    assert main(["record", str(runs[0]), "--out", str(tmp_path / "r")]) == 0
+    assert capsys.readouterr().out.strip().endswith("4 table(s) written, 0 already there")
+    assert main(["record", str(tmp_path), "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "bench quality" in err and len(err.strip().splitlines()) == 1

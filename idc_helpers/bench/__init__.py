@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "levers": "idc_helpers.bench.levers",
     "load": "idc_helpers.bench.load",
     "quality": "idc_helpers.bench.quality",
+    "record": "idc_helpers.bench.record",
     "seeds": "idc_helpers.bench.seeds",
     "speed": "idc_helpers.bench.speed",
 }

@@ -158,17 +158,29 @@ def stain_probs(model, train_images: np.ndarray, parts: Sequence[tuple[np.ndarra
 # One fold, all folds
 
 
+def _table_file(quality_dir: Path, name: str) -> Path:
+    """``predictions/NAME`` of a `bench quality` folder, or ``NAME.gz`` where only that is there (a `bench record`)."""
+    path = quality_dir / "predictions" / name
+    packed = path.with_name(name + ".gz")
+    return packed if not path.is_file() and packed.is_file() else path
+
+
 def member_tables(quality_dir: Path, model: str, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The validation and test predictions ``model`` wrote for ``fold`` in a `bench quality` folder."""
-    pred_dir = quality_dir / "predictions"
-    test, val = pred_dir / f"{model}-fold{fold}.csv", pred_dir / f"val-{model}-fold{fold}.csv"
+    test, val = (_table_file(quality_dir, f"{prefix}{model}-fold{fold}.csv") for prefix in ("", "val-"))
     for path in (test, val):
         if not path.is_file():
             raise LeversError(
                 f"{path} is missing: run `python -m idc_helpers.bench quality ... --models {model} "
                 f"--only-folds {fold} --out {quality_dir}` first"
             )
-    return read_table(val), read_table(test)
+    tables = []
+    for path in (val, test):
+        try:
+            tables.append(read_table(path))
+        except (OSError, ValueError, EOFError) as exc:  # a truncated or foreign file, a broken compressed record
+            raise LeversError(f"{path} cannot be read as a predictions table ({exc}); write it again") from exc
+    return tables[0], tables[1]
 
 
 def by_path(table: pd.DataFrame) -> pd.DataFrame:

@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,9 @@ from idc_helpers.pipeline import AUGMENT_CHOICES
 from idc_helpers.selection import CONTEXT_CRITERION
 from idc_helpers.slide_context import ContextError, apply_context, fit_context, whole_slide_patients
 from idc_helpers.validation import AVERAGING_CHOICES, WEIGHTING_CHOICES, InvalidInputError
+
+if TYPE_CHECKING:
+    from idc_helpers.run_folder import Run
 
 LOG_FILE = "folds.jsonl"
 CONFIG_FILE = "config.json"
@@ -217,8 +220,8 @@ def _load_or_train(
     cache_dir: Any,
     verbose: int,
     train_options: dict[str, Any],
-) -> tuple[Any, dict[str, Any], dict[str, list[str]]]:
-    """The fold's (model, metrics, split): trained now, read back, or finished from an interrupted training.
+) -> Run:
+    """The fold's run (model, config, metrics, split): trained now, read back, or finished from an interrupted training.
 
     A run folder an earlier call finished is read back; a training an earlier call left interrupted goes on from its
     last checkpoint (it was started with this folder's options: ``run_quality`` refuses other settings first).
@@ -227,13 +230,11 @@ def _load_or_train(
     from idc_helpers.training import train
 
     if (run_dir / "model.keras").is_file() and (run_dir / "metrics.json").is_file():
-        run = load_run(run_dir)
-        return run.model, run.metrics, run.split
+        return load_run(run_dir)
     if has_interrupted_run(run_dir):
         print(f"[quality] {model_name}: resuming the interrupted training in {run_dir}", flush=True)
-        result = train(None, run_dir, resume=True, cache_dir=cache_dir, verbose=verbose)
-        return result.model, result.metrics, result.split
-    result = train(
+        return train(None, run_dir, resume=True, cache_dir=cache_dir, verbose=verbose)
+    return train(
         data_dir,
         run_dir,
         model_name=model_name,
@@ -245,7 +246,6 @@ def _load_or_train(
         verbose=verbose,
         **train_options,
     )
-    return result.model, result.metrics, result.split
 
 
 def run_fold(
@@ -275,7 +275,7 @@ def run_fold(
     from idc_helpers.predictions import predict_frame
 
     run_dir = out_dir / "runs" / f"{model_name}-fold{fold}"
-    model, metrics, split = _load_or_train(
+    run = _load_or_train(
         data_dir,
         run_dir,
         model_name,
@@ -289,9 +289,10 @@ def run_fold(
     )
     from idc_helpers.training import averages
 
+    model, metrics, split = run.model, run.metrics, run.split
     threshold = float(metrics["threshold"])
     youden = metrics.get("threshold_youden")
-    averaged = averages(json.loads((run_dir / "config.json").read_text(encoding="utf-8")))
+    averaged = averages(run.config)
     slides = set(whole_slide_patients(frame))
     val_patients = [str(p) for p in split.get("val", [])]
     record: dict[str, Any] = {

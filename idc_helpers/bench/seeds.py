@@ -36,6 +36,7 @@ from idc_helpers.atomic import write_text
 from idc_helpers.bench import print_markdown
 from idc_helpers.bench.levers import by_path, member_tables, same_patches
 from idc_helpers.bench.quality import CONFIG_FILE, read_log
+from idc_helpers.bench.record import dataset_paths
 from idc_helpers.cli import OneLineParser
 from idc_helpers.errors import UserError
 from idc_helpers.metrics import PAIRED_METRICS, THRESHOLD_RULES, binary_scores, paired_difference, pick_threshold
@@ -158,7 +159,8 @@ def run_seeds(
         for folder, config, _ in loaded[name]:
             parts: dict[str, list[pd.DataFrame]] = {rule: [] for rule in rules}
             for fold in folds:
-                val, test = (by_path(t) for t in member_tables(Path(folder), model, fold))
+                # Patches named relative to the dataset folder, as a record names them (`bench record`).
+                val, test = (by_path(dataset_paths(t)) for t in member_tables(Path(folder), model, fold))
                 for rule in rules:
                     threshold, decided = _decided(val, test, rule)
                     parts[rule].append(decided)
