@@ -7,8 +7,8 @@ its path on the machine that ran it. Its record keeps what ``bench seeds`` reads
 ``config.json`` and ``folds.jsonl`` as they are, and each prediction table compressed (``predictions/*.csv.gz``)
 with the columns the tables are computed from (the patch file relative to the dataset folder, patient, coordinates,
 label and probability). ``bench seeds`` reads a record as it reads the folder, and compares records with folders
-patch by patch (by file name), so the records of earlier runs can be committed and the tables recomputed in seconds
-on another machine.
+patch by patch (by the path relative to the dataset folder, :func:`dataset_path`), so the records of earlier runs
+can be committed and the tables recomputed in seconds on another machine.
 
 Recording again after more folds have finished adds their tables. A table already in the record is kept when it
 holds the same predictions and refused otherwise (a record never changes silently); the source folder is only read.
