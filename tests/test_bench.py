@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from idc_helpers.bench import quality
@@ -143,6 +144,18 @@ def test_score_groups_reports_whole_slide_and_sparse_patients_apart():
 def test_read_log_ignores_a_torn_last_line(tmp_path):
     (tmp_path / quality.LOG_FILE).write_text(json.dumps({"model": "m", "fold": 0}) + '\n{"model": ')
     assert quality.read_log(tmp_path) == [{"model": "m", "fold": 0}]
+
+
+def test_read_table_names_an_unreadable_table_and_the_fix(tmp_path):
+    table = pd.DataFrame({"path": ["1/0/a.png"], "patient_id": ["1"], "prob_idc": [0.25]})
+    quality.write_table(table, tmp_path / "idc_net-fold0.csv")
+    assert quality.read_table(tmp_path / "idc_net-fold0.csv").equals(table)
+    truncated = tmp_path / "idc_net-fold0.csv.gz"
+    truncated.write_bytes(b"\x1f\x8b\x08\x00 truncated")
+    with pytest.raises(quality.TableError, match=r"idc_net-fold0\.csv\.gz cannot be read .*; write it again$"):
+        quality.read_table(truncated)
+    with pytest.raises(quality.TableError, match=r"absent\.csv cannot be read .*; rerun the fold$"):
+        quality.read_table(tmp_path / "absent.csv", fix="rerun the fold")
 
 
 def test_quality_augment_option_reaches_training_and_the_config(demo_dir, tmp_path, capsys):

@@ -68,13 +68,23 @@ def test_a_record_reproduces_the_scores_its_log_holds(folder):
     assert result["folds"] == sorted(e["fold"] for e in logged)
 
 
+#: Each recipe a record may be named after: its averaging, epochs and training options other than the model seed.
+RECIPES = {
+    "ema12": ("ema", 12, {}),
+    "early": ("none", 8, {}),
+    "residual": ("ema", 12, {"model_kwargs": {"residual": True}}),
+    "patientw": ("ema", 12, {"weighting": "patient"}),
+}
+
+
 def test_record_names_follow_the_recipe_and_model_seed():
     for folder in RECORDS:
         config = json.loads((folder / quality.CONFIG_FILE).read_text(encoding="utf-8"))
         match = re.fullmatch(r"(?P<recipe>[a-z0-9]+)-ms(?P<seed>\d+)", folder.name)
-        assert match, folder.name
-        assert int(match["seed"]) == config["train_options"]["model_seed"]
-        assert (match["recipe"] == "ema12") == (config.get("averaging") == "ema" and config["epochs"] == 12)
+        assert match and match["recipe"] in RECIPES, folder.name
+        options = dict(config["train_options"])
+        assert int(match["seed"]) == options.pop("model_seed")
+        assert (config.get("averaging"), config["epochs"], options) == RECIPES[match["recipe"]], folder.name
 
 
 def test_the_command_of_results_readme_recomputes_the_tables_from_the_records(capsys, monkeypatch):

@@ -155,7 +155,7 @@ def test_a_record_gives_the_folders_tables_and_is_extended_but_never_overwritten
         record.record_folder(runs[0], records[0])
     assert changed.read_bytes() == saved
     changed.write_bytes(saved[: len(saved) // 2])  # a truncated copy: named, not a traceback, by both commands
-    with pytest.raises(record.RecordError, match=r"idc_net-fold1\.csv\.gz cannot be read"):
+    with pytest.raises(quality.TableError, match=r"idc_net-fold1\.csv\.gz cannot be read .* new --out folder"):
         record.record_folder(runs[0], records[0])
     with pytest.raises(seeds.UserError, match=r"idc_net-fold1\.csv\.gz cannot be read as a predictions table"):
         seeds.run_seeds([("a", records[:1])], n_bootstrap=0)

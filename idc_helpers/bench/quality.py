@@ -391,9 +391,20 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
         table.to_csv(tmp, index=False)
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """A predictions table written by :func:`write_table`, with or without the context columns."""
-    return pd.read_csv(path, dtype={"path": str, "patient_id": str})
+class TableError(UserError, ValueError):
+    """A predictions table that cannot be read: truncated, foreign or not a table."""
+
+
+def read_table(path: Path, fix: str = "write it again") -> pd.DataFrame:
+    """A predictions table written by :func:`write_table`, with or without the context columns, or a record's copy.
+
+    Raises :class:`TableError` naming ``path`` and ``fix`` when the file cannot be read (a truncated or foreign file,
+    a broken compressed record, a missing file).
+    """
+    try:
+        return pd.read_csv(path, dtype={"path": str, "patient_id": str})
+    except (OSError, ValueError, EOFError) as exc:  # zlib and gzip errors are OSError or EOFError subclasses
+        raise TableError(f"{path} cannot be read as a predictions table ({exc}); {fix}") from exc
 
 
 def _f(value: Any, digits: int = 3) -> str:

@@ -103,10 +103,7 @@ def record_folder(source: str | Path, dest: str | Path) -> dict[str, Any]:
         slim = slim_table(read_table(source / "predictions" / name), source / "predictions" / name)
         target = dest / "predictions" / f"{name}.gz"
         if target.is_file():
-            try:
-                there = read_table(target)
-            except (OSError, ValueError, EOFError) as exc:
-                raise RecordError(f"{target} cannot be read ({exc}); record into a new --out folder") from exc
+            there = read_table(target, fix="record into a new --out folder")
             if not _same_predictions(there, slim):
                 raise RecordError(
                     f"{target} holds other predictions than {source / 'predictions' / name}: a record is never "
