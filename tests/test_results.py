@@ -71,7 +71,6 @@ def test_a_record_reproduces_the_scores_its_log_holds(folder):
 #: Each recipe a record may be named after: its averaging, epochs and training options other than the model seed.
 RECIPES = {
     "ema12": ("ema", 12, {}),
-    "early": ("none", 8, {}),
     "residual": ("ema", 12, {"model_kwargs": {"residual": True}}),
     "patientw": ("ema", 12, {"weighting": "patient"}),
 }
